@@ -1,0 +1,1 @@
+"""Generated from protos/opscore/v1 by grpcio-tools and mypy-protobuf (make generate)."""

@@ -1,0 +1,273 @@
+"""Protobuf messages to domain objects and back: the only module that knows both.
+
+Decoding refuses what the wire allows but the domain cannot hold (unknown enum numbers), naming
+the field, so servicers hand the engine only well-typed values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from opscore.domain import models
+from opscore.domain.errors import InvalidArgument
+from opscore.v1 import agent_pb2, workflow_pb2
+
+_AGENT_STATES = {
+    models.AgentState.IDLE: agent_pb2.AGENT_STATE_IDLE,
+    models.AgentState.BUSY: agent_pb2.AGENT_STATE_BUSY,
+    models.AgentState.ERROR: agent_pb2.AGENT_STATE_ERROR,
+    models.AgentState.OFFLINE: agent_pb2.AGENT_STATE_OFFLINE,
+}
+_AGENT_STATES_IN = {wire: state for state, wire in _AGENT_STATES.items()}
+
+_RUN_STATES = {
+    models.RunState.PENDING: workflow_pb2.RUN_STATE_PENDING,
+    models.RunState.RUNNING: workflow_pb2.RUN_STATE_RUNNING,
+    models.RunState.SUCCEEDED: workflow_pb2.RUN_STATE_SUCCEEDED,
+    models.RunState.FAILED: workflow_pb2.RUN_STATE_FAILED,
+    models.RunState.CANCELLED: workflow_pb2.RUN_STATE_CANCELLED,
+}
+_RUN_STATES_IN = {wire: state for state, wire in _RUN_STATES.items()}
+
+_TASK_STATES = {
+    models.TaskState.PENDING: workflow_pb2.TASK_STATE_PENDING,
+    models.TaskState.QUEUED: workflow_pb2.TASK_STATE_QUEUED,
+    models.TaskState.ASSIGNED: workflow_pb2.TASK_STATE_ASSIGNED,
+    models.TaskState.SUCCEEDED: workflow_pb2.TASK_STATE_SUCCEEDED,
+    models.TaskState.FAILED: workflow_pb2.TASK_STATE_FAILED,
+    models.TaskState.CANCELLED: workflow_pb2.TASK_STATE_CANCELLED,
+    models.TaskState.SKIPPED: workflow_pb2.TASK_STATE_SKIPPED,
+}
+
+
+# Scalars -------------------------------------------------------------------------------------
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    """A datetime as a Timestamp; None stays unset."""
+    if value is None:
+        return None
+    message = Timestamp()
+    message.FromDatetime(value)
+    return message
+
+
+def struct(value: models.JsonObject | None) -> Struct | None:
+    """A JSON object as a Struct; None stays unset."""
+    if value is None:
+        return None
+    message = Struct()
+    message.update(value)
+    return message
+
+
+def json_object(message: Struct) -> models.JsonObject:
+    """A Struct as a plain JSON object."""
+    converted: dict[str, Any] = json_format.MessageToDict(message)
+    return converted
+
+
+def duration(message: Duration, field: str) -> timedelta:
+    """A Duration as a timedelta; an out-of-range or mixed-sign one is INVALID_ARGUMENT."""
+    if not -315_576_000_000 <= message.seconds <= 315_576_000_000 or not (
+        -999_999_999 <= message.nanos <= 999_999_999
+    ) or (message.seconds > 0 > message.nanos) or (message.seconds < 0 < message.nanos):
+        raise InvalidArgument.single(field, "is not a valid duration")
+    try:
+        return message.ToTimedelta()
+    except OverflowError:
+        raise InvalidArgument.single(field, "is out of range") from None
+
+
+def agent_state_in(value: int, field: str) -> models.AgentState | None:
+    """A wire AgentState as the domain's; UNSPECIFIED is None, unknown numbers are refused."""
+    if value == agent_pb2.AGENT_STATE_UNSPECIFIED:
+        return None
+    if value not in _AGENT_STATES_IN:
+        raise InvalidArgument.single(field, f"unknown agent state {value}")
+    return _AGENT_STATES_IN[value]  # type: ignore[index]
+
+
+def run_state_in(value: int, field: str) -> models.RunState | None:
+    """A wire RunState as the domain's; UNSPECIFIED is None, unknown numbers are refused."""
+    if value == workflow_pb2.RUN_STATE_UNSPECIFIED:
+        return None
+    if value not in _RUN_STATES_IN:
+        raise InvalidArgument.single(field, f"unknown run state {value}")
+    return _RUN_STATES_IN[value]  # type: ignore[index]
+
+
+# Agents --------------------------------------------------------------------------------------
+
+
+def agent(value: models.Agent) -> agent_pb2.Agent:
+    """A domain agent on the wire."""
+    return agent_pb2.Agent(
+        agent_id=value.agent_id,
+        name=value.name,
+        version=value.version,
+        capabilities=value.capabilities,
+        labels=value.labels,
+        max_concurrent_tasks=value.max_concurrent_tasks,
+        state=_AGENT_STATES[value.state],
+        state_detail=value.state_detail,
+        connected=value.connected,
+        running_tasks=value.running_tasks,
+        registered_at=timestamp(value.registered_at),
+        last_seen_at=timestamp(value.last_seen_at),
+    )
+
+
+# Definitions ---------------------------------------------------------------------------------
+
+
+def _optional_duration(message: Any, name: str, field: str) -> timedelta | None:
+    return duration(getattr(message, name), f"{field}.{name}") if message.HasField(name) else None
+
+
+def retry_policy_in(message: workflow_pb2.RetryPolicy, field: str) -> models.RetryPolicy:
+    """A wire retry policy; zero numbers and unset durations mean the server's defaults."""
+    return models.RetryPolicy(
+        max_attempts=message.max_attempts or None,
+        initial_backoff=_optional_duration(message, "initial_backoff", field),
+        backoff_multiplier=message.backoff_multiplier or None,
+        max_backoff=_optional_duration(message, "max_backoff", field),
+    )
+
+
+def task_spec_in(message: workflow_pb2.TaskSpec, field: str) -> models.TaskSpec:
+    """A wire task spec."""
+    return models.TaskSpec(
+        name=message.name,
+        capability=message.capability,
+        labels=dict(message.labels),
+        input=json_object(message.input),
+        depends_on=tuple(message.depends_on),
+        timeout=_optional_duration(message, "timeout", field),
+        retry_policy=(
+            retry_policy_in(message.retry_policy, f"{field}.retry_policy")
+            if message.HasField("retry_policy")
+            else None
+        ),
+        fallback=message.fallback,
+    )
+
+
+def definition_in(message: workflow_pb2.WorkflowDefinition, field: str) -> models.DefinitionDraft:
+    """A wire definition as a draft: server-set fields are ignored."""
+    return models.DefinitionDraft(
+        name=message.name,
+        description=message.description,
+        tasks=tuple(
+            task_spec_in(task, f"{field}tasks[{index}]") for index, task in enumerate(message.tasks)
+        ),
+    )
+
+
+def _duration_out(value: timedelta | None) -> Duration | None:
+    if value is None:
+        return None
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def task_spec(value: models.TaskSpec) -> workflow_pb2.TaskSpec:
+    """A domain task spec on the wire."""
+    policy = value.retry_policy
+    return workflow_pb2.TaskSpec(
+        name=value.name,
+        capability=value.capability,
+        labels=value.labels,
+        input=struct(value.input),
+        depends_on=value.depends_on,
+        timeout=_duration_out(value.timeout),
+        retry_policy=None
+        if policy is None
+        else workflow_pb2.RetryPolicy(
+            max_attempts=policy.max_attempts or 0,
+            initial_backoff=_duration_out(policy.initial_backoff),
+            backoff_multiplier=policy.backoff_multiplier or 0.0,
+            max_backoff=_duration_out(policy.max_backoff),
+        ),
+        fallback=value.fallback,
+    )
+
+
+def definition(value: models.WorkflowDefinition) -> workflow_pb2.WorkflowDefinition:
+    """A domain definition on the wire."""
+    return workflow_pb2.WorkflowDefinition(
+        definition_id=value.definition_id,
+        name=value.name,
+        version=value.version,
+        description=value.description,
+        tasks=[task_spec(task) for task in value.tasks],
+        created_at=timestamp(value.created_at),
+    )
+
+
+# Runs ----------------------------------------------------------------------------------------
+
+
+def task_run(value: models.TaskRun) -> workflow_pb2.TaskRun:
+    """A domain task run on the wire."""
+    return workflow_pb2.TaskRun(
+        task_id=value.task_id,
+        name=value.name,
+        state=_TASK_STATES[value.state],
+        attempt=value.attempt,
+        agent_id=value.agent_id,
+        output=struct(value.output),
+        error=value.error,
+        queued_at=timestamp(value.queued_at),
+        assigned_at=timestamp(value.assigned_at),
+        finished_at=timestamp(value.finished_at),
+    )
+
+
+def run(value: models.WorkflowRun) -> workflow_pb2.WorkflowRun:
+    """A domain run on the wire."""
+    return workflow_pb2.WorkflowRun(
+        run_id=value.run_id,
+        definition_id=value.definition_id,
+        workflow_name=value.workflow_name,
+        agent_id=value.agent_id,
+        state=_RUN_STATES[value.state],
+        input=struct(value.input),
+        tasks=[task_run(task) for task in value.tasks],
+        created_at=timestamp(value.created_at),
+        started_at=timestamp(value.started_at),
+        finished_at=timestamp(value.finished_at),
+    )
+
+
+def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
+    """A domain assignment on the wire."""
+    return workflow_pb2.TaskAssignment(
+        task_id=value.task_id,
+        run_id=value.run_id,
+        task_name=value.task_name,
+        attempt=value.attempt,
+        input=struct(value.input),
+        dependency_outputs={name: struct(output) for name, output in value.dependency_outputs.items()},
+        deadline=timestamp(value.deadline),
+        redelivered=value.redelivered,
+        capability=value.capability,
+    )
+
+
+def cancellation(value: models.Cancellation) -> workflow_pb2.TaskCancellation:
+    """A domain cancellation on the wire."""
+    return workflow_pb2.TaskCancellation(
+        task_id=value.task_id, run_id=value.run_id, attempt=value.attempt, reason=value.reason
+    )
+
+
+def datetime_of(message: Timestamp) -> datetime:
+    """A Timestamp as an aware UTC datetime."""
+    return message.ToDatetime(tzinfo=UTC)

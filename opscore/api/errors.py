@@ -1,0 +1,122 @@
+"""Domain errors to gRPC statuses: the one place where that mapping lives.
+
+Each error becomes a `google.rpc.Status` with typed details a client in any language can read:
+`BadRequest` field violations for INVALID_ARGUMENT, `ResourceInfo` for NOT_FOUND, and an
+`ErrorInfo` naming the reason on all of them. Anything else that escapes a handler is a fault of
+the server: it is logged with its traceback and answered INTERNAL, never blamed on the client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from opscore.domain.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OpsCoreError,
+    Unavailable,
+)
+
+log = logging.getLogger("opscore.api")
+
+ERROR_DOMAIN = "opscore.v1"
+"""The `ErrorInfo.domain` of every error Ops-Core raises."""
+
+_CODES: dict[type[OpsCoreError], tuple[int, str]] = {
+    InvalidArgument: (code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    NotFound: (code_pb2.NOT_FOUND, "NOT_FOUND"),
+    FailedPrecondition: (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+    Aborted: (code_pb2.ABORTED, "ABORTED"),
+    Unavailable: (code_pb2.UNAVAILABLE, "UNAVAILABLE"),
+}
+
+
+def _pack(message: Message) -> AnyMessage:
+    packed = AnyMessage()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: OpsCoreError) -> grpc.Status:
+    """The gRPC status, with rich details, for a domain error."""
+    code, reason = next(
+        (mapped for kind, mapped in _CODES.items() if isinstance(error, kind)),
+        (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+    )
+    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
+    if isinstance(error, InvalidArgument):
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    elif isinstance(error, NotFound):
+        details.append(
+            _pack(error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.key))
+        )
+    status = status_pb2.Status(code=code, message=str(error), details=details)
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    if isinstance(error, OpsCoreError):
+        status = to_status(error)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    log.error("unexpected error in a handler", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
+
+
+def _guard_unary(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped or logged, see the module docstring
+            await _abort(context, error)
+
+    return guarded
+
+
+def _guard_stream(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped or logged, see the module docstring
+            await _abort(context, error)
+
+    return guarded
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary and server-streaming handler with the mapping above."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_guard_unary(handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
+        return handler

@@ -1,0 +1,124 @@
+"""The WorkflowService: decode, call the engine, encode."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from opscore.api import convert
+from opscore.domain.engine import Engine
+from opscore.domain.models import Assignment, TriggerRequest
+from opscore.v1 import workflow_service_pb2 as pb
+from opscore.v1 import workflow_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
+    """Definitions, runs, and the agents' task streams and results."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def CreateWorkflowDefinition(  # noqa: N802 - gRPC method names are the contract's
+        self, request: pb.CreateWorkflowDefinitionRequest, context: Context
+    ) -> pb.CreateWorkflowDefinitionResponse:
+        draft = convert.definition_in(request.definition, "definition.")
+        definition = await self._engine.create_definition(draft, request.request_id)
+        return pb.CreateWorkflowDefinitionResponse(definition=convert.definition(definition))
+
+    async def GetWorkflowDefinition(  # noqa: N802
+        self, request: pb.GetWorkflowDefinitionRequest, context: Context
+    ) -> pb.GetWorkflowDefinitionResponse:
+        definition = await self._engine.get_definition(request.definition_id)
+        return pb.GetWorkflowDefinitionResponse(definition=convert.definition(definition))
+
+    async def ListWorkflowDefinitions(  # noqa: N802
+        self, request: pb.ListWorkflowDefinitionsRequest, context: Context
+    ) -> pb.ListWorkflowDefinitionsResponse:
+        page = await self._engine.list_definitions(
+            request.page_size, request.page_token, request.name
+        )
+        return pb.ListWorkflowDefinitionsResponse(
+            definitions=[convert.definition(item) for item in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def TriggerWorkflow(  # noqa: N802
+        self, request: pb.TriggerWorkflowRequest, context: Context
+    ) -> pb.TriggerWorkflowResponse:
+        run = await self._engine.trigger(
+            TriggerRequest(
+                definition_id=request.definition_id,
+                definition_name=request.definition_name,
+                definition=(
+                    convert.definition_in(request.definition, "definition.")
+                    if request.HasField("definition")
+                    else None
+                ),
+                agent_id=request.agent_id,
+                input=convert.json_object(request.input),
+                request_id=request.request_id,
+            )
+        )
+        return pb.TriggerWorkflowResponse(run=convert.run(run))
+
+    async def GetWorkflowRun(  # noqa: N802
+        self, request: pb.GetWorkflowRunRequest, context: Context
+    ) -> pb.GetWorkflowRunResponse:
+        run = await self._engine.get_run(request.run_id)
+        return pb.GetWorkflowRunResponse(run=convert.run(run))
+
+    async def ListWorkflowRuns(  # noqa: N802
+        self, request: pb.ListWorkflowRunsRequest, context: Context
+    ) -> pb.ListWorkflowRunsResponse:
+        page = await self._engine.list_runs(
+            request.page_size,
+            request.page_token,
+            convert.run_state_in(request.state, "state"),
+            request.definition_id,
+            request.agent_id,
+        )
+        return pb.ListWorkflowRunsResponse(
+            runs=[convert.run(run) for run in page.items], next_page_token=page.next_page_token
+        )
+
+    async def CancelWorkflowRun(  # noqa: N802
+        self, request: pb.CancelWorkflowRunRequest, context: Context
+    ) -> pb.CancelWorkflowRunResponse:
+        run = await self._engine.cancel_run(request.run_id)
+        return pb.CancelWorkflowRunResponse(run=convert.run(run))
+
+    async def StreamTasks(  # noqa: N802
+        self, request: pb.StreamTasksRequest, context: Context
+    ) -> AsyncIterator[pb.StreamTasksResponse]:
+        stream = await self._engine.open_stream(request.agent_id)
+        # The client going away cancels this handler; closing on "done" as well makes sure the
+        # loop below ends even if the cancellation lands between two events.
+        context.add_done_callback(lambda _: stream.close())
+        try:
+            async for event in stream.events():
+                if isinstance(event, Assignment):
+                    yield pb.StreamTasksResponse(assignment=convert.assignment(event))
+                else:
+                    yield pb.StreamTasksResponse(cancellation=convert.cancellation(event))
+        finally:
+            await self._engine.close_stream(stream)
+
+    async def CompleteTask(  # noqa: N802
+        self, request: pb.CompleteTaskRequest, context: Context
+    ) -> pb.CompleteTaskResponse:
+        await self._engine.complete_task(
+            request.task_id, request.agent_id, request.attempt, convert.json_object(request.output)
+        )
+        return pb.CompleteTaskResponse()
+
+    async def FailTask(  # noqa: N802
+        self, request: pb.FailTaskRequest, context: Context
+    ) -> pb.FailTaskResponse:
+        await self._engine.fail_task(
+            request.task_id, request.agent_id, request.attempt, request.error, request.retryable
+        )
+        return pb.FailTaskResponse()

@@ -1,0 +1,55 @@
+"""The `opscore` command: `serve` and `db upgrade`. Parses settings and hands over; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from opscore import config, logs
+from opscore.server import serve
+from opscore.store import migrate
+from opscore.store.engine import open_engine
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opscore", description="The Ops-Core control plane.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the gRPC server")
+    serve_cmd.add_argument("--listen", help="host:port to bind (env OPSCORE_LISTEN)")
+    serve_cmd.add_argument("--db", dest="db_url", help="database URL (env OPSCORE_DB)")
+    db_cmd = commands.add_parser("db", help="database maintenance")
+    db_commands = db_cmd.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
+    upgrade.add_argument("--db", dest="db_url", help="database URL (env OPSCORE_DB)")
+    return parser
+
+
+async def _upgrade(url: str) -> None:
+    engine = open_engine(url)
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load(
+            listen=getattr(args, "listen", None), db_url=getattr(args, "db_url", None)
+        )
+    except ValueError as error:
+        print(f"opscore: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "db":
+        asyncio.run(_upgrade(settings.db_url))
+        return 0
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

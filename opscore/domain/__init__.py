@@ -1,0 +1,1 @@
+"""The domain: models, validation, the run graph, the dispatcher and the engine; no gRPC here."""

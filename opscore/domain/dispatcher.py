@@ -1,0 +1,177 @@
+"""Where ready tasks meet free agents.
+
+The dispatcher keeps two in-memory indexes, both rebuilt from the database at start and changed
+only by effects of committed writes: the ready tasks, grouped by their requirements (capability,
+labels, pinned agent), each group in the order its tasks became ready; and the connected agents
+with the attempts they hold. An event (a task became ready, an agent connected, reported idle or
+freed a slot) wakes one pass, which repeatedly takes the earliest-ready task that some free agent
+can take and gives it to the eligible agent that has waited longest. A pass costs O(groups ×
+free agents) per assignment, never O(queued tasks): a backlog no agent can take is not looked at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
+
+Requirements = tuple[str, tuple[tuple[str, str], ...], str]
+"""What a task needs of an agent: capability, labels, pinned agent id. Tasks alike share a queue."""
+
+AssignBatch = Callable[[list[tuple[ReadyTask, str]]], Awaitable[None]]
+"""Commits a batch of (task, agent id) pairs; their effects come back through `assigned`."""
+
+
+@dataclass(slots=True)
+class _LiveAgent:
+    profile: AgentProfile
+    held: set[str]
+    waiting_since: float
+
+    @property
+    def available(self) -> bool:
+        return (
+            self.profile.reported_state in (ReportedState.NONE, ReportedState.IDLE)
+            and len(self.held) < self.profile.max_concurrent_tasks
+        )
+
+
+@dataclass(slots=True)
+class _Queue:
+    """One group of alike tasks: a heap of (ready sequence, task id) with lazy deletion."""
+
+    heap: list[tuple[int, str]] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Matches ready tasks with free agents (see the module docstring)."""
+
+    def __init__(self, assign: AssignBatch, *, clock: Callable[[], float]) -> None:
+        self._assign = assign
+        self._clock = clock
+        self._queues: dict[Requirements, _Queue] = {}
+        self._ready: dict[str, tuple[int, ReadyTask]] = {}
+        self._sequence = itertools.count()
+        self._agents: dict[str, _LiveAgent] = {}
+        self._wake = asyncio.Event()
+
+    # Tasks -----------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
+        """Tasks became ready, in this order."""
+        for task in tasks:
+            if task.task_id not in self._ready:
+                self._push(next(self._sequence), task)
+        self._wake.set()
+
+    def dequeue(self, task_ids: Iterable[str]) -> None:
+        """Tasks are no longer to be dispatched (skipped, cancelled)."""
+        for task_id in task_ids:
+            self._ready.pop(task_id, None)
+
+    @property
+    def queued(self) -> int:
+        """How many tasks wait for an agent."""
+        return len(self._ready)
+
+    def _push(self, sequence: int, task: ReadyTask) -> None:
+        self._ready[task.task_id] = (sequence, task)
+        key = (task.capability, task.labels, task.pinned_agent_id)
+        heapq.heappush(self._queues.setdefault(key, _Queue()).heap, (sequence, task.task_id))
+
+    def _head(self, key: Requirements, queue: _Queue) -> tuple[int, ReadyTask] | None:
+        while queue.heap:
+            sequence, task_id = queue.heap[0]
+            entry = self._ready.get(task_id)
+            if entry is not None and entry[0] == sequence:
+                return entry
+            heapq.heappop(queue.heap)
+        del self._queues[key]
+        return None
+
+    # Agents ------------------------------------------------------------------------------
+
+    def agent_online(self, profile: AgentProfile, held: Iterable[str]) -> None:
+        """An agent's stream opened; `held` are the tasks it holds as of that commit."""
+        self._agents[profile.agent_id] = _LiveAgent(profile, set(held), self._clock())
+        self._wake.set()
+
+    def agent_offline(self, agent_id: str) -> None:
+        """An agent's stream closed: it takes no more tasks (it keeps those it holds)."""
+        self._agents.pop(agent_id, None)
+
+    def agent_changed(self, profile: AgentProfile) -> None:
+        """A connected agent re-registered or reported a state: take its new profile."""
+        live = self._agents.get(profile.agent_id)
+        if live is None:
+            return
+        was_available = live.available
+        live.profile = profile
+        if live.available and not was_available:
+            live.waiting_since = self._clock()
+        self._wake.set()
+
+    def assigned(self, agent_id: str, task_id: str) -> None:
+        """A committed assignment: the agent holds the task (idempotent)."""
+        live = self._agents.get(agent_id)
+        if live is not None:
+            live.held.add(task_id)
+
+    def release(self, agent_id: str, task_id: str) -> None:
+        """The agent no longer holds the task: its slot is free (idempotent)."""
+        live = self._agents.get(agent_id)
+        if live is None or task_id not in live.held:
+            return
+        was_available = live.available
+        live.held.discard(task_id)
+        if live.available and not was_available:
+            live.waiting_since = self._clock()
+        self._wake.set()
+
+    # The loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Wake on events, match, commit the assignments; forever (cancel to stop)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pairs = self.match()
+            if pairs:
+                await self._assign(pairs)
+
+    def match(self) -> list[tuple[ReadyTask, str]]:
+        """Take every task that can be placed now, earliest ready first, and reserve a slot of
+        its agent. The reservations become holds when the assignments commit (`assigned`), or
+        are given back (`release`) for tasks that were no longer queued."""
+        pairs: list[tuple[ReadyTask, str]] = []
+        while True:
+            best: tuple[int, ReadyTask, _LiveAgent] | None = None
+            for key, queue in list(self._queues.items()):
+                head = self._head(key, queue)
+                if head is None or (best is not None and head[0] > best[0]):
+                    continue
+                agent = self._longest_waiting(head[1])
+                if agent is not None:
+                    best = (head[0], head[1], agent)
+            if best is None:
+                return pairs
+            _, task, agent = best
+            del self._ready[task.task_id]
+            agent.held.add(task.task_id)
+            agent.waiting_since = self._clock()
+            pairs.append((task, agent.profile.agent_id))
+
+    def _longest_waiting(self, task: ReadyTask) -> _LiveAgent | None:
+        if task.pinned_agent_id:
+            pinned = self._agents.get(task.pinned_agent_id)
+            candidates: Iterable[_LiveAgent] = () if pinned is None else (pinned,)
+        else:
+            candidates = self._agents.values()
+        eligible = (
+            agent for agent in candidates if agent.available and task.accepts(agent.profile)
+        )
+        return min(eligible, key=lambda agent: agent.waiting_since, default=None)

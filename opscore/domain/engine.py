@@ -1,0 +1,380 @@
+"""The engine: what each request means for agents, definitions, runs and tasks.
+
+Plain async Python over the store, the dispatcher and the open streams; it knows nothing of gRPC.
+Every write goes to the store with an `on_commit` callback, and only those callbacks touch
+memory (dispatcher indexes, streams) and log lifecycle events, so what the server holds in
+memory and says in its log is always what the database has committed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from opscore.domain import validation
+from opscore.domain.dispatcher import Dispatcher
+from opscore.domain.errors import Aborted, FieldViolation, Unavailable
+from opscore.domain.models import (
+    Agent,
+    AgentRegistration,
+    AgentState,
+    Assignment,
+    Cancellation,
+    DefinitionDraft,
+    Effects,
+    JsonObject,
+    Page,
+    ReadyTask,
+    ReportedState,
+    RunState,
+    TriggerRequest,
+    WorkflowDefinition,
+    WorkflowRun,
+)
+from opscore.domain.validation import Limits, check_id, raise_if
+from opscore.store.queries import Connected, CreatedRun, Store
+from opscore.streams import AgentStream, Streams
+
+log = logging.getLogger("opscore.engine")
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """The engine's tunables (set from the server's configuration)."""
+
+    default_task_timeout: timedelta = timedelta(minutes=5)
+    limits: Limits = Limits()
+
+
+class Engine:
+    """The domain behind both services (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: EngineSettings,
+        *,
+        now: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._now = now
+        self.streams = Streams()
+        self.dispatcher = Dispatcher(self._assign, clock=time.monotonic)
+
+    async def recover(self) -> None:
+        """Rebuild memory from the database: no stream is open yet, the queue is as stored."""
+        await self._store.reset_connections()
+        queued = await self._store.load_queue()
+        self.dispatcher.enqueue(queued)
+        log.info("queue recovered", extra={"queued_tasks": len(queued)})
+
+    def shut_down(self) -> None:
+        """End every open stream: agents reconnect elsewhere or later."""
+        self.streams.close_all(Unavailable("the server is shutting down"))
+
+    # Agents --------------------------------------------------------------------------------
+
+    async def register_agent(self, registration: AgentRegistration) -> Agent:
+        """Register an agent or update a registered one (agents restart: this is idempotent)."""
+        raise_if(validation.check_registration(registration))
+        slots = registration.max_concurrent_tasks or 1
+        agent = await self._store.register_agent(
+            dataclasses.replace(registration, max_concurrent_tasks=slots), self._now(), lambda agent: self.dispatcher.agent_changed(agent.profile())
+        )
+        log.info("agent registered", extra={"agent_id": agent.agent_id})
+        return agent
+
+    async def deregister_agent(self, agent_id: str) -> None:
+        """Remove an agent: its stream ends, the tasks it held go back to the queue."""
+        raise_if(check_id(agent_id, "agent_id"))
+
+        def on_commit(effects: Effects) -> None:
+            stream = self.streams.get(agent_id)
+            if stream is not None:
+                self.streams.remove(stream)
+                stream.close()
+            self.dispatcher.agent_offline(agent_id)
+            self._apply(effects)
+
+        await self._store.deregister_agent(agent_id, self._now(), on_commit)
+        log.info("agent deregistered", extra={"agent_id": agent_id})
+
+    async def heartbeat(self, agent_id: str) -> datetime:
+        """Record that the agent is alive; returns the server's time."""
+        raise_if(check_id(agent_id, "agent_id"))
+        now = self._now()
+        await self._store.touch_agent(agent_id, now)
+        return now
+
+    async def report_state(self, agent_id: str, state: AgentState | None, detail: str) -> Agent:
+        """Record the state the agent reports: IDLE, BUSY or ERROR."""
+        violations = list(check_id(agent_id, "agent_id"))
+        reported = _REPORTABLE.get(state) if state is not None else None
+        if reported is None:
+            violations.append(FieldViolation("state", "must be IDLE, BUSY or ERROR"))
+        raise_if(violations)
+        assert reported is not None
+        agent = await self._store.report_state(
+            agent_id,
+            reported,
+            detail,
+            self._now(),
+            lambda agent: self.dispatcher.agent_changed(agent.profile()),
+        )
+        log.info(
+            "agent reported state",
+            extra={"agent_id": agent_id, "state": reported.value, "detail": detail},
+        )
+        return agent
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        """One agent."""
+        raise_if(check_id(agent_id, "agent_id"))
+        return await self._store.get_agent(agent_id)
+
+    async def list_agents(
+        self, page_size: int, page_token: str, state: AgentState | None, capability: str
+    ) -> Page[Agent]:
+        """A page of agents."""
+        raise_if(validation.check_page(page_size))
+        size = validation.page_size_or_default(page_size, self._settings.limits)
+        return await self._store.list_agents(size, page_token, state, capability)
+
+    # Streams -------------------------------------------------------------------------------
+
+    async def open_stream(self, agent_id: str) -> AgentStream:
+        """Open the agent's task stream, replacing any older one. The attempts the agent already
+        holds are sent first (marked redelivered): an agent that restarted lost them."""
+        raise_if(check_id(agent_id, "agent_id"))
+        stream = AgentStream(agent_id)
+
+        def on_commit(connected: Connected) -> None:
+            self.streams.install(stream, Aborted("replaced by a newer stream for this agent"))
+            for assignment in connected.held:
+                stream.push(assignment)
+            self.dispatcher.agent_online(connected.profile, (a.task_id for a in connected.held))
+
+        await self._store.connect_agent(agent_id, self._now(), on_commit)
+        log.info("agent connected", extra={"agent_id": agent_id})
+        return stream
+
+    async def close_stream(self, stream: AgentStream) -> None:
+        """The stream ended (client gone, replaced, deregistered, draining)."""
+        stream.close()
+        if self.streams.remove(stream):
+            self.dispatcher.agent_offline(stream.agent_id)
+            try:
+                await self._store.disconnect_agent(stream.agent_id, self._now())
+            except Unavailable:
+                pass  # draining: every agent is marked disconnected at the next start
+        log.info("agent disconnected", extra={"agent_id": stream.agent_id})
+
+    # Definitions ---------------------------------------------------------------------------
+
+    async def create_definition(self, draft: DefinitionDraft, request_id: str) -> WorkflowDefinition:
+        """Store a new definition (the next version of its name)."""
+        violations = list(validation.check_definition(draft, "definition.", self._settings.limits))
+        violations.extend(check_id(request_id, "request_id", required=False))
+        raise_if(violations)
+        definition = await self._store.create_definition(draft, request_id, self._now())
+        log.info(
+            "definition created",
+            extra={
+                "definition_id": definition.definition_id,
+                "workflow": definition.name,
+                "version": definition.version,
+            },
+        )
+        return definition
+
+    async def get_definition(self, definition_id: str) -> WorkflowDefinition:
+        """One definition."""
+        raise_if(check_id(definition_id, "definition_id"))
+        return await self._store.get_definition(definition_id)
+
+    async def list_definitions(
+        self, page_size: int, page_token: str, name: str
+    ) -> Page[WorkflowDefinition]:
+        """A page of definitions."""
+        raise_if(validation.check_page(page_size))
+        size = validation.page_size_or_default(page_size, self._settings.limits)
+        return await self._store.list_definitions(size, page_token, name)
+
+    # Runs ----------------------------------------------------------------------------------
+
+    async def trigger(self, request: TriggerRequest) -> WorkflowRun:
+        """Start a run; a repeated request_id returns the first run."""
+        raise_if(self._check_trigger(request))
+
+        def on_commit(created: CreatedRun) -> None:
+            if created.created:
+                log.info(
+                    "run started",
+                    extra={"run_id": created.run.run_id, "workflow": created.run.workflow_name},
+                )
+            self._apply(created.effects)
+
+        created = await self._store.create_run(
+            definition_id=request.definition_id,
+            definition_name=request.definition_name,
+            inline=request.definition,
+            agent_id=request.agent_id,
+            run_input=request.input,
+            request_id=request.request_id,
+            now=self._now(),
+            on_commit=on_commit,
+        )
+        return created.run
+
+    def _check_trigger(self, request: TriggerRequest) -> list[FieldViolation]:
+        sources = [
+            bool(request.definition_id),
+            bool(request.definition_name),
+            request.definition is not None,
+        ]
+        violations: list[FieldViolation] = []
+        if sum(sources) != 1:
+            violations.append(
+                FieldViolation(
+                    "source", "exactly one of definition_id, definition_name, definition is required"
+                )
+            )
+        violations.extend(check_id(request.definition_id, "definition_id", required=False))
+        if request.definition is not None:
+            violations.extend(
+                validation.check_definition(request.definition, "definition.", self._settings.limits)
+            )
+        violations.extend(check_id(request.agent_id, "agent_id", required=False))
+        violations.extend(check_id(request.request_id, "request_id", required=False))
+        return violations
+
+    async def get_run(self, run_id: str) -> WorkflowRun:
+        """One run with its tasks."""
+        raise_if(check_id(run_id, "run_id"))
+        return await self._store.get_run(run_id)
+
+    async def list_runs(
+        self,
+        page_size: int,
+        page_token: str,
+        state: RunState | None,
+        definition_id: str,
+        agent_id: str,
+    ) -> Page[WorkflowRun]:
+        """A page of runs."""
+        raise_if(validation.check_page(page_size))
+        size = validation.page_size_or_default(page_size, self._settings.limits)
+        return await self._store.list_runs(size, page_token, state, definition_id, agent_id)
+
+    async def cancel_run(self, run_id: str) -> WorkflowRun:
+        """Cancel an unfinished run; agents holding its tasks are told to stop."""
+        raise_if(check_id(run_id, "run_id"))
+        run, _ = await self._store.cancel_run(
+            run_id, self._now(), lambda result: self._apply(result[1])
+        )
+        return run
+
+    # Results -------------------------------------------------------------------------------
+
+    async def complete_task(
+        self, task_id: str, agent_id: str, attempt: int, output: JsonObject
+    ) -> None:
+        """Record a task's output; returns once it is committed and its dependents are queued."""
+        raise_if(_check_result(task_id, agent_id, attempt))
+
+        def on_commit(effects: Effects) -> None:
+            if effects.released:
+                log.info(
+                    "task completed",
+                    extra={"task_id": task_id, "agent_id": agent_id, "attempt": attempt},
+                )
+            self._apply(effects)
+
+        await self._store.complete_task(task_id, agent_id, attempt, output, self._now(), on_commit)
+
+    async def fail_task(
+        self, task_id: str, agent_id: str, attempt: int, error: str, retryable: bool
+    ) -> None:
+        """Record a task's failure: its run fails and the rest of the run is skipped."""
+        raise_if(_check_result(task_id, agent_id, attempt))
+
+        def on_commit(effects: Effects) -> None:
+            if effects.released:
+                log.info(
+                    "task failed",
+                    extra={
+                        "task_id": task_id,
+                        "agent_id": agent_id,
+                        "attempt": attempt,
+                        "error": error,
+                        "retryable": retryable,
+                    },
+                )
+            self._apply(effects)
+
+        await self._store.fail_task(task_id, agent_id, attempt, error, self._now(), on_commit)
+
+    # Dispatch ------------------------------------------------------------------------------
+
+    async def _assign(self, pairs: list[tuple[ReadyTask, str]]) -> None:
+        def on_commit(assignments: list[Assignment | None]) -> None:
+            for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
+                if assignment is None:
+                    self.dispatcher.release(agent_id, task.task_id)
+                    continue
+                self.dispatcher.assigned(agent_id, task.task_id)
+                stream = self.streams.get(agent_id)
+                if stream is not None:
+                    stream.push(assignment)
+                log.info(
+                    "task assigned",
+                    extra={
+                        "task_id": task.task_id,
+                        "run_id": task.run_id,
+                        "agent_id": agent_id,
+                        "attempt": assignment.attempt,
+                    },
+                )
+
+        await self._store.assign(
+            pairs, self._now(), self._settings.default_task_timeout, on_commit
+        )
+
+    def _apply(self, effects: Effects) -> None:
+        """Bring memory in line with a committed write."""
+        self.dispatcher.dequeue(effects.unqueued)
+        for hold in effects.released:
+            self.dispatcher.release(hold.agent_id, hold.task_id)
+        ended = dict(effects.finished_runs)
+        for hold in effects.cancelled:
+            stream = self.streams.get(hold.agent_id)
+            if stream is not None:
+                reason = f"run {ended.get(hold.run_id, RunState.CANCELLED).value}"
+                stream.push(Cancellation(hold.task_id, hold.run_id, hold.attempt, reason))
+        self.dispatcher.enqueue(effects.queued)
+        for run_id, state in effects.finished_runs:
+            log.info("run finished", extra={"run_id": run_id, "state": state.value})
+
+
+_REPORTABLE = {
+    AgentState.IDLE: ReportedState.IDLE,
+    AgentState.BUSY: ReportedState.BUSY,
+    AgentState.ERROR: ReportedState.ERROR,
+}
+
+
+def _check_result(task_id: str, agent_id: str, attempt: int) -> list[FieldViolation]:
+    violations = [*check_id(task_id, "task_id"), *check_id(agent_id, "agent_id")]
+    if attempt < 1:
+        violations.append(FieldViolation("attempt", "must be the attempt of the assignment (1 or more)"))
+    return violations
+

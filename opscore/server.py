@@ -1,0 +1,153 @@
+"""The server's life: open the database, migrate, recover, serve (the two services, health and
+reflection on one port), and on a signal drain and stop. Background work (the writer, the
+dispatcher) runs as supervised tasks: if one fails, the failure is logged and the server stops
+rather than limp on without it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from opscore.api.agent_lifecycle import AgentLifecycleServicer
+from opscore.api.errors import ErrorInterceptor
+from opscore.api.workflow_service import WorkflowServiceServicer
+from opscore.config import Settings
+from opscore.domain.engine import Engine, EngineSettings
+from opscore.store import migrate
+from opscore.store.engine import open_engine
+from opscore.store.queries import Store
+from opscore.store.writer import Writer
+from opscore.v1 import (
+    agent_lifecycle_pb2,
+    agent_lifecycle_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
+
+log = logging.getLogger("opscore.server")
+
+SERVICE_NAMES = (
+    agent_lifecycle_pb2.DESCRIPTOR.services_by_name["AgentLifecycle"].full_name,
+    workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+)
+
+
+class OpsCoreServer:
+    """One running Ops-Core: `start`, then `wait` or `stop`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.engine: Engine | None = None
+        self._failed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        """Open, migrate, recover and start serving; returns the bound port."""
+        settings = self.settings
+        self._db = open_engine(settings.db_url)
+        await migrate.upgrade(self._db)
+        self._writer = Writer(self._db)
+        self._supervise(self._writer.run(), "writer")
+        store = Store(self._db, self._writer)
+        self.engine = Engine(
+            store,
+            EngineSettings(
+                default_task_timeout=settings.default_task_timeout, limits=settings.limits
+            ),
+        )
+        await self.engine.recover()
+        self._dispatcher_task = self._supervise(self.engine.dispatcher.run(), "dispatcher")
+
+        self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
+        agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
+            AgentLifecycleServicer(self.engine), self._grpc
+        )
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
+            WorkflowServiceServicer(self.engine), self._grpc
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        self.port = self._grpc.add_insecure_port(settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.listen}")
+        await self._grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server started", extra={"listen": settings.listen, "port": self.port})
+        return self.port
+
+    def _options(self) -> list[tuple[str, Any]]:
+        settings = self.settings
+        return [
+            ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ]
+
+    def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=f"opscore-{name}")
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if finished.cancelled():
+                return
+            error = finished.exception()
+            if error is not None:
+                log.critical("background task failed", extra={"task": name}, exc_info=error)
+                self._failed.set()
+
+        task.add_done_callback(done)
+        self._tasks.append(task)
+        return task
+
+    async def wait_for_failure(self) -> None:
+        """Return when a background task has failed (the server must then stop)."""
+        await self._failed.wait()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a background task has failed."""
+        return self._failed.is_set()
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, streams end with UNAVAILABLE, in-flight calls finish
+        within the grace, pending commits are written, then everything closes."""
+        log.info("server stopping")
+        await self._health.enter_graceful_shutdown()
+        assert self.engine is not None
+        self.engine.shut_down()
+        await self._grpc.stop(self.settings.shutdown_grace)
+        self._dispatcher_task.cancel()
+        self._writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._db.dispose()
+        log.info("server stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1)."""
+    server = OpsCoreServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(server.wait_for_failure())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    await server.stop()
+    return 1 if server.failed else 0

@@ -1,0 +1,1 @@
+"""Persistence: the schema, the migrations, the group-commit writer and every query."""

@@ -1,0 +1,1 @@
+"""Schema migrations, one file per revision, applied in order by Alembic."""

@@ -1,0 +1,824 @@
+"""Every statement Ops-Core runs, behind intention-named methods of `Store`.
+
+Writes go through the group-commit `Writer`; reads use pooled connections in a transaction of
+their own (a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
+`on_commit` callback inside the commit order, which is how the dispatcher's memory follows the
+database without ever running ahead of it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from opscore.domain import graph
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.domain.ids import new_id
+from opscore.domain.models import (
+    Agent,
+    AgentProfile,
+    AgentRegistration,
+    AgentState,
+    Assignment,
+    DefinitionDraft,
+    Effects,
+    Hold,
+    JsonObject,
+    Page,
+    ReadyTask,
+    ReportedState,
+    RunState,
+    TaskState,
+    WorkflowDefinition,
+    WorkflowRun,
+)
+from opscore.store import rows
+from opscore.store.tables import AgentCapabilityRow, AgentRow, DefinitionRow, RunRow, TaskRow
+from opscore.store.writer import Tx, Writer
+
+T = TypeVar("T")
+OnCommit = Callable[[T], None]
+
+_agents = AgentRow.__table__
+_capabilities = AgentCapabilityRow.__table__
+_definitions = DefinitionRow.__table__
+_runs = RunRow.__table__
+_tasks = TaskRow.__table__
+
+_running_count = (
+    select(func.count())
+    .where(TaskRow.agent_id == AgentRow.agent_id, TaskRow.state == TaskState.ASSIGNED.value)
+    .correlate(_agents)
+    .scalar_subquery()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """What the dispatcher learns when an agent's stream opens."""
+
+    profile: AgentProfile
+    held: list[Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRun:
+    """A triggered run, whether it was new (False for a repeated request_id), and its effects."""
+
+    run: WorkflowRun
+    created: bool
+    effects: Effects
+
+
+def encode_page_token(last_key: str) -> str:
+    """Page tokens are opaque to clients: the key of the last item, URL-safe base64."""
+    return base64.urlsafe_b64encode(last_key.encode()).decode()
+
+
+def decode_page_token(token: str) -> str | None:
+    """The key a page token carries, None for the first page; INVALID_ARGUMENT if it is forged."""
+    if not token:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidArgument.single("page_token", "is not a token this server issued") from None
+
+
+class Store:
+    """The persistence of Ops-Core (see the module docstring)."""
+
+    def __init__(self, engine: AsyncEngine, writer: Writer) -> None:
+        self.engine = engine
+        self._writer = writer
+
+    async def _write(
+        self, op: Callable[[AsyncConnection], Awaitable[T]], on_commit: OnCommit[T] | None = None
+    ) -> T:
+        async def run(tx: Tx) -> T:
+            value = await op(tx.conn)
+            if on_commit is not None:
+                tx.after_commit(lambda: on_commit(value))
+            return value
+
+        return await self._writer.submit(run)
+
+    async def _read(self, op: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self.engine.connect() as conn, conn.begin():
+            return await op(conn)
+
+    # Agents ------------------------------------------------------------------------------
+
+    async def register_agent(
+        self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
+    ) -> Agent:
+        """Insert the agent, or update its information keeping its history and tasks."""
+
+        async def op(conn: AsyncConnection) -> Agent:
+            agent_id = registration.agent_id or new_id()
+            values = {
+                "name": registration.name,
+                "version": registration.version,
+                "labels": registration.labels,
+                "max_concurrent_tasks": registration.max_concurrent_tasks,
+                "last_seen_at": now,
+            }
+            updated = await conn.execute(
+                update(_agents).where(_agents.c.agent_id == agent_id).values(**values)
+            )
+            if updated.rowcount == 0:
+                await conn.execute(
+                    insert(_agents).values(
+                        agent_id=agent_id,
+                        reported_state=ReportedState.NONE.value,
+                        state_detail="",
+                        connected=False,
+                        registered_at=now,
+                        **values,
+                    )
+                )
+            await conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            if registration.capabilities:
+                await conn.execute(
+                    insert(_capabilities),
+                    [
+                        {"agent_id": agent_id, "capability": capability}
+                        for capability in dict.fromkeys(registration.capabilities)
+                    ],
+                )
+            return await _get_agent(conn, agent_id)
+
+        return await self._write(op, on_commit)
+
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> Effects:
+        """Remove the agent; every task it held goes back to the queue for another attempt."""
+
+        async def op(conn: AsyncConnection) -> Effects:
+            await _get_agent(conn, agent_id)
+            effects = Effects()
+            held = await conn.execute(
+                select(_tasks)
+                .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
+                .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
+                .with_for_update()
+            )
+            for row in held:
+                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
+                effects.queued.append(rows.ready_task(row))
+            if effects.queued:
+                await conn.execute(
+                    update(_tasks)
+                    .where(_tasks.c.task_id.in_([task.task_id for task in effects.queued]))
+                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
+                )
+            await conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            await conn.execute(delete(_agents).where(_agents.c.agent_id == agent_id))
+            return effects
+
+        return await self._write(op, on_commit)
+
+    async def touch_agent(self, agent_id: str, now: datetime) -> None:
+        """Record that the agent was heard from (a heartbeat)."""
+
+        async def op(conn: AsyncConnection) -> None:
+            result = await conn.execute(
+                update(_agents).where(_agents.c.agent_id == agent_id).values(last_seen_at=now)
+            )
+            if result.rowcount == 0:
+                raise NotFound("agent", agent_id)
+
+        await self._write(op)
+
+    async def report_state(
+        self,
+        agent_id: str,
+        state: ReportedState,
+        detail: str,
+        now: datetime,
+        on_commit: OnCommit[Agent],
+    ) -> Agent:
+        """Record the state the agent reports of itself."""
+
+        async def op(conn: AsyncConnection) -> Agent:
+            result = await conn.execute(
+                update(_agents)
+                .where(_agents.c.agent_id == agent_id)
+                .values(reported_state=state.value, state_detail=detail, last_seen_at=now)
+            )
+            if result.rowcount == 0:
+                raise NotFound("agent", agent_id)
+            return await _get_agent(conn, agent_id)
+
+        return await self._write(op, on_commit)
+
+    async def connect_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Connected]
+    ) -> Connected:
+        """Mark the agent connected and read what the dispatcher needs: its profile and the
+        attempts it holds (to send again). Runs through the writer so the snapshot sits at an
+        exact point of the commit order."""
+
+        async def op(conn: AsyncConnection) -> Connected:
+            result = await conn.execute(
+                update(_agents)
+                .where(_agents.c.agent_id == agent_id)
+                .values(connected=True, last_seen_at=now)
+            )
+            if result.rowcount == 0:
+                raise NotFound("agent", agent_id)
+            agent = await _get_agent(conn, agent_id)
+            held_rows = await conn.execute(
+                select(_tasks)
+                .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
+                .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
+            )
+            held = [
+                await _assignment(conn, row, row.deadline, redelivered=True) for row in held_rows
+            ]
+            profile = agent.profile()
+            return Connected(profile, held)
+
+        return await self._write(op, on_commit)
+
+    async def disconnect_agent(self, agent_id: str, now: datetime) -> None:
+        """Mark the agent's stream closed (the agent may have been deregistered meanwhile)."""
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(_agents)
+                .where(_agents.c.agent_id == agent_id)
+                .values(connected=False, last_seen_at=now)
+            )
+
+        await self._write(op)
+
+    async def reset_connections(self) -> None:
+        """At start-up no stream is open to this server: every agent is disconnected.
+
+        This holds while one server owns the database; replicas sharing one will track the
+        stream owner per agent instead."""
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(_agents).where(_agents.c.connected.is_(True)).values(connected=False)
+            )
+
+        await self._write(op)
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        """One agent, NOT_FOUND if unknown."""
+        return await self._read(lambda conn: _get_agent(conn, agent_id))
+
+    async def list_agents(
+        self, page_size: int, page_token: str, state: AgentState | None, capability: str
+    ) -> Page[Agent]:
+        """A page of agents by id, filtered by derived state and capability."""
+        after = decode_page_token(page_token)
+
+        async def op(conn: AsyncConnection) -> Page[Agent]:
+            query = select(_agents, _running_count.label("running")).order_by(_agents.c.agent_id)
+            if after is not None:
+                query = query.where(_agents.c.agent_id > after)
+            if capability:
+                query = query.where(
+                    select(_capabilities.c.agent_id)
+                    .where(
+                        _capabilities.c.agent_id == _agents.c.agent_id,
+                        _capabilities.c.capability == capability,
+                    )
+                    .exists()
+                )
+            if state is not None:
+                query = query.where(_state_condition(state))
+            found = (await conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            capabilities = await _capabilities_of(conn, [row.agent_id for row in page])
+            agents = tuple(
+                rows.agent(row, capabilities.get(row.agent_id, ()), row.running) for row in page
+            )
+            token = encode_page_token(page[-1].agent_id) if len(found) > page_size else ""
+            return Page(agents, token)
+
+        return await self._read(op)
+
+    # Definitions ---------------------------------------------------------------------------
+
+    async def create_definition(
+        self, draft: DefinitionDraft, request_id: str, now: datetime
+    ) -> WorkflowDefinition:
+        """Store the next version of `draft.name`; a repeated request_id returns the first."""
+
+        async def op(conn: AsyncConnection) -> WorkflowDefinition:
+            if request_id:
+                existing = (
+                    await conn.execute(
+                        select(_definitions).where(_definitions.c.request_id == request_id)
+                    )
+                ).first()
+                if existing is not None:
+                    return rows.definition(existing)
+            return await _insert_definition(conn, draft, request_id or None, now)
+
+        return await self._write(op)
+
+    async def get_definition(self, definition_id: str) -> WorkflowDefinition:
+        """One definition, NOT_FOUND if unknown."""
+
+        async def op(conn: AsyncConnection) -> WorkflowDefinition:
+            return await _get_definition(conn, definition_id)
+
+        return await self._read(op)
+
+    async def list_definitions(
+        self, page_size: int, page_token: str, name: str
+    ) -> Page[WorkflowDefinition]:
+        """A page of definitions, oldest first (ids sort by creation time)."""
+        after = decode_page_token(page_token)
+
+        async def op(conn: AsyncConnection) -> Page[WorkflowDefinition]:
+            query = select(_definitions).order_by(_definitions.c.definition_id)
+            if after is not None:
+                query = query.where(_definitions.c.definition_id > after)
+            if name:
+                query = query.where(_definitions.c.name == name)
+            found = (await conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            token = encode_page_token(page[-1].definition_id) if len(found) > page_size else ""
+            return Page(tuple(rows.definition(row) for row in page), token)
+
+        return await self._read(op)
+
+    # Runs ------------------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        *,
+        definition_id: str,
+        definition_name: str,
+        inline: DefinitionDraft | None,
+        agent_id: str,
+        run_input: JsonObject,
+        request_id: str,
+        now: datetime,
+        on_commit: OnCommit[CreatedRun],
+    ) -> CreatedRun:
+        """Start a run of a stored definition (by id, or the latest of a name) or of an inline
+        one; its root tasks are queued at once. A repeated request_id returns the first run."""
+
+        async def op(conn: AsyncConnection) -> CreatedRun:
+            if request_id:
+                existing = (
+                    await conn.execute(select(_runs).where(_runs.c.request_id == request_id))
+                ).first()
+                if existing is not None:
+                    return CreatedRun(await _load_run(conn, existing), False, Effects())
+            if agent_id:
+                await _get_agent(conn, agent_id)
+            if inline is not None:
+                name, stored_id, specs = inline.name, None, inline.tasks
+            else:
+                stored = (
+                    await _get_definition(conn, definition_id)
+                    if definition_id
+                    else await _latest_definition(conn, definition_name)
+                )
+                name, stored_id, specs = stored.name, stored.definition_id, stored.tasks
+            run_id = new_id()
+            await conn.execute(
+                insert(_runs).values(
+                    run_id=run_id,
+                    definition_id=stored_id,
+                    workflow_name=name,
+                    agent_id=agent_id or None,
+                    state=RunState.PENDING.value,
+                    input=run_input,
+                    request_id=request_id or None,
+                    created_at=now,
+                )
+            )
+            states = graph.initial_states({spec.name: spec.depends_on for spec in specs})
+            task_values = [
+                {
+                    "task_id": new_id(),
+                    "run_id": run_id,
+                    "position": position,
+                    "name": spec.name,
+                    "capability": spec.capability,
+                    "labels": spec.labels,
+                    "depends_on": list(spec.depends_on),
+                    "fallback": spec.fallback,
+                    "timeout_ms": rows.spec_to_json(spec)["timeout_ms"],
+                    "retry_policy": rows.retry_to_json(spec.retry_policy),
+                    "pinned_agent_id": agent_id or None,
+                    "input": {**spec.input, **run_input},
+                    "state": states[spec.name].value,
+                    "attempt": 0,
+                    "agent_id": None,
+                    "output": None,
+                    "error": "",
+                    "queued_at": now if states[spec.name] is TaskState.QUEUED else None,
+                }
+                for position, spec in enumerate(specs)
+            ]
+            await conn.execute(insert(_tasks), task_values)
+            run_row = (await conn.execute(select(_runs).where(_runs.c.run_id == run_id))).one()
+            run = await _load_run(conn, run_row)
+            effects = Effects(
+                queued=[task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
+            )
+            return CreatedRun(run, True, effects)
+
+        return await self._write(op, on_commit)
+
+    async def get_run(self, run_id: str) -> WorkflowRun:
+        """One run with its tasks, NOT_FOUND if unknown."""
+
+        async def op(conn: AsyncConnection) -> WorkflowRun:
+            return await _get_run(conn, run_id)
+
+        return await self._read(op)
+
+    async def list_runs(
+        self,
+        page_size: int,
+        page_token: str,
+        state: RunState | None,
+        definition_id: str,
+        agent_id: str,
+    ) -> Page[WorkflowRun]:
+        """A page of runs with their tasks, oldest first."""
+        after = decode_page_token(page_token)
+
+        async def op(conn: AsyncConnection) -> Page[WorkflowRun]:
+            query = select(_runs).order_by(_runs.c.run_id)
+            if after is not None:
+                query = query.where(_runs.c.run_id > after)
+            if state is not None:
+                query = query.where(_runs.c.state == state.value)
+            if definition_id:
+                query = query.where(_runs.c.definition_id == definition_id)
+            if agent_id:
+                query = query.where(_runs.c.agent_id == agent_id)
+            found = (await conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            tasks = await _tasks_of(conn, [row.run_id for row in page])
+            runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
+            token = encode_page_token(page[-1].run_id) if len(found) > page_size else ""
+            return Page(runs, token)
+
+        return await self._read(op)
+
+    async def cancel_run(
+        self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
+    ) -> tuple[WorkflowRun, Effects]:
+        """Cancel an unfinished run: its queued tasks leave the queue, its held ones are to be
+        stopped. FAILED_PRECONDITION for a finished run."""
+
+        async def op(conn: AsyncConnection) -> tuple[WorkflowRun, Effects]:
+            run = await _get_run(conn, run_id, lock=True)
+            if run.state.finished:
+                raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
+            transition = graph.cancel({task.name: task.state for task in run.tasks})
+            effects = await _apply(conn, run, transition, now)
+            return await _get_run(conn, run_id), effects
+
+        return await self._write(op, on_commit)
+
+    # Tasks ---------------------------------------------------------------------------------
+
+    async def load_queue(self) -> list[ReadyTask]:
+        """Every queued task, in the order they became ready: the dispatcher's index at start."""
+
+        async def op(conn: AsyncConnection) -> list[ReadyTask]:
+            result = await conn.execute(
+                select(
+                    _tasks.c.task_id,
+                    _tasks.c.run_id,
+                    _tasks.c.capability,
+                    _tasks.c.labels,
+                    _tasks.c.pinned_agent_id,
+                )
+                .where(_tasks.c.state == TaskState.QUEUED.value)
+                .order_by(_tasks.c.queued_at, _tasks.c.task_id)
+            )
+            return [rows.ready_task(row) for row in result]
+
+        return await self._read(op)
+
+    async def assign(
+        self,
+        pairs: Sequence[tuple[ReadyTask, str]],
+        now: datetime,
+        default_timeout: timedelta,
+        on_commit: OnCommit[list[Assignment | None]],
+    ) -> list[Assignment | None]:
+        """Hand each queued task to its agent as a new attempt. A task that is no longer queued
+        (cancelled, skipped meanwhile) gives None in its place and is left alone."""
+
+        async def op(conn: AsyncConnection) -> list[Assignment | None]:
+            handed: list[Assignment | None] = []
+            for task, agent_id in pairs:
+                row = (
+                    await conn.execute(
+                        select(_tasks)
+                        .where(
+                            _tasks.c.task_id == task.task_id,
+                            _tasks.c.state == TaskState.QUEUED.value,
+                        )
+                        .with_for_update()
+                    )
+                ).first()
+                if row is None:
+                    handed.append(None)
+                    continue
+                timeout = (
+                    default_timeout if row.timeout_ms is None else timedelta(milliseconds=row.timeout_ms)
+                )
+                await conn.execute(
+                    update(_tasks)
+                    .where(_tasks.c.task_id == task.task_id)
+                    .values(
+                        state=TaskState.ASSIGNED.value,
+                        attempt=row.attempt + 1,
+                        agent_id=agent_id,
+                        assigned_at=now,
+                        deadline=now + timeout,
+                    )
+                )
+                await conn.execute(
+                    update(_runs)
+                    .where(_runs.c.run_id == row.run_id, _runs.c.state == RunState.PENDING.value)
+                    .values(state=RunState.RUNNING.value, started_at=now)
+                )
+                assigned = row._replace(attempt=row.attempt + 1, agent_id=agent_id)
+                handed.append(await _assignment(conn, assigned, now + timeout, redelivered=False))
+            return handed
+
+        return await self._write(op, on_commit)
+
+    async def complete_task(
+        self,
+        task_id: str,
+        agent_id: str,
+        attempt: int,
+        output: JsonObject,
+        now: datetime,
+        on_commit: OnCommit[Effects],
+    ) -> Effects:
+        """Record the output of the attempt the agent holds and queue the dependents that became
+        ready. The same result again, once recorded, changes nothing and is not an error."""
+
+        async def op(conn: AsyncConnection) -> Effects:
+            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.SUCCEEDED)
+            if row is None:
+                return Effects()
+            run = await _get_run(conn, row.run_id, lock=True)
+            transition = graph.succeed(
+                {task.name: task.depends_on for task in run.tasks},
+                {task.name: task.state for task in run.tasks},
+                row.name,
+            )
+            await conn.execute(
+                update(_tasks).where(_tasks.c.task_id == task_id).values(output=output)
+            )
+            effects = await _apply(conn, run, transition, now)
+            effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
+            return effects
+
+        return await self._write(op, on_commit)
+
+    async def fail_task(
+        self,
+        task_id: str,
+        agent_id: str,
+        attempt: int,
+        error: str,
+        now: datetime,
+        on_commit: OnCommit[Effects],
+    ) -> Effects:
+        """Record the failure of the attempt the agent holds: the run fails and its unfinished
+        tasks are skipped. The same failure again, once recorded, changes nothing."""
+
+        async def op(conn: AsyncConnection) -> Effects:
+            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.FAILED)
+            if row is None:
+                return Effects()
+            run = await _get_run(conn, row.run_id, lock=True)
+            transition = graph.fail({task.name: task.state for task in run.tasks}, row.name)
+            await conn.execute(update(_tasks).where(_tasks.c.task_id == task_id).values(error=error))
+            effects = await _apply(conn, run, transition, now)
+            effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
+            return effects
+
+        return await self._write(op, on_commit)
+
+
+# Statement helpers, shared by the methods above --------------------------------------------
+
+
+def _state_condition(state: AgentState) -> Any:
+    """The derived agent state (see `derive_agent_state`) as a SQL condition."""
+    reported = _agents.c.reported_state
+    full = _running_count >= _agents.c.max_concurrent_tasks
+    connected = _agents.c.connected.is_(True)
+    if state is AgentState.OFFLINE:
+        return _agents.c.connected.is_(False)
+    if state is AgentState.ERROR:
+        return and_(connected, reported == ReportedState.ERROR.value)
+    busy = or_(reported == ReportedState.BUSY.value, full)
+    if state is AgentState.BUSY:
+        return and_(connected, reported != ReportedState.ERROR.value, busy)
+    return and_(connected, reported.not_in([ReportedState.ERROR.value, ReportedState.BUSY.value]), ~full)
+
+
+async def _capabilities_of(
+    conn: AsyncConnection, agent_ids: list[str]
+) -> dict[str, tuple[str, ...]]:
+    if not agent_ids:
+        return {}
+    result = await conn.execute(
+        select(_capabilities.c.agent_id, _capabilities.c.capability)
+        .where(_capabilities.c.agent_id.in_(agent_ids))
+        .order_by(_capabilities.c.agent_id, _capabilities.c.capability)
+    )
+    grouped: dict[str, list[str]] = {}
+    for agent_id, capability in result:
+        grouped.setdefault(agent_id, []).append(capability)
+    return {agent_id: tuple(found) for agent_id, found in grouped.items()}
+
+
+async def _get_agent(conn: AsyncConnection, agent_id: str) -> Agent:
+    row = (
+        await conn.execute(
+            select(_agents, _running_count.label("running")).where(_agents.c.agent_id == agent_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound("agent", agent_id)
+    capabilities = await _capabilities_of(conn, [agent_id])
+    return rows.agent(row, capabilities.get(agent_id, ()), row.running)
+
+
+async def _insert_definition(
+    conn: AsyncConnection, draft: DefinitionDraft, request_id: str | None, now: datetime
+) -> WorkflowDefinition:
+    latest = (
+        await conn.execute(
+            select(func.max(_definitions.c.version)).where(_definitions.c.name == draft.name)
+        )
+    ).scalar_one_or_none()
+    definition_id = new_id()
+    await conn.execute(
+        insert(_definitions).values(
+            definition_id=definition_id,
+            name=draft.name,
+            version=(latest or 0) + 1,
+            description=draft.description,
+            tasks=[rows.spec_to_json(spec) for spec in draft.tasks],
+            request_id=request_id,
+            created_at=now,
+        )
+    )
+    return await _get_definition(conn, definition_id)
+
+
+async def _get_definition(conn: AsyncConnection, definition_id: str) -> WorkflowDefinition:
+    row = (
+        await conn.execute(
+            select(_definitions).where(_definitions.c.definition_id == definition_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound("workflow definition", definition_id)
+    return rows.definition(row)
+
+
+async def _latest_definition(conn: AsyncConnection, name: str) -> WorkflowDefinition:
+    row = (
+        await conn.execute(
+            select(_definitions)
+            .where(_definitions.c.name == name)
+            .order_by(_definitions.c.version.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        raise NotFound("workflow definition named", name)
+    return rows.definition(row)
+
+
+async def _tasks_of(conn: AsyncConnection, run_ids: list[str]) -> dict[str, list[Any]]:
+    if not run_ids:
+        return {}
+    result = await conn.execute(
+        select(_tasks).where(_tasks.c.run_id.in_(run_ids)).order_by(_tasks.c.position)
+    )
+    grouped: dict[str, list[Any]] = {}
+    for row in result:
+        grouped.setdefault(row.run_id, []).append(rows.task_run(row))
+    return grouped
+
+
+async def _load_run(conn: AsyncConnection, row: Any) -> WorkflowRun:
+    tasks = await _tasks_of(conn, [row.run_id])
+    return rows.workflow_run(row, tasks.get(row.run_id, []))
+
+
+async def _get_run(conn: AsyncConnection, run_id: str, *, lock: bool = False) -> WorkflowRun:
+    query = select(_runs).where(_runs.c.run_id == run_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
+    if row is None:
+        raise NotFound("workflow run", run_id)
+    return await _load_run(conn, row)
+
+
+async def _held_task(
+    conn: AsyncConnection, task_id: str, agent_id: str, attempt: int, outcome: TaskState
+) -> Any | None:
+    """The task row if `agent_id` holds `attempt` of it; None if that very result was already
+    recorded (a retried call); FAILED_PRECONDITION for any other holder, attempt or state."""
+    row = (
+        await conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
+    ).first()
+    if row is None:
+        raise NotFound("task", task_id)
+    holder = row.agent_id == agent_id and row.attempt == attempt
+    if holder and row.state == TaskState.ASSIGNED.value:
+        return row
+    if holder and row.state == outcome.value:
+        return None
+    if row.state == TaskState.ASSIGNED.value or row.attempt != attempt or row.agent_id != agent_id:
+        raise FailedPrecondition(
+            f"agent {agent_id!r} does not hold attempt {attempt} of task {task_id!r}"
+        )
+    raise FailedPrecondition(f"task {task_id!r} is {row.state}, not assigned")
+
+
+async def _apply(
+    conn: AsyncConnection, run: WorkflowRun, transition: graph.Transition, now: datetime
+) -> Effects:
+    """Write a transition of the run's graph and say what it means for the dispatcher."""
+    effects = Effects()
+    before = {task.name: task for task in run.tasks}
+    by_state: dict[TaskState, list[str]] = {}
+    for name, state in transition.tasks.items():
+        task = before[name]
+        by_state.setdefault(state, []).append(task.task_id)
+        if state is TaskState.QUEUED:
+            effects.queued.append(task.ready())
+        elif task.state is TaskState.QUEUED:
+            effects.unqueued.append(task.task_id)
+        elif task.state is TaskState.ASSIGNED and state in (
+            TaskState.SKIPPED,
+            TaskState.CANCELLED,
+        ):
+            hold = Hold(task.agent_id, task.task_id, run.run_id, task.attempt)
+            effects.released.append(hold)
+            effects.cancelled.append(hold)
+    for state, task_ids in by_state.items():
+        stamp = {"queued_at": now} if state is TaskState.QUEUED else {"finished_at": now}
+        await conn.execute(
+            update(_tasks).where(_tasks.c.task_id.in_(task_ids)).values(state=state.value, **stamp)
+        )
+    if transition.run_state is not None:
+        await conn.execute(
+            update(_runs)
+            .where(_runs.c.run_id == run.run_id)
+            .values(state=transition.run_state.value, finished_at=now)
+        )
+        effects.finished_runs.append((run.run_id, transition.run_state))
+    return effects
+
+
+async def _assignment(
+    conn: AsyncConnection, row: Any, deadline: datetime, *, redelivered: bool
+) -> Assignment:
+    """The assignment message for a task row: its input and the outputs of its dependencies."""
+    outputs: dict[str, JsonObject] = {}
+    if row.depends_on:
+        result = await conn.execute(
+            select(_tasks.c.name, _tasks.c.output).where(
+                _tasks.c.run_id == row.run_id, _tasks.c.name.in_(row.depends_on)
+            )
+        )
+        outputs = {name: output or {} for name, output in result}
+    return Assignment(
+        task_id=row.task_id,
+        run_id=row.run_id,
+        task_name=row.name,
+        capability=row.capability,
+        attempt=row.attempt,
+        agent_id=row.agent_id,
+        input=dict(row.input),
+        dependency_outputs=outputs,
+        deadline=deadline,
+        redelivered=redelivered,
+    )

@@ -1,0 +1,163 @@
+"""Rows in, domain objects out (and specs to JSON and back): the only code that knows both the
+column layout and the domain's dataclasses, so the rest of the code never sees a row."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Row
+
+from opscore.domain.models import (
+    Agent,
+    ReadyTask,
+    ReportedState,
+    RetryPolicy,
+    RunState,
+    TaskRun,
+    TaskSpec,
+    TaskState,
+    WorkflowDefinition,
+    WorkflowRun,
+)
+
+
+def _millis(value: timedelta | None) -> int | None:
+    return None if value is None else round(value.total_seconds() * 1000)
+
+
+def _delta(value: int | None) -> timedelta | None:
+    return None if value is None else timedelta(milliseconds=value)
+
+
+def retry_to_json(policy: RetryPolicy | None) -> dict[str, Any] | None:
+    """A retry policy as stored: durations in milliseconds, unset fields omitted."""
+    if policy is None:
+        return None
+    stored = {
+        "max_attempts": policy.max_attempts,
+        "initial_backoff_ms": _millis(policy.initial_backoff),
+        "backoff_multiplier": policy.backoff_multiplier,
+        "max_backoff_ms": _millis(policy.max_backoff),
+    }
+    return {key: value for key, value in stored.items() if value is not None}
+
+
+def retry_from_json(stored: dict[str, Any] | None) -> RetryPolicy | None:
+    """The inverse of `retry_to_json`."""
+    if stored is None:
+        return None
+    return RetryPolicy(
+        max_attempts=stored.get("max_attempts"),
+        initial_backoff=_delta(stored.get("initial_backoff_ms")),
+        backoff_multiplier=stored.get("backoff_multiplier"),
+        max_backoff=_delta(stored.get("max_backoff_ms")),
+    )
+
+
+def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
+    """A task spec as stored inside a definition's JSON document."""
+    return {
+        "name": spec.name,
+        "capability": spec.capability,
+        "labels": spec.labels,
+        "input": spec.input,
+        "depends_on": list(spec.depends_on),
+        "timeout_ms": _millis(spec.timeout),
+        "retry_policy": retry_to_json(spec.retry_policy),
+        "fallback": spec.fallback,
+    }
+
+
+def spec_from_json(stored: dict[str, Any]) -> TaskSpec:
+    """The inverse of `spec_to_json`."""
+    return TaskSpec(
+        name=stored["name"],
+        capability=stored["capability"],
+        labels=dict(stored["labels"]),
+        input=dict(stored["input"]),
+        depends_on=tuple(stored["depends_on"]),
+        timeout=_delta(stored["timeout_ms"]),
+        retry_policy=retry_from_json(stored["retry_policy"]),
+        fallback=stored["fallback"],
+    )
+
+
+def definition(row: Row[Any]) -> WorkflowDefinition:
+    """A `definitions` row as a domain definition."""
+    return WorkflowDefinition(
+        definition_id=row.definition_id,
+        name=row.name,
+        version=row.version,
+        description=row.description,
+        tasks=tuple(spec_from_json(task) for task in row.tasks),
+        created_at=row.created_at,
+    )
+
+
+def agent(row: Row[Any], capabilities: tuple[str, ...], running_tasks: int) -> Agent:
+    """An `agents` row, its capabilities and its running-task count as a domain agent."""
+    return Agent(
+        agent_id=row.agent_id,
+        name=row.name,
+        version=row.version,
+        capabilities=capabilities,
+        labels=dict(row.labels),
+        max_concurrent_tasks=row.max_concurrent_tasks,
+        reported_state=ReportedState(row.reported_state),
+        state_detail=row.state_detail,
+        connected=row.connected,
+        running_tasks=running_tasks,
+        registered_at=row.registered_at,
+        last_seen_at=row.last_seen_at,
+    )
+
+
+def task_run(row: Row[Any]) -> TaskRun:
+    """A `tasks` row as a domain task run."""
+    return TaskRun(
+        task_id=row.task_id,
+        run_id=row.run_id,
+        name=row.name,
+        position=row.position,
+        state=TaskState(row.state),
+        attempt=row.attempt,
+        agent_id=row.agent_id or "",
+        output=row.output,
+        error=row.error,
+        queued_at=row.queued_at,
+        assigned_at=row.assigned_at,
+        finished_at=row.finished_at,
+        deadline=row.deadline,
+        capability=row.capability,
+        labels=dict(row.labels),
+        depends_on=tuple(row.depends_on),
+        pinned_agent_id=row.pinned_agent_id or "",
+    )
+
+
+def ready_task(row: Row[Any]) -> ReadyTask:
+    """The dispatcher's view of a queued `tasks` row."""
+    return ReadyTask(
+        task_id=row.task_id,
+        run_id=row.run_id,
+        capability=row.capability,
+        labels=tuple(sorted(row.labels.items())),
+        pinned_agent_id=row.pinned_agent_id or "",
+    )
+
+
+def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
+    """A `runs` row and its tasks as a domain run, tasks in definition order."""
+    return WorkflowRun(
+        run_id=row.run_id,
+        definition_id=row.definition_id or "",
+        workflow_name=row.workflow_name,
+        agent_id=row.agent_id or "",
+        state=RunState(row.state),
+        input=dict(row.input),
+        tasks=tuple(sorted(tasks, key=lambda task: task.position)),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )

@@ -1,0 +1,146 @@
+"""The schema: every table, column and index Ops-Core stores. Migrations in
+`migrations/versions/` must produce exactly this (a test compares them).
+
+Declarative models give typed column attributes; the queries in `queries.py` use them as SQLAlchemy
+Core statements (no ORM unit of work on the hot path)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from opscore.store.types import UTCDateTime, json_type
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = String(128)
+"""Ids: server-assigned UUIDv7 strings, or client-chosen agent ids of at most 128 characters."""
+
+
+class Base(DeclarativeBase):
+    """Base of the models; named constraints so migrations can refer to them."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: json_type(),
+        list[Any]: json_type(),
+    }
+
+
+class AgentRow(Base):
+    """A registered agent. Its running-task count is derived from `tasks`, never stored twice."""
+
+    __tablename__ = "agents"
+
+    agent_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    labels: Mapped[dict[str, Any]]
+    max_concurrent_tasks: Mapped[int] = mapped_column(Integer)
+    reported_state: Mapped[str] = mapped_column(String(16))
+    state_detail: Mapped[str] = mapped_column(Text)
+    connected: Mapped[bool] = mapped_column(Boolean)
+    registered_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+
+
+class AgentCapabilityRow(Base):
+    """One capability an agent offers: a table of its own so `capability = ?` is an index look-up
+    on every backend, instead of a dialect-specific search inside a JSON array."""
+
+    __tablename__ = "agent_capabilities"
+
+    agent_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("agents.agent_id", ondelete="CASCADE"), primary_key=True
+    )
+    capability: Mapped[str] = mapped_column(String(200), primary_key=True, index=True)
+
+
+class DefinitionRow(Base):
+    """An immutable version of a workflow definition; its task specs are one JSON document."""
+
+    __tablename__ = "definitions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    definition_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text)
+    tasks: Mapped[list[Any]]
+    request_id: Mapped[str | None] = mapped_column(ID, unique=True)
+    created_at: Mapped[datetime]
+
+
+class RunRow(Base):
+    """A workflow run. Its tasks carry their full specs, so a run never depends on its definition."""
+
+    __tablename__ = "runs"
+
+    run_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    definition_id: Mapped[str | None] = mapped_column(
+        ID, ForeignKey("definitions.definition_id"), index=True
+    )
+    workflow_name: Mapped[str] = mapped_column(String(200))
+    agent_id: Mapped[str | None] = mapped_column(ID, index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    input: Mapped[dict[str, Any]]
+    request_id: Mapped[str | None] = mapped_column(ID, unique=True)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class TaskRow(Base):
+    """One task of a run: its spec (copied from the definition), its state and its attempts."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("run_id", "name"),
+        Index(None, "state", "queued_at"),
+        Index(None, "agent_id", "state"),
+        Index(None, "state", "deadline"),
+    )
+
+    task_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ID, ForeignKey("runs.run_id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    capability: Mapped[str] = mapped_column(String(200))
+    labels: Mapped[dict[str, Any]]
+    depends_on: Mapped[list[Any]]
+    fallback: Mapped[str] = mapped_column(String(200))
+    timeout_ms: Mapped[int | None] = mapped_column(Integer)
+    retry_policy: Mapped[dict[str, Any] | None] = mapped_column(json_type())
+    pinned_agent_id: Mapped[str | None] = mapped_column(ID)
+    input: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    agent_id: Mapped[str | None] = mapped_column(ID)
+    output: Mapped[dict[str, Any] | None] = mapped_column(json_type())
+    error: Mapped[str] = mapped_column(Text)
+    queued_at: Mapped[datetime | None]
+    assigned_at: Mapped[datetime | None]
+    deadline: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+metadata = Base.metadata
