@@ -241,7 +241,10 @@ class Store:
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
             )
             held = [
-                await _assignment(conn, row, row.deadline, redelivered=True) for row in held_rows
+                await _assignment(
+                    conn, row, row.attempt, agent_id, row.deadline, redelivered=True
+                )
+                for row in held_rows
             ]
             profile = agent.profile()
             return Connected(profile, held)
@@ -558,8 +561,11 @@ class Store:
                     .where(_runs.c.run_id == row.run_id, _runs.c.state == RunState.PENDING.value)
                     .values(state=RunState.RUNNING.value, started_at=now)
                 )
-                assigned = row._replace(attempt=row.attempt + 1, agent_id=agent_id)
-                handed.append(await _assignment(conn, assigned, now + timeout, redelivered=False))
+                handed.append(
+                    await _assignment(
+                        conn, row, row.attempt + 1, agent_id, now + timeout, redelivered=False
+                    )
+                )
             return handed
 
         return await self._write(op, on_commit)
@@ -799,7 +805,13 @@ async def _apply(
 
 
 async def _assignment(
-    conn: AsyncConnection, row: Any, deadline: datetime, *, redelivered: bool
+    conn: AsyncConnection,
+    row: Any,
+    attempt: int,
+    agent_id: str,
+    deadline: datetime,
+    *,
+    redelivered: bool,
 ) -> Assignment:
     """The assignment message for a task row: its input and the outputs of its dependencies."""
     outputs: dict[str, JsonObject] = {}
@@ -815,8 +827,8 @@ async def _assignment(
         run_id=row.run_id,
         task_name=row.name,
         capability=row.capability,
-        attempt=row.attempt,
-        agent_id=row.agent_id,
+        attempt=attempt,
+        agent_id=agent_id,
         input=dict(row.input),
         dependency_outputs=outputs,
         deadline=deadline,

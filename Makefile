@@ -1,0 +1,80 @@
+# Ops-Core: `make serve` runs the server, `make test` runs every check. Both set up .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO_FILES := $(sort $(wildcard protos/opscore/v1/*.proto))
+# Never let the working directory shadow the installed package: `opscore` here has no `v1`,
+# the installed one maps it to generated/opscore/v1.
+export PYTHONSAFEPATH := 1
+
+# The editable install is strict (a tree of links), which is what maps opscore.v1 onto
+# generated/; it must be redone when files are added or removed, so its stamp depends on the
+# list of package files.
+PACKAGE_FILES := $(shell find opscore generated -type f \( -name '*.py' -o -name '*.pyi' -o -name 'py.typed' -o -name '*.mako' \) 2>/dev/null | sort)
+
+.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest bench clean FORCE
+
+serve: $(VENV)/.runtime
+	$(BIN)/opscore serve
+
+test: check pytest
+
+check: lint typecheck buf-lint check-generated
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.files: FORCE | $(VENV)/bin/python
+	@echo '$(PACKAGE_FILES)' | cmp -s - $@ || echo '$(PACKAGE_FILES)' > $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e . --config-settings editable_mode=strict
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	@touch $@ $(VENV)/.runtime
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check opscore tests bench
+	$(BIN)/ruff format --check opscore tests bench
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix opscore tests bench
+	$(BIN)/ruff format opscore tests bench
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy --strict opscore
+
+buf-lint: $(VENV)/.dev
+	$(BIN)/buf lint
+
+# grpcio-tools writes the messages and services, mypy-protobuf the .pyi stubs that make them
+# type-checkable. The output is committed so users need no protoc.
+define protoc
+	rm -rf $(1)/opscore/v1 && mkdir -p $(1)/opscore/v1
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+		$(PROTO_FILES)
+	printf '"""Generated from protos/opscore/v1 by `make generate`: do not edit."""\n' > $(1)/opscore/v1/__init__.py
+	touch $(1)/opscore/v1/py.typed
+endef
+
+generate: $(VENV)/.dev
+	$(call protoc,generated)
+
+check-generated: $(VENV)/.dev
+	@tmp=$$(mktemp -d) && $(call protoc,$$tmp) && \
+	if diff -r generated/opscore/v1 $$tmp/opscore/v1 >/dev/null; then rm -rf $$tmp; \
+	else diff -r generated/opscore/v1 $$tmp/opscore/v1 | head -20; rm -rf $$tmp; \
+	echo "generated/ is stale: run 'make generate' and commit the result"; exit 1; fi
+
+pytest: $(VENV)/.dev
+	$(BIN)/pytest
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real Ops-Core server in-process on an ephemeral port, over a real database
+(a SQLite file, or a fresh PostgreSQL database when OPSCORE_TEST_POSTGRES_URL is set), and real
+gRPC channels to it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from opscore.config import Settings
+from opscore.server import OpsCoreServer
+from opscore.v1 import agent_lifecycle_pb2_grpc, workflow_service_pb2_grpc
+from helpers import Client
+
+POSTGRES_URL = os.environ.get("OPSCORE_TEST_POSTGRES_URL", "")
+
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set"),
+    ),
+]
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"opscore_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_URL))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = POSTGRES_URL.rpartition("/")
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database URL on each supported backend, fresh for each test."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'opscore.db'}"
+    else:
+        async with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file, fresh for each test (for tests that need one backend only)."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'opscore.db'}"
+
+
+ServerFactory = Callable[..., AbstractAsyncContextManager[OpsCoreServer]]
+
+
+@pytest.fixture
+def start_server() -> ServerFactory:
+    """Start a server on a database URL: `async with start_server(url) as server:`.
+
+    Keyword arguments override `Settings` fields (e.g. `default_task_timeout`)."""
+
+    @asynccontextmanager
+    async def start(url: str, **overrides: object) -> AsyncIterator[OpsCoreServer]:
+        settings = replace(
+            Settings(listen="127.0.0.1:0", db_url=url, shutdown_grace=1.0), **overrides
+        )
+        server = OpsCoreServer(settings)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory, sqlite_url: str) -> AsyncIterator[OpsCoreServer]:
+    """A running server on a fresh SQLite file."""
+    async with start_server(sqlite_url) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(server: OpsCoreServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC channel to `server`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+        yield opened
+
+
+@pytest.fixture
+def lifecycle(channel: grpc.aio.Channel) -> agent_lifecycle_pb2_grpc.AgentLifecycleStub:
+    """An AgentLifecycle client."""
+    return agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
+
+
+@pytest.fixture
+def workflows(channel: grpc.aio.Channel) -> workflow_service_pb2_grpc.WorkflowServiceStub:
+    """A WorkflowService client."""
+    return workflow_service_pb2_grpc.WorkflowServiceStub(channel)
+
+
+@pytest.fixture
+async def client(channel: grpc.aio.Channel) -> AsyncIterator[Client]:
+    """Both clients and agent helpers over `channel` (see tests/helpers.py)."""
+    opened = Client(channel)
+    yield opened
+    await opened.close()

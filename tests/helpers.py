@@ -1,0 +1,261 @@
+"""Test helpers: a scripted agent over a real task stream, and small builders for requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from opscore.v1 import (
+    agent_lifecycle_pb2,
+    agent_lifecycle_pb2_grpc,
+    agent_pb2,
+    workflow_pb2,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
+
+WAIT = 5.0
+"""Seconds a helper waits for something that should happen at once, before failing the test."""
+
+
+def struct(value: Mapping[str, Any] | None = None) -> Struct:
+    """A Struct from a dict."""
+    message = Struct()
+    message.update(dict(value or {}))
+    return message
+
+
+def as_dict(message: Struct) -> dict[str, Any]:
+    """A Struct as a dict."""
+    return json_format.MessageToDict(message)
+
+
+def task(
+    name: str,
+    *,
+    capability: str = "",
+    depends_on: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    input: Mapping[str, Any] | None = None,  # noqa: A002 - the field's name
+    fallback: str = "",
+) -> workflow_pb2.TaskSpec:
+    """A TaskSpec."""
+    return workflow_pb2.TaskSpec(
+        name=name,
+        capability=capability,
+        depends_on=list(depends_on),
+        labels=dict(labels or {}),
+        input=struct(input),
+        fallback=fallback,
+    )
+
+
+def definition(name: str, *tasks: workflow_pb2.TaskSpec) -> workflow_pb2.WorkflowDefinition:
+    """A WorkflowDefinition."""
+    return workflow_pb2.WorkflowDefinition(name=name, tasks=list(tasks))
+
+
+def bad_request(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations in an error's status details, field -> description."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status details"
+    violations: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            found = error_details_pb2.BadRequest()
+            detail.Unpack(found)
+            violations.update({v.field: v.description for v in found.field_violations})
+    return violations
+
+
+def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status an error carries, if any."""
+    return rpc_status.from_call(error)  # type: ignore[arg-type]
+
+
+class Agent:
+    """A scripted agent: registered, with an open task stream whose events are collected."""
+
+    def __init__(self, client: Client, agent_id: str) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.events: asyncio.Queue[workflow_service_pb2.StreamTasksResponse] = asyncio.Queue()
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self.stream_error: grpc.aio.AioRpcError | None = None
+        self.stream_ended = asyncio.Event()
+
+    async def connect(self) -> None:
+        """Open the task stream and wait until the server counts the agent as connected."""
+        self.stream_ended.clear()
+        self._call = self.client.workflows.StreamTasks(
+            workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id)
+        )
+        self._reader = asyncio.create_task(self._read(self._call))
+        async with asyncio.timeout(WAIT):
+            while not (await self.get()).connected:
+                await asyncio.sleep(0.01)
+
+    async def _read(self, call: Any) -> None:
+        try:
+            async for event in call:
+                await self.events.put(event)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.stream_error = error
+        finally:
+            self.stream_ended.set()
+
+    async def disconnect(self) -> None:
+        """Close the task stream from the agent's side."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def get(self) -> agent_pb2.Agent:
+        """The agent as the server sees it."""
+        response = await self.client.lifecycle.GetAgent(
+            agent_lifecycle_pb2.GetAgentRequest(agent_id=self.agent_id)
+        )
+        return response.agent
+
+    async def next_event(self, timeout: float = WAIT) -> workflow_service_pb2.StreamTasksResponse:
+        """The next event on the stream; fails the test if none comes in time."""
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def next_assignment(self, timeout: float = WAIT) -> workflow_pb2.TaskAssignment:
+        """The next event, which must be an assignment."""
+        event = await self.next_event(timeout)
+        assert event.WhichOneof("event") == "assignment", event
+        return event.assignment
+
+    async def expect_nothing(self, wait: float = 0.3) -> None:
+        """Assert that no event arrives for `wait` seconds."""
+        with contextlib.suppress(TimeoutError):
+            event = await asyncio.wait_for(self.events.get(), wait)
+            raise AssertionError(f"unexpected event: {event}")
+
+    async def complete(
+        self, assignment: workflow_pb2.TaskAssignment, output: Mapping[str, Any] | None = None
+    ) -> None:
+        """Report the assignment's success."""
+        await self.client.workflows.CompleteTask(
+            workflow_service_pb2.CompleteTaskRequest(
+                task_id=assignment.task_id,
+                agent_id=self.agent_id,
+                attempt=assignment.attempt,
+                output=struct(output),
+            )
+        )
+
+    async def fail(
+        self, assignment: workflow_pb2.TaskAssignment, error: str, *, retryable: bool = False
+    ) -> None:
+        """Report the assignment's failure."""
+        await self.client.workflows.FailTask(
+            workflow_service_pb2.FailTaskRequest(
+                task_id=assignment.task_id,
+                agent_id=self.agent_id,
+                attempt=assignment.attempt,
+                error=error,
+                retryable=retryable,
+            )
+        )
+
+    async def report(self, state: int, detail: str = "") -> agent_pb2.Agent:
+        """Report a state (an agent_pb2.AGENT_STATE_* value)."""
+        response = await self.client.lifecycle.ReportState(
+            agent_lifecycle_pb2.ReportStateRequest(
+                agent_id=self.agent_id, state=state, detail=detail
+            )
+        )
+        return response.agent
+
+
+class Client:
+    """Both service stubs on one channel, and factories for agents, definitions and runs."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
+        self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
+        self._agents: list[Agent] = []
+
+    async def agent(
+        self,
+        agent_id: str,
+        *,
+        capabilities: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        max_concurrent_tasks: int = 0,
+        connect: bool = True,
+    ) -> Agent:
+        """Register an agent and (by default) open its task stream."""
+        await self.lifecycle.RegisterAgent(
+            agent_lifecycle_pb2.RegisterAgentRequest(
+                agent_id=agent_id,
+                name=agent_id,
+                version="1.0",
+                capabilities=list(capabilities),
+                labels=dict(labels or {}),
+                max_concurrent_tasks=max_concurrent_tasks,
+            )
+        )
+        agent = Agent(self, agent_id)
+        self._agents.append(agent)
+        if connect:
+            await agent.connect()
+        return agent
+
+    async def create(
+        self, definition: workflow_pb2.WorkflowDefinition, request_id: str = ""
+    ) -> workflow_pb2.WorkflowDefinition:
+        """Create a workflow definition."""
+        response = await self.workflows.CreateWorkflowDefinition(
+            workflow_service_pb2.CreateWorkflowDefinitionRequest(
+                definition=definition, request_id=request_id
+            )
+        )
+        return response.definition
+
+    async def trigger(self, **fields: Any) -> workflow_pb2.WorkflowRun:
+        """Trigger a run (fields of TriggerWorkflowRequest; `input` may be a dict)."""
+        if isinstance(fields.get("input"), dict):
+            fields["input"] = struct(fields["input"])
+        response = await self.workflows.TriggerWorkflow(
+            workflow_service_pb2.TriggerWorkflowRequest(**fields)
+        )
+        return response.run
+
+    async def run(self, run_id: str) -> workflow_pb2.WorkflowRun:
+        """Get a run."""
+        response = await self.workflows.GetWorkflowRun(
+            workflow_service_pb2.GetWorkflowRunRequest(run_id=run_id)
+        )
+        return response.run
+
+    async def wait_run(
+        self, run_id: str, state: int, timeout: float = WAIT
+    ) -> workflow_pb2.WorkflowRun:
+        """Poll a run until it reaches `state` (a workflow_pb2.RUN_STATE_* value)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                run = await self.run(run_id)
+                if run.state == state:
+                    return run
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        """Close every agent's stream."""
+        for agent in self._agents:
+            await agent.disconnect()
