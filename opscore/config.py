@@ -69,7 +69,9 @@ def _parse(name: str, raw: str) -> Any:
 
 def load(environ: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
     """Settings from the environment, then `overrides` (the command line's flags, None skipped)."""
-    values = {name: _parse(name, environ[var]) for name, var in ENVIRONMENT.items() if var in environ}
+    values = {
+        name: _parse(name, environ[var]) for name, var in ENVIRONMENT.items() if var in environ
+    }
     values.update({name: value for name, value in overrides.items() if value is not None})
     settings = replace(Settings(), **values)
     if settings.log_format not in ("json", "text"):

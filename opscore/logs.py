@@ -13,6 +13,7 @@ class JsonFormatter(logging.Formatter):
     """Renders a record as JSON: time, level, logger, event, then every `extra` field."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of JSON."""
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -29,6 +30,7 @@ class TextFormatter(logging.Formatter):
     """Renders a record for people: the event, then its fields as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of text."""
         fields = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
         line = f"{self.formatTime(record)} {record.levelname:<7} {record.getMessage()} {fields}"
         if record.exc_info:

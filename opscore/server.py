@@ -1,7 +1,8 @@
 """The server's life: open the database, migrate, recover, serve (the two services, health and
 reflection on one port), and on a signal drain and stop. Background work (the writer, the
 dispatcher) runs as supervised tasks: if one fails, the failure is logged and the server stops
-rather than limp on without it."""
+rather than limp on without it.
+"""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ class OpsCoreServer:
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, streams end with UNAVAILABLE, in-flight calls finish
-        within the grace, pending commits are written, then everything closes."""
+        within the grace, pending commits are written, then everything closes.
+        """
         log.info("server stopping")
         await self._health.enter_graceful_shutdown()
         assert self.engine is not None

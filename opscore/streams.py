@@ -2,7 +2,8 @@
 
 Plain asyncio, no gRPC: the servicer drains a stream's events onto the wire, the engine pushes
 assignments and cancellations into it, and closing it (replaced by a newer stream, agent
-deregistered, server draining) ends the servicer's loop with the reason."""
+deregistered, server draining) ends the servicer's loop with the reason.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ class AgentStream:
 
     def push(self, event: StreamEvent) -> None:
         """Queue an event for the agent; dropped if the stream is closed (the database keeps the
-        task held by the agent, and it is sent again when the agent reconnects)."""
+        task held by the agent, and it is sent again when the agent reconnects).
+        """
         if not self.closed:
             self._queue.put_nowait(event)
 
     def close(self, reason: OpsCoreError | None = None) -> None:
         """End the stream after the events already queued; `reason` ends it with that error,
-        None ends it normally."""
+        None ends it normally.
+        """
         if not self.closed:
             self.closed = True
             self._end = reason

@@ -1,7 +1,8 @@
 """Protobuf messages to domain objects and back: the only module that knows both.
 
 Decoding refuses what the wire allows but the domain cannot hold (unknown enum numbers), naming
-the field, so servicers hand the engine only well-typed values."""
+the field, so servicers hand the engine only well-typed values.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 def struct(value: models.JsonObject | None) -> Struct | None:
     """A JSON object as a Struct; None stays unset."""
-    if value is None:
-        return None
+    return None if value is None else _struct(value)
+
+
+def _struct(value: models.JsonObject) -> Struct:
     message = Struct()
     message.update(value)
     return message
@@ -74,9 +77,12 @@ def json_object(message: Struct) -> models.JsonObject:
 
 def duration(message: Duration, field: str) -> timedelta:
     """A Duration as a timedelta; an out-of-range or mixed-sign one is INVALID_ARGUMENT."""
-    if not -315_576_000_000 <= message.seconds <= 315_576_000_000 or not (
-        -999_999_999 <= message.nanos <= 999_999_999
-    ) or (message.seconds > 0 > message.nanos) or (message.seconds < 0 < message.nanos):
+    if (
+        not -315_576_000_000 <= message.seconds <= 315_576_000_000
+        or not (-999_999_999 <= message.nanos <= 999_999_999)
+        or (message.seconds > 0 > message.nanos)
+        or (message.seconds < 0 < message.nanos)
+    ):
         raise InvalidArgument.single(field, "is not a valid duration")
     try:
         return message.ToTimedelta()
@@ -254,7 +260,9 @@ def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
         task_name=value.task_name,
         attempt=value.attempt,
         input=struct(value.input),
-        dependency_outputs={name: struct(output) for name, output in value.dependency_outputs.items()},
+        dependency_outputs={
+            name: _struct(output) for name, output in value.dependency_outputs.items()
+        },
         deadline=timestamp(value.deadline),
         redelivered=value.redelivered,
         capability=value.capability,

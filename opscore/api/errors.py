@@ -3,7 +3,8 @@
 Each error becomes a `google.rpc.Status` with typed details a client in any language can read:
 `BadRequest` field violations for INVALID_ARGUMENT, `ResourceInfo` for NOT_FOUND, and an
 `ErrorInfo` naming the reason on all of them. Anything else that escapes a handler is a fault of
-the server: it is logged with its traceback and answered INTERNAL, never blamed on the client."""
+the server: it is logged with its traceback and answered INTERNAL, never blamed on the client.
+"""
 
 from __future__ import annotations
 
@@ -75,9 +76,11 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
 
 
-def _guard_unary(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+Behavior = Callable[[Any, Any], Any]
+"""A handler's behaviour: (request, context) to a response awaitable or an async iterator."""
+
+
+def _guard_unary(behavior: Behavior) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
@@ -89,10 +92,10 @@ def _guard_unary(
     return guarded
 
 
-def _guard_stream(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+def _guard_stream(behavior: Behavior) -> Behavior:
+    async def guarded(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
                 yield response
@@ -109,14 +112,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Return the method's handler with its behaviour guarded."""
+        handler: Any = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard_unary(handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
-        return handler
+            guarded: grpc.RpcMethodHandler[Any, Any] = handler._replace(
+                unary_unary=_guard_unary(handler.unary_unary)
+            )
+        elif handler.unary_stream is not None:
+            guarded = handler._replace(unary_stream=_guard_stream(handler.unary_stream))
+        else:
+            guarded = handler
+        return guarded

@@ -97,7 +97,8 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         stream = await self._engine.open_stream(request.agent_id)
         # The client going away cancels this handler; closing on "done" as well makes sure the
         # loop below ends even if the cancellation lands between two events.
-        context.add_done_callback(lambda _: stream.close())
+        # (The stubs type the callback as a class rather than a callable protocol.)
+        context.add_done_callback(lambda _context: stream.close())  # type: ignore[arg-type]
         try:
             async for event in stream.events():
                 if isinstance(event, Assignment):

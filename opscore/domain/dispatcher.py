@@ -5,7 +5,7 @@ only by effects of committed writes: the ready tasks, grouped by their requireme
 labels, pinned agent), each group in the order its tasks became ready; and the connected agents
 with the attempts they hold. An event (a task became ready, an agent connected, reported idle or
 freed a slot) wakes one pass, which repeatedly takes the earliest-ready task that some free agent
-can take and gives it to the eligible agent that has waited longest. A pass costs O(groups ×
+can take and gives it to the eligible agent that has waited longest. A pass costs O(groups x
 free agents) per assignment, never O(queued tasks): a backlog no agent can take is not looked at.
 """
 
@@ -146,7 +146,8 @@ class Dispatcher:
     def match(self) -> list[tuple[ReadyTask, str]]:
         """Take every task that can be placed now, earliest ready first, and reserve a slot of
         its agent. The reservations become holds when the assignments commit (`assigned`), or
-        are given back (`release`) for tasks that were no longer queued."""
+        are given back (`release`) for tasks that were no longer queued.
+        """
         pairs: list[tuple[ReadyTask, str]] = []
         while True:
             best: tuple[int, ReadyTask, _LiveAgent] | None = None

@@ -3,15 +3,17 @@
 Plain async Python over the store, the dispatcher and the open streams; it knows nothing of gRPC.
 Every write goes to the store with an `on_commit` callback, and only those callbacks touch
 memory (dispatcher indexes, streams) and log lifecycle events, so what the server holds in
-memory and says in its log is always what the database has committed."""
+memory and says in its log is always what the database has committed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from opscore.domain import validation
@@ -51,7 +53,7 @@ class EngineSettings:
     """The engine's tunables (set from the server's configuration)."""
 
     default_task_timeout: timedelta = timedelta(minutes=5)
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
 
 
 class Engine:
@@ -88,7 +90,9 @@ class Engine:
         raise_if(validation.check_registration(registration))
         slots = registration.max_concurrent_tasks or 1
         agent = await self._store.register_agent(
-            dataclasses.replace(registration, max_concurrent_tasks=slots), self._now(), lambda agent: self.dispatcher.agent_changed(agent.profile())
+            dataclasses.replace(registration, max_concurrent_tasks=slots),
+            self._now(),
+            lambda agent: self.dispatcher.agent_changed(agent.profile()),
         )
         log.info("agent registered", extra={"agent_id": agent.agent_id})
         return agent
@@ -153,7 +157,8 @@ class Engine:
 
     async def open_stream(self, agent_id: str) -> AgentStream:
         """Open the agent's task stream, replacing any older one. The attempts the agent already
-        holds are sent first (marked redelivered): an agent that restarted lost them."""
+        holds are sent first (marked redelivered): an agent that restarted lost them.
+        """
         raise_if(check_id(agent_id, "agent_id"))
         stream = AgentStream(agent_id)
 
@@ -172,15 +177,16 @@ class Engine:
         stream.close()
         if self.streams.remove(stream):
             self.dispatcher.agent_offline(stream.agent_id)
-            try:
+            # Draining refuses writes: every agent is marked disconnected at the next start.
+            with contextlib.suppress(Unavailable):
                 await self._store.disconnect_agent(stream.agent_id, self._now())
-            except Unavailable:
-                pass  # draining: every agent is marked disconnected at the next start
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
 
     # Definitions ---------------------------------------------------------------------------
 
-    async def create_definition(self, draft: DefinitionDraft, request_id: str) -> WorkflowDefinition:
+    async def create_definition(
+        self, draft: DefinitionDraft, request_id: str
+    ) -> WorkflowDefinition:
         """Store a new definition (the next version of its name)."""
         violations = list(validation.check_definition(draft, "definition.", self._settings.limits))
         violations.extend(check_id(request_id, "request_id", required=False))
@@ -245,13 +251,16 @@ class Engine:
         if sum(sources) != 1:
             violations.append(
                 FieldViolation(
-                    "source", "exactly one of definition_id, definition_name, definition is required"
+                    "source",
+                    "exactly one of definition_id, definition_name, definition is required",
                 )
             )
         violations.extend(check_id(request.definition_id, "definition_id", required=False))
         if request.definition is not None:
             violations.extend(
-                validation.check_definition(request.definition, "definition.", self._settings.limits)
+                validation.check_definition(
+                    request.definition, "definition.", self._settings.limits
+                )
             )
         violations.extend(check_id(request.agent_id, "agent_id", required=False))
         violations.extend(check_id(request.request_id, "request_id", required=False))
@@ -345,9 +354,7 @@ class Engine:
                     },
                 )
 
-        await self._store.assign(
-            pairs, self._now(), self._settings.default_task_timeout, on_commit
-        )
+        await self._store.assign(pairs, self._now(), self._settings.default_task_timeout, on_commit)
 
     def _apply(self, effects: Effects) -> None:
         """Bring memory in line with a committed write."""
@@ -375,6 +382,7 @@ _REPORTABLE = {
 def _check_result(task_id: str, agent_id: str, attempt: int) -> list[FieldViolation]:
     violations = [*check_id(task_id, "task_id"), *check_id(agent_id, "agent_id")]
     if attempt < 1:
-        violations.append(FieldViolation("attempt", "must be the attempt of the assignment (1 or more)"))
+        violations.append(
+            FieldViolation("attempt", "must be the attempt of the assignment (1 or more)")
+        )
     return violations
-

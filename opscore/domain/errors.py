@@ -1,5 +1,6 @@
 """Every error the domain raises on purpose. The API maps each class to one gRPC status code
-(opscore/api/errors.py); anything else that escapes is a fault of the server, not of the client."""
+(opscore/api/errors.py); anything else that escapes is a fault of the server, not of the client.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class FailedPrecondition(OpsCoreError):
 
 
 class Unavailable(OpsCoreError):
-    """The server cannot serve this now (it is shutting down); the client may try elsewhere or later."""
+    """The server cannot serve this now (it is shutting down); try elsewhere or later."""
 
 
 class Aborted(OpsCoreError):

@@ -1,6 +1,7 @@
 """How a run's task graph moves: which tasks become ready, skipped or cancelled, and when the
 run is finished. Pure functions of the graph and the current states, so the rules are tested
-without a server or a database, and the store applies what they decide inside one transaction."""
+without a server or a database, and the store applies what they decide inside one transaction.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def initial_states(dependencies: Dependencies) -> dict[str, TaskState]:
 
 def succeed(dependencies: Dependencies, states: Mapping[str, TaskState], name: str) -> Transition:
     """`name` succeeded: queue each waiting task whose dependencies have all succeeded now, and
-    finish the run when every task has succeeded."""
+    finish the run when every task has succeeded.
+    """
     after = dict(states)
     after[name] = TaskState.SUCCEEDED
     changes: dict[str, TaskState] = {name: TaskState.SUCCEEDED}

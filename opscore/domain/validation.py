@@ -1,5 +1,6 @@
 """Every rule a request must satisfy, checked all at once so a client sees every mistake in one
-answer. Field paths follow the protobuf field names (`definition.tasks[2].depends_on[0]`)."""
+answer. Field paths follow the protobuf field names (`definition.tasks[2].depends_on[0]`).
+"""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def check_id(value: str, field: str, *, required: bool = True) -> Iterator[Field
         if required:
             yield FieldViolation(field, "is required")
     elif not is_valid_id(value):
-        yield FieldViolation(field, "must be 1-128 characters of letters, digits, '.', '_', ':', '-'")
+        yield FieldViolation(
+            field, "must be 1-128 characters of letters, digits, '.', '_', ':', '-'"
+        )
 
 
 def check_name(value: str, field: str) -> Iterator[FieldViolation]:
@@ -66,7 +69,8 @@ def check_definition(
     draft: DefinitionDraft, prefix: str, limits: Limits
 ) -> Iterator[FieldViolation]:
     """A workflow definition: a name; 1..limit tasks with unique names; references to tasks of
-    the same definition; no dependency cycle; no negative numbers or durations."""
+    the same definition; no dependency cycle; no negative numbers or durations.
+    """
     yield from check_name(draft.name, f"{prefix}name")
     if not draft.tasks:
         yield FieldViolation(f"{prefix}tasks", "must hold at least one task")
@@ -100,7 +104,9 @@ def _check_task(task: TaskSpec, path: str, names: dict[str, int]) -> Iterator[Fi
                 f"{path}.depends_on[{dep_index}]", f"names no task of this definition: {dep!r}"
             )
         elif dep == task.name:
-            yield FieldViolation(f"{path}.depends_on[{dep_index}]", "a task cannot depend on itself")
+            yield FieldViolation(
+                f"{path}.depends_on[{dep_index}]", "a task cannot depend on itself"
+            )
     if task.fallback:
         if task.fallback not in names:
             yield FieldViolation(
@@ -163,11 +169,11 @@ def _cycles(graph: dict[str, list[str]]) -> Iterator[list[str]]:
     """Yield cycles found by an iterative depth-first search (deep graphs must not recurse)."""
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(graph, white)
-    for root in graph:
+    for root, children in graph.items():
         if color[root] != white:
             continue
         path: list[str] = [root]
-        iterators = [iter(graph[root])]
+        iterators = [iter(children)]
         color[root] = grey
         while iterators:
             child = next(iterators[-1], None)

@@ -48,11 +48,12 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     """Take transaction control away from the sqlite3 module, which would otherwise begin
     transactions only before DML (so reads of a write operation ran outside it), and begin them
     ourselves: IMMEDIATE for the writer (the write lock is taken up front, never upgraded
-    mid-transaction), DEFERRED for readers (a consistent snapshot across their statements)."""
+    mid-transaction), DEFERRED for readers (a consistent snapshot across their statements).
+    """
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in SQLITE_PRAGMAS:
             cursor.execute(pragma)

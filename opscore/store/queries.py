@@ -3,18 +3,19 @@
 Writes go through the group-commit `Writer`; reads use pooled connections in a transaction of
 their own (a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
 `on_commit` callback inside the commit order, which is how the dispatcher's memory follows the
-database without ever running ahead of it."""
+database without ever running ahead of it.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from opscore.domain import graph
@@ -39,22 +40,32 @@ from opscore.domain.models import (
     WorkflowRun,
 )
 from opscore.store import rows
-from opscore.store.tables import AgentCapabilityRow, AgentRow, DefinitionRow, RunRow, TaskRow
+from opscore.store.tables import (
+    AgentCapabilityRow,
+    AgentRow,
+    DefinitionRow,
+    RunRow,
+    TaskRow,
+    metadata,
+)
 from opscore.store.writer import Tx, Writer
 
 T = TypeVar("T")
 OnCommit = Callable[[T], None]
 
-_agents = AgentRow.__table__
-_capabilities = AgentCapabilityRow.__table__
-_definitions = DefinitionRow.__table__
-_runs = RunRow.__table__
-_tasks = TaskRow.__table__
+_agents = metadata.tables[AgentRow.__tablename__]
+_capabilities = metadata.tables[AgentCapabilityRow.__tablename__]
+_definitions = metadata.tables[DefinitionRow.__tablename__]
+_runs = metadata.tables[RunRow.__tablename__]
+_tasks = metadata.tables[TaskRow.__tablename__]
 
 _running_count = (
     select(func.count())
-    .where(TaskRow.agent_id == AgentRow.agent_id, TaskRow.state == TaskState.ASSIGNED.value)
-    .correlate(_agents)
+    .where(
+        metadata.tables["tasks"].c.agent_id == metadata.tables["agents"].c.agent_id,
+        metadata.tables["tasks"].c.state == TaskState.ASSIGNED.value,
+    )
+    .correlate(metadata.tables["agents"])
     .scalar_subquery()
 )
 
@@ -224,7 +235,8 @@ class Store:
     ) -> Connected:
         """Mark the agent connected and read what the dispatcher needs: its profile and the
         attempts it holds (to send again). Runs through the writer so the snapshot sits at an
-        exact point of the commit order."""
+        exact point of the commit order.
+        """
 
         async def op(conn: AsyncConnection) -> Connected:
             result = await conn.execute(
@@ -241,9 +253,7 @@ class Store:
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
             )
             held = [
-                await _assignment(
-                    conn, row, row.attempt, agent_id, row.deadline, redelivered=True
-                )
+                await _assignment(conn, row, row.attempt, agent_id, row.deadline, redelivered=True)
                 for row in held_rows
             ]
             profile = agent.profile()
@@ -267,7 +277,8 @@ class Store:
         """At start-up no stream is open to this server: every agent is disconnected.
 
         This holds while one server owns the database; replicas sharing one will track the
-        stream owner per agent instead."""
+        stream owner per agent instead.
+        """
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(
@@ -374,7 +385,8 @@ class Store:
         on_commit: OnCommit[CreatedRun],
     ) -> CreatedRun:
         """Start a run of a stored definition (by id, or the latest of a name) or of an inline
-        one; its root tasks are queued at once. A repeated request_id returns the first run."""
+        one; its root tasks are queued at once. A repeated request_id returns the first run.
+        """
 
         async def op(conn: AsyncConnection) -> CreatedRun:
             if request_id:
@@ -483,7 +495,8 @@ class Store:
         self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
     ) -> tuple[WorkflowRun, Effects]:
         """Cancel an unfinished run: its queued tasks leave the queue, its held ones are to be
-        stopped. FAILED_PRECONDITION for a finished run."""
+        stopped. FAILED_PRECONDITION for a finished run.
+        """
 
         async def op(conn: AsyncConnection) -> tuple[WorkflowRun, Effects]:
             run = await _get_run(conn, run_id, lock=True)
@@ -524,7 +537,8 @@ class Store:
         on_commit: OnCommit[list[Assignment | None]],
     ) -> list[Assignment | None]:
         """Hand each queued task to its agent as a new attempt. A task that is no longer queued
-        (cancelled, skipped meanwhile) gives None in its place and is left alone."""
+        (cancelled, skipped meanwhile) gives None in its place and is left alone.
+        """
 
         async def op(conn: AsyncConnection) -> list[Assignment | None]:
             handed: list[Assignment | None] = []
@@ -543,7 +557,9 @@ class Store:
                     handed.append(None)
                     continue
                 timeout = (
-                    default_timeout if row.timeout_ms is None else timedelta(milliseconds=row.timeout_ms)
+                    default_timeout
+                    if row.timeout_ms is None
+                    else timedelta(milliseconds=row.timeout_ms)
                 )
                 await conn.execute(
                     update(_tasks)
@@ -580,7 +596,8 @@ class Store:
         on_commit: OnCommit[Effects],
     ) -> Effects:
         """Record the output of the attempt the agent holds and queue the dependents that became
-        ready. The same result again, once recorded, changes nothing and is not an error."""
+        ready. The same result again, once recorded, changes nothing and is not an error.
+        """
 
         async def op(conn: AsyncConnection) -> Effects:
             row = await _held_task(conn, task_id, agent_id, attempt, TaskState.SUCCEEDED)
@@ -611,7 +628,8 @@ class Store:
         on_commit: OnCommit[Effects],
     ) -> Effects:
         """Record the failure of the attempt the agent holds: the run fails and its unfinished
-        tasks are skipped. The same failure again, once recorded, changes nothing."""
+        tasks are skipped. The same failure again, once recorded, changes nothing.
+        """
 
         async def op(conn: AsyncConnection) -> Effects:
             row = await _held_task(conn, task_id, agent_id, attempt, TaskState.FAILED)
@@ -619,7 +637,9 @@ class Store:
                 return Effects()
             run = await _get_run(conn, row.run_id, lock=True)
             transition = graph.fail({task.name: task.state for task in run.tasks}, row.name)
-            await conn.execute(update(_tasks).where(_tasks.c.task_id == task_id).values(error=error))
+            await conn.execute(
+                update(_tasks).where(_tasks.c.task_id == task_id).values(error=error)
+            )
             effects = await _apply(conn, run, transition, now)
             effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
             return effects
@@ -642,7 +662,9 @@ def _state_condition(state: AgentState) -> Any:
     busy = or_(reported == ReportedState.BUSY.value, full)
     if state is AgentState.BUSY:
         return and_(connected, reported != ReportedState.ERROR.value, busy)
-    return and_(connected, reported.not_in([ReportedState.ERROR.value, ReportedState.BUSY.value]), ~full)
+    return and_(
+        connected, reported.not_in([ReportedState.ERROR.value, ReportedState.BUSY.value]), ~full
+    )
 
 
 async def _capabilities_of(
@@ -750,7 +772,8 @@ async def _held_task(
     conn: AsyncConnection, task_id: str, agent_id: str, attempt: int, outcome: TaskState
 ) -> Any | None:
     """The task row if `agent_id` holds `attempt` of it; None if that very result was already
-    recorded (a retried call); FAILED_PRECONDITION for any other holder, attempt or state."""
+    recorded (a retried call); FAILED_PRECONDITION for any other holder, attempt or state.
+    """
     row = (
         await conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
     ).first()

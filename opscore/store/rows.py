@@ -1,5 +1,6 @@
 """Rows in, domain objects out (and specs to JSON and back): the only code that knows both the
-column layout and the domain's dataclasses, so the rest of the code never sees a row."""
+column layout and the domain's dataclasses, so the rest of the code never sees a row.
+"""
 
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def task_run(row: Row[Any]) -> TaskRun:
     )
 
 
-def ready_task(row: Row[Any]) -> ReadyTask:
+def ready_task(row: Row[Any, Any, Any, Any, Any] | Row[Any]) -> ReadyTask:
     """The dispatcher's view of a queued `tasks` row."""
     return ReadyTask(
         task_id=row.task_id,

@@ -2,12 +2,13 @@
 `migrations/versions/` must produce exactly this (a test compares them).
 
 Declarative models give typed column attributes; the queries in `queries.py` use them as SQLAlchemy
-Core statements (no ORM unit of work on the hot path)."""
+Core statements (no ORM unit of work on the hot path).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     Boolean,
@@ -39,7 +40,7 @@ class Base(DeclarativeBase):
     """Base of the models; named constraints so migrations can refer to them."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: UTCDateTime(),
         dict[str, Any]: json_type(),
         list[Any]: json_type(),
@@ -65,7 +66,8 @@ class AgentRow(Base):
 
 class AgentCapabilityRow(Base):
     """One capability an agent offers: a table of its own so `capability = ?` is an index look-up
-    on every backend, instead of a dialect-specific search inside a JSON array."""
+    on every backend, instead of a dialect-specific search inside a JSON array.
+    """
 
     __tablename__ = "agent_capabilities"
 
@@ -91,7 +93,7 @@ class DefinitionRow(Base):
 
 
 class RunRow(Base):
-    """A workflow run. Its tasks carry their full specs, so a run never depends on its definition."""
+    """A workflow run. Its tasks carry their specs, so a run never depends on its definition."""
 
     __tablename__ = "runs"
 

@@ -1,5 +1,6 @@
 """Column types that behave the same on SQLite and PostgreSQL: the dialect differences of the
-schema live here and nowhere else."""
+schema live here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes; store UTC (naive on SQLite)."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -31,6 +33,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime."""
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -41,7 +41,8 @@ class Tx:
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller
         is released. In-memory state (the dispatcher's indexes) changes only here, so it always
-        follows the committed history."""
+        follows the committed history.
+        """
         self._callbacks.append(callback)
 
     def _run_callbacks(self) -> None:
@@ -56,7 +57,9 @@ WriteOp = Callable[[Tx], Awaitable[T]]
 @dataclass(slots=True)
 class _Pending(Generic[T]):
     op: WriteOp[T]
-    future: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[T] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Writer:

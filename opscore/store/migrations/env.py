@@ -1,5 +1,6 @@
 """Alembic's entry point. Migrations run on a connection the caller opened (see
-`opscore.store.migrate`), so the same code serves `opscore db upgrade`, start-up and the tests."""
+`opscore.store.migrate`), so the same code serves `opscore db upgrade`, start-up and the tests.
+"""
 
 from __future__ import annotations
 

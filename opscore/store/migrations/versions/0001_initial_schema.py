@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
 from sqlalchemy.dialects import postgresql
 
 # Frozen copies of the column types this revision creates (opscore.store.types may change later).
@@ -48,9 +47,7 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(length=128), nullable=True),
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("definition_id", name=op.f("pk_definitions")),
-        sa.UniqueConstraint(
-            "name", "version", name=op.f("uq_definitions_name_version")
-        ),
+        sa.UniqueConstraint("name", "version", name=op.f("uq_definitions_name_version")),
         sa.UniqueConstraint("request_id", name=op.f("uq_definitions_request_id")),
     )
     op.create_table(
@@ -63,9 +60,7 @@ def upgrade() -> None:
             name=op.f("fk_agent_capabilities_agent_id_agents"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint(
-            "agent_id", "capability", name=op.f("pk_agent_capabilities")
-        ),
+        sa.PrimaryKeyConstraint("agent_id", "capability", name=op.f("pk_agent_capabilities")),
     )
     with op.batch_alter_table("agent_capabilities", schema=None) as batch_op:
         batch_op.create_index(
@@ -93,12 +88,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("request_id", name=op.f("uq_runs_request_id")),
     )
     with op.batch_alter_table("runs", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_runs_agent_id"), ["agent_id"], unique=False
-        )
-        batch_op.create_index(
-            batch_op.f("ix_runs_definition_id"), ["definition_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_runs_agent_id"), ["agent_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_runs_definition_id"), ["definition_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_runs_state"), ["state"], unique=False)
 
     op.create_table(
