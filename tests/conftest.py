@@ -14,11 +14,11 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from helpers import Client
+from opscore.v1 import agent_lifecycle_pb2_grpc, workflow_service_pb2_grpc
 
 from opscore.config import Settings
 from opscore.server import OpsCoreServer
-from opscore.v1 import agent_lifecycle_pb2_grpc, workflow_service_pb2_grpc
-from helpers import Client
 
 POSTGRES_URL = os.environ.get("OPSCORE_TEST_POSTGRES_URL", "")
 

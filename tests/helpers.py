@@ -12,7 +12,6 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from opscore.v1 import (
     agent_lifecycle_pb2,
     agent_lifecycle_pb2_grpc,

@@ -1,0 +1,49 @@
+"""The migrations produce exactly the models' schema, on every backend, and can be undone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+
+from opscore.store import migrate
+from opscore.store.engine import open_engine
+from opscore.store.tables import metadata
+
+
+def _differences(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, metadata))
+
+
+async def test_migrations_match_the_models(db_url: str) -> None:
+    engine = open_engine(db_url)
+    try:
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_is_repeatable_and_downgrade_removes_everything(db_url: str) -> None:
+    engine = open_engine(db_url)
+    try:
+        await migrate.upgrade(engine)
+        await migrate.upgrade(engine)
+
+        def downgrade(connection: Connection) -> list[str]:
+            command.downgrade(migrate.alembic_config(connection), "base")
+            return [t for t in inspect(connection).get_table_names() if t != "alembic_version"]
+
+        async with engine.begin() as conn:
+            assert await conn.run_sync(downgrade) == []
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_differences) == []
+    finally:
+        await engine.dispose()

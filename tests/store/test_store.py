@@ -1,0 +1,366 @@
+"""The store's contract, on SQLite and PostgreSQL: what each intention-named method writes,
+returns and refuses, and the group-commit writer's batching and isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.domain.models import (
+    AgentRegistration,
+    AgentState,
+    DefinitionDraft,
+    Effects,
+    ReportedState,
+    RunState,
+    TaskSpec,
+    TaskState,
+)
+from opscore.store.queries import Store
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+TIMEOUT = timedelta(minutes=1)
+
+
+def ignore(_: object) -> None:
+    """An on_commit callback for writes whose effects a test does not follow."""
+
+
+def diamond() -> DefinitionDraft:
+    return DefinitionDraft(
+        name="diamond",
+        tasks=(
+            TaskSpec(name="a", capability="cpu", input={"k": 1}),
+            TaskSpec(name="b", depends_on=("a",)),
+            TaskSpec(name="c", depends_on=("a",)),
+            TaskSpec(name="d", depends_on=("b", "c")),
+        ),
+    )
+
+
+async def register(store: Store, agent_id: str, *capabilities: str, slots: int = 1) -> None:
+    await store.register_agent(
+        AgentRegistration(agent_id, capabilities=capabilities, max_concurrent_tasks=slots),
+        NOW,
+        ignore,
+    )
+
+
+async def test_register_updates_in_place_and_keeps_history(store: Store) -> None:
+    await register(store, "a1", "cpu", "gpu")
+    later = NOW + timedelta(hours=1)
+    agent = await store.register_agent(
+        AgentRegistration("a1", name="renamed", capabilities=("gpu",), labels={"zone": "eu"}),
+        later,
+        ignore,
+    )
+    assert agent.name == "renamed"
+    assert agent.capabilities == ("gpu",)
+    assert agent.labels == {"zone": "eu"}
+    assert agent.registered_at == NOW
+    assert agent.last_seen_at == later
+    assert agent.registered_at.tzinfo is not None
+
+
+async def test_server_assigns_an_agent_id_when_none_given(store: Store) -> None:
+    agent = await store.register_agent(AgentRegistration(""), NOW, ignore)
+    assert agent.agent_id
+    assert (await store.get_agent(agent.agent_id)).agent_id == agent.agent_id
+
+
+async def test_unknown_agents_are_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.get_agent("ghost")
+    with pytest.raises(NotFound):
+        await store.touch_agent("ghost", NOW)
+    with pytest.raises(NotFound):
+        await store.report_state("ghost", ReportedState.IDLE, "", NOW, ignore)
+    with pytest.raises(NotFound):
+        await store.deregister_agent("ghost", NOW, ignore)
+
+
+async def test_list_agents_filters_by_derived_state_and_capability(store: Store) -> None:
+    for agent_id, capability in (("idle", "cpu"), ("busy", "cpu"), ("err", "gpu"), ("off", "cpu")):
+        await register(store, agent_id, capability)
+    for agent_id in ("idle", "busy", "err"):
+        await store.connect_agent(agent_id, NOW, ignore)
+    await store.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
+    await store.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
+
+    async def ids(state: AgentState | None, capability: str = "") -> list[str]:
+        page = await store.list_agents(100, "", state, capability)
+        return [agent.agent_id for agent in page.items]
+
+    assert await ids(AgentState.IDLE) == ["idle"]
+    assert await ids(AgentState.BUSY) == ["busy"]
+    assert await ids(AgentState.ERROR) == ["err"]
+    assert await ids(AgentState.OFFLINE) == ["off"]
+    assert await ids(None, "cpu") == ["busy", "idle", "off"]
+    assert await ids(AgentState.IDLE, "gpu") == []
+
+
+async def test_a_full_agent_is_busy(store: Store) -> None:
+    await register(store, "w", "cpu")
+    await store.connect_agent("w", NOW, ignore)
+    created = await store.create_run(
+        definition_id="",
+        definition_name="",
+        inline=diamond(),
+        agent_id="",
+        run_input={},
+        request_id="",
+        now=NOW,
+        on_commit=ignore,
+    )
+    [ready] = created.effects.queued
+    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    agent = await store.get_agent("w")
+    assert (agent.running_tasks, agent.state) == (1, AgentState.BUSY)
+    busy = await store.list_agents(10, "", AgentState.BUSY, "")
+    assert [a.agent_id for a in busy.items] == ["w"]
+
+
+async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
+    for index in range(7):
+        await register(store, f"agent-{index}")
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await store.list_agents(3, token, None, "")
+        seen.extend(agent.agent_id for agent in page.items)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"agent-{index}" for index in range(7)]
+
+
+async def test_forged_page_token_is_invalid_argument(store: Store) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await store.list_runs(10, "%%%not-base64%%%", None, "", "")
+    assert raised.value.violations[0].field == "page_token"
+
+
+async def test_definitions_are_versioned_by_name_and_idempotent(store: Store) -> None:
+    first = await store.create_definition(diamond(), "req-1", NOW)
+    again = await store.create_definition(diamond(), "req-1", NOW)
+    second = await store.create_definition(diamond(), "", NOW)
+    assert again.definition_id == first.definition_id
+    assert (first.version, second.version) == (1, 2)
+    assert first.tasks == diamond().tasks
+    listed = await store.list_definitions(10, "", "diamond")
+    assert [d.version for d in listed.items] == [1, 2]
+    assert (await store.list_definitions(10, "", "other")).items == ()
+
+
+async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
+    await register(store, "w", "cpu")
+    await store.connect_agent("w", NOW, ignore)
+    stored = await store.create_definition(diamond(), "", NOW)
+    created = await store.create_run(
+        definition_id="",
+        definition_name="diamond",
+        inline=None,
+        agent_id="",
+        run_input={"k": 2, "extra": True},
+        request_id="r-1",
+        now=NOW,
+        on_commit=ignore,
+    )
+    run = created.run
+    assert run.definition_id == stored.definition_id
+    assert run.state is RunState.PENDING
+    assert [t.state for t in run.tasks] == [TaskState.QUEUED] + [TaskState.PENDING] * 3
+    [root] = created.effects.queued
+    assert root.capability == "cpu"
+
+    [assignment] = await store.assign([(root, "w")], NOW, TIMEOUT, ignore)
+    assert assignment is not None
+    assert assignment.input == {"k": 2, "extra": True}
+    assert assignment.deadline == NOW + TIMEOUT
+    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+
+    effects = await store.complete_task(root.task_id, "w", 1, {"out": "a"}, NOW, ignore)
+    assert sorted(t.task_id for t in effects.queued) == sorted(
+        t.task_id for t in run.tasks if t.name in ("b", "c")
+    )
+    assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", root.task_id)]
+    repeated = await store.complete_task(root.task_id, "w", 1, {"out": "other"}, NOW, ignore)
+    assert repeated == Effects()
+
+    for ready in effects.queued:
+        [handed] = await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+        assert handed is not None
+        assert handed.dependency_outputs == {"a": {"out": "a"}}
+        await store.complete_task(ready.task_id, "w", 1, {"out": handed.task_name}, NOW, ignore)
+    final = await store.get_run(run.run_id)
+    last = final.tasks[3]
+    assert last.state is TaskState.QUEUED
+    [handed] = await store.assign([(last.ready(), "w")], NOW, TIMEOUT, ignore)
+    assert handed is not None
+    assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
+    done = await store.complete_task(last.task_id, "w", 1, {}, NOW, ignore)
+    assert done.finished_runs == [(run.run_id, RunState.SUCCEEDED)]
+    finished = await store.get_run(run.run_id)
+    assert finished.state is RunState.SUCCEEDED
+    assert finished.finished_at == NOW
+    assert finished.tasks[0].output == {"out": "a"}
+
+
+async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
+    await register(store, "w")
+    await register(store, "other")
+    created = await store.create_run(
+        definition_id="",
+        definition_name="",
+        inline=DefinitionDraft("one", tasks=(TaskSpec("only"),)),
+        agent_id="",
+        run_input={},
+        request_id="",
+        now=NOW,
+        on_commit=ignore,
+    )
+    [ready] = created.effects.queued
+    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    with pytest.raises(FailedPrecondition):
+        await store.complete_task(ready.task_id, "other", 1, {}, NOW, ignore)
+    with pytest.raises(FailedPrecondition):
+        await store.complete_task(ready.task_id, "w", 2, {}, NOW, ignore)
+    with pytest.raises(NotFound):
+        await store.complete_task("no-such-task", "w", 1, {}, NOW, ignore)
+    task = (await store.get_run(created.run.run_id)).tasks[0]
+    assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
+
+
+async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) -> None:
+    await register(store, "w1")
+    await register(store, "w2")
+    created = await store.create_run(
+        definition_id="",
+        definition_name="",
+        inline=DefinitionDraft(
+            "pair", tasks=(TaskSpec("x"), TaskSpec("y"), TaskSpec("z", depends_on=("x", "y")))
+        ),
+        agent_id="",
+        run_input={},
+        request_id="",
+        now=NOW,
+        on_commit=ignore,
+    )
+    x, y = created.effects.queued
+    await store.assign([(x, "w1"), (y, "w2")], NOW, TIMEOUT, ignore)
+    effects = await store.fail_task(x.task_id, "w1", 1, "boom", NOW, ignore)
+    assert effects.finished_runs == [(created.run.run_id, RunState.FAILED)]
+    assert [(h.agent_id, h.task_id) for h in effects.cancelled] == [("w2", y.task_id)]
+    assert {h.agent_id for h in effects.released} == {"w1", "w2"}
+    run = await store.get_run(created.run.run_id)
+    assert [t.state for t in run.tasks] == [TaskState.FAILED, TaskState.SKIPPED, TaskState.SKIPPED]
+    assert run.tasks[0].error == "boom"
+    assert await store.fail_task(x.task_id, "w1", 1, "boom", NOW, ignore) == Effects()
+    with pytest.raises(FailedPrecondition):
+        await store.complete_task(y.task_id, "w2", 1, {}, NOW, ignore)
+
+
+async def test_cancel_unqueues_and_refuses_finished_runs(store: Store) -> None:
+    created = await store.create_run(
+        definition_id="",
+        definition_name="",
+        inline=diamond(),
+        agent_id="",
+        run_input={},
+        request_id="",
+        now=NOW,
+        on_commit=ignore,
+    )
+    run, effects = await store.cancel_run(created.run.run_id, NOW, ignore)
+    assert run.state is RunState.CANCELLED
+    assert {t.state for t in run.tasks} == {TaskState.CANCELLED}
+    assert effects.unqueued == [created.effects.queued[0].task_id]
+    with pytest.raises(FailedPrecondition):
+        await store.cancel_run(created.run.run_id, NOW, ignore)
+    with pytest.raises(NotFound):
+        await store.cancel_run("no-such-run", NOW, ignore)
+
+
+async def test_trigger_checks_its_references(store: Store) -> None:
+    common = {"inline": None, "run_input": {}, "request_id": "", "now": NOW, "on_commit": ignore}
+    with pytest.raises(NotFound):
+        await store.create_run(definition_id="nope", definition_name="", agent_id="", **common)
+    with pytest.raises(NotFound):
+        await store.create_run(definition_id="", definition_name="nope", agent_id="", **common)
+    await store.create_definition(diamond(), "", NOW)
+    with pytest.raises(NotFound):
+        await store.create_run(definition_id="", definition_name="diamond", agent_id="x", **common)
+    assert (await store.list_runs(10, "", None, "", "")).items == ()
+
+
+async def test_deregistering_requeues_held_tasks(store: Store) -> None:
+    await register(store, "w")
+    created = await store.create_run(
+        definition_id="",
+        definition_name="",
+        inline=DefinitionDraft("one", tasks=(TaskSpec("only"),)),
+        agent_id="",
+        run_input={},
+        request_id="",
+        now=NOW,
+        on_commit=ignore,
+    )
+    [ready] = created.effects.queued
+    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    effects = await store.deregister_agent("w", NOW, ignore)
+    assert [t.task_id for t in effects.queued] == [ready.task_id]
+    assert [t.task_id for t in await store.load_queue()] == [ready.task_id]
+    with pytest.raises(NotFound):
+        await store.get_agent("w")
+
+
+async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store) -> None:
+    await register(store, "w", slots=5)
+    order = []
+    for index in range(3):
+        created = await store.create_run(
+            definition_id="",
+            definition_name="",
+            inline=DefinitionDraft(f"wf{index}", tasks=(TaskSpec("t"),)),
+            agent_id="",
+            run_input={},
+            request_id="",
+            now=NOW + timedelta(seconds=index),
+            on_commit=ignore,
+        )
+        order.append(created.effects.queued[0])
+    assert [t.task_id for t in await store.load_queue()] == [t.task_id for t in order]
+    await store.assign([(order[0], "w")], NOW, TIMEOUT, ignore)
+    connected = await store.connect_agent("w", NOW, ignore)
+    assert [a.task_id for a in connected.held] == [order[0].task_id]
+    assert connected.held[0].redelivered
+    await store.reset_connections()
+    assert not (await store.get_agent("w")).connected
+
+
+async def test_concurrent_writes_share_transactions(store: Store) -> None:
+    await register(store, "w")
+    writer = store._writer  # the batching is what this test is about
+    before_batches, before_ops = writer.batches, writer.operations
+    await asyncio.gather(*(store.touch_agent("w", NOW) for _ in range(200)))
+    batches = writer.batches - before_batches
+    assert writer.operations - before_ops == 200
+    assert batches < 50
+
+
+async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
+    await register(store, "w")
+    later = NOW + timedelta(days=1)
+    results = await asyncio.gather(
+        store.touch_agent("w", later),
+        store.touch_agent("ghost", later),
+        store.create_definition(diamond(), "", later),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert isinstance(results[1], NotFound)
+    assert (await store.get_agent("w")).last_seen_at == later
+    assert len((await store.list_definitions(10, "", "")).items) == 1

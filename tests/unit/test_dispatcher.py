@@ -1,0 +1,96 @@
+"""The dispatcher's matching, without a server: order, eligibility, slots, and its cost."""
+
+from __future__ import annotations
+
+import itertools
+
+from opscore.domain.dispatcher import Dispatcher
+from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
+
+
+async def _never(_: object) -> None:
+    raise AssertionError("match() is called directly in these tests")
+
+
+def make() -> Dispatcher:
+    ticks = itertools.count()
+    return Dispatcher(_never, clock=lambda: float(next(ticks)))
+
+
+def agent(
+    agent_id: str,
+    *capabilities: str,
+    labels: dict[str, str] | None = None,
+    slots: int = 1,
+    reported: ReportedState = ReportedState.NONE,
+) -> AgentProfile:
+    return AgentProfile(agent_id, frozenset(capabilities), labels or {}, slots, reported)
+
+
+def ready(
+    task_id: str, capability: str = "", labels: dict[str, str] | None = None, pinned: str = ""
+) -> ReadyTask:
+    return ReadyTask(task_id, "run", capability, tuple(sorted((labels or {}).items())), pinned)
+
+
+def test_tasks_go_out_in_ready_order_to_the_longest_waiting_agent() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("first"), ())
+    dispatcher.agent_online(agent("second"), ())
+    dispatcher.enqueue([ready("t1"), ready("t2"), ready("t3")])
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("t1", "first"), ("t2", "second")]
+    assert dispatcher.queued == 1
+    dispatcher.release("first", "t1")
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("t3", "first")]
+
+
+def test_capability_labels_and_pins_are_respected() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("cpu", "cpu", labels={"zone": "eu"}), ())
+    dispatcher.agent_online(agent("gpu", "gpu", labels={"zone": "us"}), ())
+    dispatcher.enqueue(
+        [
+            ready("needs-gpu-eu", "gpu", {"zone": "eu"}),
+            ready("pinned-cpu", pinned="cpu"),
+            ready("any-us", labels={"zone": "us"}),
+        ]
+    )
+    assert sorted((t.task_id, a) for t, a in dispatcher.match()) == [
+        ("any-us", "gpu"),
+        ("pinned-cpu", "cpu"),
+    ]
+    assert dispatcher.queued == 1
+
+
+def test_reported_state_and_slots_gate_dispatch() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("w", slots=2, reported=ReportedState.ERROR), ())
+    dispatcher.enqueue([ready("t1"), ready("t2"), ready("t3")])
+    assert dispatcher.match() == []
+    dispatcher.agent_changed(agent("w", slots=2, reported=ReportedState.IDLE))
+    assert [t.task_id for t, _ in dispatcher.match()] == ["t1", "t2"]
+    dispatcher.release("w", "t1")
+    dispatcher.release("w", "t1")  # idempotent: one slot, not two
+    assert [t.task_id for t, _ in dispatcher.match()] == ["t3"]
+    assert dispatcher.match() == []
+
+
+def test_dequeued_and_offline_are_skipped() -> None:
+    dispatcher = make()
+    dispatcher.enqueue([ready("gone"), ready("kept")])
+    dispatcher.dequeue(["gone"])
+    dispatcher.agent_online(agent("w"), ())
+    dispatcher.agent_offline("w")
+    assert dispatcher.match() == []
+    dispatcher.agent_online(agent("w"), ["held-before"])
+    assert dispatcher.match() == []
+    dispatcher.release("w", "held-before")
+    assert [t.task_id for t, _ in dispatcher.match()] == ["kept"]
+
+
+def test_a_backlog_nobody_can_take_is_one_group() -> None:
+    dispatcher = make()
+    dispatcher.enqueue(ready(f"t{i}", "nobody-has-this") for i in range(10_000))
+    dispatcher.agent_online(agent("w", "cpu"), ())
+    dispatcher.enqueue([ready("mine", "cpu")])
+    assert [t.task_id for t, _ in dispatcher.match()] == ["mine"]

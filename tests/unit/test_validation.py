@@ -1,0 +1,100 @@
+"""Validation rules as pure functions, including inputs too large or deep to build by hand."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opscore.domain.models import DefinitionDraft, RetryPolicy, TaskSpec
+from opscore.domain.validation import Limits, check_definition, page_size_or_default
+
+
+def fields(draft: DefinitionDraft, limits: Limits = Limits()) -> list[str]:
+    return [v.field for v in check_definition(draft, "", limits)]
+
+
+def test_a_long_chain_is_valid_and_checked_without_recursion() -> None:
+    tasks = [TaskSpec("t0")] + [TaskSpec(f"t{i}", depends_on=(f"t{i - 1}",)) for i in range(1, 999)]
+    assert fields(DefinitionDraft("chain", tasks=tuple(tasks))) == []
+
+
+def test_a_long_cycle_names_every_task_on_it() -> None:
+    size = 600
+    tasks = tuple(TaskSpec(f"t{i}", depends_on=(f"t{(i + 1) % size}",)) for i in range(size))
+    assert fields(DefinitionDraft("ring", tasks=tasks)) == [
+        f"tasks[{i}].depends_on" for i in range(size)
+    ]
+
+
+def test_the_task_limit_is_enforced() -> None:
+    tasks = tuple(TaskSpec(f"t{i}") for i in range(3))
+    assert fields(DefinitionDraft("big", tasks=tasks), Limits(max_tasks_per_definition=2)) == [
+        "tasks"
+    ]
+
+
+def test_bad_numbers_are_named() -> None:
+    task = TaskSpec(
+        "t",
+        timeout=timedelta(0),
+        retry_policy=RetryPolicy(
+            max_attempts=-1,
+            initial_backoff=timedelta(seconds=-1),
+            backoff_multiplier=float("nan"),
+            max_backoff=timedelta(seconds=-2),
+        ),
+    )
+    assert fields(DefinitionDraft("n", tasks=(task,))) == [
+        "tasks[0].timeout",
+        "tasks[0].retry_policy.max_attempts",
+        "tasks[0].retry_policy.backoff_multiplier",
+        "tasks[0].retry_policy.initial_backoff",
+        "tasks[0].retry_policy.max_backoff",
+    ]
+
+
+def test_page_sizes_default_and_clamp() -> None:
+    limits = Limits(max_page_size=100, default_page_size=10)
+    assert page_size_or_default(0, limits) == 10
+    assert page_size_or_default(7, limits) == 7
+    assert page_size_or_default(10**6, limits) == 100
+
+
+names = st.sampled_from(["a", "b", "c", "d", "e", ""])
+
+
+@given(
+    st.lists(
+        st.tuples(names, st.lists(names, max_size=4), names),
+        min_size=0,
+        max_size=8,
+    )
+)
+def test_any_graph_is_accepted_only_when_well_formed(
+    raw: list[tuple[str, list[str], str]],
+) -> None:
+    tasks = tuple(TaskSpec(n, depends_on=tuple(d), fallback=f) for n, d, f in raw)
+    found = fields(DefinitionDraft("g", tasks=tasks))
+    declared = [t.name for t in tasks]
+    well_formed = (
+        bool(tasks)
+        and all(declared)
+        and len(set(declared)) == len(declared)
+        and all(dep in declared and dep != t.name for t in tasks for dep in t.depends_on)
+        and all(not t.fallback or (t.fallback in declared and t.fallback != t.name) for t in tasks)
+        and _acyclic({t.name: t.depends_on for t in tasks})
+    )
+    assert (found == []) == well_formed, found
+
+
+def _acyclic(graph: dict[str, tuple[str, ...]]) -> bool:
+    remaining = dict(graph)
+    while remaining:
+        free = [n for n, deps in remaining.items() if not set(deps) & set(remaining)]
+        if not free:
+            return False
+        for name in free:
+            del remaining[name]
+    return True
