@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from opscore.domain.models import DefinitionDraft, RetryPolicy, TaskSpec
 from opscore.domain.validation import Limits, check_definition, page_size_or_default
 
+DEFAULT_LIMITS = Limits()
 
-def fields(draft: DefinitionDraft, limits: Limits = Limits()) -> list[str]:
+
+def fields(draft: DefinitionDraft, limits: Limits = DEFAULT_LIMITS) -> list[str]:
     return [v.field for v in check_definition(draft, "", limits)]
 
 
