@@ -53,12 +53,13 @@ buf-lint: $(VENV)/.dev
 # grpcio-tools writes the messages and services, mypy-protobuf the .pyi stubs that make them
 # type-checkable. The output is committed so users need no protoc.
 define protoc
-	rm -rf $(1)/opscore/v1 && mkdir -p $(1)/opscore/v1
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
-		--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
-		$(PROTO_FILES)
-	printf '"""Generated from protos/opscore/v1 by `make generate`: do not edit."""\n' > $(1)/opscore/v1/__init__.py
-	touch $(1)/opscore/v1/py.typed
+rm -rf $(1)/opscore/v1 && mkdir -p $(1)/opscore/v1 && \
+PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+	$(PROTO_FILES) && \
+printf '"""Generated from protos/opscore/v1 by `make generate`: do not edit."""\n' \
+	> $(1)/opscore/v1/__init__.py && \
+touch $(1)/opscore/v1/py.typed
 endef
 
 generate: $(VENV)/.dev
@@ -66,8 +67,7 @@ generate: $(VENV)/.dev
 
 check-generated: $(VENV)/.dev
 	@tmp=$$(mktemp -d) && $(call protoc,$$tmp) && \
-	if diff -r generated/opscore/v1 $$tmp/opscore/v1 >/dev/null; then rm -rf $$tmp; \
-	else diff -r generated/opscore/v1 $$tmp/opscore/v1 | head -20; rm -rf $$tmp; \
+	if diff -r generated/opscore/v1 $$tmp/opscore/v1; then rm -rf $$tmp; else rm -rf $$tmp; \
 	echo "generated/ is stale: run 'make generate' and commit the result"; exit 1; fi
 
 pytest: $(VENV)/.dev

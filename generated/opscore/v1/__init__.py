@@ -1,1 +1,1 @@
-"""Generated from protos/opscore/v1 by grpcio-tools and mypy-protobuf (make generate)."""
+"""Generated from protos/opscore/v1 by `make generate`: do not edit."""
