@@ -107,7 +107,7 @@ class AgentLifecycleServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Lists agents, oldest registration first, one page at a time.
+        """Lists agents in agent_id order, one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,7 @@ class AgentLifecycleStub:
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.GetAgentRequest, _agent_lifecycle_pb2.GetAgentResponse]
     """Returns one agent."""
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.ListAgentsRequest, _agent_lifecycle_pb2.ListAgentsResponse]
-    """Lists agents, oldest registration first, one page at a time."""
+    """Lists agents in agent_id order, one page at a time."""
 
 @_typing.type_check_only
 class AgentLifecycleAsyncStub(AgentLifecycleStub):
@@ -62,7 +62,7 @@ class AgentLifecycleAsyncStub(AgentLifecycleStub):
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.GetAgentRequest, _agent_lifecycle_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Returns one agent."""
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.ListAgentsRequest, _agent_lifecycle_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """Lists agents, oldest registration first, one page at a time."""
+    """Lists agents in agent_id order, one page at a time."""
 
 class AgentLifecycleServicer(metaclass=_abc_1.ABCMeta):
     """AgentLifecycle is how agents join, report on themselves and leave, and how operators look at them."""
@@ -113,6 +113,6 @@ class AgentLifecycleServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_lifecycle_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_lifecycle_pb2.ListAgentsResponse, _abc.Awaitable[_agent_lifecycle_pb2.ListAgentsResponse]]:
-        """Lists agents, oldest registration first, one page at a time."""
+        """Lists agents in agent_id order, one page at a time."""
 
 def add_AgentLifecycleServicer_to_server(servicer: AgentLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
