@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from opscore.domain import graph
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
-from opscore.domain.ids import new_id
+from opscore.domain.ids import is_valid_id, new_id
 from opscore.domain.models import (
     Agent,
     AgentProfile,
@@ -97,9 +97,12 @@ def decode_page_token(token: str) -> str | None:
     if not token:
         return None
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+        key = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeError, ValueError):
-        raise InvalidArgument.single("page_token", "is not a token this server issued") from None
+        key = ""
+    if not is_valid_id(key):
+        raise InvalidArgument.single("page_token", "is not a token this server issued")
+    return key
 
 
 class Store:
