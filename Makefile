@@ -12,7 +12,7 @@ export PYTHONSAFEPATH := 1
 # list of package files.
 PACKAGE_FILES := $(shell find opscore generated -type f \( -name '*.py' -o -name '*.pyi' -o -name 'py.typed' -o -name '*.mako' \) 2>/dev/null | sort)
 
-.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest bench clean FORCE
+.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest clean FORCE
 
 serve: $(VENV)/.runtime
 	$(BIN)/opscore serve
@@ -37,12 +37,12 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
 	@touch $@ $(VENV)/.runtime
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check opscore tests bench
-	$(BIN)/ruff format --check opscore tests bench
+	$(BIN)/ruff check opscore tests
+	$(BIN)/ruff format --check opscore tests
 
 format: $(VENV)/.dev
-	$(BIN)/ruff check --fix opscore tests bench
-	$(BIN)/ruff format opscore tests bench
+	$(BIN)/ruff check --fix opscore tests
+	$(BIN)/ruff format opscore tests
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict opscore
@@ -73,8 +73,6 @@ check-generated: $(VENV)/.dev
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
 
-bench: $(VENV)/.dev
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,85 @@
+"""Settings from the environment and flags, and the `opscore` command run in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from opscore import cli, config, logs
+
+
+@pytest.fixture(autouse=True)
+def keep_root_logging() -> Iterator[None]:
+    """`opscore` configures the root logger; give the test run its own back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_environment_then_flags_override_defaults() -> None:
+    settings = config.load(
+        {
+            "OPSCORE_LISTEN": "0.0.0.0:1",
+            "OPSCORE_DEFAULT_TASK_TIMEOUT": "90",
+            "OPSCORE_LOG_FORMAT": "text",
+        },
+        listen="127.0.0.1:2",
+        db_url=None,
+    )
+    assert settings.listen == "127.0.0.1:2"
+    assert settings.db_url == config.DEFAULT_DB
+    assert settings.default_task_timeout == timedelta(seconds=90)
+    assert settings.log_format == "text"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OPSCORE_SHUTDOWN_GRACE", "soon"),
+        ("OPSCORE_MAX_MESSAGE_BYTES", "1.5"),
+        ("OPSCORE_LOG_FORMAT", "xml"),
+    ],
+)
+def test_bad_values_are_refused_by_name(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=value):
+        config.load({variable: value})
+
+
+def test_db_upgrade_command_creates_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "cli.db"
+    assert cli.main(["db", "upgrade", "--db", f"sqlite:///{path}"]) == 0
+    with sqlite3.connect(path) as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    assert {"agents", "definitions", "runs", "tasks", "alembic_version"} <= tables
+
+
+def test_a_bad_setting_exits_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPSCORE_SHUTDOWN_GRACE", "never")
+    assert cli.main(["serve"]) == 2
+    assert "OPSCORE_SHUTDOWN_GRACE" in capsys.readouterr().err
+
+
+def test_log_lines_carry_their_fields() -> None:
+    record = logging.makeLogRecord(
+        {"msg": "task assigned", "levelname": "INFO", "name": "opscore.engine", "task_id": "t1"}
+    )
+    entry = json.loads(logs.JsonFormatter().format(record))
+    assert (entry["event"], entry["task_id"], entry["level"]) == ("task assigned", "t1", "INFO")
+    assert "task assigned task_id=t1" in logs.TextFormatter().format(record)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        failed = logging.makeLogRecord({"msg": "failed", "exc_info": sys.exc_info()})
+    assert "RuntimeError: boom" in json.loads(logs.JsonFormatter().format(failed))["exception"]
+    assert "RuntimeError: boom" in logs.TextFormatter().format(failed)
