@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
 
 DEFAULT_DB = "sqlite+aiosqlite:///opscore.db"
@@ -15,65 +17,106 @@ DEFAULT_DB = "sqlite+aiosqlite:///opscore.db"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything an operator can set. Each field's environment variable is in `ENVIRONMENT`."""
+    """Everything an operator can set; `ENVIRONMENT` names the variable of each."""
 
     listen: str = "localhost:50051"
     """host:port the gRPC server binds (port 0 picks a free one)."""
     db_url: str = DEFAULT_DB
     """SQLAlchemy URL: sqlite:///path.db (default opscore.db here) or postgresql://..."""
     default_task_timeout: timedelta = timedelta(minutes=5)
-    """How long an agent may hold a task whose spec sets no timeout."""
+    """How long an agent may hold a task whose spec sets no timeout (its lease)."""
+    agent_grace: timedelta = timedelta(seconds=30)
+    """How long an agent whose stream closed keeps its tasks before they count as lost."""
+    retry: ResolvedRetryPolicy = field(default_factory=ResolvedRetryPolicy)
+    """The retry policy of tasks that set none, and the defaults of fields they leave unset."""
     shutdown_grace: float = 10.0
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled."""
     keepalive_time: float = 30.0
-    """Seconds between keepalive pings on idle connections, which find dead agents' streams."""
+    """Seconds between keepalive pings on a connection, which find dead agents' streams."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest request or response message, in bytes."""
+    """Largest request or response message, in bytes (RESOURCE_EXHAUSTED beyond)."""
     log_format: str = "json"
     """`json` (one object per line, for machines) or `text` (for people)."""
     log_level: str = "INFO"
     """Python logging level name."""
     limits: Limits = field(default_factory=Limits)
-    """Sizes the server accepts (tasks per definition, page sizes)."""
+    """Sizes the server accepts (tasks per definition, payload bytes, page sizes)."""
 
 
-ENVIRONMENT = {
-    "listen": "OPSCORE_LISTEN",
-    "db_url": "OPSCORE_DB",
-    "default_task_timeout": "OPSCORE_DEFAULT_TASK_TIMEOUT",
-    "shutdown_grace": "OPSCORE_SHUTDOWN_GRACE",
-    "keepalive_time": "OPSCORE_KEEPALIVE_TIME",
-    "keepalive_timeout": "OPSCORE_KEEPALIVE_TIMEOUT",
-    "max_message_bytes": "OPSCORE_MAX_MESSAGE_BYTES",
-    "log_format": "OPSCORE_LOG_FORMAT",
-    "log_level": "OPSCORE_LOG_LEVEL",
+def _seconds(raw: str) -> timedelta:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(raw)
+    return timedelta(seconds=value)
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            raise ValueError(raw)
+        return raw
+
+    return parse
+
+
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "OPSCORE_LISTEN": ("listen", str),
+    "OPSCORE_DB": ("db_url", str),
+    "OPSCORE_DEFAULT_TASK_TIMEOUT": ("default_task_timeout", _seconds),
+    "OPSCORE_AGENT_GRACE": ("agent_grace", _seconds),
+    "OPSCORE_RETRY_MAX_ATTEMPTS": ("retry.max_attempts", _positive_int),
+    "OPSCORE_RETRY_INITIAL_BACKOFF": ("retry.initial_backoff", _seconds),
+    "OPSCORE_RETRY_BACKOFF_MULTIPLIER": ("retry.backoff_multiplier", _positive_float),
+    "OPSCORE_RETRY_MAX_BACKOFF": ("retry.max_backoff", _seconds),
+    "OPSCORE_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
+    "OPSCORE_KEEPALIVE_TIME": ("keepalive_time", _positive_float),
+    "OPSCORE_KEEPALIVE_TIMEOUT": ("keepalive_timeout", _positive_float),
+    "OPSCORE_MAX_MESSAGE_BYTES": ("max_message_bytes", _positive_int),
+    "OPSCORE_MAX_TASKS_PER_DEFINITION": ("limits.max_tasks_per_definition", _positive_int),
+    "OPSCORE_MAX_PAYLOAD_BYTES": ("limits.max_payload_bytes", _positive_int),
+    "OPSCORE_LOG_FORMAT": ("log_format", _choice("json", "text")),
+    "OPSCORE_LOG_LEVEL": ("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
 }
-"""The environment variable of each setting (durations and seconds are given in seconds)."""
-
-
-def _parse(name: str, raw: str) -> Any:
-    kind = {f.name: f.type for f in fields(Settings)}[name]
-    try:
-        if kind == "timedelta":
-            return timedelta(seconds=float(raw))
-        if kind == "float":
-            return float(raw)
-        if kind == "int":
-            return int(raw)
-    except ValueError:
-        raise ValueError(f"{ENVIRONMENT[name]}={raw!r} is not a number") from None
-    return raw
+"""Each environment variable: the setting it sets (`group.field` for nested ones) and its
+parser. Durations are given in seconds."""
 
 
 def load(environ: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
-    """Settings from the environment, then `overrides` (the command line's flags, None skipped)."""
-    values = {
-        name: _parse(name, environ[var]) for name, var in ENVIRONMENT.items() if var in environ
-    }
-    values.update({name: value for name, value in overrides.items() if value is not None})
-    settings = replace(Settings(), **values)
-    if settings.log_format not in ("json", "text"):
-        raise ValueError(f"log format must be json or text, not {settings.log_format!r}")
-    return settings
+    """Settings from the environment, then `overrides` (the command line's flags, None skipped).
+
+    A malformed value raises ValueError naming the variable."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for variable, (path, parse) in ENVIRONMENT.items():
+        if variable not in environ:
+            continue
+        try:
+            value = parse(environ[variable])
+        except ValueError:
+            raise ValueError(f"{variable}={environ[variable]!r} is not valid") from None
+        group, _, name = path.rpartition(".")
+        if group:
+            nested.setdefault(group, {})[name] = value
+        else:
+            top[path] = value
+    top.update({name: value for name, value in overrides.items() if value is not None})
+    defaults = Settings()
+    for group, values in nested.items():
+        top[group] = replace(getattr(defaults, group), **values)
+    return replace(defaults, **top)

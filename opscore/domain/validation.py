@@ -20,8 +20,13 @@ class Limits:
     """Sizes the server accepts; larger requests are refused before anything is stored."""
 
     max_tasks_per_definition: int = 1000
+    """Tasks one workflow definition may hold."""
+    max_payload_bytes: int = 1024 * 1024
+    """Size, as compact JSON, of one input or output (a task's, a run's)."""
     max_page_size: int = 1000
+    """Largest page a listing returns; larger page sizes are clamped to it."""
     default_page_size: int = 50
+    """The page size of a listing that asks for none."""
 
 
 def raise_if(violations: Iterable[FieldViolation]) -> None:

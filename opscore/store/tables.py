@@ -62,6 +62,9 @@ class AgentRow(Base):
     connected: Mapped[bool] = mapped_column(Boolean)
     registered_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
+    disconnected_at: Mapped[datetime | None] = mapped_column(index=True)
+    """When its stream closed while it held tasks: the start of its grace period. Cleared when it
+    reconnects, or when its tasks are declared lost."""
 
 
 class AgentCapabilityRow(Base):
@@ -142,6 +145,9 @@ class TaskRow(Base):
     queued_at: Mapped[datetime | None]
     assigned_at: Mapped[datetime | None]
     deadline: Mapped[datetime | None]
+    """The end of the current attempt's lease, while assigned."""
+    not_before: Mapped[datetime | None]
+    """The earliest time of the next attempt, while queued for a retry."""
     finished_at: Mapped[datetime | None]
 
 

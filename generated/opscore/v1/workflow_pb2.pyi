@@ -79,7 +79,7 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 6
     """Stopped because its run was cancelled."""
     TASK_STATE_SKIPPED: _TaskState.ValueType  # 7
-    """Never ran, because its run failed first."""
+    """Never ran: its run failed first, or it is a fallback whose task succeeded."""
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is the life of one task of a run."""
@@ -99,7 +99,7 @@ TASK_STATE_FAILED: TaskState.ValueType  # 5
 TASK_STATE_CANCELLED: TaskState.ValueType  # 6
 """Stopped because its run was cancelled."""
 TASK_STATE_SKIPPED: TaskState.ValueType  # 7
-"""Never ran, because its run failed first."""
+"""Never ran: its run failed first, or it is a fallback whose task succeeded."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final
@@ -113,16 +113,19 @@ class RetryPolicy(_message.Message):
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Most attempts in all, the first included; 0 means the server default."""
+    """Most attempts in all, the first included; 0 means the server default (3)."""
     backoff_multiplier: _builtins.float
-    """Factor by which the delay grows after each further failure; 0 means the server default."""
+    """Factor by which the backoff grows after each further failure; 0 means the default (2.0)."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
-        """Delay before the second attempt; unset means the server default."""
+        """Backoff after the first failed attempt; unset means the server default (1 s). The delay
+        before attempt n+1 is drawn uniformly between half and all of
+        min(initial_backoff * backoff_multiplier^(n-1), max_backoff).
+        """
 
     @_builtins.property
     def max_backoff(self) -> _duration_pb2.Duration:
-        """Upper bound of the delay; unset means the server default."""
+        """Upper bound of the backoff; unset means the server default (60 s)."""
 
     def __init__(
         self,
@@ -179,7 +182,10 @@ class TaskSpec(_message.Message):
     capability: _builtins.str
     """Capability an agent must offer to receive the task; empty means any agent."""
     fallback: _builtins.str
-    """Name of another task of the definition that runs in place of this one if it finally fails."""
+    """Name of another task of the definition that runs in place of this one if it finally fails.
+    A fallback task has no dependencies, no fallback of its own, and no task depends on it; it
+    runs only in place of its task, and is skipped when that task succeeds.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels an agent must carry, each with the same value, to receive the task."""
@@ -282,6 +288,8 @@ class TaskRun(_message.Message):
     QUEUED_AT_FIELD_NUMBER: _builtins.int
     ASSIGNED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id of the task."""
     name: _builtins.str
@@ -310,6 +318,14 @@ class TaskRun(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When the task reached a final state."""
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """While the task waits to be retried: the earliest time of its next attempt."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the current attempt's lease ends, while the task is assigned."""
+
     def __init__(
         self,
         *,
@@ -323,10 +339,12 @@ class TaskRun(_message.Message):
         queued_at: _timestamp_pb2.Timestamp | None = ...,
         assigned_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at", "finished_at", b"finished_at", "output", b"output", "queued_at", b"queued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at", "deadline", b"deadline", "finished_at", b"finished_at", "not_before", b"not_before", "output", b"output", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_at", b"assigned_at", "attempt", b"attempt", "error", b"error", "finished_at", b"finished_at", "name", b"name", "output", b"output", "queued_at", b"queued_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_at", b"assigned_at", "attempt", b"attempt", "deadline", b"deadline", "error", b"error", "finished_at", b"finished_at", "name", b"name", "not_before", b"not_before", "output", b"output", "queued_at", b"queued_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,6 +454,8 @@ class TaskAssignment(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     REDELIVERED_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
+    FALLBACK_FOR_FIELD_NUMBER: _builtins.int
+    FALLBACK_ERROR_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Id of the task; with attempt, the identity of this piece of work."""
     run_id: _builtins.str
@@ -448,6 +468,10 @@ class TaskAssignment(_message.Message):
     """True when the server sends again an attempt the agent already held (after a reconnect)."""
     capability: _builtins.str
     """Capability the task asked for."""
+    fallback_for: _builtins.str
+    """For a fallback task: the name of the task it stands in for, which finally failed."""
+    fallback_error: _builtins.str
+    """For a fallback task: the last error of the task it stands in for."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The task's input overlaid by the run's input."""
@@ -472,10 +496,12 @@ class TaskAssignment(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         redelivered: _builtins.bool = ...,
         capability: _builtins.str = ...,
+        fallback_for: _builtins.str = ...,
+        fallback_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "dependency_outputs", b"dependency_outputs", "input", b"input", "redelivered", b"redelivered", "run_id", b"run_id", "task_id", b"task_id", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "dependency_outputs", b"dependency_outputs", "fallback_error", b"fallback_error", "fallback_for", b"fallback_for", "input", b"input", "redelivered", b"redelivered", "run_id", b"run_id", "task_id", b"task_id", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

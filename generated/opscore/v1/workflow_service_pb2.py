@@ -22,57 +22,63 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from opscore.v1 import workflow_pb2 as opscore_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opscore/v1/workflow_service.proto\x12\nopscore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19opscore/v1/workflow.proto\"i\n\x1f\x43reateWorkflowDefinitionRequest\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"V\n CreateWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"5\n\x1cGetWorkflowDefinitionRequest\x12\x15\n\rdefinition_id\x18\x01 \x01(\t\"S\n\x1dGetWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"U\n\x1eListWorkflowDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"o\n\x1fListWorkflowDefinitionsResponse\x12\x33\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xda\x01\n\x16TriggerWorkflowRequest\x12\x17\n\rdefinition_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\tH\x00\x12\x34\n\ndefinition\x18\x03 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionH\x00\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06source\"?\n\x17TriggerWorkflowResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\'\n\x15GetWorkflowRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x16GetWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\x8e\x01\n\x17ListWorkflowRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.opscore.v1.RunState\x12\x15\n\rdefinition_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"Z\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.opscore.v1.WorkflowRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x18\x43\x61ncelWorkflowRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"A\n\x19\x43\x61ncelWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"&\n\x12StreamTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x86\x01\n\x13StreamTasksResponse\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.opscore.v1.TaskAssignmentH\x00\x12\x34\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32\x1c.opscore.v1.TaskCancellationH\x00\x42\x07\n\x05\x65vent\"r\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"g\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse2\xcc\x07\n\x0fWorkflowService\x12u\n\x18\x43reateWorkflowDefinition\x12+.opscore.v1.CreateWorkflowDefinitionRequest\x1a,.opscore.v1.CreateWorkflowDefinitionResponse\x12l\n\x15GetWorkflowDefinition\x12(.opscore.v1.GetWorkflowDefinitionRequest\x1a).opscore.v1.GetWorkflowDefinitionResponse\x12r\n\x17ListWorkflowDefinitions\x12*.opscore.v1.ListWorkflowDefinitionsRequest\x1a+.opscore.v1.ListWorkflowDefinitionsResponse\x12Z\n\x0fTriggerWorkflow\x12\".opscore.v1.TriggerWorkflowRequest\x1a#.opscore.v1.TriggerWorkflowResponse\x12W\n\x0eGetWorkflowRun\x12!.opscore.v1.GetWorkflowRunRequest\x1a\".opscore.v1.GetWorkflowRunResponse\x12]\n\x10ListWorkflowRuns\x12#.opscore.v1.ListWorkflowRunsRequest\x1a$.opscore.v1.ListWorkflowRunsResponse\x12`\n\x11\x43\x61ncelWorkflowRun\x12$.opscore.v1.CancelWorkflowRunRequest\x1a%.opscore.v1.CancelWorkflowRunResponse\x12P\n\x0bStreamTasks\x12\x1e.opscore.v1.StreamTasksRequest\x1a\x1f.opscore.v1.StreamTasksResponse0\x01\x12Q\n\x0c\x43ompleteTask\x12\x1f.opscore.v1.CompleteTaskRequest\x1a .opscore.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.opscore.v1.FailTaskRequest\x1a\x1c.opscore.v1.FailTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opscore/v1/workflow_service.proto\x12\nopscore.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19opscore/v1/workflow.proto\"i\n\x1f\x43reateWorkflowDefinitionRequest\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"V\n CreateWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"5\n\x1cGetWorkflowDefinitionRequest\x12\x15\n\rdefinition_id\x18\x01 \x01(\t\"S\n\x1dGetWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"U\n\x1eListWorkflowDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"o\n\x1fListWorkflowDefinitionsResponse\x12\x33\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xda\x01\n\x16TriggerWorkflowRequest\x12\x17\n\rdefinition_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\tH\x00\x12\x34\n\ndefinition\x18\x03 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionH\x00\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06source\"?\n\x17TriggerWorkflowResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\'\n\x15GetWorkflowRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x16GetWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\x8e\x01\n\x17ListWorkflowRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.opscore.v1.RunState\x12\x15\n\rdefinition_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"Z\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.opscore.v1.WorkflowRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x18\x43\x61ncelWorkflowRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"A\n\x19\x43\x61ncelWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"&\n\x12StreamTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x86\x01\n\x13StreamTasksResponse\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.opscore.v1.TaskAssignmentH\x00\x12\x34\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32\x1c.opscore.v1.TaskCancellationH\x00\x42\x07\n\x05\x65vent\"r\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"g\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse\"z\n\x16\x45xtendTaskLeaseRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12,\n\textend_by\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x17\x45xtendTaskLeaseResponse\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x08\n\x0fWorkflowService\x12u\n\x18\x43reateWorkflowDefinition\x12+.opscore.v1.CreateWorkflowDefinitionRequest\x1a,.opscore.v1.CreateWorkflowDefinitionResponse\x12l\n\x15GetWorkflowDefinition\x12(.opscore.v1.GetWorkflowDefinitionRequest\x1a).opscore.v1.GetWorkflowDefinitionResponse\x12r\n\x17ListWorkflowDefinitions\x12*.opscore.v1.ListWorkflowDefinitionsRequest\x1a+.opscore.v1.ListWorkflowDefinitionsResponse\x12Z\n\x0fTriggerWorkflow\x12\".opscore.v1.TriggerWorkflowRequest\x1a#.opscore.v1.TriggerWorkflowResponse\x12W\n\x0eGetWorkflowRun\x12!.opscore.v1.GetWorkflowRunRequest\x1a\".opscore.v1.GetWorkflowRunResponse\x12]\n\x10ListWorkflowRuns\x12#.opscore.v1.ListWorkflowRunsRequest\x1a$.opscore.v1.ListWorkflowRunsResponse\x12`\n\x11\x43\x61ncelWorkflowRun\x12$.opscore.v1.CancelWorkflowRunRequest\x1a%.opscore.v1.CancelWorkflowRunResponse\x12P\n\x0bStreamTasks\x12\x1e.opscore.v1.StreamTasksRequest\x1a\x1f.opscore.v1.StreamTasksResponse0\x01\x12Q\n\x0c\x43ompleteTask\x12\x1f.opscore.v1.CompleteTaskRequest\x1a .opscore.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.opscore.v1.FailTaskRequest\x1a\x1c.opscore.v1.FailTaskResponse\x12Z\n\x0f\x45xtendTaskLease\x12\".opscore.v1.ExtendTaskLeaseRequest\x1a#.opscore.v1.ExtendTaskLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opscore.v1.workflow_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_start=106
-  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_end=211
-  _globals['_CREATEWORKFLOWDEFINITIONRESPONSE']._serialized_start=213
-  _globals['_CREATEWORKFLOWDEFINITIONRESPONSE']._serialized_end=299
-  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_start=301
-  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_end=354
-  _globals['_GETWORKFLOWDEFINITIONRESPONSE']._serialized_start=356
-  _globals['_GETWORKFLOWDEFINITIONRESPONSE']._serialized_end=439
-  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_start=441
-  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_end=526
-  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_start=528
-  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_end=639
-  _globals['_TRIGGERWORKFLOWREQUEST']._serialized_start=642
-  _globals['_TRIGGERWORKFLOWREQUEST']._serialized_end=860
-  _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_start=862
-  _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_end=925
-  _globals['_GETWORKFLOWRUNREQUEST']._serialized_start=927
-  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=966
-  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_start=968
-  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_end=1030
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1033
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1175
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1177
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1267
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1269
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1311
-  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_start=1313
-  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_end=1378
-  _globals['_STREAMTASKSREQUEST']._serialized_start=1380
-  _globals['_STREAMTASKSREQUEST']._serialized_end=1418
-  _globals['_STREAMTASKSRESPONSE']._serialized_start=1421
-  _globals['_STREAMTASKSRESPONSE']._serialized_end=1555
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1557
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1671
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1673
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1695
-  _globals['_FAILTASKREQUEST']._serialized_start=1697
-  _globals['_FAILTASKREQUEST']._serialized_end=1800
-  _globals['_FAILTASKRESPONSE']._serialized_start=1802
-  _globals['_FAILTASKRESPONSE']._serialized_end=1820
-  _globals['_WORKFLOWSERVICE']._serialized_start=1823
-  _globals['_WORKFLOWSERVICE']._serialized_end=2795
+  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_start=171
+  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_end=276
+  _globals['_CREATEWORKFLOWDEFINITIONRESPONSE']._serialized_start=278
+  _globals['_CREATEWORKFLOWDEFINITIONRESPONSE']._serialized_end=364
+  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_start=366
+  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_end=419
+  _globals['_GETWORKFLOWDEFINITIONRESPONSE']._serialized_start=421
+  _globals['_GETWORKFLOWDEFINITIONRESPONSE']._serialized_end=504
+  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_start=506
+  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_end=591
+  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_start=593
+  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_end=704
+  _globals['_TRIGGERWORKFLOWREQUEST']._serialized_start=707
+  _globals['_TRIGGERWORKFLOWREQUEST']._serialized_end=925
+  _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_start=927
+  _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_end=990
+  _globals['_GETWORKFLOWRUNREQUEST']._serialized_start=992
+  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=1031
+  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_start=1033
+  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_end=1095
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1098
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1240
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1242
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1332
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1334
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1376
+  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_start=1378
+  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_end=1443
+  _globals['_STREAMTASKSREQUEST']._serialized_start=1445
+  _globals['_STREAMTASKSREQUEST']._serialized_end=1483
+  _globals['_STREAMTASKSRESPONSE']._serialized_start=1486
+  _globals['_STREAMTASKSRESPONSE']._serialized_end=1620
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1622
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1736
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=1738
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1760
+  _globals['_FAILTASKREQUEST']._serialized_start=1762
+  _globals['_FAILTASKREQUEST']._serialized_end=1865
+  _globals['_FAILTASKRESPONSE']._serialized_start=1867
+  _globals['_FAILTASKRESPONSE']._serialized_end=1885
+  _globals['_EXTENDTASKLEASEREQUEST']._serialized_start=1887
+  _globals['_EXTENDTASKLEASEREQUEST']._serialized_end=2009
+  _globals['_EXTENDTASKLEASERESPONSE']._serialized_start=2011
+  _globals['_EXTENDTASKLEASERESPONSE']._serialized_end=2082
+  _globals['_WORKFLOWSERVICE']._serialized_start=2085
+  _globals['_WORKFLOWSERVICE']._serialized_end=3149
 # @@protoc_insertion_point(module_scope)

@@ -5,8 +5,10 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from opscore.v1 import workflow_pb2 as _workflow_pb2
 import builtins as _builtins
@@ -533,7 +535,9 @@ class FailTaskRequest(_message.Message):
     error: _builtins.str
     """What went wrong."""
     retryable: _builtins.bool
-    """Whether another attempt may succeed."""
+    """Whether another attempt may succeed: true retries under the task's retry policy while
+    attempts remain; false fails the task at once.
+    """
     def __init__(
         self,
         *,
@@ -567,3 +571,63 @@ class FailTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FailTaskResponse: _TypeAlias = FailTaskResponse  # noqa: Y015
+
+@_typing.final
+class ExtendTaskLeaseRequest(_message.Message):
+    """ExtendTaskLeaseRequest asks for more time on a task attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    EXTEND_BY_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Id of the task."""
+    agent_id: _builtins.str
+    """Id of the agent that holds the attempt."""
+    attempt: _builtins.int
+    """The attempt, as given in the assignment."""
+    @_builtins.property
+    def extend_by(self) -> _duration_pb2.Duration:
+        """How long from now the lease should last; the deadline never moves earlier."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        extend_by: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extend_by", b"extend_by"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "extend_by", b"extend_by", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendTaskLeaseRequest: _TypeAlias = ExtendTaskLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ExtendTaskLeaseResponse(_message.Message):
+    """ExtendTaskLeaseResponse carries the new deadline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the lease now ends."""
+
+    def __init__(
+        self,
+        *,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendTaskLeaseResponse: _TypeAlias = ExtendTaskLeaseResponse  # noqa: Y015

@@ -85,6 +85,11 @@ class WorkflowServiceStub:
                 request_serializer=opscore_dot_v1_dot_workflow__service__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.FailTaskResponse.FromString,
                 _registered_method=True)
+        self.ExtendTaskLease = channel.unary_unary(
+                '/opscore.v1.WorkflowService/ExtendTaskLease',
+                request_serializer=opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseRequest.SerializeToString,
+                response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -161,6 +166,13 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtendTaskLease(self, request, context):
+        """Extends the lease on a task attempt the agent holds, for tasks that run long.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +225,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.FailTask,
                     request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.FailTaskRequest.FromString,
                     response_serializer=opscore_dot_v1_dot_workflow__service__pb2.FailTaskResponse.SerializeToString,
+            ),
+            'ExtendTaskLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendTaskLease,
+                    request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseRequest.FromString,
+                    response_serializer=opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +503,33 @@ class WorkflowService:
             '/opscore.v1.WorkflowService/FailTask',
             opscore_dot_v1_dot_workflow__service__pb2.FailTaskRequest.SerializeToString,
             opscore_dot_v1_dot_workflow__service__pb2.FailTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendTaskLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opscore.v1.WorkflowService/ExtendTaskLease',
+            opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseRequest.SerializeToString,
+            opscore_dot_v1_dot_workflow__service__pb2.ExtendTaskLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class WorkflowServiceStub:
     """Records the output of a task attempt."""
     FailTask: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.FailTaskRequest, _workflow_service_pb2.FailTaskResponse]
     """Records the failure of a task attempt."""
+    ExtendTaskLease: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ExtendTaskLeaseRequest, _workflow_service_pb2.ExtendTaskLeaseResponse]
+    """Extends the lease on a task attempt the agent holds, for tasks that run long."""
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -79,6 +81,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """Records the output of a task attempt."""
     FailTask: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.FailTaskRequest, _workflow_service_pb2.FailTaskResponse]  # type: ignore[assignment]
     """Records the failure of a task attempt."""
+    ExtendTaskLease: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ExtendTaskLeaseRequest, _workflow_service_pb2.ExtendTaskLeaseResponse]  # type: ignore[assignment]
+    """Extends the lease on a task attempt the agent holds, for tasks that run long."""
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkflowService defines workflows, runs them, and is how agents receive tasks and report results."""
@@ -162,5 +166,13 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.FailTaskResponse, _abc.Awaitable[_workflow_service_pb2.FailTaskResponse]]:
         """Records the failure of a task attempt."""
+
+    @_abc_1.abstractmethod
+    def ExtendTaskLease(
+        self,
+        request: _workflow_service_pb2.ExtendTaskLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ExtendTaskLeaseResponse, _abc.Awaitable[_workflow_service_pb2.ExtendTaskLeaseResponse]]:
+        """Extends the lease on a task attempt the agent holds, for tasks that run long."""
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

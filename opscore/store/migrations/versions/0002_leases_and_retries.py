@@ -1,0 +1,37 @@
+"""Leases and retries: the retry time of a queued task, the grace start of a lost agent.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+# A frozen copy of the column type this revision creates.
+TIMESTAMP = sa.DateTime(timezone=True)
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    """Apply this migration."""
+    with op.batch_alter_table("tasks") as batch_op:
+        batch_op.add_column(sa.Column("not_before", TIMESTAMP, nullable=True))
+    with op.batch_alter_table("agents") as batch_op:
+        batch_op.add_column(sa.Column("disconnected_at", TIMESTAMP, nullable=True))
+        batch_op.create_index(batch_op.f("ix_agents_disconnected_at"), ["disconnected_at"])
+
+
+def downgrade() -> None:
+    """Revert this migration."""
+    with op.batch_alter_table("agents") as batch_op:
+        batch_op.drop_index(batch_op.f("ix_agents_disconnected_at"))
+        batch_op.drop_column("disconnected_at")
+    with op.batch_alter_table("tasks") as batch_op:
+        batch_op.drop_column("not_before")
