@@ -57,15 +57,18 @@ class OpsCoreServer:
         await migrate.upgrade(self._db)
         self._writer = Writer(self._db)
         self._supervise(self._writer.run(), "writer")
-        store = Store(self._db, self._writer)
+        store = Store(self._db, self._writer, settings.retry)
         self.engine = Engine(
             store,
             EngineSettings(
-                default_task_timeout=settings.default_task_timeout, limits=settings.limits
+                default_task_timeout=settings.default_task_timeout,
+                agent_grace=settings.agent_grace,
+                limits=settings.limits,
             ),
         )
         await self.engine.recover()
         self._dispatcher_task = self._supervise(self.engine.dispatcher.run(), "dispatcher")
+        self._timers_task = self._supervise(self.engine.run_timers(), "timers")
 
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
         agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
@@ -133,6 +136,7 @@ class OpsCoreServer:
         self.engine.shut_down()
         await self._grpc.stop(self.settings.shutdown_grace)
         self._dispatcher_task.cancel()
+        self._timers_task.cancel()
         self._writer.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._db.dispose()

@@ -233,6 +233,8 @@ def task_run(value: models.TaskRun) -> workflow_pb2.TaskRun:
         queued_at=timestamp(value.queued_at),
         assigned_at=timestamp(value.assigned_at),
         finished_at=timestamp(value.finished_at),
+        not_before=timestamp(value.not_before if value.state is models.TaskState.QUEUED else None),
+        deadline=timestamp(value.deadline if value.state is models.TaskState.ASSIGNED else None),
     )
 
 
@@ -266,6 +268,8 @@ def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
         deadline=timestamp(value.deadline),
         redelivered=value.redelivered,
         capability=value.capability,
+        fallback_for=value.fallback_for,
+        fallback_error=value.fallback_error,
     )
 
 

@@ -24,6 +24,7 @@ from opscore.domain.errors import (
     InvalidArgument,
     NotFound,
     OpsCoreError,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -38,6 +39,7 @@ _CODES: dict[type[OpsCoreError], tuple[int, str]] = {
     FailedPrecondition: (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     Aborted: (code_pb2.ABORTED, "ABORTED"),
     Unavailable: (code_pb2.UNAVAILABLE, "UNAVAILABLE"),
+    ResourceExhausted: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
 }
 
 
@@ -60,6 +62,12 @@ def to_status(error: OpsCoreError) -> grpc.Status:
             for v in error.violations
         ]
         details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    elif isinstance(error, ResourceExhausted):
+        quota = [
+            error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description)
+            for v in error.violations
+        ]
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=quota)))
     elif isinstance(error, NotFound):
         details.append(
             _pack(error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.key))

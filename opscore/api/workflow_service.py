@@ -116,6 +116,19 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         )
         return pb.CompleteTaskResponse()
 
+    async def ExtendTaskLease(  # noqa: N802
+        self, request: pb.ExtendTaskLeaseRequest, context: Context
+    ) -> pb.ExtendTaskLeaseResponse:
+        extend_by = (
+            convert.duration(request.extend_by, "extend_by")
+            if request.HasField("extend_by")
+            else None
+        )
+        deadline = await self._engine.extend_lease(
+            request.task_id, request.agent_id, request.attempt, extend_by
+        )
+        return pb.ExtendTaskLeaseResponse(deadline=convert.timestamp(deadline))
+
     async def FailTask(  # noqa: N802
         self, request: pb.FailTaskRequest, context: Context
     ) -> pb.FailTaskResponse:

@@ -7,15 +7,20 @@ with the attempts they hold. An event (a task became ready, an agent connected, 
 freed a slot) wakes one pass, which repeatedly takes the earliest-ready task that some free agent
 can take and gives it to the eligible agent that has waited longest. A pass costs O(groups x
 free agents) per assignment, never O(queued tasks): a backlog no agent can take is not looked at.
+
+A task waiting out a retry's backoff sits in a heap by its "not before" time, and the loop's
+wait ends at the earliest of them: no polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
 
@@ -50,11 +55,16 @@ class _Queue:
 class Dispatcher:
     """Matches ready tasks with free agents (see the module docstring)."""
 
-    def __init__(self, assign: AssignBatch, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, assign: AssignBatch, *, clock: Callable[[], float], now: Callable[[], datetime]
+    ) -> None:
         self._assign = assign
         self._clock = clock
+        self._now = now
         self._queues: dict[Requirements, _Queue] = {}
         self._ready: dict[str, tuple[int, ReadyTask]] = {}
+        self._delayed: list[tuple[datetime, int, ReadyTask]] = []
+        self._waiting: set[str] = set()
         self._sequence = itertools.count()
         self._agents: dict[str, _LiveAgent] = {}
         self._wake = asyncio.Event()
@@ -62,9 +72,15 @@ class Dispatcher:
     # Tasks -----------------------------------------------------------------------------
 
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
-        """Tasks became ready, in this order."""
+        """Tasks became ready, in this order (those with a future `not_before` once it passes)."""
+        now = self._now()
         for task in tasks:
-            if task.task_id not in self._ready:
+            if task.task_id in self._ready or task.task_id in self._waiting:
+                continue
+            if task.not_before is not None and task.not_before > now:
+                self._waiting.add(task.task_id)
+                heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
+            else:
                 self._push(next(self._sequence), task)
         self._wake.set()
 
@@ -72,11 +88,28 @@ class Dispatcher:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
         for task_id in task_ids:
             self._ready.pop(task_id, None)
+            self._waiting.discard(task_id)
 
     @property
     def queued(self) -> int:
-        """How many tasks wait for an agent."""
-        return len(self._ready)
+        """How many tasks wait for an agent or for their retry time."""
+        return len(self._ready) + len(self._waiting)
+
+    def _release_due(self) -> float | None:
+        """Move tasks whose retry time has come into the ready queues; return the seconds until
+        the next one is due, None if none waits."""
+        now = self._now()
+        while self._delayed:
+            not_before, _, task = self._delayed[0]
+            if task.task_id not in self._waiting:
+                heapq.heappop(self._delayed)
+            elif not_before <= now:
+                heapq.heappop(self._delayed)
+                self._waiting.discard(task.task_id)
+                self._push(next(self._sequence), task)
+            else:
+                return (not_before - now).total_seconds()
+        return None
 
     def _push(self, sequence: int, task: ReadyTask) -> None:
         self._ready[task.task_id] = (sequence, task)
@@ -137,8 +170,11 @@ class Dispatcher:
     async def run(self) -> None:
         """Wake on events, match, commit the assignments; forever (cancel to stop)."""
         while True:
-            await self._wake.wait()
+            next_due = self._release_due()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_due)
             self._wake.clear()
+            self._release_due()
             pairs = self.match()
             if pairs:
                 await self._assign(pairs)

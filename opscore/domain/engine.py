@@ -8,6 +8,7 @@ memory and says in its log is always what the database has committed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -24,7 +25,6 @@ from opscore.domain.models import (
     AgentRegistration,
     AgentState,
     Assignment,
-    Cancellation,
     DefinitionDraft,
     Effects,
     JsonObject,
@@ -53,6 +53,7 @@ class EngineSettings:
     """The engine's tunables (set from the server's configuration)."""
 
     default_task_timeout: timedelta = timedelta(minutes=5)
+    agent_grace: timedelta = timedelta(seconds=30)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -70,18 +71,72 @@ class Engine:
         self._settings = settings
         self._now = now
         self.streams = Streams()
-        self.dispatcher = Dispatcher(self._assign, clock=time.monotonic)
+        self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        self._timers_wake = asyncio.Event()
+        self._timers_target: datetime | None = None
+        self._draining = False
 
     async def recover(self) -> None:
-        """Rebuild memory from the database: no stream is open yet, the queue is as stored."""
-        await self._store.reset_connections()
+        """Rebuild memory from the database: no stream is open yet (agents that were connected
+        start their grace period now), the queue is as stored, leases run on."""
+        await self._store.reset_connections(self._now())
         queued = await self._store.load_queue()
         self.dispatcher.enqueue(queued)
         log.info("queue recovered", extra={"queued_tasks": len(queued)})
 
     def shut_down(self) -> None:
-        """End every open stream: agents reconnect elsewhere or later."""
+        """Refuse new streams and end every open one: agents reconnect elsewhere or later."""
+        self._draining = True
         self.streams.close_all(Unavailable("the server is shutting down"))
+
+    # Timers --------------------------------------------------------------------------------
+
+    async def run_timers(self) -> None:
+        """End expired leases and lose agents whose grace has passed, waking exactly at the
+        next of these times (read from indexes) or when an earlier one is created."""
+        grace = self._settings.agent_grace
+        while True:
+            now = self._now()
+            deadline, disconnected = await self._store.next_timers()
+            grace_end = None if disconnected is None else disconnected + grace
+            if deadline is not None and deadline <= now:
+                await self._store.expire_leases(now, self._on_leases_expired)
+                continue
+            if grace_end is not None and grace_end <= now:
+                await self._store.lose_agents(now - grace, now, self._on_agents_lost)
+                continue
+            self._timers_target = min(
+                (when for when in (deadline, grace_end) if when is not None), default=None
+            )
+            timeout = (
+                None
+                if self._timers_target is None
+                else (self._timers_target - self._now()).total_seconds()
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timers_wake.wait(), timeout)
+            self._timers_wake.clear()
+
+    def _timer_at(self, when: datetime) -> None:
+        """A lease or grace period now ends at `when`: wake the timers if that is sooner."""
+        if self._timers_target is None or when < self._timers_target:
+            self._timers_wake.set()
+
+    def _on_leases_expired(self, effects: Effects) -> None:
+        for cancellation in effects.cancelled:
+            log.info(
+                "task lease expired",
+                extra={"task_id": cancellation.task_id, "agent_id": cancellation.agent_id},
+            )
+        self._apply(effects)
+
+    def _on_agents_lost(self, effects: Effects) -> None:
+        for cancellation in effects.cancelled:
+            log.info(
+                "task lost with its agent",
+                extra={"task_id": cancellation.task_id, "agent_id": cancellation.agent_id},
+            )
+        self._apply(effects)
 
     # Agents --------------------------------------------------------------------------------
 
@@ -121,7 +176,7 @@ class Engine:
 
     async def report_state(self, agent_id: str, state: AgentState | None, detail: str) -> Agent:
         """Record the state the agent reports: IDLE, BUSY or ERROR."""
-        violations = list(check_id(agent_id, "agent_id"))
+        violations = [*check_id(agent_id, "agent_id"), *validation.check_text(detail, "detail")]
         reported = _REPORTABLE.get(state) if state is not None else None
         if reported is None:
             violations.append(FieldViolation("state", "must be IDLE, BUSY or ERROR"))
@@ -160,6 +215,8 @@ class Engine:
         holds are sent first (marked redelivered): an agent that restarted lost them.
         """
         raise_if(check_id(agent_id, "agent_id"))
+        if self._draining:
+            raise Unavailable("the server is shutting down")
         stream = AgentStream(agent_id)
 
         def on_commit(connected: Connected) -> None:
@@ -178,8 +235,10 @@ class Engine:
         if self.streams.remove(stream):
             self.dispatcher.agent_offline(stream.agent_id)
             # Draining refuses writes: every agent is marked disconnected at the next start.
+            now = self._now()
             with contextlib.suppress(Unavailable):
-                await self._store.disconnect_agent(stream.agent_id, self._now())
+                await self._store.disconnect_agent(stream.agent_id, now)
+                self._timer_at(now + self._settings.agent_grace)
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
 
     # Definitions ---------------------------------------------------------------------------
@@ -256,6 +315,7 @@ class Engine:
                 )
             )
         violations.extend(check_id(request.definition_id, "definition_id", required=False))
+        violations.extend(validation.check_text(request.definition_name, "definition_name", 200))
         if request.definition is not None:
             violations.extend(
                 validation.check_definition(
@@ -264,6 +324,7 @@ class Engine:
             )
         violations.extend(check_id(request.agent_id, "agent_id", required=False))
         violations.extend(check_id(request.request_id, "request_id", required=False))
+        violations.extend(validation.check_payload(request.input, "input", self._settings.limits))
         return violations
 
     async def get_run(self, run_id: str) -> WorkflowRun:
@@ -298,7 +359,12 @@ class Engine:
         self, task_id: str, agent_id: str, attempt: int, output: JsonObject
     ) -> None:
         """Record a task's output; returns once it is committed and its dependents are queued."""
-        raise_if(_check_result(task_id, agent_id, attempt))
+        raise_if(
+            [
+                *_check_result(task_id, agent_id, attempt),
+                *validation.check_payload(output, "output", self._settings.limits),
+            ]
+        )
 
         def on_commit(effects: Effects) -> None:
             if effects.released:
@@ -313,8 +379,15 @@ class Engine:
     async def fail_task(
         self, task_id: str, agent_id: str, attempt: int, error: str, retryable: bool
     ) -> None:
-        """Record a task's failure: its run fails and the rest of the run is skipped."""
-        raise_if(_check_result(task_id, agent_id, attempt))
+        """Record a task's failure: retried under its policy when `retryable` and attempts
+        remain; otherwise final (its fallback runs, or its run fails)."""
+        limits = self._settings.limits
+        raise_if(
+            [
+                *_check_result(task_id, agent_id, attempt),
+                *validation.check_text(error, "error", limits.max_error_bytes),
+            ]
+        )
 
         def on_commit(effects: Effects) -> None:
             if effects.released:
@@ -330,7 +403,29 @@ class Engine:
                 )
             self._apply(effects)
 
-        await self._store.fail_task(task_id, agent_id, attempt, error, self._now(), on_commit)
+        await self._store.fail_task(
+            task_id, agent_id, attempt, error, retryable, self._now(), on_commit
+        )
+
+    async def extend_lease(
+        self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta | None
+    ) -> datetime:
+        """Give a long task more time: its lease ends no sooner than `extend_by` from now."""
+        violations = _check_result(task_id, agent_id, attempt)
+        if extend_by is None:
+            violations.append(FieldViolation("extend_by", "is required"))
+        else:
+            violations.extend(
+                validation.check_duration(
+                    extend_by,
+                    "extend_by",
+                    allow_zero=False,
+                    maximum=self._settings.limits.max_task_timeout,
+                )
+            )
+        raise_if(violations)
+        assert extend_by is not None
+        return await self._store.extend_lease(task_id, agent_id, attempt, extend_by, self._now())
 
     # Dispatch ------------------------------------------------------------------------------
 
@@ -341,6 +436,7 @@ class Engine:
                     self.dispatcher.release(agent_id, task.task_id)
                     continue
                 self.dispatcher.assigned(agent_id, task.task_id)
+                self._timer_at(assignment.deadline)
                 stream = self.streams.get(agent_id)
                 if stream is not None:
                     stream.push(assignment)
@@ -361,12 +457,10 @@ class Engine:
         self.dispatcher.dequeue(effects.unqueued)
         for hold in effects.released:
             self.dispatcher.release(hold.agent_id, hold.task_id)
-        ended = dict(effects.finished_runs)
-        for hold in effects.cancelled:
-            stream = self.streams.get(hold.agent_id)
+        for cancellation in effects.cancelled:
+            stream = self.streams.get(cancellation.agent_id)
             if stream is not None:
-                reason = f"run {ended.get(hold.run_id, RunState.CANCELLED).value}"
-                stream.push(Cancellation(hold.task_id, hold.run_id, hold.attempt, reason))
+                stream.push(cancellation)
         self.dispatcher.enqueue(effects.queued)
         for run_id, state in effects.finished_runs:
             log.info("run finished", extra={"run_id": run_id, "state": state.value})

@@ -17,6 +17,8 @@ class FieldViolation:
 
     field: str
     description: str
+    over_limit: bool = False
+    """True for a size limit (RESOURCE_EXHAUSTED); False for a malformed value."""
 
     def __str__(self) -> str:
         return f"{self.field}: {self.description}"
@@ -54,3 +56,11 @@ class Unavailable(OpsCoreError):
 
 class Aborted(OpsCoreError):
     """The operation lost to a concurrent one (a newer task stream replaced this one)."""
+
+
+class ResourceExhausted(OpsCoreError):
+    """The request is larger than a configured limit allows; the fields over it are named."""
+
+    def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("; ".join(str(v) for v in self.violations))

@@ -1,7 +1,13 @@
-"""How a run's task graph moves: which tasks become ready, skipped or cancelled, and when the
-run is finished. Pure functions of the graph and the current states, so the rules are tested
-without a server or a database, and the store applies what they decide inside one transaction.
-"""
+"""How a run's task graph moves: which tasks become ready, skipped or cancelled, which fallback
+stands in for a failed task, and when the run is finished. Pure functions of the graph and the
+current states, so the rules are tested without a server or a database, and the store applies
+what they decide inside one transaction.
+
+A task is *satisfied* when it succeeded, or when it finally failed and its fallback succeeded in
+its place. A waiting task is queued once every task it depends on is satisfied. A fallback is not
+a root: it waits until its task finally fails (then it is queued), or is skipped when its task
+succeeds. The run succeeds when every task that is not a fallback is satisfied, and fails when a
+task finally fails with no fallback to stand in for it (or when a fallback itself fails)."""
 
 from __future__ import annotations
 
@@ -10,8 +16,17 @@ from dataclasses import dataclass, field
 
 from opscore.domain.models import RunState, TaskState
 
-Dependencies = Mapping[str, tuple[str, ...]]
-"""Each task's name mapped to the names of the tasks it depends on."""
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One task of the graph: what it depends on and which task stands in for it."""
+
+    depends_on: tuple[str, ...] = ()
+    fallback: str = ""
+
+
+Graph = Mapping[str, Node]
+"""The tasks of a run, by name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,37 +36,60 @@ class Transition:
     tasks: dict[str, TaskState] = field(default_factory=dict)
     run_state: RunState | None = None
 
-    def names_in(self, state: TaskState) -> list[str]:
-        """The tasks this transition moves into `state`, in a stable order."""
-        return [name for name, new in self.tasks.items() if new is state]
+
+def fallbacks(graph: Graph) -> dict[str, str]:
+    """Each fallback task's name mapped to the name of the task it stands in for."""
+    return {node.fallback: name for name, node in graph.items() if node.fallback}
 
 
-def initial_states(dependencies: Dependencies) -> dict[str, TaskState]:
-    """A new run: tasks without dependencies are queued at once, the others wait."""
+def initial_states(graph: Graph) -> dict[str, TaskState]:
+    """A new run: tasks without dependencies are queued at once (fallbacks excepted)."""
+    standby = fallbacks(graph)
     return {
-        name: TaskState.QUEUED if not deps else TaskState.PENDING
-        for name, deps in dependencies.items()
+        name: TaskState.QUEUED if not node.depends_on and name not in standby else TaskState.PENDING
+        for name, node in graph.items()
     }
 
 
-def succeed(dependencies: Dependencies, states: Mapping[str, TaskState], name: str) -> Transition:
-    """`name` succeeded: queue each waiting task whose dependencies have all succeeded now, and
-    finish the run when every task has succeeded.
-    """
+def satisfied(graph: Graph, states: Mapping[str, TaskState], name: str) -> bool:
+    """Whether `name` succeeded, or finally failed and its fallback succeeded in its place."""
+    if states[name] is TaskState.SUCCEEDED:
+        return True
+    stand_in = graph[name].fallback
+    return (
+        states[name] is TaskState.FAILED
+        and bool(stand_in)
+        and states[stand_in] is TaskState.SUCCEEDED
+    )
+
+
+def succeed(graph: Graph, states: Mapping[str, TaskState], name: str) -> Transition:
+    """`name` succeeded: its fallback is no longer needed, waiting tasks whose dependencies are
+    all satisfied now are queued, and the run succeeds once every task is accounted for."""
     after = dict(states)
-    after[name] = TaskState.SUCCEEDED
-    changes: dict[str, TaskState] = {name: TaskState.SUCCEEDED}
-    for candidate, deps in dependencies.items():
-        if after[candidate] is TaskState.PENDING and all(
-            after[dep] is TaskState.SUCCEEDED for dep in deps
+    changes = {name: TaskState.SUCCEEDED}
+    stand_in = graph[name].fallback
+    if stand_in and after[stand_in] is TaskState.PENDING:
+        changes[stand_in] = TaskState.SKIPPED
+    after.update(changes)
+    standby = fallbacks(graph)
+    for candidate, node in graph.items():
+        if (
+            after[candidate] is TaskState.PENDING
+            and candidate not in standby
+            and all(satisfied(graph, after, dep) for dep in node.depends_on)
         ):
             changes[candidate] = after[candidate] = TaskState.QUEUED
-    done = all(state is TaskState.SUCCEEDED for state in after.values())
+    done = all(satisfied(graph, after, task) for task in graph if task not in standby)
     return Transition(changes, RunState.SUCCEEDED if done else None)
 
 
-def fail(states: Mapping[str, TaskState], name: str) -> Transition:
-    """`name` finally failed: the run fails, and every unfinished task of it is skipped."""
+def fail(graph: Graph, states: Mapping[str, TaskState], name: str) -> Transition:
+    """`name` finally failed: its fallback is queued in its place if it has one; otherwise the run
+    fails, and every unfinished task of it is skipped."""
+    stand_in = graph[name].fallback
+    if stand_in and states[stand_in] is TaskState.PENDING:
+        return Transition({name: TaskState.FAILED, stand_in: TaskState.QUEUED})
     changes = {other: TaskState.SKIPPED for other, state in states.items() if not state.finished}
     changes[name] = TaskState.FAILED
     return Transition(changes, RunState.FAILED)

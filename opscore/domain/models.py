@@ -201,16 +201,19 @@ class TaskRun:
     capability: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
+    fallback: str = ""
     pinned_agent_id: str = ""
+    not_before: datetime | None = None
 
-    def ready(self) -> ReadyTask:
-        """The dispatcher's view of this task."""
+    def ready(self, not_before: datetime | None = None) -> ReadyTask:
+        """The dispatcher's view of this task, dispatchable from `not_before` on."""
         return ReadyTask(
             task_id=self.task_id,
             run_id=self.run_id,
             capability=self.capability,
             labels=tuple(sorted(self.labels.items())),
             pinned_agent_id=self.pinned_agent_id,
+            not_before=not_before,
         )
 
 
@@ -251,6 +254,8 @@ class ReadyTask:
     capability: str
     labels: tuple[tuple[str, str], ...]
     pinned_agent_id: str
+    not_before: datetime | None = None
+    """Not to be dispatched before this time (a retry's backoff); None: at once."""
 
     def accepts(self, agent: AgentProfile) -> bool:
         """Whether the agent may take this task (the connection and the slots aside)."""
@@ -286,12 +291,15 @@ class Assignment:
     dependency_outputs: dict[str, JsonObject]
     deadline: datetime
     redelivered: bool = False
+    fallback_for: str = ""
+    fallback_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Cancellation:
     """A task attempt an agent must stop: what its stream carries."""
 
+    agent_id: str
     task_id: str
     run_id: str
     attempt: int
@@ -337,7 +345,7 @@ class Effects:
     """Ids of queued tasks that are no longer to be dispatched (skipped, cancelled)."""
     released: list[Hold] = field(default_factory=list)
     """Attempts whose agents no longer hold them; each frees a slot of its agent."""
-    cancelled: list[Hold] = field(default_factory=list)
+    cancelled: list[Cancellation] = field(default_factory=list)
     """Attempts whose agents must be told to stop (their work is no longer wanted)."""
     finished_runs: list[tuple[str, RunState]] = field(default_factory=list)
     """Runs that reached a final state."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -27,6 +28,7 @@ from opscore.domain.models import (
     AgentRegistration,
     AgentState,
     Assignment,
+    Cancellation,
     DefinitionDraft,
     Effects,
     Hold,
@@ -39,6 +41,7 @@ from opscore.domain.models import (
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
 from opscore.store.tables import (
     AgentCapabilityRow,
@@ -108,9 +111,17 @@ def decode_page_token(token: str) -> str | None:
 class Store:
     """The persistence of Ops-Core (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, writer: Writer) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        writer: Writer,
+        retry: ResolvedRetryPolicy,
+        rng: random.Random | None = None,
+    ) -> None:
         self.engine = engine
         self._writer = writer
+        self._retry = retry
+        self._rng = rng or random.Random()
 
     async def _write(
         self, op: Callable[[AsyncConnection], Awaitable[T]], on_commit: OnCommit[T] | None = None
@@ -245,7 +256,7 @@ class Store:
             result = await conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
-                .values(connected=True, last_seen_at=now)
+                .values(connected=True, last_seen_at=now, disconnected_at=None)
             )
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
@@ -265,19 +276,21 @@ class Store:
         return await self._write(op, on_commit)
 
     async def disconnect_agent(self, agent_id: str, now: datetime) -> None:
-        """Mark the agent's stream closed (the agent may have been deregistered meanwhile)."""
+        """Mark the agent's stream closed: its grace period starts now (the agent may have been
+        deregistered meanwhile, which leaves nothing to mark)."""
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
-                .values(connected=False, last_seen_at=now)
+                .values(connected=False, last_seen_at=now, disconnected_at=now)
             )
 
         await self._write(op)
 
-    async def reset_connections(self) -> None:
-        """At start-up no stream is open to this server: every agent is disconnected.
+    async def reset_connections(self, now: datetime) -> None:
+        """At start-up no stream is open to this server: every agent is disconnected, and those
+        that were connected when the server stopped start their grace period now.
 
         This holds while one server owns the database; replicas sharing one will track the
         stream owner per agent instead.
@@ -285,7 +298,9 @@ class Store:
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(
-                update(_agents).where(_agents.c.connected.is_(True)).values(connected=False)
+                update(_agents)
+                .where(_agents.c.connected.is_(True))
+                .values(connected=False, disconnected_at=now)
             )
 
         await self._write(op)
@@ -422,7 +437,9 @@ class Store:
                     created_at=now,
                 )
             )
-            states = graph.initial_states({spec.name: spec.depends_on for spec in specs})
+            states = graph.initial_states(
+                {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
+            )
             task_values = [
                 {
                     "task_id": new_id(),
@@ -505,7 +522,7 @@ class Store:
             run = await _get_run(conn, run_id, lock=True)
             if run.state.finished:
                 raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
-            transition = graph.cancel({task.name: task.state for task in run.tasks})
+            transition = graph.cancel(_states(run))
             effects = await _apply(conn, run, transition, now)
             return await _get_run(conn, run_id), effects
 
@@ -514,7 +531,8 @@ class Store:
     # Tasks ---------------------------------------------------------------------------------
 
     async def load_queue(self) -> list[ReadyTask]:
-        """Every queued task, in the order they became ready: the dispatcher's index at start."""
+        """Every queued task, in the order they became ready (each with its retry time): the
+        dispatcher's index at start."""
 
         async def op(conn: AsyncConnection) -> list[ReadyTask]:
             result = await conn.execute(
@@ -524,6 +542,7 @@ class Store:
                     _tasks.c.capability,
                     _tasks.c.labels,
                     _tasks.c.pinned_agent_id,
+                    _tasks.c.not_before,
                 )
                 .where(_tasks.c.state == TaskState.QUEUED.value)
                 .order_by(_tasks.c.queued_at, _tasks.c.task_id)
@@ -539,9 +558,9 @@ class Store:
         default_timeout: timedelta,
         on_commit: OnCommit[list[Assignment | None]],
     ) -> list[Assignment | None]:
-        """Hand each queued task to its agent as a new attempt. A task that is no longer queued
-        (cancelled, skipped meanwhile) gives None in its place and is left alone.
-        """
+        """Hand each queued task to its agent as a new attempt, under a lease that ends at its
+        timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
+        place and is left alone."""
 
         async def op(conn: AsyncConnection) -> list[Assignment | None]:
             handed: list[Assignment | None] = []
@@ -573,6 +592,7 @@ class Store:
                         agent_id=agent_id,
                         assigned_at=now,
                         deadline=now + timeout,
+                        not_before=None,
                     )
                 )
                 await conn.execute(
@@ -599,19 +619,14 @@ class Store:
         on_commit: OnCommit[Effects],
     ) -> Effects:
         """Record the output of the attempt the agent holds and queue the dependents that became
-        ready. The same result again, once recorded, changes nothing and is not an error.
-        """
+        ready. The same result again, once recorded, changes nothing and is not an error."""
 
         async def op(conn: AsyncConnection) -> Effects:
             row = await _held_task(conn, task_id, agent_id, attempt, TaskState.SUCCEEDED)
             if row is None:
                 return Effects()
             run = await _get_run(conn, row.run_id, lock=True)
-            transition = graph.succeed(
-                {task.name: task.depends_on for task in run.tasks},
-                {task.name: task.state for task in run.tasks},
-                row.name,
-            )
+            transition = graph.succeed(_graph(run), _states(run), row.name)
             await conn.execute(
                 update(_tasks).where(_tasks.c.task_id == task_id).values(output=output)
             )
@@ -627,27 +642,164 @@ class Store:
         agent_id: str,
         attempt: int,
         error: str,
+        retryable: bool,
         now: datetime,
         on_commit: OnCommit[Effects],
     ) -> Effects:
-        """Record the failure of the attempt the agent holds: the run fails and its unfinished
-        tasks are skipped. The same failure again, once recorded, changes nothing.
-        """
+        """Record the failure of the attempt the agent holds: retried under the task's policy
+        when `retryable` and attempts remain, else final. The same failure again, once recorded,
+        changes nothing."""
 
         async def op(conn: AsyncConnection) -> Effects:
             row = await _held_task(conn, task_id, agent_id, attempt, TaskState.FAILED)
             if row is None:
                 return Effects()
-            run = await _get_run(conn, row.run_id, lock=True)
-            transition = graph.fail({task.name: task.state for task in run.tasks}, row.name)
-            await conn.execute(
-                update(_tasks).where(_tasks.c.task_id == task_id).values(error=error)
-            )
-            effects = await _apply(conn, run, transition, now)
-            effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
-            return effects
+            return await self._fail_attempt(conn, row, error, retryable=retryable, now=now)
 
         return await self._write(op, on_commit)
+
+    async def extend_lease(
+        self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta, now: datetime
+    ) -> datetime:
+        """Move the lease of the attempt the agent holds to at least `now + extend_by` (never
+        earlier). FAILED_PRECONDITION unless the agent holds that attempt."""
+
+        async def op(conn: AsyncConnection) -> datetime:
+            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.ASSIGNED)
+            deadline: datetime = max(row.deadline, now + extend_by)
+            await conn.execute(
+                update(_tasks).where(_tasks.c.task_id == task_id).values(deadline=deadline)
+            )
+            return deadline
+
+        return await self._write(op)
+
+    async def next_timers(self) -> tuple[datetime | None, datetime | None]:
+        """The earliest lease deadline of an assigned task, and the earliest grace start of a
+        disconnected agent: both one look-up in an index, never a scan."""
+
+        async def op(conn: AsyncConnection) -> tuple[datetime | None, datetime | None]:
+            deadline = (
+                await conn.execute(
+                    select(func.min(_tasks.c.deadline)).where(
+                        _tasks.c.state == TaskState.ASSIGNED.value
+                    )
+                )
+            ).scalar_one_or_none()
+            disconnected = (
+                await conn.execute(
+                    select(func.min(_agents.c.disconnected_at)).where(
+                        _agents.c.connected.is_(False)
+                    )
+                )
+            ).scalar_one_or_none()
+            return _aware(deadline), _aware(disconnected)
+
+        return await self._read(op)
+
+    async def expire_leases(
+        self, now: datetime, on_commit: OnCommit[Effects], limit: int = 500
+    ) -> Effects:
+        """Every attempt whose lease has ended counts as failed with "timed out" (retryable);
+        its agent is told to stop."""
+
+        async def op(conn: AsyncConnection) -> Effects:
+            due = (
+                await conn.execute(
+                    select(_tasks.c.task_id)
+                    .where(_tasks.c.state == TaskState.ASSIGNED.value, _tasks.c.deadline <= now)
+                    .order_by(_tasks.c.deadline)
+                    .limit(limit)
+                )
+            ).scalars()
+            return await self._fail_held(conn, list(due), "timed out", now)
+
+        return await self._write(op, on_commit)
+
+    async def lose_agents(
+        self, cutoff: datetime, now: datetime, on_commit: OnCommit[Effects]
+    ) -> Effects:
+        """Agents disconnected since `cutoff` or earlier are lost: every attempt they hold
+        counts as failed with "agent lost" (retryable)."""
+
+        async def op(conn: AsyncConnection) -> Effects:
+            lost = (
+                await conn.execute(
+                    select(_agents.c.agent_id).where(
+                        _agents.c.connected.is_(False), _agents.c.disconnected_at <= cutoff
+                    )
+                )
+            ).scalars()
+            lost_ids = list(lost)
+            if not lost_ids:
+                return Effects()
+            await conn.execute(
+                update(_agents).where(_agents.c.agent_id.in_(lost_ids)).values(disconnected_at=None)
+            )
+            held = (
+                await conn.execute(
+                    select(_tasks.c.task_id)
+                    .where(
+                        _tasks.c.agent_id.in_(lost_ids),
+                        _tasks.c.state == TaskState.ASSIGNED.value,
+                    )
+                    .order_by(_tasks.c.assigned_at)
+                )
+            ).scalars()
+            return await self._fail_held(conn, list(held), "agent lost", now)
+
+        return await self._write(op, on_commit)
+
+    async def _fail_held(
+        self, conn: AsyncConnection, task_ids: list[str], error: str, now: datetime
+    ) -> Effects:
+        """Fail the current attempt of each task (retryable), telling its agent to stop."""
+        effects = Effects()
+        for task_id in task_ids:
+            row = (
+                await conn.execute(
+                    select(_tasks)
+                    .where(_tasks.c.task_id == task_id, _tasks.c.state == TaskState.ASSIGNED.value)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                continue
+            effects.merge(await self._fail_attempt(conn, row, error, retryable=True, now=now))
+            effects.cancelled.append(
+                Cancellation(row.agent_id, row.task_id, row.run_id, row.attempt, error)
+            )
+        return effects
+
+    async def _fail_attempt(
+        self, conn: AsyncConnection, row: Any, error: str, *, retryable: bool, now: datetime
+    ) -> Effects:
+        """A held attempt failed: queue the task again after its backoff while its policy
+        allows, or fail it finally (its fallback takes over, or the run fails)."""
+        policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
+        run = await _get_run(conn, row.run_id, lock=True)
+        if retryable and policy.may_retry(row.attempt):
+            not_before = now + policy.delay(row.attempt, self._rng)
+            await conn.execute(
+                update(_tasks)
+                .where(_tasks.c.task_id == row.task_id)
+                .values(
+                    state=TaskState.QUEUED.value,
+                    error=error,
+                    queued_at=now,
+                    not_before=not_before,
+                )
+            )
+            task = next(task for task in run.tasks if task.task_id == row.task_id)
+            effects = Effects(queued=[task.ready(not_before)])
+        else:
+            await conn.execute(
+                update(_tasks).where(_tasks.c.task_id == row.task_id).values(error=error)
+            )
+            transition = graph.fail(_graph(run), _states(run), row.name)
+            effects = await _apply(conn, run, transition, now)
+        effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
+        return effects
 
 
 # Statement helpers, shared by the methods above --------------------------------------------
@@ -771,12 +923,35 @@ async def _get_run(conn: AsyncConnection, run_id: str, *, lock: bool = False) ->
     return await _load_run(conn, row)
 
 
+def _graph(run: WorkflowRun) -> dict[str, graph.Node]:
+    return {task.name: graph.Node(task.depends_on, task.fallback) for task in run.tasks}
+
+
+def _states(run: WorkflowRun) -> dict[str, TaskState]:
+    return {task.name: task.state for task in run.tasks}
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Aggregates bypass the column type on SQLite: give a bare MIN() its time zone back."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+_RECORDED = {
+    TaskState.SUCCEEDED: (TaskState.SUCCEEDED,),
+    # A retryable failure leaves the task queued for its next attempt.
+    TaskState.FAILED: (TaskState.FAILED, TaskState.QUEUED),
+    TaskState.ASSIGNED: (),
+}
+
+
 async def _held_task(
     conn: AsyncConnection, task_id: str, agent_id: str, attempt: int, outcome: TaskState
-) -> Any | None:
-    """The task row if `agent_id` holds `attempt` of it; None if that very result was already
-    recorded (a retried call); FAILED_PRECONDITION for any other holder, attempt or state.
-    """
+) -> Any:
+    """The task row, locked, if `agent_id` holds `attempt` of it; None if that attempt's
+    `outcome` was already recorded (a retried call); FAILED_PRECONDITION for any other holder,
+    attempt or state."""
     row = (
         await conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
     ).first()
@@ -785,13 +960,16 @@ async def _held_task(
     holder = row.agent_id == agent_id and row.attempt == attempt
     if holder and row.state == TaskState.ASSIGNED.value:
         return row
-    if holder and row.state == outcome.value:
+    if holder and TaskState(row.state) in _RECORDED[outcome]:
         return None
-    if row.state == TaskState.ASSIGNED.value or row.attempt != attempt or row.agent_id != agent_id:
+    if row.state == TaskState.ASSIGNED.value or not holder:
         raise FailedPrecondition(
             f"agent {agent_id!r} does not hold attempt {attempt} of task {task_id!r}"
         )
     raise FailedPrecondition(f"task {task_id!r} is {row.state}, not assigned")
+
+
+_CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
 
 
 async def _apply(
@@ -801,6 +979,7 @@ async def _apply(
     effects = Effects()
     before = {task.name: task for task in run.tasks}
     by_state: dict[TaskState, list[str]] = {}
+    reason = _CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
     for name, state in transition.tasks.items():
         task = before[name]
         by_state.setdefault(state, []).append(task.task_id)
@@ -812,13 +991,16 @@ async def _apply(
             TaskState.SKIPPED,
             TaskState.CANCELLED,
         ):
-            hold = Hold(task.agent_id, task.task_id, run.run_id, task.attempt)
-            effects.released.append(hold)
-            effects.cancelled.append(hold)
+            effects.released.append(Hold(task.agent_id, task.task_id, run.run_id, task.attempt))
+            effects.cancelled.append(
+                Cancellation(task.agent_id, task.task_id, run.run_id, task.attempt, reason)
+            )
     for state, task_ids in by_state.items():
         stamp = {"queued_at": now} if state is TaskState.QUEUED else {"finished_at": now}
         await conn.execute(
-            update(_tasks).where(_tasks.c.task_id.in_(task_ids)).values(state=state.value, **stamp)
+            update(_tasks)
+            .where(_tasks.c.task_id.in_(task_ids))
+            .values(state=state.value, not_before=None, **stamp)
         )
     if transition.run_state is not None:
         await conn.execute(
@@ -839,15 +1021,22 @@ async def _assignment(
     *,
     redelivered: bool,
 ) -> Assignment:
-    """The assignment message for a task row: its input and the outputs of its dependencies."""
+    """The assignment message for a task row: its input, the outputs of its dependencies (a
+    dependency that failed and was stood in for gives its fallback's output under its own name),
+    and, for a fallback, which task it stands in for and that task's last error."""
+    siblings = {
+        task.name: task for task in (await _tasks_of(conn, [row.run_id])).get(row.run_id, [])
+    }
     outputs: dict[str, JsonObject] = {}
-    if row.depends_on:
-        result = await conn.execute(
-            select(_tasks.c.name, _tasks.c.output).where(
-                _tasks.c.run_id == row.run_id, _tasks.c.name.in_(row.depends_on)
-            )
+    for name in row.depends_on:
+        dependency = siblings[name]
+        source = (
+            siblings[dependency.fallback]
+            if dependency.state is TaskState.FAILED and dependency.fallback
+            else dependency
         )
-        outputs = {name: output or {} for name, output in result}
+        outputs[name] = source.output or {}
+    primary = next((task for task in siblings.values() if task.fallback == row.name), None)
     return Assignment(
         task_id=row.task_id,
         run_id=row.run_id,
@@ -859,4 +1048,6 @@ async def _assignment(
         dependency_outputs=outputs,
         deadline=deadline,
         redelivered=redelivered,
+        fallback_for=primary.name if primary is not None else "",
+        fallback_error=primary.error if primary is not None else "",
     )

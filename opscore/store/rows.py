@@ -133,11 +133,13 @@ def task_run(row: Row[Any]) -> TaskRun:
         capability=row.capability,
         labels=dict(row.labels),
         depends_on=tuple(row.depends_on),
+        fallback=row.fallback,
         pinned_agent_id=row.pinned_agent_id or "",
+        not_before=row.not_before,
     )
 
 
-def ready_task(row: Row[Any, Any, Any, Any, Any] | Row[Any]) -> ReadyTask:
+def ready_task(row: Any) -> ReadyTask:
     """The dispatcher's view of a queued `tasks` row."""
     return ReadyTask(
         task_id=row.task_id,
@@ -145,6 +147,7 @@ def ready_task(row: Row[Any, Any, Any, Any, Any] | Row[Any]) -> ReadyTask:
         capability=row.capability,
         labels=tuple(sorted(row.labels.items())),
         pinned_agent_id=row.pinned_agent_id or "",
+        not_before=row.not_before,
     )
 
 

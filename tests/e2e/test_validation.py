@@ -212,7 +212,7 @@ async def test_create_definition_refuses_malformed_request_id(client: Client) ->
 async def test_valid_definition_is_accepted_after_refusals(client: Client) -> None:
     await invalid(client.create(definition("", task("a"))), "definition.name")
     created = await client.create(
-        definition("wf", task("a"), task("b", depends_on=["a"], fallback="a"))
+        definition("wf", task("a"), task("b", depends_on=["a"], fallback="c"), task("c"))
     )
     assert created.version == 1
     assert [d.definition_id for d in await stored_definitions(client)] == [created.definition_id]

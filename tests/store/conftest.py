@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import migrate
 from opscore.store.engine import open_engine
 from opscore.store.queries import Store
@@ -19,7 +20,7 @@ async def store(db_url: str) -> AsyncIterator[Store]:
     await migrate.upgrade(engine)
     writer = Writer(engine)
     running = asyncio.create_task(writer.run())
-    yield Store(engine, writer)
+    yield Store(engine, writer, ResolvedRetryPolicy(max_attempts=1))
     writer.close()
     await running
     await engine.dispose()

@@ -251,14 +251,16 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
     )
     x, y = created.effects.queued
     await store.assign([(x, "w1"), (y, "w2")], NOW, TIMEOUT, ignore)
-    effects = await store.fail_task(x.task_id, "w1", 1, "boom", NOW, ignore)
+    effects = await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore)
     assert effects.finished_runs == [(created.run.run_id, RunState.FAILED)]
-    assert [(h.agent_id, h.task_id) for h in effects.cancelled] == [("w2", y.task_id)]
+    assert [(c.agent_id, c.task_id, c.reason) for c in effects.cancelled] == [
+        ("w2", y.task_id, "run failed")
+    ]
     assert {h.agent_id for h in effects.released} == {"w1", "w2"}
     run = await store.get_run(created.run.run_id)
     assert [t.state for t in run.tasks] == [TaskState.FAILED, TaskState.SKIPPED, TaskState.SKIPPED]
     assert run.tasks[0].error == "boom"
-    assert await store.fail_task(x.task_id, "w1", 1, "boom", NOW, ignore) == Effects()
+    assert await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore) == Effects()
     with pytest.raises(FailedPrecondition):
         await store.complete_task(y.task_id, "w2", 1, {}, NOW, ignore)
 
@@ -337,7 +339,7 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
     connected = await store.connect_agent("w", NOW, ignore)
     assert [a.task_id for a in connected.held] == [order[0].task_id]
     assert connected.held[0].redelivered
-    await store.reset_connections()
+    await store.reset_connections(NOW)
     assert not (await store.get_agent("w")).connected
 
 

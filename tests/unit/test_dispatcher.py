@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
@@ -12,9 +13,22 @@ async def _never(_: object) -> None:
     raise AssertionError("match() is called directly in these tests")
 
 
-def make() -> Dispatcher:
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class FakeNow:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.value = T0
+
+    def __call__(self) -> datetime:
+        return self.value
+
+
+def make(now: FakeNow | None = None) -> Dispatcher:
     ticks = itertools.count()
-    return Dispatcher(_never, clock=lambda: float(next(ticks)))
+    return Dispatcher(_never, clock=lambda: float(next(ticks)), now=now or FakeNow())
 
 
 def agent(
@@ -28,9 +42,15 @@ def agent(
 
 
 def ready(
-    task_id: str, capability: str = "", labels: dict[str, str] | None = None, pinned: str = ""
+    task_id: str,
+    capability: str = "",
+    labels: dict[str, str] | None = None,
+    pinned: str = "",
+    not_before: datetime | None = None,
 ) -> ReadyTask:
-    return ReadyTask(task_id, "run", capability, tuple(sorted((labels or {}).items())), pinned)
+    return ReadyTask(
+        task_id, "run", capability, tuple(sorted((labels or {}).items())), pinned, not_before
+    )
 
 
 def test_tasks_go_out_in_ready_order_to_the_longest_waiting_agent() -> None:
@@ -94,3 +114,31 @@ def test_a_backlog_nobody_can_take_is_one_group() -> None:
     dispatcher.agent_online(agent("w", "cpu"), ())
     dispatcher.enqueue([ready("mine", "cpu")])
     assert [t.task_id for t, _ in dispatcher.match()] == ["mine"]
+
+
+def test_a_retry_waits_for_its_time_then_queues_behind_earlier_tasks() -> None:
+    now = FakeNow()
+    dispatcher = make(now)
+    dispatcher.agent_online(agent("w", slots=5), ())
+    dispatcher.enqueue([ready("retry", not_before=T0 + timedelta(seconds=2)), ready("first")])
+    assert dispatcher.queued == 2
+    assert [t.task_id for t, _ in dispatcher.match()] == ["first"]
+    now.value = T0 + timedelta(seconds=1)
+    dispatcher.enqueue([ready("second")])
+    assert dispatcher._release_due() == 1.0  # seconds until the retry is due
+    assert [t.task_id for t, _ in dispatcher.match()] == ["second"]
+    now.value = T0 + timedelta(seconds=2)
+    assert dispatcher._release_due() is None
+    assert [t.task_id for t, _ in dispatcher.match()] == ["retry"]
+
+
+def test_a_cancelled_retry_never_comes_back() -> None:
+    now = FakeNow()
+    dispatcher = make(now)
+    dispatcher.agent_online(agent("w"), ())
+    dispatcher.enqueue([ready("retry", not_before=T0 + timedelta(seconds=1))])
+    dispatcher.dequeue(["retry"])
+    assert dispatcher.queued == 0
+    now.value = T0 + timedelta(seconds=5)
+    assert dispatcher._release_due() is None
+    assert dispatcher.match() == []

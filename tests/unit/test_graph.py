@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 from opscore.domain import graph
+from opscore.domain.graph import Node
 from opscore.domain.models import RunState, TaskState
 
-DIAMOND = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c")}
-Q, P, A, S = TaskState.QUEUED, TaskState.PENDING, TaskState.ASSIGNED, TaskState.SUCCEEDED
+DIAMOND = {"a": Node(), "b": Node(("a",)), "c": Node(("a",)), "d": Node(("b", "c"))}
+WITH_FALLBACK = {"main": Node(fallback="backup"), "backup": Node(), "after": Node(("main",))}
+Q, P, A, S, F, K = (
+    TaskState.QUEUED,
+    TaskState.PENDING,
+    TaskState.ASSIGNED,
+    TaskState.SUCCEEDED,
+    TaskState.FAILED,
+    TaskState.SKIPPED,
+)
 
 
 def test_roots_are_queued_and_the_rest_wait() -> None:
     assert graph.initial_states(DIAMOND) == {"a": Q, "b": P, "c": P, "d": P}
 
 
+def test_a_fallback_is_not_a_root() -> None:
+    assert graph.initial_states(WITH_FALLBACK) == {"main": Q, "backup": P, "after": P}
+    assert graph.fallbacks(WITH_FALLBACK) == {"backup": "main"}
+
+
 def test_success_queues_dependents_whose_dependencies_all_succeeded() -> None:
     after_a = graph.succeed(DIAMOND, {"a": A, "b": P, "c": P, "d": P}, "a")
     assert after_a.tasks == {"a": S, "b": Q, "c": Q}
-    assert after_a.names_in(Q) == ["b", "c"]
     assert after_a.run_state is None
     after_b = graph.succeed(DIAMOND, {"a": S, "b": A, "c": A, "d": P}, "b")
     assert after_b.tasks == {"b": S}
@@ -29,9 +42,31 @@ def test_the_last_success_finishes_the_run() -> None:
     assert done.run_state is RunState.SUCCEEDED
 
 
-def test_failure_skips_every_unfinished_task() -> None:
-    failed = graph.fail({"a": S, "b": A, "c": A, "d": P}, "b")
-    assert failed.tasks == {"b": TaskState.FAILED, "c": TaskState.SKIPPED, "d": TaskState.SKIPPED}
+def test_failure_without_fallback_skips_every_unfinished_task() -> None:
+    failed = graph.fail(DIAMOND, {"a": S, "b": A, "c": A, "d": P}, "b")
+    assert failed.tasks == {"b": F, "c": K, "d": K}
+    assert failed.run_state is RunState.FAILED
+
+
+def test_a_failed_task_is_stood_in_for_by_its_fallback() -> None:
+    failed = graph.fail(WITH_FALLBACK, {"main": A, "backup": P, "after": P}, "main")
+    assert failed.tasks == {"main": F, "backup": Q}
+    assert failed.run_state is None
+    rescued = graph.succeed(WITH_FALLBACK, {"main": F, "backup": A, "after": P}, "backup")
+    assert rescued.tasks == {"backup": S, "after": Q}
+    assert graph.satisfied(WITH_FALLBACK, {"main": F, "backup": S, "after": P}, "main")
+    done = graph.succeed(WITH_FALLBACK, {"main": F, "backup": S, "after": A}, "after")
+    assert done.run_state is RunState.SUCCEEDED
+
+
+def test_a_succeeding_task_skips_its_fallback() -> None:
+    ok = graph.succeed(WITH_FALLBACK, {"main": A, "backup": P, "after": P}, "main")
+    assert ok.tasks == {"main": S, "backup": K, "after": Q}
+
+
+def test_a_failing_fallback_fails_the_run() -> None:
+    failed = graph.fail(WITH_FALLBACK, {"main": F, "backup": A, "after": P}, "backup")
+    assert failed.tasks == {"backup": F, "after": K}
     assert failed.run_state is RunState.FAILED
 
 
