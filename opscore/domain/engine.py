@@ -204,7 +204,12 @@ class Engine:
         self, page_size: int, page_token: str, state: AgentState | None, capability: str
     ) -> Page[Agent]:
         """A page of agents."""
-        raise_if(validation.check_page(page_size))
+        raise_if(
+            [
+                *validation.check_page(page_size),
+                *validation.check_text(capability, "capability", 200),
+            ]
+        )
         size = validation.page_size_or_default(page_size, self._settings.limits)
         return await self._store.list_agents(size, page_token, state, capability)
 
@@ -270,7 +275,7 @@ class Engine:
         self, page_size: int, page_token: str, name: str
     ) -> Page[WorkflowDefinition]:
         """A page of definitions."""
-        raise_if(validation.check_page(page_size))
+        raise_if([*validation.check_page(page_size), *validation.check_text(name, "name", 200)])
         size = validation.page_size_or_default(page_size, self._settings.limits)
         return await self._store.list_definitions(size, page_token, name)
 
@@ -341,7 +346,13 @@ class Engine:
         agent_id: str,
     ) -> Page[WorkflowRun]:
         """A page of runs."""
-        raise_if(validation.check_page(page_size))
+        raise_if(
+            [
+                *validation.check_page(page_size),
+                *check_id(definition_id, "definition_id", required=False),
+                *check_id(agent_id, "agent_id", required=False),
+            ]
+        )
         size = validation.page_size_or_default(page_size, self._settings.limits)
         return await self._store.list_runs(size, page_token, state, definition_id, agent_id)
 

@@ -289,8 +289,9 @@ class Store:
         await self._write(op)
 
     async def reset_connections(self, now: datetime) -> None:
-        """At start-up no stream is open to this server: every agent is disconnected, and those
-        that were connected when the server stopped start their grace period now.
+        """At start-up no stream is open to this server: every agent is disconnected, and every
+        agent that was connected, or still within its grace, starts a fresh grace period now
+        (the outage was the server's, not the agent's).
 
         This holds while one server owns the database; replicas sharing one will track the
         stream owner per agent instead.
@@ -299,7 +300,7 @@ class Store:
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(
                 update(_agents)
-                .where(_agents.c.connected.is_(True))
+                .where(or_(_agents.c.connected.is_(True), _agents.c.disconnected_at.is_not(None)))
                 .values(connected=False, disconnected_at=now)
             )
 
