@@ -623,7 +623,7 @@ class Store:
         ready. The same result again, once recorded, changes nothing and is not an error."""
 
         async def op(conn: AsyncConnection) -> Effects:
-            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.SUCCEEDED)
+            row = await _held_task(conn, task_id, agent_id, attempt, _succeeded)
             if row is None:
                 return Effects()
             run = await _get_run(conn, row.run_id, lock=True)
@@ -652,7 +652,7 @@ class Store:
         changes nothing."""
 
         async def op(conn: AsyncConnection) -> Effects:
-            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.FAILED)
+            row = await _held_task(conn, task_id, agent_id, attempt, _failed_with(error))
             if row is None:
                 return Effects()
             return await self._fail_attempt(conn, row, error, retryable=retryable, now=now)
@@ -666,7 +666,7 @@ class Store:
         earlier). FAILED_PRECONDITION unless the agent holds that attempt."""
 
         async def op(conn: AsyncConnection) -> datetime:
-            row = await _held_task(conn, task_id, agent_id, attempt, TaskState.ASSIGNED)
+            row = await _held_task(conn, task_id, agent_id, attempt, _never_recorded)
             deadline: datetime = max(row.deadline, now + extend_by)
             await conn.execute(
                 update(_tasks).where(_tasks.c.task_id == task_id).values(deadline=deadline)
@@ -939,20 +939,35 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-_RECORDED = {
-    TaskState.SUCCEEDED: (TaskState.SUCCEEDED,),
-    # A retryable failure leaves the task queued for its next attempt.
-    TaskState.FAILED: (TaskState.FAILED, TaskState.QUEUED),
-    TaskState.ASSIGNED: (),
-}
+def _succeeded(row: Any) -> bool:
+    return bool(row.state == TaskState.SUCCEEDED.value)
+
+
+def _failed_with(error: str) -> Callable[[Any], bool]:
+    """Whether this very failure was recorded: the task failed, or waits for its retry, with
+    this error; an attempt the server failed ("timed out", "agent lost") does not match."""
+
+    def recorded(row: Any) -> bool:
+        waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
+        return bool(row.state in waiting and row.error == error)
+
+    return recorded
+
+
+def _never_recorded(_row: Any) -> bool:
+    return False
 
 
 async def _held_task(
-    conn: AsyncConnection, task_id: str, agent_id: str, attempt: int, outcome: TaskState
+    conn: AsyncConnection,
+    task_id: str,
+    agent_id: str,
+    attempt: int,
+    recorded: Callable[[Any], bool],
 ) -> Any:
-    """The task row, locked, if `agent_id` holds `attempt` of it; None if that attempt's
-    `outcome` was already recorded (a retried call); FAILED_PRECONDITION for any other holder,
-    attempt or state."""
+    """The task row, locked, if `agent_id` holds `attempt` of it; None if the result was
+    already `recorded` for that attempt (a retried call); FAILED_PRECONDITION for any other
+    holder, attempt or state."""
     row = (
         await conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
     ).first()
@@ -961,7 +976,7 @@ async def _held_task(
     holder = row.agent_id == agent_id and row.attempt == attempt
     if holder and row.state == TaskState.ASSIGNED.value:
         return row
-    if holder and TaskState(row.state) in _RECORDED[outcome]:
+    if holder and recorded(row):
         return None
     if row.state == TaskState.ASSIGNED.value or not holder:
         raise FailedPrecondition(
