@@ -655,7 +655,9 @@ class Store:
             row = await _held_task(conn, task_id, agent_id, attempt, _failed_with(error))
             if row is None:
                 return Effects()
-            return await self._fail_attempt(conn, row, error, retryable=retryable, now=now)
+            return await self._fail_attempt(
+                conn, row, error, retryable=retryable, reported=True, now=now
+            )
 
         return await self._write(op, on_commit)
 
@@ -766,17 +768,27 @@ class Store:
             ).first()
             if row is None:
                 continue
-            effects.merge(await self._fail_attempt(conn, row, error, retryable=True, now=now))
+            effects.merge(
+                await self._fail_attempt(conn, row, error, retryable=True, reported=False, now=now)
+            )
             effects.cancelled.append(
                 Cancellation(row.agent_id, row.task_id, row.run_id, row.attempt, error)
             )
         return effects
 
     async def _fail_attempt(
-        self, conn: AsyncConnection, row: Any, error: str, *, retryable: bool, now: datetime
+        self,
+        conn: AsyncConnection,
+        row: Any,
+        error: str,
+        *,
+        retryable: bool,
+        reported: bool,
+        now: datetime,
     ) -> Effects:
-        """A held attempt failed: queue the task again after its backoff while its policy
-        allows, or fail it finally (its fallback takes over, or the run fails)."""
+        """A held attempt failed (`reported` by its agent, or declared by the server): queue
+        the task again after its backoff while its policy allows, or fail it finally (its
+        fallback takes over, or the run fails)."""
         policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
         run = await _get_run(conn, row.run_id, lock=True)
         if retryable and policy.may_retry(row.attempt):
@@ -787,6 +799,7 @@ class Store:
                 .values(
                     state=TaskState.QUEUED.value,
                     error=error,
+                    error_reported=reported,
                     queued_at=now,
                     not_before=not_before,
                 )
@@ -795,7 +808,9 @@ class Store:
             effects = Effects(queued=[task.ready(not_before)])
         else:
             await conn.execute(
-                update(_tasks).where(_tasks.c.task_id == row.task_id).values(error=error)
+                update(_tasks)
+                .where(_tasks.c.task_id == row.task_id)
+                .values(error=error, error_reported=reported)
             )
             transition = graph.fail(_graph(run), _states(run), row.name)
             effects = await _apply(conn, run, transition, now)
@@ -945,11 +960,11 @@ def _succeeded(row: Any) -> bool:
 
 def _failed_with(error: str) -> Callable[[Any], bool]:
     """Whether this very failure was recorded: the task failed, or waits for its retry, with
-    this error; an attempt the server failed ("timed out", "agent lost") does not match."""
+    this error as its holder reported it (an attempt the server failed never matches)."""
 
     def recorded(row: Any) -> bool:
         waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
-        return bool(row.state in waiting and row.error == error)
+        return bool(row.state in waiting and row.error_reported and row.error == error)
 
     return recorded
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -148,6 +149,9 @@ class TaskRow(Base):
     """The end of the current attempt's lease, while assigned."""
     not_before: Mapped[datetime | None]
     """The earliest time of the next attempt, while queued for a retry."""
+    error_reported: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    """Whether `error` was reported by the holder (FailTask), not declared by the server (a
+    lease that ran out, an agent lost): only the former may be repeated idempotently."""
     finished_at: Mapped[datetime | None]
 
 

@@ -1,4 +1,5 @@
-"""Leases and retries: the retry time of a queued task, the grace start of a lost agent.
+"""Leases and retries: a queued task's retry time and who recorded its error; a lost agent's
+grace start.
 
 Revision ID: 0002
 Revises: 0001
@@ -23,6 +24,9 @@ def upgrade() -> None:
     """Apply this migration."""
     with op.batch_alter_table("tasks") as batch_op:
         batch_op.add_column(sa.Column("not_before", TIMESTAMP, nullable=True))
+        batch_op.add_column(
+            sa.Column("error_reported", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
     with op.batch_alter_table("agents") as batch_op:
         batch_op.add_column(sa.Column("disconnected_at", TIMESTAMP, nullable=True))
         batch_op.create_index(batch_op.f("ix_agents_disconnected_at"), ["disconnected_at"])
@@ -34,4 +38,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_agents_disconnected_at"))
         batch_op.drop_column("disconnected_at")
     with op.batch_alter_table("tasks") as batch_op:
+        batch_op.drop_column("error_reported")
         batch_op.drop_column("not_before")
