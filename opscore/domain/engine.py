@@ -226,6 +226,9 @@ class Engine:
 
         def on_commit(connected: Connected) -> None:
             self.streams.install(stream, Aborted("replaced by a newer stream for this agent"))
+            if self._draining:  # the drain began while this stream was being opened
+                stream.close(Unavailable("the server is shutting down"))
+                return
             for assignment in connected.held:
                 stream.push(assignment)
             self.dispatcher.agent_online(connected.profile, (a.task_id for a in connected.held))
