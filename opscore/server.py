@@ -49,6 +49,7 @@ class OpsCoreServer:
         self.engine: Engine | None = None
         self._failed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Open, migrate, recover and start serving; returns the bound port."""

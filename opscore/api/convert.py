@@ -9,9 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from opscore.domain import models
@@ -70,9 +69,24 @@ def _struct(value: models.JsonObject) -> Struct:
 
 
 def json_object(message: Struct) -> models.JsonObject:
-    """A Struct as a plain JSON object."""
-    converted: dict[str, Any] = json_format.MessageToDict(message)
-    return converted
+    """A Struct as a plain JSON object. Converted by hand, not with json_format, which raises
+    on NaN and infinities: those are the validation's to refuse, naming the field."""
+    return {key: _plain(value) for key, value in message.fields.items()}
+
+
+def _plain(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return json_object(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
 
 
 def duration(message: Duration, field: str) -> timedelta:

@@ -8,13 +8,15 @@ the server: it is logged with its traceback and answered INTERNAL, never blamed 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyMessage
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -88,10 +90,36 @@ Behavior = Callable[[Any, Any], Any]
 """A handler's behaviour: (request, context) to a response awaitable or an async iterator."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. nested deeper than protobuf's
+    limit), so the guard answers INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+
+    reason: str
+
+
+def _guard_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def guarded(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return guarded
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument.single("request", f"cannot be decoded: {request.reason}")
+    return request
+
+
 def _guard_unary(behavior: Behavior) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_decoded(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped or logged, see the module docstring
@@ -105,7 +133,7 @@ def _guard_stream(behavior: Behavior) -> Behavior:
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(_decoded(request), context):
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -129,12 +157,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
+        deserializer = _guard_deserializer(handler.request_deserializer)
+        guarded: grpc.RpcMethodHandler[Any, Any] = handler
         if handler.unary_unary is not None:
-            guarded: grpc.RpcMethodHandler[Any, Any] = handler._replace(
-                unary_unary=_guard_unary(handler.unary_unary)
+            guarded = handler._replace(
+                unary_unary=_guard_unary(handler.unary_unary), request_deserializer=deserializer
             )
         elif handler.unary_stream is not None:
-            guarded = handler._replace(unary_stream=_guard_stream(handler.unary_stream))
-        else:
-            guarded = handler
+            # A streaming behaviour is an async generator, or (health's Watch) a coroutine that
+            # writes with context.write: each is guarded in its own shape.
+            streaming = handler.unary_stream
+            guard = _guard_stream if inspect.isasyncgenfunction(streaming) else _guard_unary
+            guarded = handler._replace(
+                unary_stream=guard(streaming), request_deserializer=deserializer
+            )
         return guarded

@@ -119,8 +119,9 @@ def check_capability(value: str, field: str) -> Iterator[FieldViolation]:
 def check_registration(registration: AgentRegistration) -> Iterator[FieldViolation]:
     """An agent's registration: a well-formed id if given, sane capabilities and slot count."""
     yield from check_id(registration.agent_id, "agent_id", required=False)
-    yield from check_text(registration.name, "name", MAX_NAME_LENGTH)
-    yield from check_text(registration.version, "version", MAX_NAME_LENGTH)
+    for field, value in (("name", registration.name), ("version", registration.version)):
+        if value:
+            yield from check_name(value, field)
     if registration.max_concurrent_tasks < 0:
         yield FieldViolation("max_concurrent_tasks", "must not be negative")
     elif registration.max_concurrent_tasks > 100_000:
