@@ -129,8 +129,14 @@ class OpsCoreServer:
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, streams end with UNAVAILABLE, in-flight calls finish
-        within the grace, pending commits are written, then everything closes.
+        within the grace, pending commits are written, then everything closes. Calling it again
+        waits for the same drain.
         """
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._drain())
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self) -> None:
         log.info("server stopping")
         await self._health.enter_graceful_shutdown()
         assert self.engine is not None
