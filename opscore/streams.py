@@ -17,8 +17,10 @@ from opscore.domain.models import StreamEvent
 class AgentStream:
     """One agent's open stream of task events."""
 
-    def __init__(self, agent_id: str) -> None:
+    def __init__(self, agent_id: str, generation: int) -> None:
         self.agent_id = agent_id
+        self.generation = generation
+        """How many streams the agent had opened before this one (on this server)."""
         self._queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
         self._end: OpsCoreError | None = None
         self.closed = False
@@ -52,6 +54,24 @@ class Streams:
 
     def __init__(self) -> None:
         self._open: dict[str, AgentStream] = {}
+        self._opened: dict[str, int] = {}
+
+    def new_stream(self, agent_id: str) -> AgentStream:
+        """A stream for the agent, numbered after every stream it opened before."""
+        generation = self._opened.get(agent_id, 0) + 1
+        self._opened[agent_id] = generation
+        return AgentStream(agent_id, generation)
+
+    def is_newest(self, stream: AgentStream) -> bool:
+        """Whether no newer stream of the same agent has begun to open."""
+        return self._opened.get(stream.agent_id) == stream.generation
+
+    def forget(self, agent_id: str) -> None:
+        """The agent is gone (deregistered): drop what is known of its streams."""
+        self._opened.pop(agent_id, None)
+        stream = self._open.pop(agent_id, None)
+        if stream is not None:
+            stream.close()
 
     def get(self, agent_id: str) -> AgentStream | None:
         """The agent's open stream, if any."""

@@ -6,7 +6,7 @@ the field, so servicers hand the engine only well-typed values.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -292,8 +292,3 @@ def cancellation(value: models.Cancellation) -> workflow_pb2.TaskCancellation:
     return workflow_pb2.TaskCancellation(
         task_id=value.task_id, run_id=value.run_id, attempt=value.attempt, reason=value.reason
     )
-
-
-def datetime_of(message: Timestamp) -> datetime:
-    """A Timestamp as an aware UTC datetime."""
-    return message.ToDatetime(tzinfo=UTC)

@@ -96,14 +96,16 @@ class Engine:
         next of these times (read from indexes) or when an earlier one is created."""
         grace = self._settings.agent_grace
         while True:
+            # No target while reading: a time created meanwhile wakes the wait below at once.
+            self._timers_target = None
             now = self._now()
             deadline, disconnected = await self._store.next_timers()
             grace_end = None if disconnected is None else disconnected + grace
             if deadline is not None and deadline <= now:
-                await self._store.expire_leases(now, self._on_leases_expired)
+                await self._store.expire_leases(now, self._apply)
                 continue
             if grace_end is not None and grace_end <= now:
-                await self._store.lose_agents(now - grace, now, self._on_agents_lost)
+                await self._store.lose_agents(now - grace, now, self._apply)
                 continue
             self._timers_target = min(
                 (when for when in (deadline, grace_end) if when is not None), default=None
@@ -121,22 +123,6 @@ class Engine:
         """A lease or grace period now ends at `when`: wake the timers if that is sooner."""
         if self._timers_target is None or when < self._timers_target:
             self._timers_wake.set()
-
-    def _on_leases_expired(self, effects: Effects) -> None:
-        for cancellation in effects.cancelled:
-            log.info(
-                "task lease expired",
-                extra={"task_id": cancellation.task_id, "agent_id": cancellation.agent_id},
-            )
-        self._apply(effects)
-
-    def _on_agents_lost(self, effects: Effects) -> None:
-        for cancellation in effects.cancelled:
-            log.info(
-                "task lost with its agent",
-                extra={"task_id": cancellation.task_id, "agent_id": cancellation.agent_id},
-            )
-        self._apply(effects)
 
     # Agents --------------------------------------------------------------------------------
 
@@ -157,10 +143,7 @@ class Engine:
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:
-            stream = self.streams.get(agent_id)
-            if stream is not None:
-                self.streams.remove(stream)
-                stream.close()
+            self.streams.forget(agent_id)
             self.dispatcher.agent_offline(agent_id)
             self._apply(effects)
 
@@ -222,7 +205,7 @@ class Engine:
         raise_if(check_id(agent_id, "agent_id"))
         if self._draining:
             raise Unavailable("the server is shutting down")
-        stream = AgentStream(agent_id)
+        stream = self.streams.new_stream(agent_id)
 
         def on_commit(connected: Connected) -> None:
             self.streams.install(stream, Aborted("replaced by a newer stream for this agent"))
@@ -245,7 +228,9 @@ class Engine:
             # Draining refuses writes: every agent is marked disconnected at the next start.
             now = self._now()
             with contextlib.suppress(Unavailable):
-                await self._store.disconnect_agent(stream.agent_id, now)
+                await self._store.disconnect_agent(
+                    stream.agent_id, now, lambda: self.streams.is_newest(stream)
+                )
                 self._timer_at(now + self._settings.agent_grace)
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
 
@@ -472,6 +457,15 @@ class Engine:
         for hold in effects.released:
             self.dispatcher.release(hold.agent_id, hold.task_id)
         for cancellation in effects.cancelled:
+            log.info(
+                "task attempt cancelled",
+                extra={
+                    "task_id": cancellation.task_id,
+                    "agent_id": cancellation.agent_id,
+                    "attempt": cancellation.attempt,
+                    "reason": cancellation.reason,
+                },
+            )
             stream = self.streams.get(cancellation.agent_id)
             if stream is not None:
                 stream.push(cancellation)

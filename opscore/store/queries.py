@@ -275,11 +275,16 @@ class Store:
 
         return await self._write(op, on_commit)
 
-    async def disconnect_agent(self, agent_id: str, now: datetime) -> None:
-        """Mark the agent's stream closed: its grace period starts now (the agent may have been
-        deregistered meanwhile, which leaves nothing to mark)."""
+    async def disconnect_agent(
+        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
+    ) -> None:
+        """Mark the agent's stream closed: its grace period starts now. Skipped if, when the
+        write runs, `still_current()` says a newer stream of the agent has begun to open (its
+        connection must not be undone); nothing to mark if the agent was deregistered."""
 
         async def op(conn: AsyncConnection) -> None:
+            if not still_current():
+                return
             await conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
