@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from opscore import config, logs
 from opscore.server import serve
 from opscore.store import migrate
-from opscore.store.engine import open_engine
+from opscore.store.database import open_database
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,11 +27,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _upgrade(url: str) -> None:
-    engine = open_engine(url)
+    database = open_database(url)
     try:
-        await migrate.upgrade(engine)
+        await migrate.upgrade(database)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
 
-DEFAULT_DB = "sqlite+aiosqlite:///opscore.db"
+DEFAULT_DB = "sqlite:///opscore.db"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.engine import Engine, EngineSettings
 from opscore.store import migrate
-from opscore.store.engine import open_engine
+from opscore.store.database import open_database
 from opscore.store.queries import Store
 from opscore.store.writer import Writer
 from opscore.v1 import (
@@ -54,7 +54,7 @@ class OpsCoreServer:
     async def start(self) -> int:
         """Open, migrate, recover and start serving; returns the bound port."""
         settings = self.settings
-        self._db = open_engine(settings.db_url)
+        self._db = open_database(settings.db_url)
         await migrate.upgrade(self._db)
         self._writer = Writer(self._db)
         self._supervise(self._writer.run(), "writer")
@@ -142,8 +142,11 @@ class OpsCoreServer:
         assert self.engine is not None
         self.engine.shut_down()
         await self._grpc.stop(self.settings.shutdown_grace)
-        self._dispatcher_task.cancel()
-        self._timers_task.cancel()
+        # The loops that write stop first; then the writer commits what was submitted.
+        loops = (self._dispatcher_task, self._timers_task)
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
         self._writer.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._db.dispose()

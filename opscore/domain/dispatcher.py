@@ -171,8 +171,11 @@ class Dispatcher:
         """Wake on events, match, commit the assignments; forever (cancel to stop)."""
         while True:
             next_due = self._release_due()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wait ends, and the loop must stop when the server stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), next_due)
+                async with asyncio.timeout(next_due):
+                    await self._wake.wait()
             self._wake.clear()
             self._release_due()
             pairs = self.match()

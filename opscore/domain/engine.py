@@ -115,8 +115,9 @@ class Engine:
                 if self._timers_target is None
                 else (self._timers_target - self._now()).total_seconds()
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timers_wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # (asyncio.timeout: see Dispatcher.run)
+                async with asyncio.timeout(timeout):
+                    await self._timers_wake.wait()
             self._timers_wake.clear()
 
     def _timer_at(self, when: datetime) -> None:

@@ -1,7 +1,9 @@
 """Every statement Ops-Core runs, behind intention-named methods of `Store`.
 
-Writes go through the group-commit `Writer`; reads use pooled connections in a transaction of
-their own (a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
+Statements are plain synchronous SQLAlchemy Core over a `Connection`: each operation runs whole
+inside one transaction that `Database` runs for it (on SQLite in a thread, on PostgreSQL through
+asyncpg). Writes go through the group-commit `Writer`; reads run in a transaction of their own
+(a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
 `on_commit` callback inside the commit order, which is how the dispatcher's memory follows the
 database without ever running ahead of it.
 """
@@ -11,13 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -43,6 +45,7 @@ from opscore.domain.models import (
 )
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
+from opscore.store.database import Database
 from opscore.store.tables import (
     AgentCapabilityRow,
     AgentRow,
@@ -113,30 +116,29 @@ class Store:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        database: Database,
         writer: Writer,
         retry: ResolvedRetryPolicy,
         rng: random.Random | None = None,
     ) -> None:
-        self.engine = engine
+        self.database = database
         self._writer = writer
         self._retry = retry
         self._rng = rng or random.Random()
 
     async def _write(
-        self, op: Callable[[AsyncConnection], Awaitable[T]], on_commit: OnCommit[T] | None = None
+        self, op: Callable[[Connection], T], on_commit: OnCommit[T] | None = None
     ) -> T:
-        async def run(tx: Tx) -> T:
-            value = await op(tx.conn)
+        def run(tx: Tx) -> T:
+            value = op(tx.conn)
             if on_commit is not None:
                 tx.after_commit(lambda: on_commit(value))
             return value
 
         return await self._writer.submit(run)
 
-    async def _read(self, op: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        async with self.engine.connect() as conn, conn.begin():
-            return await op(conn)
+    async def _read(self, op: Callable[[Connection], T]) -> T:
+        return await self.database.run(op, write=False)
 
     # Agents ------------------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class Store:
     ) -> Agent:
         """Insert the agent, or update its information keeping its history and tasks."""
 
-        async def op(conn: AsyncConnection) -> Agent:
+        def op(conn: Connection) -> Agent:
             agent_id = registration.agent_id or new_id()
             values = {
                 "name": registration.name,
@@ -154,11 +156,11 @@ class Store:
                 "max_concurrent_tasks": registration.max_concurrent_tasks,
                 "last_seen_at": now,
             }
-            updated = await conn.execute(
+            updated = conn.execute(
                 update(_agents).where(_agents.c.agent_id == agent_id).values(**values)
             )
             if updated.rowcount == 0:
-                await conn.execute(
+                conn.execute(
                     insert(_agents).values(
                         agent_id=agent_id,
                         reported_state=ReportedState.NONE.value,
@@ -168,16 +170,16 @@ class Store:
                         **values,
                     )
                 )
-            await conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
             if registration.capabilities:
-                await conn.execute(
+                conn.execute(
                     insert(_capabilities),
                     [
                         {"agent_id": agent_id, "capability": capability}
                         for capability in dict.fromkeys(registration.capabilities)
                     ],
                 )
-            return await _get_agent(conn, agent_id)
+            return _get_agent(conn, agent_id)
 
         return await self._write(op, on_commit)
 
@@ -186,10 +188,10 @@ class Store:
     ) -> Effects:
         """Remove the agent; every task it held goes back to the queue for another attempt."""
 
-        async def op(conn: AsyncConnection) -> Effects:
-            await _get_agent(conn, agent_id)
+        def op(conn: Connection) -> Effects:
+            _get_agent(conn, agent_id)
             effects = Effects()
-            held = await conn.execute(
+            held = conn.execute(
                 select(_tasks)
                 .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
@@ -199,13 +201,13 @@ class Store:
                 effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
                 effects.queued.append(rows.ready_task(row))
             if effects.queued:
-                await conn.execute(
+                conn.execute(
                     update(_tasks)
                     .where(_tasks.c.task_id.in_([task.task_id for task in effects.queued]))
                     .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
                 )
-            await conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
-            await conn.execute(delete(_agents).where(_agents.c.agent_id == agent_id))
+            conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            conn.execute(delete(_agents).where(_agents.c.agent_id == agent_id))
             return effects
 
         return await self._write(op, on_commit)
@@ -213,8 +215,8 @@ class Store:
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         """Record that the agent was heard from (a heartbeat)."""
 
-        async def op(conn: AsyncConnection) -> None:
-            result = await conn.execute(
+        def op(conn: Connection) -> None:
+            result = conn.execute(
                 update(_agents).where(_agents.c.agent_id == agent_id).values(last_seen_at=now)
             )
             if result.rowcount == 0:
@@ -232,15 +234,15 @@ class Store:
     ) -> Agent:
         """Record the state the agent reports of itself."""
 
-        async def op(conn: AsyncConnection) -> Agent:
-            result = await conn.execute(
+        def op(conn: Connection) -> Agent:
+            result = conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
                 .values(reported_state=state.value, state_detail=detail, last_seen_at=now)
             )
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
-            return await _get_agent(conn, agent_id)
+            return _get_agent(conn, agent_id)
 
         return await self._write(op, on_commit)
 
@@ -252,22 +254,22 @@ class Store:
         exact point of the commit order.
         """
 
-        async def op(conn: AsyncConnection) -> Connected:
-            result = await conn.execute(
+        def op(conn: Connection) -> Connected:
+            result = conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
                 .values(connected=True, last_seen_at=now, disconnected_at=None)
             )
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
-            agent = await _get_agent(conn, agent_id)
-            held_rows = await conn.execute(
+            agent = _get_agent(conn, agent_id)
+            held_rows = conn.execute(
                 select(_tasks)
                 .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
             )
             held = [
-                await _assignment(conn, row, row.attempt, agent_id, row.deadline, redelivered=True)
+                _assignment(conn, row, row.attempt, agent_id, row.deadline, redelivered=True)
                 for row in held_rows
             ]
             profile = agent.profile()
@@ -282,10 +284,10 @@ class Store:
         write runs, `still_current()` says a newer stream of the agent has begun to open (its
         connection must not be undone); nothing to mark if the agent was deregistered."""
 
-        async def op(conn: AsyncConnection) -> None:
+        def op(conn: Connection) -> None:
             if not still_current():
                 return
-            await conn.execute(
+            conn.execute(
                 update(_agents)
                 .where(_agents.c.agent_id == agent_id)
                 .values(connected=False, last_seen_at=now, disconnected_at=now)
@@ -302,8 +304,8 @@ class Store:
         stream owner per agent instead.
         """
 
-        async def op(conn: AsyncConnection) -> None:
-            await conn.execute(
+        def op(conn: Connection) -> None:
+            conn.execute(
                 update(_agents)
                 .where(or_(_agents.c.connected.is_(True), _agents.c.disconnected_at.is_not(None)))
                 .values(connected=False, disconnected_at=now)
@@ -321,7 +323,7 @@ class Store:
         """A page of agents by id, filtered by derived state and capability."""
         after = decode_page_token(page_token)
 
-        async def op(conn: AsyncConnection) -> Page[Agent]:
+        def op(conn: Connection) -> Page[Agent]:
             query = select(_agents, _running_count.label("running")).order_by(_agents.c.agent_id)
             if after is not None:
                 query = query.where(_agents.c.agent_id > after)
@@ -336,9 +338,9 @@ class Store:
                 )
             if state is not None:
                 query = query.where(_state_condition(state))
-            found = (await conn.execute(query.limit(page_size + 1))).all()
+            found = (conn.execute(query.limit(page_size + 1))).all()
             page = found[:page_size]
-            capabilities = await _capabilities_of(conn, [row.agent_id for row in page])
+            capabilities = _capabilities_of(conn, [row.agent_id for row in page])
             agents = tuple(
                 rows.agent(row, capabilities.get(row.agent_id, ()), row.running) for row in page
             )
@@ -354,24 +356,24 @@ class Store:
     ) -> WorkflowDefinition:
         """Store the next version of `draft.name`; a repeated request_id returns the first."""
 
-        async def op(conn: AsyncConnection) -> WorkflowDefinition:
+        def op(conn: Connection) -> WorkflowDefinition:
             if request_id:
                 existing = (
-                    await conn.execute(
+                    conn.execute(
                         select(_definitions).where(_definitions.c.request_id == request_id)
                     )
                 ).first()
                 if existing is not None:
                     return rows.definition(existing)
-            return await _insert_definition(conn, draft, request_id or None, now)
+            return _insert_definition(conn, draft, request_id or None, now)
 
         return await self._write(op)
 
     async def get_definition(self, definition_id: str) -> WorkflowDefinition:
         """One definition, NOT_FOUND if unknown."""
 
-        async def op(conn: AsyncConnection) -> WorkflowDefinition:
-            return await _get_definition(conn, definition_id)
+        def op(conn: Connection) -> WorkflowDefinition:
+            return _get_definition(conn, definition_id)
 
         return await self._read(op)
 
@@ -381,13 +383,13 @@ class Store:
         """A page of definitions, oldest first (ids sort by creation time)."""
         after = decode_page_token(page_token)
 
-        async def op(conn: AsyncConnection) -> Page[WorkflowDefinition]:
+        def op(conn: Connection) -> Page[WorkflowDefinition]:
             query = select(_definitions).order_by(_definitions.c.definition_id)
             if after is not None:
                 query = query.where(_definitions.c.definition_id > after)
             if name:
                 query = query.where(_definitions.c.name == name)
-            found = (await conn.execute(query.limit(page_size + 1))).all()
+            found = (conn.execute(query.limit(page_size + 1))).all()
             page = found[:page_size]
             token = encode_page_token(page[-1].definition_id) if len(found) > page_size else ""
             return Page(tuple(rows.definition(row) for row in page), token)
@@ -412,26 +414,26 @@ class Store:
         one; its root tasks are queued at once. A repeated request_id returns the first run.
         """
 
-        async def op(conn: AsyncConnection) -> CreatedRun:
+        def op(conn: Connection) -> CreatedRun:
             if request_id:
                 existing = (
-                    await conn.execute(select(_runs).where(_runs.c.request_id == request_id))
+                    conn.execute(select(_runs).where(_runs.c.request_id == request_id))
                 ).first()
                 if existing is not None:
-                    return CreatedRun(await _load_run(conn, existing), False, Effects())
+                    return CreatedRun(_load_run(conn, existing), False, Effects())
             if agent_id:
-                await _get_agent(conn, agent_id)
+                _get_agent(conn, agent_id)
             if inline is not None:
                 name, stored_id, specs = inline.name, None, inline.tasks
             else:
                 stored = (
-                    await _get_definition(conn, definition_id)
+                    _get_definition(conn, definition_id)
                     if definition_id
-                    else await _latest_definition(conn, definition_name)
+                    else _latest_definition(conn, definition_name)
                 )
                 name, stored_id, specs = stored.name, stored.definition_id, stored.tasks
             run_id = new_id()
-            await conn.execute(
+            conn.execute(
                 insert(_runs).values(
                     run_id=run_id,
                     definition_id=stored_id,
@@ -469,9 +471,9 @@ class Store:
                 }
                 for position, spec in enumerate(specs)
             ]
-            await conn.execute(insert(_tasks), task_values)
-            run_row = (await conn.execute(select(_runs).where(_runs.c.run_id == run_id))).one()
-            run = await _load_run(conn, run_row)
+            conn.execute(insert(_tasks), task_values)
+            run_row = (conn.execute(select(_runs).where(_runs.c.run_id == run_id))).one()
+            run = _load_run(conn, run_row)
             effects = Effects(
                 queued=[task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
             )
@@ -482,8 +484,8 @@ class Store:
     async def get_run(self, run_id: str) -> WorkflowRun:
         """One run with its tasks, NOT_FOUND if unknown."""
 
-        async def op(conn: AsyncConnection) -> WorkflowRun:
-            return await _get_run(conn, run_id)
+        def op(conn: Connection) -> WorkflowRun:
+            return _get_run(conn, run_id)
 
         return await self._read(op)
 
@@ -498,7 +500,7 @@ class Store:
         """A page of runs with their tasks, oldest first."""
         after = decode_page_token(page_token)
 
-        async def op(conn: AsyncConnection) -> Page[WorkflowRun]:
+        def op(conn: Connection) -> Page[WorkflowRun]:
             query = select(_runs).order_by(_runs.c.run_id)
             if after is not None:
                 query = query.where(_runs.c.run_id > after)
@@ -508,9 +510,9 @@ class Store:
                 query = query.where(_runs.c.definition_id == definition_id)
             if agent_id:
                 query = query.where(_runs.c.agent_id == agent_id)
-            found = (await conn.execute(query.limit(page_size + 1))).all()
+            found = (conn.execute(query.limit(page_size + 1))).all()
             page = found[:page_size]
-            tasks = await _tasks_of(conn, [row.run_id for row in page])
+            tasks = _tasks_of(conn, [row.run_id for row in page])
             runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
             token = encode_page_token(page[-1].run_id) if len(found) > page_size else ""
             return Page(runs, token)
@@ -524,13 +526,13 @@ class Store:
         stopped. FAILED_PRECONDITION for a finished run.
         """
 
-        async def op(conn: AsyncConnection) -> tuple[WorkflowRun, Effects]:
-            run = await _get_run(conn, run_id, lock=True)
+        def op(conn: Connection) -> tuple[WorkflowRun, Effects]:
+            run = _get_run(conn, run_id, lock=True)
             if run.state.finished:
                 raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
             transition = graph.cancel(_states(run))
-            effects = await _apply(conn, run, transition, now)
-            return await _get_run(conn, run_id), effects
+            effects = _apply(conn, run, transition, now)
+            return _get_run(conn, run_id), effects
 
         return await self._write(op, on_commit)
 
@@ -540,8 +542,8 @@ class Store:
         """Every queued task, in the order they became ready (each with its retry time): the
         dispatcher's index at start."""
 
-        async def op(conn: AsyncConnection) -> list[ReadyTask]:
-            result = await conn.execute(
+        def op(conn: Connection) -> list[ReadyTask]:
+            result = conn.execute(
                 select(
                     _tasks.c.task_id,
                     _tasks.c.run_id,
@@ -568,11 +570,11 @@ class Store:
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
 
-        async def op(conn: AsyncConnection) -> list[Assignment | None]:
+        def op(conn: Connection) -> list[Assignment | None]:
             handed: list[Assignment | None] = []
             for task, agent_id in pairs:
                 row = (
-                    await conn.execute(
+                    conn.execute(
                         select(_tasks)
                         .where(
                             _tasks.c.task_id == task.task_id,
@@ -589,7 +591,7 @@ class Store:
                     if row.timeout_ms is None
                     else timedelta(milliseconds=row.timeout_ms)
                 )
-                await conn.execute(
+                conn.execute(
                     update(_tasks)
                     .where(_tasks.c.task_id == task.task_id)
                     .values(
@@ -601,13 +603,13 @@ class Store:
                         not_before=None,
                     )
                 )
-                await conn.execute(
+                conn.execute(
                     update(_runs)
                     .where(_runs.c.run_id == row.run_id, _runs.c.state == RunState.PENDING.value)
                     .values(state=RunState.RUNNING.value, started_at=now)
                 )
                 handed.append(
-                    await _assignment(
+                    _assignment(
                         conn, row, row.attempt + 1, agent_id, now + timeout, redelivered=False
                     )
                 )
@@ -627,16 +629,14 @@ class Store:
         """Record the output of the attempt the agent holds and queue the dependents that became
         ready. The same result again, once recorded, changes nothing and is not an error."""
 
-        async def op(conn: AsyncConnection) -> Effects:
-            row = await _held_task(conn, task_id, agent_id, attempt, _succeeded)
+        def op(conn: Connection) -> Effects:
+            row = _held_task(conn, task_id, agent_id, attempt, _succeeded)
             if row is None:
                 return Effects()
-            run = await _get_run(conn, row.run_id, lock=True)
+            run = _get_run(conn, row.run_id, lock=True)
             transition = graph.succeed(_graph(run), _states(run), row.name)
-            await conn.execute(
-                update(_tasks).where(_tasks.c.task_id == task_id).values(output=output)
-            )
-            effects = await _apply(conn, run, transition, now)
+            conn.execute(update(_tasks).where(_tasks.c.task_id == task_id).values(output=output))
+            effects = _apply(conn, run, transition, now)
             effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
             return effects
 
@@ -656,13 +656,11 @@ class Store:
         when `retryable` and attempts remain, else final. The same failure again, once recorded,
         changes nothing."""
 
-        async def op(conn: AsyncConnection) -> Effects:
-            row = await _held_task(conn, task_id, agent_id, attempt, _failed_with(error))
+        def op(conn: Connection) -> Effects:
+            row = _held_task(conn, task_id, agent_id, attempt, _failed_with(error))
             if row is None:
                 return Effects()
-            return await self._fail_attempt(
-                conn, row, error, retryable=retryable, reported=True, now=now
-            )
+            return self._fail_attempt(conn, row, error, retryable=retryable, reported=True, now=now)
 
         return await self._write(op, on_commit)
 
@@ -672,10 +670,10 @@ class Store:
         """Move the lease of the attempt the agent holds to at least `now + extend_by` (never
         earlier). FAILED_PRECONDITION unless the agent holds that attempt."""
 
-        async def op(conn: AsyncConnection) -> datetime:
-            row = await _held_task(conn, task_id, agent_id, attempt, _never_recorded)
+        def op(conn: Connection) -> datetime:
+            row = _held_task(conn, task_id, agent_id, attempt, _never_recorded)
             deadline: datetime = max(row.deadline, now + extend_by)
-            await conn.execute(
+            conn.execute(
                 update(_tasks).where(_tasks.c.task_id == task_id).values(deadline=deadline)
             )
             return deadline
@@ -686,16 +684,16 @@ class Store:
         """The earliest lease deadline of an assigned task, and the earliest grace start of a
         disconnected agent: both one look-up in an index, never a scan."""
 
-        async def op(conn: AsyncConnection) -> tuple[datetime | None, datetime | None]:
+        def op(conn: Connection) -> tuple[datetime | None, datetime | None]:
             deadline = (
-                await conn.execute(
+                conn.execute(
                     select(func.min(_tasks.c.deadline)).where(
                         _tasks.c.state == TaskState.ASSIGNED.value
                     )
                 )
             ).scalar_one_or_none()
             disconnected = (
-                await conn.execute(
+                conn.execute(
                     select(func.min(_agents.c.disconnected_at)).where(
                         _agents.c.connected.is_(False)
                     )
@@ -711,16 +709,16 @@ class Store:
         """Every attempt whose lease has ended counts as failed with "timed out" (retryable);
         its agent is told to stop."""
 
-        async def op(conn: AsyncConnection) -> Effects:
+        def op(conn: Connection) -> Effects:
             due = (
-                await conn.execute(
+                conn.execute(
                     select(_tasks.c.task_id)
                     .where(_tasks.c.state == TaskState.ASSIGNED.value, _tasks.c.deadline <= now)
                     .order_by(_tasks.c.deadline)
                     .limit(limit)
                 )
             ).scalars()
-            return await self._fail_held(conn, list(due), "timed out", now)
+            return self._fail_held(conn, list(due), "timed out", now)
 
         return await self._write(op, on_commit)
 
@@ -730,9 +728,9 @@ class Store:
         """Agents disconnected since `cutoff` or earlier are lost: every attempt they hold
         counts as failed with "agent lost" (retryable)."""
 
-        async def op(conn: AsyncConnection) -> Effects:
+        def op(conn: Connection) -> Effects:
             lost = (
-                await conn.execute(
+                conn.execute(
                     select(_agents.c.agent_id).where(
                         _agents.c.connected.is_(False), _agents.c.disconnected_at <= cutoff
                     )
@@ -741,11 +739,11 @@ class Store:
             lost_ids = list(lost)
             if not lost_ids:
                 return Effects()
-            await conn.execute(
+            conn.execute(
                 update(_agents).where(_agents.c.agent_id.in_(lost_ids)).values(disconnected_at=None)
             )
             held = (
-                await conn.execute(
+                conn.execute(
                     select(_tasks.c.task_id)
                     .where(
                         _tasks.c.agent_id.in_(lost_ids),
@@ -754,18 +752,18 @@ class Store:
                     .order_by(_tasks.c.assigned_at)
                 )
             ).scalars()
-            return await self._fail_held(conn, list(held), "agent lost", now)
+            return self._fail_held(conn, list(held), "agent lost", now)
 
         return await self._write(op, on_commit)
 
-    async def _fail_held(
-        self, conn: AsyncConnection, task_ids: list[str], error: str, now: datetime
+    def _fail_held(
+        self, conn: Connection, task_ids: list[str], error: str, now: datetime
     ) -> Effects:
         """Fail the current attempt of each task (retryable), telling its agent to stop."""
         effects = Effects()
         for task_id in task_ids:
             row = (
-                await conn.execute(
+                conn.execute(
                     select(_tasks)
                     .where(_tasks.c.task_id == task_id, _tasks.c.state == TaskState.ASSIGNED.value)
                     .with_for_update()
@@ -774,16 +772,16 @@ class Store:
             if row is None:
                 continue
             effects.merge(
-                await self._fail_attempt(conn, row, error, retryable=True, reported=False, now=now)
+                self._fail_attempt(conn, row, error, retryable=True, reported=False, now=now)
             )
             effects.cancelled.append(
                 Cancellation(row.agent_id, row.task_id, row.run_id, row.attempt, error)
             )
         return effects
 
-    async def _fail_attempt(
+    def _fail_attempt(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         row: Any,
         error: str,
         *,
@@ -795,10 +793,10 @@ class Store:
         the task again after its backoff while its policy allows, or fail it finally (its
         fallback takes over, or the run fails)."""
         policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
-        run = await _get_run(conn, row.run_id, lock=True)
+        run = _get_run(conn, row.run_id, lock=True)
         if retryable and policy.may_retry(row.attempt):
             not_before = now + policy.delay(row.attempt, self._rng)
-            await conn.execute(
+            conn.execute(
                 update(_tasks)
                 .where(_tasks.c.task_id == row.task_id)
                 .values(
@@ -812,13 +810,13 @@ class Store:
             task = next(task for task in run.tasks if task.task_id == row.task_id)
             effects = Effects(queued=[task.ready(not_before)])
         else:
-            await conn.execute(
+            conn.execute(
                 update(_tasks)
                 .where(_tasks.c.task_id == row.task_id)
                 .values(error=error, error_reported=reported)
             )
             transition = graph.fail(_graph(run), _states(run), row.name)
-            effects = await _apply(conn, run, transition, now)
+            effects = _apply(conn, run, transition, now)
         effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
         return effects
 
@@ -843,12 +841,10 @@ def _state_condition(state: AgentState) -> Any:
     )
 
 
-async def _capabilities_of(
-    conn: AsyncConnection, agent_ids: list[str]
-) -> dict[str, tuple[str, ...]]:
+def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[str, ...]]:
     if not agent_ids:
         return {}
-    result = await conn.execute(
+    result = conn.execute(
         select(_capabilities.c.agent_id, _capabilities.c.capability)
         .where(_capabilities.c.agent_id.in_(agent_ids))
         .order_by(_capabilities.c.agent_id, _capabilities.c.capability)
@@ -859,28 +855,28 @@ async def _capabilities_of(
     return {agent_id: tuple(found) for agent_id, found in grouped.items()}
 
 
-async def _get_agent(conn: AsyncConnection, agent_id: str) -> Agent:
+def _get_agent(conn: Connection, agent_id: str) -> Agent:
     row = (
-        await conn.execute(
+        conn.execute(
             select(_agents, _running_count.label("running")).where(_agents.c.agent_id == agent_id)
         )
     ).first()
     if row is None:
         raise NotFound("agent", agent_id)
-    capabilities = await _capabilities_of(conn, [agent_id])
+    capabilities = _capabilities_of(conn, [agent_id])
     return rows.agent(row, capabilities.get(agent_id, ()), row.running)
 
 
-async def _insert_definition(
-    conn: AsyncConnection, draft: DefinitionDraft, request_id: str | None, now: datetime
+def _insert_definition(
+    conn: Connection, draft: DefinitionDraft, request_id: str | None, now: datetime
 ) -> WorkflowDefinition:
     latest = (
-        await conn.execute(
+        conn.execute(
             select(func.max(_definitions.c.version)).where(_definitions.c.name == draft.name)
         )
     ).scalar_one_or_none()
     definition_id = new_id()
-    await conn.execute(
+    conn.execute(
         insert(_definitions).values(
             definition_id=definition_id,
             name=draft.name,
@@ -891,23 +887,21 @@ async def _insert_definition(
             created_at=now,
         )
     )
-    return await _get_definition(conn, definition_id)
+    return _get_definition(conn, definition_id)
 
 
-async def _get_definition(conn: AsyncConnection, definition_id: str) -> WorkflowDefinition:
+def _get_definition(conn: Connection, definition_id: str) -> WorkflowDefinition:
     row = (
-        await conn.execute(
-            select(_definitions).where(_definitions.c.definition_id == definition_id)
-        )
+        conn.execute(select(_definitions).where(_definitions.c.definition_id == definition_id))
     ).first()
     if row is None:
         raise NotFound("workflow definition", definition_id)
     return rows.definition(row)
 
 
-async def _latest_definition(conn: AsyncConnection, name: str) -> WorkflowDefinition:
+def _latest_definition(conn: Connection, name: str) -> WorkflowDefinition:
     row = (
-        await conn.execute(
+        conn.execute(
             select(_definitions)
             .where(_definitions.c.name == name)
             .order_by(_definitions.c.version.desc())
@@ -919,10 +913,10 @@ async def _latest_definition(conn: AsyncConnection, name: str) -> WorkflowDefini
     return rows.definition(row)
 
 
-async def _tasks_of(conn: AsyncConnection, run_ids: list[str]) -> dict[str, list[Any]]:
+def _tasks_of(conn: Connection, run_ids: list[str]) -> dict[str, list[Any]]:
     if not run_ids:
         return {}
-    result = await conn.execute(
+    result = conn.execute(
         select(_tasks).where(_tasks.c.run_id.in_(run_ids)).order_by(_tasks.c.position)
     )
     grouped: dict[str, list[Any]] = {}
@@ -931,17 +925,17 @@ async def _tasks_of(conn: AsyncConnection, run_ids: list[str]) -> dict[str, list
     return grouped
 
 
-async def _load_run(conn: AsyncConnection, row: Any) -> WorkflowRun:
-    tasks = await _tasks_of(conn, [row.run_id])
+def _load_run(conn: Connection, row: Any) -> WorkflowRun:
+    tasks = _tasks_of(conn, [row.run_id])
     return rows.workflow_run(row, tasks.get(row.run_id, []))
 
 
-async def _get_run(conn: AsyncConnection, run_id: str, *, lock: bool = False) -> WorkflowRun:
+def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRun:
     query = select(_runs).where(_runs.c.run_id == run_id)
-    row = (await conn.execute(query.with_for_update() if lock else query)).first()
+    row = (conn.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         raise NotFound("workflow run", run_id)
-    return await _load_run(conn, row)
+    return _load_run(conn, row)
 
 
 def _graph(run: WorkflowRun) -> dict[str, graph.Node]:
@@ -978,8 +972,8 @@ def _never_recorded(_row: Any) -> bool:
     return False
 
 
-async def _held_task(
-    conn: AsyncConnection,
+def _held_task(
+    conn: Connection,
     task_id: str,
     agent_id: str,
     attempt: int,
@@ -989,7 +983,7 @@ async def _held_task(
     already `recorded` for that attempt (a retried call); FAILED_PRECONDITION for any other
     holder, attempt or state."""
     row = (
-        await conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
+        conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
     ).first()
     if row is None:
         raise NotFound("task", task_id)
@@ -1008,8 +1002,8 @@ async def _held_task(
 _CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
 
 
-async def _apply(
-    conn: AsyncConnection, run: WorkflowRun, transition: graph.Transition, now: datetime
+def _apply(
+    conn: Connection, run: WorkflowRun, transition: graph.Transition, now: datetime
 ) -> Effects:
     """Write a transition of the run's graph and say what it means for the dispatcher."""
     effects = Effects()
@@ -1033,13 +1027,13 @@ async def _apply(
             )
     for state, task_ids in by_state.items():
         stamp = {"queued_at": now} if state is TaskState.QUEUED else {"finished_at": now}
-        await conn.execute(
+        conn.execute(
             update(_tasks)
             .where(_tasks.c.task_id.in_(task_ids))
             .values(state=state.value, not_before=None, **stamp)
         )
     if transition.run_state is not None:
-        await conn.execute(
+        conn.execute(
             update(_runs)
             .where(_runs.c.run_id == run.run_id)
             .values(state=transition.run_state.value, finished_at=now)
@@ -1048,8 +1042,8 @@ async def _apply(
     return effects
 
 
-async def _assignment(
-    conn: AsyncConnection,
+def _assignment(
+    conn: Connection,
     row: Any,
     attempt: int,
     agent_id: str,
@@ -1060,9 +1054,7 @@ async def _assignment(
     """The assignment message for a task row: its input, the outputs of its dependencies (a
     dependency that failed and was stood in for gives its fallback's output under its own name),
     and, for a fallback, which task it stands in for and that task's last error."""
-    siblings = {
-        task.name: task for task in (await _tasks_of(conn, [row.run_id])).get(row.run_id, [])
-    }
+    siblings = {task.name: task for task in (_tasks_of(conn, [row.run_id])).get(row.run_id, [])}
     outputs: dict[str, JsonObject] = {}
     for name in row.depends_on:
         dependency = siblings[name]

@@ -1,11 +1,10 @@
 """Group commit: one writer task runs every write, many callers' writes to one transaction.
 
-A transaction costs far more than the statements in it (on aiosqlite most of the cost is Python,
-then one fsync), so committing each RPC on its own caps the server at a few hundred writes a
-second. Callers submit a write operation and wait; the writer takes every operation waiting,
-runs them in one transaction, commits once, and only then releases each caller with its result.
-Nothing is acknowledged before it is durable, and SQLite's single-writer rule is met by
-construction: no `database is locked` can reach a client.
+Committing each RPC on its own makes the server pay a transaction (and, on SQLite, a hand-over to
+the database thread and an fsync) per write. Callers submit a write operation and wait; the
+writer takes every operation waiting, runs them in one transaction, commits once, and only then
+releases each caller with its result. Nothing is acknowledged before it is durable, and SQLite's
+single-writer rule is met by construction: no `database is locked` can reach a client.
 
 An operation may fail on purpose (a domain error, such as a result from the wrong agent). Since
 it may have written before failing, the whole batch is rolled back and each operation is run
@@ -17,16 +16,14 @@ they change outside it goes in `Tx.after_commit` callbacks, run in commit order 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import Unavailable
-
-WRITER_MARK = "opscore_writer"
-"""Set in the writer connection's `info`: the dialect set-up begins its transactions for writing."""
+from opscore.store.database import Database
 
 T = TypeVar("T")
 
@@ -34,15 +31,14 @@ T = TypeVar("T")
 class Tx:
     """The transaction an operation runs in, and the effects to apply once it commits."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._callbacks: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller
         is released. In-memory state (the dispatcher's indexes) changes only here, so it always
-        follows the committed history.
-        """
+        follows the committed history."""
         self._callbacks.append(callback)
 
     def _run_callbacks(self) -> None:
@@ -50,8 +46,8 @@ class Tx:
             callback()
 
 
-WriteOp = Callable[[Tx], Awaitable[T]]
-"""A write: given a transaction, do the statements and return the caller's result."""
+WriteOp = Callable[[Tx], T]
+"""A write: given a transaction, run the statements and return the caller's result."""
 
 
 @dataclass(slots=True)
@@ -62,11 +58,19 @@ class _Pending(Generic[T]):
     )
 
 
+def _run_all(conn: Connection, batch: list[_Pending[Any]]) -> list[tuple[Any, Tx]]:
+    results: list[tuple[Any, Tx]] = []
+    for pending in batch:
+        tx = Tx(conn)
+        results.append((pending.op(tx), tx))
+    return results
+
+
 class Writer:
     """Serializes and batches every write of the process (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = 512) -> None:
-        self._engine = engine
+    def __init__(self, database: Database, *, max_batch: int = 512) -> None:
+        self._database = database
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending[Any] | None] = asyncio.Queue()
         self._closed = False
@@ -89,61 +93,44 @@ class Writer:
 
     async def run(self) -> None:
         """The writer loop: one batch at a time until closed and drained."""
-        async with self._engine.connect() as conn:
-            conn.info[WRITER_MARK] = True
-            draining = False
-            while not (draining and self._queue.empty()):
-                first = await self._queue.get()
-                if first is None:
+        draining = False
+        while not (draining and self._queue.empty()):
+            first = await self._queue.get()
+            if first is None:
+                draining = True
+                continue
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
                     draining = True
-                    continue
-                batch = [first]
-                while len(batch) < self._max_batch and not self._queue.empty():
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        draining = True
-                    else:
-                        batch.append(item)
-                await self._run_batch(conn, batch)
+                else:
+                    batch.append(item)
+            await self._run_batch(batch)
 
-    async def _run_batch(self, conn: AsyncConnection, batch: list[_Pending[Any]]) -> None:
+    async def _run_batch(self, batch: list[_Pending[Any]]) -> None:
         self.batches += 1
         self.operations += len(batch)
         try:
-            results = await self._attempt(conn, batch)
+            results = await self._database.run(lambda conn: _run_all(conn, batch), write=True)
         except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
-            await self._rollback(conn)
             for pending in batch:
-                await self._run_alone(conn, pending)
+                await self._run_alone(pending)
             return
         for pending, (value, tx) in zip(batch, results, strict=True):
             tx._run_callbacks()
             if not pending.future.done():
                 pending.future.set_result(value)
 
-    async def _attempt(
-        self, conn: AsyncConnection, batch: list[_Pending[Any]]
-    ) -> list[tuple[Any, Tx]]:
-        results: list[tuple[Any, Tx]] = []
-        async with conn.begin():
-            for pending in batch:
-                tx = Tx(conn)
-                results.append((await pending.op(tx), tx))
-        return results
-
-    async def _run_alone(self, conn: AsyncConnection, pending: _Pending[Any]) -> None:
+    async def _run_alone(self, pending: _Pending[Any]) -> None:
         try:
-            [(value, tx)] = await self._attempt(conn, [pending])
+            [(value, tx)] = await self._database.run(
+                lambda conn: _run_all(conn, [pending]), write=True
+            )
         except Exception as error:  # noqa: BLE001 - the caller receives its own error
-            await self._rollback(conn)
             if not pending.future.done():
                 pending.future.set_exception(error)
             return
         tx._run_callbacks()
         if not pending.future.done():
             pending.future.set_result(value)
-
-    @staticmethod
-    async def _rollback(conn: AsyncConnection) -> None:
-        if conn.in_transaction():
-            await conn.rollback()

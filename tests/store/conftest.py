@@ -9,18 +9,18 @@ import pytest
 
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import migrate
-from opscore.store.engine import open_engine
+from opscore.store.database import open_database
 from opscore.store.queries import Store
 from opscore.store.writer import Writer
 
 
 @pytest.fixture
 async def store(db_url: str) -> AsyncIterator[Store]:
-    engine = open_engine(db_url)
-    await migrate.upgrade(engine)
-    writer = Writer(engine)
+    database = open_database(db_url)
+    await migrate.upgrade(database)
+    writer = Writer(database)
     running = asyncio.create_task(writer.run())
-    yield Store(engine, writer, ResolvedRetryPolicy(max_attempts=1))
+    yield Store(database, writer, ResolvedRetryPolicy(max_attempts=1))
     writer.close()
     await running
-    await engine.dispose()
+    await database.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from opscore.store import migrate
-from opscore.store.engine import open_engine
+from opscore.store.database import open_database
 from opscore.store.tables import metadata
 
 
@@ -21,29 +21,26 @@ def _differences(connection: Connection) -> list[Any]:
 
 
 async def test_migrations_match_the_models(db_url: str) -> None:
-    engine = open_engine(db_url)
+    database = open_database(db_url)
     try:
-        await migrate.upgrade(engine)
-        async with engine.connect() as conn:
-            assert await conn.run_sync(_differences) == []
+        await migrate.upgrade(database)
+        assert await database.run(_differences, write=False) == []
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def test_upgrade_is_repeatable_and_downgrade_removes_everything(db_url: str) -> None:
-    engine = open_engine(db_url)
+    database = open_database(db_url)
     try:
-        await migrate.upgrade(engine)
-        await migrate.upgrade(engine)
+        await migrate.upgrade(database)
+        await migrate.upgrade(database)
 
         def downgrade(connection: Connection) -> list[str]:
             command.downgrade(migrate.alembic_config(connection), "base")
             return [t for t in inspect(connection).get_table_names() if t != "alembic_version"]
 
-        async with engine.begin() as conn:
-            assert await conn.run_sync(downgrade) == []
-        await migrate.upgrade(engine)
-        async with engine.connect() as conn:
-            assert await conn.run_sync(_differences) == []
+        assert await database.run(downgrade, write=True) == []
+        await migrate.upgrade(database)
+        assert await database.run(_differences, write=False) == []
     finally:
-        await engine.dispose()
+        await database.dispose()
