@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from helpers import Client
+from helpers import Client, connect
 from opscore.v1 import agent_lifecycle_pb2_grpc, workflow_service_pb2_grpc
 
 from opscore.config import Settings
@@ -87,6 +87,16 @@ def start_server() -> ServerFactory:
             await server.stop()
 
     return start
+
+
+@asynccontextmanager
+async def serve(
+    start_server: ServerFactory, url: str, **overrides: object
+) -> AsyncIterator[Client]:
+    """A server on `url` with `Settings` fields overridden, and a Client on a real channel to it
+    (see helpers.connect): `async with serve(start_server, sqlite_url, ...) as client:`."""
+    async with start_server(url, **overrides) as server, connect(server.port) as client:
+        yield client
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
-"""Test helpers: a scripted agent over a real task stream, and small builders for requests."""
+"""Test helpers: a scripted agent over a real task stream, a client on a channel to a server, and
+small builders for requests and checks of answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -24,6 +27,9 @@ from opscore.v1 import (
 WAIT = 5.0
 """Seconds a helper waits for something that should happen at once, before failing the test."""
 
+SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+"""Statuses a server answers only when it fails: never a refusal the contract allows."""
+
 
 def struct(value: Mapping[str, Any] | None = None) -> Struct:
     """A Struct from a dict."""
@@ -35,6 +41,13 @@ def struct(value: Mapping[str, Any] | None = None) -> Struct:
 def as_dict(message: Struct) -> dict[str, Any]:
     """A Struct as a dict."""
     return json_format.MessageToDict(message)
+
+
+def seconds(value: float) -> Duration:
+    """A Duration of `value` seconds (negative allowed)."""
+    duration = Duration()
+    duration.FromTimedelta(timedelta(seconds=value))
+    return duration
 
 
 def task(
@@ -60,6 +73,43 @@ def task(
 def definition(name: str, *tasks: workflow_pb2.TaskSpec) -> workflow_pb2.WorkflowDefinition:
     """A WorkflowDefinition."""
     return workflow_pb2.WorkflowDefinition(name=name, tasks=list(tasks))
+
+
+def tasks_of(run: workflow_pb2.WorkflowRun) -> dict[str, workflow_pb2.TaskRun]:
+    """A run's tasks by name."""
+    return {task_run.name: task_run for task_run in run.tasks}
+
+
+def complete_request(
+    assignment: workflow_pb2.TaskAssignment,
+    agent_id: str,
+    *,
+    attempt: int | None = None,
+    output: Mapping[str, Any] | None = None,
+) -> workflow_service_pb2.CompleteTaskRequest:
+    """A CompleteTaskRequest for an assignment, from any agent, for its attempt or another."""
+    return workflow_service_pb2.CompleteTaskRequest(
+        task_id=assignment.task_id,
+        agent_id=agent_id,
+        attempt=assignment.attempt if attempt is None else attempt,
+        output=struct(output),
+    )
+
+
+async def refused(
+    call: Awaitable[Any], code: grpc.StatusCode, what: str = "the call"
+) -> grpc.aio.AioRpcError:
+    """Await a call that must fail with `code` (and so never with a server fault); returns the
+    error. `what` names the call in the test's failure message."""
+    error: grpc.aio.AioRpcError | None = None
+    try:
+        await call
+    except grpc.aio.AioRpcError as caught:
+        error = caught
+    assert error is not None, f"{what} returned OK; expected {code.name}"
+    assert error.code() not in SERVER_FAULTS, f"{what}: {error.code()}: {error.details()}"
+    assert error.code() == code, f"{what}: {error.code()}: {error.details()}"
+    return error
 
 
 def bad_request(error: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -121,6 +171,12 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
+    async def wait_stream_ended(self, timeout: float = WAIT) -> grpc.StatusCode:
+        """Wait (bounded) until the task stream has ended; the status it ended with."""
+        await asyncio.wait_for(self.stream_ended.wait(), timeout)
+        assert self.stream_error is not None, f"{self.agent_id}: the stream ended without status"
+        return self.stream_error.code()
+
     async def get(self) -> agent_pb2.Agent:
         """The agent as the server sees it."""
         response = await self.client.lifecycle.GetAgent(
@@ -138,6 +194,23 @@ class Agent:
         assert event.WhichOneof("event") == "assignment", event
         return event.assignment
 
+    async def next_cancellation(self, timeout: float = WAIT) -> workflow_pb2.TaskCancellation:
+        """The next event, which must be a cancellation."""
+        event = await self.next_event(timeout)
+        assert event.WhichOneof("event") == "cancellation", event
+        return event.cancellation
+
+    async def wait_until(
+        self, predicate: Callable[[agent_pb2.Agent], bool], timeout: float = WAIT
+    ) -> agent_pb2.Agent:
+        """Poll GetAgent until `predicate` holds of the agent; fails the test after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                seen = await self.get()
+                if predicate(seen):
+                    return seen
+                await asyncio.sleep(0.02)
+
     async def expect_nothing(self, wait: float = 0.3) -> None:
         """Assert that no event arrives for `wait` seconds."""
         with contextlib.suppress(TimeoutError):
@@ -149,12 +222,7 @@ class Agent:
     ) -> None:
         """Report the assignment's success."""
         await self.client.workflows.CompleteTask(
-            workflow_service_pb2.CompleteTaskRequest(
-                task_id=assignment.task_id,
-                agent_id=self.agent_id,
-                attempt=assignment.attempt,
-                output=struct(output),
-            )
+            complete_request(assignment, self.agent_id, output=output)
         )
 
     async def fail(
@@ -258,3 +326,20 @@ class Client:
         """Close every agent's stream."""
         for agent in self._agents:
             await agent.disconnect()
+
+
+async def expect_quiet(*agents: Agent, wait: float = 0.3) -> None:
+    """Assert that none of the agents receives anything for `wait` seconds (waited together)."""
+    await asyncio.gather(*(agent.expect_nothing(wait) for agent in agents))
+
+
+@contextlib.asynccontextmanager
+async def connect(port: int) -> AsyncIterator[Client]:
+    """A Client on a new channel to the server on `port` (in this process or not); its streams
+    and the channel are closed after."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = Client(channel)
+        try:
+            yield client
+        finally:
+            await client.close()

@@ -2,7 +2,7 @@
 on the same database. Nothing it acknowledged is lost, no result is recorded twice, and the load
 runs to the end once the agents are back.
 
-The server runs as a separate process (started the way tests/e2e/test_cli.py starts it); the
+The server runs as a separate process (a `ServerProcess` of tests/processes.py); the
 agents are scripted ones (tests/helpers.py) in the test's process, each completing every
 assignment at once with an output naming itself, the task and the attempt, and keeping every
 completion the server acknowledged.
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import signal
-import socket
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import Agent, Client, as_dict, definition, struct, task
 from opscore.v1 import workflow_pb2, workflow_service_pb2
+from processes import ServerProcess, free_port
 
-OPSCORE = Path(sys.executable).parent / "opscore"
-"""The console script the package installs."""
-
-START_WAIT = 15.0
-"""Seconds a server process may take to answer SERVING."""
+SETTINGS = {
+    "OPSCORE_AGENT_GRACE": "1",
+    "OPSCORE_DEFAULT_TASK_TIMEOUT": "10",
+    "OPSCORE_LOG_FORMAT": "json",
+}
+"""The environment both lives of the server run with."""
 
 AGENTS = 4
 SLOTS = 2
@@ -59,86 +56,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 300),
 ]
 """Agents retry their connection often, so that they are back soon after the restart."""
-
-
-def clean_environment(**extra: str) -> dict[str, str]:
-    """The test's environment without OPSCORE_*, PYTHONPATH or PYTHONSAFEPATH, plus `extra`."""
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("OPSCORE_") and key not in ("PYTHONPATH", "PYTHONSAFEPATH")
-    }
-    environment.update(extra)
-    return environment
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def read(log: Path) -> str:
-    """A server's log so far."""
-    return log.read_text(errors="replace")
-
-
-def log_events(log: Path) -> list[dict[str, Any]]:
-    """The JSON records of a server's log (a killed server may leave a cut last line)."""
-    records = []
-    for line in read(log).splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-async def health_status(port: int) -> int | None:
-    """The server's overall health status, or None if nothing answers."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0
-            )
-        except grpc.aio.AioRpcError:
-            return None
-        return int(response.status)
-
-
-async def serve(database: Path, port: int, log: Path) -> asyncio.subprocess.Process:
-    """Start `opscore serve` on `database` and `port` (JSON logs to `log`); return once it
-    answers SERVING.
-    """
-    with log.open("ab") as sink:
-        process = await asyncio.create_subprocess_exec(
-            str(OPSCORE),
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--db",
-            f"sqlite:///{database}",
-            cwd=database.parent,
-            env=clean_environment(
-                OPSCORE_AGENT_GRACE="1",
-                OPSCORE_DEFAULT_TASK_TIMEOUT="10",
-                OPSCORE_LOG_FORMAT="json",
-            ),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=sink,
-        )
-    deadline = time.monotonic() + START_WAIT
-    while await health_status(port) != health_pb2.HealthCheckResponse.SERVING:
-        if process.returncode is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.wait_for(process.wait(), 5.0)
-            raise AssertionError(f"opscore serve did not start: {read(log)}")
-        await asyncio.sleep(0.05)
-    return process
 
 
 def chain(name: str, length: int) -> workflow_pb2.WorkflowDefinition:
@@ -357,11 +274,12 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
     tmp_path: Path,
 ) -> None:
     database = tmp_path / "crash.db"
-    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     port = free_port()
     target = f"127.0.0.1:{port}"
+    first = ServerProcess.on_sqlite(database, port, tmp_path / "first.log", **SETTINGS)
+    second = ServerProcess.on_sqlite(database, port, tmp_path / "second.log", **SETTINGS)
     started = time.monotonic()
-    process = await serve(database, port, first_log)
+    await first.start()
     workers: list[asyncio.Task[None]] = []
     try:
         async with (
@@ -398,22 +316,19 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
                         await asyncio.sleep(0.001)
                 await asyncio.sleep(0.002)
                 load.phase = "outage"
-                process.kill()
+                first.kill()
                 killed_at = time.monotonic()
-                assert await asyncio.wait_for(process.wait(), 5.0) == -signal.SIGKILL
+                assert await first.wait(5.0) == -signal.SIGKILL
                 before_kill = [c for c in load.completions if c.before_kill]
                 assert len(before_kill) < load.tasks, "the load ended before the kill"
 
                 # Every agent's stream ends with UNAVAILABLE.
                 for agent in agents:
-                    first_stream = agent.streams[0]
-                    await asyncio.wait_for(first_stream.stream_ended.wait(), 5.0)
-                    assert first_stream.stream_error is not None, agent.agent_id
-                    code = first_stream.stream_error.code()
+                    code = await agent.streams[0].wait_stream_ended(5.0)
                     assert code == grpc.StatusCode.UNAVAILABLE, (agent.agent_id, code)
 
                 # The same file, the same port: the agents find the server again themselves.
-                process = await serve(database, port, second_log)
+                await second.start()
                 load.phase = "restarted"
                 restarted_at = time.monotonic()
 
@@ -453,9 +368,8 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
                 await asyncio.gather(*workers, return_exceptions=True)
                 await client.close()
     finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 5.0)
+        await second.close()
+        await first.close()
 
     # Each task SUCCEEDED once: with the output of an acknowledged completion, and no two
     # attempts of it acknowledged.
@@ -482,8 +396,8 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
     # The server's own record: no task completed twice, over both lives of the server.
     recorded = Counter(
         record.get("task_id")
-        for log in (first_log, second_log)
-        for record in log_events(log)
+        for server in (first, second)
+        for record in server.log_records(strict=False)
         if record.get("event") == "task completed"
     )
     assert recorded, "no `task completed` record in the servers' logs"

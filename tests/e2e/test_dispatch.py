@@ -5,42 +5,19 @@ talks to it over a real gRPC channel, with scripted agents (tests/helpers.py).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import grpc
 import pytest
-from helpers import Agent, Client, as_dict, definition, task
+from helpers import Agent, Client, as_dict, definition, expect_quiet, task, tasks_of
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2
 
 SHORT = 1.0
 """Seconds to wait for something that should happen at once (a push, a state change)."""
 
 
-async def wait_agent(
-    agent: Agent, predicate: Callable[[agent_pb2.Agent], bool], timeout: float = SHORT
-) -> agent_pb2.Agent:
-    """Poll GetAgent until `predicate` holds of the agent; fails the test after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while True:
-            seen = await agent.get()
-            if predicate(seen):
-                return seen
-            await asyncio.sleep(0.02)
-
-
-def by_name(run: workflow_pb2.WorkflowRun) -> dict[str, workflow_pb2.TaskRun]:
-    """The run's tasks by name."""
-    return {task_run.name: task_run for task_run in run.tasks}
-
-
 def outputs(assignment: workflow_pb2.TaskAssignment) -> dict[str, dict[str, object]]:
     """An assignment's dependency outputs as plain dicts, by task name."""
     return {name: as_dict(output) for name, output in assignment.dependency_outputs.items()}
-
-
-async def expect_quiet(*agents: Agent, wait: float = 0.3) -> None:
-    """Assert that none of the agents receives anything for `wait` seconds (waited together)."""
-    await asyncio.gather(*(agent.expect_nothing(wait) for agent in agents))
 
 
 # 1. Capabilities and dependency order --------------------------------------------------------
@@ -70,7 +47,7 @@ async def test_diamond_runs_in_dependency_order_on_capable_agents(client: Client
     assert outputs(a) == {}
     # Neither B (transformer is idle) nor C (extractor has a free slot) before A completes.
     await expect_quiet(extractor, transformer)
-    states = {name: t.state for name, t in by_name(await client.run(run.run_id)).items()}
+    states = {name: t.state for name, t in tasks_of(await client.run(run.run_id)).items()}
     assert states == {
         "A": workflow_pb2.TASK_STATE_ASSIGNED,
         "B": workflow_pb2.TASK_STATE_PENDING,
@@ -91,7 +68,7 @@ async def test_diamond_runs_in_dependency_order_on_capable_agents(client: Client
     # D waits for both: B alone is not enough (transformer is idle again and gets nothing).
     await transformer.complete(b, {"from": "b", "n": 1})
     await expect_quiet(extractor, transformer)
-    assert by_name(await client.run(run.run_id))["D"].state == workflow_pb2.TASK_STATE_PENDING
+    assert tasks_of(await client.run(run.run_id))["D"].state == workflow_pb2.TASK_STATE_PENDING
 
     await extractor.complete(c, {"from": "c", "tags": ["x", "y"]})
     d = await transformer.next_assignment()
@@ -101,7 +78,7 @@ async def test_diamond_runs_in_dependency_order_on_capable_agents(client: Client
     await transformer.complete(d, {"done": True})
 
     done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-    tasks = by_name(done)
+    tasks = tasks_of(done)
     assert [t.name for t in done.tasks] == ["A", "B", "C", "D"]
     assert all(t.state == workflow_pb2.TASK_STATE_SUCCEEDED for t in done.tasks)
     assert {name: t.agent_id for name, t in tasks.items()} == {
@@ -370,7 +347,7 @@ async def test_cancelled_stream_makes_agent_offline(client: Client) -> None:
     agent = await client.agent("leaver", capabilities=["x"])
     assert (await agent.get()).state == agent_pb2.AGENT_STATE_IDLE
     await agent.disconnect()
-    seen = await wait_agent(agent, lambda a: not a.connected)
+    seen = await agent.wait_until(lambda a: not a.connected, SHORT)
     assert seen.state == agent_pb2.AGENT_STATE_OFFLINE
 
     # An offline agent receives nothing: a task for it waits.
@@ -416,7 +393,7 @@ async def test_reconnecting_agent_gets_its_held_task_again_first(client: Client)
     assert (held.run_id, held.attempt, held.redelivered) == (held_run.run_id, 1, False)
 
     await agent.disconnect()
-    await wait_agent(agent, lambda a: not a.connected)
+    await agent.wait_until(lambda a: not a.connected, SHORT)
     # The agent keeps the task while away.
     away = (await client.run(held_run.run_id)).tasks[0]
     assert (away.state, away.agent_id, away.attempt) == (

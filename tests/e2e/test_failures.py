@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import grpc
 import pytest
-from conftest import ServerFactory
+from conftest import ServerFactory, serve
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import Agent, Client, as_dict, bad_request, definition, struct, task
+from helpers import (
+    Client,
+    as_dict,
+    bad_request,
+    complete_request,
+    definition,
+    expect_quiet,
+    refused,
+    seconds,
+    task,
+    tasks_of,
+)
 from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 
 from opscore.domain.retry import ResolvedRetryPolicy
-
-SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 SHORT = 2.0
 """Seconds to wait for something that should happen soon (a push, a retry after its backoff)."""
@@ -34,13 +41,6 @@ SLACK = 0.01
 
 
 # Helpers -------------------------------------------------------------------------------------
-
-
-def seconds(value: float) -> Duration:
-    """A Duration of `value` seconds (negative allowed)."""
-    duration = Duration()
-    duration.FromTimedelta(timedelta(seconds=value))
-    return duration
 
 
 def policy(
@@ -78,6 +78,19 @@ def spec(
     return message
 
 
+def fetch_with_fallback(
+    name: str, retry: workflow_pb2.RetryPolicy | None = None
+) -> workflow_pb2.WorkflowDefinition:
+    """A definition: `fetch` (with `retry`) and its fallback `cache`, then `report` depending on
+    `fetch`."""
+    return definition(
+        name,
+        spec("fetch", fallback="cache", retry=retry),
+        spec("cache"),
+        spec("report", depends_on=("fetch",)),
+    )
+
+
 def retry_settings(
     max_attempts: int = 3, initial_backoff: float = 0.05, max_backoff: float = 1.0
 ) -> ResolvedRetryPolicy:
@@ -98,40 +111,6 @@ def when(message: Timestamp) -> datetime:
 def now() -> datetime:
     """The local wall clock (the server runs on the same machine)."""
     return datetime.now(UTC)
-
-
-@asynccontextmanager
-async def serve(start_server: ServerFactory, url: str, **overrides: Any) -> AsyncIterator[Client]:
-    """A server with settings overridden, and a Client on a real channel to it."""
-    async with (
-        start_server(url, **overrides) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        client = Client(channel)
-        try:
-            yield client
-        finally:
-            await client.close()
-
-
-async def refused(
-    call: Awaitable[Any], code: grpc.StatusCode, what: str = "the call"
-) -> grpc.aio.AioRpcError:
-    """Await a call that must fail with `code`; returns the error."""
-    error: grpc.aio.AioRpcError | None = None
-    try:
-        await call
-    except grpc.aio.AioRpcError as caught:
-        error = caught
-    assert error is not None, f"{what} returned OK; expected {code.name}"
-    assert error.code() not in SERVER_FAULTS, f"{what}: {error.code()}: {error.details()}"
-    assert error.code() == code, f"{what}: {error.code()}: {error.details()}"
-    return error
-
-
-def tasks_of(run: workflow_pb2.WorkflowRun) -> dict[str, workflow_pb2.TaskRun]:
-    """A run's tasks by name."""
-    return {task_run.name: task_run for task_run in run.tasks}
 
 
 async def task_of(client: Client, run_id: str, name: str) -> workflow_pb2.TaskRun:
@@ -155,28 +134,16 @@ async def wait_task(
             await asyncio.sleep(0.02)
 
 
-async def wait_agent(
-    agent: Agent, predicate: Callable[[agent_pb2.Agent], bool], timeout: float = SHORT
-) -> agent_pb2.Agent:
-    """Poll GetAgent until `predicate` holds of the agent; fails after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while True:
-            seen = await agent.get()
-            if predicate(seen):
-                return seen
-            await asyncio.sleep(0.02)
-
-
-async def next_cancellation(agent: Agent, timeout: float = SHORT) -> workflow_pb2.TaskCancellation:
-    """The next event on the agent's stream, which must be a cancellation."""
-    event = await agent.next_event(timeout)
-    assert event.WhichOneof("event") == "cancellation", event
-    return event.cancellation
-
-
-async def expect_quiet(*agents: Agent, wait: float = 0.3) -> None:
-    """Assert that none of the agents receives anything for `wait` seconds (waited together)."""
-    await asyncio.gather(*(agent.expect_nothing(wait) for agent in agents))
+async def wait_failed_finally(
+    client: Client, run_id: str, name: str, attempt: int, error: str
+) -> workflow_pb2.WorkflowRun:
+    """Wait until the run has FAILED with its task `name` failed finally: at `attempt`, with
+    `error`, and no retry pending. Returns the failed run."""
+    failed = await client.wait_run(run_id, workflow_pb2.RUN_STATE_FAILED)
+    job = tasks_of(failed)[name]
+    assert (job.state, job.attempt, job.error) == (workflow_pb2.TASK_STATE_FAILED, attempt, error)
+    assert not job.HasField("not_before")
+    return failed
 
 
 def assert_cancels(
@@ -191,18 +158,6 @@ def assert_cancels(
         cancellation.attempt,
         cancellation.reason,
     ) == (assignment.task_id, assignment.run_id, assignment.attempt, reason)
-
-
-def complete_request(
-    assignment: workflow_pb2.TaskAssignment, agent_id: str, output: dict[str, Any] | None = None
-) -> workflow_service_pb2.CompleteTaskRequest:
-    """A CompleteTaskRequest for an assignment, from any agent."""
-    return workflow_service_pb2.CompleteTaskRequest(
-        task_id=assignment.task_id,
-        agent_id=agent_id,
-        attempt=assignment.attempt,
-        output=struct(output),
-    )
 
 
 def fail_request(
@@ -250,7 +205,9 @@ async def refuse_late_results(
     the agent never reported that failure, so it is no repeat of one."""
     before = await client.run(assignment.run_id)
     await refused(
-        client.workflows.CompleteTask(complete_request(assignment, agent_id, {"late": True})),
+        client.workflows.CompleteTask(
+            complete_request(assignment, agent_id, output={"late": True})
+        ),
         grpc.StatusCode.FAILED_PRECONDITION,
         f"late CompleteTask from {agent_id} for attempt {assignment.attempt}",
     )
@@ -350,14 +307,7 @@ async def test_non_retryable_failure_fails_at_once(
         assignment = await worker.next_assignment()
         await worker.fail(assignment, "bad input", retryable=False)
 
-        failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
-        job = tasks_of(failed)["job"]
-        assert (job.state, job.attempt, job.error) == (
-            workflow_pb2.TASK_STATE_FAILED,
-            1,
-            "bad input",
-        )
-        assert not job.HasField("not_before")
+        failed = await wait_failed_finally(client, run.run_id, "job", 1, "bad input")
         assert tasks_of(failed)["next"].state == workflow_pb2.TASK_STATE_SKIPPED
         # Well past any backoff: no second attempt.
         await worker.expect_nothing(0.3)
@@ -379,14 +329,7 @@ async def test_exhausting_max_attempts_fails_the_task_finally(
         assert (second.task_id, second.attempt) == (first.task_id, 2)
         await worker.fail(second, "still broken", retryable=True)
 
-        failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
-        job = tasks_of(failed)["job"]
-        assert (job.state, job.attempt, job.error) == (
-            workflow_pb2.TASK_STATE_FAILED,
-            2,
-            "still broken",
-        )
-        assert not job.HasField("not_before")
+        await wait_failed_finally(client, run.run_id, "job", 2, "still broken")
         await worker.expect_nothing(0.3)
 
 
@@ -416,12 +359,7 @@ async def test_fallback_runs_after_final_failure_and_feeds_dependents(
         # Two slots: a fallback dispatched too early would arrive alongside the main task.
         worker = await client.agent("worker", max_concurrent_tasks=2)
         run = await client.trigger(
-            definition=definition(
-                "with-fallback",
-                spec("fetch", fallback="cache", retry=policy(max_attempts=2)),
-                spec("cache"),
-                spec("report", depends_on=("fetch",)),
-            )
+            definition=fetch_with_fallback("with-fallback", retry=policy(max_attempts=2))
         )
         first = await worker.next_assignment()
         assert (first.task_name, first.fallback_for, first.fallback_error) == ("fetch", "", "")
@@ -506,7 +444,7 @@ async def test_failing_fallback_fails_the_run_and_cancels_other_holders(
         assert (await client.run(run.run_id)).state == workflow_pb2.RUN_STATE_RUNNING
 
         await backup.fail(cache, "cache cold", retryable=False)
-        assert_cancels(await next_cancellation(side), side_task, "run failed")
+        assert_cancels(await side.next_cancellation(SHORT), side_task, "run failed")
         failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
         tasks = tasks_of(failed)
         assert (tasks["fetch"].state, tasks["fetch"].error) == (
@@ -528,14 +466,7 @@ async def test_succeeding_task_skips_its_fallback(
 ) -> None:
     async with serve(start_server, sqlite_url, retry=retry_settings()) as client:
         worker = await client.agent("worker", max_concurrent_tasks=2)
-        run = await client.trigger(
-            definition=definition(
-                "fallback-unused",
-                spec("fetch", fallback="cache"),
-                spec("cache"),
-                spec("report", depends_on=("fetch",)),
-            )
-        )
+        run = await client.trigger(definition=fetch_with_fallback("fallback-unused"))
         fetch = await worker.next_assignment()
         assert fetch.task_name == "fetch"
         await worker.complete(fetch, {"source": "origin"})
@@ -641,7 +572,7 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
         await slow.report(agent_pb2.AGENT_STATE_BUSY, "thinking")
         await spare.expect_nothing(0.1)
 
-        cancellation = await next_cancellation(slow)
+        cancellation = await slow.next_cancellation(SHORT)
         assert now() >= deadline - timedelta(seconds=SLACK)
         assert_cancels(cancellation, first, "timed out")
         waiting = await task_of(client, run.run_id, "job")
@@ -697,7 +628,7 @@ async def test_late_results_for_attempt_the_server_failed_are_refused(
         run = await client.trigger(definition=definition("late", job))
         first = await worker.next_assignment()
         if how == "timed-out":
-            assert_cancels(await next_cancellation(worker), first, "timed out")
+            assert_cancels(await worker.next_cancellation(SHORT), first, "timed out")
             expected_error = "timed out"
         else:
             await worker.disconnect()
@@ -813,7 +744,7 @@ async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(
 
         cut = time.monotonic()
         await fragile.disconnect()
-        offline = await wait_agent(fragile, lambda a: not a.connected)
+        offline = await fragile.wait_until(lambda a: not a.connected, SHORT)
         assert offline.state == agent_pb2.AGENT_STATE_OFFLINE
         kept = await task_of(client, run.run_id, "job")
         assert (kept.state, kept.attempt, kept.agent_id) == (
@@ -862,7 +793,7 @@ async def test_agent_reconnecting_within_grace_gets_same_attempt_redelivered(
 
         cut = time.monotonic()
         await roamer.disconnect()
-        await wait_agent(roamer, lambda a: a.state == agent_pb2.AGENT_STATE_OFFLINE)
+        await roamer.wait_until(lambda a: a.state == agent_pb2.AGENT_STATE_OFFLINE, SHORT)
         await steady.expect_nothing(0.2)
         away = await task_of(client, run.run_id, "job")
         assert (away.state, away.attempt, away.agent_id) == (
@@ -937,7 +868,7 @@ async def test_cancel_run_tells_holder_and_drops_waiting_retry(
         for name, task_run in tasks_of(cancelled).items():
             assert task_run.state == workflow_pb2.TASK_STATE_CANCELLED, name
 
-        assert_cancels(await next_cancellation(holder), held, "run cancelled")
+        assert_cancels(await holder.next_cancellation(SHORT), held, "run cancelled")
         # Past the retry's backoff and the holder's lease: no retry, no "timed out".
         await expect_quiet(holder, retrier, wait=0.5)
         assert await client.run(run.run_id) == cancelled
@@ -978,7 +909,7 @@ async def test_final_failure_cancels_other_holders_with_run_failed(
 
         if how == "timed-out":
             expected_error = "timed out"
-            assert_cancels(await next_cancellation(left_agent), left, "timed out")
+            assert_cancels(await left_agent.next_cancellation(SHORT), left, "timed out")
         elif how == "agent-lost":
             expected_error = "agent lost"
             await left_agent.disconnect()
@@ -986,7 +917,7 @@ async def test_final_failure_cancels_other_holders_with_run_failed(
             expected_error = "boom"
             await left_agent.fail(left, "boom", retryable=how == "attempts-exhausted")
 
-        assert_cancels(await next_cancellation(right_agent), right, "run failed")
+        assert_cancels(await right_agent.next_cancellation(SHORT), right, "run failed")
         failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
         tasks = tasks_of(failed)
         assert (tasks["left"].state, tasks["left"].attempt, tasks["left"].error) == (

@@ -55,7 +55,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct, Value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import WAIT, Agent, Client, bad_request, definition, task
+from helpers import WAIT, Agent, Client, bad_request, connect, definition, task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opscore.v1 import (
@@ -1144,11 +1144,7 @@ def database_path(url: str) -> str:
 async def test_hostile_requests_are_answered_soundly(
     rpc: str, start_server: ServerFactory, sqlite_url: str
 ) -> None:
-    async with (
-        start_server(sqlite_url) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        client = Client(channel)
+    async with start_server(sqlite_url) as server, connect(server.port) as client:
         world, collector = await build_world(client)
         limits: Limits = server.settings.limits
         try:
@@ -1156,8 +1152,8 @@ async def test_hostile_requests_are_answered_soundly(
             await asyncio.to_thread(run_property, server.port, strategy, world, limits, rpc)
         finally:
             await stop_world(client, world, collector)
-        await assert_serving(channel)
-        await assert_normal_flow(channel)
+        await assert_serving(client.channel)
+        await assert_normal_flow(client.channel)
         assert not server.failed, "a background task of the server failed"
         faults = await asyncio.to_thread(database_faults, database_path(sqlite_url))
         assert not faults, faults
@@ -1167,11 +1163,7 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
     start_server: ServerFactory, sqlite_url: str
 ) -> None:
     """Sequences of hostile requests to any RPC, interleaved, against one server."""
-    async with (
-        start_server(sqlite_url) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        client = Client(channel)
+    async with start_server(sqlite_url) as server, connect(server.port) as client:
         world, collector = await build_world(client)
         limits: Limits = server.settings.limits
         by_rpc = rpc_requests(world)
@@ -1200,8 +1192,8 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
             await asyncio.to_thread(sequences)
         finally:
             await stop_world(client, world, collector)
-        await assert_serving(channel)
-        await assert_normal_flow(channel)
+        await assert_serving(client.channel)
+        await assert_normal_flow(client.channel)
         faults = await asyncio.to_thread(database_faults, database_path(sqlite_url))
         assert not faults, faults
 
@@ -1444,11 +1436,7 @@ async def test_each_hostile_input_rule_is_enforced(
 ) -> None:
     """One request per rule, all sent to one server: every one refused (INVALID_ARGUMENT with
     BadRequest, or RESOURCE_EXHAUSTED), and all the rules a server breaks reported at once."""
-    async with (
-        start_server(sqlite_url) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        client = Client(channel)
+    async with start_server(sqlite_url) as server, connect(server.port) as client:
         world, collector = await build_world(client)
         limits: Limits = server.settings.limits
 
@@ -1472,7 +1460,7 @@ async def test_each_hostile_input_rule_is_enforced(
         finally:
             await stop_world(client, world, collector)
         assert not broken, "\n".join(["rules not enforced:", *broken])
-        await assert_serving(channel)
+        await assert_serving(client.channel)
         faults = await asyncio.to_thread(database_faults, database_path(sqlite_url))
         assert not faults, faults
 
@@ -1493,9 +1481,8 @@ async def test_a_message_over_max_message_bytes_is_resource_exhausted(
 ) -> None:
     async with (
         start_server(sqlite_url, max_message_bytes=64 * 1024) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        connect(server.port) as client,
     ):
-        client = Client(channel)
         await client.agent("big-1", capabilities=["work"], connect=False)
         created = await client.create(definition("big", task("a", capability="work")))
 
@@ -1523,7 +1510,7 @@ async def test_a_message_over_max_message_bytes_is_resource_exhausted(
         )
         assert not runs.runs, "an oversized request was acted on"
         assert (await client.agent("big-3", connect=False)).agent_id == "big-3"
-        await assert_serving(channel)
+        await assert_serving(client.channel)
 
 
 async def test_a_struct_over_max_payload_bytes_is_resource_exhausted(
@@ -1534,9 +1521,8 @@ async def test_a_struct_over_max_payload_bytes_is_resource_exhausted(
     limit = 16 * 1024
     async with (
         start_server(sqlite_url, limits=Limits(max_payload_bytes=limit)) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        connect(server.port) as client,
     ):
-        client = Client(channel)
         worker = await client.agent("payload-1", capabilities=["work"])
         created = await client.create(definition("payload", task("a", capability="work")))
         over = _blob(2 * limit)
@@ -1598,9 +1584,8 @@ async def test_more_tasks_than_the_limit_is_resource_exhausted(
 ) -> None:
     async with (
         start_server(sqlite_url, limits=Limits(max_tasks_per_definition=5)) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        connect(server.port) as client,
     ):
-        client = Client(channel)
         too_many = definition("many", *(task(f"t{index}") for index in range(6)))
         with pytest.raises(grpc.aio.AioRpcError) as created:
             await client.create(too_many)

@@ -8,32 +8,18 @@ it hands out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 import grpc
 from conftest import ServerFactory
 from google.protobuf.duration_pb2 import Duration
-from helpers import WAIT, Agent, Client, as_dict, definition, task
+from helpers import WAIT, Agent, Client, as_dict, connect, definition, task
 from opscore.v1 import (
     agent_lifecycle_pb2,
     agent_pb2,
     workflow_pb2,
     workflow_service_pb2,
 )
-
-from opscore.server import OpsCoreServer
-
-
-@asynccontextmanager
-async def connect(server: OpsCoreServer) -> AsyncIterator[Client]:
-    """A Client on a new channel to `server`; its streams and the channel are closed after."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        client = Client(channel)
-        try:
-            yield client
-        finally:
-            await client.close()
 
 
 async def reconnect(client: Client, agent_id: str, cleanup: AsyncExitStack) -> Agent:
@@ -69,9 +55,8 @@ async def all_runs(client: Client) -> dict[str, workflow_pb2.WorkflowRun]:
 async def wait_stream_ended(*agents: Agent) -> None:
     """The server's drain ends every open task stream, with UNAVAILABLE."""
     for agent in agents:
-        await asyncio.wait_for(agent.stream_ended.wait(), WAIT)
-        assert agent.stream_error is not None, f"{agent.agent_id}: stream ended without status"
-        assert agent.stream_error.code() == grpc.StatusCode.UNAVAILABLE, agent.stream_error
+        code = await agent.wait_stream_ended()
+        assert code == grpc.StatusCode.UNAVAILABLE, agent.stream_error
 
 
 def assert_same_registration(before: agent_pb2.Agent, after: agent_pb2.Agent) -> None:
@@ -111,7 +96,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
     async with AsyncExitStack() as cleanup:
         # The first server: two agents, two workflows (one with two versions), three runs.
         async with start_server(sqlite_url) as first:
-            client = await cleanup.enter_async_context(connect(first))
+            client = await cleanup.enter_async_context(connect(first.port))
             alpha = await client.agent(
                 "alpha",
                 capabilities=["build", "lint"],
@@ -198,7 +183,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
 
         # The second server, on the same file.
         async with start_server(sqlite_url) as second:
-            client2 = await cleanup.enter_async_context(connect(second))
+            client2 = await cleanup.enter_async_context(connect(second.port))
 
             # Agents: the same registrations, none connected.
             agents_after = await agents_by_id(client2)
@@ -313,7 +298,7 @@ async def test_held_assignment_is_redelivered_after_restart(
 ) -> None:
     async with AsyncExitStack() as cleanup:
         async with start_server(sqlite_url) as first:
-            client = await cleanup.enter_async_context(connect(first))
+            client = await cleanup.enter_async_context(connect(first.port))
             holder = await client.agent("holder", capabilities=["work"], labels={"pool": "a"})
             created = await client.create(
                 definition("job", task("step", capability="work", input={"n": 1}))
@@ -326,7 +311,7 @@ async def test_held_assignment_is_redelivered_after_restart(
         await wait_stream_ended(holder)
 
         async with start_server(sqlite_url) as second:
-            client2 = await cleanup.enter_async_context(connect(second))
+            client2 = await cleanup.enter_async_context(connect(second.port))
             stored = await client2.run(run.run_id)
             assert stored.state == workflow_pb2.RUN_STATE_RUNNING
             assert stored.tasks[0].state == workflow_pb2.TASK_STATE_ASSIGNED

@@ -6,60 +6,28 @@ cancellation stops holders, requests with a request_id are idempotent, listings 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import pytest
-from conftest import ServerFactory
-from helpers import Agent, Client, as_dict, bad_request, definition, struct, task
+from conftest import ServerFactory, serve
+from helpers import (
+    Client,
+    as_dict,
+    bad_request,
+    complete_request,
+    definition,
+    refused,
+    task,
+    tasks_of,
+)
 from opscore.v1 import workflow_pb2, workflow_service_pb2
 
 from opscore.domain.validation import Limits
 
-SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-
-
 # Helpers -------------------------------------------------------------------------------------
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    """Await a call that must fail with `code`; returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    assert error.code() not in SERVER_FAULTS, f"{error.code()}: {error.details()}"
-    assert error.code() == code, f"{error.code()}: {error.details()}"
-    return error
-
-
-def tasks_of(run: workflow_pb2.WorkflowRun) -> dict[str, workflow_pb2.TaskRun]:
-    """A run's tasks by name."""
-    return {task_run.name: task_run for task_run in run.tasks}
-
-
-def complete_request(
-    assignment: workflow_pb2.TaskAssignment,
-    agent_id: str,
-    *,
-    attempt: int | None = None,
-    output: dict[str, Any] | None = None,
-) -> workflow_service_pb2.CompleteTaskRequest:
-    """A CompleteTaskRequest for an assignment, with the agent and attempt chosen freely."""
-    return workflow_service_pb2.CompleteTaskRequest(
-        task_id=assignment.task_id,
-        agent_id=agent_id,
-        attempt=assignment.attempt if attempt is None else attempt,
-        output=struct(output),
-    )
-
-
-async def next_cancellation(agent: Agent) -> workflow_pb2.TaskCancellation:
-    """The next event on the agent's stream, which must be a cancellation."""
-    event = await agent.next_event()
-    assert event.WhichOneof("event") == "cancellation", event
-    return event.cancellation
 
 
 async def list_runs(client: Client, **fields: Any) -> workflow_service_pb2.ListWorkflowRunsResponse:
@@ -69,17 +37,48 @@ async def list_runs(client: Client, **fields: Any) -> workflow_service_pb2.ListW
     )
 
 
-async def all_runs(client: Client, **filters: Any) -> list[workflow_pb2.WorkflowRun]:
-    """Every run matching the filters, following page tokens."""
-    found: list[workflow_pb2.WorkflowRun] = []
+class Page(Protocol):
+    """A page of a listing: it names the next page, if any."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+PageT = TypeVar("PageT", bound=Page)
+ItemT = TypeVar("ItemT")
+
+
+async def walk_pages(
+    fetch: Callable[[str], Awaitable[PageT]],
+    items: Callable[[PageT], Sequence[ItemT]],
+    pages: int = 10,
+) -> tuple[list[ItemT], list[int], str]:
+    """Fetch the first page, then the page each token names, until a page carries no token or
+    `pages` pages are fetched: every item in order, each page's size, and the last page's token
+    ("" if it was the last page)."""
+    found: list[ItemT] = []
+    sizes: list[int] = []
     token = ""
-    for _ in range(100):
-        page = await list_runs(client, page_size=1000, page_token=token, **filters)
-        found.extend(page.runs)
+    for _ in range(pages):
+        page = await fetch(token)
+        sizes.append(len(items(page)))
+        found.extend(items(page))
         token = page.next_page_token
         if not token:
-            return found
-    raise AssertionError("ListWorkflowRuns never reached its last page")
+            break
+    return found, sizes, token
+
+
+async def all_runs(client: Client, **filters: Any) -> list[workflow_pb2.WorkflowRun]:
+    """Every run matching the filters, following page tokens."""
+    found, _, token = await walk_pages(
+        lambda token: list_runs(client, page_size=1000, page_token=token, **filters),
+        lambda page: page.runs,
+        pages=100,
+    )
+    if token:
+        raise AssertionError("ListWorkflowRuns never reached its last page")
+    return found
 
 
 async def run_ids(client: Client, **filters: Any) -> set[str]:
@@ -127,7 +126,7 @@ async def test_fail_task_fails_run_skips_the_rest_and_cancels_other_holders(
 
     await left_agent.fail(left, "disk on fire")
 
-    cancellation = await next_cancellation(right_agent)
+    cancellation = await right_agent.next_cancellation()
     assert cancellation.task_id == right.task_id
     assert cancellation.run_id == run.run_id
     assert cancellation.attempt == right.attempt
@@ -295,7 +294,7 @@ async def test_cancel_run_cancels_tasks_and_tells_the_holder(client: Client) -> 
         assert task_run.state == workflow_pb2.TASK_STATE_CANCELLED, name
         assert task_run.HasField("finished_at"), name
 
-    cancellation = await next_cancellation(holder)
+    cancellation = await holder.next_cancellation()
     assert cancellation.task_id == assignment.task_id
     assert cancellation.run_id == run.run_id
     assert cancellation.attempt == assignment.attempt
@@ -412,16 +411,10 @@ async def test_runs_page_by_fifty_each_exactly_once(client: Client) -> None:
     expected = {run.run_id for run in triggered}
     assert len(expected) == 120
 
-    seen: list[str] = []
-    sizes: list[int] = []
-    token = ""
-    for _ in range(10):
-        page = await list_runs(client, page_size=50, page_token=token)
-        sizes.append(len(page.runs))
-        seen.extend(run.run_id for run in page.runs)
-        token = page.next_page_token
-        if not token:
-            break
+    runs, sizes, token = await walk_pages(
+        lambda token: list_runs(client, page_size=50, page_token=token), lambda page: page.runs
+    )
+    seen = [run.run_id for run in runs]
     assert sizes == [50, 50, 20]
     assert token == ""
     assert len(seen) == len(set(seen))
@@ -443,11 +436,9 @@ async def test_huge_page_size_is_capped_not_refused(
     """
     assert Limits().max_page_size == 1000
     limits = Limits(max_page_size=30, default_page_size=10)
-    async with (
-        start_server(f"sqlite+aiosqlite:///{tmp_path / 'capped.db'}", limits=limits) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        capped = Client(channel)
+    async with serve(
+        start_server, f"sqlite+aiosqlite:///{tmp_path / 'capped.db'}", limits=limits
+    ) as capped:
         created = await capped.create(definition("many", task("a")))
         await asyncio.gather(
             *(capped.trigger(definition_id=created.definition_id) for _ in range(45))
@@ -523,17 +514,14 @@ async def test_list_runs_filters_by_state_definition_and_agent(
 
 
 async def test_list_runs_filtered_pages(client: Client, mixed_runs: dict[str, Any]) -> None:
-    seen: list[str] = []
-    token = ""
-    for _ in range(10):
-        page = await list_runs(
+    runs, sizes, _ = await walk_pages(
+        lambda token: list_runs(
             client, page_size=1, page_token=token, state=workflow_pb2.RUN_STATE_PENDING
-        )
-        assert len(page.runs) <= 1
-        seen.extend(run.run_id for run in page.runs)
-        token = page.next_page_token
-        if not token:
-            break
+        ),
+        lambda page: page.runs,
+    )
+    assert all(size <= 1 for size in sizes), sizes
+    seen = [run.run_id for run in runs]
     assert sorted(seen) == sorted(
         [mixed_runs["d1-pin-a"], mixed_runs["d1-free"], mixed_runs["d2-pin-b"]]
     )
@@ -561,30 +549,19 @@ async def test_list_definitions_pages_and_filters_by_name(client: Client) -> Non
     ]
     expected = {d.definition_id for d in created}
 
-    seen: list[str] = []
-    sizes: list[int] = []
-    token = ""
-    for _ in range(10):
-        page = await list_definitions(client, page_size=4, page_token=token)
-        sizes.append(len(page.definitions))
-        seen.extend(d.definition_id for d in page.definitions)
-        token = page.next_page_token
-        if not token:
-            break
+    listed, sizes, _ = await walk_pages(
+        lambda token: list_definitions(client, page_size=4, page_token=token),
+        lambda page: page.definitions,
+    )
+    seen = [d.definition_id for d in listed]
     assert sizes == [4, 2]
     assert len(seen) == len(set(seen))
     assert set(seen) == expected
 
-    alphas: list[workflow_pb2.WorkflowDefinition] = []
-    sizes = []
-    token = ""
-    for _ in range(10):
-        page = await list_definitions(client, page_size=2, page_token=token, name="alpha")
-        sizes.append(len(page.definitions))
-        alphas.extend(page.definitions)
-        token = page.next_page_token
-        if not token:
-            break
+    alphas, sizes, _ = await walk_pages(
+        lambda token: list_definitions(client, page_size=2, page_token=token, name="alpha"),
+        lambda page: page.definitions,
+    )
     assert sizes == [2, 1]
     assert {d.name for d in alphas} == {"alpha"}
     assert sorted(d.version for d in alphas) == [1, 2, 3]

@@ -2,36 +2,26 @@
 open ones end with UNAVAILABLE, in-flight calls finish and their commits are kept, and the
 process exits with status 0 within its shutdown grace.
 
-The first test runs `opscore serve` as a separate process (as operators run it, started the way
-tests/e2e/test_cli.py starts it) and restarts it on the same database to see what the drained one
-committed; the second drives `stop()` of an in-process server to look at the drain from inside.
+The first test runs `opscore serve` as a separate process (as operators run it: a
+`ServerProcess` of tests/processes.py) and restarts it on the same database to see what the
+drained one committed; the second drives `stop()` of an in-process server to look at the drain
+from inside.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from conftest import ServerFactory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import Agent, Client, as_dict, definition, struct, task
+from grpc_health.v1 import health_pb2
+from helpers import Agent, Client, as_dict, complete_request, connect, definition, struct, task
 from opscore.v1 import workflow_pb2, workflow_service_pb2
-
-OPSCORE = Path(sys.executable).parent / "opscore"
-"""The console script the package installs."""
-
-START_WAIT = 15.0
-"""Seconds a server process may take to answer SERVING."""
+from processes import ServerProcess, free_port, health_status
 
 SHUTDOWN_GRACE = 2.0
 """The drained server's shutdown grace (OPSCORE_SHUTDOWN_GRACE), in seconds."""
@@ -42,9 +32,6 @@ EXIT_SLACK = 3.0
 CALL_TIMEOUT = 5.0
 """Deadline of each unary call the test makes."""
 
-WAIT = 5.0
-"""Seconds to wait for something that should happen at once."""
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -52,83 +39,6 @@ REFUSED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 """How a call racing the drain may fail: UNAVAILABLE (refused by the server, or no server to
 connect to), or CANCELLED (gRPC's own answer to a call that had reached the process but no
 handler yet when the server stopped taking calls: nothing of it ran)."""
-
-
-def clean_environment(**extra: str) -> dict[str, str]:
-    """The test's environment without OPSCORE_*, PYTHONPATH or PYTHONSAFEPATH, plus `extra`."""
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("OPSCORE_") and key not in ("PYTHONPATH", "PYTHONSAFEPATH")
-    }
-    environment.update(extra)
-    return environment
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def read(log: Path) -> str:
-    """A server's log so far."""
-    return log.read_text()
-
-
-async def health_status(port: int) -> int | None:
-    """The server's overall health status, or None if nothing answers."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0
-            )
-        except grpc.aio.AioRpcError:
-            return None
-        return int(response.status)
-
-
-@asynccontextmanager
-async def opscore_serve(
-    database: Path, port: int, log: Path, **environment: str
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run `opscore serve` on `database` and `port` (JSON logs appended to `log`) until it answers
-    SERVING; kill it at the end if it is still alive.
-    """
-    with log.open("ab") as sink:
-        process = await asyncio.create_subprocess_exec(
-            str(OPSCORE),
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--db",
-            f"sqlite:///{database}",
-            cwd=database.parent,
-            env=clean_environment(OPSCORE_LOG_FORMAT="json", **environment),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=sink,
-        )
-    try:
-        deadline = time.monotonic() + START_WAIT
-        while await health_status(port) != SERVING:
-            assert process.returncode is None, f"opscore serve exited: {read(log)}"
-            assert time.monotonic() < deadline, f"no SERVING within {START_WAIT} s"
-            await asyncio.sleep(0.05)
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), WAIT)
-
-
-async def wait_stream_ended(agent: Agent, timeout: float = WAIT) -> grpc.StatusCode:
-    """Wait (bounded) until the agent's task stream has ended; the status it ended with."""
-    await asyncio.wait_for(agent.stream_ended.wait(), timeout)
-    assert agent.stream_error is not None, f"{agent.agent_id}: the stream ended without status"
-    return agent.stream_error.code()
 
 
 async def poll_health(port: int, start: asyncio.Event, seen: list[int | None]) -> None:
@@ -172,13 +82,7 @@ class Caller:
         output = {"by": agent.agent_id, "task": assignment.task_id, "attempt": assignment.attempt}
         try:
             await self.client.workflows.CompleteTask(
-                workflow_service_pb2.CompleteTaskRequest(
-                    task_id=assignment.task_id,
-                    agent_id=agent.agent_id,
-                    attempt=assignment.attempt,
-                    output=struct(output),
-                ),
-                timeout=CALL_TIMEOUT,
+                complete_request(assignment, agent.agent_id, output=output), timeout=CALL_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
@@ -217,63 +121,61 @@ async def test_sigterm_drains_and_keeps_every_acknowledged_commit(tmp_path: Path
     health_seen: list[int | None] = []
 
     async with (
-        opscore_serve(database, port, log, OPSCORE_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE)) as process,
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ServerProcess.on_sqlite(
+            database,
+            port,
+            log,
+            OPSCORE_LOG_FORMAT="json",
+            OPSCORE_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE),
+        ) as server,
+        connect(port) as client,
     ):
-        client = Client(channel)
-        try:
-            agents = [
-                await client.agent(f"drain-{i}", max_concurrent_tasks=slots) for i in range(3)
-            ]
-            batch = await client.create(definition("batch", *(task(f"t{i:02}") for i in range(40))))
-            single = await client.create(definition("single", task("only")))
-            first = await client.trigger(definition_id=batch.definition_id)
-            held = [
-                (agent, await agent.next_assignment()) for agent in agents for _ in range(slots)
-            ]
-            assert {a.run_id for _, a in held} == {first.run_id}
-            caller = Caller(client, single.definition_id)
+        agents = [await client.agent(f"drain-{i}", max_concurrent_tasks=slots) for i in range(3)]
+        batch = await client.create(definition("batch", *(task(f"t{i:02}") for i in range(40))))
+        single = await client.create(definition("single", task("only")))
+        first = await client.trigger(definition_id=batch.definition_id)
+        held = [(agent, await agent.next_assignment()) for agent in agents for _ in range(slots)]
+        assert {a.run_id for _, a in held} == {first.run_id}
+        caller = Caller(client, single.definition_id)
 
-            # Before the signal: calls that must all succeed.
-            for agent, assignment in held[:3]:
-                await caller.complete(agent, assignment)
-            for number in range(3):
-                await caller.trigger(number)
-            assert {o.code for o in caller.outcomes} == {grpc.StatusCode.OK}, caller.outcomes
+        # Before the signal: calls that must all succeed.
+        for agent, assignment in held[:3]:
+            await caller.complete(agent, assignment)
+        for number in range(3):
+            await caller.trigger(number)
+        assert {o.code for o in caller.outcomes} == {grpc.StatusCode.OK}, caller.outcomes
 
-            # Then completions and triggers every few milliseconds, SIGTERM going out in
-            # the middle of them, while several are in flight.
-            watcher = asyncio.create_task(poll_health(port, caller.sigterm_sent, health_seen))
-            calls: list[asyncio.Task[None]] = []
-            burst = list(range(3, len(held)))
-            for step, index in enumerate(burst):
-                calls.append(asyncio.create_task(caller.complete(*held[index])))
-                calls.append(asyncio.create_task(caller.trigger(index)))
-                if step == len(burst) // 3:
-                    sigterm_at = time.monotonic()
-                    process.send_signal(signal.SIGTERM)
-                    caller.sigterm_sent.set()
-                await asyncio.sleep(0.003)
+        # Then completions and triggers every few milliseconds, SIGTERM going out in
+        # the middle of them, while several are in flight.
+        watcher = asyncio.create_task(poll_health(port, caller.sigterm_sent, health_seen))
+        calls: list[asyncio.Task[None]] = []
+        burst = list(range(3, len(held)))
+        for step, index in enumerate(burst):
+            calls.append(asyncio.create_task(caller.complete(*held[index])))
+            calls.append(asyncio.create_task(caller.trigger(index)))
+            if step == len(burst) // 3:
+                sigterm_at = time.monotonic()
+                server.terminate()
+                caller.sigterm_sent.set()
+            await asyncio.sleep(0.003)
 
-            # Health: SERVING answers may come while the signal is on its way; once the
-            # server answers otherwise, it is NOT_SERVING until it answers no more.
-            await asyncio.wait_for(watcher, SHUTDOWN_GRACE + EXIT_SLACK)
-            turned = next(i for i, status in enumerate(health_seen) if status != SERVING)
-            assert set(health_seen[turned:]) <= {NOT_SERVING, None}, health_seen
+        # Health: SERVING answers may come while the signal is on its way; once the
+        # server answers otherwise, it is NOT_SERVING until it answers no more.
+        await asyncio.wait_for(watcher, SHUTDOWN_GRACE + EXIT_SLACK)
+        turned = next(i for i, status in enumerate(health_seen) if status != SERVING)
+        assert set(health_seen[turned:]) <= {NOT_SERVING, None}, health_seen
 
-            # Every open task stream ends with UNAVAILABLE.
-            for agent in agents:
-                code = await wait_stream_ended(agent, SHUTDOWN_GRACE + EXIT_SLACK)
-                assert code == grpc.StatusCode.UNAVAILABLE, (agent.agent_id, code)
+        # Every open task stream ends with UNAVAILABLE.
+        for agent in agents:
+            code = await agent.wait_stream_ended(SHUTDOWN_GRACE + EXIT_SLACK)
+            assert code == grpc.StatusCode.UNAVAILABLE, (agent.agent_id, code)
 
-            # The process exits with status 0 within the grace plus a little.
-            left = SHUTDOWN_GRACE + EXIT_SLACK - (time.monotonic() - sigterm_at)
-            await asyncio.wait_for(process.wait(), max(left, 0.1))
-            exited_after = time.monotonic() - sigterm_at
-            assert process.returncode == 0, read(log)
-            await asyncio.wait_for(asyncio.gather(*calls), CALL_TIMEOUT + 1)
-        finally:
-            await client.close()
+        # The process exits with status 0 within the grace plus a little.
+        left = SHUTDOWN_GRACE + EXIT_SLACK - (time.monotonic() - sigterm_at)
+        await server.wait(max(left, 0.1))
+        exited_after = time.monotonic() - sigterm_at
+        assert server.returncode == 0, server.log_text()
+        await asyncio.wait_for(asyncio.gather(*calls), CALL_TIMEOUT + 1)
 
     outcomes = caller.outcomes
     acknowledged = [o for o in outcomes if o.code == grpc.StatusCode.OK]
@@ -291,10 +193,9 @@ async def test_sigterm_drains_and_keeps_every_acknowledged_commit(tmp_path: Path
     # Restarted on the same file, the server shows every acknowledged commit.
     second_port = free_port()
     async with (
-        opscore_serve(database, second_port, log),
-        grpc.aio.insecure_channel(f"127.0.0.1:{second_port}") as channel,
+        ServerProcess.on_sqlite(database, second_port, log, OPSCORE_LOG_FORMAT="json"),
+        connect(second_port) as client,
     ):
-        client = Client(channel)
         tasks = {t.task_id: t for t in (await client.run(first.run_id)).tasks}
         for outcome in acknowledged:
             if outcome.kind == "trigger":
@@ -323,64 +224,60 @@ async def test_stream_tasks_is_refused_once_stop_begins(
     grace = 3.0
     async with (
         start_server(sqlite_url, shutdown_grace=grace) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        connect(server.port) as client,
     ):
-        client = Client(channel)
-        try:
-            connected = await client.agent("connected")
-            racers = 8
-            for number in range(racers + 3):
-                await client.agent(f"late-{number}", connect=False)
-            ended: dict[str, tuple[grpc.StatusCode, float, list[Any]]] = {}
-            began = time.monotonic()
+        connected = await client.agent("connected")
+        racers = 8
+        for number in range(racers + 3):
+            await client.agent(f"late-{number}", connect=False)
+        ended: dict[str, tuple[grpc.StatusCode, float, list[Any]]] = {}
+        began = time.monotonic()
 
-            async def open_stream(agent_id: str) -> None:
-                """Open a task stream; note how it ended, when, and what came on it."""
-                call = client.workflows.StreamTasks(
-                    workflow_service_pb2.StreamTasksRequest(agent_id=agent_id)
-                )
-                events: list[Any] = []
-                try:
-                    async with asyncio.timeout(grace + EXIT_SLACK):
-                        async for event in call:
-                            events.append(event)
-                except grpc.aio.AioRpcError as error:
-                    code = error.code()
-                else:
-                    code = grpc.StatusCode.OK
-                ended[agent_id] = (code, time.monotonic() - began, events)
+        async def open_stream(agent_id: str) -> None:
+            """Open a task stream; note how it ended, when, and what came on it."""
+            call = client.workflows.StreamTasks(
+                workflow_service_pb2.StreamTasksRequest(agent_id=agent_id)
+            )
+            events: list[Any] = []
+            try:
+                async with asyncio.timeout(grace + EXIT_SLACK):
+                    async for event in call:
+                        events.append(event)
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+            else:
+                code = grpc.StatusCode.OK
+            ended[agent_id] = (code, time.monotonic() - began, events)
 
-            # Streams opened as the stop begins, a millisecond apart (half before it, half
-            # after): some reach their handler before the drain, some during it, some not at
-            # all. Each must end at once, carrying nothing: none may stay open (and hold the
-            # drain) until the grace.
-            began = time.monotonic()
-            racing: list[asyncio.Task[None]] = []
-            for number in range(racers):
-                if number == racers // 2:
-                    stopping = asyncio.create_task(server.stop())
-                racing.append(asyncio.create_task(open_stream(f"late-{number}")))
-                await asyncio.sleep(0.001)
+        # Streams opened as the stop begins, a millisecond apart (half before it, half
+        # after): some reach their handler before the drain, some during it, some not at
+        # all. Each must end at once, carrying nothing: none may stay open (and hold the
+        # drain) until the grace.
+        began = time.monotonic()
+        racing: list[asyncio.Task[None]] = []
+        for number in range(racers):
+            if number == racers // 2:
+                stopping = asyncio.create_task(server.stop())
+            racing.append(asyncio.create_task(open_stream(f"late-{number}")))
+            await asyncio.sleep(0.001)
 
-            # The stream open before the stop ends with UNAVAILABLE.
-            assert await wait_stream_ended(connected) == grpc.StatusCode.UNAVAILABLE
+        # The stream open before the stop ends with UNAVAILABLE.
+        assert await connected.wait_stream_ended() == grpc.StatusCode.UNAVAILABLE
 
-            # Now the drain is under way: a new stream is refused with UNAVAILABLE.
-            await open_stream(f"late-{racers}")
-            await open_stream("connected")
-            await asyncio.sleep(0.2)
-            await open_stream(f"late-{racers + 1}")
-            for agent_id in (f"late-{racers}", "connected", f"late-{racers + 1}"):
-                code, _, events = ended[agent_id]
-                assert code == grpc.StatusCode.UNAVAILABLE, (agent_id, code)
-                assert events == [], agent_id
+        # Now the drain is under way: a new stream is refused with UNAVAILABLE.
+        await open_stream(f"late-{racers}")
+        await open_stream("connected")
+        await asyncio.sleep(0.2)
+        await open_stream(f"late-{racers + 1}")
+        for agent_id in (f"late-{racers}", "connected", f"late-{racers + 1}"):
+            code, _, events = ended[agent_id]
+            assert code == grpc.StatusCode.UNAVAILABLE, (agent_id, code)
+            assert events == [], agent_id
 
-            await asyncio.wait_for(asyncio.gather(*racing), grace + EXIT_SLACK + 1)
-            for number in range(racers):
-                code, after, events = ended[f"late-{number}"]
-                assert code in REFUSED, (number, code)
-                assert events == [], number
-                assert after < 1.0, f"late-{number} ended {after:.2f} s after the stop began"
-            await asyncio.wait_for(stopping, grace + EXIT_SLACK)
-        finally:
-            await client.close()
+        await asyncio.wait_for(asyncio.gather(*racing), grace + EXIT_SLACK + 1)
+        for number in range(racers):
+            code, after, events = ended[f"late-{number}"]
+            assert code in REFUSED, (number, code)
+            assert events == [], number
+            assert after < 1.0, f"late-{number} ended {after:.2f} s after the stop began"
+        await asyncio.wait_for(stopping, grace + EXIT_SLACK)

@@ -3,20 +3,15 @@ trigger, complete, get the run."""
 
 from __future__ import annotations
 
-import grpc
-from conftest import ServerFactory
-from helpers import Client, definition, task
+from conftest import ServerFactory, serve
+from helpers import definition, task
 from opscore.v1 import workflow_pb2
 
 
 async def test_chain_runs_to_success_on_every_backend(
     start_server: ServerFactory, db_url: str
 ) -> None:
-    async with (
-        start_server(db_url) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        client = Client(channel)
+    async with serve(start_server, db_url) as client:
         agent = await client.agent("worker-1", capabilities=["echo"])
         created = await client.create(
             definition(
@@ -35,4 +30,3 @@ async def test_chain_runs_to_success_on_every_backend(
         await agent.complete(second, {"text": "HELLO WORLD"})
         done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
         assert [t.state for t in done.tasks] == [workflow_pb2.TASK_STATE_SUCCEEDED] * 2
-        await client.close()

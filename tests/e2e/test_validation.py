@@ -13,24 +13,10 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.duration_pb2 import Duration
-from helpers import Client, bad_request, definition, task
+from helpers import Client, bad_request, definition, refused, seconds, task
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 
-SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-
-
 # Helpers -------------------------------------------------------------------------------------
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    """Await a call that must fail with `code`; returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    assert error.code() not in SERVER_FAULTS, f"{error.code()}: {error.details()}"
-    assert error.code() == code, f"{error.code()}: {error.details()}"
-    return error
 
 
 async def invalid(call: Awaitable[Any], *fields: str) -> dict[str, str]:
@@ -74,13 +60,6 @@ async def stored_agents(client: Client) -> list[agent_pb2.Agent]:
 def spec(name: str, **fields: Any) -> workflow_pb2.TaskSpec:
     """A TaskSpec with any field set (timeouts, retry policies)."""
     return workflow_pb2.TaskSpec(name=name, **fields)
-
-
-def seconds(value: float) -> Duration:
-    """A Duration of `value` seconds (negative allowed)."""
-    duration = Duration()
-    duration.FromTimedelta(timedelta(seconds=value))
-    return duration
 
 
 def datetime_of(message: Any) -> datetime:

@@ -14,12 +14,13 @@ from opscore.domain.models import (
     AgentState,
     DefinitionDraft,
     Effects,
+    JsonObject,
     ReportedState,
     RunState,
     TaskSpec,
     TaskState,
 )
-from opscore.store.queries import Store
+from opscore.store.queries import CreatedRun, Store
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 TIMEOUT = timedelta(minutes=1)
@@ -38,6 +39,32 @@ def diamond() -> DefinitionDraft:
             TaskSpec(name="c", depends_on=("a",)),
             TaskSpec(name="d", depends_on=("b", "c")),
         ),
+    )
+
+
+async def start(
+    store: Store,
+    draft: DefinitionDraft | None,
+    *,
+    definition_id: str = "",
+    definition_name: str = "",
+    agent_id: str = "",
+    run_input: JsonObject | None = None,
+    request_id: str = "",
+    now: datetime = NOW,
+) -> CreatedRun:
+    """`store.create_run` of the inline `draft` (or, with None, of the stored definition named by
+    `definition_id` or `definition_name`): at NOW, with no agent, input or request_id unless
+    given, its effects ignored."""
+    return await store.create_run(
+        definition_id=definition_id,
+        definition_name=definition_name,
+        inline=draft,
+        agent_id=agent_id,
+        run_input={} if run_input is None else run_input,
+        request_id=request_id,
+        now=now,
+        on_commit=ignore,
     )
 
 
@@ -105,16 +132,7 @@ async def test_list_agents_filters_by_derived_state_and_capability(store: Store)
 async def test_a_full_agent_is_busy(store: Store) -> None:
     await register(store, "w", "cpu")
     await store.connect_agent("w", NOW, ignore)
-    created = await store.create_run(
-        definition_id="",
-        definition_name="",
-        inline=diamond(),
-        agent_id="",
-        run_input={},
-        request_id="",
-        now=NOW,
-        on_commit=ignore,
-    )
+    created = await start(store, diamond())
     [ready] = created.effects.queued
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     agent = await store.get_agent("w")
@@ -159,15 +177,8 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     await register(store, "w", "cpu")
     await store.connect_agent("w", NOW, ignore)
     stored = await store.create_definition(diamond(), "", NOW)
-    created = await store.create_run(
-        definition_id="",
-        definition_name="diamond",
-        inline=None,
-        agent_id="",
-        run_input={"k": 2, "extra": True},
-        request_id="r-1",
-        now=NOW,
-        on_commit=ignore,
+    created = await start(
+        store, None, definition_name="diamond", run_input={"k": 2, "extra": True}, request_id="r-1"
     )
     run = created.run
     assert run.definition_id == stored.definition_id
@@ -212,16 +223,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
 async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
     await register(store, "w")
     await register(store, "other")
-    created = await store.create_run(
-        definition_id="",
-        definition_name="",
-        inline=DefinitionDraft("one", tasks=(TaskSpec("only"),)),
-        agent_id="",
-        run_input={},
-        request_id="",
-        now=NOW,
-        on_commit=ignore,
-    )
+    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     [ready] = created.effects.queued
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     with pytest.raises(FailedPrecondition):
@@ -237,17 +239,11 @@ async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
 async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) -> None:
     await register(store, "w1")
     await register(store, "w2")
-    created = await store.create_run(
-        definition_id="",
-        definition_name="",
-        inline=DefinitionDraft(
+    created = await start(
+        store,
+        DefinitionDraft(
             "pair", tasks=(TaskSpec("x"), TaskSpec("y"), TaskSpec("z", depends_on=("x", "y")))
         ),
-        agent_id="",
-        run_input={},
-        request_id="",
-        now=NOW,
-        on_commit=ignore,
     )
     x, y = created.effects.queued
     await store.assign([(x, "w1"), (y, "w2")], NOW, TIMEOUT, ignore)
@@ -266,16 +262,7 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
 
 
 async def test_cancel_unqueues_and_refuses_finished_runs(store: Store) -> None:
-    created = await store.create_run(
-        definition_id="",
-        definition_name="",
-        inline=diamond(),
-        agent_id="",
-        run_input={},
-        request_id="",
-        now=NOW,
-        on_commit=ignore,
-    )
+    created = await start(store, diamond())
     run, effects = await store.cancel_run(created.run.run_id, NOW, ignore)
     assert run.state is RunState.CANCELLED
     assert {t.state for t in run.tasks} == {TaskState.CANCELLED}
@@ -287,29 +274,19 @@ async def test_cancel_unqueues_and_refuses_finished_runs(store: Store) -> None:
 
 
 async def test_trigger_checks_its_references(store: Store) -> None:
-    common = {"inline": None, "run_input": {}, "request_id": "", "now": NOW, "on_commit": ignore}
     with pytest.raises(NotFound):
-        await store.create_run(definition_id="nope", definition_name="", agent_id="", **common)
+        await start(store, None, definition_id="nope")
     with pytest.raises(NotFound):
-        await store.create_run(definition_id="", definition_name="nope", agent_id="", **common)
+        await start(store, None, definition_name="nope")
     await store.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
-        await store.create_run(definition_id="", definition_name="diamond", agent_id="x", **common)
+        await start(store, None, definition_name="diamond", agent_id="x")
     assert (await store.list_runs(10, "", None, "", "")).items == ()
 
 
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
     await register(store, "w")
-    created = await store.create_run(
-        definition_id="",
-        definition_name="",
-        inline=DefinitionDraft("one", tasks=(TaskSpec("only"),)),
-        agent_id="",
-        run_input={},
-        request_id="",
-        now=NOW,
-        on_commit=ignore,
-    )
+    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     [ready] = created.effects.queued
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     effects = await store.deregister_agent("w", NOW, ignore)
@@ -323,15 +300,10 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
     await register(store, "w", slots=5)
     order = []
     for index in range(3):
-        created = await store.create_run(
-            definition_id="",
-            definition_name="",
-            inline=DefinitionDraft(f"wf{index}", tasks=(TaskSpec("t"),)),
-            agent_id="",
-            run_input={},
-            request_id="",
+        created = await start(
+            store,
+            DefinitionDraft(f"wf{index}", tasks=(TaskSpec("t"),)),
             now=NOW + timedelta(seconds=index),
-            on_commit=ignore,
         )
         order.append(created.effects.queued[0])
     assert [t.task_id for t in await store.load_queue()] == [t.task_id for t in order]
