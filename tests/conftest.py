@@ -53,7 +53,7 @@ async def postgres_database() -> AsyncIterator[str]:
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A database URL on each supported backend, fresh for each test."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'opscore.db'}"
+        yield f"sqlite:///{tmp_path / 'opscore.db'}"
     else:
         async with postgres_database() as url:
             yield url
@@ -62,7 +62,7 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite database file, fresh for each test (for tests that need one backend only)."""
-    return f"sqlite+aiosqlite:///{tmp_path / 'opscore.db'}"
+    return f"sqlite:///{tmp_path / 'opscore.db'}"
 
 
 ServerFactory = Callable[..., AbstractAsyncContextManager[OpsCoreServer]]

@@ -1133,7 +1133,7 @@ def database_faults(path: str) -> list[str]:
 
 
 def database_path(url: str) -> str:
-    """The file of a sqlite+aiosqlite URL."""
+    """The file of a sqlite:/// URL."""
     return url.split(":///", 1)[1]
 
 
