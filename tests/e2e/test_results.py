@@ -436,9 +436,7 @@ async def test_huge_page_size_is_capped_not_refused(
     """
     assert Limits().max_page_size == 1000
     limits = Limits(max_page_size=30, default_page_size=10)
-    async with serve(
-        start_server, f"sqlite:///{tmp_path / 'capped.db'}", limits=limits
-    ) as capped:
+    async with serve(start_server, f"sqlite:///{tmp_path / 'capped.db'}", limits=limits) as capped:
         created = await capped.create(definition("many", task("a")))
         await asyncio.gather(
             *(capped.trigger(definition_id=created.definition_id) for _ in range(45))
