@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
@@ -39,6 +39,7 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunState,
+    TaskRun,
     TaskState,
     WorkflowDefinition,
     WorkflowRun,
@@ -64,6 +65,9 @@ _capabilities = metadata.tables[AgentCapabilityRow.__tablename__]
 _definitions = metadata.tables[DefinitionRow.__tablename__]
 _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
+
+DEFINITION_CACHE_SIZE = 1024
+"""Definitions kept in memory by id (the oldest seen is dropped first)."""
 
 _running_count = (
     select(func.count())
@@ -125,6 +129,18 @@ class Store:
         self._writer = writer
         self._retry = retry
         self._rng = rng or random.Random()
+        self._definitions: dict[str, WorkflowDefinition] = {}
+
+    def _definition(self, conn: Connection, definition_id: str) -> WorkflowDefinition:
+        """A stored definition, from memory when seen before: definitions never change, so a
+        cache by id is right on every replica, and triggering by id reads no definition row."""
+        found = self._definitions.get(definition_id)
+        if found is None:
+            found = _get_definition(conn, definition_id)
+            if len(self._definitions) >= DEFINITION_CACHE_SIZE:
+                self._definitions.pop(next(iter(self._definitions)))
+            self._definitions[definition_id] = found
+        return found
 
     async def _write(
         self, op: Callable[[Connection], T], on_commit: OnCommit[T] | None = None
@@ -267,9 +283,10 @@ class Store:
                 select(_tasks)
                 .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
-            )
+            ).all()
+            context = _assignment_context(conn, held_rows)
             held = [
-                _assignment(conn, row, row.attempt, agent_id, row.deadline, redelivered=True)
+                _assignment(context, row, row.attempt, agent_id, row.deadline, redelivered=True)
                 for row in held_rows
             ]
             profile = agent.profile()
@@ -427,7 +444,7 @@ class Store:
                 name, stored_id, specs = inline.name, None, inline.tasks
             else:
                 stored = (
-                    _get_definition(conn, definition_id)
+                    self._definition(conn, definition_id)
                     if definition_id
                     else _latest_definition(conn, definition_name)
                 )
@@ -472,8 +489,19 @@ class Store:
                 for position, spec in enumerate(specs)
             ]
             conn.execute(insert(_tasks), task_values)
-            run_row = (conn.execute(select(_runs).where(_runs.c.run_id == run_id))).one()
-            run = _load_run(conn, run_row)
+            # The run as inserted, built from the values rather than read back.
+            run = WorkflowRun(
+                run_id=run_id,
+                definition_id=stored_id or "",
+                workflow_name=name,
+                agent_id=agent_id,
+                state=RunState.PENDING,
+                input=dict(run_input),
+                tasks=tuple(rows.new_task_run(values) for values in task_values),
+                created_at=now,
+                started_at=None,
+                finished_at=None,
+            )
             effects = Effects(
                 queued=[task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
             )
@@ -571,49 +599,71 @@ class Store:
         place and is left alone."""
 
         def op(conn: Connection) -> list[Assignment | None]:
-            handed: list[Assignment | None] = []
+            # Set-based: four statements for the whole batch, whatever its size.
+            queued = {
+                row.task_id: row
+                for row in conn.execute(
+                    select(_tasks)
+                    .where(
+                        _tasks.c.task_id.in_([task.task_id for task, _ in pairs]),
+                        _tasks.c.state == TaskState.QUEUED.value,
+                    )
+                    .with_for_update()
+                )
+            }
+            leases: dict[str, tuple[Any, str, datetime]] = {}
             for task, agent_id in pairs:
-                row = (
-                    conn.execute(
-                        select(_tasks)
-                        .where(
-                            _tasks.c.task_id == task.task_id,
-                            _tasks.c.state == TaskState.QUEUED.value,
-                        )
-                        .with_for_update()
+                row = queued.get(task.task_id)
+                if row is not None and task.task_id not in leases:
+                    timeout = (
+                        default_timeout
+                        if row.timeout_ms is None
+                        else timedelta(milliseconds=row.timeout_ms)
                     )
-                ).first()
-                if row is None:
-                    handed.append(None)
-                    continue
-                timeout = (
-                    default_timeout
-                    if row.timeout_ms is None
-                    else timedelta(milliseconds=row.timeout_ms)
+                    leases[task.task_id] = (row, agent_id, now + timeout)
+            if not leases:
+                return [None] * len(pairs)
+            conn.execute(
+                update(_tasks)
+                .where(_tasks.c.task_id == bindparam("b_task_id"))
+                .values(
+                    state=TaskState.ASSIGNED.value,
+                    attempt=bindparam("b_attempt"),
+                    agent_id=bindparam("b_agent_id"),
+                    assigned_at=now,
+                    deadline=bindparam("b_deadline"),
+                    not_before=None,
+                ),
+                [
+                    {
+                        "b_task_id": task_id,
+                        "b_attempt": row.attempt + 1,
+                        "b_agent_id": agent_id,
+                        "b_deadline": deadline,
+                    }
+                    for task_id, (row, agent_id, deadline) in leases.items()
+                ],
+            )
+            run_ids = {row.run_id for row, _, _ in leases.values()}
+            conn.execute(
+                update(_runs)
+                .where(_runs.c.run_id.in_(run_ids), _runs.c.state == RunState.PENDING.value)
+                .values(state=RunState.RUNNING.value, started_at=now)
+            )
+            context = _assignment_context(conn, [row for row, _, _ in leases.values()])
+            return [
+                _assignment(
+                    context,
+                    leases[task.task_id][0],
+                    leases[task.task_id][0].attempt + 1,
+                    agent_id,
+                    leases[task.task_id][2],
+                    redelivered=False,
                 )
-                conn.execute(
-                    update(_tasks)
-                    .where(_tasks.c.task_id == task.task_id)
-                    .values(
-                        state=TaskState.ASSIGNED.value,
-                        attempt=row.attempt + 1,
-                        agent_id=agent_id,
-                        assigned_at=now,
-                        deadline=now + timeout,
-                        not_before=None,
-                    )
-                )
-                conn.execute(
-                    update(_runs)
-                    .where(_runs.c.run_id == row.run_id, _runs.c.state == RunState.PENDING.value)
-                    .values(state=RunState.RUNNING.value, started_at=now)
-                )
-                handed.append(
-                    _assignment(
-                        conn, row, row.attempt + 1, agent_id, now + timeout, redelivered=False
-                    )
-                )
-            return handed
+                if task.task_id in leases and leases[task.task_id][1] == agent_id
+                else None
+                for task, agent_id in pairs
+            ]
 
         return await self._write(op, on_commit)
 
@@ -1042,8 +1092,40 @@ def _apply(
     return effects
 
 
+Siblings = dict[str, dict[str, TaskRun]]
+"""For each run, the tasks an assignment may need to know about, by name."""
+
+
+def _assignment_context(conn: Connection, rows_: Sequence[Any]) -> Siblings:
+    """In one statement, the tasks of these rows' runs that their assignments refer to: the
+    tasks they depend on, and every task with a fallback (a row may be a fallback)."""
+    if not rows_:
+        return {}
+    names = {name for row in rows_ for name in row.depends_on}
+    query = select(_tasks).where(
+        _tasks.c.run_id.in_({row.run_id for row in rows_}),
+        or_(_tasks.c.fallback != "", _tasks.c.name.in_(names)),
+    )
+    context: Siblings = {}
+    for found in conn.execute(query):
+        context.setdefault(found.run_id, {})[found.name] = rows.task_run(found)
+    # A dependency that failed and was stood in for needs its fallback's output too.
+    standing_in = {
+        (run_id, task.fallback)
+        for run_id, tasks in context.items()
+        for task in tasks.values()
+        if task.fallback and task.state is TaskState.FAILED and task.fallback not in tasks
+    }
+    for run_id, name in standing_in:
+        found_row = conn.execute(
+            select(_tasks).where(_tasks.c.run_id == run_id, _tasks.c.name == name)
+        ).one()
+        context[run_id][name] = rows.task_run(found_row)
+    return context
+
+
 def _assignment(
-    conn: Connection,
+    context: Siblings,
     row: Any,
     attempt: int,
     agent_id: str,
@@ -1054,7 +1136,7 @@ def _assignment(
     """The assignment message for a task row: its input, the outputs of its dependencies (a
     dependency that failed and was stood in for gives its fallback's output under its own name),
     and, for a fallback, which task it stands in for and that task's last error."""
-    siblings = {task.name: task for task in (_tasks_of(conn, [row.run_id])).get(row.run_id, [])}
+    siblings = context.get(row.run_id, {})
     outputs: dict[str, JsonObject] = {}
     for name in row.depends_on:
         dependency = siblings[name]

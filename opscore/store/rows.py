@@ -165,3 +165,27 @@ def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+def new_task_run(values: dict[str, Any]) -> TaskRun:
+    """A task run from the values just inserted for it (no read back)."""
+    return TaskRun(
+        task_id=values["task_id"],
+        run_id=values["run_id"],
+        name=values["name"],
+        position=values["position"],
+        state=TaskState(values["state"]),
+        attempt=values["attempt"],
+        agent_id="",
+        output=None,
+        error="",
+        queued_at=values["queued_at"],
+        assigned_at=None,
+        finished_at=None,
+        deadline=None,
+        capability=values["capability"],
+        labels=dict(values["labels"]),
+        depends_on=tuple(values["depends_on"]),
+        fallback=values["fallback"],
+        pinned_agent_id=values["pinned_agent_id"] or "",
+    )
