@@ -12,7 +12,7 @@ export PYTHONSAFEPATH := 1
 # list of package files.
 PACKAGE_FILES := $(shell find opscore generated -type f \( -name '*.py' -o -name '*.pyi' -o -name 'py.typed' -o -name '*.mako' \) 2>/dev/null | sort)
 
-.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest clean FORCE
+.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest bench clean FORCE
 
 serve: $(VENV)/.runtime
 	$(BIN)/opscore serve
@@ -37,12 +37,12 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
 	@touch $@ $(VENV)/.runtime
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check opscore tests
-	$(BIN)/ruff format --check opscore tests
+	$(BIN)/ruff check opscore tests bench
+	$(BIN)/ruff format --check opscore tests bench
 
 format: $(VENV)/.dev
-	$(BIN)/ruff check --fix opscore tests
-	$(BIN)/ruff format opscore tests
+	$(BIN)/ruff check --fix opscore tests bench
+	$(BIN)/ruff format opscore tests bench
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict opscore
@@ -72,6 +72,12 @@ check-generated: $(VENV)/.dev
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
+
+# The benchmark (bench/): Ops-Core against a bare grpc.aio server, results in bench/results/.
+# `bench` lives at the repository root, so the root must be importable here; bench/__init__.py
+# moves it behind the installed packages so `opscore` is still the installed one (with its v1).
+bench: $(VENV)/.dev
+	PYTHONSAFEPATH= $(BIN)/python -m bench $(BENCH_ARGS)
 
 
 clean:

@@ -1,0 +1,79 @@
+"""How big each scenario is: the full benchmark (`make bench`, a few minutes on two cores) and
+the quick one (`--quick`, seconds, which only proves the harness works)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The sizes and durations of one benchmark run."""
+
+    agent_processes: int
+    """Load processes holding agents (the trigger client has one more of its own)."""
+    shapes: tuple[str, ...]
+    """Run shapes of the throughput scenario: `single` (1 task), `chain10` (10 in a chain)."""
+    agent_counts: tuple[int, ...]
+    """Agents of each throughput point."""
+    warmup: float
+    """Seconds of load before a throughput window opens."""
+    window: float
+    """Seconds over which completed tasks are counted."""
+    latency_agents: int
+    """Agents during the latency scenario."""
+    half_load_seconds: float
+    """Duration of the open loop at half the measured maximum."""
+    trickle_runs: int
+    """Runs triggered one at a time."""
+    depths: tuple[int, ...]
+    """Queued tasks nobody can take, at which dispatch latency is measured."""
+    depth_probes: int
+    """Probe runs (sequential) at each depth."""
+    fleet_agents: int
+    """Connected idle agents of the fleet scenario."""
+    fleet_probes: int
+    """Probe runs (each for one random agent's unique capability) in the fleet."""
+    fleet_per_channel: int
+    """Agents sharing one connection in the fleet (keeps file descriptors in bounds)."""
+    recovery_tasks: int
+    """Queued tasks in the database the recovery scenario restarts on."""
+    postgres_agent_counts: tuple[int, ...]
+    """Agents of each PostgreSQL throughput point."""
+
+
+FULL = Plan(
+    agent_processes=2,
+    shapes=("single", "chain10"),
+    agent_counts=(1, 8, 64),
+    warmup=1.5,
+    window=4.0,
+    latency_agents=8,
+    half_load_seconds=4.0,
+    trickle_runs=40,
+    depths=(0, 10_000, 100_000),
+    depth_probes=30,
+    fleet_agents=10_000,
+    fleet_probes=100,
+    fleet_per_channel=50,
+    recovery_tasks=100_000,
+    postgres_agent_counts=(8,),
+)
+
+QUICK = Plan(
+    agent_processes=2,
+    shapes=("single",),
+    agent_counts=(8,),
+    warmup=0.5,
+    window=1.5,
+    latency_agents=8,
+    half_load_seconds=1.0,
+    trickle_runs=5,
+    depths=(0, 1_000),
+    depth_probes=10,
+    fleet_agents=100,
+    fleet_probes=20,
+    fleet_per_channel=50,
+    recovery_tasks=1_000,
+    postgres_agent_counts=(8,),
+)

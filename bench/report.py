@@ -1,0 +1,310 @@
+"""What a benchmark run leaves behind: the table on the terminal (each Ops-Core figure beside
+the ceiling's and as a ratio to it, with the issue's targets marked PASS or MISS, never
+asserted), a JSON file (timestamped, plus latest.json) and a PNG plot beside it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+KINDS = ("opscore", "ceiling", "postgres")
+"""Server kinds, in column order."""
+
+Row = tuple[str, dict[str, float | None], str, str]
+"""One table row: label, value per server kind, target text, verdict."""
+
+
+def _get(tree: dict[str, Any], *path: str) -> float | None:
+    """The number at `path` in the results, or None if that part was not measured."""
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else None
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    """Value / base when both exist."""
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue, with the measured value and PASS/MISS (None: not measured)."""
+    plan = results["meta"]["plan"]
+    depths = [str(depth) for depth in plan["depths"]]
+    deepest = depths[-1] if depths else "0"
+    found: list[dict[str, Any]] = []
+
+    def add(name: str, text: str, value: float | None, check: Callable[[float], bool]) -> None:
+        short, _, description = text.partition(" | ")
+        found.append(
+            {
+                "name": name,
+                "target": short,
+                "description": description,
+                "value": value,
+                "pass": None if value is None else bool(check(value)),
+            }
+        )
+
+    throughput = results.get("throughput", {})
+    add(
+        "throughput_single_8",
+        ">= 50% of ceiling | durable throughput, 1-task runs, 8 agents",
+        _ratio(
+            _get(throughput, "opscore", "single", "8"), _get(throughput, "ceiling", "single", "8")
+        ),
+        lambda ratio: ratio >= 0.5,
+    )
+    add(
+        "throughput_chain10_8",
+        ">= 60% of ceiling | durable throughput, 10-task chains, 8 agents",
+        _ratio(
+            _get(throughput, "opscore", "chain10", "8"),
+            _get(throughput, "ceiling", "chain10", "8"),
+        ),
+        lambda ratio: ratio >= 0.6,
+    )
+    latency = results.get("latency", {})
+    add(
+        "trickle_first_p50",
+        "<= 2x ceiling | trickle trigger->assignment p50",
+        _ratio(
+            _get(latency, "opscore", "trickle", "first", "p50_ms"),
+            _get(latency, "ceiling", "trickle", "first", "p50_ms"),
+        ),
+        lambda ratio: ratio <= 2.0,
+    )
+    half = [
+        value
+        for kind in ("first", "next")
+        if (value := _get(latency, "opscore", "half_load", kind, "p99_ms")) is not None
+    ]
+    add(
+        "half_load_p99",
+        "<= 10 ms | half load p99 of trigger->assignment and complete->next",
+        max(half) if half else None,
+        lambda value: value <= 10.0,
+    )
+    depth = results.get("queue_depth", {})
+    add(
+        "queue_depth_p50",
+        f"<= 1.2x the 0 queued p50 | dispatch p50 at {deepest} queued vs 0",
+        _ratio(_get(depth, "opscore", deepest, "p50_ms"), _get(depth, "opscore", "0", "p50_ms")),
+        lambda ratio: ratio <= 1.2,
+    )
+    add(
+        "fleet_rss",
+        f"< 1024 MiB | server RSS with {plan['fleet_agents']} idle agents",
+        _get(results.get("fleet", {}), "opscore", "rss_mib"),
+        lambda value: value < 1024,
+    )
+    add(
+        "recovery_serving",
+        f"< 5 s | SERVING on {plan['recovery_tasks']} queued tasks",
+        _get(results.get("recovery", {}), "opscore", "serving_s"),
+        lambda value: value < 5.0,
+    )
+    if results["meta"].get("postgres"):
+        add(
+            "postgres_throughput_single_8",
+            "PostgreSQL >= 30% of ceiling | PostgreSQL durable throughput, 1-task runs, 8 agents",
+            _ratio(
+                _get(throughput, "postgres", "single", "8"),
+                _get(throughput, "ceiling", "single", "8"),
+            ),
+            lambda ratio: ratio >= 0.3,
+        )
+    return found
+
+
+def _verdict(found: list[dict[str, Any]], name: str) -> tuple[str, str]:
+    """The target text and PASS/MISS (or n/a) of the target `name`."""
+    for target in found:
+        if target["name"] == name:
+            verdict = {True: "PASS", False: "MISS", None: "n/a"}[target["pass"]]
+            return target["target"], verdict
+    return "", ""
+
+
+def _rows(results: dict[str, Any]) -> list[Row]:
+    """Every figure of the run, as table rows."""
+    found = results.get("targets", [])
+    rows: list[Row] = []
+
+    def add(label: str, path: tuple[str, ...], section: str, *names: str) -> None:
+        values = {kind: _get(results.get(section, {}), kind, *path) for kind in KINDS}
+        if all(value is None for value in values.values()):
+            return
+        marks = [_verdict(found, name) for name in names if name]
+        marks = [(text, verdict) for text, verdict in marks if text]
+        text = "; ".join(text for text, _ in marks)
+        verdict = "/".join(verdict for _, verdict in marks)
+        rows.append((label, values, text, verdict))
+
+    plan = results["meta"]["plan"]
+    for shape in plan["shapes"]:
+        for count in plan["agent_counts"]:
+            target = f"throughput_{shape}_{count}" if count == 8 else ""
+            postgres = f"postgres_throughput_{shape}_{count}" if count == 8 else ""
+            add(
+                f"throughput {shape}, {count} agents (tasks/s)",
+                (shape, str(count)),
+                "throughput",
+                target,
+                postgres,
+            )
+    for phase in ("half_load", "trickle"):
+        for kind, what in (
+            ("first", "trigger->assignment"),
+            ("next", "complete->next assignment"),
+            ("run", "trigger->run succeeded"),
+        ):
+            for stat in ("p50_ms", "p99_ms"):
+                target = ""
+                if phase == "trickle" and kind == "first" and stat == "p50_ms":
+                    target = "trickle_first_p50"
+                if phase == "half_load" and kind in ("first", "next") and stat == "p99_ms":
+                    target = "half_load_p99"
+                label = f"{phase.replace('_', ' ')} {what} {stat[:3]} (ms)"
+                add(label, (phase, kind, stat), "latency", target)
+    depths = [str(depth) for depth in plan["depths"]]
+    if results["meta"].get("million"):
+        depths.append("1000000")
+    for depth in depths:
+        for stat in ("p50_ms", "p99_ms"):
+            target = (
+                "queue_depth_p50" if stat == "p50_ms" and depth in (depths[0], depths[-1]) else ""
+            )
+            add(f"dispatch, {depth} queued, {stat[:3]} (ms)", (depth, stat), "queue_depth", target)
+    fleet = plan["fleet_agents"]
+    add(f"fleet {fleet} agents: server RSS (MiB)", ("rss_mib",), "fleet", "fleet_rss")
+    add(f"fleet {fleet} agents: connect all (s)", ("connect_s",), "fleet")
+    add(f"fleet {fleet} agents: dispatch p50 (ms)", ("dispatch", "p50_ms"), "fleet")
+    add(f"fleet {fleet} agents: dispatch p99 (ms)", ("dispatch", "p99_ms"), "fleet")
+    tasks = plan["recovery_tasks"]
+    add(f"recovery {tasks} queued: SERVING (s)", ("serving_s",), "recovery", "recovery_serving")
+    add(f"recovery {tasks} queued: first push (s)", ("first_push_s",), "recovery")
+    return rows
+
+
+def _number(value: float | None) -> str:
+    """A figure in a table cell."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The terminal table: Ops-Core, ceiling, ratio (and PostgreSQL, ratio), target, verdict."""
+    postgres = bool(results["meta"].get("postgres"))
+    header = ["metric", "Ops-Core", "ceiling", "ratio"]
+    if postgres:
+        header += ["PostgreSQL", "ratio"]
+    header += ["target", ""]
+    lines: list[list[str]] = [header]
+    for label, values, target, verdict in _rows(results):
+        ceiling = values["ceiling"]
+        cells = [
+            label,
+            _number(values["opscore"]),
+            _number(ceiling),
+            _number(_ratio(values["opscore"], ceiling)),
+        ]
+        if postgres:
+            cells += [_number(values["postgres"]), _number(_ratio(values["postgres"], ceiling))]
+        cells += [target, verdict]
+        lines.append(cells)
+    widths = [max(len(line[index]) for line in lines) for index in range(len(header))]
+    rendered = []
+    for number, line in enumerate(lines):
+        cells = [
+            cell.ljust(width) if index in (0, len(line) - 2) else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        rendered.append("  ".join(cells).rstrip())
+        if number == 0:
+            rendered.append("  ".join("-" * width for width in widths))
+    errors = results["meta"].get("errors") or []
+    if errors:
+        rendered.append(f"\n{len(errors)} phase(s) failed; see meta.errors in the JSON.")
+    return "\n".join(rendered)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Two panels: dispatch latency against queue depth, throughput against agents."""
+    import matplotlib  # noqa: PLC0415 - the backend must be chosen before pyplot loads
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind, depths in results.get("queue_depth", {}).items():
+        points = sorted((int(depth), figures) for depth, figures in depths.items())
+        xs = [depth for depth, _ in points]
+        for stat, style in (("p50_ms", "-o"), ("p99_ms", "--x")):
+            left.plot(
+                xs, [figures[stat] for _, figures in points], style, label=f"{kind} {stat[:3]}"
+            )
+    left.set_xscale("symlog", linthresh=1000)
+    depths = sorted(
+        {int(depth) for depths in results.get("queue_depth", {}).values() for depth in depths}
+    )
+    left.set_xticks(depths, [f"{depth // 1000}k" if depth else "0" for depth in depths])
+    left.minorticks_off()
+    left.set_yscale("log")
+    left.set_xlabel("tasks queued that no agent can take")
+    left.set_ylabel("trigger -> assignment (ms)")
+    left.set_title("Dispatch latency against queue depth")
+    left.legend()
+    for kind, shapes in results.get("throughput", {}).items():
+        for shape, counts in shapes.items():
+            points = sorted((int(count), value) for count, value in counts.items())
+            right.plot(
+                [count for count, _ in points],
+                [value for _, value in points],
+                "-o",
+                label=f"{kind} {shape}",
+            )
+    right.set_xscale("log")
+    counts = sorted(
+        {
+            int(count)
+            for shapes in results.get("throughput", {}).values()
+            for c in shapes.values()
+            for count in c
+        }
+    )
+    right.set_xticks(counts, [str(count) for count in counts])
+    right.minorticks_off()
+    right.set_xlabel("agents")
+    right.set_ylabel("completed tasks/s")
+    right.set_title("Throughput against agents")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write(results: dict[str, Any], directory: Path) -> tuple[Path, Path]:
+    """The JSON (timestamped and latest.json) and the PNG beside it; their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(results, indent=2, sort_keys=False)
+    json_path = directory / f"bench-{stamp}.json"
+    json_path.write_text(text)
+    (directory / "latest.json").write_text(text)
+    png_path = directory / f"bench-{stamp}.png"
+    plot(results, png_path)
+    (directory / "latest.png").write_bytes(png_path.read_bytes())
+    return json_path, png_path

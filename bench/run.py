@@ -1,0 +1,452 @@
+"""The benchmark's orchestration: which servers run, in which order the scenarios drive them,
+and where the results go. Plain synchronous code: the load itself runs in other processes
+(bench.workers), the servers in subprocesses (bench.servers).
+
+Each server kind (`opscore` on SQLite, `ceiling`, and `postgres` when OPSCORE_BENCH_POSTGRES_URL
+is set) gets a fresh server per phase: throughput and latency; queue depth then recovery (on the
+database the queue-depth scenario filled); fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import random
+import resource
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import struct_pb2
+from opscore.v1 import workflow_pb2
+
+from bench import ROOT, report
+from bench.load import RunSpec
+from bench.plan import FULL, QUICK, Plan
+from bench.servers import (
+    BenchError,
+    ServerProcess,
+    ceiling_server,
+    opscore_server,
+    postgres_database,
+    sqlite_url,
+)
+from bench.stats import summary
+from bench.workers import LoadPool
+
+BACKLOG_RUN = 1000
+"""Tasks per backlog run: Ops-Core's default limit of tasks per definition."""
+
+SHAPES: dict[str, tuple[str, str, int]] = {
+    "single": ("bench-single", "t0", 1),
+    "chain10": ("bench-chain10", "t9", 10),
+}
+"""Each run shape: its stored definition, its last task, its number of tasks."""
+
+
+def definitions() -> list[bytes]:
+    """The stored definitions every server gets: a 1-task run, a 10-task chain, and a backlog
+    run of 1000 root tasks for a capability no agent offers."""
+    single = workflow_pb2.WorkflowDefinition(
+        name="bench-single", tasks=[workflow_pb2.TaskSpec(name="t0", capability="work")]
+    )
+    chain = workflow_pb2.WorkflowDefinition(
+        name="bench-chain10",
+        tasks=[
+            workflow_pb2.TaskSpec(
+                name=f"t{index}",
+                capability="work",
+                depends_on=[f"t{index - 1}"] if index else [],
+            )
+            for index in range(10)
+        ],
+    )
+    payload = struct_pb2.Struct()
+    payload.fields["queued"].bool_value = True
+    backlog = workflow_pb2.WorkflowDefinition(
+        name="bench-backlog",
+        tasks=[
+            workflow_pb2.TaskSpec(name=f"q{index}", capability="nobody", input=payload)
+            for index in range(BACKLOG_RUN)
+        ],
+    )
+    return [item.SerializeToString() for item in (single, chain, backlog)]
+
+
+class Bench:
+    """One benchmark run: the plan, the load processes, the results as they come."""
+
+    def __init__(self, plan: Plan, workdir: Path, million: bool) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.million = million
+        self.pool = LoadPool(plan.agent_processes)
+        self.results: dict[str, Any] = {
+            "throughput": {},
+            "latency": {},
+            "queue_depth": {},
+            "fleet": {},
+            "recovery": {},
+        }
+        self.errors: list[str] = []
+        self._serial = 0
+
+    # Servers ------------------------------------------------------------------------------
+
+    def _server(self, kind: str, db_url: str | None, phase: str, preload: int = 0) -> ServerProcess:
+        """A new (not yet started) server of `kind` for `phase`."""
+        self._serial += 1
+        label = f"{kind}-{phase}-{self._serial}"
+        if kind == "ceiling":
+            return ceiling_server(self.workdir, preload=preload, label=label)
+        assert db_url is not None
+        return opscore_server(label, db_url, self.workdir)
+
+    @contextlib.contextmanager
+    def serving(self, server: ServerProcess) -> Iterator[ServerProcess]:
+        """The server started and given the definitions; stopped (killed if need be) after."""
+        try:
+            server.start()
+            self.pool.trigger("define", target=server.target, definitions=definitions())
+            yield server
+        finally:
+            server.close()
+
+    def _agents(
+        self, prefix: str, count: int, capabilities: list[str]
+    ) -> list[tuple[str, list[str]]]:
+        """`count` agents with fresh ids (ids are never reused across steps)."""
+        self._serial += 1
+        return [(f"{prefix}-{self._serial}-{index}", capabilities) for index in range(count)]
+
+    def _with_agents(
+        self, target: str, agents: list[tuple[str, list[str]]], ping: bool = True
+    ) -> None:
+        """Start the agents and (for small groups) make sure each one takes a task."""
+        self.pool.start_agents(target, agents)
+        if ping:
+            self.pool.ping(target, [agent_id for agent_id, _ in agents])
+        self.pool.collect()
+        self.pool.reset_counters()
+
+    # Scenarios ----------------------------------------------------------------------------
+
+    def throughput_and_latency(
+        self, kind: str, db_url: str | None, agent_counts: tuple[int, ...]
+    ) -> None:
+        """Scenario 1 (closed loop, tasks/s per shape and agent count) and scenario 2 (open
+        loop at half the maximum just measured, then a trickle), on one fresh server."""
+        plan = self.plan
+        with self.serving(self._server(kind, db_url, "throughput")) as server:
+            measured: dict[str, dict[str, float]] = {}
+            for shape in plan.shapes:
+                definition, last, _ = SHAPES[shape]
+                spec = RunSpec(definition_name=definition, last=last)
+                for count in agent_counts:
+                    self._with_agents(server.target, self._agents("tp", count, ["work"]))
+                    try:
+                        result = self.pool.trigger(
+                            "closed_loop",
+                            target=server.target,
+                            spec=spec,
+                            in_flight=2 * count + 2,
+                            warmup=plan.warmup,
+                            window=plan.window,
+                        )
+                    finally:
+                        self.pool.collect()
+                        self.pool.stop_agents()
+                    measured.setdefault(shape, {})[str(count)] = result["tasks_per_s"]
+                    print(
+                        f"  {kind} throughput {shape} x{count}: {result['tasks_per_s']:.0f} tasks/s"
+                    )
+            self.results["throughput"][kind] = measured
+            shape = "chain10" if "chain10" in plan.shapes else plan.shapes[0]
+            definition, last, size = SHAPES[shape]
+            spec = RunSpec(definition_name=definition, last=last)
+            base = measured[shape].get(str(plan.latency_agents)) or max(measured[shape].values())
+            rate = max(1.0, 0.5 * base / size)
+            self._with_agents(server.target, self._agents("lat", plan.latency_agents, ["work"]))
+            try:
+                half = self.pool.trigger(
+                    "open_loop",
+                    target=server.target,
+                    spec=spec,
+                    rate=rate,
+                    duration=plan.half_load_seconds,
+                    tag="half",
+                )
+                values, _, _ = self.pool.collect()
+                trickle_spec = RunSpec(definition_name="bench-chain10", last="t9")
+                self.pool.trigger(
+                    "sequential",
+                    target=server.target,
+                    specs=[trickle_spec] * plan.trickle_runs,
+                    tag="trickle",
+                )
+                trickled, _, _ = self.pool.collect()
+            finally:
+                self.pool.stop_agents()
+            latency: dict[str, Any] = {
+                "half_load": {
+                    "shape": shape,
+                    "rate_runs_per_s": rate,
+                    "achieved_runs_per_s": half["achieved_rate"],
+                },
+                "trickle": {"shape": "chain10", "runs": plan.trickle_runs},
+            }
+            for phase, tag, found in (
+                ("half_load", "half", values),
+                ("trickle", "trickle", trickled),
+            ):
+                for kind_name in ("first", "next", "run"):
+                    samples = found.get(f"{tag}/{kind_name}")
+                    if samples:
+                        latency[phase][kind_name] = summary(samples)
+            self.results["latency"][kind] = latency
+
+    def queue_depth_and_recovery(self, kind: str, db_url: str | None) -> None:
+        """Scenario 3 (dispatch latency with 0 .. N tasks queued nobody can take), then
+        scenario 5 (restart on that database: time to SERVING and to the first push)."""
+        plan = self.plan
+        server = self._server(kind, db_url, "depth")
+        depths: dict[str, Any] = {}
+        queued = 0
+        with self.serving(server):
+            self._with_agents(server.target, self._agents("depth", 1, ["work"]))
+            try:
+                for depth in plan.depths:
+                    queued = self._fill(server.target, queued, depth)
+                    depths[str(depth)] = self._probe_depth(server.target, depth)
+            finally:
+                self.pool.stop_agents()
+            if kind != "ceiling":
+                self.results["recovery"][kind] = self._recover(server, queued)
+            if self.million:
+                self._with_agents(server.target, self._agents("depth", 1, ["work"]))
+                try:
+                    queued = self._fill(server.target, queued, 1_000_000)
+                    depths["1000000"] = self._probe_depth(server.target, 1_000_000)
+                finally:
+                    self.pool.stop_agents()
+        self.results["queue_depth"][kind] = depths
+        if kind == "ceiling":
+            ceiling = self._server(kind, None, "recovery", preload=plan.recovery_tasks)
+            try:
+                self.results["recovery"][kind] = self._recover(
+                    ceiling, plan.recovery_tasks, fresh=True
+                )
+            finally:
+                ceiling.close()
+
+    def _fill(self, target: str, queued: int, depth: int) -> int:
+        """Queue backlog runs until `depth` tasks nobody can take are queued."""
+        runs = max(0, (depth - queued) // BACKLOG_RUN)
+        if runs:
+            result = self.pool.trigger(
+                "fill", target=target, definition_name="bench-backlog", runs=runs, concurrency=4
+            )
+            if result["runs"] != runs:
+                raise BenchError(f"only {result['runs']} of {runs} backlog runs were accepted")
+            print(f"    queued {runs * BACKLOG_RUN} tasks in {result['seconds']:.1f} s")
+        return queued + runs * BACKLOG_RUN
+
+    def _probe_depth(self, target: str, depth: int) -> dict[str, float]:
+        """Dispatch latency of single-task runs one idle agent can take, one at a time."""
+        tag = f"depth{depth}"
+        spec = RunSpec(definition_name="bench-single", last="t0")
+        self.pool.trigger(
+            "sequential", target=target, specs=[spec] * self.plan.depth_probes, tag=tag
+        )
+        values, _, _ = self.pool.collect()
+        samples = values.get(f"{tag}/first")
+        if not samples:
+            raise BenchError(f"no dispatch measured at depth {depth}")
+        print(f"    depth {depth}: p50 {summary(samples)['p50_ms']:.2f} ms")
+        return summary(samples)
+
+    def _recover(self, server: ServerProcess, queued: int, fresh: bool = False) -> dict[str, float]:
+        """Stop the server (unless `fresh`, a server never started), start it again on the same
+        database and port with an agent already dialling it that can take the queued tasks:
+        seconds from process start to SERVING and to that agent's first push."""
+        if not fresh:
+            server.close()
+        agents = self._agents("recover", 1, ["nobody"])
+        first = self.pool.agent_workers[0]
+        self.pool.send(
+            first, "start_agents", target=server.target, agents=agents, wait_for_ready=True
+        )
+        try:
+            server.spawn()
+            serving = server.wait_serving()
+            self.pool.receive(first, timeout=60.0)
+            deadline = time.monotonic() + 60.0
+            pushed: float | None = None
+            while pushed is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                _, received, _ = self.pool.collect()
+                pushed = received.get("backlog")
+            if pushed is None:
+                raise BenchError("no queued task was pushed after the restart")
+        finally:
+            self.pool.stop_agents()
+        result = {
+            "queued_tasks": queued,
+            "serving_s": serving,
+            "first_push_s": pushed - server.started_at,
+        }
+        print(f"    recovery on {queued} tasks: SERVING {serving:.2f} s")
+        return result
+
+    def fleet(self, kind: str, db_url: str | None) -> None:
+        """Scenario 4: many idle agents connected; server RSS, and dispatch latency of tasks
+        only one of them (a random one each time) can take."""
+        plan = self.plan
+        with self.serving(self._server(kind, db_url, "fleet")) as server:
+            agents = [
+                (agent_id, [f"u:{agent_id}"])
+                for agent_id, _ in self._agents("fleet", plan.fleet_agents, [])
+            ]
+            started = time.monotonic()
+            try:
+                self.pool.start_agents(server.target, agents, per_channel=plan.fleet_per_channel)
+                workers = len(self.pool.agent_workers)
+                # Streams open roughly in order: once the last of each process is reached,
+                # the fleet is up.
+                lasts = [agents[-1 - index] for index in range(min(workers, len(agents)))]
+                self._sequential(server.target, lasts, "fleetready", timeout=120.0)
+                connect_seconds = time.monotonic() - started
+                time.sleep(1.0)
+                rss = server.rss()
+                chosen = random.Random(7).sample(agents, min(plan.fleet_probes, len(agents)))
+                self.pool.collect()
+                self._sequential(server.target, chosen, "fleet", timeout=10.0)
+                values, _, _ = self.pool.collect()
+            finally:
+                self.pool.stop_agents()
+        samples = values.get("fleet/first")
+        if not samples:
+            raise BenchError("no dispatch measured in the fleet")
+        self.results["fleet"][kind] = {
+            "agents": plan.fleet_agents,
+            "rss_mib": rss / 2**20,
+            "connect_s": connect_seconds,
+            "dispatch": summary(samples),
+        }
+        print(f"    fleet of {plan.fleet_agents}: RSS {rss / 2**20:.0f} MiB")
+
+    def _sequential(
+        self, target: str, agents: list[tuple[str, list[str]]], tag: str, timeout: float
+    ) -> None:
+        """One run at a time, each for the unique capability of one of `agents`."""
+        specs = [RunSpec(capability=capabilities[0]) for _, capabilities in agents]
+        result = self.pool.trigger(
+            "sequential", target=target, specs=specs, tag=tag, timeout=timeout
+        )
+        if result["completed"] != len(specs):
+            raise BenchError(f"{tag}: {result['completed']} of {len(specs)} runs completed")
+
+    # The whole run ------------------------------------------------------------------------
+
+    def attempt(self, name: str, step: Callable[[], None]) -> None:
+        """Run one phase; a failure is recorded and reported, and the next phase still runs."""
+        print(f"== {name}", flush=True)
+        started = time.monotonic()
+        try:
+            step()
+            print(f"   ({time.monotonic() - started:.1f} s)", flush=True)
+        except Exception:  # noqa: BLE001 - one phase failing must not lose the others
+            text = traceback.format_exc()
+            self.errors.append(f"{name}: {text}")
+            print(text, flush=True)
+
+    def run(self, postgres_url: str | None) -> None:
+        """Every scenario on every server kind."""
+        workdir = self.workdir
+        plan = self.plan
+
+        def sqlite(name: str) -> str:
+            return sqlite_url(workdir / f"{name}-{time.monotonic_ns()}.db")
+
+        for kind in ("opscore", "ceiling"):
+            url = sqlite(kind) if kind == "opscore" else None
+            self.attempt(
+                f"{kind}: throughput and latency",
+                functools.partial(self.throughput_and_latency, kind, url, plan.agent_counts),
+            )
+        for kind in ("opscore", "ceiling"):
+            url = sqlite(kind) if kind == "opscore" else None
+            self.attempt(
+                f"{kind}: queue depth and recovery",
+                functools.partial(self.queue_depth_and_recovery, kind, url),
+            )
+        for kind in ("opscore", "ceiling"):
+            url = sqlite(kind) if kind == "opscore" else None
+            self.attempt(f"{kind}: fleet", functools.partial(self.fleet, kind, url))
+        if postgres_url:
+
+            def on_postgres() -> None:
+                with postgres_database(postgres_url) as url:
+                    self.throughput_and_latency("postgres", url, plan.postgres_agent_counts)
+
+            self.attempt("postgres: throughput and latency", on_postgres)
+
+    def close(self) -> None:
+        """Stop the load processes."""
+        self.pool.close()
+
+
+def _raise_file_limit() -> None:
+    """Let this process and its children (load processes, servers) hold many connections: the
+    fleet opens thousands of streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench [--quick] [--million] [--out DIR]`: run, print the table, write the
+    JSON and the PNG. Exit status 1 if a phase failed (targets are never asserted)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a seconds-long run of every scenario")
+    parser.add_argument("--million", action="store_true", help="also measure 1M queued tasks")
+    parser.add_argument(
+        "--out", type=Path, default=Path(ROOT) / "bench" / "results", help="results directory"
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    _raise_file_limit()
+    postgres_url = os.environ.get("OPSCORE_BENCH_POSTGRES_URL") or None
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="opscore-bench-") as temporary:
+        bench = Bench(plan, Path(temporary), args.million)
+        try:
+            bench.run(postgres_url)
+        finally:
+            bench.close()
+    results: dict[str, Any] = {
+        "meta": {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "quick": args.quick,
+            "million": args.million,
+            "postgres": bool(postgres_url),
+            "cpus": os.cpu_count(),
+            "seconds": time.monotonic() - started,
+            "plan": {name: getattr(plan, name) for name in plan.__slots__},
+            "errors": bench.errors,
+        },
+        **bench.results,
+    }
+    results["targets"] = report.targets(results)
+    print(report.table(results))
+    json_path, png_path = report.write(results, args.out)
+    print(f"results: {json_path}\nplot:    {png_path}")
+    return 1 if bench.errors else 0

@@ -1,0 +1,59 @@
+"""`python -m bench --quick` works end to end: it starts the servers and the load processes,
+runs every scenario briefly, and writes its JSON and PNG. Nothing here is about speed: the
+figures only have to exist and be positive (the targets are reported by the benchmark, never
+asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ("throughput", "latency", "queue_depth", "fleet", "recovery")
+
+
+def numbers(tree: Any) -> list[float]:
+    """Every number in a JSON tree (booleans excluded)."""
+    if isinstance(tree, bool):
+        return []
+    if isinstance(tree, int | float):
+        return [float(tree)]
+    if isinstance(tree, dict):
+        return [number for value in tree.values() for number in numbers(value)]
+    if isinstance(tree, list):
+        return [number for value in tree for number in numbers(value)]
+    return []
+
+
+def test_quick_benchmark_runs(tmp_path: Path) -> None:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("OPSCORE_") and key not in ("PYTHONSAFEPATH", "PYTHONPATH")
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["meta"]["errors"] == []
+    for scenario in SCENARIOS:
+        for kind in ("opscore", "ceiling"):
+            figures = numbers(results[scenario][kind])
+            assert figures, (scenario, kind)
+            assert all(figure > 0 for figure in figures), (scenario, kind, figures)
+    assert list(tmp_path.glob("bench-*.json"))
+    pngs = list(tmp_path.glob("bench-*.png"))
+    assert pngs
+    assert all(png.stat().st_size > 0 for png in pngs)
