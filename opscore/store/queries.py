@@ -80,6 +80,80 @@ _running_count = (
 )
 
 
+# Statements on the hot path, built once: building a Core statement costs about three times
+# as much as running it on SQLite (measured: 170-225 us built, 50 us prebuilt). Parameters are
+# named `b_*` because SQLAlchemy reserves column names for the values of an UPDATE.
+_TASK_FOR_UPDATE = (
+    select(_tasks).where(_tasks.c.task_id == bindparam("b_task_id")).with_for_update()
+)
+_RUN = select(_runs).where(_runs.c.run_id == bindparam("b_run_id"))
+_RUN_FOR_UPDATE = _RUN.with_for_update()
+_TASKS_OF_RUNS = (
+    select(_tasks)
+    .where(_tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    .order_by(_tasks.c.position)
+)
+_QUEUED_TASKS_FOR_UPDATE = (
+    select(_tasks)
+    .where(
+        _tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
+        _tasks.c.state == TaskState.QUEUED.value,
+    )
+    .with_for_update()
+)
+_ASSIGN = (
+    update(_tasks)
+    .where(_tasks.c.task_id == bindparam("b_task_id"))
+    .values(
+        state=TaskState.ASSIGNED.value,
+        attempt=bindparam("b_attempt"),
+        agent_id=bindparam("b_agent_id"),
+        assigned_at=bindparam("b_now"),
+        deadline=bindparam("b_deadline"),
+        not_before=None,
+    )
+)
+_START_RUNS = (
+    update(_runs)
+    .where(
+        _runs.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
+        _runs.c.state == RunState.PENDING.value,
+    )
+    .values(state=RunState.RUNNING.value, started_at=bindparam("b_now"))
+)
+_ASSIGNMENT_CONTEXT = select(_tasks).where(
+    _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
+    or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
+)
+_SET_OUTPUT = (
+    update(_tasks)
+    .where(_tasks.c.task_id == bindparam("b_task_id"))
+    .values(output=bindparam("b_output"))
+)
+_QUEUE_TASKS = (
+    update(_tasks)
+    .where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
+    .values(state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now"))
+)
+_FINISH_TASKS = (
+    update(_tasks)
+    .where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
+    .values(state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now"))
+)
+_FINISH_RUN = (
+    update(_runs)
+    .where(_runs.c.run_id == bindparam("b_run_id"))
+    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
+)
+_INSERT_RUN = insert(_runs)
+_INSERT_TASKS = insert(_tasks)
+_TOUCH_AGENT = (
+    update(_agents)
+    .where(_agents.c.agent_id == bindparam("b_agent_id"))
+    .values(last_seen_at=bindparam("b_now"))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Connected:
     """What the dispatcher learns when an agent's stream opens."""
@@ -232,9 +306,7 @@ class Store:
         """Record that the agent was heard from (a heartbeat)."""
 
         def op(conn: Connection) -> None:
-            result = conn.execute(
-                update(_agents).where(_agents.c.agent_id == agent_id).values(last_seen_at=now)
-            )
+            result = conn.execute(_TOUCH_AGENT, {"b_agent_id": agent_id, "b_now": now})
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
 
@@ -451,16 +523,17 @@ class Store:
                 name, stored_id, specs = stored.name, stored.definition_id, stored.tasks
             run_id = new_id()
             conn.execute(
-                insert(_runs).values(
-                    run_id=run_id,
-                    definition_id=stored_id,
-                    workflow_name=name,
-                    agent_id=agent_id or None,
-                    state=RunState.PENDING.value,
-                    input=run_input,
-                    request_id=request_id or None,
-                    created_at=now,
-                )
+                _INSERT_RUN,
+                {
+                    "run_id": run_id,
+                    "definition_id": stored_id,
+                    "workflow_name": name,
+                    "agent_id": agent_id or None,
+                    "state": RunState.PENDING.value,
+                    "input": run_input,
+                    "request_id": request_id or None,
+                    "created_at": now,
+                },
             )
             states = graph.initial_states(
                 {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
@@ -488,7 +561,7 @@ class Store:
                 }
                 for position, spec in enumerate(specs)
             ]
-            conn.execute(insert(_tasks), task_values)
+            conn.execute(_INSERT_TASKS, task_values)
             # The run as inserted, built from the values rather than read back.
             run = WorkflowRun(
                 run_id=run_id,
@@ -603,12 +676,7 @@ class Store:
             queued = {
                 row.task_id: row
                 for row in conn.execute(
-                    select(_tasks)
-                    .where(
-                        _tasks.c.task_id.in_([task.task_id for task, _ in pairs]),
-                        _tasks.c.state == TaskState.QUEUED.value,
-                    )
-                    .with_for_update()
+                    _QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": [task.task_id for task, _ in pairs]}
                 )
             }
             leases: dict[str, tuple[Any, str, datetime]] = {}
@@ -624,32 +692,20 @@ class Store:
             if not leases:
                 return [None] * len(pairs)
             conn.execute(
-                update(_tasks)
-                .where(_tasks.c.task_id == bindparam("b_task_id"))
-                .values(
-                    state=TaskState.ASSIGNED.value,
-                    attempt=bindparam("b_attempt"),
-                    agent_id=bindparam("b_agent_id"),
-                    assigned_at=now,
-                    deadline=bindparam("b_deadline"),
-                    not_before=None,
-                ),
+                _ASSIGN,
                 [
                     {
                         "b_task_id": task_id,
                         "b_attempt": row.attempt + 1,
                         "b_agent_id": agent_id,
+                        "b_now": now,
                         "b_deadline": deadline,
                     }
                     for task_id, (row, agent_id, deadline) in leases.items()
                 ],
             )
-            run_ids = {row.run_id for row, _, _ in leases.values()}
-            conn.execute(
-                update(_runs)
-                .where(_runs.c.run_id.in_(run_ids), _runs.c.state == RunState.PENDING.value)
-                .values(state=RunState.RUNNING.value, started_at=now)
-            )
+            run_ids = sorted({row.run_id for row, _, _ in leases.values()})
+            conn.execute(_START_RUNS, {"b_run_ids": run_ids, "b_now": now})
             context = _assignment_context(conn, [row for row, _, _ in leases.values()])
             return [
                 _assignment(
@@ -685,7 +741,7 @@ class Store:
                 return Effects()
             run = _get_run(conn, row.run_id, lock=True)
             transition = graph.succeed(_graph(run), _states(run), row.name)
-            conn.execute(update(_tasks).where(_tasks.c.task_id == task_id).values(output=output))
+            conn.execute(_SET_OUTPUT, {"b_task_id": task_id, "b_output": output})
             effects = _apply(conn, run, transition, now)
             effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
             return effects
@@ -966,9 +1022,7 @@ def _latest_definition(conn: Connection, name: str) -> WorkflowDefinition:
 def _tasks_of(conn: Connection, run_ids: list[str]) -> dict[str, list[Any]]:
     if not run_ids:
         return {}
-    result = conn.execute(
-        select(_tasks).where(_tasks.c.run_id.in_(run_ids)).order_by(_tasks.c.position)
-    )
+    result = conn.execute(_TASKS_OF_RUNS, {"b_run_ids": run_ids})
     grouped: dict[str, list[Any]] = {}
     for row in result:
         grouped.setdefault(row.run_id, []).append(rows.task_run(row))
@@ -981,8 +1035,7 @@ def _load_run(conn: Connection, row: Any) -> WorkflowRun:
 
 
 def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRun:
-    query = select(_runs).where(_runs.c.run_id == run_id)
-    row = (conn.execute(query.with_for_update() if lock else query)).first()
+    row = conn.execute(_RUN_FOR_UPDATE if lock else _RUN, {"b_run_id": run_id}).first()
     if row is None:
         raise NotFound("workflow run", run_id)
     return _load_run(conn, row)
@@ -1032,9 +1085,7 @@ def _held_task(
     """The task row, locked, if `agent_id` holds `attempt` of it; None if the result was
     already `recorded` for that attempt (a retried call); FAILED_PRECONDITION for any other
     holder, attempt or state."""
-    row = (
-        conn.execute(select(_tasks).where(_tasks.c.task_id == task_id).with_for_update())
-    ).first()
+    row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
     if row is None:
         raise NotFound("task", task_id)
     holder = row.agent_id == agent_id and row.attempt == attempt
@@ -1076,17 +1127,16 @@ def _apply(
                 Cancellation(task.agent_id, task.task_id, run.run_id, task.attempt, reason)
             )
     for state, task_ids in by_state.items():
-        stamp = {"queued_at": now} if state is TaskState.QUEUED else {"finished_at": now}
-        conn.execute(
-            update(_tasks)
-            .where(_tasks.c.task_id.in_(task_ids))
-            .values(state=state.value, not_before=None, **stamp)
-        )
+        if state is TaskState.QUEUED:
+            conn.execute(_QUEUE_TASKS, {"b_task_ids": task_ids, "b_now": now})
+        else:
+            conn.execute(
+                _FINISH_TASKS, {"b_task_ids": task_ids, "b_state": state.value, "b_now": now}
+            )
     if transition.run_state is not None:
         conn.execute(
-            update(_runs)
-            .where(_runs.c.run_id == run.run_id)
-            .values(state=transition.run_state.value, finished_at=now)
+            _FINISH_RUN,
+            {"b_run_id": run.run_id, "b_state": transition.run_state.value, "b_now": now},
         )
         effects.finished_runs.append((run.run_id, transition.run_state))
     return effects
@@ -1101,13 +1151,10 @@ def _assignment_context(conn: Connection, rows_: Sequence[Any]) -> Siblings:
     tasks they depend on, and every task with a fallback (a row may be a fallback)."""
     if not rows_:
         return {}
-    names = {name for row in rows_ for name in row.depends_on}
-    query = select(_tasks).where(
-        _tasks.c.run_id.in_({row.run_id for row in rows_}),
-        or_(_tasks.c.fallback != "", _tasks.c.name.in_(names)),
-    )
+    names = sorted({name for row in rows_ for name in row.depends_on})
+    run_ids = sorted({row.run_id for row in rows_})
     context: Siblings = {}
-    for found in conn.execute(query):
+    for found in conn.execute(_ASSIGNMENT_CONTEXT, {"b_run_ids": run_ids, "b_names": names}):
         context.setdefault(found.run_id, {})[found.name] = rows.task_run(found)
     # A dependency that failed and was stood in for needs its fallback's output too.
     standing_in = {
