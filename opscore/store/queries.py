@@ -125,10 +125,16 @@ _ASSIGNMENT_CONTEXT = select(_tasks).where(
     _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
     or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
 )
-_SET_OUTPUT = (
+_LOCK_RUN = select(_runs.c.run_id).where(_runs.c.run_id == bindparam("b_run_id")).with_for_update()
+_SUCCEED_TASK = (
     update(_tasks)
     .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(output=bindparam("b_output"))
+    .values(
+        state=TaskState.SUCCEEDED.value,
+        output=bindparam("b_output"),
+        not_before=None,
+        finished_at=bindparam("b_now"),
+    )
 )
 _QUEUE_TASKS = (
     update(_tasks)
@@ -204,6 +210,15 @@ class Store:
         self._retry = retry
         self._rng = rng or random.Random()
         self._definitions: dict[str, WorkflowDefinition] = {}
+        # SQLite has one writer, so nothing can change a run between the reads and writes of an
+        # operation; where writers run concurrently (PostgreSQL) the run's row is locked first.
+        self._lock_runs = database.dialect != "sqlite"
+
+    def _run_tasks_for_update(self, conn: Connection, run_id: str) -> list[TaskRun]:
+        """The tasks of a run whose graph the current write is about to move."""
+        if self._lock_runs:
+            conn.execute(_LOCK_RUN, {"b_run_id": run_id})
+        return _tasks_of(conn, [run_id]).get(run_id, [])
 
     def _definition(self, conn: Connection, definition_id: str) -> WorkflowDefinition:
         """A stored definition, from memory when seen before: definitions never change, so a
@@ -631,8 +646,8 @@ class Store:
             run = _get_run(conn, run_id, lock=True)
             if run.state.finished:
                 raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
-            transition = graph.cancel(_states(run))
-            effects = _apply(conn, run, transition, now)
+            transition = graph.cancel(_states(run.tasks))
+            effects = _apply(conn, run_id, run.tasks, transition, now)
             return _get_run(conn, run_id), effects
 
         return await self._write(op, on_commit)
@@ -739,10 +754,15 @@ class Store:
             row = _held_task(conn, task_id, agent_id, attempt, _succeeded)
             if row is None:
                 return Effects()
-            run = _get_run(conn, row.run_id, lock=True)
-            transition = graph.succeed(_graph(run), _states(run), row.name)
-            conn.execute(_SET_OUTPUT, {"b_task_id": task_id, "b_output": output})
-            effects = _apply(conn, run, transition, now)
+            tasks = self._run_tasks_for_update(conn, row.run_id)
+            transition = graph.succeed(_graph(tasks), _states(tasks), row.name)
+            # The task's own success is written with its output; _apply writes the rest.
+            conn.execute(_SUCCEED_TASK, {"b_task_id": task_id, "b_output": output, "b_now": now})
+            rest = graph.Transition(
+                {name: state for name, state in transition.tasks.items() if name != row.name},
+                transition.run_state,
+            )
+            effects = _apply(conn, row.run_id, tasks, rest, now)
             effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
             return effects
 
@@ -899,7 +919,7 @@ class Store:
         the task again after its backoff while its policy allows, or fail it finally (its
         fallback takes over, or the run fails)."""
         policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
-        run = _get_run(conn, row.run_id, lock=True)
+        tasks = self._run_tasks_for_update(conn, row.run_id)
         if retryable and policy.may_retry(row.attempt):
             not_before = now + policy.delay(row.attempt, self._rng)
             conn.execute(
@@ -913,7 +933,7 @@ class Store:
                     not_before=not_before,
                 )
             )
-            task = next(task for task in run.tasks if task.task_id == row.task_id)
+            task = next(task for task in tasks if task.task_id == row.task_id)
             effects = Effects(queued=[task.ready(not_before)])
         else:
             conn.execute(
@@ -921,8 +941,8 @@ class Store:
                 .where(_tasks.c.task_id == row.task_id)
                 .values(error=error, error_reported=reported)
             )
-            transition = graph.fail(_graph(run), _states(run), row.name)
-            effects = _apply(conn, run, transition, now)
+            transition = graph.fail(_graph(tasks), _states(tasks), row.name)
+            effects = _apply(conn, row.run_id, tasks, transition, now)
         effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
         return effects
 
@@ -1041,12 +1061,12 @@ def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRu
     return _load_run(conn, row)
 
 
-def _graph(run: WorkflowRun) -> dict[str, graph.Node]:
-    return {task.name: graph.Node(task.depends_on, task.fallback) for task in run.tasks}
+def _graph(tasks: Sequence[TaskRun]) -> dict[str, graph.Node]:
+    return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
 
 
-def _states(run: WorkflowRun) -> dict[str, TaskState]:
-    return {task.name: task.state for task in run.tasks}
+def _states(tasks: Sequence[TaskRun]) -> dict[str, TaskState]:
+    return {task.name: task.state for task in tasks}
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -1104,11 +1124,15 @@ _CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run fa
 
 
 def _apply(
-    conn: Connection, run: WorkflowRun, transition: graph.Transition, now: datetime
+    conn: Connection,
+    run_id: str,
+    tasks: Sequence[TaskRun],
+    transition: graph.Transition,
+    now: datetime,
 ) -> Effects:
     """Write a transition of the run's graph and say what it means for the dispatcher."""
     effects = Effects()
-    before = {task.name: task for task in run.tasks}
+    before = {task.name: task for task in tasks}
     by_state: dict[TaskState, list[str]] = {}
     reason = _CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
     for name, state in transition.tasks.items():
@@ -1122,9 +1146,9 @@ def _apply(
             TaskState.SKIPPED,
             TaskState.CANCELLED,
         ):
-            effects.released.append(Hold(task.agent_id, task.task_id, run.run_id, task.attempt))
+            effects.released.append(Hold(task.agent_id, task.task_id, run_id, task.attempt))
             effects.cancelled.append(
-                Cancellation(task.agent_id, task.task_id, run.run_id, task.attempt, reason)
+                Cancellation(task.agent_id, task.task_id, run_id, task.attempt, reason)
             )
     for state, task_ids in by_state.items():
         if state is TaskState.QUEUED:
@@ -1136,9 +1160,9 @@ def _apply(
     if transition.run_state is not None:
         conn.execute(
             _FINISH_RUN,
-            {"b_run_id": run.run_id, "b_state": transition.run_state.value, "b_now": now},
+            {"b_run_id": run_id, "b_state": transition.run_state.value, "b_now": now},
         )
-        effects.finished_runs.append((run.run_id, transition.run_state))
+        effects.finished_runs.append((run_id, transition.run_state))
     return effects
 
 
