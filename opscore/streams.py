@@ -95,6 +95,3 @@ class Streams:
         """End every stream (the server is draining)."""
         for stream in list(self._open.values()):
             stream.close(reason)
-
-    def __len__(self) -> int:
-        return len(self._open)
