@@ -142,3 +142,40 @@ def test_a_cancelled_retry_never_comes_back() -> None:
     now.value = T0 + timedelta(seconds=5)
     assert dispatcher._release_due() is None
     assert dispatcher.match() == []
+
+
+def test_the_longest_waiting_agent_of_the_capability_wins_after_any_history() -> None:
+    dispatcher = make()
+    for name in ("a", "b", "c"):
+        dispatcher.agent_online(agent(name, "cpu", slots=2), ())
+    dispatcher.enqueue([ready("t1", "cpu"), ready("t2", "cpu")])
+    assert [a for _, a in dispatcher.match()] == ["a", "b"]
+    dispatcher.release("a", "t1")  # a still had a free slot: it keeps waiting from t1's match
+    dispatcher.agent_changed(agent("c", "cpu", slots=2, reported=ReportedState.BUSY))
+    dispatcher.agent_changed(agent("c", "cpu", slots=2, reported=ReportedState.IDLE))
+    dispatcher.enqueue([ready("t3", "cpu"), ready("t4", "cpu"), ready("t5", "cpu")])
+    assert [a for _, a in dispatcher.match()] == ["a", "b", "c"]
+
+
+def test_changing_capabilities_while_idle_keeps_the_agents_place() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("old", "cpu"), ())
+    dispatcher.agent_online(agent("new", "cpu", "gpu"), ())
+    dispatcher.agent_changed(agent("old", "cpu", "gpu"))  # re-registered, gains "gpu"
+    dispatcher.enqueue([ready("g", "gpu")])
+    assert [a for _, a in dispatcher.match()] == ["old"]
+
+
+def test_a_task_reaches_the_one_agent_of_a_large_fleet_that_can_take_it() -> None:
+    dispatcher = make()
+    for index in range(5000):
+        dispatcher.agent_online(agent(f"idle-{index}", "common", labels={"zone": "eu"}), ())
+    dispatcher.agent_online(agent("special", "rare", labels={"zone": "us"}), ())
+    dispatcher.agent_online(agent("rare-eu", "rare", labels={"zone": "eu"}), ())
+    dispatcher.enqueue([ready("only-us", "rare", {"zone": "us"})])
+    assert [a for _, a in dispatcher.match()] == ["special"]
+    dispatcher.agent_offline("rare-eu")
+    dispatcher.enqueue([ready("rare-any", "rare")])
+    assert dispatcher.match() == []
+    dispatcher.release("special", "only-us")
+    assert [a for _, a in dispatcher.match()] == ["special"]
