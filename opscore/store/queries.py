@@ -585,7 +585,7 @@ class Store:
                 agent_id=agent_id,
                 state=RunState.PENDING,
                 input=dict(run_input),
-                tasks=tuple(rows.new_task_run(values) for values in task_values),
+                tasks=tuple(rows.task_run_from(values) for values in task_values),
                 created_at=now,
                 started_at=None,
                 finished_at=None,

@@ -4,6 +4,7 @@ column layout and the domain's dataclasses, so the rest of the code never sees a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -116,26 +117,32 @@ def agent(row: Row[Any], capabilities: tuple[str, ...], running_tasks: int) -> A
 
 def task_run(row: Row[Any]) -> TaskRun:
     """A `tasks` row as a domain task run."""
+    return task_run_from(row._mapping)
+
+
+def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
+    """A task run from a `tasks` row's columns, or from the values just inserted for one (which
+    leave unset what a new task does not have yet: no read back is needed)."""
     return TaskRun(
-        task_id=row.task_id,
-        run_id=row.run_id,
-        name=row.name,
-        position=row.position,
-        state=TaskState(row.state),
-        attempt=row.attempt,
-        agent_id=row.agent_id or "",
-        output=row.output,
-        error=row.error,
-        queued_at=row.queued_at,
-        assigned_at=row.assigned_at,
-        finished_at=row.finished_at,
-        deadline=row.deadline,
-        capability=row.capability,
-        labels=dict(row.labels),
-        depends_on=tuple(row.depends_on),
-        fallback=row.fallback,
-        pinned_agent_id=row.pinned_agent_id or "",
-        not_before=row.not_before,
+        task_id=values["task_id"],
+        run_id=values["run_id"],
+        name=values["name"],
+        position=values["position"],
+        state=TaskState(values["state"]),
+        attempt=values["attempt"],
+        agent_id=values.get("agent_id") or "",
+        output=values.get("output"),
+        error=values.get("error", ""),
+        queued_at=values.get("queued_at"),
+        assigned_at=values.get("assigned_at"),
+        finished_at=values.get("finished_at"),
+        deadline=values.get("deadline"),
+        capability=values["capability"],
+        labels=dict(values["labels"]),
+        depends_on=tuple(values["depends_on"]),
+        fallback=values["fallback"],
+        pinned_agent_id=values["pinned_agent_id"] or "",
+        not_before=values.get("not_before"),
     )
 
 
@@ -164,28 +171,4 @@ def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
-    )
-
-
-def new_task_run(values: dict[str, Any]) -> TaskRun:
-    """A task run from the values just inserted for it (no read back)."""
-    return TaskRun(
-        task_id=values["task_id"],
-        run_id=values["run_id"],
-        name=values["name"],
-        position=values["position"],
-        state=TaskState(values["state"]),
-        attempt=values["attempt"],
-        agent_id="",
-        output=None,
-        error="",
-        queued_at=values["queued_at"],
-        assigned_at=None,
-        finished_at=None,
-        deadline=None,
-        capability=values["capability"],
-        labels=dict(values["labels"]),
-        depends_on=tuple(values["depends_on"]),
-        fallback=values["fallback"],
-        pinned_agent_id=values["pinned_agent_id"] or "",
     )
