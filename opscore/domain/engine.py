@@ -37,7 +37,7 @@ from opscore.domain.models import (
     WorkflowRun,
 )
 from opscore.domain.validation import Limits, check_id, raise_if
-from opscore.store.queries import Connected, CreatedRun, Store
+from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
 from opscore.streams import AgentStream, Streams
 
 log = logging.getLogger("opscore.engine")
@@ -283,14 +283,16 @@ class Engine:
             self._apply(created.effects)
 
         created = await self._store.create_run(
-            definition_id=request.definition_id,
-            definition_name=request.definition_name,
-            inline=request.definition,
-            agent_id=request.agent_id,
-            run_input=request.input,
-            request_id=request.request_id,
-            now=self._now(),
-            on_commit=on_commit,
+            NewRun(
+                definition_id=request.definition_id,
+                definition_name=request.definition_name,
+                inline=request.definition,
+                agent_id=request.agent_id,
+                run_input=request.input,
+                request_id=request.request_id,
+                now=self._now(),
+                on_commit=on_commit,
+            )
         )
         return created.run
 
@@ -374,7 +376,9 @@ class Engine:
                 )
             self._apply(effects)
 
-        await self._store.complete_task(task_id, agent_id, attempt, output, self._now(), on_commit)
+        await self._store.complete_task(
+            TaskResult(task_id, agent_id, attempt, output, self._now(), on_commit)
+        )
 
     async def fail_task(
         self, task_id: str, agent_id: str, attempt: int, error: str, retryable: bool

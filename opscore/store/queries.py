@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, updat
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
 from opscore.domain.ids import is_valid_id, new_id
 from opscore.domain.models import (
     Agent,
@@ -40,12 +42,14 @@ from opscore.domain.models import (
     ReportedState,
     RunState,
     TaskRun,
+    TaskSpec,
     TaskState,
     WorkflowDefinition,
     WorkflowRun,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
+from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition
 from opscore.store.database import Database
 from opscore.store.tables import (
     AgentCapabilityRow,
@@ -125,31 +129,29 @@ _ASSIGNMENT_CONTEXT = select(_tasks).where(
     _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
     or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
 )
-_LOCK_RUN = select(_runs.c.run_id).where(_runs.c.run_id == bindparam("b_run_id")).with_for_update()
-_SUCCEED_TASK = (
-    update(_tasks)
-    .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(
-        state=TaskState.SUCCEEDED.value,
-        output=bindparam("b_output"),
-        not_before=None,
-        finished_at=bindparam("b_now"),
-    )
-)
-_QUEUE_TASKS = (
-    update(_tasks)
+_TASKS_FOR_UPDATE = (
+    select(_tasks)
     .where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
-    .values(state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now"))
+    .order_by(_tasks.c.task_id)
+    .with_for_update()
 )
-_FINISH_TASKS = (
-    update(_tasks)
-    .where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
-    .values(state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now"))
+_LOCK_RUNS = (
+    select(_runs.c.run_id)
+    .where(_runs.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    .order_by(_runs.c.run_id)
+    .with_for_update()
 )
-_FINISH_RUN = (
-    update(_runs)
-    .where(_runs.c.run_id == bindparam("b_run_id"))
-    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
+_RUNS_BY_REQUEST = select(_runs).where(
+    _runs.c.request_id.in_(bindparam("b_request_ids", expanding=True))
+)
+_KNOWN_AGENTS = select(_agents.c.agent_id).where(
+    _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+)
+_LATEST_DEFINITION = (
+    select(_definitions.c.definition_id)
+    .where(_definitions.c.name == bindparam("b_name"))
+    .order_by(_definitions.c.version.desc())
+    .limit(1)
 )
 _INSERT_RUN = insert(_runs)
 _INSERT_TASKS = insert(_tasks)
@@ -175,6 +177,33 @@ class CreatedRun:
     run: WorkflowRun
     created: bool
     effects: Effects
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A trigger, as the store writes it: exactly one source (a stored definition's id, a
+    definition name for its latest version, or an inline definition)."""
+
+    definition_id: str
+    definition_name: str
+    inline: DefinitionDraft | None
+    agent_id: str
+    run_input: JsonObject
+    request_id: str
+    now: datetime
+    on_commit: OnCommit[CreatedRun]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A task's output as its holder reported it."""
+
+    task_id: str
+    agent_id: str
+    attempt: int
+    output: JsonObject
+    now: datetime
+    on_commit: OnCommit[Effects]
 
 
 def encode_page_token(last_key: str) -> str:
@@ -214,11 +243,11 @@ class Store:
         # operation; where writers run concurrently (PostgreSQL) the run's row is locked first.
         self._lock_runs = database.dialect != "sqlite"
 
-    def _run_tasks_for_update(self, conn: Connection, run_id: str) -> list[TaskRun]:
-        """The tasks of a run whose graph the current write is about to move."""
+    def _tasks_for_update(self, conn: Connection, run_ids: list[str]) -> dict[str, list[TaskRun]]:
+        """The tasks of the runs whose graphs the current write is about to move."""
         if self._lock_runs:
-            conn.execute(_LOCK_RUN, {"b_run_id": run_id})
-        return _tasks_of(conn, [run_id]).get(run_id, [])
+            conn.execute(_LOCK_RUNS, {"b_run_ids": run_ids})
+        return _tasks_of(conn, run_ids)
 
     def _definition(self, conn: Connection, definition_id: str) -> WorkflowDefinition:
         """A stored definition, from memory when seen before: definitions never change, so a
@@ -502,100 +531,79 @@ class Store:
 
     # Runs ------------------------------------------------------------------------------------
 
-    async def create_run(
-        self,
-        *,
-        definition_id: str,
-        definition_name: str,
-        inline: DefinitionDraft | None,
-        agent_id: str,
-        run_input: JsonObject,
-        request_id: str,
-        now: datetime,
-        on_commit: OnCommit[CreatedRun],
-    ) -> CreatedRun:
+    async def create_run(self, request: NewRun) -> CreatedRun:
         """Start a run of a stored definition (by id, or the latest of a name) or of an inline
         one; its root tasks are queued at once. A repeated request_id returns the first run.
+        Set-based: every trigger of a batch is written by one `_create_runs`.
         """
+        created: CreatedRun = await self._writer.submit_grouped(self._create_runs, request)
+        return created
 
-        def op(conn: Connection) -> CreatedRun:
-            if request_id:
-                existing = (
-                    conn.execute(select(_runs).where(_runs.c.request_id == request_id))
-                ).first()
-                if existing is not None:
-                    return CreatedRun(_load_run(conn, existing), False, Effects())
-            if agent_id:
-                _get_agent(conn, agent_id)
-            if inline is not None:
-                name, stored_id, specs = inline.name, None, inline.tasks
+    def _create_runs(
+        self, conn: Connection, requests: Sequence[tuple[Tx, NewRun]]
+    ) -> list[CreatedRun | OpsCoreError]:
+        earlier = self._runs_by_request(conn, [request for _, request in requests])
+        agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
+        known_agents = (
+            set(conn.execute(_KNOWN_AGENTS, {"b_agent_ids": agent_ids}).scalars())
+            if agent_ids
+            else set()
+        )
+        latest: dict[str, str] = {}
+        run_values: list[dict[str, Any]] = []
+        task_values: list[dict[str, Any]] = []
+        outcomes: list[CreatedRun | OpsCoreError] = []
+        for tx, request in requests:
+            outcome: CreatedRun | OpsCoreError
+            repeated = earlier.get(request.request_id) if request.request_id else None
+            if repeated is not None:
+                outcome = CreatedRun(repeated, False, Effects())
             else:
-                stored = (
-                    self._definition(conn, definition_id)
-                    if definition_id
-                    else _latest_definition(conn, definition_name)
-                )
-                name, stored_id, specs = stored.name, stored.definition_id, stored.tasks
-            run_id = new_id()
-            conn.execute(
-                _INSERT_RUN,
-                {
-                    "run_id": run_id,
-                    "definition_id": stored_id,
-                    "workflow_name": name,
-                    "agent_id": agent_id or None,
-                    "state": RunState.PENDING.value,
-                    "input": run_input,
-                    "request_id": request_id or None,
-                    "created_at": now,
-                },
-            )
-            states = graph.initial_states(
-                {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
-            )
-            task_values = [
-                {
-                    "task_id": new_id(),
-                    "run_id": run_id,
-                    "position": position,
-                    "name": spec.name,
-                    "capability": spec.capability,
-                    "labels": spec.labels,
-                    "depends_on": list(spec.depends_on),
-                    "fallback": spec.fallback,
-                    "timeout_ms": rows.spec_to_json(spec)["timeout_ms"],
-                    "retry_policy": rows.retry_to_json(spec.retry_policy),
-                    "pinned_agent_id": agent_id or None,
-                    "input": {**spec.input, **run_input},
-                    "state": states[spec.name].value,
-                    "attempt": 0,
-                    "agent_id": None,
-                    "output": None,
-                    "error": "",
-                    "queued_at": now if states[spec.name] is TaskState.QUEUED else None,
-                }
-                for position, spec in enumerate(specs)
-            ]
+                try:
+                    if request.agent_id and request.agent_id not in known_agents:
+                        raise NotFound("agent", request.agent_id)
+                    source = self._source(conn, request, latest)
+                except OpsCoreError as error:
+                    outcomes.append(error)
+                    continue
+                outcome = _new_run(request, source, run_values, task_values)
+                if request.request_id:
+                    earlier[request.request_id] = outcome.run
+            tx.after_commit(functools.partial(request.on_commit, outcome))
+            outcomes.append(outcome)
+        if run_values:
+            conn.execute(_INSERT_RUN, run_values)
             conn.execute(_INSERT_TASKS, task_values)
-            # The run as inserted, built from the values rather than read back.
-            run = WorkflowRun(
-                run_id=run_id,
-                definition_id=stored_id or "",
-                workflow_name=name,
-                agent_id=agent_id,
-                state=RunState.PENDING,
-                input=dict(run_input),
-                tasks=tuple(rows.task_run_from(values) for values in task_values),
-                created_at=now,
-                started_at=None,
-                finished_at=None,
-            )
-            effects = Effects(
-                queued=[task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
-            )
-            return CreatedRun(run, True, effects)
+        return outcomes
 
-        return await self._write(op, on_commit)
+    def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
+        """The runs already started for these requests' request_ids."""
+        request_ids = sorted({request.request_id for request in requests if request.request_id})
+        if not request_ids:
+            return {}
+        found = conn.execute(_RUNS_BY_REQUEST, {"b_request_ids": request_ids}).all()
+        tasks = _tasks_of(conn, [row.run_id for row in found])
+        return {row.request_id: rows.workflow_run(row, tasks.get(row.run_id, [])) for row in found}
+
+    def _source(
+        self, conn: Connection, request: NewRun, latest: dict[str, str]
+    ) -> tuple[str, str | None, tuple[TaskSpec, ...]]:
+        """What a trigger runs: the workflow's name, its stored definition id (None for an
+        inline definition) and its tasks. `latest` remembers, for this batch, the latest
+        version of each name already looked up."""
+        if request.inline is not None:
+            return request.inline.name, None, request.inline.tasks
+        definition_id = request.definition_id
+        if not definition_id:
+            name = request.definition_name
+            if name not in latest:
+                found = conn.execute(_LATEST_DEFINITION, {"b_name": name}).scalar()
+                if found is None:
+                    raise NotFound("workflow definition named", name)
+                latest[name] = found
+            definition_id = latest[name]
+        stored = self._definition(conn, definition_id)
+        return stored.name, stored.definition_id, stored.tasks
 
     async def get_run(self, run_id: str) -> WorkflowRun:
         """One run with its tasks, NOT_FOUND if unknown."""
@@ -646,8 +654,11 @@ class Store:
             run = _get_run(conn, run_id, lock=True)
             if run.state.finished:
                 raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
-            transition = graph.cancel(_states(run.tasks))
-            effects = _apply(conn, run_id, run.tasks, transition, now)
+            changes = Changes(conn)
+            effects = apply_transition(
+                changes, run_id, run.tasks, graph.cancel(_states(run.tasks)), now
+            )
+            changes.flush()
             return _get_run(conn, run_id), effects
 
         return await self._write(op, on_commit)
@@ -738,35 +749,48 @@ class Store:
 
         return await self._write(op, on_commit)
 
-    async def complete_task(
-        self,
-        task_id: str,
-        agent_id: str,
-        attempt: int,
-        output: JsonObject,
-        now: datetime,
-        on_commit: OnCommit[Effects],
-    ) -> Effects:
+    async def complete_task(self, result: TaskResult) -> Effects:
         """Record the output of the attempt the agent holds and queue the dependents that became
-        ready. The same result again, once recorded, changes nothing and is not an error."""
+        ready. The same result again, once recorded, changes nothing and is not an error.
+        Set-based: every completion of a batch is written by one `_complete_tasks`."""
+        effects: Effects = await self._writer.submit_grouped(self._complete_tasks, result)
+        return effects
 
-        def op(conn: Connection) -> Effects:
-            row = _held_task(conn, task_id, agent_id, attempt, _succeeded)
-            if row is None:
-                return Effects()
-            tasks = self._run_tasks_for_update(conn, row.run_id)
-            transition = graph.succeed(_graph(tasks), _states(tasks), row.name)
-            # The task's own success is written with its output; _apply writes the rest.
-            conn.execute(_SUCCEED_TASK, {"b_task_id": task_id, "b_output": output, "b_now": now})
-            rest = graph.Transition(
-                {name: state for name, state in transition.tasks.items() if name != row.name},
-                transition.run_state,
+    def _complete_tasks(
+        self, conn: Connection, requests: Sequence[tuple[Tx, TaskResult]]
+    ) -> list[Effects | OpsCoreError]:
+        held = {
+            row.task_id: _Held.of(row)
+            for row in conn.execute(
+                _TASKS_FOR_UPDATE, {"b_task_ids": sorted({r.task_id for _, r in requests})}
             )
-            effects = _apply(conn, row.run_id, tasks, rest, now)
-            effects.released.append(Hold(agent_id, task_id, row.run_id, attempt))
-            return effects
-
-        return await self._write(op, on_commit)
+        }
+        outcomes: list[Effects | OpsCoreError] = []
+        accepted: list[tuple[int, _Held, TaskResult]] = []
+        for _, result in requests:
+            row = held.get(result.task_id)
+            try:
+                if row is None:
+                    raise NotFound("task", result.task_id)
+                holds = _check_held(row, result.agent_id, result.attempt, _succeeded)
+            except OpsCoreError as error:
+                outcomes.append(error)
+                continue
+            if holds:
+                accepted.append((len(outcomes), row, result))
+                # A second completion of this task in the batch sees it recorded.
+                held[result.task_id] = dataclasses.replace(row, state=TaskState.SUCCEEDED.value)
+            outcomes.append(Effects())
+        if accepted:
+            changes = Changes(conn)
+            runs = self._tasks_for_update(conn, sorted({row.run_id for _, row, _ in accepted}))
+            for index, row, result in accepted:
+                outcomes[index] = _complete(changes, runs, row, result)
+            changes.flush()
+        for (tx, result), outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, Effects):
+                tx.after_commit(functools.partial(result.on_commit, outcome))
+        return outcomes
 
     async def fail_task(
         self,
@@ -919,7 +943,7 @@ class Store:
         the task again after its backoff while its policy allows, or fail it finally (its
         fallback takes over, or the run fails)."""
         policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
-        tasks = self._run_tasks_for_update(conn, row.run_id)
+        tasks = self._tasks_for_update(conn, [row.run_id]).get(row.run_id, [])
         if retryable and policy.may_retry(row.attempt):
             not_before = now + policy.delay(row.attempt, self._rng)
             conn.execute(
@@ -941,8 +965,10 @@ class Store:
                 .where(_tasks.c.task_id == row.task_id)
                 .values(error=error, error_reported=reported)
             )
+            changes = Changes(conn)
             transition = graph.fail(_graph(tasks), _states(tasks), row.name)
-            effects = _apply(conn, row.run_id, tasks, transition, now)
+            effects = apply_transition(changes, row.run_id, tasks, transition, now)
+            changes.flush()
         effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
         return effects
 
@@ -1103,67 +1129,148 @@ def _held_task(
     recorded: Callable[[Any], bool],
 ) -> Any:
     """The task row, locked, if `agent_id` holds `attempt` of it; None if the result was
-    already `recorded` for that attempt (a retried call); FAILED_PRECONDITION for any other
-    holder, attempt or state."""
+    already `recorded` for that attempt (a retried call); see `_check_held`."""
     row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
     if row is None:
         raise NotFound("task", task_id)
+    return row if _check_held(row, agent_id, attempt, recorded) else None
+
+
+def _check_held(row: Any, agent_id: str, attempt: int, recorded: Callable[[Any], bool]) -> bool:
+    """True if `agent_id` holds `attempt` of the task in `row`; False if that holder's result
+    was already `recorded` (a retried call: nothing to do); FAILED_PRECONDITION for any other
+    holder, attempt or state."""
     holder = row.agent_id == agent_id and row.attempt == attempt
     if holder and row.state == TaskState.ASSIGNED.value:
-        return row
+        return True
     if holder and recorded(row):
-        return None
+        return False
     if row.state == TaskState.ASSIGNED.value or not holder:
         raise FailedPrecondition(
-            f"agent {agent_id!r} does not hold attempt {attempt} of task {task_id!r}"
+            f"agent {agent_id!r} does not hold attempt {attempt} of task {row.task_id!r}"
         )
-    raise FailedPrecondition(f"task {task_id!r} is {row.state}, not assigned")
+    raise FailedPrecondition(f"task {row.task_id!r} is {row.state}, not assigned")
 
 
-_CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What checking a result needs of its task's row; a set-based write updates it in memory
+    as it records results, so a second result for the task in the same batch sees the first."""
+
+    task_id: str
+    run_id: str
+    name: str
+    agent_id: str | None
+    attempt: int
+    state: str
+    error: str
+    error_reported: bool
+
+    @classmethod
+    def of(cls, row: Any) -> _Held:
+        return cls(
+            row.task_id,
+            row.run_id,
+            row.name,
+            row.agent_id,
+            row.attempt,
+            row.state,
+            row.error,
+            row.error_reported,
+        )
 
 
-def _apply(
-    conn: Connection,
-    run_id: str,
-    tasks: Sequence[TaskRun],
-    transition: graph.Transition,
-    now: datetime,
+def _complete(
+    changes: Changes, runs: dict[str, list[TaskRun]], row: _Held, result: TaskResult
 ) -> Effects:
-    """Write a transition of the run's graph and say what it means for the dispatcher."""
-    effects = Effects()
-    before = {task.name: task for task in tasks}
-    by_state: dict[TaskState, list[str]] = {}
-    reason = _CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
-    for name, state in transition.tasks.items():
-        task = before[name]
-        by_state.setdefault(state, []).append(task.task_id)
-        if state is TaskState.QUEUED:
-            effects.queued.append(task.ready())
-        elif task.state is TaskState.QUEUED:
-            effects.unqueued.append(task.task_id)
-        elif task.state is TaskState.ASSIGNED and state in (
-            TaskState.SKIPPED,
-            TaskState.CANCELLED,
-        ):
-            effects.released.append(Hold(task.agent_id, task.task_id, run_id, task.attempt))
-            effects.cancelled.append(
-                Cancellation(task.agent_id, task.task_id, run_id, task.attempt, reason)
-            )
-    for state, task_ids in by_state.items():
-        if state is TaskState.QUEUED:
-            conn.execute(_QUEUE_TASKS, {"b_task_ids": task_ids, "b_now": now})
-        else:
-            conn.execute(
-                _FINISH_TASKS, {"b_task_ids": task_ids, "b_state": state.value, "b_now": now}
-            )
-    if transition.run_state is not None:
-        conn.execute(
-            _FINISH_RUN,
-            {"b_run_id": run_id, "b_state": transition.run_state.value, "b_now": now},
-        )
-        effects.finished_runs.append((run_id, transition.run_state))
+    """Record one accepted completion: the task's success with its output, and the rest of the
+    transition of its run's graph. `runs` follows the batch, so the next completion in the same
+    run starts from this one's outcome."""
+    tasks = runs[row.run_id]
+    transition = graph.succeed(_graph(tasks), _states(tasks), row.name)
+    changes.add(
+        SUCCEED_TASK,
+        row.task_id,
+        {"b_task_id": row.task_id, "b_output": result.output, "b_now": result.now},
+    )
+    rest = graph.Transition(
+        {name: state for name, state in transition.tasks.items() if name != row.name},
+        transition.run_state,
+    )
+    effects = apply_transition(changes, row.run_id, tasks, rest, result.now)
+    effects.released.append(Hold(result.agent_id, row.task_id, row.run_id, result.attempt))
+    runs[row.run_id] = [
+        dataclasses.replace(task, state=transition.tasks[task.name])
+        if task.name in transition.tasks
+        else task
+        for task in tasks
+    ]
     return effects
+
+
+def _new_run(
+    request: NewRun,
+    source: tuple[str, str | None, tuple[TaskSpec, ...]],
+    run_values: list[dict[str, Any]],
+    task_values: list[dict[str, Any]],
+) -> CreatedRun:
+    """Add a new run's row and its tasks' rows to the values to insert; the run as inserted,
+    built from those values rather than read back, with its root tasks queued."""
+    name, stored_id, specs = source
+    run_id = new_id()
+    run_values.append(
+        {
+            "run_id": run_id,
+            "definition_id": stored_id,
+            "workflow_name": name,
+            "agent_id": request.agent_id or None,
+            "state": RunState.PENDING.value,
+            "input": request.run_input,
+            "request_id": request.request_id or None,
+            "created_at": request.now,
+        }
+    )
+    states = graph.initial_states(
+        {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
+    )
+    tasks = [
+        {
+            "task_id": new_id(),
+            "run_id": run_id,
+            "position": position,
+            "name": spec.name,
+            "capability": spec.capability,
+            "labels": spec.labels,
+            "depends_on": list(spec.depends_on),
+            "fallback": spec.fallback,
+            "timeout_ms": rows.spec_to_json(spec)["timeout_ms"],
+            "retry_policy": rows.retry_to_json(spec.retry_policy),
+            "pinned_agent_id": request.agent_id or None,
+            "input": {**spec.input, **request.run_input},
+            "state": states[spec.name].value,
+            "attempt": 0,
+            "agent_id": None,
+            "output": None,
+            "error": "",
+            "queued_at": request.now if states[spec.name] is TaskState.QUEUED else None,
+        }
+        for position, spec in enumerate(specs)
+    ]
+    task_values.extend(tasks)
+    run = WorkflowRun(
+        run_id=run_id,
+        definition_id=stored_id or "",
+        workflow_name=name,
+        agent_id=request.agent_id,
+        state=RunState.PENDING,
+        input=dict(request.run_input),
+        tasks=tuple(rows.task_run_from(values) for values in tasks),
+        created_at=request.now,
+        started_at=None,
+        finished_at=None,
+    )
+    queued = [task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
+    return CreatedRun(run, True, Effects(queued=queued))
 
 
 Siblings = dict[str, dict[str, TaskRun]]

@@ -6,19 +6,26 @@ writer takes every operation waiting, runs them in one transaction, commits once
 releases each caller with its result. Nothing is acknowledged before it is durable, and SQLite's
 single-writer rule is met by construction: no `database is locked` can reach a client.
 
-An operation may fail on purpose (a domain error, such as a result from the wrong agent). Since
-it may have written before failing, the whole batch is rolled back and each operation is run
-again in a transaction of its own, so one caller's mistake never touches another caller's write.
-Operations are therefore pure functions of the database: they may be run twice, and whatever
-they change outside it goes in `Tx.after_commit` callbacks, run in commit order once durable.
+The hot writes (triggering a run, recording a result) are also *set-based across the batch*: a
+`Grouped` operation is called once with every request of its kind that the batch holds, so the
+batch pays a fixed number of statements for them, not a few statements per request. It answers
+each request on its own, with a result or the domain error meant for that caller alone, and
+writes nothing for a refused request. Groups and single operations run in the order their first
+request arrived; as they were all concurrent, that is a valid order to commit them in.
+
+An operation may also fail outright (an exception escapes it). Since it may have written before
+failing, the whole batch is rolled back and each request is run again in a transaction of its
+own, so one caller's mistake never touches another caller's write. Operations are therefore pure
+functions of the database: they may be run twice, and whatever they change outside it goes in
+`Tx.after_commit` callbacks, run in commit order once durable.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -26,10 +33,11 @@ from opscore.domain.errors import Unavailable
 from opscore.store.database import Database
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class Tx:
-    """The transaction an operation runs in, and the effects to apply once it commits."""
+    """The transaction a request runs in, and the effects to apply once it commits."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -49,21 +57,45 @@ class Tx:
 WriteOp = Callable[[Tx], T]
 """A write: given a transaction, run the statements and return the caller's result."""
 
+Grouped = Callable[[Connection, Sequence[tuple[Tx, A]]], list[Any]]
+"""A set-based write: every request of its kind in the batch at once, each with its own `Tx`.
+Returns, in order, each request's result, or the exception to raise to that caller (an
+exception instance as a value: refused requests must have written nothing)."""
+
+
+def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
+    return [op(tx) for tx, op in requests]
+
 
 @dataclass(slots=True)
-class _Pending(Generic[T]):
-    op: WriteOp[T]
-    future: asyncio.Future[T] = field(
+class _Pending:
+    run: Grouped[Any]
+    request: Any
+    grouped: bool
+    future: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
-def _run_all(conn: Connection, batch: list[_Pending[Any]]) -> list[tuple[Any, Tx]]:
-    results: list[tuple[Any, Tx]] = []
-    for pending in batch:
-        tx = Tx(conn)
-        results.append((pending.op(tx), tx))
-    return results
+@dataclass(slots=True)
+class _Done:
+    pending: _Pending
+    value: Any
+    tx: Tx
+
+
+def _run_all(conn: Connection, batch: list[_Pending]) -> list[_Done]:
+    """Run a batch: each group of alike grouped requests in one call, at the place of its
+    first request; single operations one by one. Returns them in the order they ran."""
+    groups: dict[Any, list[_Pending]] = {}
+    for index, pending in enumerate(batch):
+        groups.setdefault(pending.run if pending.grouped else index, []).append(pending)
+    done: list[_Done] = []
+    for members in groups.values():
+        txs = [Tx(conn) for _ in members]
+        values = members[0].run(conn, [(tx, p.request) for tx, p in zip(txs, members, strict=True)])
+        done.extend(_Done(p, v, tx) for p, v, tx in zip(members, values, txs, strict=True))
+    return done
 
 
 class Writer:
@@ -72,16 +104,24 @@ class Writer:
     def __init__(self, database: Database, *, max_batch: int = 512) -> None:
         self._database = database
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending[Any] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._closed = False
         self.batches = 0
         self.operations = 0
 
     async def submit(self, op: WriteOp[T]) -> T:
         """Run `op` in the next batch and return its result once the batch has committed."""
+        value: T = await self._enqueue(_Pending(_run_single, op, grouped=False))
+        return value
+
+    async def submit_grouped(self, run: Grouped[A], request: A) -> Any:
+        """Run `request` in the next batch together with the other requests for `run` (the
+        same function object), and return its result once the batch has committed."""
+        return await self._enqueue(_Pending(run, request, grouped=True))
+
+    async def _enqueue(self, pending: _Pending) -> Any:
         if self._closed:
             raise Unavailable("the server is shutting down")
-        pending: _Pending[T] = _Pending(op)
         self._queue.put_nowait(pending)
         return await asyncio.shield(pending.future)
 
@@ -108,29 +148,35 @@ class Writer:
                     batch.append(item)
             await self._run_batch(batch)
 
-    async def _run_batch(self, batch: list[_Pending[Any]]) -> None:
+    async def _run_batch(self, batch: list[_Pending]) -> None:
         self.batches += 1
         self.operations += len(batch)
         try:
-            results = await self._database.run(lambda conn: _run_all(conn, batch), write=True)
+            done = await self._database.run(lambda conn: _run_all(conn, batch), write=True)
         except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
             for pending in batch:
                 await self._run_alone(pending)
             return
-        for pending, (value, tx) in zip(batch, results, strict=True):
-            tx._run_callbacks()
-            if not pending.future.done():
-                pending.future.set_result(value)
+        for item in done:
+            _release(item)
 
-    async def _run_alone(self, pending: _Pending[Any]) -> None:
+    async def _run_alone(self, pending: _Pending) -> None:
         try:
-            [(value, tx)] = await self._database.run(
-                lambda conn: _run_all(conn, [pending]), write=True
-            )
+            [item] = await self._database.run(lambda conn: _run_all(conn, [pending]), write=True)
         except Exception as error:  # noqa: BLE001 - the caller receives its own error
             if not pending.future.done():
                 pending.future.set_exception(error)
             return
-        tx._run_callbacks()
-        if not pending.future.done():
-            pending.future.set_result(value)
+        _release(item)
+
+
+def _release(item: _Done) -> None:
+    """Apply a committed request's effects, then give its caller the result (or its error)."""
+    item.tx._run_callbacks()
+    future = item.pending.future
+    if future.done():
+        return
+    if isinstance(item.value, Exception):
+        future.set_exception(item.value)
+    else:
+        future.set_result(item.value)

@@ -20,7 +20,7 @@ from opscore.domain.models import (
     TaskSpec,
     TaskState,
 )
-from opscore.store.queries import CreatedRun, Store
+from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 TIMEOUT = timedelta(minutes=1)
@@ -57,15 +57,24 @@ async def start(
     `definition_id` or `definition_name`): at NOW, with no agent, input or request_id unless
     given, its effects ignored."""
     return await store.create_run(
-        definition_id=definition_id,
-        definition_name=definition_name,
-        inline=draft,
-        agent_id=agent_id,
-        run_input={} if run_input is None else run_input,
-        request_id=request_id,
-        now=now,
-        on_commit=ignore,
+        NewRun(
+            definition_id=definition_id,
+            definition_name=definition_name,
+            inline=draft,
+            agent_id=agent_id,
+            run_input={} if run_input is None else run_input,
+            request_id=request_id,
+            now=now,
+            on_commit=ignore,
+        )
     )
+
+
+async def complete(
+    store: Store, task_id: str, agent_id: str, attempt: int, output: JsonObject
+) -> Effects:
+    """`store.complete_task` at NOW, its effects ignored."""
+    return await store.complete_task(TaskResult(task_id, agent_id, attempt, output, NOW, ignore))
 
 
 async def register(store: Store, agent_id: str, *capabilities: str, slots: int = 1) -> None:
@@ -193,26 +202,26 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     assert assignment.deadline == NOW + TIMEOUT
     assert (await store.get_run(run.run_id)).state is RunState.RUNNING
 
-    effects = await store.complete_task(root.task_id, "w", 1, {"out": "a"}, NOW, ignore)
+    effects = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert sorted(t.task_id for t in effects.queued) == sorted(
         t.task_id for t in run.tasks if t.name in ("b", "c")
     )
     assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", root.task_id)]
-    repeated = await store.complete_task(root.task_id, "w", 1, {"out": "other"}, NOW, ignore)
+    repeated = await complete(store, root.task_id, "w", 1, {"out": "other"})
     assert repeated == Effects()
 
     for ready in effects.queued:
         [handed] = await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
         assert handed is not None
         assert handed.dependency_outputs == {"a": {"out": "a"}}
-        await store.complete_task(ready.task_id, "w", 1, {"out": handed.task_name}, NOW, ignore)
+        await complete(store, ready.task_id, "w", 1, {"out": handed.task_name})
     final = await store.get_run(run.run_id)
     last = final.tasks[3]
     assert last.state is TaskState.QUEUED
     [handed] = await store.assign([(last.ready(), "w")], NOW, TIMEOUT, ignore)
     assert handed is not None
     assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
-    done = await store.complete_task(last.task_id, "w", 1, {}, NOW, ignore)
+    done = await complete(store, last.task_id, "w", 1, {})
     assert done.finished_runs == [(run.run_id, RunState.SUCCEEDED)]
     finished = await store.get_run(run.run_id)
     assert finished.state is RunState.SUCCEEDED
@@ -227,11 +236,11 @@ async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
     [ready] = created.effects.queued
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     with pytest.raises(FailedPrecondition):
-        await store.complete_task(ready.task_id, "other", 1, {}, NOW, ignore)
+        await complete(store, ready.task_id, "other", 1, {})
     with pytest.raises(FailedPrecondition):
-        await store.complete_task(ready.task_id, "w", 2, {}, NOW, ignore)
+        await complete(store, ready.task_id, "w", 2, {})
     with pytest.raises(NotFound):
-        await store.complete_task("no-such-task", "w", 1, {}, NOW, ignore)
+        await complete(store, "no-such-task", "w", 1, {})
     task = (await store.get_run(created.run.run_id)).tasks[0]
     assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
 
@@ -258,7 +267,7 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
     assert run.tasks[0].error == "boom"
     assert await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore) == Effects()
     with pytest.raises(FailedPrecondition):
-        await store.complete_task(y.task_id, "w2", 1, {}, NOW, ignore)
+        await complete(store, y.task_id, "w2", 1, {})
 
 
 async def test_cancel_unqueues_and_refuses_finished_runs(store: Store) -> None:

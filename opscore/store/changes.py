@@ -1,0 +1,122 @@
+"""Row changes of a write, collected and run set-based; and what a graph transition writes.
+
+A set-based write (see `writer.Grouped`) moves many runs at once. Rather than one UPDATE per task
+and per run, each change is added to `Changes` and the changes of one statement are run together
+as one executemany when the write flushes. Order still holds where it matters: a row changed by a
+second kind of statement flushes everything collected before it first, so the last change of a
+row is always the last one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Update
+
+from opscore.domain import graph
+from opscore.domain.models import Cancellation, Effects, Hold, RunState, TaskRun, TaskState
+from opscore.store.tables import RunRow, TaskRow, metadata
+
+_runs = metadata.tables[RunRow.__tablename__]
+_tasks = metadata.tables[TaskRow.__tablename__]
+
+# Parameters are named `b_*` because SQLAlchemy reserves column names for the values of an UPDATE.
+SUCCEED_TASK = (
+    update(_tasks)
+    .where(_tasks.c.task_id == bindparam("b_task_id"))
+    .values(
+        state=TaskState.SUCCEEDED.value,
+        output=bindparam("b_output"),
+        not_before=None,
+        finished_at=bindparam("b_now"),
+    )
+)
+QUEUE_TASK = (
+    update(_tasks)
+    .where(_tasks.c.task_id == bindparam("b_task_id"))
+    .values(state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now"))
+)
+FINISH_TASK = (
+    update(_tasks)
+    .where(_tasks.c.task_id == bindparam("b_task_id"))
+    .values(state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now"))
+)
+FINISH_RUN = (
+    update(_runs)
+    .where(_runs.c.run_id == bindparam("b_run_id"))
+    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
+)
+
+
+class Changes:
+    """Row changes waiting to be run, grouped by statement (see the module docstring)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._pending: dict[Update, list[dict[str, Any]]] = {}
+        self._changed_by: dict[str, Update] = {}
+
+    def add(self, statement: Update, row_key: str, params: dict[str, Any]) -> None:
+        """Change the row `row_key` (a task or run id) with `statement` and `params`."""
+        previous = self._changed_by.get(row_key)
+        if previous is not None and previous is not statement:
+            self.flush()
+        self._changed_by[row_key] = statement
+        self._pending.setdefault(statement, []).append(params)
+
+    def flush(self) -> None:
+        """Run every change collected, one executemany per statement."""
+        for statement, params in self._pending.items():
+            self._conn.execute(statement, params)
+        self._pending.clear()
+        self._changed_by.clear()
+
+
+_CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
+
+
+def apply_transition(
+    changes: Changes,
+    run_id: str,
+    tasks: Sequence[TaskRun],
+    transition: graph.Transition,
+    now: datetime,
+) -> Effects:
+    """Add the writes of a transition of the run's graph (`tasks` as they were before it) to
+    `changes`, and say what it means for the dispatcher and the agents."""
+    effects = Effects()
+    before = {task.name: task for task in tasks}
+    reason = _CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
+    for name, state in transition.tasks.items():
+        task = before[name]
+        if state is TaskState.QUEUED:
+            effects.queued.append(task.ready())
+            changes.add(QUEUE_TASK, task.task_id, {"b_task_id": task.task_id, "b_now": now})
+            continue
+        changes.add(
+            FINISH_TASK,
+            task.task_id,
+            {"b_task_id": task.task_id, "b_state": state.value, "b_now": now},
+        )
+        if task.state is TaskState.QUEUED:
+            effects.unqueued.append(task.task_id)
+        elif task.state is TaskState.ASSIGNED and state in (
+            TaskState.SKIPPED,
+            TaskState.CANCELLED,
+        ):
+            effects.released.append(Hold(task.agent_id, task.task_id, run_id, task.attempt))
+            effects.cancelled.append(
+                Cancellation(task.agent_id, task.task_id, run_id, task.attempt, reason)
+            )
+    if transition.run_state is not None:
+        changes.add(
+            FINISH_RUN,
+            run_id,
+            {"b_run_id": run_id, "b_state": transition.run_state.value, "b_now": now},
+        )
+        effects.finished_runs.append((run_id, transition.run_state))
+    return effects
