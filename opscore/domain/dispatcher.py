@@ -12,6 +12,11 @@ looked at) and never O(connected agents).
 
 A task waiting out a retry's backoff sits in a heap by its "not before" time, and the loop's
 wait ends at the earliest of them: no polling.
+
+The write that makes a task ready, or frees an agent's slot, can also place tasks itself, before
+it commits (`place`): its assignments then commit in the same transaction, and a task goes from
+ready to pushed in one commit instead of two. That write may run on the database's thread, so
+every method holds the dispatcher's lock while it reads or changes the indexes.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -131,28 +137,36 @@ class Dispatcher:
         self._sequence = itertools.count()
         self._agents: dict[str, _LiveAgent] = {}
         self._free = _FreeAgents()
+        self._reserved: set[str] = set()
         self._wake = asyncio.Event()
+        self._lock = threading.Lock()
 
     # Tasks -----------------------------------------------------------------------------
 
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
         """Tasks became ready, in this order (those with a future `not_before` once it passes)."""
         now = self._now()
-        for task in tasks:
-            if task.task_id in self._ready or task.task_id in self._waiting:
-                continue
-            if task.not_before is not None and task.not_before > now:
-                self._waiting.add(task.task_id)
-                heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
-            else:
-                self._push(next(self._sequence), task)
+        with self._lock:
+            for task in tasks:
+                if self._known(task.task_id):
+                    continue
+                if task.not_before is not None and task.not_before > now:
+                    self._waiting.add(task.task_id)
+                    heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
+                else:
+                    self._push(next(self._sequence), task)
         self._wake.set()
+
+    def _known(self, task_id: str) -> bool:
+        """Queued, waiting for its retry time, or placed by a write not yet committed."""
+        return task_id in self._ready or task_id in self._waiting or task_id in self._reserved
 
     def dequeue(self, task_ids: Iterable[str]) -> None:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
-        for task_id in task_ids:
-            self._ready.pop(task_id, None)
-            self._waiting.discard(task_id)
+        with self._lock:
+            for task_id in task_ids:
+                self._ready.pop(task_id, None)
+                self._waiting.discard(task_id)
 
     @property
     def queued(self) -> int:
@@ -162,6 +176,10 @@ class Dispatcher:
     def _release_due(self) -> float | None:
         """Move tasks whose retry time has come into the ready queues; return the seconds until
         the next one is due, None if none waits."""
+        with self._lock:
+            return self._release_due_locked()
+
+    def _release_due_locked(self) -> float | None:
         now = self._now()
         while self._delayed:
             not_before, _, task = self._delayed[0]
@@ -195,47 +213,102 @@ class Dispatcher:
     def agent_online(self, profile: AgentProfile, held: Iterable[str]) -> None:
         """An agent's stream opened; `held` are the tasks it holds as of that commit."""
         live = _LiveAgent(profile, set(held), self._clock())
-        self._agents[profile.agent_id] = live
-        self._free.update(live, waited_anew=True)
+        with self._lock:
+            self._agents[profile.agent_id] = live
+            self._free.update(live, waited_anew=True)
         self._wake.set()
 
     def agent_offline(self, agent_id: str) -> None:
         """An agent's stream closed: it takes no more tasks (it keeps those it holds)."""
-        self._agents.pop(agent_id, None)
-        self._free.remove(agent_id)
+        with self._lock:
+            self._agents.pop(agent_id, None)
+            self._free.remove(agent_id)
 
     def agent_changed(self, profile: AgentProfile) -> None:
         """A connected agent re-registered or reported a state: take its new profile."""
-        live = self._agents.get(profile.agent_id)
-        if live is None:
-            return
-        was_available = live.available
-        live.profile = profile
-        waited_anew = live.available and not was_available
-        if waited_anew:
-            live.waiting_since = self._clock()
-        self._free.update(live, waited_anew=waited_anew)
+        with self._lock:
+            live = self._agents.get(profile.agent_id)
+            if live is None:
+                return
+            was_available = live.available
+            live.profile = profile
+            waited_anew = live.available and not was_available
+            if waited_anew:
+                live.waiting_since = self._clock()
+            self._free.update(live, waited_anew=waited_anew)
         self._wake.set()
 
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
-        live = self._agents.get(agent_id)
-        if live is not None:
-            live.held.add(task_id)
-            self._free.update(live, waited_anew=False)
+        with self._lock:
+            self._reserved.discard(task_id)
+            live = self._agents.get(agent_id)
+            if live is not None:
+                live.held.add(task_id)
+                self._free.update(live, waited_anew=False)
 
     def release(self, agent_id: str, task_id: str) -> None:
         """The agent no longer holds the task: its slot is free (idempotent)."""
+        with self._lock:
+            self._reserved.discard(task_id)
+            if not self._free_slot(agent_id, task_id):
+                return
+        self._wake.set()
+
+    def _free_slot(self, agent_id: str, task_id: str) -> _LiveAgent | None:
         live = self._agents.get(agent_id)
         if live is None or task_id not in live.held:
-            return
+            return None
         was_available = live.available
         live.held.discard(task_id)
         waited_anew = live.available and not was_available
         if waited_anew:
             live.waiting_since = self._clock()
         self._free.update(live, waited_anew=waited_anew)
-        self._wake.set()
+        return live
+
+    def place(
+        self, queued: Sequence[ReadyTask], released: Sequence[tuple[str, str]]
+    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
+        """Match as if a write not yet committed had queued `queued` and freed the slots
+        `released` ((agent id, task id) pairs): what `match` would give right after its commit.
+
+        Only the matches are kept, as reservations (the tasks leave the queue, the agents hold
+        them); the rest is left for the write's commit to apply. Returns the matches and an undo
+        for a write that does not commit.
+        """
+        with self._lock:
+            now = self._now()
+            added: set[str] = set()
+            for task in queued:
+                if not self._known(task.task_id) and (
+                    task.not_before is None or task.not_before <= now
+                ):
+                    self._push(next(self._sequence), task)
+                    added.add(task.task_id)
+            freed = [
+                (live, task_id)
+                for agent_id, task_id in released
+                if (live := self._free_slot(agent_id, task_id)) is not None
+            ]
+            pairs = self._match()
+            for task_id in added:
+                self._ready.pop(task_id, None)
+            for live, task_id in freed:
+                live.held.add(task_id)
+                self._free.update(live, waited_anew=False)
+            self._reserved.update(task.task_id for task, _ in pairs)
+
+        def undo() -> None:
+            with self._lock:
+                for task, agent_id in pairs:
+                    self._reserved.discard(task.task_id)
+                    self._free_slot(agent_id, task.task_id)
+                    if task.task_id not in added:
+                        self._push(next(self._sequence), task)
+            self._wake.set()
+
+        return pairs, undo
 
     # The loop --------------------------------------------------------------------------
 
@@ -259,6 +332,10 @@ class Dispatcher:
         its agent. The reservations become holds when the assignments commit (`assigned`), or
         are given back (`release`) for tasks that were no longer queued.
         """
+        with self._lock:
+            return self._match()
+
+    def _match(self) -> list[tuple[ReadyTask, str]]:
         pairs: list[tuple[ReadyTask, str]] = []
         while True:
             best: tuple[int, ReadyTask, _LiveAgent] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,10 @@ class Engine:
         self._now = now
         self.streams = Streams()
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        # Writes that make tasks ready or free slots place them before they commit.
+        store.assign_before_commit(
+            self.dispatcher.place, self._assigned, now, settings.default_task_timeout
+        )
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
         self._draining = False
@@ -434,27 +439,35 @@ class Engine:
     # Dispatch ------------------------------------------------------------------------------
 
     async def _assign(self, pairs: list[tuple[ReadyTask, str]]) -> None:
-        def on_commit(assignments: list[Assignment | None]) -> None:
-            for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
-                if assignment is None:
-                    self.dispatcher.release(agent_id, task.task_id)
-                    continue
-                self.dispatcher.assigned(agent_id, task.task_id)
-                self._timer_at(assignment.deadline)
-                stream = self.streams.get(agent_id)
-                if stream is not None:
-                    stream.push(assignment)
-                log.info(
-                    "task assigned",
-                    extra={
-                        "task_id": task.task_id,
-                        "run_id": task.run_id,
-                        "agent_id": agent_id,
-                        "attempt": assignment.attempt,
-                    },
-                )
+        await self._store.assign(
+            pairs,
+            self._now(),
+            self._settings.default_task_timeout,
+            functools.partial(self._assigned, pairs),
+        )
 
-        await self._store.assign(pairs, self._now(), self._settings.default_task_timeout, on_commit)
+    def _assigned(
+        self, pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]
+    ) -> None:
+        """Committed assignments: the agents hold their tasks and are sent them."""
+        for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
+            if assignment is None:
+                self.dispatcher.release(agent_id, task.task_id)
+                continue
+            self.dispatcher.assigned(agent_id, task.task_id)
+            self._timer_at(assignment.deadline)
+            stream = self.streams.get(agent_id)
+            if stream is not None:
+                stream.push(assignment)
+            log.info(
+                "task assigned",
+                extra={
+                    "task_id": task.task_id,
+                    "run_id": task.run_id,
+                    "agent_id": agent_id,
+                    "attempt": assignment.attempt,
+                },
+            )
 
     def _apply(self, effects: Effects) -> None:
         """Bring memory in line with a committed write."""

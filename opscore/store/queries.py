@@ -59,7 +59,7 @@ from opscore.store.tables import (
     TaskRow,
     metadata,
 )
-from opscore.store.writer import Tx, Writer
+from opscore.store.writer import Followup, Tx, Writer
 
 T = TypeVar("T")
 OnCommit = Callable[[T], None]
@@ -152,6 +152,11 @@ _LATEST_DEFINITION = (
     .where(_definitions.c.name == bindparam("b_name"))
     .order_by(_definitions.c.version.desc())
     .limit(1)
+)
+_TAKING_AGENTS = select(_agents.c.agent_id).where(
+    _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
+    _agents.c.connected.is_(True),
+    _agents.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
 )
 _INSERT_RUN = insert(_runs)
 _INSERT_TASKS = insert(_tasks)
@@ -265,6 +270,8 @@ class Store:
     ) -> T:
         def run(tx: Tx) -> T:
             value = op(tx.conn)
+            if isinstance(value, Effects):
+                tx.note_effects(value)
             if on_commit is not None:
                 tx.after_commit(lambda: on_commit(value))
             return value
@@ -569,6 +576,7 @@ class Store:
                 outcome = _new_run(request, source, run_values, task_values)
                 if request.request_id:
                     earlier[request.request_id] = outcome.run
+                tx.note_effects(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
         if run_values:
@@ -696,58 +704,36 @@ class Store:
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
+        return await self._write(lambda conn: _assign(conn, pairs, now, default_timeout), on_commit)
 
-        def op(conn: Connection) -> list[Assignment | None]:
-            # Set-based: four statements for the whole batch, whatever its size.
-            queued = {
-                row.task_id: row
-                for row in conn.execute(
-                    _QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": [task.task_id for task, _ in pairs]}
-                )
-            }
-            leases: dict[str, tuple[Any, str, datetime]] = {}
-            for task, agent_id in pairs:
-                row = queued.get(task.task_id)
-                if row is not None and task.task_id not in leases:
-                    timeout = (
-                        default_timeout
-                        if row.timeout_ms is None
-                        else timedelta(milliseconds=row.timeout_ms)
-                    )
-                    leases[task.task_id] = (row, agent_id, now + timeout)
-            if not leases:
-                return [None] * len(pairs)
-            conn.execute(
-                _ASSIGN,
-                [
-                    {
-                        "b_task_id": task_id,
-                        "b_attempt": row.attempt + 1,
-                        "b_agent_id": agent_id,
-                        "b_now": now,
-                        "b_deadline": deadline,
-                    }
-                    for task_id, (row, agent_id, deadline) in leases.items()
-                ],
-            )
-            run_ids = sorted({row.run_id for row, _, _ in leases.values()})
-            conn.execute(_START_RUNS, {"b_run_ids": run_ids, "b_now": now})
-            context = _assignment_context(conn, [row for row, _, _ in leases.values()])
-            return [
-                _assignment(
-                    context,
-                    leases[task.task_id][0],
-                    leases[task.task_id][0].attempt + 1,
-                    agent_id,
-                    leases[task.task_id][2],
-                    redelivered=False,
-                )
-                if task.task_id in leases and leases[task.task_id][1] == agent_id
-                else None
-                for task, agent_id in pairs
+    def assign_before_commit(
+        self,
+        place: Callable[
+            [list[ReadyTask], list[tuple[str, str]]],
+            tuple[list[tuple[ReadyTask, str]], Callable[[], None]],
+        ],
+        on_commit: Callable[[list[tuple[ReadyTask, str]], list[Assignment | None]], None],
+        now: Callable[[], datetime],
+        default_timeout: timedelta,
+    ) -> None:
+        """Let every write batch place the tasks its requests made ready (and fill the slots
+        they freed) in its own transaction: `place` matches them (see `Dispatcher.place`), the
+        assignments are written as by `assign`, and `on_commit` gets them once committed."""
+
+        def before_commit(conn: Connection, effects: list[Effects]) -> Followup | None:
+            queued = [task for noted in effects for task in noted.queued]
+            released = [
+                (hold.agent_id, hold.task_id) for noted in effects for hold in noted.released
             ]
+            pairs, undo = place(queued, released)
+            if not pairs:
+                return None
+            assignments = _assign(conn, pairs, now(), default_timeout)
+            tx = Tx(conn)
+            tx.after_commit(lambda: on_commit(pairs, assignments))
+            return Followup(tx, undo)
 
-        return await self._write(op, on_commit)
+        self._writer.before_commit = before_commit
 
     async def complete_task(self, result: TaskResult) -> Effects:
         """Record the output of the attempt the agent holds and queue the dependents that became
@@ -789,6 +775,7 @@ class Store:
             changes.flush()
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
+                tx.note_effects(outcome)
                 tx.after_commit(functools.partial(result.on_commit, outcome))
         return outcomes
 
@@ -1271,6 +1258,69 @@ def _new_run(
     )
     queued = [task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
     return CreatedRun(run, True, Effects(queued=queued))
+
+
+def _assign(
+    conn: Connection,
+    pairs: Sequence[tuple[ReadyTask, str]],
+    now: datetime,
+    default_timeout: timedelta,
+) -> list[Assignment | None]:
+    """See `Store.assign`. The agents are checked too, as of this transaction: one removed,
+    disconnected, or reporting BUSY or ERROR earlier in the same batch takes nothing."""
+    # Set-based: five statements for the whole batch, whatever its size.
+    taking = set(
+        conn.execute(
+            _TAKING_AGENTS, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
+        ).scalars()
+    )
+    queued = {
+        row.task_id: row
+        for row in conn.execute(
+            _QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": [task.task_id for task, _ in pairs]}
+        )
+    }
+    leases: dict[str, tuple[Any, str, datetime]] = {}
+    for task, agent_id in pairs:
+        row = queued.get(task.task_id)
+        if row is not None and task.task_id not in leases and agent_id in taking:
+            timeout = (
+                default_timeout
+                if row.timeout_ms is None
+                else timedelta(milliseconds=row.timeout_ms)
+            )
+            leases[task.task_id] = (row, agent_id, now + timeout)
+    if not leases:
+        return [None] * len(pairs)
+    conn.execute(
+        _ASSIGN,
+        [
+            {
+                "b_task_id": task_id,
+                "b_attempt": row.attempt + 1,
+                "b_agent_id": agent_id,
+                "b_now": now,
+                "b_deadline": deadline,
+            }
+            for task_id, (row, agent_id, deadline) in leases.items()
+        ],
+    )
+    run_ids = sorted({row.run_id for row, _, _ in leases.values()})
+    conn.execute(_START_RUNS, {"b_run_ids": run_ids, "b_now": now})
+    context = _assignment_context(conn, [row for row, _, _ in leases.values()])
+    return [
+        _assignment(
+            context,
+            leases[task.task_id][0],
+            leases[task.task_id][0].attempt + 1,
+            agent_id,
+            leases[task.task_id][2],
+            redelivered=False,
+        )
+        if task.task_id in leases and leases[task.task_id][1] == agent_id
+        else None
+        for task, agent_id in pairs
+    ]
 
 
 Siblings = dict[str, dict[str, TaskRun]]

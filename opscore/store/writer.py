@@ -13,6 +13,11 @@ each request on its own, with a result or the domain error meant for that caller
 writes nothing for a refused request. Groups and single operations run in the order their first
 request arrived; as they were all concurrent, that is a valid order to commit them in.
 
+Before the batch commits, a `before_commit` hook may add to it. The dispatcher uses it to place
+the tasks that the batch's requests made ready, on the agents whose slots they freed, in the same
+transaction (see `Dispatcher.place`); a task then goes from ready to assigned in one commit, not
+two. What the hook changes in memory before the commit is given back if the batch fails.
+
 An operation may also fail outright (an exception escapes it). Since it may have written before
 failing, the whole batch is rolled back and each request is run again in a transaction of its
 own, so one caller's mistake never touches another caller's write. Operations are therefore pure
@@ -30,6 +35,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import Unavailable
+from opscore.domain.models import Effects
 from opscore.store.database import Database
 
 T = TypeVar("T")
@@ -42,6 +48,13 @@ class Tx:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._callbacks: list[Callable[[], None]] = []
+        self.effects: list[Effects] = []
+        """What this request's commit will mean for the dispatcher (see `note_effects`)."""
+
+    def note_effects(self, effects: Effects) -> None:
+        """Tell the batch's `before_commit` hook what this request will apply after its commit
+        (tasks queued, slots freed), so it can act on that within the same transaction."""
+        self.effects.append(effects)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller
@@ -61,6 +74,19 @@ Grouped = Callable[[Connection, Sequence[tuple[Tx, A]]], list[Any]]
 """A set-based write: every request of its kind in the batch at once, each with its own `Tx`.
 Returns, in order, each request's result, or the exception to raise to that caller (an
 exception instance as a value: refused requests must have written nothing)."""
+
+
+@dataclass(slots=True)
+class Followup:
+    """What a `before_commit` hook added to a batch: its effects to apply after the batch's own,
+    and how to give back what it reserved in memory if the batch does not commit."""
+
+    tx: Tx
+    undo: Callable[[], None]
+
+
+BeforeCommit = Callable[[Connection, list[Effects]], Followup | None]
+"""Called with the effects the batch's requests noted, inside the batch's transaction."""
 
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
@@ -84,9 +110,15 @@ class _Done:
     tx: Tx
 
 
-def _run_all(conn: Connection, batch: list[_Pending]) -> list[_Done]:
+def _run_all(
+    conn: Connection,
+    batch: list[_Pending],
+    before_commit: BeforeCommit | None = None,
+    followups: list[Followup] | None = None,
+) -> list[_Done]:
     """Run a batch: each group of alike grouped requests in one call, at the place of its
-    first request; single operations one by one. Returns them in the order they ran."""
+    first request; single operations one by one; then the `before_commit` hook, whose followup
+    goes to `followups`. Returns the requests in the order they ran."""
     groups: dict[Any, list[_Pending]] = {}
     for index, pending in enumerate(batch):
         groups.setdefault(pending.run if pending.grouped else index, []).append(pending)
@@ -95,6 +127,12 @@ def _run_all(conn: Connection, batch: list[_Pending]) -> list[_Done]:
         txs = [Tx(conn) for _ in members]
         values = members[0].run(conn, [(tx, p.request) for tx, p in zip(txs, members, strict=True)])
         done.extend(_Done(p, v, tx) for p, v, tx in zip(members, values, txs, strict=True))
+    if before_commit is not None and followups is not None:
+        effects = [noted for item in done for noted in item.tx.effects]
+        if effects:
+            followup = before_commit(conn, effects)
+            if followup is not None:
+                followups.append(followup)
     return done
 
 
@@ -106,6 +144,8 @@ class Writer:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._closed = False
+        self.before_commit: BeforeCommit | None = None
+        """Run at the end of each batch whose requests noted effects (see the module docstring)."""
         self.batches = 0
         self.operations = 0
 
@@ -151,14 +191,21 @@ class Writer:
     async def _run_batch(self, batch: list[_Pending]) -> None:
         self.batches += 1
         self.operations += len(batch)
+        followups: list[Followup] = []
         try:
-            done = await self._database.run(lambda conn: _run_all(conn, batch), write=True)
+            done = await self._database.run(
+                lambda conn: _run_all(conn, batch, self.before_commit, followups), write=True
+            )
         except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
+            for followup in followups:
+                followup.undo()
             for pending in batch:
                 await self._run_alone(pending)
             return
         for item in done:
             _release(item)
+        for followup in followups:
+            followup.tx._run_callbacks()
 
     async def _run_alone(self, pending: _Pending) -> None:
         try:

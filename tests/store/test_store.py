@@ -77,12 +77,18 @@ async def complete(
     return await store.complete_task(TaskResult(task_id, agent_id, attempt, output, NOW, ignore))
 
 
-async def register(store: Store, agent_id: str, *capabilities: str, slots: int = 1) -> None:
+async def register(
+    store: Store, agent_id: str, *capabilities: str, slots: int = 1, connect: bool = True
+) -> None:
+    """Register the agent and (unless told not to) open its stream: only a connected agent is
+    given tasks."""
     await store.register_agent(
         AgentRegistration(agent_id, capabilities=capabilities, max_concurrent_tasks=slots),
         NOW,
         ignore,
     )
+    if connect:
+        await store.connect_agent(agent_id, NOW, ignore)
 
 
 async def test_register_updates_in_place_and_keeps_history(store: Store) -> None:
@@ -120,9 +126,7 @@ async def test_unknown_agents_are_not_found(store: Store) -> None:
 
 async def test_list_agents_filters_by_derived_state_and_capability(store: Store) -> None:
     for agent_id, capability in (("idle", "cpu"), ("busy", "cpu"), ("err", "gpu"), ("off", "cpu")):
-        await register(store, agent_id, capability)
-    for agent_id in ("idle", "busy", "err"):
-        await store.connect_agent(agent_id, NOW, ignore)
+        await register(store, agent_id, capability, connect=agent_id != "off")
     await store.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
     await store.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
 
