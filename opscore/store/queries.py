@@ -129,10 +129,21 @@ _ASSIGNMENT_CONTEXT = select(_tasks).where(
     _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
     or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
 )
-_TASKS_FOR_UPDATE = (
-    select(_tasks)
+_RUNS_OF_TASKS = (
+    select(_tasks.c.run_id)
     .where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
-    .order_by(_tasks.c.task_id)
+    .scalar_subquery()
+)
+_LOCK_RUNS_OF_TASKS = (
+    select(_runs.c.run_id)
+    .where(_runs.c.run_id.in_(_RUNS_OF_TASKS))
+    .order_by(_runs.c.run_id)
+    .with_for_update()
+)
+_SIBLINGS_FOR_UPDATE = (
+    select(_tasks)
+    .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
+    .order_by(_tasks.c.run_id, _tasks.c.position)
     .with_for_update()
 )
 _LOCK_RUNS = (
@@ -745,12 +756,18 @@ class Store:
     def _complete_tasks(
         self, conn: Connection, requests: Sequence[tuple[Tx, TaskResult]]
     ) -> list[Effects | OpsCoreError]:
-        held = {
-            row.task_id: _Held.of(row)
-            for row in conn.execute(
-                _TASKS_FOR_UPDATE, {"b_task_ids": sorted({r.task_id for _, r in requests})}
-            )
-        }
+        # One read for the whole batch: every task of the runs these results belong to (the
+        # runs locked first where writers are concurrent, in the order every write locks them).
+        wanted = {result.task_id for _, result in requests}
+        task_ids = sorted(wanted)
+        if self._lock_runs:
+            conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": task_ids})
+        runs: dict[str, list[TaskRun]] = {}
+        held: dict[str, _Held] = {}
+        for found in conn.execute(_SIBLINGS_FOR_UPDATE, {"b_task_ids": task_ids}):
+            runs.setdefault(found.run_id, []).append(rows.task_run(found))
+            if found.task_id in wanted:
+                held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
         accepted: list[tuple[int, _Held, TaskResult]] = []
         for _, result in requests:
@@ -769,7 +786,6 @@ class Store:
             outcomes.append(Effects())
         if accepted:
             changes = Changes(conn)
-            runs = self._tasks_for_update(conn, sorted({row.run_id for _, row, _ in accepted}))
             for index, row, result in accepted:
                 outcomes[index] = _complete(changes, runs, row, result)
             changes.flush()

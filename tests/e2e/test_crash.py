@@ -28,6 +28,7 @@ SETTINGS = {
     "OPSCORE_AGENT_GRACE": "1",
     "OPSCORE_DEFAULT_TASK_TIMEOUT": "10",
     "OPSCORE_LOG_FORMAT": "json",
+    "OPSCORE_LOG_LEVEL": "DEBUG",
 }
 """The environment both lives of the server run with."""
 
