@@ -739,7 +739,11 @@ class Store:
             pairs, undo = place(queued, released)
             if not pairs:
                 return None
-            assignments = _assign(conn, pairs, now(), default_timeout)
+            try:
+                assignments = _assign(conn, pairs, now(), default_timeout)
+            except Exception:
+                undo()
+                raise
             tx = Tx(conn)
             tx.after_commit(lambda: on_commit(pairs, assignments))
             return Followup(tx, undo)

@@ -4,17 +4,21 @@ returns and refuses, and the group-commit writer's batching and isolation."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from opscore.domain.models import (
     AgentRegistration,
     AgentState,
+    Assignment,
     DefinitionDraft,
     Effects,
     JsonObject,
+    ReadyTask,
     ReportedState,
     RunState,
     TaskSpec,
@@ -351,3 +355,152 @@ async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     assert isinstance(results[1], NotFound)
     assert (await store.get_agent("w")).last_seen_at == later
     assert len((await store.list_definitions(10, "", "")).items) == 1
+
+
+async def test_completions_in_one_batch_move_their_run_once(store: Store) -> None:
+    await register(store, "w", "cpu", slots=2)
+    created = await start(store, diamond())
+    [root] = created.effects.queued
+    await store.assign([(root, "w")], NOW, TIMEOUT, ignore)
+    b, c = (await complete(store, root.task_id, "w", 1, {"out": "a"})).queued
+    await store.assign([(b, "w"), (c, "w")], NOW, TIMEOUT, ignore)
+    before = store._writer.batches  # one batch is what this test is about
+    first, second = await asyncio.gather(
+        complete(store, b.task_id, "w", 1, {"out": "b"}),
+        complete(store, c.task_id, "w", 1, {"out": "c"}),
+    )
+    assert store._writer.batches == before + 1
+    run = await store.get_run(created.run.run_id)
+    assert first.queued == []  # d still waited for c when b's result was recorded
+    assert [t.task_id for t in second.queued] == [run.tasks[3].task_id]
+    assert [t.state for t in run.tasks] == [TaskState.SUCCEEDED] * 3 + [TaskState.QUEUED]
+    assert [t.output for t in run.tasks[1:3]] == [{"out": "b"}, {"out": "c"}]
+
+
+async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Store) -> None:
+    await register(store, "w")
+    await register(store, "other")
+    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
+    [ready] = created.effects.queued
+    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    first, again, stranger = await asyncio.gather(
+        complete(store, ready.task_id, "w", 1, {"n": 1}),
+        complete(store, ready.task_id, "w", 1, {"n": 2}),
+        complete(store, ready.task_id, "other", 1, {}),
+        return_exceptions=True,
+    )
+    assert isinstance(first, Effects)
+    assert [h.task_id for h in first.released] == [ready.task_id]
+    assert again == Effects()
+    assert isinstance(stranger, FailedPrecondition)
+    task = (await store.get_run(created.run.run_id)).tasks[0]
+    assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
+
+
+async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store: Store) -> None:
+    await store.create_definition(diamond(), "", NOW)
+    first, again, missing, ghost, other = await asyncio.gather(
+        start(store, None, definition_name="diamond", request_id="same"),
+        start(store, None, definition_name="diamond", request_id="same"),
+        start(store, None, definition_name="missing"),
+        start(store, None, definition_name="diamond", agent_id="ghost"),
+        start(store, None, definition_name="diamond"),
+        return_exceptions=True,
+    )
+    assert isinstance(first, CreatedRun)
+    assert first.created
+    assert isinstance(again, CreatedRun)
+    assert not again.created
+    assert again.run.run_id == first.run.run_id
+    assert isinstance(missing, NotFound)
+    assert isinstance(ghost, NotFound)
+    assert isinstance(other, CreatedRun)
+    assert other.created
+    listed = await store.list_runs(10, "", None, "", "")
+    assert sorted(run.run_id for run in listed.items) == sorted(
+        [first.run.run_id, other.run.run_id]
+    )
+
+
+async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> None:
+    await register(store, "idle")
+    await register(store, "busy")
+    await store.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
+    await register(store, "failing")
+    await store.report_state("failing", ReportedState.ERROR, "disk full", NOW, ignore)
+    await register(store, "offline", connect=False)
+    await register(store, "gone")
+    await store.deregister_agent("gone", NOW, ignore)
+    agents = ["idle", "busy", "failing", "offline", "gone"]
+    tasks = [
+        (await start(store, DefinitionDraft(f"wf-{name}", tasks=(TaskSpec("t"),)))).effects.queued[
+            0
+        ]
+        for name in agents
+    ]
+    assignments = await store.assign(list(zip(tasks, agents, strict=True)), NOW, TIMEOUT, ignore)
+    assert [a is not None for a in assignments] == [True, False, False, False, False]
+    assert sorted(t.task_id for t in await store.load_queue()) == sorted(
+        t.task_id for t in tasks[1:]
+    )
+
+
+async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store) -> None:
+    await register(store, "w")
+    seen: list[object] = []
+
+    def place(
+        queued: list[ReadyTask], released: list[tuple[str, str]]
+    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
+        return [(task, "w") for task in queued], lambda: seen.append("given back")
+
+    def assigned(pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]) -> None:
+        seen.append([a.task_id for a in assignments if a is not None])
+
+    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
+    task = (await store.get_run(created.run.run_id)).tasks[0]
+    assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
+    assert seen == [[task.task_id]]
+
+    # A batch whose assignments the database refuses gives its placements back, and each write
+    # is run again on its own (without placing: the dispatcher takes its tasks after the commit).
+    await refuse_assignments(store, refuse=True)
+    again = await start(store, DefinitionDraft("two", tasks=(TaskSpec("only"),)))
+    await refuse_assignments(store, refuse=False)
+    assert seen[1:] == ["given back"]
+    assert [t.task_id for t in await store.load_queue()] == [again.run.tasks[0].task_id]
+
+
+_REFUSE = {
+    "sqlite": (
+        "CREATE TRIGGER refuse_assignments BEFORE UPDATE OF state ON tasks"
+        " WHEN NEW.state = 'assigned' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    ),
+    "postgresql": (
+        "CREATE FUNCTION refuse_assignments() RETURNS trigger AS $$ BEGIN"
+        " IF NEW.state = 'assigned' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW;"
+        " END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_assignments BEFORE UPDATE ON tasks"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_assignments()",
+    ),
+}
+_ALLOW = {
+    "sqlite": ("DROP TRIGGER refuse_assignments",),
+    "postgresql": (
+        "DROP TRIGGER refuse_assignments ON tasks",
+        "DROP FUNCTION refuse_assignments()",
+    ),
+}
+
+
+async def refuse_assignments(store: Store, *, refuse: bool) -> None:
+    """Make the database itself refuse (or accept again) every write that assigns a task: a
+    fault the server did not cause, in the middle of a batch."""
+    statements = (_REFUSE if refuse else _ALLOW)[store.database.dialect]
+
+    def run(conn: Connection) -> None:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+    await store.database.run(run, write=True)

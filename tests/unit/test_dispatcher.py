@@ -179,3 +179,69 @@ def test_a_task_reaches_the_one_agent_of_a_large_fleet_that_can_take_it() -> Non
     assert dispatcher.match() == []
     dispatcher.release("special", "only-us")
     assert [a for _, a in dispatcher.match()] == ["special"]
+
+
+def test_a_write_places_what_it_makes_ready_on_the_slots_it_frees() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("w"), ["done"])
+    dispatcher.enqueue([ready("older")])
+    # A write completes "done" (freeing w) and queues "next"; the older task goes first.
+    pairs, _ = dispatcher.place([ready("next")], [("w", "done")])
+    assert [(t.task_id, a) for t, a in pairs] == [("older", "w")]
+    # Nothing else moved before the commit: "next" is not queued yet, w holds "done" still.
+    assert dispatcher.match() == []
+    assert dispatcher.queued == 0
+    # The commit's effects arrive: w's slot for "done" frees, "older" is confirmed.
+    dispatcher.enqueue([ready("next")])
+    dispatcher.release("w", "done")
+    dispatcher.assigned("w", "older")
+    assert dispatcher.match() == []
+    dispatcher.release("w", "older")
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("next", "w")]
+
+
+def test_a_placed_task_is_not_queued_again_by_its_commit() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("a"), ())
+    dispatcher.agent_online(agent("b"), ())
+    pairs, _ = dispatcher.place([ready("t")], [])
+    assert [(t.task_id, a) for t, a in pairs] == [("t", "a")]
+    dispatcher.enqueue([ready("t")])  # the write's own effects, applied after its commit
+    assert dispatcher.match() == []
+    dispatcher.assigned("a", "t")
+    assert dispatcher.queued == 0
+
+
+def test_a_placement_whose_write_fails_is_given_back() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("w", slots=2), ())
+    dispatcher.enqueue([ready("old")])
+    pairs, undo = dispatcher.place([ready("new")], [])
+    assert sorted(t.task_id for t, _ in pairs) == ["new", "old"]
+    undo()
+    # "old" is queued as it was, "new" never was (its write did not commit); w is free again.
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("old", "w")]
+    assert dispatcher.queued == 0
+
+
+def test_a_placement_the_database_refuses_frees_the_slot() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("w"), ())
+    [(task, agent_id)], _ = dispatcher.place([ready("t")], [])
+    dispatcher.release(agent_id, task.task_id)  # the assignment found the task gone
+    dispatcher.enqueue([ready("u")])
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("u", "w")]
+
+
+def test_a_write_does_not_place_a_retry_before_its_time() -> None:
+    now = FakeNow()
+    dispatcher = make(now)
+    dispatcher.agent_online(agent("w"), ())
+    later = T0 + timedelta(seconds=5)
+    pairs, _ = dispatcher.place([ready("t", not_before=later)], [])
+    assert pairs == []
+    dispatcher.enqueue([ready("t", not_before=later)])
+    assert dispatcher.match() == []
+    now.value = later
+    dispatcher._release_due()
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("t", "w")]
