@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Update
 
 from opscore.domain import graph
-from opscore.domain.models import Cancellation, Effects, Hold, RunState, TaskRun, TaskState
+from opscore.domain.models import Cancellation, Effects, Hold, ReadyTask, RunState, TaskState
 from opscore.store.tables import RunRow, TaskRow, metadata
 
 _runs = metadata.tables[RunRow.__tablename__]
@@ -52,6 +52,43 @@ FINISH_RUN = (
 )
 
 
+class GraphTask(Protocol):
+    """What moving a run's graph needs of each of its tasks: a whole `TaskRun`, or the
+    `rows.TaskNode` a batch of completions reads (the same, without inputs and outputs)."""
+
+    @property
+    def task_id(self) -> str:
+        """The task's id."""
+
+    @property
+    def name(self) -> str:
+        """Its name in the run's graph."""
+
+    @property
+    def state(self) -> TaskState:
+        """Its state before the transition."""
+
+    @property
+    def agent_id(self) -> str:
+        """Its holder, if any."""
+
+    @property
+    def attempt(self) -> int:
+        """Its current attempt."""
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """The tasks it waits for."""
+
+    @property
+    def fallback(self) -> str:
+        """The task that stands in if it fails finally."""
+
+    def ready(self, not_before: datetime | None = None) -> ReadyTask:
+        """The dispatcher's view of the task."""
+        ...
+
+
 class Changes:
     """Row changes waiting to be run, grouped by statement (see the module docstring)."""
 
@@ -82,7 +119,7 @@ _CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run fa
 def apply_transition(
     changes: Changes,
     run_id: str,
-    tasks: Sequence[TaskRun],
+    tasks: Sequence[GraphTask],
     transition: graph.Transition,
     now: datetime,
 ) -> Effects:

@@ -49,7 +49,7 @@ from opscore.domain.models import (
 )
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
-from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition
+from opscore.store.changes import SUCCEED_TASK, Changes, GraphTask, apply_transition
 from opscore.store.database import Database
 from opscore.store.tables import (
     AgentCapabilityRow,
@@ -141,7 +141,21 @@ _LOCK_RUNS_OF_TASKS = (
     .with_for_update()
 )
 _SIBLINGS_FOR_UPDATE = (
-    select(_tasks)
+    select(
+        _tasks.c.task_id,
+        _tasks.c.run_id,
+        _tasks.c.name,
+        _tasks.c.state,
+        _tasks.c.attempt,
+        _tasks.c.agent_id,
+        _tasks.c.error,
+        _tasks.c.error_reported,
+        _tasks.c.depends_on,
+        _tasks.c.fallback,
+        _tasks.c.capability,
+        _tasks.c.labels,
+        _tasks.c.pinned_agent_id,
+    )
     .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
     .order_by(_tasks.c.run_id, _tasks.c.position)
     .with_for_update()
@@ -766,10 +780,10 @@ class Store:
         task_ids = sorted(wanted)
         if self._lock_runs:
             conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": task_ids})
-        runs: dict[str, list[TaskRun]] = {}
+        runs: dict[str, list[rows.TaskNode]] = {}
         held: dict[str, _Held] = {}
         for found in conn.execute(_SIBLINGS_FOR_UPDATE, {"b_task_ids": task_ids}):
-            runs.setdefault(found.run_id, []).append(rows.task_run(found))
+            runs.setdefault(found.run_id, []).append(rows.task_node(found))
             if found.task_id in wanted:
                 held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
@@ -1094,11 +1108,11 @@ def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRu
     return _load_run(conn, row)
 
 
-def _graph(tasks: Sequence[TaskRun]) -> dict[str, graph.Node]:
+def _graph(tasks: Sequence[GraphTask]) -> dict[str, graph.Node]:
     return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
 
 
-def _states(tasks: Sequence[TaskRun]) -> dict[str, TaskState]:
+def _states(tasks: Sequence[GraphTask]) -> dict[str, TaskState]:
     return {task.name: task.state for task in tasks}
 
 
@@ -1188,7 +1202,7 @@ class _Held:
 
 
 def _complete(
-    changes: Changes, runs: dict[str, list[TaskRun]], row: _Held, result: TaskResult
+    changes: Changes, runs: dict[str, list[rows.TaskNode]], row: _Held, result: TaskResult
 ) -> Effects:
     """Record one accepted completion: the task's success with its output, and the rest of the
     transition of its run's graph. `runs` follows the batch, so the next completion in the same

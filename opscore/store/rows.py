@@ -5,7 +5,8 @@ column layout and the domain's dataclasses, so the rest of the code never sees a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row
@@ -143,6 +144,52 @@ def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
         fallback=values["fallback"],
         pinned_agent_id=values["pinned_agent_id"] or "",
         not_before=values.get("not_before"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskNode:
+    """A task as moving its run's graph sees it: what a batch of completions reads of every task
+    of the runs it moves, leaving out inputs, outputs and times (the largest columns to decode)."""
+
+    task_id: str
+    run_id: str
+    name: str
+    state: TaskState
+    attempt: int
+    agent_id: str
+    depends_on: tuple[str, ...]
+    fallback: str
+    capability: str
+    labels: dict[str, str]
+    pinned_agent_id: str
+
+    def ready(self, not_before: datetime | None = None) -> ReadyTask:
+        """The dispatcher's view of this task, dispatchable from `not_before` on."""
+        return ReadyTask(
+            task_id=self.task_id,
+            run_id=self.run_id,
+            capability=self.capability,
+            labels=tuple(sorted(self.labels.items())),
+            pinned_agent_id=self.pinned_agent_id,
+            not_before=not_before,
+        )
+
+
+def task_node(row: Any) -> TaskNode:
+    """A row of the columns of `TaskNode` (and any others) as a task node."""
+    return TaskNode(
+        task_id=row.task_id,
+        run_id=row.run_id,
+        name=row.name,
+        state=TaskState(row.state),
+        attempt=row.attempt,
+        agent_id=row.agent_id or "",
+        depends_on=tuple(row.depends_on),
+        fallback=row.fallback,
+        capability=row.capability,
+        labels=dict(row.labels),
+        pinned_agent_id=row.pinned_agent_id or "",
     )
 
 
