@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Text, and_, bindparam, cast, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
@@ -97,8 +97,19 @@ _TASKS_OF_RUNS = (
     .where(_tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
     .order_by(_tasks.c.position)
 )
+# What an assignment needs of its task and of the tasks around it, and no more: every column
+# read costs its decoding (JSON, times) on every row.
 _QUEUED_TASKS_FOR_UPDATE = (
-    select(_tasks)
+    select(
+        _tasks.c.task_id,
+        _tasks.c.run_id,
+        _tasks.c.name,
+        _tasks.c.capability,
+        _tasks.c.input,
+        _tasks.c.depends_on,
+        _tasks.c.attempt,
+        _tasks.c.timeout_ms,
+    )
     .where(
         _tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
         _tasks.c.state == TaskState.QUEUED.value,
@@ -117,15 +128,20 @@ _ASSIGN = (
         not_before=None,
     )
 )
-_START_RUNS = (
+_START_RUN = (
     update(_runs)
-    .where(
-        _runs.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
-        _runs.c.state == RunState.PENDING.value,
-    )
+    .where(_runs.c.run_id == bindparam("b_run_id"), _runs.c.state == RunState.PENDING.value)
     .values(state=RunState.RUNNING.value, started_at=bindparam("b_now"))
 )
-_ASSIGNMENT_CONTEXT = select(_tasks).where(
+_SIBLING_COLUMNS = (
+    _tasks.c.run_id,
+    _tasks.c.name,
+    _tasks.c.state,
+    _tasks.c.fallback,
+    _tasks.c.output,
+    _tasks.c.error,
+)
+_ASSIGNMENT_CONTEXT = select(*_SIBLING_COLUMNS).where(
     _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
     or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
 )
@@ -150,10 +166,11 @@ _SIBLINGS_FOR_UPDATE = (
         _tasks.c.agent_id,
         _tasks.c.error,
         _tasks.c.error_reported,
-        _tasks.c.depends_on,
+        # As text, decoded through a cache: runs of one definition repeat the same few values.
+        cast(_tasks.c.depends_on, Text).label("depends_on"),
         _tasks.c.fallback,
         _tasks.c.capability,
-        _tasks.c.labels,
+        cast(_tasks.c.labels, Text).label("labels"),
         _tasks.c.pinned_agent_id,
     )
     .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
@@ -1340,7 +1357,7 @@ def _assign(
         ],
     )
     run_ids = sorted({row.run_id for row, _, _ in leases.values()})
-    conn.execute(_START_RUNS, {"b_run_ids": run_ids, "b_now": now})
+    conn.execute(_START_RUN, [{"b_run_id": run_id, "b_now": now} for run_id in run_ids])
     context = _assignment_context(conn, [row for row, _, _ in leases.values()])
     return [
         _assignment(
@@ -1357,7 +1374,22 @@ def _assign(
     ]
 
 
-Siblings = dict[str, dict[str, TaskRun]]
+@dataclass(frozen=True, slots=True)
+class _Sibling:
+    """What an assignment needs of another task of its run."""
+
+    name: str
+    state: TaskState
+    fallback: str
+    output: JsonObject | None
+    error: str
+
+    @classmethod
+    def of(cls, row: Any) -> _Sibling:
+        return cls(row.name, TaskState(row.state), row.fallback, row.output, row.error)
+
+
+Siblings = dict[str, dict[str, _Sibling]]
 """For each run, the tasks an assignment may need to know about, by name."""
 
 
@@ -1370,7 +1402,7 @@ def _assignment_context(conn: Connection, rows_: Sequence[Any]) -> Siblings:
     run_ids = sorted({row.run_id for row in rows_})
     context: Siblings = {}
     for found in conn.execute(_ASSIGNMENT_CONTEXT, {"b_run_ids": run_ids, "b_names": names}):
-        context.setdefault(found.run_id, {})[found.name] = rows.task_run(found)
+        context.setdefault(found.run_id, {})[found.name] = _Sibling.of(found)
     # A dependency that failed and was stood in for needs its fallback's output too.
     standing_in = {
         (run_id, task.fallback)
@@ -1380,9 +1412,9 @@ def _assignment_context(conn: Connection, rows_: Sequence[Any]) -> Siblings:
     }
     for run_id, name in standing_in:
         found_row = conn.execute(
-            select(_tasks).where(_tasks.c.run_id == run_id, _tasks.c.name == name)
+            select(*_SIBLING_COLUMNS).where(_tasks.c.run_id == run_id, _tasks.c.name == name)
         ).one()
-        context[run_id][name] = rows.task_run(found_row)
+        context[run_id][name] = _Sibling.of(found_row)
     return context
 
 

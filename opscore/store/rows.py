@@ -4,6 +4,8 @@ column layout and the domain's dataclasses, so the rest of the code never sees a
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -161,7 +163,8 @@ class TaskNode:
     depends_on: tuple[str, ...]
     fallback: str
     capability: str
-    labels: dict[str, str]
+    labels: tuple[tuple[str, str], ...]
+    """Sorted by key, as the dispatcher takes them."""
     pinned_agent_id: str
 
     def ready(self, not_before: datetime | None = None) -> ReadyTask:
@@ -170,14 +173,15 @@ class TaskNode:
             task_id=self.task_id,
             run_id=self.run_id,
             capability=self.capability,
-            labels=tuple(sorted(self.labels.items())),
+            labels=self.labels,
             pinned_agent_id=self.pinned_agent_id,
             not_before=not_before,
         )
 
 
 def task_node(row: Any) -> TaskNode:
-    """A row of the columns of `TaskNode` (and any others) as a task node."""
+    """A row of the columns of `TaskNode` (and any others) as a task node; `depends_on` and
+    `labels` are read as JSON text."""
     return TaskNode(
         task_id=row.task_id,
         run_id=row.run_id,
@@ -185,12 +189,22 @@ def task_node(row: Any) -> TaskNode:
         state=TaskState(row.state),
         attempt=row.attempt,
         agent_id=row.agent_id or "",
-        depends_on=tuple(row.depends_on),
+        depends_on=_json_names(row.depends_on),
         fallback=row.fallback,
         capability=row.capability,
-        labels=dict(row.labels),
+        labels=_json_labels(row.labels),
         pinned_agent_id=row.pinned_agent_id or "",
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_names(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_labels(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(json.loads(text).items()))
 
 
 def ready_task(row: Any) -> ReadyTask:

@@ -87,8 +87,22 @@ def test_any_graph_is_accepted_only_when_well_formed(
         and all(dep in declared and dep != t.name for t in tasks for dep in t.depends_on)
         and all(not t.fallback or (t.fallback in declared and t.fallback != t.name) for t in tasks)
         and _acyclic({t.name: t.depends_on for t in tasks})
+        and _fallbacks_are_leaves(tasks)
     )
     assert (found == []) == well_formed, found
+
+
+def _fallbacks_are_leaves(tasks: tuple[TaskSpec, ...]) -> bool:
+    """A fallback stands in for one task only, has no dependencies and no fallback of its own,
+    and no task depends on it."""
+    by_name = {t.name: t for t in tasks}
+    fallbacks = [t.fallback for t in tasks if t.fallback]
+    return len(set(fallbacks)) == len(fallbacks) and all(
+        not by_name[f].depends_on
+        and not by_name[f].fallback
+        and all(f not in t.depends_on for t in tasks)
+        for f in fallbacks
+    )
 
 
 def _acyclic(graph: dict[str, tuple[str, ...]]) -> bool:
