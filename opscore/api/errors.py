@@ -143,8 +143,17 @@ def _guard_stream(behavior: Behavior) -> Behavior:
     return guarded
 
 
+_MAX_GUARDED = 1024
+"""Guarded handlers kept (the server has a few dozen methods)."""
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary and server-streaming handler with the mapping above."""
+
+    def __init__(self) -> None:
+        # Handlers are found anew for every call but are the same few objects: each is guarded
+        # once, not once per call.
+        self._guarded: dict[int, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -157,18 +166,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
-        deserializer = _guard_deserializer(handler.request_deserializer)
-        guarded: grpc.RpcMethodHandler[Any, Any] = handler
-        if handler.unary_unary is not None:
-            guarded = handler._replace(
-                unary_unary=_guard_unary(handler.unary_unary), request_deserializer=deserializer
-            )
-        elif handler.unary_stream is not None:
-            # A streaming behaviour is an async generator, or (health's Watch) a coroutine that
-            # writes with context.write: each is guarded in its own shape.
-            streaming = handler.unary_stream
-            guard = _guard_stream if inspect.isasyncgenfunction(streaming) else _guard_unary
-            guarded = handler._replace(
-                unary_stream=guard(streaming), request_deserializer=deserializer
-            )
+        known = self._guarded.get(id(handler))
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = _guard(handler)
+        if len(self._guarded) >= _MAX_GUARDED:  # handlers are not expected to be made per call
+            self._guarded.clear()
+        self._guarded[id(handler)] = (handler, guarded)
         return guarded
+
+
+def _guard(handler: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    deserializer = _guard_deserializer(handler.request_deserializer)
+    guarded: grpc.RpcMethodHandler[Any, Any] = handler
+    if handler.unary_unary is not None:
+        guarded = handler._replace(
+            unary_unary=_guard_unary(handler.unary_unary), request_deserializer=deserializer
+        )
+    elif handler.unary_stream is not None:
+        # A streaming behaviour is an async generator, or (health's Watch) a coroutine that
+        # writes with context.write: each is guarded in its own shape.
+        streaming = handler.unary_stream
+        guard = _guard_stream if inspect.isasyncgenfunction(streaming) else _guard_unary
+        guarded = handler._replace(unary_stream=guard(streaming), request_deserializer=deserializer)
+    return guarded
