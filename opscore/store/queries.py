@@ -290,6 +290,13 @@ class Store:
         # operation; where writers run concurrently (PostgreSQL) the run's row is locked first.
         self._lock_runs = database.dialect != "sqlite"
 
+    def _lock_runs_of(self, conn: Connection, task_ids: list[str]) -> None:
+        """Where writers run concurrently (PostgreSQL), lock the runs of these tasks before any
+        of their tasks: every write that moves a run locks the run first, in run id order, so
+        two writes never wait for each other's locks in opposite orders."""
+        if self._lock_runs and task_ids:
+            conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": sorted(task_ids)})
+
     def _tasks_for_update(self, conn: Connection, run_ids: list[str]) -> dict[str, list[TaskRun]]:
         """The tasks of the runs whose graphs the current write is about to move."""
         if self._lock_runs:
@@ -746,7 +753,12 @@ class Store:
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
-        return await self._write(lambda conn: _assign(conn, pairs, now, default_timeout), on_commit)
+
+        def op(conn: Connection) -> list[Assignment | None]:
+            self._lock_runs_of(conn, [task.task_id for task, _ in pairs])
+            return _assign(conn, pairs, now, default_timeout)
+
+        return await self._write(op, on_commit)
 
     def assign_before_commit(
         self,
@@ -771,6 +783,7 @@ class Store:
             if not pairs:
                 return None
             try:
+                self._lock_runs_of(conn, [task.task_id for task, _ in pairs])
                 assignments = _assign(conn, pairs, now(), default_timeout)
             except Exception:
                 undo()
@@ -795,8 +808,7 @@ class Store:
         # runs locked first where writers are concurrent, in the order every write locks them).
         wanted = {result.task_id for _, result in requests}
         task_ids = sorted(wanted)
-        if self._lock_runs:
-            conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": task_ids})
+        self._lock_runs_of(conn, task_ids)
         runs: dict[str, list[rows.TaskNode]] = {}
         held: dict[str, _Held] = {}
         for found in conn.execute(_SIBLINGS_FOR_UPDATE, {"b_task_ids": task_ids}):
@@ -845,6 +857,7 @@ class Store:
         changes nothing."""
 
         def op(conn: Connection) -> Effects:
+            self._lock_runs_of(conn, [task_id])
             row = _held_task(conn, task_id, agent_id, attempt, _failed_with(error))
             if row is None:
                 return Effects()
@@ -949,6 +962,7 @@ class Store:
     ) -> Effects:
         """Fail the current attempt of each task (retryable), telling its agent to stop."""
         effects = Effects()
+        self._lock_runs_of(conn, task_ids)
         for task_id in task_ids:
             row = (
                 conn.execute(
