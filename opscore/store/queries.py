@@ -753,12 +753,7 @@ class Store:
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
-
-        def op(conn: Connection) -> list[Assignment | None]:
-            self._lock_runs_of(conn, [task.task_id for task, _ in pairs])
-            return _assign(conn, pairs, now, default_timeout)
-
-        return await self._write(op, on_commit)
+        return await self._write(lambda conn: _assign(conn, pairs, now, default_timeout), on_commit)
 
     def assign_before_commit(
         self,
@@ -783,7 +778,6 @@ class Store:
             if not pairs:
                 return None
             try:
-                self._lock_runs_of(conn, [task.task_id for task, _ in pairs])
                 assignments = _assign(conn, pairs, now(), default_timeout)
             except Exception:
                 undo()
@@ -1332,7 +1326,13 @@ def _assign(
     default_timeout: timedelta,
 ) -> list[Assignment | None]:
     """See `Store.assign`. The agents are checked too, as of this transaction: one removed,
-    disconnected, or reporting BUSY or ERROR earlier in the same batch takes nothing."""
+    disconnected, or reporting BUSY or ERROR earlier in the same batch takes nothing.
+
+    Unlike the writes that move a run, this locks its tasks before their runs, and only the
+    runs still PENDING (which it starts): a run that no task of has reached an agent yet, so
+    only a cancellation can hold it. Locking every run first would cost a round trip per batch
+    on PostgreSQL (a fifth of the throughput, measured) to avoid a deadlock that PostgreSQL
+    detects and the writer resolves by running the batch's writes again one by one."""
     # Set-based: five statements for the whole batch, whatever its size.
     taking = set(
         conn.execute(
