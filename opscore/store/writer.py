@@ -163,7 +163,9 @@ class Writer:
         if self._closed:
             raise Unavailable("the server is shutting down")
         self._queue.put_nowait(pending)
-        return await asyncio.shield(pending.future)
+        # A caller that is cancelled (its client went away) cancels only its wait: the write is
+        # already queued and is committed with its batch, whose release skips a done future.
+        return await pending.future
 
     def close(self) -> None:
         """Refuse new writes; `run` returns once every write already submitted is committed."""

@@ -504,3 +504,16 @@ async def refuse_assignments(store: Store, *, refuse: bool) -> None:
             conn.exec_driver_sql(statement)
 
     await store.database.run(run, write=True)
+
+
+async def test_a_write_whose_caller_is_cancelled_is_still_committed(store: Store) -> None:
+    await register(store, "w")
+    await register(store, "other")
+    later = NOW + timedelta(days=2)
+    waiting = asyncio.create_task(store.touch_agent("w", later))
+    await asyncio.sleep(0)  # the write is submitted
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await store.touch_agent("other", later)  # committed after the cancelled caller's batch
+    assert (await store.get_agent("w")).last_seen_at == later
