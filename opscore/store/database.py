@@ -168,4 +168,9 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(WRITER_MARK) else "BEGIN")
+        # Straight to the driver: a statement through SQLAlchemy costs more than BEGIN itself.
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None  # a connection that is beginning is open
+        cursor = dbapi_connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE" if conn.info.get(WRITER_MARK) else "BEGIN")
+        cursor.close()
