@@ -24,6 +24,7 @@ from opscore.domain.models import (
     TaskSpec,
     TaskState,
 )
+from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -517,3 +518,22 @@ async def test_a_write_whose_caller_is_cancelled_is_still_committed(store: Store
         await waiting
     await store.touch_agent("other", later)  # committed after the cancelled caller's batch
     assert (await store.get_agent("w")).last_seen_at == later
+
+
+async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) -> None:
+    created = await start(store, DefinitionDraft("two", tasks=(TaskSpec("a"), TaskSpec("b"))))
+    first, second = created.run.tasks
+    later = NOW + timedelta(minutes=1)
+
+    def change(conn: Connection) -> None:
+        changes = Changes(conn)
+        # Grouped by statement alone, both queueings would run before the cancellation.
+        changes.add(QUEUE_TASK, first.task_id, {"b_task_id": first.task_id, "b_now": later})
+        cancel = {"b_task_id": second.task_id, "b_now": later, "b_state": "cancelled"}
+        changes.add(FINISH_TASK, second.task_id, cancel)
+        changes.add(QUEUE_TASK, second.task_id, {"b_task_id": second.task_id, "b_now": later})
+        changes.flush()
+
+    await store.database.run(change, write=True)
+    tasks = (await store.get_run(created.run.run_id)).tasks
+    assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
