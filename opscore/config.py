@@ -41,6 +41,8 @@ class Settings:
     """`json` (one object per line, for machines) or `text` (for people)."""
     log_level: str = "INFO"
     """Python logging level name."""
+    event_loop: str = "auto"
+    """`auto` (uvloop when it is installed, else asyncio's own), `uvloop` or `asyncio`."""
     limits: Limits = field(default_factory=Limits)
     """Sizes the server accepts (tasks per definition, payload bytes, page sizes)."""
 
@@ -92,6 +94,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_MAX_PAYLOAD_BYTES": ("limits.max_payload_bytes", _positive_int),
     "OPSCORE_LOG_FORMAT": ("log_format", _choice("json", "text")),
     "OPSCORE_LOG_LEVEL": ("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    "OPSCORE_EVENT_LOOP": ("event_loop", _choice("auto", "uvloop", "asyncio")),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""

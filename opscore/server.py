@@ -89,7 +89,14 @@ class OpsCoreServer:
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server started", extra={"listen": settings.listen, "port": self.port})
+        log.info(
+            "server started",
+            extra={
+                "listen": settings.listen,
+                "port": self.port,
+                "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            },
+        )
         return self.port
 
     def _options(self) -> list[tuple[str, Any]]:

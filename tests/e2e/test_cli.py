@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from processes import OPSCORE, ServerProcess, clean_environment, free_port
 
 RUN_WAIT = 30.0
@@ -101,6 +102,20 @@ async def test_serve_takes_its_settings_from_the_environment(tmp_path: Path) -> 
     names = [record.get("event") for record in server.log_records()]
     assert "server started" in names
     assert "server stopped" in names
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "uvloop"), ("asyncio", "asyncio")])
+async def test_serve_runs_on_uvloop_when_installed_unless_told_otherwise(
+    tmp_path: Path, chosen: str | None, expected: str
+) -> None:
+    port = free_port()
+    settings = {} if chosen is None else {"OPSCORE_EVENT_LOOP": chosen}
+    server = ServerProcess.on_sqlite(tmp_path / "loop.db", port, tmp_path / "serve.log", **settings)
+    async with server:  # answers SERVING once started
+        server.terminate()
+        assert await server.wait() == 0, server.log_text()
+    [started] = [r for r in server.log_records() if r.get("event") == "server started"]
+    assert started["event_loop"] == expected
 
 
 def test_db_upgrade_creates_the_tables(tmp_path: Path) -> None:

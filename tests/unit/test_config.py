@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -47,6 +48,7 @@ def test_environment_then_flags_override_defaults() -> None:
         ("OPSCORE_SHUTDOWN_GRACE", "soon"),
         ("OPSCORE_MAX_MESSAGE_BYTES", "1.5"),
         ("OPSCORE_LOG_FORMAT", "xml"),
+        ("OPSCORE_EVENT_LOOP", "trio"),
     ],
 )
 def test_bad_values_are_refused_by_name(variable: str, value: str) -> None:
@@ -68,6 +70,24 @@ def test_a_bad_setting_exits_with_status_2(
     monkeypatch.setenv("OPSCORE_SHUTDOWN_GRACE", "never")
     assert cli.main(["serve"]) == 2
     assert "OPSCORE_SHUTDOWN_GRACE" in capsys.readouterr().err
+
+
+def test_the_event_loop_is_uvloop_when_installed_unless_asked_otherwise() -> None:
+    import uvloop  # noqa: PLC0415 - installed with the dev dependencies
+
+    assert cli.runner("auto") is uvloop.run
+    assert cli.runner("uvloop") is uvloop.run
+    assert cli.runner("asyncio") is asyncio.run
+
+
+def test_without_uvloop_the_default_loop_serves_and_asking_for_uvloop_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert cli.runner("auto") is asyncio.run
+    monkeypatch.setenv("OPSCORE_EVENT_LOOP", "uvloop")
+    assert cli.main(["serve"]) == 2
+    assert "uvloop is not installed" in capsys.readouterr().err
 
 
 def test_log_lines_carry_their_fields() -> None:
