@@ -43,6 +43,8 @@ from opscore.v1 import (
     workflow_service_pb2_grpc,
 )
 
+from opscore.cli import runner
+
 Context = grpc.aio.ServicerContext[Any, Any]
 
 LEASE_SECONDS = 300
@@ -488,8 +490,9 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="host:port to bind")
     parser.add_argument("--preload", type=int, default=0, help="tasks queued before serving")
     args = parser.parse_args()
+    # The same event loop as `opscore serve` picks by default, so neither side gets a faster one.
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.listen, args.preload))
+        runner("auto")(serve(args.listen, args.preload))
 
 
 if __name__ == "__main__":
