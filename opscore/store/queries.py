@@ -53,7 +53,6 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunState,
-    TaskRun,
     TaskSpec,
     TaskState,
     WorkflowDefinition,
@@ -195,12 +194,6 @@ _SIBLINGS_FOR_UPDATE = (
     .order_by(_tasks.c.run_id, _tasks.c.position)
     .with_for_update()
 )
-_LOCK_RUNS = (
-    select(_runs.c.run_id)
-    .where(_runs.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
-    .order_by(_runs.c.run_id)
-    .with_for_update()
-)
 _RUNS_BY_REQUEST = select(_runs).where(
     _runs.c.request_id.in_(bindparam("b_request_ids", expanding=True))
 )
@@ -314,12 +307,6 @@ class Store:
         two writes never wait for each other's locks in opposite orders."""
         if self._lock_runs and task_ids:
             conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": sorted(task_ids)})
-
-    def _tasks_for_update(self, conn: Connection, run_ids: list[str]) -> dict[str, list[TaskRun]]:
-        """The tasks of the runs whose graphs the current write is about to move."""
-        if self._lock_runs:
-            conn.execute(_LOCK_RUNS, {"b_run_ids": run_ids})
-        return _tasks_of(conn, run_ids)
 
     def _definition(self, conn: Connection, definition_id: str) -> WorkflowDefinition:
         """A stored definition, from memory when seen before: definitions never change, so a
@@ -1007,7 +994,8 @@ class Store:
         the task again after its backoff while its policy allows, or fail it finally (its
         fallback takes over, or the run fails)."""
         policy = self._retry.resolve(rows.retry_from_json(row.retry_policy))
-        tasks = self._tasks_for_update(conn, [row.run_id]).get(row.run_id, [])
+        # Callers lock the run first (`_lock_runs_of`), so its tasks cannot move meanwhile.
+        tasks = _tasks_of(conn, [row.run_id]).get(row.run_id, [])
         if retryable and policy.may_retry(row.attempt):
             not_before = now + policy.delay(row.attempt, self._rng)
             conn.execute(
@@ -1112,20 +1100,6 @@ def _get_definition(conn: Connection, definition_id: str) -> WorkflowDefinition:
     ).first()
     if row is None:
         raise NotFound("workflow definition", definition_id)
-    return rows.definition(row)
-
-
-def _latest_definition(conn: Connection, name: str) -> WorkflowDefinition:
-    row = (
-        conn.execute(
-            select(_definitions)
-            .where(_definitions.c.name == name)
-            .order_by(_definitions.c.version.desc())
-            .limit(1)
-        )
-    ).first()
-    if row is None:
-        raise NotFound("workflow definition named", name)
     return rows.definition(row)
 
 
