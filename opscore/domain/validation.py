@@ -139,24 +139,40 @@ def check_registration(registration: AgentRegistration) -> Iterator[FieldViolati
 
 def check_payload(value: JsonObject, field: str, limits: Limits) -> Iterator[FieldViolation]:
     """A Struct payload: finite numbers and no NUL characters anywhere (JSON and the databases
-    cannot hold them), and at most `max_payload_bytes` as compact JSON."""
+    cannot hold them), and at most `max_payload_bytes` as compact JSON.
+
+    The walk also adds up a bound on the JSON size (a character encodes to at most 6 bytes, a
+    float to at most 24), so a payload well under the limit, as nearly all are, is not encoded
+    here only to be measured."""
+    bound = 0
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
+            bound += 2 + 2 * len(item)
             for key, child in item.items():
                 if "\x00" in key:
                     yield FieldViolation(field, "must not contain NUL characters")
                     return
+                bound += 6 * len(key) + 2
                 stack.append(child)
         elif isinstance(item, list):
+            bound += 2 + len(item)
             stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            yield FieldViolation(field, "must hold only finite numbers")
-            return
-        elif isinstance(item, str) and "\x00" in item:
-            yield FieldViolation(field, "must not contain NUL characters")
-            return
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                yield FieldViolation(field, "must hold only finite numbers")
+                return
+            bound += 24
+        elif isinstance(item, str):
+            if "\x00" in item:
+                yield FieldViolation(field, "must not contain NUL characters")
+                return
+            bound += 6 * len(item) + 2
+        else:  # True, False, None, or an int
+            bound += 5 if item is None or isinstance(item, bool) else len(repr(item))
+    if bound <= limits.max_payload_bytes:
+        return
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
     if size > limits.max_payload_bytes:
         yield FieldViolation(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from opscore.domain.models import DefinitionDraft, RetryPolicy, TaskSpec
-from opscore.domain.validation import Limits, check_definition, page_size_or_default
+from opscore.domain.validation import (
+    Limits,
+    check_definition,
+    check_payload,
+    page_size_or_default,
+)
 
 DEFAULT_LIMITS = Limits()
 
@@ -114,3 +120,30 @@ def _acyclic(graph: dict[str, tuple[str, ...]]) -> bool:
         for name in free:
             del remaining[name]
     return True
+
+
+# What a Struct from the wire can hold: no lone surrogates (protobuf strings are UTF-8); NUL
+# has a rule of its own.
+_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=12)
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT,
+    lambda children: st.lists(children) | st.dictionaries(_TEXT, children),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(_TEXT, _JSON, max_size=6), st.integers(0, 400))
+# The longest encodings per character or value, just over the limit.
+@example({"a": -1.7976931348623157e308}, 29)
+@example({"k": "\x01\x02\x03"}, 25)
+@example({"n": [10**30, True, None]}, 48)
+def test_a_payload_is_over_the_limit_exactly_when_its_json_is(
+    payload: dict[str, object], limit: int
+) -> None:
+    size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    found = list(check_payload(payload, "input", Limits(max_payload_bytes=limit)))
+    assert [v.over_limit for v in found] == ([True] if size > limit else [])
