@@ -722,22 +722,22 @@ class Store:
         they freed) in its own transaction: `place` matches them (see `Dispatcher.place`), the
         assignments are written as by `assign`, and `on_commit` gets them once committed."""
 
-        def before_commit(conn: Connection, effects: list[Effects]) -> Followup | None:
+        def before_commit(
+            conn: Connection, effects: list[Effects], followups: list[Followup]
+        ) -> None:
             queued = [task for noted in effects for task in noted.queued]
             released = [
                 (hold.agent_id, hold.task_id) for noted in effects for hold in noted.released
             ]
             pairs, undo = place(queued, released)
             if not pairs:
-                return None
-            try:
-                written = assignments.assign(conn, pairs, now(), default_timeout)
-            except Exception:
-                undo()
-                raise
+                return
             tx = Tx(conn)
+            # Registered before writing: if anything below or the commit fails, the writer
+            # gives the placements back (on the event loop).
+            followups.append(Followup(tx, undo))
+            written = assignments.assign(conn, pairs, now(), default_timeout)
             tx.after_commit(lambda: on_commit(pairs, written))
-            return Followup(tx, undo)
 
         self._writer.before_commit = before_commit
 

@@ -85,8 +85,10 @@ class Followup:
     undo: Callable[[], None]
 
 
-BeforeCommit = Callable[[Connection, list[Effects]], Followup | None]
-"""Called with the effects the batch's requests noted, inside the batch's transaction."""
+BeforeCommit = Callable[[Connection, list[Effects], list[Followup]], None]
+"""Called with the effects the batch's requests noted, inside the batch's transaction. It adds its
+`Followup` to the list as soon as it has anything to give back, before it writes: if the batch
+then fails, the writer calls the undo on the event loop, whatever thread the hook ran on."""
 
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
@@ -130,9 +132,7 @@ def _run_all(
     if before_commit is not None and followups is not None:
         effects = [noted for item in done for noted in item.tx.effects]
         if effects:
-            followup = before_commit(conn, effects)
-            if followup is not None:
-                followups.append(followup)
+            before_commit(conn, effects, followups)
     return done
 
 
