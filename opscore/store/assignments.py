@@ -25,6 +25,7 @@ from opscore.domain.models import (
     RunState,
     TaskState,
 )
+from opscore.store.prepared import Prepared
 from opscore.store.tables import AgentRow, RunRow, TaskRow, metadata
 
 _agents = metadata.tables[AgentRow.__tablename__]
@@ -34,7 +35,7 @@ _tasks = metadata.tables[TaskRow.__tablename__]
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
 _other_tasks = _tasks.alias("other_tasks")
-_QUEUED_TASKS_FOR_UPDATE = (
+_QUEUED_TASKS_FOR_UPDATE = Prepared(
     select(
         _tasks.c.task_id,
         _tasks.c.run_id,
@@ -56,7 +57,7 @@ _QUEUED_TASKS_FOR_UPDATE = (
     )
     .with_for_update(of=_tasks)
 )
-_ASSIGN = (
+_ASSIGN = Prepared(
     update(_tasks)
     .where(_tasks.c.task_id == bindparam("b_task_id"))
     .values(
@@ -68,7 +69,7 @@ _ASSIGN = (
         not_before=None,
     )
 )
-_START_RUN = (
+_START_RUN = Prepared(
     update(_runs)
     .where(_runs.c.run_id == bindparam("b_run_id"), _runs.c.state == RunState.PENDING.value)
     .values(state=RunState.RUNNING.value, started_at=bindparam("b_now"))
@@ -81,14 +82,18 @@ _SIBLING_COLUMNS = (
     _tasks.c.output,
     _tasks.c.error,
 )
-_ASSIGNMENT_CONTEXT = select(*_SIBLING_COLUMNS).where(
-    _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
-    or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
+_ASSIGNMENT_CONTEXT = Prepared(
+    select(*_SIBLING_COLUMNS).where(
+        _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
+        or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
+    )
 )
-_TAKING_AGENTS = select(_agents.c.agent_id).where(
-    _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
-    _agents.c.connected.is_(True),
-    _agents.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
+_TAKING_AGENTS = Prepared(
+    select(_agents.c.agent_id).where(
+        _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
+        _agents.c.connected.is_(True),
+        _agents.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
+    )
 )
 
 
@@ -109,15 +114,16 @@ def assign(
     detects and the writer resolves by running the batch's writes again one by one."""
     # Set-based: five statements for the whole batch, whatever its size (four when no task
     # of it has dependencies or stands in for another).
-    taking = set(
-        conn.execute(
-            _TAKING_AGENTS, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
-        ).scalars()
-    )
+    taking = {
+        row.agent_id
+        for row in _TAKING_AGENTS.rows(
+            conn, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
+        )
+    }
     queued = {
         row.task_id: row
-        for row in conn.execute(
-            _QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": [task.task_id for task, _ in pairs]}
+        for row in _QUEUED_TASKS_FOR_UPDATE.rows(
+            conn, {"b_task_ids": [task.task_id for task, _ in pairs]}
         )
     }
     leases: dict[str, tuple[Any, str, datetime]] = {}
@@ -132,8 +138,8 @@ def assign(
             leases[task.task_id] = (row, agent_id, now + timeout)
     if not leases:
         return [None] * len(pairs)
-    conn.execute(
-        _ASSIGN,
+    _ASSIGN.execute(
+        conn,
         [
             {
                 "b_task_id": task_id,
@@ -146,7 +152,7 @@ def assign(
         ],
     )
     run_ids = sorted({row.run_id for row, _, _ in leases.values()})
-    conn.execute(_START_RUN, [{"b_run_id": run_id, "b_now": now} for run_id in run_ids])
+    _START_RUN.execute(conn, [{"b_run_id": run_id, "b_now": now} for run_id in run_ids])
     context = context_of(
         conn, [row for row, _, _ in leases.values() if row.depends_on or row.is_fallback]
     )
@@ -193,7 +199,7 @@ def context_of(conn: Connection, rows_: Sequence[Any]) -> Siblings:
     names = sorted({name for row in rows_ for name in row.depends_on})
     run_ids = sorted({row.run_id for row in rows_})
     context: Siblings = {}
-    for found in conn.execute(_ASSIGNMENT_CONTEXT, {"b_run_ids": run_ids, "b_names": names}):
+    for found in _ASSIGNMENT_CONTEXT.rows(conn, {"b_run_ids": run_ids, "b_names": names}):
         context.setdefault(found.run_id, {})[found.name] = Sibling.of(found)
     # A dependency that failed and was stood in for needs its fallback's output too.
     standing_in = {

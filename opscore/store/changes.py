@@ -15,17 +15,17 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.dml import Update
 
 from opscore.domain import graph
 from opscore.domain.models import Cancellation, Effects, Hold, ReadyTask, RunState, TaskState
+from opscore.store.prepared import Prepared
 from opscore.store.tables import RunRow, TaskRow, metadata
 
 _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
 # Parameters are named `b_*` because SQLAlchemy reserves column names for the values of an UPDATE.
-SUCCEED_TASK = (
+SUCCEED_TASK = Prepared(
     update(_tasks)
     .where(_tasks.c.task_id == bindparam("b_task_id"))
     .values(
@@ -35,17 +35,17 @@ SUCCEED_TASK = (
         finished_at=bindparam("b_now"),
     )
 )
-QUEUE_TASK = (
+QUEUE_TASK = Prepared(
     update(_tasks)
     .where(_tasks.c.task_id == bindparam("b_task_id"))
     .values(state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now"))
 )
-FINISH_TASK = (
+FINISH_TASK = Prepared(
     update(_tasks)
     .where(_tasks.c.task_id == bindparam("b_task_id"))
     .values(state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now"))
 )
-FINISH_RUN = (
+FINISH_RUN = Prepared(
     update(_runs)
     .where(_runs.c.run_id == bindparam("b_run_id"))
     .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
@@ -94,10 +94,10 @@ class Changes:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._pending: dict[Update, list[dict[str, Any]]] = {}
-        self._changed_by: dict[str, Update] = {}
+        self._pending: dict[Prepared, list[dict[str, Any]]] = {}
+        self._changed_by: dict[str, Prepared] = {}
 
-    def add(self, statement: Update, row_key: str, params: dict[str, Any]) -> None:
+    def add(self, statement: Prepared, row_key: str, params: dict[str, Any]) -> None:
         """Change the row `row_key` (a task or run id) with `statement` and `params`."""
         previous = self._changed_by.get(row_key)
         if previous is not None and previous is not statement:
@@ -108,7 +108,7 @@ class Changes:
     def flush(self) -> None:
         """Run every change collected, one executemany per statement."""
         for statement, params in self._pending.items():
-            self._conn.execute(statement, params)
+            statement.execute(self._conn, params)
         self._pending.clear()
         self._changed_by.clear()
 

@@ -65,6 +65,7 @@ from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, GraphTask, apply_transition
 from opscore.store.database import Database
+from opscore.store.prepared import Prepared
 from opscore.store.tables import (
     AgentCapabilityRow,
     AgentRow,
@@ -122,7 +123,7 @@ _LOCK_RUNS_OF_TASKS = (
     .order_by(_runs.c.run_id)
     .with_for_update()
 )
-_SIBLINGS_FOR_UPDATE = (
+_SIBLINGS_FOR_UPDATE = Prepared(
     select(
         _tasks.c.task_id,
         _tasks.c.run_id,
@@ -146,17 +147,19 @@ _SIBLINGS_FOR_UPDATE = (
 _RUNS_BY_REQUEST = select(_runs).where(
     _runs.c.request_id.in_(bindparam("b_request_ids", expanding=True))
 )
-_KNOWN_AGENTS = select(_agents.c.agent_id).where(
-    _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+_KNOWN_AGENTS = Prepared(
+    select(_agents.c.agent_id).where(
+        _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+    )
 )
-_LATEST_DEFINITION = (
+_LATEST_DEFINITION = Prepared(
     select(_definitions.c.definition_id)
     .where(_definitions.c.name == bindparam("b_name"))
     .order_by(_definitions.c.version.desc())
     .limit(1)
 )
-_INSERT_RUN = insert(_runs)
-_INSERT_TASKS = insert(_tasks)
+_INSERT_RUN = Prepared(insert(_runs))
+_INSERT_TASKS = Prepared(insert(_tasks))
 _TOUCH_AGENT = (
     update(_agents)
     .where(_agents.c.agent_id == bindparam("b_agent_id"))
@@ -552,7 +555,7 @@ class Store:
         earlier = self._runs_by_request(conn, [request for _, request in requests])
         agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
         known_agents = (
-            set(conn.execute(_KNOWN_AGENTS, {"b_agent_ids": agent_ids}).scalars())
+            {row.agent_id for row in _KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
             if agent_ids
             else set()
         )
@@ -580,8 +583,8 @@ class Store:
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
         if run_values:
-            conn.execute(_INSERT_RUN, run_values)
-            conn.execute(_INSERT_TASKS, task_values)
+            _INSERT_RUN.execute(conn, run_values)
+            _INSERT_TASKS.execute(conn, task_values)
         return outcomes
 
     def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
@@ -605,7 +608,8 @@ class Store:
         if not definition_id:
             name = request.definition_name
             if name not in latest:
-                found = conn.execute(_LATEST_DEFINITION, {"b_name": name}).scalar()
+                latest_found = _LATEST_DEFINITION.rows(conn, {"b_name": name})
+                found = latest_found[0].definition_id if latest_found else None
                 if found is None:
                     raise NotFound("workflow definition named", name)
                 latest[name] = found
@@ -758,7 +762,7 @@ class Store:
         self._lock_runs_of(conn, task_ids)
         runs: dict[str, list[rows.TaskNode]] = {}
         held: dict[str, _Held] = {}
-        for found in conn.execute(_SIBLINGS_FOR_UPDATE, {"b_task_ids": task_ids}):
+        for found in _SIBLINGS_FOR_UPDATE.rows(conn, {"b_task_ids": task_ids}):
             runs.setdefault(found.run_id, []).append(rows.task_node(found))
             if found.task_id in wanted:
                 held[found.task_id] = _Held.of(found)
