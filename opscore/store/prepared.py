@@ -122,7 +122,8 @@ def _is_insert(statement: Executable) -> bool:
 def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
     assert isinstance(statement, ClauseElement)
     compiled = statement.compile(dialect=dialect, column_keys=list(keys) or None)
-    assert isinstance(compiled, SQLCompiler) and compiled.positiontup is not None
+    assert isinstance(compiled, SQLCompiler)
+    assert compiled.positiontup is not None, "SQLite binds parameters by position"
     slots = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
@@ -133,14 +134,11 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
     if isinstance(statement, Select):
         columns = list(statement.selected_columns)
         converts = [
-            column.type.dialect_impl(dialect).result_processor(dialect, None)
-            for column in columns
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
         ]
         shape = namedtuple("Row", [column.key for column in columns])  # type: ignore[misc]
         row = _row_maker(shape, converts)
-    return _Compiled(
-        compiled.string, tuple(slots), any(slot.expanding for slot in slots), row
-    )
+    return _Compiled(compiled.string, tuple(slots), any(slot.expanding for slot in slots), row)
 
 
 def _row_maker(shape: Any, converts: list[_Convert]) -> Callable[..., Any]:
