@@ -26,6 +26,7 @@ from opscore.domain.models import (
     TaskState,
 )
 from opscore.store.prepared import Prepared
+from opscore.store.rows import TASK_STATES
 from opscore.store.tables import AgentRow, RunRow, TaskRow, metadata
 
 _agents = metadata.tables[AgentRow.__tablename__]
@@ -184,7 +185,7 @@ class Sibling:
     @classmethod
     def of(cls, row: Any) -> Sibling:
         """The sibling in a row of `_SIBLING_COLUMNS`."""
-        return cls(row.name, TaskState(row.state), row.fallback, row.output, row.error)
+        return cls(row.name, TASK_STATES[row.state], row.fallback, row.output, row.error)
 
 
 Siblings = dict[str, dict[str, Sibling]]

@@ -26,6 +26,10 @@ from opscore.domain.models import (
     WorkflowRun,
 )
 
+TASK_STATES: dict[str, TaskState] = {state.value: state for state in TaskState}
+"""Stored task states to the enum: a dictionary lookup, where calling the enum costs a
+microsecond, on every task of every run a completion reads."""
+
 
 def _millis(value: timedelta | None) -> int | None:
     return None if value is None else round(value.total_seconds() * 1000)
@@ -131,7 +135,7 @@ def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
         run_id=values["run_id"],
         name=values["name"],
         position=values["position"],
-        state=TaskState(values["state"]),
+        state=TASK_STATES[values["state"]],
         attempt=values["attempt"],
         agent_id=values.get("agent_id") or "",
         output=values.get("output"),
@@ -186,7 +190,7 @@ def task_node(row: Any) -> TaskNode:
         task_id=row.task_id,
         run_id=row.run_id,
         name=row.name,
-        state=TaskState(row.state),
+        state=TASK_STATES[row.state],
         attempt=row.attempt,
         agent_id=row.agent_id or "",
         depends_on=_json_names(row.depends_on),
