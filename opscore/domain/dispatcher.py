@@ -15,8 +15,8 @@ wait ends at the earliest of them: no polling.
 
 The write that makes a task ready, or frees an agent's slot, can also place tasks itself, before
 it commits (`place`): its assignments then commit in the same transaction, and a task goes from
-ready to pushed in one commit instead of two. That write may run on the database's thread, so
-every method holds the dispatcher's lock while it reads or changes the indexes.
+ready to pushed in one commit instead of two. Like everything else that touches the indexes,
+that write runs on the event loop, so they need no lock.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -139,22 +138,20 @@ class Dispatcher:
         self._free = _FreeAgents()
         self._reserved: set[str] = set()
         self._wake = asyncio.Event()
-        self._lock = threading.Lock()
 
     # Tasks -----------------------------------------------------------------------------
 
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
         """Tasks became ready, in this order (those with a future `not_before` once it passes)."""
         now = self._now()
-        with self._lock:
-            for task in tasks:
-                if self._known(task.task_id):
-                    continue
-                if task.not_before is not None and task.not_before > now:
-                    self._waiting.add(task.task_id)
-                    heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
-                else:
-                    self._push(next(self._sequence), task)
+        for task in tasks:
+            if self._known(task.task_id):
+                continue
+            if task.not_before is not None and task.not_before > now:
+                self._waiting.add(task.task_id)
+                heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
+            else:
+                self._push(next(self._sequence), task)
         self._wake.set()
 
     def _known(self, task_id: str) -> bool:
@@ -163,10 +160,9 @@ class Dispatcher:
 
     def dequeue(self, task_ids: Iterable[str]) -> None:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
-        with self._lock:
-            for task_id in task_ids:
-                self._ready.pop(task_id, None)
-                self._waiting.discard(task_id)
+        for task_id in task_ids:
+            self._ready.pop(task_id, None)
+            self._waiting.discard(task_id)
 
     @property
     def queued(self) -> int:
@@ -176,10 +172,6 @@ class Dispatcher:
     def _release_due(self) -> float | None:
         """Move tasks whose retry time has come into the ready queues; return the seconds until
         the next one is due, None if none waits."""
-        with self._lock:
-            return self._release_due_locked()
-
-    def _release_due_locked(self) -> float | None:
         now = self._now()
         while self._delayed:
             not_before, _, task = self._delayed[0]
@@ -213,46 +205,41 @@ class Dispatcher:
     def agent_online(self, profile: AgentProfile, held: Iterable[str]) -> None:
         """An agent's stream opened; `held` are the tasks it holds as of that commit."""
         live = _LiveAgent(profile, set(held), self._clock())
-        with self._lock:
-            self._agents[profile.agent_id] = live
-            self._free.update(live, waited_anew=True)
+        self._agents[profile.agent_id] = live
+        self._free.update(live, waited_anew=True)
         self._wake.set()
 
     def agent_offline(self, agent_id: str) -> None:
         """An agent's stream closed: it takes no more tasks (it keeps those it holds)."""
-        with self._lock:
-            self._agents.pop(agent_id, None)
-            self._free.remove(agent_id)
+        self._agents.pop(agent_id, None)
+        self._free.remove(agent_id)
 
     def agent_changed(self, profile: AgentProfile) -> None:
         """A connected agent re-registered or reported a state: take its new profile."""
-        with self._lock:
-            live = self._agents.get(profile.agent_id)
-            if live is None:
-                return
-            was_available = live.available
-            live.profile = profile
-            waited_anew = live.available and not was_available
-            if waited_anew:
-                live.waiting_since = self._clock()
-            self._free.update(live, waited_anew=waited_anew)
+        live = self._agents.get(profile.agent_id)
+        if live is None:
+            return
+        was_available = live.available
+        live.profile = profile
+        waited_anew = live.available and not was_available
+        if waited_anew:
+            live.waiting_since = self._clock()
+        self._free.update(live, waited_anew=waited_anew)
         self._wake.set()
 
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
-        with self._lock:
-            self._reserved.discard(task_id)
-            live = self._agents.get(agent_id)
-            if live is not None:
-                live.held.add(task_id)
-                self._free.update(live, waited_anew=False)
+        self._reserved.discard(task_id)
+        live = self._agents.get(agent_id)
+        if live is not None:
+            live.held.add(task_id)
+            self._free.update(live, waited_anew=False)
 
     def release(self, agent_id: str, task_id: str) -> None:
         """The agent no longer holds the task: its slot is free (idempotent)."""
-        with self._lock:
-            self._reserved.discard(task_id)
-            if not self._free_slot(agent_id, task_id):
-                return
+        self._reserved.discard(task_id)
+        if not self._free_slot(agent_id, task_id):
+            return
         self._wake.set()
 
     def _free_slot(self, agent_id: str, task_id: str) -> _LiveAgent | None:
@@ -277,35 +264,33 @@ class Dispatcher:
         them); the rest is left for the write's commit to apply. Returns the matches and an undo
         for a write that does not commit.
         """
-        with self._lock:
-            now = self._now()
-            added: set[str] = set()
-            for task in queued:
-                if not self._known(task.task_id) and (
-                    task.not_before is None or task.not_before <= now
-                ):
-                    self._push(next(self._sequence), task)
-                    added.add(task.task_id)
-            freed = [
-                (live, task_id)
-                for agent_id, task_id in released
-                if (live := self._free_slot(agent_id, task_id)) is not None
-            ]
-            pairs = self._match()
-            for task_id in added:
-                self._ready.pop(task_id, None)
-            for live, task_id in freed:
-                live.held.add(task_id)
-                self._free.update(live, waited_anew=False)
-            self._reserved.update(task.task_id for task, _ in pairs)
+        now = self._now()
+        added: set[str] = set()
+        for task in queued:
+            if not self._known(task.task_id) and (
+                task.not_before is None or task.not_before <= now
+            ):
+                self._push(next(self._sequence), task)
+                added.add(task.task_id)
+        freed = [
+            (live, task_id)
+            for agent_id, task_id in released
+            if (live := self._free_slot(agent_id, task_id)) is not None
+        ]
+        pairs = self.match()
+        for task_id in added:
+            self._ready.pop(task_id, None)
+        for live, task_id in freed:
+            live.held.add(task_id)
+            self._free.update(live, waited_anew=False)
+        self._reserved.update(task.task_id for task, _ in pairs)
 
         def undo() -> None:
-            with self._lock:
-                for task, agent_id in pairs:
-                    self._reserved.discard(task.task_id)
-                    self._free_slot(agent_id, task.task_id)
-                    if task.task_id not in added:
-                        self._push(next(self._sequence), task)
+            for task, agent_id in pairs:
+                self._reserved.discard(task.task_id)
+                self._free_slot(agent_id, task.task_id)
+                if task.task_id not in added:
+                    self._push(next(self._sequence), task)
             self._wake.set()
 
         return pairs, undo
@@ -332,10 +317,6 @@ class Dispatcher:
         its agent. The reservations become holds when the assignments commit (`assigned`), or
         are given back (`release`) for tasks that were no longer queued.
         """
-        with self._lock:
-            return self._match()
-
-    def _match(self) -> list[tuple[ReadyTask, str]]:
         pairs: list[tuple[ReadyTask, str]] = []
         while True:
             best: tuple[int, ReadyTask, _LiveAgent] | None = None

@@ -5,8 +5,8 @@ composing their messages (`assignments.py`), and the row changes of a graph's tr
 set-based (`changes.py`).
 
 Statements are plain synchronous SQLAlchemy Core over a `Connection`: each operation runs whole
-inside one transaction that `Database` runs for it (on SQLite in a thread, on PostgreSQL through
-asyncpg). Writes go through the group-commit `Writer`; reads run in a transaction of their own
+inside one transaction that `Database` runs for it (see `database.py` for how each backend runs
+it). Writes go through the group-commit `Writer`; reads run in a transaction of their own
 (a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
 `on_commit` callback inside the commit order, which is how the dispatcher's memory follows the
 database without ever running ahead of it.

@@ -88,7 +88,7 @@ class Followup:
 BeforeCommit = Callable[[Connection, list[Effects], list[Followup]], None]
 """Called with the effects the batch's requests noted, inside the batch's transaction. It adds its
 `Followup` to the list as soon as it has anything to give back, before it writes: if the batch
-then fails, the writer calls the undo on the event loop, whatever thread the hook ran on."""
+then fails, the writer calls the undo."""
 
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
