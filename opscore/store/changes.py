@@ -54,7 +54,7 @@ FINISH_RUN = Prepared(
 
 class GraphTask(Protocol):
     """What moving a run's graph needs of each of its tasks: a whole `TaskRun`, or the
-    `rows.TaskNode` a batch of completions reads (the same, without inputs and outputs)."""
+    `rows.TaskNode` a batch of completions builds (the same, without inputs and outputs)."""
 
     @property
     def task_id(self) -> str:

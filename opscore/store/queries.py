@@ -19,7 +19,8 @@ import binascii
 import dataclasses
 import functools
 import random
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -86,6 +87,8 @@ _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
 DEFINITION_CACHE_SIZE = 1024
+RUN_SHAPE_CACHE_SIZE = 8192
+"""Runs whose shape is kept: more than a server moves at once (a miss costs one read)."""
 """Definitions kept in memory by id (the oldest seen is dropped first)."""
 
 _running_count = (
@@ -123,6 +126,8 @@ _LOCK_RUNS_OF_TASKS = (
     .order_by(_runs.c.run_id)
     .with_for_update()
 )
+# The current state of every task of the runs of some tasks; what never changes of them is read
+# once per run (`_RUN_SHAPES`) and kept (see `rows.RunShape`).
 _SIBLINGS_FOR_UPDATE = Prepared(
     select(
         _tasks.c.task_id,
@@ -133,16 +138,23 @@ _SIBLINGS_FOR_UPDATE = Prepared(
         _tasks.c.agent_id,
         _tasks.c.error,
         _tasks.c.error_reported,
+    )
+    .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
+    .order_by(_tasks.c.run_id, _tasks.c.position)
+    .with_for_update()
+)
+_RUN_SHAPES = Prepared(
+    select(
+        _tasks.c.task_id,
+        _tasks.c.run_id,
+        _tasks.c.name,
         # As text, decoded through a cache: runs of one definition repeat the same few values.
         cast(_tasks.c.depends_on, Text).label("depends_on"),
         _tasks.c.fallback,
         _tasks.c.capability,
         cast(_tasks.c.labels, Text).label("labels"),
         _tasks.c.pinned_agent_id,
-    )
-    .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
-    .order_by(_tasks.c.run_id, _tasks.c.position)
-    .with_for_update()
+    ).where(_tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
 )
 _RUNS_BY_REQUEST = select(_runs).where(
     _runs.c.request_id.in_(bindparam("b_request_ids", expanding=True))
@@ -244,6 +256,7 @@ class Store:
         self._retry = retry
         self._rng = rng or random.Random()
         self._definitions: dict[str, WorkflowDefinition] = {}
+        self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()
         # SQLite has one writer, so nothing can change a run between the reads and writes of an
         # operation; where writers run concurrently (PostgreSQL) the run's row is locked first.
         self._lock_runs = database.dialect != "sqlite"
@@ -265,6 +278,32 @@ class Store:
                 self._definitions.pop(next(iter(self._definitions)))
             self._definitions[definition_id] = found
         return found
+
+    def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
+        """The shapes of these runs, from memory when known (they never change), the rest read
+        in one statement and kept, least recently used first out."""
+        shapes: dict[str, rows.RunShape] = {}
+        missing = []
+        for run_id in run_ids:
+            shape = self._shapes.get(run_id)
+            if shape is None:
+                missing.append(run_id)
+            else:
+                self._shapes.move_to_end(run_id)
+                shapes[run_id] = shape
+        if missing:
+            tasks: dict[str, dict[str, rows.TaskShape]] = {}
+            for found in _RUN_SHAPES.rows(conn, {"b_run_ids": missing}):
+                tasks.setdefault(found.run_id, {})[found.name] = rows.task_shape(found)
+            for run_id, shaped in tasks.items():
+                shapes[run_id] = self._remember_shape(run_id, rows.RunShape.of(shaped))
+        return shapes
+
+    def _remember_shape(self, run_id: str, shape: rows.RunShape) -> rows.RunShape:
+        self._shapes[run_id] = shape
+        if len(self._shapes) > RUN_SHAPE_CACHE_SIZE:
+            self._shapes.popitem(last=False)
+        return shape
 
     async def _write(
         self, op: Callable[[Connection], T], on_commit: OnCommit[T] | None = None
@@ -577,6 +616,7 @@ class Store:
                     outcomes.append(error)
                     continue
                 outcome = _new_run(request, source, run_values, task_values)
+                self._remember_shape(outcome.run.run_id, rows.run_shape(outcome.run))
                 if request.request_id:
                     earlier[request.request_id] = outcome.run
                 tx.note_effects(outcome.effects)
@@ -760,10 +800,14 @@ class Store:
         wanted = {result.task_id for _, result in requests}
         task_ids = sorted(wanted)
         self._lock_runs_of(conn, task_ids)
-        runs: dict[str, list[rows.TaskNode]] = {}
+        runs: dict[str, _RunNow] = {}
         held: dict[str, _Held] = {}
         for found in _SIBLINGS_FOR_UPDATE.rows(conn, {"b_task_ids": task_ids}):
-            runs.setdefault(found.run_id, []).append(rows.task_node(found))
+            run = runs.get(found.run_id)
+            if run is None:
+                run = runs[found.run_id] = _RunNow({}, {})
+            run.rows[found.name] = found
+            run.states[found.name] = rows.TASK_STATES[found.state]
             if found.task_id in wanted:
                 held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
@@ -783,9 +827,12 @@ class Store:
                 held[result.task_id] = dataclasses.replace(row, state=TaskState.SUCCEEDED.value)
             outcomes.append(Effects())
         if accepted:
+            shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
             changes = Changes(conn)
             for index, row, result in accepted:
-                outcomes[index] = _complete(changes, runs, row, result)
+                outcomes[index] = _complete(
+                    changes, shapes[row.run_id], runs[row.run_id], row, result
+                )
             changes.flush()
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
@@ -1170,14 +1217,23 @@ class _Held:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _RunNow:
+    """The current state of a run's tasks, by name, as a batch of completions moves it."""
+
+    rows: dict[str, Any]
+    """Each task's row of `_SIBLINGS_FOR_UPDATE`."""
+    states: dict[str, TaskState]
+    """Each task's state, following the batch's completions."""
+
+
 def _complete(
-    changes: Changes, runs: dict[str, list[rows.TaskNode]], row: _Held, result: TaskResult
+    changes: Changes, shape: rows.RunShape, run: _RunNow, row: _Held, result: TaskResult
 ) -> Effects:
     """Record one accepted completion: the task's success with its output, and the rest of the
-    transition of its run's graph. `runs` follows the batch, so the next completion in the same
+    transition of its run's graph. `run` follows the batch, so the next completion in the same
     run starts from this one's outcome."""
-    tasks = runs[row.run_id]
-    transition = graph.succeed(_graph(tasks), _states(tasks), row.name)
+    transition = graph.succeed(shape.graph, run.states, row.name)
     changes.add(
         SUCCEED_TASK,
         row.task_id,
@@ -1187,14 +1243,10 @@ def _complete(
         {name: state for name, state in transition.tasks.items() if name != row.name},
         transition.run_state,
     )
-    effects = apply_transition(changes, row.run_id, tasks, rest, result.now)
+    moved = [shape.node(row.run_id, run.rows[name], run.states[name]) for name in rest.tasks]
+    effects = apply_transition(changes, row.run_id, moved, rest, result.now)
     effects.released.append(Hold(result.agent_id, row.task_id, row.run_id, result.attempt))
-    runs[row.run_id] = [
-        dataclasses.replace(task, state=transition.tasks[task.name])
-        if task.name in transition.tasks
-        else task
-        for task in tasks
-    ]
+    run.states.update(transition.tasks)
     return effects
 
 

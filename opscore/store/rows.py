@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from opscore.domain.graph import Node
 from opscore.domain.models import (
     Agent,
     ReadyTask,
@@ -155,8 +156,8 @@ def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
 
 @dataclass(frozen=True, slots=True)
 class TaskNode:
-    """A task as moving its run's graph sees it: what a batch of completions reads of every task
-    of the runs it moves, leaving out inputs, outputs and times (the largest columns to decode)."""
+    """A task as moving its run's graph sees it: its shape (see `RunShape`) and its current
+    state, without inputs, outputs and times (the largest columns to decode)."""
 
     task_id: str
     run_id: str
@@ -183,21 +184,81 @@ class TaskNode:
         )
 
 
-def task_node(row: Any) -> TaskNode:
-    """A row of the columns of `TaskNode` (and any others) as a task node; `depends_on` and
-    `labels` are read as JSON text."""
-    return TaskNode(
+@dataclass(frozen=True, slots=True)
+class TaskShape:
+    """What never changes of a task: its place in the graph and what an agent needs to take it."""
+
+    task_id: str
+    depends_on: tuple[str, ...]
+    fallback: str
+    capability: str
+    labels: tuple[tuple[str, str], ...]
+    """Sorted by key, as the dispatcher takes them."""
+    pinned_agent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunShape:
+    """What never changes of a run: its graph, and the shape of each task, by name. A run's
+    graph is fixed when it is triggered, so a shape read once (or known from the trigger) is
+    right forever, on every replica: a completion then reads only its run's task states."""
+
+    graph: dict[str, Node]
+    tasks: dict[str, TaskShape]
+
+    @classmethod
+    def of(cls, shapes: dict[str, TaskShape]) -> RunShape:
+        """The run whose tasks, by name, have these shapes."""
+        return cls(
+            {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()}, shapes
+        )
+
+    def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:
+        """The task named `row.name` as a task node, in `state`, with the attempt and holder of
+        `row` (a row of a task's current state)."""
+        shape = self.tasks[row.name]
+        return TaskNode(
+            task_id=shape.task_id,
+            run_id=run_id,
+            name=row.name,
+            state=state,
+            attempt=row.attempt,
+            agent_id=row.agent_id or "",
+            depends_on=shape.depends_on,
+            fallback=shape.fallback,
+            capability=shape.capability,
+            labels=shape.labels,
+            pinned_agent_id=shape.pinned_agent_id,
+        )
+
+
+def task_shape(row: Any) -> TaskShape:
+    """A row of the columns of `TaskShape`, `depends_on` and `labels` read as JSON text (runs
+    of one definition repeat the same few values, decoded once through a cache)."""
+    return TaskShape(
         task_id=row.task_id,
-        run_id=row.run_id,
-        name=row.name,
-        state=TASK_STATES[row.state],
-        attempt=row.attempt,
-        agent_id=row.agent_id or "",
         depends_on=_json_names(row.depends_on),
         fallback=row.fallback,
         capability=row.capability,
         labels=_json_labels(row.labels),
         pinned_agent_id=row.pinned_agent_id or "",
+    )
+
+
+def run_shape(run: WorkflowRun) -> RunShape:
+    """The shape of a run (a new one: no read needed)."""
+    return RunShape.of(
+        {
+            task.name: TaskShape(
+                task_id=task.task_id,
+                depends_on=task.depends_on,
+                fallback=task.fallback,
+                capability=task.capability,
+                labels=tuple(sorted(task.labels.items())),
+                pinned_agent_id=task.pinned_agent_id,
+            )
+            for task in run.tasks
+        }
     )
 
 

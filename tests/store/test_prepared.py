@@ -235,6 +235,8 @@ def test_reads_give_what_core_gives(
     read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_run_ids": ["r1", "r9"], "b_names": []})
     siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
+    shapes = read_both(conn, queries._RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
+    assert sorted(row.labels for row in shapes) == ['{"zone": "\\u00fc"}'] * 3
 
 
 def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(

@@ -24,8 +24,10 @@ from opscore.domain.models import (
     TaskSpec,
     TaskState,
 )
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
+from opscore.store.writer import Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 TIMEOUT = timedelta(minutes=1)
@@ -537,3 +539,43 @@ async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) 
     await store.database.run(change, write=True)
     tasks = (await store.get_run(created.run.run_id)).tasks
     assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
+
+
+async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
+    # A store that did not trigger the run (another replica, or this one after a restart)
+    # reads the run's shape instead of knowing it.
+    writer = Writer(store.database)
+    running = asyncio.create_task(writer.run())
+    elsewhere = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
+    try:
+        await register(store, "w", "cpu")
+        shaped = DefinitionDraft(
+            name="shaped",
+            tasks=(
+                TaskSpec(name="a", capability="cpu"),
+                TaskSpec(name="b", capability="gpu", labels={"zone": "eu"}, depends_on=("a",)),
+                TaskSpec(name="c", capability="cpu", depends_on=("a",), fallback="f"),
+                TaskSpec(name="f", capability="cpu"),
+                TaskSpec(name="d", capability="cpu", depends_on=("b", "c")),
+            ),
+        )
+        run = (await start(store, shaped, agent_id="w")).run
+        [root] = run.tasks[:1]
+        await store.assign([(root.ready(), "w")], NOW, TIMEOUT, ignore)
+        effects = await complete(elsewhere, root.task_id, "w", 1, {"out": "a"})
+        # What the dispatcher is told comes from the shape read: requirements included.
+        assert sorted(effects.queued, key=lambda t: t.task_id) == sorted(
+            (t.ready() for t in run.tasks[1:3]), key=lambda t: t.task_id
+        )
+        for ready in effects.queued:
+            await elsewhere.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+            await complete(elsewhere, ready.task_id, "w", 1, {})
+        after = await elsewhere.get_run(run.run_id)
+        # c succeeded, so its fallback is skipped: the fallback came from the shape read too.
+        assert [t.state for t in after.tasks] == [TaskState.SUCCEEDED] * 3 + [
+            TaskState.SKIPPED,
+            TaskState.QUEUED,
+        ]
+    finally:
+        writer.close()
+        await running
