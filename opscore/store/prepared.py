@@ -73,13 +73,15 @@ class Prepared:
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
-        self._compiled: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
+        # An INSERT is compiled for the columns it is given; anything else once.
+        self._insert = getattr(statement, "is_insert", False) is True
+        self._compiled: dict[tuple[str, ...], _Compiled] = {}
 
     def rows(self, conn: Connection, params: Params) -> list[Any]:
         """Run a read; its rows, each with attribute access by column name."""
         if conn.dialect.paramstyle != "qmark":
             return list(conn.execute(self.statement, params))
-        compiled = self._compile(conn.dialect, ())
+        compiled = self._compile(conn.dialect, params)
         assert compiled.row is not None, "rows() runs a SELECT"
         sql, values = _bind(compiled, params)
         make = compiled.row
@@ -95,7 +97,7 @@ class Prepared:
         if conn.dialect.paramstyle != "qmark":
             conn.execute(self.statement, list(params))
             return
-        compiled = self._compile(conn.dialect, tuple(params[0]))
+        compiled = self._compile(conn.dialect, params[0])
         if compiled.expanding:
             for one in params:
                 sql, values = _bind(compiled, one)
@@ -107,16 +109,13 @@ class Prepared:
             rows = [_values(compiled.slots, one) for one in params]
             _run(conn, compiled.sql, rows, many=True)
 
-    def _compile(self, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
-        cache_key = (dialect.name, keys if _is_insert(self.statement) else ())
-        found = self._compiled.get(cache_key)
+    def _compile(self, dialect: Dialect, params: Params) -> _Compiled:
+        """The statement compiled for SQLite (the only dialect that runs it here)."""
+        keys = tuple(params) if self._insert else ()
+        found = self._compiled.get(keys)
         if found is None:
-            found = self._compiled[cache_key] = _compile(self.statement, dialect, cache_key[1])
+            found = self._compiled[keys] = _compile(self.statement, dialect, keys)
         return found
-
-
-def _is_insert(statement: Executable) -> bool:
-    return getattr(statement, "is_insert", False) is True
 
 
 def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:

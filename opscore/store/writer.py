@@ -204,10 +204,14 @@ class Writer:
             for pending in batch:
                 await self._run_alone(pending)
             return
+        # Every effect first, in commit order, then the callers: the tasks this batch placed are
+        # on their streams before any caller's answer is composed and sent.
         for item in done:
-            _release(item)
+            item.tx._run_callbacks()
         for followup in followups:
             followup.tx._run_callbacks()
+        for item in done:
+            _answer(item)
 
     async def _run_alone(self, pending: _Pending) -> None:
         try:
@@ -216,12 +220,12 @@ class Writer:
             if not pending.future.done():
                 pending.future.set_exception(error)
             return
-        _release(item)
+        item.tx._run_callbacks()
+        _answer(item)
 
 
-def _release(item: _Done) -> None:
-    """Apply a committed request's effects, then give its caller the result (or its error)."""
-    item.tx._run_callbacks()
+def _answer(item: _Done) -> None:
+    """Give a committed request's caller its result (or its error)."""
     future = item.pending.future
     if future.done():
         return
