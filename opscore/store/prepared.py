@@ -95,7 +95,7 @@ class Prepared:
         if not params:
             return
         if conn.dialect.paramstyle != "qmark":
-            conn.execute(self.statement, list(params))
+            conn.execute(self.statement, params[0] if len(params) == 1 else list(params))
             return
         compiled = self._compile(conn.dialect, params[0])
         if compiled.expanding:

@@ -155,36 +155,6 @@ def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskNode:
-    """A task as moving its run's graph sees it: its shape (see `RunShape`) and its current
-    state, without inputs, outputs and times (the largest columns to decode)."""
-
-    task_id: str
-    run_id: str
-    name: str
-    state: TaskState
-    attempt: int
-    agent_id: str
-    depends_on: tuple[str, ...]
-    fallback: str
-    capability: str
-    labels: tuple[tuple[str, str], ...]
-    """Sorted by key, as the dispatcher takes them."""
-    pinned_agent_id: str
-
-    def ready(self, not_before: datetime | None = None) -> ReadyTask:
-        """The dispatcher's view of this task, dispatchable from `not_before` on."""
-        return ReadyTask(
-            task_id=self.task_id,
-            run_id=self.run_id,
-            capability=self.capability,
-            labels=self.labels,
-            pinned_agent_id=self.pinned_agent_id,
-            not_before=not_before,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class TaskShape:
     """What never changes of a task: its place in the graph and what an agent needs to take it."""
 
@@ -216,19 +186,48 @@ class RunShape:
     def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:
         """The task named `row.name` as a task node, in `state`, with the attempt and holder of
         `row` (a row of a task's current state)."""
-        shape = self.tasks[row.name]
         return TaskNode(
+            self.tasks[row.name], run_id, row.name, state, row.attempt, row.agent_id or ""
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskNode:
+    """A task as moving its run's graph sees it: its shape and its current state, without
+    inputs, outputs and times (the largest columns to decode)."""
+
+    shape: TaskShape
+    run_id: str
+    name: str
+    state: TaskState
+    attempt: int
+    agent_id: str
+
+    @property
+    def task_id(self) -> str:
+        """The task's id."""
+        return self.shape.task_id
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """The tasks it waits for."""
+        return self.shape.depends_on
+
+    @property
+    def fallback(self) -> str:
+        """The task that stands in if it fails finally."""
+        return self.shape.fallback
+
+    def ready(self, not_before: datetime | None = None) -> ReadyTask:
+        """The dispatcher's view of this task, dispatchable from `not_before` on."""
+        shape = self.shape
+        return ReadyTask(
             task_id=shape.task_id,
-            run_id=run_id,
-            name=row.name,
-            state=state,
-            attempt=row.attempt,
-            agent_id=row.agent_id or "",
-            depends_on=shape.depends_on,
-            fallback=shape.fallback,
+            run_id=self.run_id,
             capability=shape.capability,
             labels=shape.labels,
             pinned_agent_id=shape.pinned_agent_id,
+            not_before=not_before,
         )
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from table_rows import a_run, a_task
 
 from opscore.store import assignments, changes, queries
 from opscore.store.prepared import Prepared
@@ -76,44 +77,6 @@ def read_both(conn: Connection, statement: Prepared, params: dict[str, Any]) -> 
     for lean_row, core_row in zip(lean, core, strict=True):
         assert lean_row._fields == tuple(core_row._fields)
     return lean
-
-
-def a_run(run_id: str, created: datetime, run_input: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "definition_id": None,
-        "workflow_name": "flow",
-        "agent_id": None,
-        "state": "pending",
-        "input": run_input,
-        "request_id": f"req-{run_id}",
-        "created_at": created,
-    }
-
-
-def a_task(task_id: str, run_id: str, position: int, **values: Any) -> dict[str, Any]:
-    task = {
-        "task_id": task_id,
-        "run_id": run_id,
-        "position": position,
-        "name": f"t{position}",
-        "capability": "work",
-        "labels": {"zone": "ü"},
-        "depends_on": [f"t{position - 1}"] if position else [],
-        "fallback": "",
-        "timeout_ms": None,
-        "retry_policy": None,
-        "pinned_agent_id": None,
-        "input": {},
-        "state": "queued",
-        "attempt": 0,
-        "agent_id": None,
-        "output": None,
-        "error": "",
-        "queued_at": None,
-    }
-    task.update(values)
-    return task
 
 
 @settings(

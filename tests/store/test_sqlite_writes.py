@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from table_rows import a_task
 
 from opscore.store import migrate
-from opscore.store.database import SqliteDatabase, open_database
+from opscore.store.database import CHECKPOINT_EVERY, SqliteDatabase, open_database
 from opscore.store.tables import metadata
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
@@ -80,30 +81,33 @@ async def test_a_commit_that_fails_writes_nothing_and_the_writer_goes_on(
         # Checked only at COMMIT, which runs on the writer thread.
         conn.exec_driver_sql("PRAGMA defer_foreign_keys=ON")
         add_definition("lost")(conn)  # type: ignore[operator]
-        conn.execute(
-            insert(_tasks),
-            {
-                "task_id": "t",
-                "run_id": "no-such-run",
-                "position": 0,
-                "name": "t",
-                "capability": "c",
-                "labels": {},
-                "depends_on": [],
-                "fallback": "",
-                "timeout_ms": None,
-                "retry_policy": None,
-                "pinned_agent_id": None,
-                "input": {},
-                "state": "queued",
-                "attempt": 0,
-                "agent_id": None,
-                "output": None,
-                "error": "",
-            },
-        )
+        conn.execute(insert(_tasks), a_task("t", "no-such-run", 0))
 
     with pytest.raises(IntegrityError):
         await database.run(orphan_task, write=True)
     await database.run(add_definition("kept"), write=True)
     assert await database.run(definition_ids, write=False) == ["kept"]
+
+
+async def test_the_wal_is_checkpointed_beside_the_writes(
+    database: SqliteDatabase, sqlite_url: str
+) -> None:
+    path = sqlite_url.removeprefix("sqlite:///")
+
+    def in_database_file() -> int:
+        # `immutable` reads the database file alone: what a checkpoint has copied, not the WAL.
+        direct = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+        try:
+            tables = direct.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if ("definitions",) not in tables.fetchall():
+                return 0
+            return int(direct.execute("SELECT count(*) FROM definitions").fetchone()[0])
+        finally:
+            direct.close()
+
+    for index in range(CHECKPOINT_EVERY - 2):  # the migration was one write already
+        await database.run(add_definition(f"d{index}"), write=True)
+    assert in_database_file() == 0  # no commit checkpoints on its own
+    await database.run(add_definition("last"), write=True)
+    await database.checkpointed()
+    assert in_database_file() == CHECKPOINT_EVERY - 1
