@@ -7,6 +7,7 @@ rather than limp on without it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Coroutine
@@ -164,6 +165,10 @@ async def serve(settings: Settings) -> int:
     """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1)."""
     server = OpsCoreServer(settings)
     await server.start()
+    # What exists now (modules, the schema, the recovered queue) lives as long as the process:
+    # out of the garbage collector's sight, a full collection scans only what serving creates
+    # (measured: full collections of 35-50 ms, the tail of the latency, became much shorter).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

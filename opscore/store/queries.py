@@ -87,8 +87,9 @@ _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
 DEFINITION_CACHE_SIZE = 1024
-RUN_SHAPE_CACHE_SIZE = 8192
-"""Runs whose shape is kept: more than a server moves at once (a miss costs one read)."""
+RUN_SHAPE_CACHE_SIZE = 1024
+"""Runs whose shape is kept: more than a server moves at once (a miss costs one read). No more:
+each is a few dozen objects for every full garbage collection to scan."""
 """Definitions kept in memory by id (the oldest seen is dropped first)."""
 
 _running_count = (
