@@ -13,7 +13,8 @@ differs between the backends:
   wait for it. Statements are Python-bound, so on a thread they would hold the interpreter lock
   all the same and add its hand-overs; the fsync is the only wait worth moving off the loop,
   and the loop serves the requests that make up the next batch meanwhile. Measured against
-  running the whole transaction on the thread: 10-15% more throughput.
+  running the whole transaction on the thread: 10-30% more throughput. The WAL is copied into
+  the database file by a checkpointer of its own (see CHECKPOINT_EVERY), never inside a commit.
 - PostgreSQL: asyncpg on the event loop (no threads), each operation run through SQLAlchemy's
   greenlet bridge (`AsyncConnection.run_sync`); its statements are network round trips anyway.
 """
