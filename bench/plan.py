@@ -16,6 +16,8 @@ class Plan:
     """Run shapes of the throughput scenario: `single` (1 task), `chain10` (10 in a chain)."""
     agent_counts: tuple[int, ...]
     """Agents of each throughput point."""
+    rounds: int
+    """Times each throughput and latency step runs, the server kinds taking turns."""
     warmup: float
     """Seconds of load before a throughput window opens."""
     window: float
@@ -46,11 +48,12 @@ FULL = Plan(
     agent_processes=2,
     shapes=("single", "chain10"),
     agent_counts=(1, 8, 64),
-    warmup=1.5,
-    window=4.0,
+    rounds=3,
+    warmup=1.0,
+    window=3.0,
     latency_agents=8,
-    half_load_seconds=4.0,
-    trickle_runs=40,
+    half_load_seconds=6.0,
+    trickle_runs=60,
     depths=(0, 10_000, 100_000),
     depth_probes=30,
     fleet_agents=10_000,
@@ -64,6 +67,7 @@ QUICK = Plan(
     agent_processes=2,
     shapes=("single",),
     agent_counts=(8,),
+    rounds=1,
     warmup=0.5,
     window=1.5,
     latency_agents=8,

@@ -3,7 +3,8 @@ and where the results go. Plain synchronous code: the load itself runs in other 
 (bench.workers), the servers in subprocesses (bench.servers).
 
 Each server kind (`opscore` on SQLite, `ceiling`, and `postgres` when OPSCORE_BENCH_POSTGRES_URL
-is set) gets a fresh server per phase: throughput and latency; queue depth then recovery (on the
+is set) gets a fresh server per phase: throughput and latency (one server of each kind, all
+running at once, the kinds taking turns at every step); queue depth then recovery (on the
 database the queue-depth scenario filled); fleet.
 """
 
@@ -15,6 +16,7 @@ import functools
 import os
 import random
 import resource
+import statistics
 import tempfile
 import time
 import traceback
@@ -137,78 +139,118 @@ class Bench:
 
     # Scenarios ----------------------------------------------------------------------------
 
-    def throughput_and_latency(
-        self, kind: str, db_url: str | None, agent_counts: tuple[int, ...]
-    ) -> None:
+    def throughput_and_latency(self, kinds: list[tuple[str, str | None, tuple[int, ...]]]) -> None:
         """Scenario 1 (closed loop, tasks/s per shape and agent count) and scenario 2 (open
-        loop at half the maximum just measured, then a trickle), on one fresh server."""
+        loop at half the maximum just measured, then a trickle), on one fresh server of each
+        kind (`(kind, database URL, agent counts)`), all running at once. Every step runs
+        `plan.rounds` times with the kinds taking turns, so that each kind meets the machine in
+        the same state: a shared machine's speed moves by tens of percent within minutes, and a
+        ceiling measured minutes apart from Ops-Core made one run's ratios move by ±0.1."""
         plan = self.plan
-        with self.serving(self._server(kind, db_url, "throughput")) as server:
-            measured: dict[str, dict[str, float]] = {}
+        with contextlib.ExitStack() as stack:
+            servers = {
+                kind: stack.enter_context(self.serving(self._server(kind, url, "throughput")))
+                for kind, url, _ in kinds
+            }
+            counts = {kind: agent_counts for kind, _, agent_counts in kinds}
+            measured: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in servers}
             for shape in plan.shapes:
                 definition, last, _ = SHAPES[shape]
                 spec = RunSpec(definition_name=definition, last=last)
-                for count in agent_counts:
-                    self._with_agents(server.target, self._agents("tp", count, ["work"]))
-                    try:
-                        result = self.pool.trigger(
-                            "closed_loop",
-                            target=server.target,
-                            spec=spec,
-                            in_flight=2 * count + 2,
-                            warmup=plan.warmup,
-                            window=plan.window,
+                for count in sorted({count for values in counts.values() for count in values}):
+                    taking = [kind for kind in servers if count in counts[kind]]
+                    rounds: dict[str, list[float]] = {kind: [] for kind in taking}
+                    for _ in range(plan.rounds):
+                        for kind in taking:
+                            rounds[kind].append(self._closed_loop(servers[kind], spec, count))
+                    for kind, values in rounds.items():
+                        measured[kind].setdefault(shape, {})[str(count)] = statistics.median(values)
+                        print(
+                            f"  {kind} throughput {shape} x{count}: "
+                            f"{statistics.median(values):.0f} tasks/s "
+                            f"(rounds: {', '.join(f'{value:.0f}' for value in values)})",
+                            flush=True,
                         )
-                    finally:
-                        self.pool.collect()
-                        self.pool.stop_agents()
-                    measured.setdefault(shape, {})[str(count)] = result["tasks_per_s"]
-                    print(
-                        f"  {kind} throughput {shape} x{count}: {result['tasks_per_s']:.0f} tasks/s"
+            for kind in servers:
+                self.results["throughput"][kind] = measured[kind]
+            self._latency(servers, measured)
+
+    def _closed_loop(self, server: ServerProcess, spec: RunSpec, count: int) -> float:
+        """Tasks/s of `count` fresh agents kept busy by a closed loop of runs."""
+        plan = self.plan
+        self._with_agents(server.target, self._agents("tp", count, ["work"]))
+        try:
+            result = self.pool.trigger(
+                "closed_loop",
+                target=server.target,
+                spec=spec,
+                in_flight=2 * count + 2,
+                warmup=plan.warmup,
+                window=plan.window,
+            )
+        finally:
+            self.pool.collect()
+            self.pool.stop_agents()
+        return float(result["tasks_per_s"])
+
+    def _latency(
+        self, servers: dict[str, ServerProcess], measured: dict[str, dict[str, dict[str, float]]]
+    ) -> None:
+        """Scenario 2 on each server, the kinds taking turns round by round (each round a share
+        of the open loop's duration and of the trickle's runs), samples pooled by kind."""
+        plan = self.plan
+        shape = "chain10" if "chain10" in plan.shapes else plan.shapes[0]
+        definition, last, size = SHAPES[shape]
+        spec = RunSpec(definition_name=definition, last=last)
+        trickle_spec = RunSpec(definition_name="bench-chain10", last="t9")
+        rates: dict[str, float] = {}
+        for kind in servers:
+            found = measured[kind][shape]
+            base = found.get(str(plan.latency_agents)) or max(found.values())
+            rates[kind] = max(1.0, 0.5 * base / size)
+        samples: dict[str, dict[str, list[float]]] = {kind: {} for kind in servers}
+        achieved: dict[str, list[float]] = {kind: [] for kind in servers}
+        trickle_runs = max(1, plan.trickle_runs // plan.rounds)
+        for _ in range(plan.rounds):
+            for kind, server in servers.items():
+                self._with_agents(server.target, self._agents("lat", plan.latency_agents, ["work"]))
+                try:
+                    half = self.pool.trigger(
+                        "open_loop",
+                        target=server.target,
+                        spec=spec,
+                        rate=rates[kind],
+                        duration=plan.half_load_seconds / plan.rounds,
+                        tag="half",
                     )
-            self.results["throughput"][kind] = measured
-            shape = "chain10" if "chain10" in plan.shapes else plan.shapes[0]
-            definition, last, size = SHAPES[shape]
-            spec = RunSpec(definition_name=definition, last=last)
-            base = measured[shape].get(str(plan.latency_agents)) or max(measured[shape].values())
-            rate = max(1.0, 0.5 * base / size)
-            self._with_agents(server.target, self._agents("lat", plan.latency_agents, ["work"]))
-            try:
-                half = self.pool.trigger(
-                    "open_loop",
-                    target=server.target,
-                    spec=spec,
-                    rate=rate,
-                    duration=plan.half_load_seconds,
-                    tag="half",
-                )
-                values, _, _ = self.pool.collect()
-                trickle_spec = RunSpec(definition_name="bench-chain10", last="t9")
-                self.pool.trigger(
-                    "sequential",
-                    target=server.target,
-                    specs=[trickle_spec] * plan.trickle_runs,
-                    tag="trickle",
-                )
-                trickled, _, _ = self.pool.collect()
-            finally:
-                self.pool.stop_agents()
+                    achieved[kind].append(half["achieved_rate"])
+                    values, _, _ = self.pool.collect()
+                    self.pool.trigger(
+                        "sequential",
+                        target=server.target,
+                        specs=[trickle_spec] * trickle_runs,
+                        tag="trickle",
+                    )
+                    trickled, _, _ = self.pool.collect()
+                finally:
+                    self.pool.stop_agents()
+                for found in (values, trickled):
+                    for name, taken in found.items():
+                        samples[kind].setdefault(name, []).extend(taken)
+        for kind in servers:
             latency: dict[str, Any] = {
                 "half_load": {
                     "shape": shape,
-                    "rate_runs_per_s": rate,
-                    "achieved_runs_per_s": half["achieved_rate"],
+                    "rate_runs_per_s": rates[kind],
+                    "achieved_runs_per_s": statistics.mean(achieved[kind]),
                 },
-                "trickle": {"shape": "chain10", "runs": plan.trickle_runs},
+                "trickle": {"shape": "chain10", "runs": trickle_runs * plan.rounds},
             }
-            for phase, tag, found in (
-                ("half_load", "half", values),
-                ("trickle", "trickle", trickled),
-            ):
+            for phase, tag in (("half_load", "half"), ("trickle", "trickle")):
                 for kind_name in ("first", "next", "run"):
-                    samples = found.get(f"{tag}/{kind_name}")
-                    if samples:
-                        latency[phase][kind_name] = summary(samples)
+                    taken = samples[kind].get(f"{tag}/{kind_name}")
+                    if taken:
+                        latency[phase][kind_name] = summary(taken)
             self.results["latency"][kind] = latency
 
     def queue_depth_and_recovery(self, kind: str, db_url: str | None) -> None:
@@ -374,12 +416,19 @@ class Bench:
         def sqlite(name: str) -> str:
             return sqlite_url(workdir / f"{name}-{time.monotonic_ns()}.db")
 
-        for kind in ("opscore", "ceiling"):
-            url = sqlite(kind) if kind == "opscore" else None
-            self.attempt(
-                f"{kind}: throughput and latency",
-                functools.partial(self.throughput_and_latency, kind, url, plan.agent_counts),
-            )
+        def throughput_and_latency() -> None:
+            kinds: list[tuple[str, str | None, tuple[int, ...]]] = [
+                ("ceiling", None, plan.agent_counts),
+                ("opscore", sqlite("opscore"), plan.agent_counts),
+            ]
+            with contextlib.ExitStack() as stack:
+                if postgres_url:
+                    url = stack.enter_context(postgres_database(postgres_url))
+                    kinds.append(("postgres", url, plan.postgres_agent_counts))
+                self.throughput_and_latency(kinds)
+
+        names = "ceiling, opscore" + (", postgres" if postgres_url else "")
+        self.attempt(f"{names}: throughput and latency, taking turns", throughput_and_latency)
         for kind in ("opscore", "ceiling"):
             url = sqlite(kind) if kind == "opscore" else None
             self.attempt(
@@ -389,13 +438,6 @@ class Bench:
         for kind in ("opscore", "ceiling"):
             url = sqlite(kind) if kind == "opscore" else None
             self.attempt(f"{kind}: fleet", functools.partial(self.fleet, kind, url))
-        if postgres_url:
-
-            def on_postgres() -> None:
-                with postgres_database(postgres_url) as url:
-                    self.throughput_and_latency("postgres", url, plan.postgres_agent_counts)
-
-            self.attempt("postgres: throughput and latency", on_postgres)
 
     def close(self) -> None:
         """Stop the load processes."""
