@@ -76,14 +76,6 @@ class GraphTask(Protocol):
     def attempt(self) -> int:
         """Its current attempt."""
 
-    @property
-    def depends_on(self) -> tuple[str, ...]:
-        """The tasks it waits for."""
-
-    @property
-    def fallback(self) -> str:
-        """The task that stands in if it fails finally."""
-
     def ready(self, not_before: datetime | None = None) -> ReadyTask:
         """The dispatcher's view of the task."""
         ...

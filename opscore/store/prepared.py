@@ -98,11 +98,7 @@ class Prepared:
             conn.execute(self.statement, params[0] if len(params) == 1 else list(params))
             return
         compiled = self._compile(conn.dialect, params[0])
-        if compiled.expanding:
-            for one in params:
-                sql, values = _bind(compiled, one)
-                _run(conn, sql, values, many=False)
-            return
+        assert not compiled.expanding, "a write takes no list of values for IN"
         if len(params) == 1:
             _run(conn, compiled.sql, _values(compiled.slots, params[0]), many=False)
         else:
@@ -119,6 +115,8 @@ class Prepared:
 
 
 def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
+    """What SQLAlchemy works out for every execution, worked out once: the SQL text, each
+    parameter's place and conversion (an INSERT for the columns `keys`), each column's."""
     assert isinstance(statement, ClauseElement)
     compiled = statement.compile(dialect=dialect, column_keys=list(keys) or None)
     assert isinstance(compiled, SQLCompiler)
@@ -141,6 +139,7 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
 
 
 def _row_maker(shape: Any, converts: list[_Convert]) -> Callable[..., Any]:
+    """A row of `shape` from the driver's values, converting only the columns that need it."""
     pairs = [(index, convert) for index, convert in enumerate(converts) if convert is not None]
     make = shape._make
     if not pairs:
@@ -156,6 +155,7 @@ def _row_maker(shape: Any, converts: list[_Convert]) -> Callable[..., Any]:
 
 
 def _values(slots: Sequence[_Slot], params: Params) -> list[Any]:
+    """The driver's values for a statement without expanding parameters."""
     values = []
     for slot in slots:
         value = slot.value(params)

@@ -57,6 +57,7 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunState,
+    TaskRun,
     TaskSpec,
     TaskState,
     WorkflowDefinition,
@@ -1125,7 +1126,7 @@ def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRu
     return _load_run(conn, row)
 
 
-def _graph(tasks: Sequence[GraphTask]) -> dict[str, graph.Node]:
+def _graph(tasks: Sequence[TaskRun]) -> dict[str, graph.Node]:
     return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
 
 

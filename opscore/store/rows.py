@@ -208,16 +208,6 @@ class TaskNode:
         """The task's id."""
         return self.shape.task_id
 
-    @property
-    def depends_on(self) -> tuple[str, ...]:
-        """The tasks it waits for."""
-        return self.shape.depends_on
-
-    @property
-    def fallback(self) -> str:
-        """The task that stands in if it fails finally."""
-        return self.shape.fallback
-
     def ready(self, not_before: datetime | None = None) -> ReadyTask:
         """The dispatcher's view of this task, dispatchable from `not_before` on."""
         shape = self.shape
