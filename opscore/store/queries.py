@@ -88,10 +88,10 @@ _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
 DEFINITION_CACHE_SIZE = 1024
+"""Definitions kept in memory by id (the oldest seen is dropped first)."""
 RUN_SHAPE_CACHE_SIZE = 1024
 """Runs whose shape is kept: more than a server moves at once (a miss costs one read). No more:
 each is a few dozen objects for every full garbage collection to scan."""
-"""Definitions kept in memory by id (the oldest seen is dropped first)."""
 
 _running_count = (
     select(func.count())
@@ -156,7 +156,10 @@ _RUN_SHAPES = Prepared(
         _tasks.c.capability,
         cast(_tasks.c.labels, Text).label("labels"),
         _tasks.c.pinned_agent_id,
-    ).where(_tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    )
+    .where(_tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    # In graph order, as the run was defined: tasks made ready together queue in that order.
+    .order_by(_tasks.c.run_id, _tasks.c.position)
 )
 _RUNS_BY_REQUEST = select(_runs).where(
     _runs.c.request_id.in_(bindparam("b_request_ids", expanding=True))
