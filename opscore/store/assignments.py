@@ -25,6 +25,7 @@ from opscore.domain.models import (
     RunState,
     TaskState,
 )
+from opscore.store.changes import task_update
 from opscore.store.prepared import Prepared
 from opscore.store.rows import TASK_STATES
 from opscore.store.tables import AgentRow, RunRow, TaskRow, metadata
@@ -58,17 +59,13 @@ _QUEUED_TASKS_FOR_UPDATE = Prepared(
     )
     .with_for_update(of=_tasks)
 )
-_ASSIGN = Prepared(
-    update(_tasks)
-    .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(
-        state=TaskState.ASSIGNED.value,
-        attempt=bindparam("b_attempt"),
-        agent_id=bindparam("b_agent_id"),
-        assigned_at=bindparam("b_now"),
-        deadline=bindparam("b_deadline"),
-        not_before=None,
-    )
+_ASSIGN = task_update(
+    state=TaskState.ASSIGNED.value,
+    attempt=bindparam("b_attempt"),
+    agent_id=bindparam("b_agent_id"),
+    assigned_at=bindparam("b_now"),
+    deadline=bindparam("b_deadline"),
+    not_before=None,
 )
 _START_RUN = Prepared(
     update(_runs)

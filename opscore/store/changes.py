@@ -24,26 +24,26 @@ from opscore.store.tables import RunRow, TaskRow, metadata
 _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
-# Parameters are named `b_*` because SQLAlchemy reserves column names for the values of an UPDATE.
-SUCCEED_TASK = Prepared(
-    update(_tasks)
-    .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(
-        state=TaskState.SUCCEEDED.value,
-        output=bindparam("b_output"),
-        not_before=None,
-        finished_at=bindparam("b_now"),
+
+def task_update(**values: Any) -> Prepared:
+    """An UPDATE of one task by `b_task_id`, setting `values`. Parameters are named `b_*`
+    because SQLAlchemy reserves column names for the values of an UPDATE."""
+    return Prepared(
+        update(_tasks).where(_tasks.c.task_id == bindparam("b_task_id")).values(**values)
     )
+
+
+SUCCEED_TASK = task_update(
+    state=TaskState.SUCCEEDED.value,
+    output=bindparam("b_output"),
+    not_before=None,
+    finished_at=bindparam("b_now"),
 )
-QUEUE_TASK = Prepared(
-    update(_tasks)
-    .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now"))
+QUEUE_TASK = task_update(
+    state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now")
 )
-FINISH_TASK = Prepared(
-    update(_tasks)
-    .where(_tasks.c.task_id == bindparam("b_task_id"))
-    .values(state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now"))
+FINISH_TASK = task_update(
+    state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now")
 )
 FINISH_RUN = Prepared(
     update(_runs)

@@ -98,6 +98,14 @@ async def register(
         await store.connect_agent(agent_id, NOW, ignore)
 
 
+async def held_by(store: Store, agent_id: str) -> ReadyTask:
+    """A new one-task run's task, assigned to `agent_id` (attempt 1)."""
+    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
+    [ready] = created.effects.queued
+    await store.assign([(ready, agent_id)], NOW, TIMEOUT, ignore)
+    return ready
+
+
 async def test_register_updates_in_place_and_keeps_history(store: Store) -> None:
     await register(store, "a1", "cpu", "gpu")
     later = NOW + timedelta(hours=1)
@@ -243,16 +251,14 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
 async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
     await register(store, "w")
     await register(store, "other")
-    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    [ready] = created.effects.queued
-    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    ready = await held_by(store, "w")
     with pytest.raises(FailedPrecondition):
         await complete(store, ready.task_id, "other", 1, {})
     with pytest.raises(FailedPrecondition):
         await complete(store, ready.task_id, "w", 2, {})
     with pytest.raises(NotFound):
         await complete(store, "no-such-task", "w", 1, {})
-    task = (await store.get_run(created.run.run_id)).tasks[0]
+    task = (await store.get_run(ready.run_id)).tasks[0]
     assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
 
 
@@ -306,9 +312,7 @@ async def test_trigger_checks_its_references(store: Store) -> None:
 
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
     await register(store, "w")
-    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    [ready] = created.effects.queued
-    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    ready = await held_by(store, "w")
     effects = await store.deregister_agent("w", NOW, ignore)
     assert [t.task_id for t in effects.queued] == [ready.task_id]
     assert [t.task_id for t in await store.load_queue()] == [ready.task_id]
@@ -383,9 +387,7 @@ async def test_completions_in_one_batch_move_their_run_once(store: Store) -> Non
 async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Store) -> None:
     await register(store, "w")
     await register(store, "other")
-    created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    [ready] = created.effects.queued
-    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    ready = await held_by(store, "w")
     first, again, stranger = await asyncio.gather(
         complete(store, ready.task_id, "w", 1, {"n": 1}),
         complete(store, ready.task_id, "w", 1, {"n": 2}),
@@ -396,7 +398,7 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert [h.task_id for h in first.released] == [ready.task_id]
     assert again == Effects()
     assert isinstance(stranger, FailedPrecondition)
-    task = (await store.get_run(created.run.run_id)).tasks[0]
+    task = (await store.get_run(ready.run_id)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
 
 
