@@ -349,6 +349,22 @@ async def test_concurrent_writes_share_transactions(store: Store) -> None:
     assert batches < 50
 
 
+async def test_writes_arriving_over_the_next_turns_join_the_batch(store: Store) -> None:
+    await register(store, "w")
+    writer = store._writer  # the batching is what this test is about
+
+    async def after_turns(turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await store.touch_agent("w", NOW)
+
+    before = writer.batches
+    # Each write arrives one turn of the loop after the one before it, as the RPCs of agents
+    # answering together do: the first waits for the others rather than committing alone.
+    await asyncio.gather(*(after_turns(turns) for turns in range(5)))
+    assert writer.batches == before + 1
+
+
 async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     await register(store, "w")
     later = NOW + timedelta(days=1)
