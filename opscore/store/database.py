@@ -224,6 +224,7 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str, **options: Any) -> None:
         self.engine: AsyncEngine = create_async_engine(url, **options)
+        _configure_postgres(self.engine)
 
     async def run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Run `work` on a pooled connection through the greenlet bridge."""
@@ -233,6 +234,41 @@ class PostgresDatabase(Database):
     async def dispose(self) -> None:
         """Close the pool."""
         await self.engine.dispose()
+
+
+def _configure_postgres(engine: AsyncEngine) -> None:
+    """Plan every statement for its own parameters when the server runs without autovacuum.
+
+    The driver prepares each statement, and after five executions PostgreSQL may keep one generic
+    plan for it, made for the tables as they were then. Ops-Core's tables grow from empty: a plan
+    made over a few dozen rows (sequential scans, hash joins) stays until an ANALYZE invalidates
+    it, which autovacuum does within a minute and a server without autovacuum never does. Measured
+    here (autovacuum off) on 1-task runs: 489 -> 314 tasks/s over a minute with the cached plans,
+    459-483 throughout with plans made per execution. With autovacuum on (PostgreSQL's default)
+    the cached plans are kept: with fresh statistics they were 13-25% faster."""
+    warned = False
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        nonlocal warned
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT current_setting('autovacuum')")
+            row = cursor.fetchone()
+            assert row is not None  # a setting always has a value
+            autovacuum = row[0]
+            if autovacuum != "on":
+                cursor.execute("SET plan_cache_mode = force_custom_plan")
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "PostgreSQL runs without autovacuum: statements are planned on every "
+                        "execution, and nothing removes dead rows or refreshes statistics unless "
+                        "VACUUM ANALYZE is run by hand",
+                        extra={"autovacuum": autovacuum},
+                    )
+        finally:
+            cursor.close()
 
 
 def _begin_waiting(dbapi_connection: DBAPIConnection) -> None:

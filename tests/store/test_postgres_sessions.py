@@ -1,0 +1,42 @@
+"""How Ops-Core's PostgreSQL sessions are set up, on the server the tests run against."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from conftest import POSTGRES_URL, postgres_database
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from opscore.store.database import open_database
+
+pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
+
+
+def settings(conn: Connection) -> tuple[str, str]:
+    autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one()
+    plan_cache_mode = conn.execute(text("SHOW plan_cache_mode")).scalar_one()
+    return autovacuum, plan_cache_mode
+
+
+async def test_statements_are_planned_per_execution_only_without_autovacuum(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="opscore.store")
+    async with postgres_database() as url:
+        database = open_database(url)
+        try:
+            # Two sessions at once: every pooled session is set up, and the warning comes once.
+            first, second = await asyncio.gather(
+                database.run(settings, write=False), database.run(settings, write=False)
+            )
+        finally:
+            await database.dispose()
+    autovacuum, plan_cache_mode = first
+    without = autovacuum != "on"
+    assert plan_cache_mode == ("force_custom_plan" if without else "auto")
+    assert second == first
+    warnings = [r for r in caplog.records if "without autovacuum" in r.getMessage()]
+    assert len(warnings) == (1 if without else 0)
