@@ -11,12 +11,13 @@ time. On PostgreSQL the same checks run inside SQLAlchemy's greenlet bridge, as 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import POSTGRES_URL, postgres_database
+from conftest import BACKENDS, postgres_database
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, insert
@@ -48,10 +49,16 @@ times = st.datetimes(
 )
 
 
-@pytest.fixture
-def databases() -> Iterator[Pair]:
-    """Two empty SQLite databases with the schema: one written through `Prepared`, one through
-    Core. Each runs in a transaction that is rolled back."""
+Pair = tuple[Connection, Connection]
+"""A database written through `Prepared`, and one written through Core."""
+
+Check = Callable[[Pair], None]
+"""A check run on a pair of databases, each in a transaction that is rolled back after it."""
+
+
+@contextmanager
+def sqlite_pair() -> Iterator[Pair]:
+    """Two empty in-memory SQLite databases with the schema."""
     engines = [create_engine("sqlite+pysqlite://") for _ in range(2)]
     for engine in engines:
         metadata.create_all(engine)
@@ -61,16 +68,10 @@ def databases() -> Iterator[Pair]:
         core.rollback()
 
 
-Pair = tuple[Connection, Connection]
-"""A database written through `Prepared`, and one written through Core."""
-
-
-@pytest.fixture
+@asynccontextmanager
 async def postgres_pair() -> AsyncIterator[tuple[AsyncConnection, AsyncConnection]]:
-    """Two empty PostgreSQL databases with the schema, as `databases` (on the store's driver,
-    with the store's session set-up); the checks run in `on_postgres`."""
-    if not POSTGRES_URL:
-        pytest.skip("OPSCORE_TEST_POSTGRES_URL is not set")
+    """Two empty PostgreSQL databases with the schema, on the store's driver and with the
+    store's session set-up."""
     async with postgres_database() as lean_url, postgres_database() as core_url:
         stores = [PostgresDatabase(normalize_url(url)) for url in (lean_url, core_url)]
         try:
@@ -88,12 +89,27 @@ async def postgres_pair() -> AsyncIterator[tuple[AsyncConnection, AsyncConnectio
                 await store.dispose()
 
 
-async def on_postgres(
-    pair: tuple[AsyncConnection, AsyncConnection], check: Callable[[Pair], None]
-) -> None:
-    """Run `check` on the two databases' connections, inside the greenlet bridge."""
-    lean, core = pair
-    await lean.run_sync(lambda lean_sync: check((lean_sync, core.sync_connection)))
+RunCheck = Callable[[Check], Awaitable[None]]
+
+
+@pytest.fixture(params=BACKENDS)
+async def run_check(request: pytest.FixtureRequest) -> AsyncIterator[RunCheck]:
+    """Runs a check on a pair of each backend. On PostgreSQL the check runs inside SQLAlchemy's
+    greenlet bridge, as the store's operations do."""
+    if request.param == "sqlite":
+        with sqlite_pair() as pair:
+
+            async def on_sqlite(check: Check) -> None:
+                check(pair)
+
+            yield on_sqlite
+        return
+    async with postgres_pair() as (lean, core):
+
+        async def on_postgres(check: Check) -> None:
+            await lean.run_sync(lambda lean_sync: check((lean_sync, core.sync_connection)))
+
+        yield on_postgres
 
 
 def run_both(dbs: Pair, statement: Prepared, params: Any) -> None:
@@ -165,14 +181,8 @@ def writes_match(
     assert stored(lean) == stored(core)
 
 
-def test_writes_store_what_core_stores(databases: Pair) -> None:
-    writes_match(databases)
-
-
-async def test_writes_store_what_core_stores_on_postgresql(
-    postgres_pair: tuple[AsyncConnection, AsyncConnection],
-) -> None:
-    await on_postgres(postgres_pair, writes_match)
+async def test_writes_store_what_core_stores(run_check: RunCheck) -> None:
+    await run_check(writes_match)
 
 
 @settings(max_examples=40, deadline=None)
@@ -248,14 +258,8 @@ def reads_match(
     assert [json.loads(row.labels) for row in shapes] == [{"zone": "\u00fc"}] * 3
 
 
-def test_reads_give_what_core_gives(databases: Pair) -> None:
-    reads_match(databases)
-
-
-async def test_reads_give_what_core_gives_on_postgresql(
-    postgres_pair: tuple[AsyncConnection, AsyncConnection],
-) -> None:
-    await on_postgres(postgres_pair, reads_match)
+async def test_reads_give_what_core_gives(run_check: RunCheck) -> None:
+    await run_check(reads_match)
 
 
 def error_matches(databases: Pair) -> None:
@@ -269,11 +273,5 @@ def error_matches(databases: Pair) -> None:
         core.execute(queries._INSERT_RUN.statement, [a_run("r2", when, {}), a_run("r1", when, {})])
 
 
-def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(databases: Pair) -> None:
-    error_matches(databases)
-
-
-async def test_a_driver_error_is_raised_as_sqlalchemy_raises_it_on_postgresql(
-    postgres_pair: tuple[AsyncConnection, AsyncConnection],
-) -> None:
-    await on_postgres(postgres_pair, error_matches)
+async def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(run_check: RunCheck) -> None:
+    await run_check(error_matches)
