@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import AdaptedConnection, Connection, Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -251,24 +251,25 @@ def _configure_postgres(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         nonlocal warned
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("SELECT current_setting('autovacuum')")
-            row = cursor.fetchone()
-            assert row is not None  # a setting always has a value
-            autovacuum = row[0]
-            if autovacuum != "on":
-                cursor.execute("SET plan_cache_mode = force_custom_plan")
-                if not warned:
-                    warned = True
-                    log.warning(
-                        "PostgreSQL runs without autovacuum: statements are planned on every "
-                        "execution, and nothing removes dead rows or refreshes statistics unless "
-                        "VACUUM ANALYZE is run by hand",
-                        extra={"autovacuum": autovacuum},
-                    )
-        finally:
-            cursor.close()
+        assert isinstance(dbapi_connection, AdaptedConnection)  # asyncpg, adapted
+        # On asyncpg's own connection, outside any transaction: a SET made through the adapted
+        # cursor would begin one, and a first transaction that rolls back would undo it.
+        autovacuum = dbapi_connection.run_async(
+            lambda driver: driver.fetchval("SELECT current_setting('autovacuum')")
+        )
+        if autovacuum == "on":
+            return
+        dbapi_connection.run_async(
+            lambda driver: driver.execute("SET plan_cache_mode = force_custom_plan")
+        )
+        if not warned:
+            warned = True
+            log.warning(
+                "PostgreSQL runs without autovacuum: statements are planned on every execution, "
+                "and nothing removes dead rows or refreshes statistics unless VACUUM ANALYZE is "
+                "run by hand",
+                extra={"autovacuum": autovacuum},
+            )
 
 
 def _begin_waiting(dbapi_connection: DBAPIConnection) -> None:

@@ -223,6 +223,8 @@ def _bind_numbered(compiled: _Compiled, params: Params) -> tuple[str, list[Any]]
 
 
 def _expand(compiled: _Compiled, given: list[Any]) -> _Expansion:
+    """SQLAlchemy's expansion for lists of these lengths, and where each of its parameters comes
+    from: the values differ from call to call, the text and the order only with the lengths."""
     state = compiled.compiler.construct_expanded_state(
         {slot.name: value for slot, value in zip(compiled.slots, given, strict=True)},
         escape_names=False,

@@ -10,7 +10,7 @@ from conftest import POSTGRES_URL, postgres_database
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from opscore.store.database import open_database
+from opscore.store.database import PostgresDatabase, normalize_url, open_database
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
 
@@ -19,6 +19,11 @@ def settings(conn: Connection) -> tuple[str, str]:
     autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one()
     plan_cache_mode = conn.execute(text("SHOW plan_cache_mode")).scalar_one()
     return autovacuum, plan_cache_mode
+
+
+def expected(autovacuum: str) -> str:
+    """Statements planned per execution only where nothing would ever replan them."""
+    return "auto" if autovacuum == "on" else "force_custom_plan"
 
 
 async def test_statements_are_planned_per_execution_only_without_autovacuum(
@@ -35,8 +40,23 @@ async def test_statements_are_planned_per_execution_only_without_autovacuum(
         finally:
             await database.dispose()
     autovacuum, plan_cache_mode = first
-    without = autovacuum != "on"
-    assert plan_cache_mode == ("force_custom_plan" if without else "auto")
+    assert plan_cache_mode == expected(autovacuum)
     assert second == first
     warnings = [r for r in caplog.records if "without autovacuum" in r.getMessage()]
-    assert len(warnings) == (1 if without else 0)
+    assert len(warnings) == (0 if autovacuum == "on" else 1)
+
+
+async def test_the_session_setting_outlives_a_first_transaction_that_rolls_back() -> None:
+    def fail(conn: Connection) -> None:
+        conn.execute(text("SELECT 1"))
+        raise RuntimeError("rolled back")
+
+    async with postgres_database() as url:
+        database = PostgresDatabase(normalize_url(url), pool_size=1, max_overflow=0)
+        try:
+            with pytest.raises(RuntimeError):
+                await database.run(fail, write=True)
+            autovacuum, plan_cache_mode = await database.run(settings, write=False)
+        finally:
+            await database.dispose()
+    assert plan_cache_mode == expected(autovacuum)
