@@ -17,7 +17,7 @@ that SQLAlchemy's greenlet bridge adapts (which begins the transaction as Core w
 converts values with the same processors SQLAlchemy would use, taken from the statement's own
 types, so what it stores and reads back is exactly what Core stores and reads (a test runs each
 hot statement both ways, on both databases, and compares). Expanding `IN` parameters get one
-placeholder per value, as SQLAlchemy's own expansion does: `?` each on SQLite; on PostgreSQL,
+parameter marker per value, as SQLAlchemy's own expansion does: `?` each on SQLite; on PostgreSQL,
 where expanding renumbers every `$n`, SQLAlchemy's expansion itself, once for each length of the
 lists. Either way the rows come back with attribute access by column name.
 """
@@ -181,7 +181,7 @@ def _values(slots: Sequence[_Slot], params: Params) -> list[Any]:
 
 
 def _bind(compiled: _Compiled, params: Params) -> tuple[str, list[Any]]:
-    """The SQL text with each expanding parameter given one placeholder per value, and the
+    """The SQL text with each expanding parameter given one parameter marker per value, and the
     values."""
     if not compiled.expanding:
         return compiled.sql, _values(compiled.slots, params)
