@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, exists, or_, select, update
+from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import (
@@ -191,7 +191,8 @@ Siblings = dict[str, dict[str, Sibling]]
 
 def context_of(conn: Connection, rows_: Sequence[Any]) -> Siblings:
     """In one statement, the tasks of these rows' runs that their assignments refer to: the
-    tasks they depend on, and every task with a fallback (a row may be a fallback)."""
+    tasks they depend on, and every task with a fallback (a row may be a fallback); and in one
+    more, when a dependency failed and was stood in for, the fallbacks that stood in."""
     if not rows_:
         return {}
     names = sorted({name for row in rows_ for name in row.depends_on})
@@ -206,11 +207,17 @@ def context_of(conn: Connection, rows_: Sequence[Any]) -> Siblings:
         for task in tasks.values()
         if task.fallback and task.state is TaskState.FAILED and task.fallback not in tasks
     }
-    for run_id, name in standing_in:
-        found_row = conn.execute(
-            select(*_SIBLING_COLUMNS).where(_tasks.c.run_id == run_id, _tasks.c.name == name)
-        ).one()
-        context[run_id][name] = Sibling.of(found_row)
+    if standing_in:
+        fallbacks = select(*_SIBLING_COLUMNS).where(
+            or_(
+                *(
+                    and_(_tasks.c.run_id == run_id, _tasks.c.name == name)
+                    for run_id, name in standing_in
+                )
+            )
+        )
+        for found_row in conn.execute(fallbacks):
+            context[found_row.run_id][found_row.name] = Sibling.of(found_row)
     return context
 
 

@@ -653,11 +653,10 @@ class Store:
         if not definition_id:
             name = request.definition_name
             if name not in latest:
-                latest_found = _LATEST_DEFINITION.rows(conn, {"b_name": name})
-                found = latest_found[0].definition_id if latest_found else None
-                if found is None:
+                found = _LATEST_DEFINITION.rows(conn, {"b_name": name})
+                if not found:
                     raise NotFound("workflow definition named", name)
-                latest[name] = found
+                latest[name] = found[0].definition_id
             definition_id = latest[name]
         stored = self._definition(conn, definition_id)
         return stored.name, stored.definition_id, stored.tasks
