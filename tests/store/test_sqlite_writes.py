@@ -5,6 +5,7 @@ behind and the writer connection usable."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -111,3 +112,22 @@ async def test_the_wal_is_checkpointed_beside_the_writes(
     await database.run(add_definition("last"), write=True)
     await database.checkpointed()
     assert in_database_file() == CHECKPOINT_EVERY - 1
+
+
+async def test_the_wal_starts_over_while_writes_go_on(
+    database: SqliteDatabase, sqlite_url: str
+) -> None:
+    """Under writes that never pause, the WAL is written again from its start after each
+    checkpoint instead of growing without end (a checkpoint beside the writes never catches up
+    with the last commit on its own)."""
+    wal = sqlite_url.removeprefix("sqlite:///") + "-wal"
+
+    def wal_size() -> int:
+        return os.path.getsize(wal)
+
+    for index in range(CHECKPOINT_EVERY):
+        await database.run(add_definition(f"first{index}"), write=True)
+    one_period = wal_size()
+    for index in range(5 * CHECKPOINT_EVERY):
+        await database.run(add_definition(f"d{index}"), write=True)
+    assert wal_size() < 3 * one_period
