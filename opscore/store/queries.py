@@ -69,6 +69,8 @@ from opscore.store.changes import SUCCEED_TASK, Changes, GraphTask, apply_transi
 from opscore.store.database import Database
 from opscore.store.prepared import Prepared
 from opscore.store.tables import (
+    TASK_IS_ASSIGNED,
+    TASK_IS_QUEUED,
     AgentCapabilityRow,
     AgentRow,
     DefinitionRow,
@@ -97,7 +99,7 @@ _running_count = (
     select(func.count())
     .where(
         metadata.tables["tasks"].c.agent_id == metadata.tables["agents"].c.agent_id,
-        metadata.tables["tasks"].c.state == TaskState.ASSIGNED.value,
+        TASK_IS_ASSIGNED,
     )
     .correlate(metadata.tables["agents"])
     .scalar_subquery()
@@ -379,7 +381,7 @@ class Store:
             effects = Effects()
             held = conn.execute(
                 select(_tasks)
-                .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
+                .where(_tasks.c.agent_id == agent_id, TASK_IS_ASSIGNED)
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
                 .with_for_update()
             )
@@ -449,7 +451,7 @@ class Store:
             agent = _get_agent(conn, agent_id)
             held_rows = conn.execute(
                 select(_tasks)
-                .where(_tasks.c.agent_id == agent_id, _tasks.c.state == TaskState.ASSIGNED.value)
+                .where(_tasks.c.agent_id == agent_id, TASK_IS_ASSIGNED)
                 .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
             ).all()
             context = assignments.context_of(conn, held_rows)
@@ -735,7 +737,7 @@ class Store:
                     _tasks.c.pinned_agent_id,
                     _tasks.c.not_before,
                 )
-                .where(_tasks.c.state == TaskState.QUEUED.value)
+                .where(TASK_IS_QUEUED)
                 .order_by(_tasks.c.queued_at, _tasks.c.task_id)
             )
             return [rows.ready_task(row) for row in result]
@@ -889,11 +891,7 @@ class Store:
 
         def op(conn: Connection) -> tuple[datetime | None, datetime | None]:
             deadline = (
-                conn.execute(
-                    select(func.min(_tasks.c.deadline)).where(
-                        _tasks.c.state == TaskState.ASSIGNED.value
-                    )
-                )
+                conn.execute(select(func.min(_tasks.c.deadline)).where(TASK_IS_ASSIGNED))
             ).scalar_one_or_none()
             disconnected = (
                 conn.execute(
@@ -916,7 +914,7 @@ class Store:
             due = (
                 conn.execute(
                     select(_tasks.c.task_id)
-                    .where(_tasks.c.state == TaskState.ASSIGNED.value, _tasks.c.deadline <= now)
+                    .where(TASK_IS_ASSIGNED, _tasks.c.deadline <= now)
                     .order_by(_tasks.c.deadline)
                     .limit(limit)
                 )
@@ -950,7 +948,7 @@ class Store:
                     select(_tasks.c.task_id)
                     .where(
                         _tasks.c.agent_id.in_(lost_ids),
-                        _tasks.c.state == TaskState.ASSIGNED.value,
+                        TASK_IS_ASSIGNED,
                     )
                     .order_by(_tasks.c.assigned_at)
                 )

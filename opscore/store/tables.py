@@ -20,6 +20,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    literal_column,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -35,6 +37,11 @@ NAMING_CONVENTION = {
 
 ID = String(128)
 """Ids: server-assigned UUIDv7 strings, or client-chosen agent ids of at most 128 characters."""
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """The keyword arguments that make an index partial on both backends."""
+    return {"sqlite_where": text(condition), "postgresql_where": text(condition)}
 
 
 class Base(DeclarativeBase):
@@ -121,9 +128,14 @@ class TaskRow(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("run_id", "name"),
-        Index(None, "state", "queued_at"),
-        Index(None, "agent_id", "state"),
-        Index(None, "state", "deadline"),
+        # Partial: only the tasks waiting for an agent, or held by one, are in the indexes the
+        # server finds them by. Finished tasks, nearly all of a database that has run for a
+        # while, never enter them, and a task's change of state touches only the indexes it
+        # enters or leaves instead of all three. Queries name the state as a literal (see
+        # `TASK_IS_QUEUED`) so that every plan, generic ones included, can use them.
+        Index("ix_tasks_queued", "queued_at", "task_id", **_where("state = 'queued'")),
+        Index("ix_tasks_assigned_deadline", "deadline", **_where("state = 'assigned'")),
+        Index("ix_tasks_assigned_agent_id", "agent_id", **_where("state = 'assigned'")),
     )
 
     task_id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -156,3 +168,9 @@ class TaskRow(Base):
 
 
 metadata = Base.metadata
+
+_task_state = metadata.tables[TaskRow.__tablename__].c.state
+TASK_IS_QUEUED = _task_state == literal_column("'queued'")
+"""`tasks.state = 'queued'`, written into the SQL as the partial index says it (not bound)."""
+TASK_IS_ASSIGNED = _task_state == literal_column("'assigned'")
+"""`tasks.state = 'assigned'`, written into the SQL as the partial indexes say it."""
