@@ -105,8 +105,9 @@ def _insert_in_waiting_order(group: OrderedDict[str, _LiveAgent], agent: _LiveAg
     """Append (the common case: the agent has just started waiting), or re-sort when an agent
     that has waited for a while is filed again (its capabilities changed)."""
     group[agent.profile.agent_id] = agent
-    if len(group) > 1 and next(reversed(group.values())) is agent:
-        previous = list(group.values())[-2]
+    newest_first = reversed(group.values())  # not a list: the group may hold the whole fleet
+    if len(group) > 1 and next(newest_first) is agent:
+        previous = next(newest_first)
         if previous.waiting_since > agent.waiting_since:
             ordered = sorted(group.values(), key=lambda live: live.waiting_since)
             group.clear()

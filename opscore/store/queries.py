@@ -184,6 +184,46 @@ _TOUCH_AGENT = (
     .where(_agents.c.agent_id == bindparam("b_agent_id"))
     .values(last_seen_at=bindparam("b_now"))
 )
+# An agent's registration and connection: every agent of a fleet runs them, ten thousand at a
+# time when a server restarts, so they are built once too.
+_UPDATE_REGISTRATION = (
+    update(_agents)
+    .where(_agents.c.agent_id == bindparam("b_agent_id"))
+    .values(
+        name=bindparam("b_name"),
+        version=bindparam("b_version"),
+        labels=bindparam("b_labels", type_=_agents.c.labels.type),
+        max_concurrent_tasks=bindparam("b_max_concurrent_tasks"),
+        last_seen_at=bindparam("b_now", type_=_agents.c.last_seen_at.type),
+    )
+)
+_INSERT_AGENT = insert(_agents)
+_DELETE_CAPABILITIES = delete(_capabilities).where(
+    _capabilities.c.agent_id == bindparam("b_agent_id")
+)
+_INSERT_CAPABILITIES = insert(_capabilities)
+_CONNECT_AGENT = (
+    update(_agents)
+    .where(_agents.c.agent_id == bindparam("b_agent_id"))
+    .values(
+        connected=True,
+        last_seen_at=bindparam("b_now", type_=_agents.c.last_seen_at.type),
+        disconnected_at=None,
+    )
+)
+_AGENT = select(_agents, _running_count.label("running")).where(
+    _agents.c.agent_id == bindparam("b_agent_id")
+)
+_CAPABILITIES_OF = (
+    select(_capabilities.c.agent_id, _capabilities.c.capability)
+    .where(_capabilities.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
+    .order_by(_capabilities.c.agent_id, _capabilities.c.capability)
+)
+_HELD_TASKS = (
+    select(_tasks)
+    .where(_tasks.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED)
+    .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,31 +377,37 @@ class Store:
 
         def op(conn: Connection) -> Agent:
             agent_id = registration.agent_id or new_id()
-            values = {
-                "name": registration.name,
-                "version": registration.version,
-                "labels": registration.labels,
-                "max_concurrent_tasks": registration.max_concurrent_tasks,
-                "last_seen_at": now,
-            }
             updated = conn.execute(
-                update(_agents).where(_agents.c.agent_id == agent_id).values(**values)
+                _UPDATE_REGISTRATION,
+                {
+                    "b_agent_id": agent_id,
+                    "b_name": registration.name,
+                    "b_version": registration.version,
+                    "b_labels": registration.labels,
+                    "b_max_concurrent_tasks": registration.max_concurrent_tasks,
+                    "b_now": now,
+                },
             )
             if updated.rowcount == 0:
                 conn.execute(
-                    insert(_agents).values(
-                        agent_id=agent_id,
-                        reported_state=ReportedState.NONE.value,
-                        state_detail="",
-                        connected=False,
-                        registered_at=now,
-                        **values,
-                    )
+                    _INSERT_AGENT,
+                    {
+                        "agent_id": agent_id,
+                        "name": registration.name,
+                        "version": registration.version,
+                        "labels": registration.labels,
+                        "max_concurrent_tasks": registration.max_concurrent_tasks,
+                        "reported_state": ReportedState.NONE.value,
+                        "state_detail": "",
+                        "connected": False,
+                        "registered_at": now,
+                        "last_seen_at": now,
+                    },
                 )
-            conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            conn.execute(_DELETE_CAPABILITIES, {"b_agent_id": agent_id})
             if registration.capabilities:
                 conn.execute(
-                    insert(_capabilities),
+                    _INSERT_CAPABILITIES,
                     [
                         {"agent_id": agent_id, "capability": capability}
                         for capability in dict.fromkeys(registration.capabilities)
@@ -441,19 +487,11 @@ class Store:
         """
 
         def op(conn: Connection) -> Connected:
-            result = conn.execute(
-                update(_agents)
-                .where(_agents.c.agent_id == agent_id)
-                .values(connected=True, last_seen_at=now, disconnected_at=None)
-            )
+            result = conn.execute(_CONNECT_AGENT, {"b_agent_id": agent_id, "b_now": now})
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
             agent = _get_agent(conn, agent_id)
-            held_rows = conn.execute(
-                select(_tasks)
-                .where(_tasks.c.agent_id == agent_id, TASK_IS_ASSIGNED)
-                .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
-            ).all()
+            held_rows = conn.execute(_HELD_TASKS, {"b_agent_id": agent_id}).all()
             context = assignments.context_of(conn, held_rows)
             held = [
                 assignments.assignment(
@@ -1049,11 +1087,7 @@ def _state_condition(state: AgentState) -> Any:
 def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[str, ...]]:
     if not agent_ids:
         return {}
-    result = conn.execute(
-        select(_capabilities.c.agent_id, _capabilities.c.capability)
-        .where(_capabilities.c.agent_id.in_(agent_ids))
-        .order_by(_capabilities.c.agent_id, _capabilities.c.capability)
-    )
+    result = conn.execute(_CAPABILITIES_OF, {"b_agent_ids": agent_ids})
     grouped: dict[str, list[str]] = {}
     for agent_id, capability in result:
         grouped.setdefault(agent_id, []).append(capability)
@@ -1061,11 +1095,7 @@ def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[
 
 
 def _get_agent(conn: Connection, agent_id: str) -> Agent:
-    row = (
-        conn.execute(
-            select(_agents, _running_count.label("running")).where(_agents.c.agent_id == agent_id)
-        )
-    ).first()
+    row = conn.execute(_AGENT, {"b_agent_id": agent_id}).first()
     if row is None:
         raise NotFound("agent", agent_id)
     capabilities = _capabilities_of(conn, [agent_id])
