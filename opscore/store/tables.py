@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from opscore.domain.models import TaskState
 from opscore.store.types import UTCDateTime, json_type
 
 NAMING_CONVENTION = {
@@ -39,9 +40,11 @@ ID = String(128)
 """Ids: server-assigned UUIDv7 strings, or client-chosen agent ids of at most 128 characters."""
 
 
-def _where(condition: str) -> dict[str, Any]:
-    """The keyword arguments that make an index partial on both backends."""
-    return {"sqlite_where": text(condition), "postgresql_where": text(condition)}
+def _in_state(state: TaskState) -> dict[str, Any]:
+    """The keyword arguments that make an index hold only the tasks in `state`, on both
+    backends."""
+    condition = text(f"state = '{state.value}'")
+    return {"sqlite_where": condition, "postgresql_where": condition}
 
 
 class Base(DeclarativeBase):
@@ -133,9 +136,9 @@ class TaskRow(Base):
         # while, never enter them, and a task's change of state touches only the indexes it
         # enters or leaves instead of all three. Queries name the state as a literal (see
         # `TASK_IS_QUEUED`) so that every plan, generic ones included, can use them.
-        Index("ix_tasks_queued", "queued_at", "task_id", **_where("state = 'queued'")),
-        Index("ix_tasks_assigned_deadline", "deadline", **_where("state = 'assigned'")),
-        Index("ix_tasks_assigned_agent_id", "agent_id", **_where("state = 'assigned'")),
+        Index("ix_tasks_queued", "queued_at", "task_id", **_in_state(TaskState.QUEUED)),
+        Index("ix_tasks_assigned_deadline", "deadline", **_in_state(TaskState.ASSIGNED)),
+        Index("ix_tasks_assigned_agent_id", "agent_id", **_in_state(TaskState.ASSIGNED)),
     )
 
     task_id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -170,7 +173,7 @@ class TaskRow(Base):
 metadata = Base.metadata
 
 _task_state = metadata.tables[TaskRow.__tablename__].c.state
-TASK_IS_QUEUED = _task_state == literal_column("'queued'")
+TASK_IS_QUEUED = _task_state == literal_column(f"'{TaskState.QUEUED.value}'")
 """`tasks.state = 'queued'`, written into the SQL as the partial index says it (not bound)."""
-TASK_IS_ASSIGNED = _task_state == literal_column("'assigned'")
+TASK_IS_ASSIGNED = _task_state == literal_column(f"'{TaskState.ASSIGNED.value}'")
 """`tasks.state = 'assigned'`, written into the SQL as the partial indexes say it."""
