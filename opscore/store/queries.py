@@ -199,7 +199,7 @@ _UPDATE_REGISTRATION = (
 )
 _INSERT_AGENT = insert(_agents)
 _DELETE_CAPABILITIES = delete(_capabilities).where(
-    _capabilities.c.agent_id == bindparam("b_agent_id")
+    _capabilities.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
 )
 _INSERT_CAPABILITIES = insert(_capabilities)
 _CONNECT_AGENT = (
@@ -211,8 +211,8 @@ _CONNECT_AGENT = (
         disconnected_at=None,
     )
 )
-_AGENT = select(_agents, _running_count.label("running")).where(
-    _agents.c.agent_id == bindparam("b_agent_id")
+_AGENTS = select(_agents, _running_count.label("running")).where(
+    _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
 )
 _CAPABILITIES_OF = (
     select(_capabilities.c.agent_id, _capabilities.c.capability)
@@ -221,8 +221,8 @@ _CAPABILITIES_OF = (
 )
 _HELD_TASKS = (
     select(_tasks)
-    .where(_tasks.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED)
-    .order_by(_tasks.c.assigned_at, _tasks.c.task_id)
+    .where(_tasks.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)), TASK_IS_ASSIGNED)
+    .order_by(_tasks.c.agent_id, _tasks.c.assigned_at, _tasks.c.task_id)
 )
 
 
@@ -232,6 +232,24 @@ class Connected:
 
     profile: AgentProfile
     held: list[Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRegistration:
+    """An agent's registration, as the store writes it."""
+
+    registration: AgentRegistration
+    now: datetime
+    on_commit: OnCommit[Agent]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """An agent's task stream opening, as the store records it."""
+
+    agent_id: str
+    now: datetime
+    on_commit: OnCommit[Connected]
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,49 +391,35 @@ class Store:
     async def register_agent(
         self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
     ) -> Agent:
-        """Insert the agent, or update its information keeping its history and tasks."""
+        """Insert the agent, or update its information keeping its history and tasks.
+        Set-based: every registration of a batch is written by one `_register_agents` (a fleet
+        registers all at once when a server restarts)."""
+        request = NewRegistration(registration, now, on_commit)
+        agent: Agent = await self._writer.submit_grouped(self._register_agents, request)
+        return agent
 
-        def op(conn: Connection) -> Agent:
-            agent_id = registration.agent_id or new_id()
-            updated = conn.execute(
-                _UPDATE_REGISTRATION,
-                {
-                    "b_agent_id": agent_id,
-                    "b_name": registration.name,
-                    "b_version": registration.version,
-                    "b_labels": registration.labels,
-                    "b_max_concurrent_tasks": registration.max_concurrent_tasks,
-                    "b_now": now,
-                },
+    def _register_agents(
+        self, conn: Connection, requests: Sequence[tuple[Tx, NewRegistration]]
+    ) -> list[Agent]:
+        agent_ids = [request.registration.agent_id or new_id() for _, request in requests]
+        outcomes: dict[int, Agent] = {}
+        # An agent registering twice in one batch: its later registration is written after the
+        # earlier one, as if they had come one after the other.
+        waiting = list(range(len(requests)))
+        while waiting:
+            taken: dict[str, int] = {}
+            for index in waiting:
+                taken.setdefault(agent_ids[index], index)
+            _write_registrations(
+                conn, [(agent_id, requests[index][1]) for agent_id, index in taken.items()]
             )
-            if updated.rowcount == 0:
-                conn.execute(
-                    _INSERT_AGENT,
-                    {
-                        "agent_id": agent_id,
-                        "name": registration.name,
-                        "version": registration.version,
-                        "labels": registration.labels,
-                        "max_concurrent_tasks": registration.max_concurrent_tasks,
-                        "reported_state": ReportedState.NONE.value,
-                        "state_detail": "",
-                        "connected": False,
-                        "registered_at": now,
-                        "last_seen_at": now,
-                    },
-                )
-            conn.execute(_DELETE_CAPABILITIES, {"b_agent_id": agent_id})
-            if registration.capabilities:
-                conn.execute(
-                    _INSERT_CAPABILITIES,
-                    [
-                        {"agent_id": agent_id, "capability": capability}
-                        for capability in dict.fromkeys(registration.capabilities)
-                    ],
-                )
-            return _get_agent(conn, agent_id)
-
-        return await self._write(op, on_commit)
+            agents = _agents_by_id(conn, list(taken))
+            for agent_id, index in taken.items():
+                outcomes[index] = agents[agent_id]
+            waiting = [index for index in waiting if index not in outcomes]
+        for index, (tx, request) in enumerate(requests):
+            tx.after_commit(functools.partial(request.on_commit, outcomes[index]))
+        return [outcomes[index] for index in range(len(requests))]
 
     async def deregister_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
@@ -483,26 +487,47 @@ class Store:
     ) -> Connected:
         """Mark the agent connected and read what the dispatcher needs: its profile and the
         attempts it holds (to send again). Runs through the writer so the snapshot sits at an
-        exact point of the commit order.
+        exact point of the commit order. Set-based: every stream a batch opens is recorded by
+        one `_connect_agents`.
         """
+        request = StreamOpened(agent_id, now, on_commit)
+        connected: Connected = await self._writer.submit_grouped(self._connect_agents, request)
+        return connected
 
-        def op(conn: Connection) -> Connected:
-            result = conn.execute(_CONNECT_AGENT, {"b_agent_id": agent_id, "b_now": now})
-            if result.rowcount == 0:
-                raise NotFound("agent", agent_id)
-            agent = _get_agent(conn, agent_id)
-            held_rows = conn.execute(_HELD_TASKS, {"b_agent_id": agent_id}).all()
-            context = assignments.context_of(conn, held_rows)
-            held = [
+    def _connect_agents(
+        self, conn: Connection, requests: Sequence[tuple[Tx, StreamOpened]]
+    ) -> list[Connected | OpsCoreError]:
+        wanted = sorted({request.agent_id for _, request in requests})
+        known = sorted(row.agent_id for row in _KNOWN_AGENTS.rows(conn, {"b_agent_ids": wanted}))
+        if known:
+            conn.execute(
+                _CONNECT_AGENT,
+                [
+                    {"b_agent_id": request.agent_id, "b_now": request.now}
+                    for _, request in requests
+                    if request.agent_id in known
+                ],
+            )
+        agents = _agents_by_id(conn, known)
+        held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": known}).all() if known else []
+        context = assignments.context_of(conn, held_rows)
+        held: dict[str, list[Assignment]] = {}
+        for row in held_rows:
+            held.setdefault(row.agent_id, []).append(
                 assignments.assignment(
-                    context, row, row.attempt, agent_id, row.deadline, redelivered=True
+                    context, row, row.attempt, row.agent_id, row.deadline, redelivered=True
                 )
-                for row in held_rows
-            ]
-            profile = agent.profile()
-            return Connected(profile, held)
-
-        return await self._write(op, on_commit)
+            )
+        outcomes: list[Connected | OpsCoreError] = []
+        for tx, request in requests:
+            agent = agents.get(request.agent_id)
+            if agent is None:
+                outcomes.append(NotFound("agent", request.agent_id))
+                continue
+            connected = Connected(agent.profile(), held.get(request.agent_id, []))
+            tx.after_commit(functools.partial(request.on_commit, connected))
+            outcomes.append(connected)
+        return outcomes
 
     async def disconnect_agent(
         self, agent_id: str, now: datetime, still_current: Callable[[], bool]
@@ -1095,11 +1120,71 @@ def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[
 
 
 def _get_agent(conn: Connection, agent_id: str) -> Agent:
-    row = conn.execute(_AGENT, {"b_agent_id": agent_id}).first()
-    if row is None:
+    found = _agents_by_id(conn, [agent_id]).get(agent_id)
+    if found is None:
         raise NotFound("agent", agent_id)
-    capabilities = _capabilities_of(conn, [agent_id])
-    return rows.agent(row, capabilities.get(agent_id, ()), row.running)
+    return found
+
+
+def _agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
+    """Those of these agents that exist, with their capabilities and running-task counts: two
+    statements, however many."""
+    if not agent_ids:
+        return {}
+    found = conn.execute(_AGENTS, {"b_agent_ids": agent_ids}).all()
+    capabilities = _capabilities_of(conn, [row.agent_id for row in found])
+    return {
+        row.agent_id: rows.agent(row, capabilities.get(row.agent_id, ()), row.running)
+        for row in found
+    }
+
+
+def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegistration]]) -> None:
+    """Insert or update these agents (each at most once) and replace their capabilities."""
+    agent_ids = [agent_id for agent_id, _ in registering]
+    existing = {row.agent_id for row in _KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
+    updates = []
+    inserts = []
+    for agent_id, request in registering:
+        registration = request.registration
+        if agent_id in existing:
+            updates.append(
+                {
+                    "b_agent_id": agent_id,
+                    "b_name": registration.name,
+                    "b_version": registration.version,
+                    "b_labels": registration.labels,
+                    "b_max_concurrent_tasks": registration.max_concurrent_tasks,
+                    "b_now": request.now,
+                }
+            )
+        else:
+            inserts.append(
+                {
+                    "agent_id": agent_id,
+                    "name": registration.name,
+                    "version": registration.version,
+                    "labels": registration.labels,
+                    "max_concurrent_tasks": registration.max_concurrent_tasks,
+                    "reported_state": ReportedState.NONE.value,
+                    "state_detail": "",
+                    "connected": False,
+                    "registered_at": request.now,
+                    "last_seen_at": request.now,
+                }
+            )
+    if updates:
+        conn.execute(_UPDATE_REGISTRATION, updates)
+    if inserts:
+        conn.execute(_INSERT_AGENT, inserts)
+    conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": agent_ids})
+    capabilities = [
+        {"agent_id": agent_id, "capability": capability}
+        for agent_id, request in registering
+        for capability in dict.fromkeys(request.registration.capabilities)
+    ]
+    if capabilities:
+        conn.execute(_INSERT_CAPABILITIES, capabilities)
 
 
 def _insert_definition(

@@ -339,6 +339,52 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
     assert not (await store.get_agent("w")).connected
 
 
+async def test_registrations_in_one_batch_each_get_their_own(store: Store) -> None:
+    """A fleet registers at once; an agent registering twice in the same batch is written as if
+    the registrations came one after the other: each caller sees its own, the later one stays."""
+    writer = store._writer  # that they share a batch is what this test is about
+    batches = writer.batches
+    registered = await asyncio.gather(
+        *(
+            store.register_agent(
+                AgentRegistration(f"r{index}", capabilities=(f"c{index}", "shared")), NOW, ignore
+            )
+            for index in range(20)
+        ),
+        store.register_agent(
+            AgentRegistration("r0", name="again", capabilities=("x",)), NOW, ignore
+        ),
+    )
+    assert writer.batches - batches < 5
+    assert [agent.capabilities for agent in registered[:3]] == [
+        ("c0", "shared"),
+        ("c1", "shared"),
+        ("c2", "shared"),
+    ]
+    assert (registered[-1].name, registered[-1].capabilities) == ("again", ("x",))
+    stored = await store.get_agent("r0")
+    assert (stored.name, stored.capabilities) == ("again", ("x",))
+
+
+async def test_streams_opened_in_one_batch_each_get_their_holds(store: Store) -> None:
+    for agent_id in ("s1", "s2", "s3"):
+        await register(store, agent_id)
+    first, second = await held_by(store, "s1"), await held_by(store, "s2")
+    await store.reset_connections(NOW)
+    opened = await asyncio.gather(
+        *(store.connect_agent(agent_id, NOW, ignore) for agent_id in ("s1", "s2", "s3", "ghost")),
+        return_exceptions=True,
+    )
+    assert [[a.task_id for a in c.held] for c in opened[:3]] == [  # type: ignore[union-attr]
+        [first.task_id],
+        [second.task_id],
+        [],
+    ]
+    assert isinstance(opened[3], NotFound)
+    for agent_id in ("s1", "s2", "s3"):
+        assert (await store.get_agent(agent_id)).connected
+
+
 async def test_concurrent_writes_share_transactions(store: Store) -> None:
     await register(store, "w")
     writer = store._writer  # the batching is what this test is about
