@@ -63,6 +63,12 @@ are left, at most CHECKPOINT_ROUNDS times."""
 CHECKPOINT_ROUNDS = 8
 """Most PASSIVE checkpoints in a row one background checkpoint runs (see CATCH_UP_FRAMES)."""
 
+HEAVY_FRAMES = 8192
+"""WAL frames (32 MiB of pages) written since the previous checkpoint beyond which the writer does
+not copy the rest itself that time (see `SqliteDatabase._restart_due`): right after 100,000
+tasks were inserted in bulk, copying the last few dozen pages held its next batch for 23-33 ms
+(the database file's sync). The next, lighter checkpoint starts the WAL over instead."""
+
 WRITER_MARK = "opscore_writer"
 """Set in the writer connection's `info`: its transactions begin IMMEDIATE (see below)."""
 
@@ -139,6 +145,8 @@ class SqliteDatabase(Database):
         copied."""
         self._commits_since_checkpoint = 0
         self._restart_pending = False
+        self._frames_at_checkpoint = 0
+        """The WAL's frames when the last background checkpoint ended (its thread's alone)."""
 
     async def run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Run a write's statements on the loop and its commit on the writer thread; a read
@@ -196,14 +204,17 @@ class SqliteDatabase(Database):
         so every fsync also wrote its new size: 270 µs against 140-170 µs for an fsync of
         pages written over, measured on this disk). So the writer copies what was committed
         since that checkpoint began itself, on its thread, between two of its transactions:
-        a few commits' pages (CATCH_UP_FRAMES). When the checkpointer left more (writes heavier
-        than it could follow), the next checkpoint tries again. Usually under a millisecond;
-        measured once at 23-26 ms, right after 100,000 tasks were inserted in bulk."""
+        a few commits' pages (CATCH_UP_FRAMES), usually in under a millisecond. When the
+        checkpointer left more (writes heavier than it could follow), or after a burst of writes
+        (HEAVY_FRAMES), the next checkpoint tries again."""
         checkpoint = self._checkpoint
         if not (self._restart_pending and checkpoint is not None and checkpoint.done()):
             return False
         self._restart_pending = False
-        return checkpoint.result()
+        if checkpoint.result():
+            self._frames_at_checkpoint = 0  # the WAL starts over
+            return True
+        return False
 
     async def checkpointed(self) -> None:
         """Return once the checkpoint under way, if any, is done."""
@@ -212,7 +223,8 @@ class SqliteDatabase(Database):
 
     def _run_checkpoint(self) -> bool:
         """Copy what the WAL holds into the database file, without waiting for anyone, again
-        while writes add more than CATCH_UP_FRAMES meanwhile. Whether that few are left."""
+        while writes add more than CATCH_UP_FRAMES meanwhile. Whether the writer is to copy the
+        rest itself: few frames are left, after a period that did not write many."""
         try:
             with self.engine.connect() as conn:
                 dbapi_connection = conn.connection.dbapi_connection
@@ -222,7 +234,12 @@ class SqliteDatabase(Database):
                         "PRAGMA wal_checkpoint(PASSIVE)"
                     ).fetchone()
                     if busy or frames - copied <= CATCH_UP_FRAMES:
-                        return not busy
+                        # Frames count from the WAL's last start: what came since the
+                        # previous checkpoint, unless the WAL started over since.
+                        since = self._frames_at_checkpoint
+                        written = frames - since if frames >= since else frames
+                        self._frames_at_checkpoint = frames
+                        return not busy and written <= HEAVY_FRAMES
         except Exception:  # the next one copies what this one did not
             log.warning("checkpoint failed", exc_info=True)
         return False
