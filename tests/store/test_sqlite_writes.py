@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from table_rows import a_task
 
+from opscore.store import database as database_module
 from opscore.store import migrate
 from opscore.store.database import CHECKPOINT_EVERY, SqliteDatabase, open_database
 from opscore.store.tables import metadata
@@ -131,3 +132,34 @@ async def test_the_wal_starts_over_while_writes_go_on(
     for index in range(5 * CHECKPOINT_EVERY):
         await database.run(add_definition(f"d{index}"), write=True)
     assert wal_size() < 3 * one_period
+
+
+async def test_after_a_burst_of_writes_the_wal_starts_over_at_a_lighter_checkpoint(
+    database: SqliteDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer copies the rest of the WAL itself (and so starts it over) only after a
+    checkpoint that followed light writes: after a burst, that copy held a batch for 23-33 ms."""
+    monkeypatch.setattr(database_module, "HEAVY_FRAMES", 50)
+
+    def burst(conn: Connection) -> None:  # about 250 pages
+        conn.execute(
+            insert(_definitions),
+            [
+                {
+                    "definition_id": f"burst{index}",
+                    "name": f"burst{index}",
+                    "version": 1,
+                    "description": "x" * 1000,
+                    "tasks": [],
+                    "request_id": None,
+                    "created_at": NOW,
+                }
+                for index in range(1000)
+            ],
+        )
+
+    await database.run(burst, write=True)
+    loop = asyncio.get_running_loop()
+    assert not await loop.run_in_executor(None, database._run_checkpoint)
+    await database.run(add_definition("light"), write=True)
+    assert await loop.run_in_executor(None, database._run_checkpoint)
