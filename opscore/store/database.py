@@ -65,9 +65,9 @@ CHECKPOINT_ROUNDS = 8
 
 HEAVY_FRAMES = 8192
 """WAL frames (32 MiB of pages) written since the previous checkpoint beyond which the writer does
-not copy the rest itself that time (see `SqliteDatabase._restart_due`): right after 100,000
-tasks were inserted in bulk, copying the last few dozen pages held its next batch for 23-33 ms
-(the database file's sync). The next, lighter checkpoint starts the WAL over instead."""
+not copy the rest itself at once (see `SqliteDatabase._restart_due`): right after 100,000 tasks
+were inserted in bulk, copying the last few dozen pages held its next batch for 23-33 ms (the
+database file's sync). Another checkpoint in the background goes first."""
 
 WRITER_MARK = "opscore_writer"
 """Set in the writer connection's `info`: its transactions begin IMMEDIATE (see below)."""
@@ -140,9 +140,8 @@ class SqliteDatabase(Database):
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="opscore-sqlite-reader")
         self._writer: Connection | None = None
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="opscore-sqlite-checkpoint")
-        self._checkpoint: Future[bool] | None = None
-        """The background checkpoint under way or last run; True if it left the WAL nearly all
-        copied."""
+        self._checkpoint: Future[int | None] | None = None
+        """The background checkpoint under way or last run (see `_run_checkpoint`)."""
         self._commits_since_checkpoint = 0
         self._restart_pending = False
         self._frames_at_checkpoint = 0
@@ -206,25 +205,31 @@ class SqliteDatabase(Database):
         since that checkpoint began itself, on its thread, between two of its transactions:
         a few commits' pages (CATCH_UP_FRAMES), usually in under a millisecond. When the
         checkpointer left more (writes heavier than it could follow), or after a burst of writes
-        (HEAVY_FRAMES), the next checkpoint tries again."""
+        (HEAVY_FRAMES), another checkpoint goes first."""
         checkpoint = self._checkpoint
         if not (self._restart_pending and checkpoint is not None and checkpoint.done()):
             return False
+        written = checkpoint.result()
+        if written is not None and written > HEAVY_FRAMES:
+            # One more checkpoint first: it finds little to copy, and it waits out on its own
+            # thread the sync that the database file takes after a burst.
+            self._checkpoint = self._checkpoints.submit(self._run_checkpoint)
+            return False
         self._restart_pending = False
-        if checkpoint.result():
-            self._frames_at_checkpoint = 0  # the WAL starts over
-            return True
-        return False
+        if written is None:
+            return False
+        self._frames_at_checkpoint = 0  # the WAL starts over
+        return True
 
     async def checkpointed(self) -> None:
         """Return once the checkpoint under way, if any, is done."""
         if self._checkpoint is not None:
             await asyncio.wrap_future(self._checkpoint)
 
-    def _run_checkpoint(self) -> bool:
+    def _run_checkpoint(self) -> int | None:
         """Copy what the WAL holds into the database file, without waiting for anyone, again
-        while writes add more than CATCH_UP_FRAMES meanwhile. Whether the writer is to copy the
-        rest itself: few frames are left, after a period that did not write many."""
+        while writes add more than CATCH_UP_FRAMES meanwhile. Once few are left, the frames
+        written since the previous checkpoint; None if more are left, or nothing could be done."""
         try:
             with self.engine.connect() as conn:
                 dbapi_connection = conn.connection.dbapi_connection
@@ -239,10 +244,10 @@ class SqliteDatabase(Database):
                         since = self._frames_at_checkpoint
                         written = frames - since if frames >= since else frames
                         self._frames_at_checkpoint = frames
-                        return not busy and written <= HEAVY_FRAMES
+                        return None if busy else written
         except Exception:  # the next one copies what this one did not
             log.warning("checkpoint failed", exc_info=True)
-        return False
+        return None
 
     def _connect_writer(self) -> Connection:
         conn = self.engine.connect()
