@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 JsonObject = dict[str, Any]
 """A JSON object: what a protobuf Struct carries (task inputs, outputs, run inputs)."""
@@ -245,9 +245,11 @@ class TriggerRequest:
     request_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ReadyTask:
-    """What the dispatcher needs to know of a queued task to match it with an agent."""
+class ReadyTask(NamedTuple):
+    """What the dispatcher needs to know of a queued task to match it with an agent.
+
+    A named tuple: the dispatcher keeps a deep queue of them as plain tuples (see
+    `Dispatcher._ready`), and makes them again from those."""
 
     task_id: str
     run_id: str

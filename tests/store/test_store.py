@@ -25,6 +25,7 @@ from opscore.domain.models import (
     TaskState,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
+from opscore.store import queries
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
 from opscore.store.writer import Writer
@@ -603,6 +604,21 @@ async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) 
     await store.database.run(change, write=True)
     tasks = (await store.get_run(created.run.run_id)).tasks
     assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
+
+
+async def test_runs_whose_shapes_were_dropped_move_the_same(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shapes are kept up to a number of tasks in all (each is objects for every full garbage
+    collection to walk); the oldest runs' shapes go first, and are read again when needed."""
+    monkeypatch.setattr(queries, "RUN_SHAPE_CACHE_TASKS", 6)
+    await register(store, "w", "cpu", slots=3)
+    runs = [(await start(store, diamond())).run for _ in range(3)]
+    assert store._shaped_tasks <= 6  # the cache is what this test is about
+    [first_root] = runs[0].tasks[:1]
+    await store.assign([(first_root.ready(), "w")], NOW, TIMEOUT, ignore)
+    effects = await complete(store, first_root.task_id, "w", 1, {"out": 1})
+    assert effects.queued == [task.ready() for task in runs[0].tasks[1:3]]
 
 
 async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
