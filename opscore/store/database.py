@@ -55,6 +55,12 @@ commits. Run inside a commit, as SQLite does by default, it stalls that batch an
 queued behind it; here it runs PASSIVE (it blocks neither the writer nor readers) on a thread and
 connection of its own, while writes go on."""
 
+CHECKPOINT_ROWS = 10_000
+"""Rows changed since the last checkpoint that call for the next one sooner than CHECKPOINT_EVERY
+commits: a few triggers of runs of a thousand tasks write as much as hundreds of ordinary
+commits, and the WAL they leave (appended to, never started over) made every commit after them
+slower until the next checkpoint."""
+
 CATCH_UP_FRAMES = 256
 """Most WAL frames (pages) the checkpointer leaves for the writer to copy before it starts the
 WAL over (see `SqliteDatabase._restart_due`): it goes on copying until no more than this many
@@ -143,6 +149,8 @@ class SqliteDatabase(Database):
         self._checkpoint: Future[int | None] | None = None
         """The background checkpoint under way or last run (see `_run_checkpoint`)."""
         self._commits_since_checkpoint = 0
+        self._changes_at_checkpoint = 0
+        """The writer connection's rows changed in all, when the last checkpoint began."""
         self._restart_pending = False
         self._frames_at_checkpoint = 0
         """The WAL's frames when the last background checkpoint ended (its thread's alone)."""
@@ -186,10 +194,13 @@ class SqliteDatabase(Database):
                 dbapi_connection.rollback()
             raise
         self._commits_since_checkpoint += 1
-        if self._commits_since_checkpoint >= CHECKPOINT_EVERY and (
-            self._checkpoint is None or self._checkpoint.done()
-        ):
+        changes = dbapi_connection.total_changes
+        if (
+            self._commits_since_checkpoint >= CHECKPOINT_EVERY
+            or changes - self._changes_at_checkpoint >= CHECKPOINT_ROWS
+        ) and (self._checkpoint is None or self._checkpoint.done()):
             self._commits_since_checkpoint = 0
+            self._changes_at_checkpoint = changes
             self._checkpoint = self._checkpoints.submit(self._run_checkpoint)
             self._restart_pending = True
         return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -91,28 +91,63 @@ async def test_a_commit_that_fails_writes_nothing_and_the_writer_goes_on(
     assert await database.run(definition_ids, write=False) == ["kept"]
 
 
+def definitions_in_database_file(sqlite_url: str) -> int:
+    """The definitions a checkpoint has copied into the database file (not those in the WAL)."""
+    path = sqlite_url.removeprefix("sqlite:///")
+    direct = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the file alone
+    try:
+        tables = direct.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        if ("definitions",) not in tables.fetchall():
+            return 0
+        return int(direct.execute("SELECT count(*) FROM definitions").fetchone()[0])
+    finally:
+        direct.close()
+
+
+def bulk(count: int, prefix: str) -> Callable[[Connection], None]:
+    """A write of `count` definitions of about a kilobyte each, in one statement."""
+
+    def work(conn: Connection) -> None:
+        conn.execute(
+            insert(_definitions),
+            [
+                {
+                    "definition_id": f"{prefix}{index}",
+                    "name": f"{prefix}{index}",
+                    "version": 1,
+                    "description": "x" * 1000,
+                    "tasks": [],
+                    "request_id": None,
+                    "created_at": NOW,
+                }
+                for index in range(count)
+            ],
+        )
+
+    return work
+
+
 async def test_the_wal_is_checkpointed_beside_the_writes(
     database: SqliteDatabase, sqlite_url: str
 ) -> None:
-    path = sqlite_url.removeprefix("sqlite:///")
-
-    def in_database_file() -> int:
-        # `immutable` reads the database file alone: what a checkpoint has copied, not the WAL.
-        direct = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
-        try:
-            tables = direct.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            if ("definitions",) not in tables.fetchall():
-                return 0
-            return int(direct.execute("SELECT count(*) FROM definitions").fetchone()[0])
-        finally:
-            direct.close()
-
     for index in range(CHECKPOINT_EVERY - 2):  # the migration was one write already
         await database.run(add_definition(f"d{index}"), write=True)
-    assert in_database_file() == 0  # no commit checkpoints on its own
+    assert definitions_in_database_file(sqlite_url) == 0  # no commit checkpoints on its own
     await database.run(add_definition("last"), write=True)
     await database.checkpointed()
-    assert in_database_file() == CHECKPOINT_EVERY - 1
+    assert definitions_in_database_file(sqlite_url) == CHECKPOINT_EVERY - 1
+
+
+async def test_a_bulk_write_is_checkpointed_without_waiting_for_more_commits(
+    database: SqliteDatabase, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database_module, "CHECKPOINT_ROWS", 500)
+    await database.run(bulk(400, "small"), write=True)
+    await database.checkpointed()
+    assert definitions_in_database_file(sqlite_url) == 0
+    await database.run(bulk(200, "more"), write=True)
+    await database.checkpointed()
+    assert definitions_in_database_file(sqlite_url) == 600
 
 
 async def test_the_wal_starts_over_while_writes_go_on(
@@ -142,24 +177,7 @@ async def test_after_a_burst_of_writes_another_checkpoint_goes_before_the_wal_st
     then held a batch for 23-33 ms)."""
     monkeypatch.setattr(database_module, "HEAVY_FRAMES", 50)
 
-    def burst(conn: Connection) -> None:  # about 250 pages
-        conn.execute(
-            insert(_definitions),
-            [
-                {
-                    "definition_id": f"burst{index}",
-                    "name": f"burst{index}",
-                    "version": 1,
-                    "description": "x" * 1000,
-                    "tasks": [],
-                    "request_id": None,
-                    "created_at": NOW,
-                }
-                for index in range(1000)
-            ],
-        )
-
-    await database.run(burst, write=True)
+    await database.run(bulk(1000, "burst"), write=True)  # about 250 pages
     # As the writer's CHECKPOINT_EVERY-th commit would have it:
     database._checkpoint = database._checkpoints.submit(database._run_checkpoint)
     database._restart_pending = True
