@@ -31,7 +31,8 @@ class Plan:
     depths: tuple[int, ...]
     """Queued tasks nobody can take, at which dispatch latency is measured."""
     depth_probes: int
-    """Probe runs (sequential) at each depth."""
+    """Probe runs (sequential) at each depth. A hundred: with thirty, the p50 at 100k queued
+    against 0 moved between 1.03 and 1.21 from one full run to the next on one day."""
     fleet_agents: int
     """Connected idle agents of the fleet scenario."""
     fleet_probes: int
@@ -55,7 +56,7 @@ FULL = Plan(
     half_load_seconds=6.0,
     trickle_runs=60,
     depths=(0, 10_000, 100_000),
-    depth_probes=30,
+    depth_probes=100,
     fleet_agents=10_000,
     fleet_probes=100,
     fleet_per_channel=50,
