@@ -153,7 +153,9 @@ class SqliteDatabase(Database):
         """The writer connection's rows changed in all, when the last checkpoint began."""
         self._restart_pending = False
         self._frames_at_checkpoint = 0
-        """The WAL's frames when the last background checkpoint ended (its thread's alone)."""
+        """The WAL's frames when the last background checkpoint ended; zero once the writer
+        starts the WAL over (written by one side at a time: a checkpoint runs, or the writer
+        looks at its result)."""
 
     async def run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Run a write's statements on the loop and its commit on the writer thread; a read

@@ -507,7 +507,7 @@ class Store:
         self, conn: Connection, requests: Sequence[tuple[Tx, StreamOpened]]
     ) -> list[Connected | OpsCoreError]:
         wanted = sorted({request.agent_id for _, request in requests})
-        known = sorted(row.agent_id for row in _KNOWN_AGENTS.rows(conn, {"b_agent_ids": wanted}))
+        known = {row.agent_id for row in _KNOWN_AGENTS.rows(conn, {"b_agent_ids": wanted})}
         if known:
             conn.execute(
                 _CONNECT_AGENT,
@@ -517,8 +517,9 @@ class Store:
                     if request.agent_id in known
                 ],
             )
-        agents = _agents_by_id(conn, known)
-        held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": known}).all() if known else []
+        agent_ids = sorted(known)
+        agents = _agents_by_id(conn, agent_ids)
+        held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
         context = assignments.context_of(conn, held_rows)
         held: dict[str, list[Assignment]] = {}
         for row in held_rows:
