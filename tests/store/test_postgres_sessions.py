@@ -7,10 +7,12 @@ import logging
 
 import pytest
 from conftest import POSTGRES_URL, postgres_database
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 
+from opscore.store import migrate
 from opscore.store.database import PostgresDatabase, normalize_url, open_database
+from opscore.store.tables import TASK_IS_ASSIGNED, TASK_IS_QUEUED, metadata
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
 
@@ -60,3 +62,39 @@ async def test_the_session_setting_outlives_a_first_transaction_that_rolls_back(
         finally:
             await database.dispose()
     assert plan_cache_mode == expected(autovacuum)
+
+
+def generic_plans(conn: Connection) -> list[str]:
+    """The generic plans PostgreSQL makes for a look-up of queued tasks and one of assigned
+    tasks by lease end, written as the store writes them (sequential scans priced out, so
+    that an empty table does not decide)."""
+    tasks = metadata.tables["tasks"]
+    queries = [
+        select(tasks.c.task_id).where(TASK_IS_QUEUED).order_by(tasks.c.queued_at),
+        select(func.min(tasks.c.deadline)).where(TASK_IS_ASSIGNED),
+    ]
+    conn.execute(text("SET LOCAL enable_seqscan = off"))
+    conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+    plans = []
+    for index, query in enumerate(queries):
+        sql = str(query.compile(dialect=conn.dialect))  # no parameter: the state is in the SQL
+        conn.execute(text(f"PREPARE generic_{index} AS {sql}"))
+        found = conn.execute(text(f"EXPLAIN EXECUTE generic_{index}")).scalars()
+        plans.append("\n".join(found))
+        conn.execute(text(f"DEALLOCATE generic_{index}"))
+    return plans
+
+
+async def test_generic_plans_find_queued_and_assigned_tasks_by_their_partial_indexes() -> None:
+    """A state bound as a parameter would leave a generic plan no partial index to use (it
+    cannot know the state): the store writes the state into the SQL."""
+    async with postgres_database() as url:
+        database = open_database(url)
+        try:
+            await migrate.upgrade(database)
+            queued, assigned = await database.run(generic_plans, write=False)
+        finally:
+            await database.dispose()
+    assert "ix_tasks_queued" in queued
+    assert "ix_tasks_assigned_" in assigned  # on an empty table either partial index will do
+    assert "Seq Scan" not in queued + assigned
