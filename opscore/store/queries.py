@@ -453,7 +453,7 @@ class Store:
                     .where(_tasks.c.task_id.in_([task.task_id for task in effects.queued]))
                     .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
                 )
-            conn.execute(delete(_capabilities).where(_capabilities.c.agent_id == agent_id))
+            conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
             conn.execute(delete(_agents).where(_agents.c.agent_id == agent_id))
             return effects
 
@@ -1157,25 +1157,22 @@ def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegis
     inserts = []
     for agent_id, request in registering:
         registration = request.registration
+        told = {
+            "name": registration.name,
+            "version": registration.version,
+            "labels": registration.labels,
+            "max_concurrent_tasks": registration.max_concurrent_tasks,
+        }
         if agent_id in existing:
             updates.append(
-                {
-                    "b_agent_id": agent_id,
-                    "b_name": registration.name,
-                    "b_version": registration.version,
-                    "b_labels": registration.labels,
-                    "b_max_concurrent_tasks": registration.max_concurrent_tasks,
-                    "b_now": request.now,
-                }
+                {"b_agent_id": agent_id, "b_now": request.now}
+                | {f"b_{column}": value for column, value in told.items()}
             )
         else:
             inserts.append(
                 {
                     "agent_id": agent_id,
-                    "name": registration.name,
-                    "version": registration.version,
-                    "labels": registration.labels,
-                    "max_concurrent_tasks": registration.max_concurrent_tasks,
+                    **told,
                     "reported_state": ReportedState.NONE.value,
                     "state_detail": "",
                     "connected": False,
