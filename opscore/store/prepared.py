@@ -81,6 +81,27 @@ _Expansion = tuple[str, tuple[tuple[int, int | None], ...]]
 slot's list (None for a slot's whole value)."""
 
 
+@dataclass(frozen=True, slots=True)
+class RowLayout:
+    """The parameters of an INSERT for some columns, in the order the driver takes them: where
+    each column's value goes in a row, and how it is converted to the driver's value."""
+
+    index: dict[str, int]
+    converts: dict[str, _Convert]
+
+    def convert(self, key: str, value: Any) -> Any:
+        """`value` of column `key` as the driver takes it."""
+        convert = self.converts[key]
+        return value if convert is None else convert(value)
+
+    def row(self, values: Params) -> list[Any]:
+        """A row of driver values, every column converted."""
+        row: list[Any] = [None] * len(self.index)
+        for key, index in self.index.items():
+            row[index] = self.convert(key, values[key])
+        return row
+
+
 class Prepared:
     """A Core statement run on the driver's cursor directly (see the module docstring)."""
 
@@ -111,6 +132,29 @@ class Prepared:
             _run(conn, compiled.sql, _values(compiled.slots, params[0]), many=False)
         else:
             rows = [_values(compiled.slots, one) for one in params]
+            _run(conn, compiled.sql, rows, many=True)
+
+    def layout(self, dialect: Dialect, keys: Sequence[str]) -> RowLayout:
+        """How an INSERT for the columns `keys` takes its values: rows built ahead of time in
+        this order, each value converted once, are run by `execute_rows` as they are."""
+        compiled = self._compile(dialect, dict.fromkeys(keys))
+        assert all(slot.given for slot in compiled.slots), "every column is given"
+        return RowLayout(
+            {slot.name: index for index, slot in enumerate(compiled.slots)},
+            {slot.name: slot.convert for slot in compiled.slots},
+        )
+
+    def execute_rows(
+        self, conn: Connection, keys: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Run an INSERT of rows of driver values for the columns `keys`, each row in the
+        order of `layout(conn.dialect, keys)`."""
+        if not rows:
+            return
+        compiled = self._compile(conn.dialect, dict.fromkeys(keys))
+        if len(rows) == 1:
+            _run(conn, compiled.sql, rows[0], many=False)
+        else:
             _run(conn, compiled.sql, rows, many=True)
 
     def _compile(self, dialect: Dialect, params: Params) -> _Compiled:

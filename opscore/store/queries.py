@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
-from opscore.domain.ids import is_valid_id, new_id
+from opscore.domain.ids import is_valid_id, new_id, new_ids
 from opscore.domain.models import (
     Agent,
     AgentProfile,
@@ -78,6 +78,7 @@ from opscore.store.tables import (
     TaskRow,
     metadata,
 )
+from opscore.store.templates import TASK_COLUMNS, RunTemplate
 from opscore.store.writer import Followup, Tx, Writer
 
 T = TypeVar("T")
@@ -322,7 +323,8 @@ class Store:
         self._writer = writer
         self._retry = retry
         self._rng = rng or random.Random()
-        self._definitions: dict[str, WorkflowDefinition] = {}
+        self._templates: dict[str, tuple[str, RunTemplate]] = {}
+        """Stored definitions by id: the workflow's name and the template of its runs."""
         self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()
         self._shaped_tasks = 0
         """The tasks of the runs in `_shapes`."""
@@ -337,16 +339,22 @@ class Store:
         if self._lock_runs and task_ids:
             conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": sorted(task_ids)})
 
-    def _definition(self, conn: Connection, definition_id: str) -> WorkflowDefinition:
-        """A stored definition, from memory when seen before: definitions never change, so a
-        cache by id is right on every replica, and triggering by id reads no definition row."""
-        found = self._definitions.get(definition_id)
+    def _template(self, conn: Connection, definition_id: str) -> tuple[str, RunTemplate]:
+        """A stored definition's name and run template, from memory when seen before:
+        definitions never change, so a cache by id is right on every replica, and triggering by
+        id reads no definition row."""
+        found = self._templates.get(definition_id)
         if found is None:
-            found = _get_definition(conn, definition_id)
-            if len(self._definitions) >= DEFINITION_CACHE_SIZE:
-                self._definitions.pop(next(iter(self._definitions)))
-            self._definitions[definition_id] = found
+            definition = _get_definition(conn, definition_id)
+            found = (definition.name, self._new_template(conn, definition.tasks))
+            if len(self._templates) >= DEFINITION_CACHE_SIZE:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[definition_id] = found
         return found
+
+    @staticmethod
+    def _new_template(conn: Connection, specs: Sequence[TaskSpec]) -> RunTemplate:
+        return RunTemplate.of(specs, _INSERT_TASKS.layout(conn.dialect, TASK_COLUMNS))
 
     def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
         """The shapes of these runs, from memory when known (they never change), the rest read
@@ -680,7 +688,7 @@ class Store:
         )
         latest: dict[str, str] = {}
         run_values: list[dict[str, Any]] = []
-        task_values: list[dict[str, Any]] = []
+        task_rows: list[list[Any]] = []
         outcomes: list[CreatedRun | OpsCoreError] = []
         for tx, request in requests:
             outcome: CreatedRun | OpsCoreError
@@ -695,8 +703,8 @@ class Store:
                 except OpsCoreError as error:
                     outcomes.append(error)
                     continue
-                outcome = _new_run(request, source, run_values, task_values)
-                self._remember_shape(outcome.run.run_id, rows.run_shape(outcome.run))
+                outcome, shape = _new_run(request, source, run_values, task_rows)
+                self._remember_shape(outcome.run.run_id, shape)
                 if request.request_id:
                     earlier[request.request_id] = outcome.run
                 tx.note_effects(outcome.effects)
@@ -704,7 +712,7 @@ class Store:
             outcomes.append(outcome)
         if run_values:
             _INSERT_RUN.execute(conn, run_values)
-            _INSERT_TASKS.execute(conn, task_values)
+            _INSERT_TASKS.execute_rows(conn, TASK_COLUMNS, task_rows)
         return outcomes
 
     def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
@@ -718,12 +726,12 @@ class Store:
 
     def _source(
         self, conn: Connection, request: NewRun, latest: dict[str, str]
-    ) -> tuple[str, str | None, tuple[TaskSpec, ...]]:
+    ) -> tuple[str, str | None, RunTemplate]:
         """What a trigger runs: the workflow's name, its stored definition id (None for an
-        inline definition) and its tasks. `latest` remembers, for this batch, the latest
-        version of each name already looked up."""
+        inline definition) and the template of its runs. `latest` remembers, for this batch,
+        the latest version of each name already looked up."""
         if request.inline is not None:
-            return request.inline.name, None, request.inline.tasks
+            return request.inline.name, None, self._new_template(conn, request.inline.tasks)
         definition_id = request.definition_id
         if not definition_id:
             name = request.definition_name
@@ -733,8 +741,8 @@ class Store:
                     raise NotFound("workflow definition named", name)
                 latest[name] = found[0].definition_id
             definition_id = latest[name]
-        stored = self._definition(conn, definition_id)
-        return stored.name, stored.definition_id, stored.tasks
+        name, template = self._template(conn, definition_id)
+        return name, definition_id, template
 
     async def get_run(self, run_id: str) -> WorkflowRun:
         """One run with its tasks, NOT_FOUND if unknown."""
@@ -1376,13 +1384,13 @@ def _complete(
 
 def _new_run(
     request: NewRun,
-    source: tuple[str, str | None, tuple[TaskSpec, ...]],
+    source: tuple[str, str | None, RunTemplate],
     run_values: list[dict[str, Any]],
-    task_values: list[dict[str, Any]],
-) -> CreatedRun:
-    """Add a new run's row and its tasks' rows to the values to insert; the run as inserted,
-    built from those values rather than read back, with its root tasks queued."""
-    name, stored_id, specs = source
+    task_rows: list[list[Any]],
+) -> tuple[CreatedRun, rows.RunShape]:
+    """Add a new run's row and its tasks' rows to the rows to insert; the run as inserted,
+    built from those values rather than read back, with its root tasks queued, and its shape."""
+    name, stored_id, template = source
     run_id = new_id()
     run_values.append(
         {
@@ -1396,33 +1404,14 @@ def _new_run(
             "created_at": request.now,
         }
     )
-    states = graph.initial_states(
-        {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
+    new = template.new_tasks(
+        run_id,
+        new_ids(len(template.specs)),
+        request.agent_id,
+        request.run_input,
+        request.now,
     )
-    tasks = [
-        {
-            "task_id": new_id(),
-            "run_id": run_id,
-            "position": position,
-            "name": spec.name,
-            "capability": spec.capability,
-            "labels": spec.labels,
-            "depends_on": list(spec.depends_on),
-            "fallback": spec.fallback,
-            "timeout_ms": rows.spec_to_json(spec)["timeout_ms"],
-            "retry_policy": rows.retry_to_json(spec.retry_policy),
-            "pinned_agent_id": request.agent_id or None,
-            "input": {**spec.input, **request.run_input},
-            "state": states[spec.name].value,
-            "attempt": 0,
-            "agent_id": None,
-            "output": None,
-            "error": "",
-            "queued_at": request.now if states[spec.name] is TaskState.QUEUED else None,
-        }
-        for position, spec in enumerate(specs)
-    ]
-    task_values.extend(tasks)
+    task_rows.extend(new.rows)
     run = WorkflowRun(
         run_id=run_id,
         definition_id=stored_id or "",
@@ -1430,10 +1419,9 @@ def _new_run(
         agent_id=request.agent_id,
         state=RunState.PENDING,
         input=dict(request.run_input),
-        tasks=tuple(rows.task_run_from(values) for values in tasks),
+        tasks=new.tasks,
         created_at=request.now,
         started_at=None,
         finished_at=None,
     )
-    queued = [task.ready() for task in run.tasks if task.state is TaskState.QUEUED]
-    return CreatedRun(run, True, Effects(queued=queued))
+    return CreatedRun(run, True, Effects(queued=new.queued)), new.shape

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,7 +31,8 @@ TASK_STATES: dict[str, TaskState] = {state.value: state for state in TaskState}
 microsecond, on every task of every run a completion reads."""
 
 
-def _millis(value: timedelta | None) -> int | None:
+def millis(value: timedelta | None) -> int | None:
+    """A duration as stored: whole milliseconds."""
     return None if value is None else round(value.total_seconds() * 1000)
 
 
@@ -46,9 +46,9 @@ def retry_to_json(policy: RetryPolicy | None) -> dict[str, Any] | None:
         return None
     stored = {
         "max_attempts": policy.max_attempts,
-        "initial_backoff_ms": _millis(policy.initial_backoff),
+        "initial_backoff_ms": millis(policy.initial_backoff),
         "backoff_multiplier": policy.backoff_multiplier,
-        "max_backoff_ms": _millis(policy.max_backoff),
+        "max_backoff_ms": millis(policy.max_backoff),
     }
     return {key: value for key, value in stored.items() if value is not None}
 
@@ -73,7 +73,7 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "labels": spec.labels,
         "input": spec.input,
         "depends_on": list(spec.depends_on),
-        "timeout_ms": _millis(spec.timeout),
+        "timeout_ms": millis(spec.timeout),
         "retry_policy": retry_to_json(spec.retry_policy),
         "fallback": spec.fallback,
     }
@@ -125,12 +125,7 @@ def agent(row: Row[Any], capabilities: tuple[str, ...], running_tasks: int) -> A
 
 def task_run(row: Row[Any]) -> TaskRun:
     """A `tasks` row as a domain task run."""
-    return task_run_from(row._mapping)
-
-
-def task_run_from(values: Mapping[Any, Any]) -> TaskRun:
-    """A task run from a `tasks` row's columns, or from the values just inserted for one (which
-    leave unset what a new task does not have yet: no read back is needed)."""
+    values = row._mapping
     return TaskRun(
         task_id=values["task_id"],
         run_id=values["run_id"],
@@ -231,23 +226,6 @@ def task_shape(row: Any) -> TaskShape:
         capability=row.capability,
         labels=_json_labels(row.labels),
         pinned_agent_id=row.pinned_agent_id or "",
-    )
-
-
-def run_shape(run: WorkflowRun) -> RunShape:
-    """The shape of a run (a new one: no read needed)."""
-    return RunShape.of(
-        {
-            task.name: TaskShape(
-                task_id=task.task_id,
-                depends_on=task.depends_on,
-                fallback=task.fallback,
-                capability=task.capability,
-                labels=tuple(sorted(task.labels.items())),
-                pinned_agent_id=task.pinned_agent_id,
-            )
-            for task in run.tasks
-        }
     )
 
 

@@ -4,10 +4,12 @@ returns and refuses, and the group-commit writer's batching and isolation."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -20,14 +22,16 @@ from opscore.domain.models import (
     JsonObject,
     ReadyTask,
     ReportedState,
+    RetryPolicy,
     RunState,
     TaskSpec,
     TaskState,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
-from opscore.store import queries
+from opscore.store import queries, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
+from opscore.store.tables import metadata
 from opscore.store.writer import Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -658,3 +662,82 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
     finally:
         writer.close()
         await running
+
+
+async def test_runs_written_from_a_template_read_back_as_triggered(store: Store) -> None:
+    """A trigger writes its tasks' rows from its definition's template (converted once) and
+    returns the run without reading it back: what it returns is what was stored, for a stored
+    definition's second run as for its first, and for an inline one."""
+    await register(store, "w", "cpu")
+    detailed = DefinitionDraft(
+        name="detailed",
+        tasks=(
+            TaskSpec(
+                name="a",
+                capability="cpu",
+                labels={"zone": "eu", "tier": "gold"},
+                input={"k": 1, "keep": [1, 2]},
+                timeout=timedelta(seconds=90),
+                retry_policy=RetryPolicy(max_attempts=4, initial_backoff=timedelta(seconds=2)),
+            ),
+            TaskSpec(name="b", capability="gpu", depends_on=("a",), fallback="f"),
+            TaskSpec(name="f", capability="cpu"),
+        ),
+    )
+    stored = await store.create_definition(detailed, "", NOW)
+    runs = [
+        (await start(store, None, definition_id=stored.definition_id)).run,
+        (
+            await start(store, None, definition_name="detailed", agent_id="w", run_input={"k": 2})
+        ).run,
+        (await start(store, detailed, run_input={"extra": None})).run,
+    ]
+    for run in runs:
+        assert await store.get_run(run.run_id) == run
+    assert [t.state for t in runs[0].tasks] == [
+        TaskState.QUEUED,
+        TaskState.PENDING,
+        TaskState.PENDING,
+    ]
+    # Every column the template wrote, as Core reads it back.
+    columns = ("name", "capability", "labels", "depends_on", "fallback", "timeout_ms")
+    tasks = metadata.tables["tasks"]
+
+    def stored(conn: Connection) -> list[str]:
+        wanted = (*columns, "retry_policy", "input")
+        found = conn.execute(select(*(tasks.c[name] for name in wanted)))
+        return sorted(json.dumps(list(row), sort_keys=True) for row in found)
+
+    expected = sorted(
+        json.dumps(
+            [
+                spec.name,
+                spec.capability,
+                spec.labels,
+                list(spec.depends_on),
+                spec.fallback,
+                90_000 if spec.timeout else None,
+                rows.retry_to_json(spec.retry_policy),
+                {**spec.input, **run_input},
+            ],
+            sort_keys=True,
+        )
+        for run_input in ({}, {"k": 2}, {"extra": None})
+        for spec in detailed.tasks
+    )
+    assert await store.database.run(stored, write=False) == expected
+    assert len({task.task_id for run in runs for task in run.tasks}) == 9
+    assert {task.pinned_agent_id for task in runs[1].tasks} == {"w"}
+    queue = {task.task_id: task for task in await store.load_queue()}
+    for run in runs:
+        assert queue[run.tasks[0].task_id] == run.tasks[0].ready()
+    inputs = [
+        {"k": 1, "keep": [1, 2]},
+        {"k": 2, "keep": [1, 2]},
+        {"k": 1, "keep": [1, 2], "extra": None},
+    ]
+    for run, task_input in zip(runs, inputs, strict=True):
+        [handed] = await store.assign([(run.tasks[0].ready(), "w")], NOW, TIMEOUT, ignore)
+        assert handed is not None
+        assert handed.input == task_input
+        assert handed.deadline == NOW + timedelta(seconds=90)
