@@ -30,6 +30,7 @@ from opscore.store import assignments, changes, queries
 from opscore.store.database import PostgresDatabase, normalize_url
 from opscore.store.prepared import Prepared
 from opscore.store.tables import metadata
+from opscore.store.templates import TASK_COLUMNS
 
 # Any text gRPC can carry (valid UTF-8: no lone surrogates) but NUL, which the validation
 # refuses; PostgreSQL can store neither.
@@ -150,15 +151,16 @@ def writes_match(
             conn.execute(table.delete())
     later = when + timedelta(microseconds=1)
     run_both(databases, queries._INSERT_RUN, [a_run("r1", when, payload), a_run("r2", later, {})])
-    run_both(
-        databases,
-        queries._INSERT_TASKS,
-        [
-            a_task("a", "r1", 0, input=payload, queued_at=when),
-            a_task("b", "r1", 1, state="pending", labels={}, timeout_ms=250),
-            a_task("c", "r2", 0, fallback="t1", retry_policy={"max_attempts": 3}),
-        ],
-    )
+    tasks = [
+        a_task("a", "r1", 0, input=payload, queued_at=when),
+        a_task("b", "r1", 1, state="pending", labels={}, timeout_ms=250),
+        a_task("c", "r2", 0, fallback="t1", retry_policy={"max_attempts": 3}),
+    ]
+    # As a trigger writes them: rows of driver values converted ahead (a run template's).
+    lean, core = databases
+    layout = queries._INSERT_TASKS.layout(lean.dialect, TASK_COLUMNS)
+    queries._INSERT_TASKS.execute_rows(lean, TASK_COLUMNS, [layout.row(task) for task in tasks])
+    core.execute(queries._INSERT_TASKS.statement, tasks)
     run_both(
         databases,
         assignments._ASSIGN,
@@ -177,7 +179,6 @@ def writes_match(
     run_both(
         databases, changes.FINISH_RUN, {"b_run_id": "r2", "b_state": "cancelled", "b_now": later}
     )
-    lean, core = databases
     assert stored(lean) == stored(core)
 
 
