@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from conftest import BACKENDS, postgres_database
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, insert
+from sqlalchemy import create_engine, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -276,3 +276,38 @@ def error_matches(databases: Pair) -> None:
 
 async def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(run_check: RunCheck) -> None:
     await run_check(error_matches)
+
+
+def times_match(databases: Pair) -> None:
+    """Times are converted remembering the last one (a batch writes its `now` on many rows):
+    rows with different times in one statement, in turn, each store their own."""
+    first = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    second = first + timedelta(seconds=1)
+    tasks = [a_task(name, "r1", position) for position, name in enumerate("abc")]
+    for conn in databases:
+        queries._INSERT_RUN.execute(conn, a_run("r1", first, {}))
+        queries._INSERT_TASKS.execute(conn, tasks)
+    run_both(
+        databases,
+        changes.QUEUE_TASK,
+        [
+            {"b_task_id": task_id, "b_now": when}
+            for task_id, when in (
+                ("a", first),
+                ("b", second),
+                # The same instant in another zone.
+                ("c", second.astimezone(timezone(timedelta(hours=2)))),
+            )
+        ],
+    )
+    lean, core = databases
+    assert stored(lean) == stored(core)
+    found = {row.task_id: row.queued_at for row in lean.execute(select(metadata.tables["tasks"]))}
+    assert found == {"a": first, "b": second, "c": second}
+    # A naive time is refused, even right after the aware time it would equal in UTC.
+    with pytest.raises(ValueError, match="naive"):
+        changes.QUEUE_TASK.execute(lean, {"b_task_id": "a", "b_now": second.replace(tzinfo=None)})
+
+
+async def test_times_in_turn_each_store_their_own(run_check: RunCheck) -> None:
+    await run_check(times_match)
