@@ -528,7 +528,7 @@ class Store:
         agent_ids = sorted(known)
         agents = _agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
-        context = assignments.context_of(conn, held_rows)
+        context = assignments.context_of(conn, held_rows, {})
         held: dict[str, list[Assignment]] = {}
         for row in held_rows:
             held.setdefault(row.agent_id, []).append(
@@ -854,7 +854,10 @@ class Store:
         assignments are written as by `assign`, and `on_commit` gets them once committed."""
 
         def before_commit(
-            conn: Connection, effects: list[Effects], followups: list[Followup]
+            conn: Connection,
+            effects: list[Effects],
+            followups: list[Followup],
+            notes: dict[str, Any],
         ) -> None:
             queued = [task for noted in effects for task in noted.queued]
             released = [
@@ -863,11 +866,13 @@ class Store:
             pairs, undo = place(queued, released)
             if not pairs:
                 return
-            tx = Tx(conn)
+            tx = Tx(conn, notes)
             # Registered before writing: if anything below or the commit fails, the writer
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
-            written = assignments.assign(conn, pairs, now(), default_timeout)
+            written = assignments.assign(
+                conn, pairs, now(), default_timeout, assignments.recorded_outputs(tx)
+            )
             tx.after_commit(lambda: on_commit(pairs, written))
 
         self._writer.before_commit = before_commit
@@ -916,10 +921,12 @@ class Store:
         if accepted:
             shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
             changes = Changes(conn)
+            recorded = assignments.recorded_outputs(requests[0][0])
             for index, row, result in accepted:
                 outcomes[index] = _complete(
                     changes, shapes[row.run_id], runs[row.run_id], row, result
                 )
+                recorded[row.run_id, row.name] = result.output
             changes.flush()
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):

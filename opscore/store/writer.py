@@ -49,8 +49,12 @@ GATHER_TURNS = 8
 class Tx:
     """The transaction a request runs in, and the effects to apply once it commits."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, notes: dict[str, Any] | None = None) -> None:
         self.conn = conn
+        self.notes: dict[str, Any] = {} if notes is None else notes
+        """What the batch's writes learned that its later writes may use instead of reading
+        it again: shared by every request of the batch and its `before_commit` hook, and valid
+        only inside its transaction."""
         self._callbacks: list[Callable[[], None]] = []
         self.effects: list[Effects] = []
         """What this request's commit will mean for the dispatcher (see `note_effects`)."""
@@ -89,10 +93,10 @@ class Followup:
     undo: Callable[[], None]
 
 
-BeforeCommit = Callable[[Connection, list[Effects], list[Followup]], None]
-"""Called with the effects the batch's requests noted, inside the batch's transaction. It adds its
-`Followup` to the list as soon as it has anything to give back, before it writes: if the batch
-then fails, the writer calls the undo."""
+BeforeCommit = Callable[[Connection, list[Effects], list[Followup], dict[str, Any]], None]
+"""Called with the effects the batch's requests noted, inside the batch's transaction, and the
+batch's notes (see `Tx.notes`). It adds its `Followup` to the list as soon as it has anything to
+give back, before it writes: if the batch then fails, the writer calls the undo."""
 
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
@@ -129,14 +133,15 @@ def _run_all(
     for index, pending in enumerate(batch):
         groups.setdefault(pending.run if pending.grouped else index, []).append(pending)
     done: list[_Done] = []
+    notes: dict[str, Any] = {}
     for members in groups.values():
-        txs = [Tx(conn) for _ in members]
+        txs = [Tx(conn, notes) for _ in members]
         values = members[0].run(conn, [(tx, p.request) for tx, p in zip(txs, members, strict=True)])
         done.extend(_Done(p, v, tx) for p, v, tx in zip(members, values, txs, strict=True))
     if before_commit is not None and followups is not None:
         effects = [noted for item in done for noted in item.tx.effects]
         if effects:
-            before_commit(conn, effects, followups)
+            before_commit(conn, effects, followups, notes)
     return done
 
 

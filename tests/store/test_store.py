@@ -741,3 +741,57 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         assert handed is not None
         assert handed.input == task_input
         assert handed.deadline == NOW + timedelta(seconds=90)
+
+
+async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: Store) -> None:
+    """A write that records a result and places the tasks it made ready, in one transaction,
+    sends them the outputs it recorded without reading them back; outputs recorded in earlier
+    batches, and a fallback's output standing in for a failed dependency, are read."""
+    await register(store, "w", slots=10)
+    placed: list[Assignment] = []
+
+    def place(
+        queued: list[ReadyTask], released: list[tuple[str, str]]
+    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
+        return [(task, "w") for task in queued], lambda: None
+
+    def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
+        placed.extend(found for found in written if found is not None)
+
+    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    draft = DefinitionDraft(
+        "mixed",
+        tasks=(
+            TaskSpec("a"),
+            TaskSpec("b", depends_on=("a",)),
+            TaskSpec("c", depends_on=("a",), fallback="f"),
+            TaskSpec("f"),
+            TaskSpec("d", depends_on=("b", "c")),
+        ),
+    )
+    run = (await start(store, draft)).run
+    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    by_name = {task.name: task.task_id for task in run.tasks}
+
+    def handed(name: str) -> Assignment:
+        [found] = [item for item in placed if item.task_name == name]
+        return found
+
+    await complete(store, by_name["a"], "w", 1, {"from": "a", "n": [1.5, None]})
+    assert handed("b").dependency_outputs == {"a": {"from": "a", "n": [1.5, None]}}
+    assert handed("c").dependency_outputs == {"a": {"from": "a", "n": [1.5, None]}}
+    # What was sent is what reading it gives: the same attempts sent again on a new stream.
+    again = {item.task_name: item for item in (await store.connect_agent("w", NOW, ignore)).held}
+    assert again["b"].dependency_outputs == handed("b").dependency_outputs
+    assert again["c"].dependency_outputs == handed("c").dependency_outputs
+    await complete(store, by_name["b"], "w", 1, {"from": "b"})
+    await store.fail_task(by_name["c"], "w", 1, "broken", False, NOW, ignore)
+    assert handed("f").fallback_for == "c"
+    assert handed("f").fallback_error == "broken"
+    # d's dependencies: b recorded in an earlier batch, c failed and f stood in for it.
+    await complete(store, by_name["f"], "w", 1, {"from": "f"})
+    assert handed("d").dependency_outputs == {"b": {"from": "b"}, "c": {"from": "f"}}
+    await complete(store, by_name["d"], "w", 1, {})
+    finished = await store.get_run(run.run_id)
+    assert finished.state is RunState.SUCCEEDED
+    assert finished.started_at == NOW
