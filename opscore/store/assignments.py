@@ -10,9 +10,9 @@ every column read costs its decoding on every row.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.engine import Connection
@@ -96,19 +96,44 @@ _TAKING_AGENTS = Prepared(
 )
 
 
-Recorded = Mapping[tuple[str, str], JsonObject]
-"""Outputs recorded earlier in the same transaction, by run id and task name."""
+class QueuedTask(NamedTuple):
+    """What an assignment needs of a queued task: the columns `_QUEUED_TASKS_FOR_UPDATE` reads."""
 
-_RECORDED = "recorded outputs"
+    task_id: str
+    run_id: str
+    name: str
+    capability: str
+    input: JsonObject
+    depends_on: Sequence[str]
+    attempt: int
+    timeout_ms: int | None
+    is_fallback: bool
 
 
-def recorded_outputs(tx: Tx) -> dict[tuple[str, str], JsonObject]:
-    """The outputs the batch of `tx` has recorded so far (see `Tx.notes`), for the assignments
-    it writes before it commits: a task made ready by its dependency's completion, and placed in
-    the same batch, is sent that output without reading it back. A succeeded task's output never
-    changes, so the note stays true for the rest of the transaction."""
-    found: dict[tuple[str, str], JsonObject] = tx.notes.setdefault(_RECORDED, {})
+@dataclass(slots=True)
+class BatchNotes:
+    """What a write batch learned that the assignments it writes before it commits may use
+    instead of reading it again (kept in `Tx.notes`, valid only inside its transaction)."""
+
+    recorded: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
+    """Outputs the batch recorded, by run id and task name: a task made ready by its dependency's
+    completion and placed in the same batch (every step of a chain) is sent that output. A
+    succeeded task's output never changes, so the note stays true."""
+    inserted: dict[str, QueuedTask] = field(default_factory=dict)
+    """Tasks the batch inserted queued (a new run's roots), by id: nothing else in the batch
+    can have moved them, as nothing else knows their ids yet."""
+
+
+def notes_of(tx: Tx) -> BatchNotes:
+    """The notes of the batch `tx` belongs to (see `BatchNotes`)."""
+    found = tx.notes.get(_NOTES)
+    if found is None:
+        found = tx.notes[_NOTES] = BatchNotes()
+    assert isinstance(found, BatchNotes)
     return found
+
+
+_NOTES = "assignments"
 
 
 def assign(
@@ -116,11 +141,11 @@ def assign(
     pairs: Sequence[tuple[ReadyTask, str]],
     now: datetime,
     default_timeout: timedelta,
-    recorded: Recorded | None = None,
+    notes: BatchNotes | None = None,
 ) -> list[Assignment | None]:
     """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
     this transaction: one removed, disconnected, or reporting BUSY or ERROR earlier in the same
-    batch takes nothing. The outputs in `recorded` are used rather than read again.
+    batch takes nothing. What the batch's `notes` hold is not read again.
 
     Unlike the writes that move a run, this locks its tasks before their runs, and only the
     runs still PENDING (which it starts): a run that no task of has reached an agent yet, so
@@ -136,12 +161,18 @@ def assign(
             conn, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
         )
     }
-    queued = {
-        row.task_id: row
-        for row in _QUEUED_TASKS_FOR_UPDATE.rows(
-            conn, {"b_task_ids": [task.task_id for task, _ in pairs]}
-        )
+    notes = notes or BatchNotes()
+    queued: dict[str, Any] = {
+        task.task_id: notes.inserted[task.task_id]
+        for task, _ in pairs
+        if task.task_id in notes.inserted
     }
+    reading = [task.task_id for task, _ in pairs if task.task_id not in queued]
+    if reading:
+        queued.update(
+            (row.task_id, row)
+            for row in _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading})
+        )
     leases: dict[str, tuple[Any, str, datetime]] = {}
     for task, agent_id in pairs:
         row = queued.get(task.task_id)
@@ -176,7 +207,7 @@ def assign(
     context = context_of(
         conn,
         [row for row, _, _ in leases.values() if row.depends_on or row.is_fallback],
-        recorded or {},
+        notes.recorded,
     )
     return [
         assignment(
@@ -213,7 +244,9 @@ Siblings = dict[str, dict[str, Sibling]]
 """For each run, the tasks an assignment may need to know about, by name."""
 
 
-def context_of(conn: Connection, rows_: Sequence[Any], recorded: Recorded) -> Siblings:
+def context_of(
+    conn: Connection, rows_: Sequence[Any], recorded: Mapping[tuple[str, str], JsonObject]
+) -> Siblings:
     """The tasks of these rows' runs that their assignments refer to: the tasks they depend on,
     and every task with a fallback (a row may be a fallback). A row that is no fallback and whose
     dependencies all have their outputs in `recorded` needs no read; for the rest, one statement,

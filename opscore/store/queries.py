@@ -78,7 +78,7 @@ from opscore.store.tables import (
     TaskRow,
     metadata,
 )
-from opscore.store.templates import TASK_COLUMNS, RunTemplate
+from opscore.store.templates import TASK_COLUMNS, NewTasks, RunTemplate
 from opscore.store.writer import Followup, Tx, Writer
 
 T = TypeVar("T")
@@ -703,8 +703,11 @@ class Store:
                 except OpsCoreError as error:
                     outcomes.append(error)
                     continue
-                outcome, shape = _new_run(request, source, run_values, task_rows)
-                self._remember_shape(outcome.run.run_id, shape)
+                outcome, new = _new_run(request, source, run_values, task_rows)
+                self._remember_shape(outcome.run.run_id, new.shape)
+                inserted = assignments.notes_of(tx).inserted
+                for root in new.roots:
+                    inserted[root.task_id] = root
                 if request.request_id:
                     earlier[request.request_id] = outcome.run
                 tx.note_effects(outcome.effects)
@@ -871,7 +874,7 @@ class Store:
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
             written = assignments.assign(
-                conn, pairs, now(), default_timeout, assignments.recorded_outputs(tx)
+                conn, pairs, now(), default_timeout, assignments.notes_of(tx)
             )
             tx.after_commit(lambda: on_commit(pairs, written))
 
@@ -921,7 +924,7 @@ class Store:
         if accepted:
             shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
             changes = Changes(conn)
-            recorded = assignments.recorded_outputs(requests[0][0])
+            recorded = assignments.notes_of(requests[0][0]).recorded
             for index, row, result in accepted:
                 outcomes[index] = _complete(
                     changes, shapes[row.run_id], runs[row.run_id], row, result
@@ -1394,9 +1397,9 @@ def _new_run(
     source: tuple[str, str | None, RunTemplate],
     run_values: list[dict[str, Any]],
     task_rows: list[list[Any]],
-) -> tuple[CreatedRun, rows.RunShape]:
+) -> tuple[CreatedRun, NewTasks]:
     """Add a new run's row and its tasks' rows to the rows to insert; the run as inserted,
-    built from those values rather than read back, with its root tasks queued, and its shape."""
+    built from those values rather than read back, with its root tasks queued; and its tasks."""
     name, stored_id, template = source
     run_id = new_id()
     run_values.append(
@@ -1431,4 +1434,4 @@ def _new_run(
         started_at=None,
         finished_at=None,
     )
-    return CreatedRun(run, True, Effects(queued=new.queued)), new.shape
+    return CreatedRun(run, True, Effects(queued=new.queued)), new

@@ -18,6 +18,7 @@ from typing import Any
 
 from opscore.domain import graph
 from opscore.domain.models import JsonObject, ReadyTask, TaskRun, TaskSpec, TaskState
+from opscore.store.assignments import QueuedTask
 from opscore.store.prepared import RowLayout
 from opscore.store.rows import RunShape, TaskShape, millis, retry_to_json
 
@@ -47,12 +48,13 @@ TASK_COLUMNS = (
 @dataclass(frozen=True, slots=True)
 class NewTasks:
     """A new run's tasks: the rows to insert, the tasks as inserted (read back from nothing),
-    the run's shape, and the tasks ready at once."""
+    the run's shape, and the tasks ready at once, as the dispatcher and an assignment see them."""
 
     rows: list[list[Any]]
     tasks: tuple[TaskRun, ...]
     shape: RunShape
     queued: list[ReadyTask]
+    roots: list[QueuedTask]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ class RunTemplate:
         tasks: list[TaskRun] = []
         shapes: dict[str, TaskShape] = {}
         queued: list[ReadyTask] = []
+        roots: list[QueuedTask] = []
         for position, (spec, state, labels, template, task_id) in enumerate(
             zip(self.specs, self.states, self.labels, self.rows, task_ids, strict=True)
         ):
@@ -148,6 +151,20 @@ class RunTemplate:
             if is_queued:
                 row[at_queued] = queued_at
                 queued.append(ReadyTask(task_id, run_id, spec.capability, labels, agent_id, None))
+                # A task queued at the start is never a fallback: those wait for their task.
+                roots.append(
+                    QueuedTask(
+                        task_id,
+                        run_id,
+                        spec.name,
+                        spec.capability,
+                        task_input,
+                        spec.depends_on,
+                        0,
+                        millis(spec.timeout),
+                        is_fallback=False,
+                    )
+                )
             new_rows.append(row)
             tasks.append(
                 TaskRun(
@@ -174,4 +191,4 @@ class RunTemplate:
             shapes[spec.name] = TaskShape(
                 task_id, spec.depends_on, spec.fallback, spec.capability, labels, agent_id
             )
-        return NewTasks(new_rows, tuple(tasks), RunShape(self.graph, shapes), queued)
+        return NewTasks(new_rows, tuple(tasks), RunShape(self.graph, shapes), queued, roots)

@@ -4,6 +4,7 @@ returns and refuses, and the group-commit writer's batching and isolation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -795,3 +796,41 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
     finished = await store.get_run(run.run_id)
     assert finished.state is RunState.SUCCEEDED
     assert finished.started_at == NOW
+
+
+async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: Store) -> None:
+    """A trigger that places its run's roots in its own transaction takes what their assignments
+    need from the rows it inserted, not from a read: they match what a read gives."""
+    await register(store, "w", "cpu", slots=2)
+    placed: list[Assignment] = []
+
+    def place(
+        queued: list[ReadyTask], released: list[tuple[str, str]]
+    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
+        return [(task, "w") for task in queued], lambda: None
+
+    def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
+        placed.extend(found for found in written if found is not None)
+
+    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    draft = DefinitionDraft(
+        "roots",
+        tasks=(
+            TaskSpec("a", capability="cpu", input={"k": 1}, timeout=timedelta(seconds=5)),
+            TaskSpec("b", capability="cpu", input={"k": 2, "only": "b"}),
+            TaskSpec("c", depends_on=("a", "b")),
+        ),
+    )
+    run = (await start(store, draft, agent_id="w", run_input={"k": 0})).run
+    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    again = {item.task_id: item for item in (await store.connect_agent("w", NOW, ignore)).held}
+    assert {item.task_name for item in placed} == {"a", "b"}
+    for item in placed:
+        resent = again[item.task_id]
+        assert dataclasses.replace(resent, redelivered=False) == item
+    by_name = {item.task_name: item for item in placed}
+    assert by_name["a"].input == {"k": 0}
+    assert by_name["a"].deadline == NOW + timedelta(seconds=5)
+    assert by_name["b"].input == {"k": 0, "only": "b"}
+    assert by_name["b"].deadline == NOW + TIMEOUT
+    assert (by_name["a"].attempt, by_name["a"].capability) == (1, "cpu")
