@@ -45,6 +45,9 @@ GATHER_TURNS = 8
 """Most turns of the event loop a batch waits for more requests before it runs (see
 `Writer._gather`)."""
 
+QUIET_SPELL = 0.001
+"""Seconds without a write after which a lone request counts as coming alone (see `Writer.run`)."""
+
 
 class Tx:
     """The transaction a request runs in, and the effects to apply once it commits."""
@@ -185,11 +188,18 @@ class Writer:
     async def run(self) -> None:
         """The writer loop: one batch at a time until closed and drained."""
         draining = False
+        loop = asyncio.get_running_loop()
         while not (draining and self._queue.empty()):
+            waiting_since = loop.time()
             first = await self._queue.get()
             if first is None:
                 draining = True
                 continue
+            # A request after a quiet spell that no other joins: the server is close to idle
+            # (a trickle of runs), and the database may commit it without the hand-overs that
+            # let the loop serve other requests meanwhile (see `SqliteDatabase.run`). Under
+            # load the writer never waits that long, and batches commit on the thread.
+            quiet = loop.time() - waiting_since >= QUIET_SPELL
             await self._gather()
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -198,7 +208,7 @@ class Writer:
                     draining = True
                 else:
                     batch.append(item)
-            await self._run_batch(batch)
+            await self._run_batch(batch, alone=quiet and len(batch) == 1)
 
     async def _gather(self) -> None:
         """Let the event loop run while each of its turns brings new requests (at most
@@ -216,13 +226,15 @@ class Writer:
             if self._queue.qsize() == waiting:
                 return
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], *, alone: bool) -> None:
         self.batches += 1
         self.operations += len(batch)
         followups: list[Followup] = []
         try:
             done = await self._database.run(
-                lambda conn: _run_all(conn, batch, self.before_commit, followups), write=True
+                lambda conn: _run_all(conn, batch, self.before_commit, followups),
+                write=True,
+                alone=alone,
             )
         except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
             for followup in followups:

@@ -76,18 +76,19 @@ async def test_a_write_waits_for_another_processes_lock_off_the_loop(
     assert await database.run(definition_ids, write=False) == ["first", "second"]
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["on the thread", "alone, on the loop"])
 async def test_a_commit_that_fails_writes_nothing_and_the_writer_goes_on(
-    database: SqliteDatabase,
+    database: SqliteDatabase, alone: bool
 ) -> None:
     def orphan_task(conn: Connection) -> None:
-        # Checked only at COMMIT, which runs on the writer thread.
+        # Checked only at COMMIT.
         conn.exec_driver_sql("PRAGMA defer_foreign_keys=ON")
         add_definition("lost")(conn)  # type: ignore[operator]
         conn.execute(insert(_tasks), a_task("t", "no-such-run", 0))
 
     with pytest.raises(IntegrityError):
-        await database.run(orphan_task, write=True)
-    await database.run(add_definition("kept"), write=True)
+        await database.run(orphan_task, write=True, alone=alone)
+    await database.run(add_definition("kept"), write=True, alone=alone)
     assert await database.run(definition_ids, write=False) == ["kept"]
 
 

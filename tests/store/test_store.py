@@ -8,6 +8,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -31,11 +32,13 @@ from opscore.domain.models import (
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import queries, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
+from opscore.store.database import Database
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
 from opscore.store.tables import metadata
-from opscore.store.writer import Writer
+from opscore.store.writer import QUIET_SPELL, Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+T = TypeVar("T")
 TIMEOUT = timedelta(minutes=1)
 
 
@@ -415,6 +418,46 @@ async def test_writes_arriving_over_the_next_turns_join_the_batch(store: Store) 
     # answering together do: the first waits for the others rather than committing alone.
     await asyncio.gather(*(after_turns(turns) for turns in range(5)))
     assert writer.batches == before + 1
+
+
+class Recording(Database):
+    """The store's database, recording which writes the writer said came alone."""
+
+    def __init__(self, inner: Database) -> None:
+        self.inner = inner
+        self.dialect = inner.dialect
+        self.alone: list[bool] = []
+
+    async def run(self, work: Callable[[Connection], T], *, write: bool, alone: bool = False) -> T:
+        if write:
+            self.alone.append(alone)
+        return await self.inner.run(work, write=write, alone=alone)
+
+    async def dispose(self) -> None:
+        await self.inner.dispose()
+
+
+async def test_a_lone_write_after_a_quiet_spell_comes_alone(store: Store) -> None:
+    """Only a write that finds the server quiet, and that no other write joins, is run alone
+    (on SQLite, committed without the writer thread); what it writes is committed the same."""
+    recording = Recording(store.database)
+    writer = Writer(recording)
+    running = asyncio.create_task(writer.run())
+    quiet = Store(recording, writer, ResolvedRetryPolicy(max_attempts=1))
+    try:
+        await register(quiet, "w")
+        recording.alone.clear()
+        await asyncio.sleep(2 * QUIET_SPELL)
+        await asyncio.gather(quiet.touch_agent("w", NOW), quiet.touch_agent("w", NOW))
+        await asyncio.sleep(2 * QUIET_SPELL)
+        later = NOW + timedelta(hours=1)
+        await quiet.touch_agent("w", later)
+    finally:
+        writer.close()
+        await running
+    # Two writes together make one batch, not alone; the last write found the server quiet.
+    assert recording.alone == [False, True]
+    assert (await store.get_agent("w")).last_seen_at == later
 
 
 async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
