@@ -27,15 +27,15 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exc
+from sqlalchemy import DateTime, exc
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.type_api import TypeEngine
 
 Params = Mapping[str, Any]
 _Convert = Callable[[Any], Any] | None
@@ -186,7 +186,7 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
             slots.append(_Slot(name, False, _converted(convert, constant), None, bind.expanding))
             continue
         given: _Convert = convert
-        if convert is not None and _python_type(bind.type) is datetime:
+        if convert is not None and _is_time(bind.type):
             given = _remembering(convert)
         slots.append(_Slot(name, True, None, given, bind.expanding))
     row = None
@@ -211,12 +211,9 @@ def _converted(convert: _Convert, value: Any) -> Any:
     return value if convert is None else convert(value)
 
 
-def _python_type(type_: Any) -> type | None:
-    try:
-        found: type = type_.python_type
-    except NotImplementedError:
-        return None
-    return found
+def _is_time(type_: TypeEngine[Any]) -> bool:
+    """Whether values of `type_` are times (a decorated type counts as what it decorates)."""
+    return isinstance(getattr(type_, "impl_instance", type_), DateTime)
 
 
 _NOTHING = object()
