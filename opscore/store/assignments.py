@@ -9,12 +9,12 @@ every column read costs its decoding on every row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, exists, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import (
@@ -27,7 +27,7 @@ from opscore.domain.models import (
 )
 from opscore.store.changes import task_update
 from opscore.store.prepared import Prepared
-from opscore.store.rows import TASK_STATES
+from opscore.store.rows import TASK_STATES, RunShape
 from opscore.store.tables import AgentRow, RunRow, TaskRow, metadata
 from opscore.store.writer import Tx
 
@@ -37,22 +37,16 @@ _tasks = metadata.tables[TaskRow.__tablename__]
 
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
-_other_tasks = _tasks.alias("other_tasks")
 _QUEUED_TASKS_FOR_UPDATE = Prepared(
+    # The rest of what an assignment needs of the task (its capability, dependencies, whether it
+    # stands in for another) never changes: it comes from the run's shape.
     select(
         _tasks.c.task_id,
         _tasks.c.run_id,
         _tasks.c.name,
-        _tasks.c.capability,
         _tasks.c.input,
-        _tasks.c.depends_on,
         _tasks.c.attempt,
         _tasks.c.timeout_ms,
-        # Whether the task stands in for another: only then, or when it has dependencies,
-        # does its assignment need the other tasks of its run.
-        exists()
-        .where(_other_tasks.c.run_id == _tasks.c.run_id, _other_tasks.c.fallback == _tasks.c.name)
-        .label("is_fallback"),
     )
     .where(
         _tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
@@ -97,7 +91,8 @@ _TAKING_AGENTS = Prepared(
 
 
 class QueuedTask(NamedTuple):
-    """What an assignment needs of a queued task: the columns `_QUEUED_TASKS_FOR_UPDATE` reads."""
+    """What an assignment needs of a queued task: what `_QUEUED_TASKS_FOR_UPDATE` reads of its
+    row, and what its run's shape says of it."""
 
     task_id: str
     run_id: str
@@ -136,11 +131,16 @@ def notes_of(tx: Tx) -> BatchNotes:
 _NOTES = "assignments"
 
 
+Shapes = Callable[[Connection, Iterable[str]], dict[str, RunShape]]
+"""The shapes of some runs (see `Store._run_shapes`)."""
+
+
 def assign(
     conn: Connection,
     pairs: Sequence[tuple[ReadyTask, str]],
     now: datetime,
     default_timeout: timedelta,
+    shapes: Shapes,
     notes: BatchNotes | None = None,
 ) -> list[Assignment | None]:
     """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
@@ -169,10 +169,22 @@ def assign(
     }
     reading = [task.task_id for task, _ in pairs if task.task_id not in queued]
     if reading:
-        queued.update(
-            (row.task_id, row)
-            for row in _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading})
-        )
+        found = _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading})
+        shaped = shapes(conn, {row.run_id for row in found})
+        for row in found:
+            shape = shaped[row.run_id]
+            fixed = shape.tasks[row.name]
+            queued[row.task_id] = QueuedTask(
+                row.task_id,
+                row.run_id,
+                row.name,
+                fixed.capability,
+                row.input,
+                fixed.depends_on,
+                row.attempt,
+                row.timeout_ms,
+                row.name in shape.fallbacks,
+            )
     leases: dict[str, tuple[Any, str, datetime]] = {}
     for task, agent_id in pairs:
         row = queued.get(task.task_id)

@@ -839,7 +839,8 @@ class Store:
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
         return await self._write(
-            lambda conn: assignments.assign(conn, pairs, now, default_timeout), on_commit
+            lambda conn: assignments.assign(conn, pairs, now, default_timeout, self._run_shapes),
+            on_commit,
         )
 
     def assign_before_commit(
@@ -874,7 +875,7 @@ class Store:
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
             written = assignments.assign(
-                conn, pairs, now(), default_timeout, assignments.notes_of(tx)
+                conn, pairs, now(), default_timeout, self._run_shapes, assignments.notes_of(tx)
             )
             tx.after_commit(lambda: on_commit(pairs, written))
 

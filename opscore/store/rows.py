@@ -170,12 +170,16 @@ class RunShape:
 
     graph: dict[str, Node]
     tasks: dict[str, TaskShape]
+    fallbacks: frozenset[str]
+    """The tasks that stand in for another, by name."""
 
     @classmethod
     def of(cls, shapes: dict[str, TaskShape]) -> RunShape:
         """The run whose tasks, by name, have these shapes."""
         return cls(
-            {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()}, shapes
+            {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()},
+            shapes,
+            frozenset(task.fallback for task in shapes.values() if task.fallback),
         )
 
     def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:

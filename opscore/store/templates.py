@@ -67,6 +67,8 @@ class RunTemplate:
     """Each task's state when its run starts."""
     graph: dict[str, graph.Node]
     """The run's graph, shared by the shapes of all its runs (nothing changes a graph)."""
+    fallbacks: frozenset[str]
+    """The tasks that stand in for another, by name."""
     labels: tuple[tuple[tuple[str, str], ...], ...]
     """Each task's labels, sorted by key (as the dispatcher takes them)."""
     layout: RowLayout
@@ -82,6 +84,7 @@ class RunTemplate:
             specs=tuple(specs),
             states=tuple(initial[spec.name] for spec in specs),
             graph=shape,
+            fallbacks=frozenset(graph.fallbacks(shape)),
             labels=tuple(tuple(sorted(spec.labels.items())) for spec in specs),
             layout=layout,
             rows=tuple(
@@ -191,4 +194,5 @@ class RunTemplate:
             shapes[spec.name] = TaskShape(
                 task_id, spec.depends_on, spec.fallback, spec.capability, labels, agent_id
             )
-        return NewTasks(new_rows, tuple(tasks), RunShape(self.graph, shapes), queued, roots)
+        shape = RunShape(self.graph, shapes, self.fallbacks)
+        return NewTasks(new_rows, tuple(tasks), shape, queued, roots)

@@ -249,7 +249,7 @@ def reads_match(
     read_both(conn, queries._KNOWN_AGENTS, {"b_agent_ids": ["g2", "g9"]})
     assert read_both(conn, queries._LATEST_DEFINITION, {"b_name": "flow"})[0].definition_id == "d2"
     queued = read_both(conn, assignments._QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": ["a", "b", "z"]})
-    assert [(row.task_id, row.is_fallback) for row in queued] == [("b", True)]
+    assert [row.task_id for row in queued] == ["b"]
     read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_run_ids": ["r1"], "b_names": ["a"]})
     read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_run_ids": ["r1", "r9"], "b_names": []})
     siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})

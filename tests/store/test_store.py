@@ -703,6 +703,18 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
             TaskState.SKIPPED,
             TaskState.QUEUED,
         ]
+        # A fallback's assignment says what it stands in for, from a shape read as well.
+        failing = (await start(store, shaped, agent_id="w")).run
+        await store.assign([(failing.tasks[0].ready(), "w")], NOW, TIMEOUT, ignore)
+        await complete(store, failing.tasks[0].task_id, "w", 1, {})
+        [held] = await store.assign([(failing.tasks[2].ready(), "w")], NOW, TIMEOUT, ignore)
+        assert held is not None
+        fresh = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
+        failed = await fresh.fail_task(failing.tasks[2].task_id, "w", 1, "no", False, NOW, ignore)
+        [stand_in] = failed.queued
+        [handed] = await fresh.assign([(stand_in, "w")], NOW, TIMEOUT, ignore)
+        assert handed is not None
+        assert (handed.task_name, handed.fallback_for, handed.fallback_error) == ("f", "c", "no")
     finally:
         writer.close()
         await running
