@@ -799,22 +799,29 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         assert handed.deadline == NOW + timedelta(seconds=90)
 
 
-async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: Store) -> None:
-    """A write that records a result and places the tasks it made ready, in one transaction,
-    sends them the outputs it recorded without reading them back; outputs recorded in earlier
-    batches, and a fallback's output standing in for a failed dependency, are read."""
-    await register(store, "w", slots=10)
+def place_every_ready_task_on(store: Store, agent_id: str) -> list[Assignment]:
+    """Let each write batch place every task it makes ready on `agent_id`, before it commits;
+    the list fills with the assignments written."""
     placed: list[Assignment] = []
 
     def place(
         queued: list[ReadyTask], released: list[tuple[str, str]]
     ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
-        return [(task, "w") for task in queued], lambda: None
+        return [(task, agent_id) for task in queued], lambda: None
 
     def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
         placed.extend(found for found in written if found is not None)
 
     store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    return placed
+
+
+async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: Store) -> None:
+    """A write that records a result and places the tasks it made ready, in one transaction,
+    sends them the outputs it recorded without reading them back; outputs recorded in earlier
+    batches, and a fallback's output standing in for a failed dependency, are read."""
+    await register(store, "w", slots=10)
+    placed = place_every_ready_task_on(store, "w")
     draft = DefinitionDraft(
         "mixed",
         tasks=(
@@ -857,17 +864,7 @@ async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: St
     """A trigger that places its run's roots in its own transaction takes what their assignments
     need from the rows it inserted, not from a read: they match what a read gives."""
     await register(store, "w", "cpu", slots=2)
-    placed: list[Assignment] = []
-
-    def place(
-        queued: list[ReadyTask], released: list[tuple[str, str]]
-    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
-        return [(task, "w") for task in queued], lambda: None
-
-    def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
-        placed.extend(found for found in written if found is not None)
-
-    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    placed = place_every_ready_task_on(store, "w")
     draft = DefinitionDraft(
         "roots",
         tasks=(
