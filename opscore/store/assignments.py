@@ -162,7 +162,7 @@ def assign(
         )
     }
     notes = notes or BatchNotes()
-    queued: dict[str, Any] = {
+    queued: dict[str, QueuedTask] = {
         task.task_id: notes.inserted[task.task_id]
         for task, _ in pairs
         if task.task_id in notes.inserted
@@ -185,7 +185,7 @@ def assign(
                 row.timeout_ms,
                 row.name in shape.fallbacks,
             )
-    leases: dict[str, tuple[Any, str, datetime]] = {}
+    leases: dict[str, tuple[QueuedTask, str, datetime]] = {}
     for task, agent_id in pairs:
         row = queued.get(task.task_id)
         if row is not None and task.task_id not in leases and agent_id in taking:

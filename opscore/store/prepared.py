@@ -92,8 +92,7 @@ class RowLayout:
 
     def convert(self, key: str, value: Any) -> Any:
         """`value` of column `key` as the driver takes it."""
-        convert = self.converts[key]
-        return value if convert is None else convert(value)
+        return _converted(self.converts[key], value)
 
     def row(self, values: Params) -> list[Any]:
         """A row of driver values, every column converted."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from opscore.domain.graph import Node
+from opscore.domain.graph import Node, fallbacks
 from opscore.domain.models import (
     Agent,
     ReadyTask,
@@ -176,11 +176,8 @@ class RunShape:
     @classmethod
     def of(cls, shapes: dict[str, TaskShape]) -> RunShape:
         """The run whose tasks, by name, have these shapes."""
-        return cls(
-            {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()},
-            shapes,
-            frozenset(task.fallback for task in shapes.values() if task.fallback),
-        )
+        graph = {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()}
+        return cls(graph, shapes, frozenset(fallbacks(graph)))
 
     def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:
         """The task named `row.name` as a task node, in `state`, with the attempt and holder of
