@@ -125,26 +125,27 @@ def agent(row: Row[Any], capabilities: tuple[str, ...], running_tasks: int) -> A
 
 def task_run(row: Row[Any]) -> TaskRun:
     """A whole `tasks` row as a domain task run."""
+    values = row._mapping
     return TaskRun(
-        task_id=row.task_id,
-        run_id=row.run_id,
-        name=row.name,
-        position=row.position,
-        state=TASK_STATES[row.state],
-        attempt=row.attempt,
-        agent_id=row.agent_id or "",
-        output=row.output,
-        error=row.error,
-        queued_at=row.queued_at,
-        assigned_at=row.assigned_at,
-        finished_at=row.finished_at,
-        deadline=row.deadline,
-        capability=row.capability,
-        labels=dict(row.labels),
-        depends_on=tuple(row.depends_on),
-        fallback=row.fallback,
-        pinned_agent_id=row.pinned_agent_id or "",
-        not_before=row.not_before,
+        task_id=values["task_id"],
+        run_id=values["run_id"],
+        name=values["name"],
+        position=values["position"],
+        state=TASK_STATES[values["state"]],
+        attempt=values["attempt"],
+        agent_id=values["agent_id"] or "",
+        output=values["output"],
+        error=values["error"],
+        queued_at=values["queued_at"],
+        assigned_at=values["assigned_at"],
+        finished_at=values["finished_at"],
+        deadline=values["deadline"],
+        capability=values["capability"],
+        labels=dict(values["labels"]),
+        depends_on=tuple(values["depends_on"]),
+        fallback=values["fallback"],
+        pinned_agent_id=values["pinned_agent_id"] or "",
+        not_before=values["not_before"],
     )
 
 
