@@ -58,13 +58,12 @@ from opscore.domain.models import (
     ReportedState,
     RunState,
     TaskRun,
-    TaskSpec,
     TaskState,
     WorkflowDefinition,
     WorkflowRun,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
-from opscore.store import assignments, rows
+from opscore.store import assignments, rows, templates
 from opscore.store.changes import SUCCEED_TASK, Changes, GraphTask, apply_transition
 from opscore.store.database import Database
 from opscore.store.prepared import Prepared
@@ -78,7 +77,7 @@ from opscore.store.tables import (
     TaskRow,
     metadata,
 )
-from opscore.store.templates import TASK_COLUMNS, NewTasks, RunTemplate
+from opscore.store.templates import NewTasks, RunTemplate
 from opscore.store.writer import Followup, Tx, Writer
 
 T = TypeVar("T")
@@ -91,7 +90,8 @@ _runs = metadata.tables[RunRow.__tablename__]
 _tasks = metadata.tables[TaskRow.__tablename__]
 
 DEFINITION_CACHE_SIZE = 1024
-"""Definitions kept in memory by id (the oldest seen is dropped first)."""
+"""Stored definitions whose run templates are kept in memory by id (the oldest seen is dropped
+first)."""
 RUN_SHAPE_CACHE_TASKS = 10_000
 """Tasks whose runs' shapes are kept, in all: more than a server moves at once (a miss costs one
 read). No more: each task's shape is a few objects for every full garbage collection to walk.
@@ -181,7 +181,6 @@ _LATEST_DEFINITION = Prepared(
     .limit(1)
 )
 _INSERT_RUN = Prepared(insert(_runs))
-_INSERT_TASKS = Prepared(insert(_tasks))
 _TOUCH_AGENT = (
     update(_agents)
     .where(_agents.c.agent_id == bindparam("b_agent_id"))
@@ -346,15 +345,11 @@ class Store:
         found = self._templates.get(definition_id)
         if found is None:
             definition = _get_definition(conn, definition_id)
-            found = (definition.name, self._new_template(conn, definition.tasks))
+            found = (definition.name, RunTemplate.of(definition.tasks, conn.dialect))
             if len(self._templates) >= DEFINITION_CACHE_SIZE:
                 self._templates.pop(next(iter(self._templates)))
             self._templates[definition_id] = found
         return found
-
-    @staticmethod
-    def _new_template(conn: Connection, specs: Sequence[TaskSpec]) -> RunTemplate:
-        return RunTemplate.of(specs, _INSERT_TASKS.layout(conn.dialect, TASK_COLUMNS))
 
     def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
         """The shapes of these runs, from memory when known (they never change), the rest read
@@ -715,7 +710,7 @@ class Store:
             outcomes.append(outcome)
         if run_values:
             _INSERT_RUN.execute(conn, run_values)
-            _INSERT_TASKS.execute_rows(conn, TASK_COLUMNS, task_rows)
+            templates.insert_tasks(conn, task_rows)
         return outcomes
 
     def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
@@ -734,7 +729,7 @@ class Store:
         inline definition) and the template of its runs. `latest` remembers, for this batch,
         the latest version of each name already looked up."""
         if request.inline is not None:
-            return request.inline.name, None, self._new_template(conn, request.inline.tasks)
+            return request.inline.name, None, RunTemplate.of(request.inline.tasks, conn.dialect)
         definition_id = request.definition_id
         if not definition_id:
             name = request.definition_name

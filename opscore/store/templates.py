@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import insert
+from sqlalchemy.engine import Connection, Dialect
+
 from opscore.domain import graph
 from opscore.domain.models import JsonObject, ReadyTask, TaskRun, TaskSpec, TaskState
 from opscore.store.assignments import QueuedTask
-from opscore.store.prepared import RowLayout
+from opscore.store.prepared import Prepared, RowLayout
 from opscore.store.rows import RunShape, TaskShape, millis, retry_to_json
+from opscore.store.tables import TaskRow, metadata
 
 TASK_COLUMNS = (
     "task_id",
@@ -43,6 +47,14 @@ TASK_COLUMNS = (
     "queued_at",
 )
 """The columns a new task's row is inserted with (the rest take their defaults)."""
+
+INSERT_TASKS = Prepared(insert(metadata.tables[TaskRow.__tablename__]))
+"""The INSERT of new tasks' rows: a template's rows, in the order of its layout."""
+
+
+def insert_tasks(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+    """Insert the rows of new tasks, made by `RunTemplate.new_tasks`."""
+    INSERT_TASKS.execute_rows(conn, TASK_COLUMNS, rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +88,9 @@ class RunTemplate:
     """Each task's row, the values that differ from run to run left to fill in."""
 
     @classmethod
-    def of(cls, specs: Sequence[TaskSpec], layout: RowLayout) -> RunTemplate:
-        """The template of a definition with these tasks, for an INSERT of `TASK_COLUMNS`."""
+    def of(cls, specs: Sequence[TaskSpec], dialect: Dialect) -> RunTemplate:
+        """The template of a definition with these tasks, its rows for `dialect`'s driver."""
+        layout = INSERT_TASKS.layout(dialect, TASK_COLUMNS)
         shape = {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
         initial = graph.initial_states(shape)
         return cls(

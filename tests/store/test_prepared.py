@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from table_rows import a_run, a_task
 
-from opscore.store import assignments, changes, queries
+from opscore.store import assignments, changes, queries, templates
 from opscore.store.database import PostgresDatabase, normalize_url
 from opscore.store.prepared import Prepared
 from opscore.store.tables import metadata
@@ -158,9 +158,9 @@ def writes_match(
     ]
     # As a trigger writes them: rows of driver values converted ahead (a run template's).
     lean, core = databases
-    layout = queries._INSERT_TASKS.layout(lean.dialect, TASK_COLUMNS)
-    queries._INSERT_TASKS.execute_rows(lean, TASK_COLUMNS, [layout.row(task) for task in tasks])
-    core.execute(queries._INSERT_TASKS.statement, tasks)
+    layout = templates.INSERT_TASKS.layout(lean.dialect, TASK_COLUMNS)
+    templates.INSERT_TASKS.execute_rows(lean, TASK_COLUMNS, [layout.row(task) for task in tasks])
+    core.execute(templates.INSERT_TASKS.statement, tasks)
     run_both(
         databases,
         assignments._ASSIGN,
@@ -233,7 +233,7 @@ def reads_match(
         ],
     )
     queries._INSERT_RUN.execute(conn, [a_run("r1", when, payload)])
-    queries._INSERT_TASKS.execute(
+    templates.INSERT_TASKS.execute(
         conn,
         [
             a_task("a", "r1", 0, input=payload, state="succeeded", output=payload),
@@ -286,7 +286,7 @@ def times_match(databases: Pair) -> None:
     tasks = [a_task(name, "r1", position) for position, name in enumerate("abc")]
     for conn in databases:
         queries._INSERT_RUN.execute(conn, a_run("r1", first, {}))
-        queries._INSERT_TASKS.execute(conn, tasks)
+        templates.INSERT_TASKS.execute(conn, tasks)
     run_both(
         databases,
         changes.QUEUE_TASK,
