@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import (
@@ -76,10 +76,7 @@ _SIBLING_COLUMNS = (
     _tasks.c.error,
 )
 _ASSIGNMENT_CONTEXT = Prepared(
-    select(*_SIBLING_COLUMNS).where(
-        _tasks.c.run_id.in_(bindparam("b_run_ids", expanding=True)),
-        or_(_tasks.c.fallback != "", _tasks.c.name.in_(bindparam("b_names", expanding=True))),
-    )
+    select(*_SIBLING_COLUMNS).where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
 )
 _TAKING_AGENTS = Prepared(
     select(_agents.c.agent_id).where(
@@ -152,9 +149,9 @@ def assign(
     only a cancellation can hold it. Locking every run first would cost a round trip per batch
     on PostgreSQL (a fifth of the throughput, measured) to avoid a deadlock that PostgreSQL
     detects and the writer resolves by running the batch's writes again one by one."""
-    # Set-based: at most five statements for the whole batch, whatever its size. Only a run
-    # whose first task this may be is started; the outputs of dependencies are read only when
-    # the batch did not record them itself, and for a fallback.
+    # Set-based: at most five statements for the whole batch, whatever its size (and one for
+    # the shapes of runs not in memory). Only a run whose first task this may be is started;
+    # the outputs of dependencies are read only when the batch did not record them itself.
     taking = {
         row.agent_id
         for row in _TAKING_AGENTS.rows(
@@ -167,11 +164,10 @@ def assign(
         for task, _ in pairs
         if task.task_id in notes.inserted
     }
+    shaped = shapes(conn, {task.run_id for task, _ in pairs})
     reading = [task.task_id for task, _ in pairs if task.task_id not in queued]
     if reading:
-        found = _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading})
-        shaped = shapes(conn, {row.run_id for row in found})
-        for row in found:
+        for row in _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading}):
             shape = shaped[row.run_id]
             fixed = shape.tasks[row.name]
             queued[row.task_id] = QueuedTask(
@@ -220,6 +216,7 @@ def assign(
         conn,
         [row for row, _, _ in leases.values() if row.depends_on or row.is_fallback],
         notes.recorded,
+        shaped,
     )
     return [
         assignment(
@@ -257,51 +254,37 @@ Siblings = dict[str, dict[str, Sibling]]
 
 
 def context_of(
-    conn: Connection, rows_: Sequence[Any], recorded: Mapping[tuple[str, str], JsonObject]
+    conn: Connection,
+    rows_: Sequence[Any],
+    recorded: Mapping[tuple[str, str], JsonObject],
+    shapes: Mapping[str, RunShape],
 ) -> Siblings:
-    """The tasks of these rows' runs that their assignments refer to: the tasks they depend on,
-    and every task with a fallback (a row may be a fallback). A row that is no fallback and whose
-    dependencies all have their outputs in `recorded` needs no read; for the rest, one statement,
-    and one more when a dependency failed and was stood in for, for the fallbacks that stood in."""
+    """The tasks of these rows' runs that their assignments refer to, each read by its id (the
+    runs' `shapes` know them all): the tasks a row depends on, with the fallback of each that has
+    one (it stands in when its task failed), and for a row that is a fallback the task it stands
+    in for. A dependency whose output is in `recorded` (it succeeded in this transaction) is not
+    read, so a row that is no fallback and whose dependencies all are needs no statement."""
     context: Siblings = {}
-    reading = []
+    wanted: set[str] = set()
     for row in rows_:
-        if (
-            not recorded
-            or any((row.run_id, name) not in recorded for name in row.depends_on)
-            or row.is_fallback
-        ):
-            reading.append(row)
-            continue
-        # Succeeded in this transaction: no fallback of theirs matters (not stood in for), and
-        # this row stands in for none of them (it is no fallback).
+        shape = shapes[row.run_id]
         known = context.setdefault(row.run_id, {})
         for name in row.depends_on:
-            known[name] = Sibling(name, TaskState.SUCCEEDED, "", recorded[row.run_id, name], "")
-    if not reading:
-        return context
-    names = sorted({name for row in reading for name in row.depends_on})
-    run_ids = sorted({row.run_id for row in reading})
-    for found in _ASSIGNMENT_CONTEXT.rows(conn, {"b_run_ids": run_ids, "b_names": names}):
-        context.setdefault(found.run_id, {})[found.name] = Sibling.of(found)
-    # A dependency that failed and was stood in for needs its fallback's output too.
-    standing_in = {
-        (run_id, task.fallback)
-        for run_id, tasks in context.items()
-        for task in tasks.values()
-        if task.fallback and task.state is TaskState.FAILED and task.fallback not in tasks
-    }
-    if standing_in:
-        fallbacks = select(*_SIBLING_COLUMNS).where(
-            or_(
-                *(
-                    and_(_tasks.c.run_id == run_id, _tasks.c.name == name)
-                    for run_id, name in standing_in
-                )
-            )
-        )
-        for found_row in conn.execute(fallbacks):
-            context[found_row.run_id][found_row.name] = Sibling.of(found_row)
+            output = recorded.get((row.run_id, name))
+            if output is not None:
+                # Succeeded: no fallback of its stands in for it.
+                known[name] = Sibling(name, TaskState.SUCCEEDED, "", output, "")
+                continue
+            dependency = shape.tasks[name]
+            wanted.add(dependency.task_id)
+            if dependency.fallback:
+                wanted.add(shape.tasks[dependency.fallback].task_id)
+        primary = shape.fallbacks.get(row.name)
+        if primary is not None:
+            wanted.add(shape.tasks[primary].task_id)
+    if wanted:
+        for found in _ASSIGNMENT_CONTEXT.rows(conn, {"b_task_ids": sorted(wanted)}):
+            context[found.run_id][found.name] = Sibling.of(found)
     return context
 
 

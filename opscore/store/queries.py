@@ -523,7 +523,9 @@ class Store:
         agent_ids = sorted(known)
         agents = _agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
-        context = assignments.context_of(conn, held_rows, {})
+        context = assignments.context_of(
+            conn, held_rows, {}, self._run_shapes(conn, {row.run_id for row in held_rows})
+        )
         held: dict[str, list[Assignment]] = {}
         for row in held_rows:
             held.setdefault(row.agent_id, []).append(

@@ -170,14 +170,14 @@ class RunShape:
 
     graph: dict[str, Node]
     tasks: dict[str, TaskShape]
-    fallbacks: frozenset[str]
-    """The tasks that stand in for another, by name."""
+    fallbacks: dict[str, str]
+    """The tasks that stand in for another, by name, each mapped to the task it stands in for."""
 
     @classmethod
     def of(cls, shapes: dict[str, TaskShape]) -> RunShape:
         """The run whose tasks, by name, have these shapes."""
         graph = {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()}
-        return cls(graph, shapes, frozenset(fallbacks(graph)))
+        return cls(graph, shapes, fallbacks(graph))
 
     def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:
         """The task named `row.name` as a task node, in `state`, with the attempt and holder of

@@ -79,8 +79,8 @@ class RunTemplate:
     """Each task's state when its run starts."""
     graph: dict[str, graph.Node]
     """The run's graph, shared by the shapes of all its runs (nothing changes a graph)."""
-    fallbacks: frozenset[str]
-    """The tasks that stand in for another, by name."""
+    fallbacks: dict[str, str]
+    """The tasks that stand in for another, by name, each mapped to the task it stands in for."""
     labels: tuple[tuple[tuple[str, str], ...], ...]
     """Each task's labels, sorted by key (as the dispatcher takes them)."""
     layout: RowLayout
@@ -97,7 +97,7 @@ class RunTemplate:
             specs=tuple(specs),
             states=tuple(initial[spec.name] for spec in specs),
             graph=shape,
-            fallbacks=frozenset(graph.fallbacks(shape)),
+            fallbacks=graph.fallbacks(shape),
             labels=tuple(tuple(sorted(spec.labels.items())) for spec in specs),
             layout=layout,
             rows=tuple(

@@ -250,8 +250,9 @@ def reads_match(
     assert read_both(conn, queries._LATEST_DEFINITION, {"b_name": "flow"})[0].definition_id == "d2"
     queued = read_both(conn, assignments._QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": ["a", "b", "z"]})
     assert [row.task_id for row in queued] == ["b"]
-    read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_run_ids": ["r1"], "b_names": ["a"]})
-    read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_run_ids": ["r1", "r9"], "b_names": []})
+    context = read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": ["a", "c", "z"]})
+    assert sorted(row.name for row in context) == ["t0", "t2"]
+    assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
     siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
     shapes = read_both(conn, queries._RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})

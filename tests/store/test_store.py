@@ -30,7 +30,7 @@ from opscore.domain.models import (
     TaskState,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
-from opscore.store import queries, rows
+from opscore.store import assignments, queries, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.database import Database
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
@@ -886,3 +886,56 @@ async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: St
     assert by_name["b"].input == {"k": 0, "only": "b"}
     assert by_name["b"].deadline == NOW + TIMEOUT
     assert (by_name["a"].attempt, by_name["a"].capability) == (1, "cpu")
+
+
+async def test_an_assignments_context_holds_only_the_tasks_it_refers_to(store: Store) -> None:
+    """Tasks of several runs placed together read the rows their messages refer to, each by its
+    id: a dependency, and the task a fallback stands in for; not the tasks of the same names in
+    the other runs, nor every task of a run that has a fallback."""
+    await register(store, "w", slots=10)
+    draft = DefinitionDraft(
+        "context",
+        tasks=(
+            TaskSpec("a"),
+            TaskSpec("b", depends_on=("a",), fallback="f"),
+            TaskSpec("f"),
+            TaskSpec("c", depends_on=("b",)),
+        ),
+    )
+    first, second = [(await start(store, draft)).run for _ in range(2)]
+    for run, output in ((first, {"a": 1}), (second, {"a": 2})):
+        [root] = run.tasks[:1]
+        await store.assign([(root.ready(), "w")], NOW, TIMEOUT, ignore)
+        await complete(store, root.task_id, "w", 1, output)
+    failing = second.tasks[1]
+    await store.assign([(failing.ready(), "w")], NOW, TIMEOUT, ignore)
+    await store.fail_task(failing.task_id, "w", 1, "broken", False, NOW, ignore)
+
+    def context(conn: Connection) -> dict[str, dict[str, assignments.Sibling]]:
+        placed = [
+            assignments.QueuedTask(
+                task.task_id,
+                task.run_id,
+                task.name,
+                "",
+                {},
+                task.depends_on,
+                0,
+                None,
+                is_fallback=task.name == "f",
+            )
+            for task in (first.tasks[1], second.tasks[2])
+        ]
+        shapes = store._run_shapes(conn, [first.run_id, second.run_id])
+        return assignments.context_of(conn, placed, {}, shapes)
+
+    found = await store.database.run(context, write=False)
+    assert {run_id: sorted(tasks) for run_id, tasks in found.items()} == {
+        first.run_id: ["a"],
+        second.run_id: ["b"],
+    }
+    assert found[first.run_id]["a"].output == {"a": 1}
+    assert (found[second.run_id]["b"].state, found[second.run_id]["b"].error) == (
+        TaskState.FAILED,
+        "broken",
+    )
