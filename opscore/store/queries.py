@@ -67,6 +67,7 @@ from opscore.store import assignments, rows, templates
 from opscore.store.changes import SUCCEED_TASK, Changes, GraphTask, apply_transition
 from opscore.store.database import Database
 from opscore.store.prepared import Prepared
+from opscore.store.rows import RunShape
 from opscore.store.tables import (
     TASK_IS_ASSIGNED,
     TASK_IS_QUEUED,
@@ -133,8 +134,10 @@ _LOCK_RUNS_OF_TASKS = (
     .order_by(_runs.c.run_id)
     .with_for_update()
 )
-# The current state of every task of the runs of some tasks; what never changes of them is read
-# once per run (`_RUN_SHAPES`) and kept (see `rows.RunShape`).
+# The current state of the tasks of the runs of some tasks: those tasks, and every other task of
+# their runs that has not succeeded (one that has never changes again, so a run's completions
+# read fewer rows as it goes). What never changes of them is read once per run (`_RUN_SHAPES`)
+# and kept (see `rows.RunShape`).
 _SIBLINGS_FOR_UPDATE = Prepared(
     select(
         _tasks.c.task_id,
@@ -146,7 +149,13 @@ _SIBLINGS_FOR_UPDATE = Prepared(
         _tasks.c.error,
         _tasks.c.error_reported,
     )
-    .where(_tasks.c.run_id.in_(_RUNS_OF_TASKS))
+    .where(
+        _tasks.c.run_id.in_(_RUNS_OF_TASKS),
+        or_(
+            _tasks.c.state != TaskState.SUCCEEDED.value,
+            _tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
+        ),
+    )
     .order_by(_tasks.c.run_id, _tasks.c.position)
     .with_for_update()
 )
@@ -888,19 +897,16 @@ class Store:
     def _complete_tasks(
         self, conn: Connection, requests: Sequence[tuple[Tx, TaskResult]]
     ) -> list[Effects | OpsCoreError]:
-        # One read for the whole batch: every task of the runs these results belong to (the
-        # runs locked first where writers are concurrent, in the order every write locks them).
+        # One read for the whole batch: the tasks of the runs these results belong to that
+        # have not succeeded (the runs locked first where writers are concurrent, in the order
+        # every write locks them).
         wanted = {result.task_id for _, result in requests}
         task_ids = sorted(wanted)
         self._lock_runs_of(conn, task_ids)
-        runs: dict[str, _RunNow] = {}
+        found_rows: dict[str, dict[str, Any]] = {}
         held: dict[str, _Held] = {}
         for found in _SIBLINGS_FOR_UPDATE.rows(conn, {"b_task_ids": task_ids}):
-            run = runs.get(found.run_id)
-            if run is None:
-                run = runs[found.run_id] = _RunNow({}, {})
-            run.rows[found.name] = found
-            run.states[found.name] = rows.TASK_STATES[found.state]
+            found_rows.setdefault(found.run_id, {})[found.name] = found
             if found.task_id in wanted:
                 held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
@@ -921,6 +927,9 @@ class Store:
             outcomes.append(Effects())
         if accepted:
             shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
+            runs = {
+                run_id: _RunNow.of(shape, found_rows[run_id]) for run_id, shape in shapes.items()
+            }
             changes = Changes(conn)
             recorded = assignments.notes_of(requests[0][0]).recorded
             for index, row, result in accepted:
@@ -1362,9 +1371,17 @@ class _RunNow:
     """The current state of a run's tasks, by name, as a batch of completions moves it."""
 
     rows: dict[str, Any]
-    """Each task's row of `_SIBLINGS_FOR_UPDATE`."""
+    """The row of `_SIBLINGS_FOR_UPDATE` of each task that had not succeeded, by name."""
     states: dict[str, TaskState]
     """Each task's state, following the batch's completions."""
+
+    @classmethod
+    def of(cls, shape: RunShape, found: dict[str, Any]) -> _RunNow:
+        """The run of `shape` whose tasks not found among its rows have succeeded."""
+        states = dict.fromkeys(shape.graph, TaskState.SUCCEEDED)
+        for name, row in found.items():
+            states[name] = rows.TASK_STATES[row.state]
+        return cls(found, states)
 
 
 def _complete(

@@ -253,7 +253,10 @@ def reads_match(
     context = read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": ["a", "c", "z"]})
     assert sorted(row.name for row in context) == ["t0", "t2"]
     assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
+    # A task that succeeded is read only when asked for.
     siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
+    assert [row.task_id for row in siblings] == ["b", "c"]
+    siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["a", "z"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
     shapes = read_both(conn, queries._RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
     # Read as JSON text (decoded through a cache by the store), each database's own spelling.
