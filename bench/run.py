@@ -162,7 +162,7 @@ class Bench:
                     rounds: dict[str, list[float]] = {kind: [] for kind in taking}
                     for _ in range(plan.rounds):
                         for kind in taking:
-                            rounds[kind].append(self._closed_loop(servers[kind], spec, count))
+                            rounds[kind].append(self.closed_loop(servers[kind], spec, count))
                     for kind, values in rounds.items():
                         measured[kind].setdefault(shape, {})[str(count)] = statistics.median(values)
                         print(
@@ -175,7 +175,7 @@ class Bench:
                 self.results["throughput"][kind] = measured[kind]
             self._latency(servers, measured)
 
-    def _closed_loop(self, server: ServerProcess, spec: RunSpec, count: int) -> float:
+    def closed_loop(self, server: ServerProcess, spec: RunSpec, count: int) -> float:
         """Tasks/s of `count` fresh agents kept busy by a closed loop of runs."""
         plan = self.plan
         self._with_agents(server.target, self._agents("tp", count, ["work"]))
@@ -192,6 +192,19 @@ class Bench:
             self.pool.collect()
             self.pool.stop_agents()
         return float(result["tasks_per_s"])
+
+    def trickle(self, server: ServerProcess, runs: int) -> list[float]:
+        """Seconds from trigger to first assignment of `runs` 10-task chains triggered one at a
+        time, with the latency scenario's agents (fresh ones) connected."""
+        plan = self.plan
+        self._with_agents(server.target, self._agents("lat", plan.latency_agents, ["work"]))
+        try:
+            spec = RunSpec(definition_name="bench-chain10", last="t9")
+            self.pool.trigger("sequential", target=server.target, specs=[spec] * runs, tag="ab")
+            values, _, _ = self.pool.collect()
+        finally:
+            self.pool.stop_agents()
+        return values.get("ab/first", [])
 
     def _latency(
         self, servers: dict[str, ServerProcess], measured: dict[str, dict[str, dict[str, float]]]
@@ -444,7 +457,7 @@ class Bench:
         self.pool.close()
 
 
-def _raise_file_limit() -> None:
+def raise_file_limit() -> None:
     """Let this process and its children (load processes, servers) hold many connections: the
     fleet opens thousands of streams."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    _raise_file_limit()
+    raise_file_limit()
     postgres_url = os.environ.get("OPSCORE_BENCH_POSTGRES_URL") or None
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="opscore-bench-") as temporary:
