@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,26 @@ def clean_environment(**extra: str) -> dict[str, str]:
     }
     environment.update(extra)
     return environment
+
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root, from which `python -m bench` finds the `bench` package."""
+
+
+def run_from_root(*arguments: str, timeout: float = 120.0) -> str:
+    """`python *arguments` from the repository root in a clean environment; its standard output
+    once it has exited with status 0 (else the test fails with everything it printed)."""
+    completed = subprocess.run(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout
 
 
 def free_port() -> int:

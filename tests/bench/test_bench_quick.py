@@ -6,13 +6,11 @@ asserted)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from processes import run_from_root
+
 SCENARIOS = ("throughput", "latency", "queue_depth", "fleet", "recovery")
 
 
@@ -30,21 +28,7 @@ def numbers(tree: Any) -> list[float]:
 
 
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("OPSCORE_") and key not in ("PYTHONSAFEPATH", "PYTHONPATH")
-    }
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    run_from_root("-m", "bench", "--quick", "--out", str(tmp_path))
 
     results = json.loads((tmp_path / "latest.json").read_text())
     assert results["meta"]["errors"] == []
