@@ -100,10 +100,19 @@ class Database(abc.ABC):
     """`sqlite` or `postgresql`."""
 
     @abc.abstractmethod
-    async def run(self, work: Callable[[Connection], T], *, write: bool, alone: bool = False) -> T:
+    async def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        write: bool,
+        alone: bool = False,
+        committed: Callable[[T], None] | None = None,
+    ) -> T:
         """Run `work` in one transaction, committed if it returns, rolled back if it raises.
         Writes must come from one caller at a time (the `Writer`). `alone`: a write that the
-        server has nothing else to do beside (see `Writer.run`)."""
+        server has nothing else to do beside (see `Writer.run`). `committed` (it must not raise)
+        is given a write's value once it has committed, before the caller resumes: on SQLite in
+        the loop's turn that learns of the commit from the writer thread, a turn sooner."""
 
     @abc.abstractmethod
     async def dispose(self) -> None:
@@ -144,11 +153,15 @@ class _WriterThread:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def call(self, work: Callable[[], T]) -> asyncio.Future[T]:
-        """Run `work` on the thread; a future of the loop's for its result."""
+    def call(
+        self, work: Callable[[], T], then: Callable[[], None] | None = None
+    ) -> asyncio.Future[T]:
+        """Run `work` on the thread; a future of the loop's for its result. `then`, if `work`
+        returns, runs on the loop just before the future is done (in the same turn, where the
+        future's waiter wakes only in the next)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._calls.put(_Call(loop, future, work))
+        self._calls.put(_Call(loop, future, work, then))
         return future
 
     def stop(self) -> None:
@@ -161,9 +174,9 @@ class _WriterThread:
             try:
                 result = call.work()
             except BaseException as error:  # noqa: BLE001 - the caller receives it
-                call.loop.call_soon_threadsafe(_settle, call.future, None, error)
+                call.loop.call_soon_threadsafe(_settle, call.future, None, error, None)
             else:
-                call.loop.call_soon_threadsafe(_settle, call.future, result, None)
+                call.loop.call_soon_threadsafe(_settle, call.future, result, None, call.then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,15 +184,25 @@ class _Call(Generic[T]):
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
     work: Callable[[], T]
+    then: Callable[[], None] | None
 
 
-def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if future.done():  # its waiter was cancelled: nobody wants the outcome
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]  # None only with an error
+def _settle(
+    future: asyncio.Future[T],
+    result: T | None,
+    error: BaseException | None,
+    then: Callable[[], None] | None,
+) -> None:
+    try:
+        if then is not None:
+            then()
+    finally:
+        # Whatever `then` does, the waiter learns how the work went.
+        if not future.done():  # else its waiter was cancelled: nobody wants the outcome
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]  # None only with an error
 
 
 class SqliteDatabase(Database):
@@ -213,7 +236,14 @@ class SqliteDatabase(Database):
         starts the WAL over (written by one side at a time: a checkpoint runs, or the writer
         looks at its result)."""
 
-    async def run(self, work: Callable[[Connection], T], *, write: bool, alone: bool = False) -> T:
+    async def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        write: bool,
+        alone: bool = False,
+        committed: Callable[[T], None] | None = None,
+    ) -> T:
         """Run a write's statements on the loop and its commit on the writer thread, or on the
         loop too when it comes `alone`; a read whole on a reader thread."""
         loop = asyncio.get_running_loop()
@@ -243,8 +273,13 @@ class SqliteDatabase(Database):
                 # spares the hand-overs to the writer thread and back, which an idle virtual
                 # CPU is slow to wake for (about 65 us each way, measured at a trickle).
                 transaction.commit()
+                if committed is not None:
+                    committed(value)
             else:
-                commit = self._writes.call(transaction.commit)
+                commit = self._writes.call(
+                    transaction.commit,
+                    None if committed is None else functools.partial(committed, value),
+                )
                 try:
                     # Shielded: once begun, a commit finishes on its thread whatever happens
                     # here, and the connection must not be touched until it has.
@@ -364,11 +399,21 @@ class PostgresDatabase(Database):
         self.engine: AsyncEngine = create_async_engine(url, **options)
         _configure_postgres(self.engine)
 
-    async def run(self, work: Callable[[Connection], T], *, write: bool, alone: bool = False) -> T:
+    async def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        write: bool,
+        alone: bool = False,
+        committed: Callable[[T], None] | None = None,
+    ) -> T:
         """Run `work` on a pooled connection through the greenlet bridge (no thread to spare
         a write that comes alone)."""
         async with self.engine.connect() as conn, conn.begin():
-            return await conn.run_sync(work)
+            value = await conn.run_sync(work)
+        if committed is not None:
+            committed(value)
+        return value
 
     async def dispose(self) -> None:
         """Close the pool."""

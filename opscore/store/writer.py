@@ -230,11 +230,24 @@ class Writer:
         self.batches += 1
         self.operations += len(batch)
         followups: list[Followup] = []
+        failed: list[BaseException] = []
+
+        def committed(done: list[_Done]) -> None:
+            # Run by the database as soon as it learns of the commit: on SQLite a turn of the
+            # loop before this coroutine resumes, which is that much sooner for every push and
+            # answer (interleaved A/B: 10-task chains 0.545 -> 0.562 of the ceiling, 1-task
+            # runs 0.641 -> 0.667). What goes wrong here is raised below, not in the database.
+            try:
+                _release(done, followups)
+            except BaseException as error:  # noqa: BLE001 - raised again once resumed
+                failed.append(error)
+
         try:
-            done = await self._database.run(
+            await self._database.run(
                 lambda conn: _run_all(conn, batch, self.before_commit, followups),
                 write=True,
                 alone=alone,
+                committed=committed,
             )
         except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
             for followup in followups:
@@ -242,14 +255,8 @@ class Writer:
             for pending in batch:
                 await self._run_alone(pending)
             return
-        # Every effect first, in commit order, then the callers: the tasks this batch placed are
-        # on their streams before any caller's answer is composed and sent.
-        for item in done:
-            item.tx._run_callbacks()
-        for followup in followups:
-            followup.tx._run_callbacks()
-        for item in done:
-            _answer(item)
+        if failed:
+            raise failed[0]
 
     async def _run_alone(self, pending: _Pending) -> None:
         try:
@@ -258,7 +265,17 @@ class Writer:
             if not pending.future.done():
                 pending.future.set_exception(error)
             return
+        _release([item], [])
+
+
+def _release(done: list[_Done], followups: list[Followup]) -> None:
+    """A committed batch's effects, in commit order, then its callers' answers: the tasks it
+    placed are on their streams before any caller's answer is composed and sent."""
+    for item in done:
         item.tx._run_callbacks()
+    for followup in followups:
+        followup.tx._run_callbacks()
+    for item in done:
         _answer(item)
 
 

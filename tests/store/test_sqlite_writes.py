@@ -86,10 +86,34 @@ async def test_a_commit_that_fails_writes_nothing_and_the_writer_goes_on(
         add_definition("lost")(conn)  # type: ignore[operator]
         conn.execute(insert(_tasks), a_task("t", "no-such-run", 0))
 
+    told: list[object] = []
     with pytest.raises(IntegrityError):
-        await database.run(orphan_task, write=True, alone=alone)
-    await database.run(add_definition("kept"), write=True, alone=alone)
+        await database.run(orphan_task, write=True, alone=alone, committed=told.append)
+    assert told == []
+    await database.run(add_definition("kept"), write=True, alone=alone, committed=told.append)
+    assert told == [None]
     assert await database.run(definition_ids, write=False) == ["kept"]
+
+
+async def test_a_commit_on_the_thread_is_told_a_turn_before_its_caller_resumes(
+    database: SqliteDatabase,
+) -> None:
+    """`committed` runs in the loop's turn that learns of the commit; the caller wakes in the
+    next one, so what `committed` releases (a batch's pushes and answers) goes first."""
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    def committed(value: object) -> None:
+        order.append(f"committed {value}")
+        loop.call_soon(order.append, "the turn after")
+
+    def work(conn: Connection) -> str:
+        add_definition("told")(conn)  # type: ignore[operator]
+        return "its value"
+
+    value = await database.run(work, write=True, committed=committed)
+    order.append(f"the caller, with {value}")
+    assert order == ["committed its value", "the turn after", "the caller, with its value"]
 
 
 def definitions_in_database_file(sqlite_url: str) -> int:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -35,7 +35,7 @@ from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.database import Database
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
 from opscore.store.tables import metadata
-from opscore.store.writer import QUIET_SPELL, Writer
+from opscore.store.writer import QUIET_SPELL, Tx, Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 T = TypeVar("T")
@@ -428,10 +428,17 @@ class Recording(Database):
         self.dialect = inner.dialect
         self.alone: list[bool] = []
 
-    async def run(self, work: Callable[[Connection], T], *, write: bool, alone: bool = False) -> T:
+    async def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        write: bool,
+        alone: bool = False,
+        committed: Callable[[T], None] | None = None,
+    ) -> T:
         if write:
             self.alone.append(alone)
-        return await self.inner.run(work, write=write, alone=alone)
+        return await self.inner.run(work, write=write, alone=alone, committed=committed)
 
     async def dispose(self) -> None:
         await self.inner.dispose()
@@ -473,6 +480,34 @@ async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     assert isinstance(results[1], NotFound)
     assert (await store.get_agent("w")).last_seen_at == later
     assert len((await store.list_definitions(10, "", "")).items) == 1
+
+
+async def test_a_failing_commit_callback_stops_the_writer_without_writing_twice(
+    store: Store,
+) -> None:
+    """Effects are applied once their batch has committed; one that fails is a fault of the
+    server (its writer stops with the error), never a reason to run the batch's writes again."""
+    writer = Writer(store.database)
+    running = asyncio.create_task(writer.run())
+    written: list[str] = []
+
+    def write(tx: Tx) -> str:
+        tx.conn.execute(update(metadata.tables["agents"]).values(version=f"v{len(written)}"))
+        written.append("ran")
+
+        def broken() -> None:
+            raise RuntimeError("an effect failed")
+
+        tx.after_commit(broken)
+        return "value"
+
+    await register(store, "w")
+    caller = asyncio.create_task(writer.submit(write))
+    with pytest.raises(RuntimeError, match="an effect failed"):
+        await asyncio.wait_for(running, 10)
+    assert written == ["ran"]
+    assert (await store.get_agent("w")).version == "v0"
+    caller.cancel()
 
 
 async def test_completions_in_one_batch_move_their_run_once(store: Store) -> None:
