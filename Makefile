@@ -45,7 +45,7 @@ format: $(VENV)/.dev
 	$(BIN)/ruff format opscore tests bench
 
 typecheck: $(VENV)/.dev
-	$(BIN)/mypy --strict opscore
+	$(BIN)/mypy --strict opscore bench
 
 buf-lint: $(VENV)/.dev
 	$(BIN)/buf lint

@@ -80,37 +80,42 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="opscore-ab-") as temporary:
         workdir = Path(temporary)
         bench = Bench(dataclasses.replace(FULL, window=args.window), workdir, million=False)
+        servers = {
+            "ceiling": ceiling_server(workdir),
+            WORKING_TREE: opscore_server("working", sqlite_url(workdir / "w.db"), workdir),
+        }
+        for index, revision in enumerate(args.revisions):
+            tree = export(revision, workdir / f"tree-{index}")
+            servers[revision] = revision_server(f"rev-{index}", tree, workdir)
         try:
             with contextlib.ExitStack() as stack:
-                servers = {
-                    "ceiling": ceiling_server(workdir),
-                    WORKING_TREE: opscore_server("working", sqlite_url(workdir / "w.db"), workdir),
-                }
-                for index, revision in enumerate(args.revisions):
-                    tree = export(revision, workdir / f"tree-{index}")
-                    servers[revision] = revision_server(f"rev-{index}", tree, workdir)
                 running = {
                     name: stack.enter_context(bench.serving(server))
                     for name, server in servers.items()
                 }
-                for shape in args.shapes:
-                    definition, last, _ = SHAPES[shape]
-                    spec = RunSpec(definition_name=definition, last=last)
-                    for count in args.agents:
-                        rounds: dict[str, list[float]] = {name: [] for name in running}
-                        for _ in range(args.rounds):
-                            for name, server in running.items():
-                                rounds[name].append(bench.closed_loop(server, spec, count))
-                        _print_throughput(f"{shape} x{count}", rounds)
-                if args.trickle:
-                    samples: dict[str, list[float]] = {name: [] for name in running}
-                    for _ in range(args.rounds):
-                        for name, server in running.items():
-                            samples[name].extend(bench.trickle(server, args.trickle))
-                    _print_trickle(samples)
+                _compare(bench, running, args)
         finally:
             bench.close()
     return 0
+
+
+def _compare(bench: Bench, running: dict[str, ServerProcess], args: argparse.Namespace) -> None:
+    """Every step of the comparison, the builds taking turns round after round."""
+    for shape in args.shapes:
+        definition, last, _ = SHAPES[shape]
+        spec = RunSpec(definition_name=definition, last=last)
+        for count in args.agents:
+            rounds: dict[str, list[float]] = {name: [] for name in running}
+            for _ in range(args.rounds):
+                for name, server in running.items():
+                    rounds[name].append(bench.closed_loop(server, spec, count))
+            _print_throughput(f"{shape} x{count}", rounds)
+    if args.trickle:
+        samples: dict[str, list[float]] = {name: [] for name in running}
+        for _ in range(args.rounds):
+            for name, server in running.items():
+                samples[name].extend(bench.trickle(server, args.trickle))
+        _print_trickle(samples)
 
 
 def _print_throughput(step: str, rounds: dict[str, list[float]]) -> None:

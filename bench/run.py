@@ -247,9 +247,9 @@ class Bench:
                     trickled, _, _ = self.pool.collect()
                 finally:
                     self.pool.stop_agents()
-                for found in (values, trickled):
-                    for name, taken in found.items():
-                        samples[kind].setdefault(name, []).extend(taken)
+                for collected in (values, trickled):
+                    for name, drawn in collected.items():
+                        samples[kind].setdefault(name, []).extend(drawn)
         for kind in servers:
             latency: dict[str, Any] = {
                 "half_load": {

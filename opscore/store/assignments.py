@@ -164,10 +164,14 @@ def assign(
         for task, _ in pairs
         if task.task_id in notes.inserted
     }
-    shaped = shapes(conn, {task.run_id for task, _ in pairs})
-    reading = [task.task_id for task, _ in pairs if task.task_id not in queued]
+    # A root the batch inserted has no dependencies and stands in for nothing: only the tasks
+    # read need their runs' shapes (for themselves and for their context).
+    reading = [task for task, _ in pairs if task.task_id not in queued]
+    shaped: dict[str, RunShape] = {}
     if reading:
-        for row in _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": reading}):
+        shaped = shapes(conn, {task.run_id for task in reading})
+        task_ids = [task.task_id for task in reading]
+        for row in _QUEUED_TASKS_FOR_UPDATE.rows(conn, {"b_task_ids": task_ids}):
             shape = shaped[row.run_id]
             fixed = shape.tasks[row.name]
             queued[row.task_id] = QueuedTask(
