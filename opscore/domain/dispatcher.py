@@ -65,6 +65,10 @@ class _FreeAgents:
         self._by_capability: dict[str, OrderedDict[str, _LiveAgent]] = {}
         self._indexed: dict[str, frozenset[str]] = {}
 
+    def __bool__(self) -> bool:
+        """Whether any agent is available."""
+        return bool(self._all)
+
     def candidates(self, capability: str) -> Iterable[_LiveAgent]:
         """Available agents offering `capability` (any agent for ""), longest waiting first."""
         if capability:
@@ -146,17 +150,28 @@ class Dispatcher:
     # Tasks -----------------------------------------------------------------------------
 
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
-        """Tasks became ready, in this order (those with a future `not_before` once it passes)."""
+        """Tasks became ready, in this order (those with a future `not_before` once it passes).
+
+        The loop is woken only if it has something to do: a task to retry later (its timer may
+        have to fire sooner), or a task ready now while some agent is free. Without a free agent
+        the next one to free up wakes it (`release`, `agent_online`, `agent_changed`). Under
+        load a write's commit queues tasks that no agent is free for (those that are free were
+        given tasks by the write itself, see `place`), and waking the loop for nothing put a
+        step of it ahead of the pushes the same commit released."""
         now = self._now()
+        delayed = pushed = False
         for task in tasks:
             if self._known(task.task_id):
                 continue
             if task.not_before is not None and task.not_before > now:
                 self._waiting.add(task.task_id)
                 heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
+                delayed = True
             else:
                 self._push(next(self._sequence), task)
-        self._wake.set()
+                pushed = True
+        if delayed or (pushed and self._free):
+            self._wake.set()
 
     def _known(self, task_id: str) -> bool:
         """Queued, waiting for its retry time, or placed by a write not yet committed."""
@@ -242,11 +257,13 @@ class Dispatcher:
             self._free.update(live, waited_anew=False)
 
     def release(self, agent_id: str, task_id: str) -> None:
-        """The agent no longer holds the task: its slot is free (idempotent)."""
+        """The agent no longer holds the task: its slot is free (idempotent). The loop is woken
+        only if the agent can take a task now: the write that recorded a result has usually
+        given the agent its next task already (see `place`)."""
         self._reserved.discard(task_id)
-        if not self._free_slot(agent_id, task_id):
-            return
-        self._wake.set()
+        live = self._free_slot(agent_id, task_id)
+        if live is not None and live.available:
+            self._wake.set()
 
     def _free_slot(self, agent_id: str, task_id: str) -> _LiveAgent | None:
         live = self._agents.get(agent_id)

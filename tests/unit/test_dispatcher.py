@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import itertools
 from datetime import UTC, datetime, timedelta
@@ -261,3 +263,38 @@ def test_a_deep_queue_is_out_of_the_garbage_collectors_sight() -> None:
     gc.collect()
     assert len(gc.get_objects()) - before < 100
     assert dispatcher.queued == 10_000
+
+
+async def test_the_loop_assigns_a_queued_task_once_an_agent_frees_up() -> None:
+    """The loop is woken only when something can be matched: a task queued while every agent
+    is busy waits, without a wake, until the release that frees an agent."""
+    batches: list[list[tuple[str, str]]] = []
+    assigned = asyncio.Event()
+
+    async def assign(pairs: list[tuple[ReadyTask, str]]) -> None:
+        batches.append([(task.task_id, agent_id) for task, agent_id in pairs])
+        assigned.set()
+
+    ticks = itertools.count()
+    dispatcher = Dispatcher(assign, clock=lambda: float(next(ticks)), now=FakeNow())
+    dispatcher.agent_online(agent("w"), ["done"])
+    loop = asyncio.create_task(dispatcher.run())
+    try:
+        dispatcher.enqueue([ready("older")])  # w is busy: it waits
+        # A write completed "done" and gave w its next task itself (see `place`).
+        pairs, _ = dispatcher.place([ready("queued")], [("w", "done")])
+        assert [(t.task_id, a) for t, a in pairs] == [("older", "w")]
+        # Its commit: "queued" waits (nobody is free), "done" is released, "older" held.
+        dispatcher.enqueue([ready("queued")])
+        dispatcher.release("w", "done")
+        dispatcher.assigned("w", "older")
+        await asyncio.sleep(0.01)
+        assert batches == []
+        # w finishes "older" through a write that placed nothing: the release wakes the loop.
+        dispatcher.release("w", "older")
+        await asyncio.wait_for(assigned.wait(), timeout=5)
+        assert batches == [[("queued", "w")]]
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
