@@ -228,7 +228,8 @@ class Dispatcher:
         live = _LiveAgent(profile, set(held), self._clock())
         self._agents[profile.agent_id] = live
         self._free.update(live, waited_anew=True)
-        self._wake.set()
+        if live.available:
+            self._wake.set()
 
     def agent_offline(self, agent_id: str) -> None:
         """An agent's stream closed: it takes no more tasks (it keeps those it holds)."""
@@ -246,7 +247,8 @@ class Dispatcher:
         if waited_anew:
             live.waiting_since = self._clock()
         self._free.update(live, waited_anew=waited_anew)
-        self._wake.set()
+        if live.available:
+            self._wake.set()
 
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
