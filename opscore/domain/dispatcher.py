@@ -228,8 +228,7 @@ class Dispatcher:
         live = _LiveAgent(profile, set(held), self._clock())
         self._agents[profile.agent_id] = live
         self._free.update(live, waited_anew=True)
-        if live.available:
-            self._wake.set()
+        self._wake_for(live)
 
     def agent_offline(self, agent_id: str) -> None:
         """An agent's stream closed: it takes no more tasks (it keeps those it holds)."""
@@ -247,8 +246,7 @@ class Dispatcher:
         if waited_anew:
             live.waiting_since = self._clock()
         self._free.update(live, waited_anew=waited_anew)
-        if live.available:
-            self._wake.set()
+        self._wake_for(live)
 
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
@@ -264,7 +262,13 @@ class Dispatcher:
         given the agent its next task already (see `place`)."""
         self._reserved.discard(task_id)
         live = self._free_slot(agent_id, task_id)
-        if live is not None and live.available:
+        if live is not None:
+            self._wake_for(live)
+
+    def _wake_for(self, live: _LiveAgent) -> None:
+        """Wake the loop for an agent that can take a task now, and only then: an agent busy
+        or at its slots takes nothing, and the change that frees it wakes the loop itself."""
+        if live.available:
             self._wake.set()
 
     def _free_slot(self, agent_id: str, task_id: str) -> _LiveAgent | None:
