@@ -174,13 +174,13 @@ def _rows(results: dict[str, Any]) -> list[Row]:
                     target = "half_load_p99"
                 label = f"{phase.replace('_', ' ')} {what} {stat[:3]} (ms)"
                 add(label, (phase, kind, stat), "latency", target)
-    depths = [str(depth) for depth in plan["depths"]]
-    if results["meta"].get("million"):
-        depths.append("1000000")
+    # The target compares the plan's deepest queue with none; 1M (`--million`) is shown beside.
+    planned = [str(depth) for depth in plan["depths"]]
+    depths = planned + (["1000000"] if results["meta"].get("million") else [])
     for depth in depths:
         for stat in ("p50_ms", "p99_ms"):
             target = (
-                "queue_depth_p50" if stat == "p50_ms" and depth in (depths[0], depths[-1]) else ""
+                "queue_depth_p50" if stat == "p50_ms" and depth in (planned[0], planned[-1]) else ""
             )
             add(f"dispatch, {depth} queued, {stat[:3]} (ms)", (depth, stat), "queue_depth", target)
     fleet = plan["fleet_agents"]

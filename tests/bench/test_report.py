@@ -1,0 +1,51 @@
+"""The benchmark's table marks each target on the row it is measured on: with `--million`, the
+queue-depth target still compares the plan's deepest queue (100k) with none, and the 1M row is
+shown beside it unmarked, so a row never carries a verdict computed from another."""
+
+from __future__ import annotations
+
+import json
+
+from processes import run_from_root
+
+RESULTS = {
+    "meta": {
+        "million": True,
+        "plan": {"shapes": [], "agent_counts": [], "depths": [0, 100_000]},
+    },
+    "queue_depth": {
+        "opscore": {
+            "0": {"p50_ms": 2.0, "p99_ms": 3.0},
+            "100000": {"p50_ms": 2.2, "p99_ms": 3.1},
+            "1000000": {"p50_ms": 3.0, "p99_ms": 4.0},
+        },
+        "ceiling": {
+            "0": {"p50_ms": 1.0, "p99_ms": 2.0},
+            "100000": {"p50_ms": 1.0, "p99_ms": 2.0},
+            "1000000": {"p50_ms": 1.0, "p99_ms": 2.0},
+        },
+    },
+}
+
+TABLE = """
+import json, sys
+from bench.report import table, targets
+results = json.loads(sys.argv[1])
+results["meta"]["plan"].update(fleet_agents=10, recovery_tasks=10)
+results["targets"] = targets(results)
+print(table(results))
+"""
+
+
+def test_the_million_row_carries_no_verdict_of_the_100k_target() -> None:
+    printed = run_from_root("-c", TABLE, json.dumps(RESULTS))
+    rows = {line.split("  ")[0]: line for line in printed.splitlines()}
+
+    assert rows["dispatch, 0 queued, p50 (ms)"].endswith("PASS")
+    # 2.2 / 2.0 = 1.1: the target is met at 100k, and said so on that row.
+    assert rows["dispatch, 100000 queued, p50 (ms)"].endswith("PASS")
+    # 3.0 / 2.0 = 1.5 at 1M: shown, but no target is measured there.
+    million = rows["dispatch, 1000000 queued, p50 (ms)"]
+    assert "3.00" in million
+    assert "PASS" not in million
+    assert "MISS" not in million
