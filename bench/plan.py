@@ -41,8 +41,6 @@ class Plan:
     """Agents sharing one connection in the fleet (keeps file descriptors in bounds)."""
     recovery_tasks: int
     """Queued tasks in the database the recovery scenario restarts on."""
-    postgres_agent_counts: tuple[int, ...]
-    """Agents of each PostgreSQL throughput point."""
 
 
 FULL = Plan(
@@ -61,7 +59,6 @@ FULL = Plan(
     fleet_probes=100,
     fleet_per_channel=50,
     recovery_tasks=100_000,
-    postgres_agent_counts=(8,),
 )
 
 QUICK = Plan(
@@ -80,5 +77,4 @@ QUICK = Plan(
     fleet_probes=20,
     fleet_per_channel=50,
     recovery_tasks=1_000,
-    postgres_agent_counts=(8,),
 )

@@ -3,9 +3,10 @@ and where the results go. Plain synchronous code: the load itself runs in other 
 (bench.workers), the servers in subprocesses (bench.servers).
 
 Each server kind (`opscore` on SQLite, `ceiling`, and `postgres` when OPSCORE_BENCH_POSTGRES_URL
-is set) gets a fresh server per phase: throughput and latency (one server of each kind, all
-running at once, the kinds taking turns at every step); queue depth then recovery (on the
-database the queue-depth scenario filled); fleet.
+is set) gets a fresh server, and a fresh database, per phase: throughput and latency (one server
+of each kind, all running at once, the kinds taking turns at every step); queue depth then
+recovery (on the database the queue-depth scenario filled); fleet. Every kind runs every
+scenario, so the table has a PostgreSQL column for each row.
 """
 
 from __future__ import annotations
@@ -139,10 +140,10 @@ class Bench:
 
     # Scenarios ----------------------------------------------------------------------------
 
-    def throughput_and_latency(self, kinds: list[tuple[str, str | None, tuple[int, ...]]]) -> None:
+    def throughput_and_latency(self, kinds: list[tuple[str, str | None]]) -> None:
         """Scenario 1 (closed loop, tasks/s per shape and agent count) and scenario 2 (open
         loop at half the maximum just measured, then a trickle), on one fresh server of each
-        kind (`(kind, database URL, agent counts)`), all running at once. Every step runs
+        kind (`(kind, database URL)`), all running at once. Every step runs
         `plan.rounds` times with the kinds taking turns, so that each kind meets the machine in
         the same state: a shared machine's speed moves by tens of percent within minutes, and a
         ceiling measured minutes apart from Ops-Core made one run's ratios move by ±0.1."""
@@ -150,19 +151,17 @@ class Bench:
         with contextlib.ExitStack() as stack:
             servers = {
                 kind: stack.enter_context(self.serving(self._server(kind, url, "throughput")))
-                for kind, url, _ in kinds
+                for kind, url in kinds
             }
-            counts = {kind: agent_counts for kind, _, agent_counts in kinds}
             measured: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in servers}
             for shape in plan.shapes:
                 definition, last, _ = SHAPES[shape]
                 spec = RunSpec(definition_name=definition, last=last)
-                for count in sorted({count for values in counts.values() for count in values}):
-                    taking = [kind for kind in servers if count in counts[kind]]
-                    rounds: dict[str, list[float]] = {kind: [] for kind in taking}
+                for count in plan.agent_counts:
+                    rounds: dict[str, list[float]] = {kind: [] for kind in servers}
                     for _ in range(plan.rounds):
-                        for kind in taking:
-                            rounds[kind].append(self.closed_loop(servers[kind], spec, count))
+                        for kind, server in servers.items():
+                            rounds[kind].append(self.closed_loop(server, spec, count))
                     for kind, values in rounds.items():
                         measured[kind].setdefault(shape, {})[str(count)] = statistics.median(values)
                         print(
@@ -423,34 +422,40 @@ class Bench:
 
     def run(self, postgres_url: str | None) -> None:
         """Every scenario on every server kind."""
-        workdir = self.workdir
-        plan = self.plan
+        kinds = ["ceiling", "opscore"] + (["postgres"] if postgres_url else [])
 
-        def sqlite(name: str) -> str:
-            return sqlite_url(workdir / f"{name}-{time.monotonic_ns()}.db")
+        @contextlib.contextmanager
+        def database(kind: str) -> Iterator[str | None]:
+            """A fresh database for one phase of `kind` (none for the ceiling)."""
+            if kind == "postgres":
+                assert postgres_url is not None
+                with postgres_database(postgres_url) as url:
+                    yield url
+            elif kind == "opscore":
+                yield sqlite_url(self.workdir / f"{kind}-{time.monotonic_ns()}.db")
+            else:
+                yield None
 
         def throughput_and_latency() -> None:
-            kinds: list[tuple[str, str | None, tuple[int, ...]]] = [
-                ("ceiling", None, plan.agent_counts),
-                ("opscore", sqlite("opscore"), plan.agent_counts),
-            ]
             with contextlib.ExitStack() as stack:
-                if postgres_url:
-                    url = stack.enter_context(postgres_database(postgres_url))
-                    kinds.append(("postgres", url, plan.postgres_agent_counts))
-                self.throughput_and_latency(kinds)
+                self.throughput_and_latency(
+                    [(kind, stack.enter_context(database(kind))) for kind in kinds]
+                )
 
-        names = "ceiling, opscore" + (", postgres" if postgres_url else "")
-        self.attempt(f"{names}: throughput and latency, taking turns", throughput_and_latency)
-        for kind in ("opscore", "ceiling"):
-            url = sqlite(kind) if kind == "opscore" else None
+        def on_fresh_database(kind: str, phase: Callable[[str, str | None], None]) -> None:
+            with database(kind) as url:
+                phase(kind, url)
+
+        self.attempt(
+            f"{', '.join(kinds)}: throughput and latency, taking turns", throughput_and_latency
+        )
+        for kind in kinds:
             self.attempt(
                 f"{kind}: queue depth and recovery",
-                functools.partial(self.queue_depth_and_recovery, kind, url),
+                functools.partial(on_fresh_database, kind, self.queue_depth_and_recovery),
             )
-        for kind in ("opscore", "ceiling"):
-            url = sqlite(kind) if kind == "opscore" else None
-            self.attempt(f"{kind}: fleet", functools.partial(self.fleet, kind, url))
+        for kind in kinds:
+            self.attempt(f"{kind}: fleet", functools.partial(on_fresh_database, kind, self.fleet))
 
     def close(self) -> None:
         """Stop the load processes."""

@@ -53,13 +53,16 @@ ROOT = Path(__file__).resolve().parents[1]
 """The repository root, from which `python -m bench` finds the `bench` package."""
 
 
-def run_from_root(*arguments: str, timeout: float = 120.0) -> str:
-    """`python *arguments` from the repository root in a clean environment; its standard output
-    once it has exited with status 0 (else the test fails with everything it printed)."""
+def run_from_root(
+    *arguments: str, timeout: float = 120.0, environment: dict[str, str] | None = None
+) -> str:
+    """`python *arguments` from the repository root in a clean environment (plus
+    `environment`); its standard output once it has exited with status 0 (else the test fails
+    with everything it printed)."""
     completed = subprocess.run(
         [sys.executable, *arguments],
         cwd=ROOT,
-        env=clean_environment(),
+        env=clean_environment(**(environment or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,7 +1,7 @@
-"""`python -m bench --quick` works end to end: it starts the servers and the load processes,
-runs every scenario briefly, and writes its JSON and PNG. Nothing here is about speed: the
-figures only have to exist and be positive (the targets are reported by the benchmark, never
-asserted)."""
+"""`python -m bench --quick` works end to end: it starts the servers and the load processes, runs
+every scenario briefly (on PostgreSQL too when the tests have a server), and writes its JSON and
+PNG. Nothing here is about speed: the figures only have to exist and be positive (the targets
+are reported by the benchmark, never asserted)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from conftest import POSTGRES_URL
 from processes import run_from_root
 
 SCENARIOS = ("throughput", "latency", "queue_depth", "fleet", "recovery")
@@ -28,12 +29,16 @@ def numbers(tree: Any) -> list[float]:
 
 
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
-    run_from_root("-m", "bench", "--quick", "--out", str(tmp_path))
+    # Given a PostgreSQL server (as CI is), every scenario runs on it as well.
+    environment = {"OPSCORE_BENCH_POSTGRES_URL": POSTGRES_URL} if POSTGRES_URL else {}
+    run_from_root("-m", "bench", "--quick", "--out", str(tmp_path), environment=environment)
 
     results = json.loads((tmp_path / "latest.json").read_text())
     assert results["meta"]["errors"] == []
+    assert results["meta"]["postgres"] is bool(POSTGRES_URL)
+    kinds = ("opscore", "ceiling", "postgres") if POSTGRES_URL else ("opscore", "ceiling")
     for scenario in SCENARIOS:
-        for kind in ("opscore", "ceiling"):
+        for kind in kinds:
             figures = numbers(results[scenario][kind])
             assert figures, (scenario, kind)
             assert all(figure > 0 for figure in figures), (scenario, kind, figures)
