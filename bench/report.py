@@ -247,6 +247,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind, depths in results.get("queue_depth", {}).items():
@@ -263,10 +264,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.set_xticks(depths, [f"{depth // 1000}k" if depth else "0" for depth in depths])
     left.minorticks_off()
     left.set_yscale("log")
+    left.yaxis.set_major_formatter(ScalarFormatter())  # milliseconds as numbers, not powers
+    left.yaxis.set_minor_formatter(ScalarFormatter())
     left.set_xlabel("tasks queued that no agent can take")
     left.set_ylabel("trigger -> assignment (ms)")
     left.set_title("Dispatch latency against queue depth")
-    left.legend()
+    left.legend(fontsize="small")
     for kind, shapes in results.get("throughput", {}).items():
         for shape, counts in shapes.items():
             points = sorted((int(count), value) for count, value in counts.items())
@@ -290,7 +293,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_xlabel("agents")
     right.set_ylabel("completed tasks/s")
     right.set_title("Throughput against agents")
-    right.legend()
+    right.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
