@@ -116,6 +116,25 @@ async def test_serve_runs_on_uvloop_when_installed_unless_told_otherwise(
         assert await server.wait() == 0, server.log_text()
     [started] = [r for r in server.log_records() if r.get("event") == "server started"]
     assert started["event_loop"] == expected
+    assert started["protobuf"] == "upb"
+
+
+async def test_serve_warns_when_protobuf_runs_in_pure_python(tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess.on_sqlite(
+        tmp_path / "pb.db",
+        port,
+        tmp_path / "serve.log",
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+    )
+    async with server:  # it serves all the same
+        server.terminate()
+        assert await server.wait() == 0, server.log_text()
+    records = server.log_records()
+    [started] = [r for r in records if r.get("event") == "server started"]
+    assert started["protobuf"] == "python"
+    [warning] = [r for r in records if "pure-Python" in str(r.get("event"))]
+    assert warning["level"] == "WARNING"
 
 
 def test_db_upgrade_creates_the_tables(tmp_path: Path) -> None:
