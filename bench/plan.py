@@ -43,6 +43,10 @@ class Plan:
     """Queued tasks in the database the recovery scenario restarts on."""
 
 
+MILLION = 1_000_000
+"""The extra queue depth that `--million` measures dispatch at (beside the plan's own depths)."""
+
+
 FULL = Plan(
     agent_processes=2,
     shapes=("single", "chain10"),

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.plan import MILLION
+
 KINDS = ("opscore", "ceiling", "postgres")
 """Server kinds, in column order."""
 
@@ -176,7 +178,7 @@ def _rows(results: dict[str, Any]) -> list[Row]:
                 add(label, (phase, kind, stat), "latency", target)
     # The target compares the plan's deepest queue with none; 1M (`--million`) is shown beside.
     planned = [str(depth) for depth in plan["depths"]]
-    depths = planned + (["1000000"] if results["meta"].get("million") else [])
+    depths = planned + ([str(MILLION)] if results["meta"].get("million") else [])
     for depth in depths:
         for stat in ("p50_ms", "p99_ms"):
             target = (

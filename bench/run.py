@@ -31,7 +31,7 @@ from opscore.v1 import workflow_pb2
 
 from bench import ROOT, report
 from bench.load import RunSpec
-from bench.plan import FULL, QUICK, Plan
+from bench.plan import FULL, MILLION, QUICK, Plan
 from bench.servers import (
     BenchError,
     ServerProcess,
@@ -285,8 +285,8 @@ class Bench:
             if self.million:
                 self._with_agents(server.target, self._agents("depth", 1, ["work"]))
                 try:
-                    queued = self._fill(server.target, queued, 1_000_000)
-                    depths["1000000"] = self._probe_depth(server.target, 1_000_000)
+                    queued = self._fill(server.target, queued, MILLION)
+                    depths[str(MILLION)] = self._probe_depth(server.target, MILLION)
                 finally:
                     self.pool.stop_agents()
         self.results["queue_depth"][kind] = depths

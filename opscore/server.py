@@ -91,22 +91,23 @@ class OpsCoreServer:
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        protobuf = api_implementation.Type()
         log.info(
             "server started",
             extra={
                 "listen": settings.listen,
                 "port": self.port,
                 "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                "protobuf": api_implementation.Type(),
+                "protobuf": protobuf,
             },
         )
-        if api_implementation.Type() != "upb":
+        if protobuf != "upb":
             # upb parses and builds messages in C; protobuf's pure-Python runtime cost a third
             # of the throughput (measured), and nothing but the environment chooses it.
             log.warning(
                 "protobuf runs its pure-Python implementation: expect about a third less "
                 "throughput; unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION to use upb",
-                extra={"protobuf": api_implementation.Type()},
+                extra={"protobuf": protobuf},
             )
         return self.port
 
