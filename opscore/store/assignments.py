@@ -28,12 +28,8 @@ from opscore.domain.models import (
 from opscore.store.changes import task_update
 from opscore.store.prepared import Prepared
 from opscore.store.rows import TASK_STATES, RunShape
-from opscore.store.tables import AgentRow, RunRow, TaskRow, metadata
+from opscore.store.tables import AGENTS, RUNS, TASKS
 from opscore.store.writer import Tx
-
-_agents = metadata.tables[AgentRow.__tablename__]
-_runs = metadata.tables[RunRow.__tablename__]
-_tasks = metadata.tables[TaskRow.__tablename__]
 
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
@@ -41,18 +37,18 @@ _QUEUED_TASKS_FOR_UPDATE = Prepared(
     # The rest of what an assignment needs of the task (its capability, dependencies, whether it
     # stands in for another) never changes: it comes from the run's shape.
     select(
-        _tasks.c.task_id,
-        _tasks.c.run_id,
-        _tasks.c.name,
-        _tasks.c.input,
-        _tasks.c.attempt,
-        _tasks.c.timeout_ms,
+        TASKS.c.task_id,
+        TASKS.c.run_id,
+        TASKS.c.name,
+        TASKS.c.input,
+        TASKS.c.attempt,
+        TASKS.c.timeout_ms,
     )
     .where(
-        _tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
-        _tasks.c.state == TaskState.QUEUED.value,
+        TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
+        TASKS.c.state == TaskState.QUEUED.value,
     )
-    .with_for_update(of=_tasks)
+    .with_for_update(of=TASKS)
 )
 _ASSIGN = task_update(
     state=TaskState.ASSIGNED.value,
@@ -63,26 +59,26 @@ _ASSIGN = task_update(
     not_before=None,
 )
 _START_RUN = Prepared(
-    update(_runs)
-    .where(_runs.c.run_id == bindparam("b_run_id"), _runs.c.state == RunState.PENDING.value)
+    update(RUNS)
+    .where(RUNS.c.run_id == bindparam("b_run_id"), RUNS.c.state == RunState.PENDING.value)
     .values(state=RunState.RUNNING.value, started_at=bindparam("b_now"))
 )
 _SIBLING_COLUMNS = (
-    _tasks.c.run_id,
-    _tasks.c.name,
-    _tasks.c.state,
-    _tasks.c.fallback,
-    _tasks.c.output,
-    _tasks.c.error,
+    TASKS.c.run_id,
+    TASKS.c.name,
+    TASKS.c.state,
+    TASKS.c.fallback,
+    TASKS.c.output,
+    TASKS.c.error,
 )
 _ASSIGNMENT_CONTEXT = Prepared(
-    select(*_SIBLING_COLUMNS).where(_tasks.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
+    select(*_SIBLING_COLUMNS).where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
 )
 _TAKING_AGENTS = Prepared(
-    select(_agents.c.agent_id).where(
-        _agents.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
-        _agents.c.connected.is_(True),
-        _agents.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
+    select(AGENTS.c.agent_id).where(
+        AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
+        AGENTS.c.connected.is_(True),
+        AGENTS.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
     )
 )
 

@@ -17,20 +17,23 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
-from opscore.domain.models import Cancellation, Effects, Hold, ReadyTask, RunState, TaskState
+from opscore.domain.models import (
+    Cancellation,
+    Effects,
+    Hold,
+    ReadyTask,
+    RunState,
+    TaskRun,
+    TaskState,
+)
 from opscore.store.prepared import Prepared
-from opscore.store.tables import RunRow, TaskRow, metadata
-
-_runs = metadata.tables[RunRow.__tablename__]
-_tasks = metadata.tables[TaskRow.__tablename__]
+from opscore.store.tables import RUNS, TASKS
 
 
 def task_update(**values: Any) -> Prepared:
     """An UPDATE of one task by `b_task_id`, setting `values`. Parameters are named `b_*`
     because SQLAlchemy reserves column names for the values of an UPDATE."""
-    return Prepared(
-        update(_tasks).where(_tasks.c.task_id == bindparam("b_task_id")).values(**values)
-    )
+    return Prepared(update(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).values(**values))
 
 
 SUCCEED_TASK = task_update(
@@ -46,8 +49,8 @@ FINISH_TASK = task_update(
     state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now")
 )
 FINISH_RUN = Prepared(
-    update(_runs)
-    .where(_runs.c.run_id == bindparam("b_run_id"))
+    update(RUNS)
+    .where(RUNS.c.run_id == bindparam("b_run_id"))
     .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
 )
 
@@ -79,6 +82,16 @@ class GraphTask(Protocol):
     def ready(self, not_before: datetime | None = None) -> ReadyTask:
         """The dispatcher's view of the task."""
         ...
+
+
+def graph_of(tasks: Sequence[TaskRun]) -> dict[str, graph.Node]:
+    """The graph of a run, from its whole tasks."""
+    return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
+
+
+def states_of(tasks: Sequence[GraphTask]) -> dict[str, TaskState]:
+    """Each task's state, by name."""
+    return {task.name: task.state for task in tasks}
 
 
 class Changes:

@@ -1,7 +1,7 @@
 """The schema: every table, column and index Ops-Core stores. Migrations in
 `migrations/versions/` must produce exactly this (a test compares them).
 
-Declarative models give typed column attributes; the queries in `queries.py` use them as SQLAlchemy
+Declarative models give typed column attributes; the queries in `queries/` use them as SQLAlchemy
 Core statements (no ORM unit of work on the hot path).
 """
 
@@ -172,7 +172,14 @@ class TaskRow(Base):
 
 metadata = Base.metadata
 
-_task_state = metadata.tables[TaskRow.__tablename__].c.state
+# The Core tables behind the models: what the statements are built on.
+AGENTS = metadata.tables[AgentRow.__tablename__]
+CAPABILITIES = metadata.tables[AgentCapabilityRow.__tablename__]
+DEFINITIONS = metadata.tables[DefinitionRow.__tablename__]
+RUNS = metadata.tables[RunRow.__tablename__]
+TASKS = metadata.tables[TaskRow.__tablename__]
+
+_task_state = TASKS.c.state
 TASK_IS_QUEUED = _task_state == literal_column(f"'{TaskState.QUEUED.value}'")
 """`tasks.state = 'queued'`, written into the SQL as the partial index says it (not bound)."""
 TASK_IS_ASSIGNED = _task_state == literal_column(f"'{TaskState.ASSIGNED.value}'")

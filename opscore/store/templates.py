@@ -24,7 +24,7 @@ from opscore.domain.models import JsonObject, ReadyTask, TaskRun, TaskSpec, Task
 from opscore.store.assignments import QueuedTask
 from opscore.store.prepared import Prepared, RowLayout
 from opscore.store.rows import RunShape, TaskShape, millis, retry_to_json
-from opscore.store.tables import TaskRow, metadata
+from opscore.store.tables import TASKS
 
 TASK_COLUMNS = (
     "task_id",
@@ -48,7 +48,7 @@ TASK_COLUMNS = (
 )
 """The columns a new task's row is inserted with (the rest take their defaults)."""
 
-INSERT_TASKS = Prepared(insert(metadata.tables[TaskRow.__tablename__]))
+INSERT_TASKS = Prepared(insert(TASKS))
 """The INSERT of new tasks' rows: a template's rows, in the order of its layout."""
 
 

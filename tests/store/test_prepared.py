@@ -26,9 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from table_rows import a_run, a_task
 
-from opscore.store import assignments, changes, queries, templates
+from opscore.store import assignments, changes, templates
 from opscore.store.database import PostgresDatabase, normalize_url
 from opscore.store.prepared import Prepared
+from opscore.store.queries.agents import KNOWN_AGENTS
+from opscore.store.queries.base import _RUN_SHAPES
+from opscore.store.queries.definitions import LATEST_DEFINITION
+from opscore.store.queries.runs import _INSERT_RUN
+from opscore.store.queries.tasks import _SIBLINGS_FOR_UPDATE
 from opscore.store.tables import metadata
 from opscore.store.templates import TASK_COLUMNS
 
@@ -150,7 +155,7 @@ def writes_match(
         for table in reversed(metadata.sorted_tables):
             conn.execute(table.delete())
     later = when + timedelta(microseconds=1)
-    run_both(databases, queries._INSERT_RUN, [a_run("r1", when, payload), a_run("r2", later, {})])
+    run_both(databases, _INSERT_RUN, [a_run("r1", when, payload), a_run("r2", later, {})])
     tasks = [
         a_task("a", "r1", 0, input=payload, queued_at=when),
         a_task("b", "r1", 1, state="pending", labels={}, timeout_ms=250),
@@ -232,7 +237,7 @@ def reads_match(
             for version in (1, 2)
         ],
     )
-    queries._INSERT_RUN.execute(conn, [a_run("r1", when, payload)])
+    _INSERT_RUN.execute(conn, [a_run("r1", when, payload)])
     templates.INSERT_TASKS.execute(
         conn,
         [
@@ -245,20 +250,20 @@ def reads_match(
     assert {row.agent_id for row in taking} == {
         f"g{index}" for index, up in enumerate(connected) if up and index != 1
     }
-    read_both(conn, queries._KNOWN_AGENTS, {"b_agent_ids": []})
-    read_both(conn, queries._KNOWN_AGENTS, {"b_agent_ids": ["g2", "g9"]})
-    assert read_both(conn, queries._LATEST_DEFINITION, {"b_name": "flow"})[0].definition_id == "d2"
+    read_both(conn, KNOWN_AGENTS, {"b_agent_ids": []})
+    read_both(conn, KNOWN_AGENTS, {"b_agent_ids": ["g2", "g9"]})
+    assert read_both(conn, LATEST_DEFINITION, {"b_name": "flow"})[0].definition_id == "d2"
     queued = read_both(conn, assignments._QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": ["a", "b", "z"]})
     assert [row.task_id for row in queued] == ["b"]
     context = read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": ["a", "c", "z"]})
     assert sorted(row.name for row in context) == ["t0", "t2"]
     assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
     # A task that succeeded is read only when asked for.
-    siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
+    siblings = read_both(conn, _SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
     assert [row.task_id for row in siblings] == ["b", "c"]
-    siblings = read_both(conn, queries._SIBLINGS_FOR_UPDATE, {"b_task_ids": ["a", "z"]})
+    siblings = read_both(conn, _SIBLINGS_FOR_UPDATE, {"b_task_ids": ["a", "z"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
-    shapes = read_both(conn, queries._RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
+    shapes = read_both(conn, _RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
     # Read as JSON text (decoded through a cache by the store), each database's own spelling.
     assert [json.loads(row.labels) for row in shapes] == [{"zone": "\u00fc"}] * 3
 
@@ -271,11 +276,11 @@ def error_matches(databases: Pair) -> None:
     lean, core = databases
     when = datetime(2026, 1, 2, tzinfo=UTC)
     for conn in databases:
-        queries._INSERT_RUN.execute(conn, a_run("r1", when, {}))
+        _INSERT_RUN.execute(conn, a_run("r1", when, {}))
     with pytest.raises(IntegrityError):
-        queries._INSERT_RUN.execute(lean, [a_run("r2", when, {}), a_run("r1", when, {})])
+        _INSERT_RUN.execute(lean, [a_run("r2", when, {}), a_run("r1", when, {})])
     with pytest.raises(IntegrityError):
-        core.execute(queries._INSERT_RUN.statement, [a_run("r2", when, {}), a_run("r1", when, {})])
+        core.execute(_INSERT_RUN.statement, [a_run("r2", when, {}), a_run("r1", when, {})])
 
 
 async def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(run_check: RunCheck) -> None:
@@ -289,7 +294,7 @@ def times_match(databases: Pair) -> None:
     second = first + timedelta(seconds=1)
     tasks = [a_task(name, "r1", position) for position, name in enumerate("abc")]
     for conn in databases:
-        queries._INSERT_RUN.execute(conn, a_run("r1", first, {}))
+        _INSERT_RUN.execute(conn, a_run("r1", first, {}))
         templates.INSERT_TASKS.execute(conn, tasks)
     run_both(
         databases,

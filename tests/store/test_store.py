@@ -30,10 +30,10 @@ from opscore.domain.models import (
     TaskState,
 )
 from opscore.domain.retry import ResolvedRetryPolicy
-from opscore.store import assignments, queries, rows
+from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.database import Database
-from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult
+from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult, base
 from opscore.store.tables import metadata
 from opscore.store.writer import QUIET_SPELL, Tx, Writer
 
@@ -694,7 +694,7 @@ async def test_runs_whose_shapes_were_dropped_move_the_same(
 ) -> None:
     """Shapes are kept up to a number of tasks in all (each is objects for every full garbage
     collection to walk); the oldest runs' shapes go first, and are read again when needed."""
-    monkeypatch.setattr(queries, "RUN_SHAPE_CACHE_TASKS", 6)
+    monkeypatch.setattr(base, "RUN_SHAPE_CACHE_TASKS", 6)
     await register(store, "w", "cpu", slots=3)
     runs = [(await start(store, diamond())).run for _ in range(3)]
     assert store._shaped_tasks <= 6  # the cache is what this test is about

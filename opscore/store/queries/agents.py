@@ -1,0 +1,436 @@
+"""The agents' rows: registration, state, connections, and the reads behind `GetAgent` and
+`ListAgents`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from opscore.domain.errors import NotFound, OpsCoreError
+from opscore.domain.ids import new_id
+from opscore.domain.models import (
+    Agent,
+    AgentProfile,
+    AgentRegistration,
+    AgentState,
+    Assignment,
+    Effects,
+    Hold,
+    Page,
+    ReportedState,
+    TaskState,
+)
+from opscore.store import assignments, rows
+from opscore.store.prepared import Prepared
+from opscore.store.queries.base import OnCommit, StoreBase
+from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.tables import (
+    AGENTS,
+    CAPABILITIES,
+    TASK_IS_ASSIGNED,
+    TASKS,
+)
+from opscore.store.writer import Tx
+
+_running_count = (
+    select(func.count())
+    .where(
+        TASKS.c.agent_id == AGENTS.c.agent_id,
+        TASK_IS_ASSIGNED,
+    )
+    .correlate(AGENTS)
+    .scalar_subquery()
+)
+
+KNOWN_AGENTS = Prepared(
+    select(AGENTS.c.agent_id).where(AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
+)
+_TOUCH_AGENT = (
+    update(AGENTS)
+    .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
+    .values(last_seen_at=bindparam("b_now"))
+)
+# An agent's registration and connection: every agent of a fleet runs them, ten thousand at a
+# time when a server restarts, so they are built once too.
+_UPDATE_REGISTRATION = (
+    update(AGENTS)
+    .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
+    .values(
+        name=bindparam("b_name"),
+        version=bindparam("b_version"),
+        labels=bindparam("b_labels", type_=AGENTS.c.labels.type),
+        max_concurrent_tasks=bindparam("b_max_concurrent_tasks"),
+        last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
+    )
+)
+_INSERT_AGENT = insert(AGENTS)
+_DELETE_CAPABILITIES = delete(CAPABILITIES).where(
+    CAPABILITIES.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+)
+_INSERT_CAPABILITIES = insert(CAPABILITIES)
+_CONNECT_AGENT = (
+    update(AGENTS)
+    .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
+    .values(
+        connected=True,
+        last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
+        disconnected_at=None,
+    )
+)
+_AGENTS = select(AGENTS, _running_count.label("running")).where(
+    AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+)
+_CAPABILITIES_OF = (
+    select(CAPABILITIES.c.agent_id, CAPABILITIES.c.capability)
+    .where(CAPABILITIES.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
+    .order_by(CAPABILITIES.c.agent_id, CAPABILITIES.c.capability)
+)
+_HELD_TASKS = (
+    select(TASKS)
+    .where(TASKS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)), TASK_IS_ASSIGNED)
+    .order_by(TASKS.c.agent_id, TASKS.c.assigned_at, TASKS.c.task_id)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """What the dispatcher learns when an agent's stream opens."""
+
+    profile: AgentProfile
+    held: list[Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRegistration:
+    """An agent's registration, as the store writes it."""
+
+    registration: AgentRegistration
+    now: datetime
+    on_commit: OnCommit[Agent]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """An agent's task stream opening, as the store records it."""
+
+    agent_id: str
+    now: datetime
+    on_commit: OnCommit[Connected]
+
+
+class AgentQueries(StoreBase):
+    """The store's methods for agents."""
+
+    async def register_agent(
+        self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
+    ) -> Agent:
+        """Insert the agent, or update its information keeping its history and tasks.
+        Set-based: every registration of a batch is written by one `_register_agents` (a fleet
+        registers all at once when a server restarts)."""
+        request = NewRegistration(registration, now, on_commit)
+        agent: Agent = await self._writer.submit_grouped(self._register_agents, request)
+        return agent
+
+    def _register_agents(
+        self, conn: Connection, requests: Sequence[tuple[Tx, NewRegistration]]
+    ) -> list[Agent]:
+        agent_ids = [request.registration.agent_id or new_id() for _, request in requests]
+        outcomes: dict[int, Agent] = {}
+        # An agent registering twice in one batch: its later registration is written after the
+        # earlier one, as if they had come one after the other.
+        waiting = list(range(len(requests)))
+        while waiting:
+            taken: dict[str, int] = {}
+            for index in waiting:
+                taken.setdefault(agent_ids[index], index)
+            _write_registrations(
+                conn, [(agent_id, requests[index][1]) for agent_id, index in taken.items()]
+            )
+            agents = _agents_by_id(conn, list(taken))
+            for agent_id, index in taken.items():
+                outcomes[index] = agents[agent_id]
+            waiting = [index for index in waiting if index not in outcomes]
+        for index, (tx, request) in enumerate(requests):
+            tx.after_commit(functools.partial(request.on_commit, outcomes[index]))
+        return [outcomes[index] for index in range(len(requests))]
+
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> Effects:
+        """Remove the agent; every task it held goes back to the queue for another attempt."""
+
+        def op(conn: Connection) -> Effects:
+            _get_agent(conn, agent_id)
+            effects = Effects()
+            held = conn.execute(
+                select(TASKS)
+                .where(TASKS.c.agent_id == agent_id, TASK_IS_ASSIGNED)
+                .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
+                .with_for_update()
+            )
+            for row in held:
+                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
+                effects.queued.append(rows.ready_task(row))
+            if effects.queued:
+                conn.execute(
+                    update(TASKS)
+                    .where(TASKS.c.task_id.in_([task.task_id for task in effects.queued]))
+                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
+                )
+            conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
+            conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
+            return effects
+
+        return await self._write(op, on_commit)
+
+    async def touch_agent(self, agent_id: str, now: datetime) -> None:
+        """Record that the agent was heard from (a heartbeat)."""
+
+        def op(conn: Connection) -> None:
+            result = conn.execute(_TOUCH_AGENT, {"b_agent_id": agent_id, "b_now": now})
+            if result.rowcount == 0:
+                raise NotFound("agent", agent_id)
+
+        await self._write(op)
+
+    async def report_state(
+        self,
+        agent_id: str,
+        state: ReportedState,
+        detail: str,
+        now: datetime,
+        on_commit: OnCommit[Agent],
+    ) -> Agent:
+        """Record the state the agent reports of itself."""
+
+        def op(conn: Connection) -> Agent:
+            result = conn.execute(
+                update(AGENTS)
+                .where(AGENTS.c.agent_id == agent_id)
+                .values(reported_state=state.value, state_detail=detail, last_seen_at=now)
+            )
+            if result.rowcount == 0:
+                raise NotFound("agent", agent_id)
+            return _get_agent(conn, agent_id)
+
+        return await self._write(op, on_commit)
+
+    async def connect_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Connected]
+    ) -> Connected:
+        """Mark the agent connected and read what the dispatcher needs: its profile and the
+        attempts it holds (to send again). Runs through the writer so the snapshot sits at an
+        exact point of the commit order. Set-based: every stream a batch opens is recorded by
+        one `_connect_agents`.
+        """
+        request = StreamOpened(agent_id, now, on_commit)
+        connected: Connected = await self._writer.submit_grouped(self._connect_agents, request)
+        return connected
+
+    def _connect_agents(
+        self, conn: Connection, requests: Sequence[tuple[Tx, StreamOpened]]
+    ) -> list[Connected | OpsCoreError]:
+        wanted = sorted({request.agent_id for _, request in requests})
+        known = {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": wanted})}
+        if known:
+            conn.execute(
+                _CONNECT_AGENT,
+                [
+                    {"b_agent_id": request.agent_id, "b_now": request.now}
+                    for _, request in requests
+                    if request.agent_id in known
+                ],
+            )
+        agent_ids = sorted(known)
+        agents = _agents_by_id(conn, agent_ids)
+        held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
+        context = assignments.context_of(
+            conn, held_rows, {}, self._run_shapes(conn, {row.run_id for row in held_rows})
+        )
+        held: dict[str, list[Assignment]] = {}
+        for row in held_rows:
+            held.setdefault(row.agent_id, []).append(
+                assignments.assignment(
+                    context, row, row.attempt, row.agent_id, row.deadline, redelivered=True
+                )
+            )
+        outcomes: list[Connected | OpsCoreError] = []
+        for tx, request in requests:
+            agent = agents.get(request.agent_id)
+            if agent is None:
+                outcomes.append(NotFound("agent", request.agent_id))
+                continue
+            connected = Connected(agent.profile(), held.get(request.agent_id, []))
+            tx.after_commit(functools.partial(request.on_commit, connected))
+            outcomes.append(connected)
+        return outcomes
+
+    async def disconnect_agent(
+        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
+    ) -> None:
+        """Mark the agent's stream closed: its grace period starts now. Skipped if, when the
+        write runs, `still_current()` says a newer stream of the agent has begun to open (its
+        connection must not be undone); nothing to mark if the agent was deregistered."""
+
+        def op(conn: Connection) -> None:
+            if not still_current():
+                return
+            conn.execute(
+                update(AGENTS)
+                .where(AGENTS.c.agent_id == agent_id)
+                .values(connected=False, last_seen_at=now, disconnected_at=now)
+            )
+
+        await self._write(op)
+
+    async def reset_connections(self, now: datetime) -> None:
+        """At start-up no stream is open to this server: every agent is disconnected, and every
+        agent that was connected, or still within its grace, starts a fresh grace period now
+        (the outage was the server's, not the agent's).
+
+        This holds while one server owns the database; replicas sharing one will track the
+        stream owner per agent instead.
+        """
+
+        def op(conn: Connection) -> None:
+            conn.execute(
+                update(AGENTS)
+                .where(or_(AGENTS.c.connected.is_(True), AGENTS.c.disconnected_at.is_not(None)))
+                .values(connected=False, disconnected_at=now)
+            )
+
+        await self._write(op)
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        """One agent, NOT_FOUND if unknown."""
+        return await self._read(lambda conn: _get_agent(conn, agent_id))
+
+    async def list_agents(
+        self, page_size: int, page_token: str, state: AgentState | None, capability: str
+    ) -> Page[Agent]:
+        """A page of agents by id, filtered by derived state and capability."""
+        after = decode_page_token(page_token)
+
+        def op(conn: Connection) -> Page[Agent]:
+            query = select(AGENTS, _running_count.label("running")).order_by(AGENTS.c.agent_id)
+            if after is not None:
+                query = query.where(AGENTS.c.agent_id > after)
+            if capability:
+                query = query.where(
+                    select(CAPABILITIES.c.agent_id)
+                    .where(
+                        CAPABILITIES.c.agent_id == AGENTS.c.agent_id,
+                        CAPABILITIES.c.capability == capability,
+                    )
+                    .exists()
+                )
+            if state is not None:
+                query = query.where(_state_condition(state))
+            found = (conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            capabilities = _capabilities_of(conn, [row.agent_id for row in page])
+            agents = tuple(
+                rows.agent(row, capabilities.get(row.agent_id, ()), row.running) for row in page
+            )
+            token = encode_page_token(page[-1].agent_id) if len(found) > page_size else ""
+            return Page(agents, token)
+
+        return await self._read(op)
+
+
+def _state_condition(state: AgentState) -> Any:
+    """The derived agent state (see `derive_agent_state`) as a SQL condition."""
+    reported = AGENTS.c.reported_state
+    full = _running_count >= AGENTS.c.max_concurrent_tasks
+    connected = AGENTS.c.connected.is_(True)
+    if state is AgentState.OFFLINE:
+        return AGENTS.c.connected.is_(False)
+    if state is AgentState.ERROR:
+        return and_(connected, reported == ReportedState.ERROR.value)
+    busy = or_(reported == ReportedState.BUSY.value, full)
+    if state is AgentState.BUSY:
+        return and_(connected, reported != ReportedState.ERROR.value, busy)
+    return and_(
+        connected, reported.not_in([ReportedState.ERROR.value, ReportedState.BUSY.value]), ~full
+    )
+
+
+def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[str, ...]]:
+    if not agent_ids:
+        return {}
+    result = conn.execute(_CAPABILITIES_OF, {"b_agent_ids": agent_ids})
+    grouped: dict[str, list[str]] = {}
+    for agent_id, capability in result:
+        grouped.setdefault(agent_id, []).append(capability)
+    return {agent_id: tuple(found) for agent_id, found in grouped.items()}
+
+
+def _get_agent(conn: Connection, agent_id: str) -> Agent:
+    found = _agents_by_id(conn, [agent_id]).get(agent_id)
+    if found is None:
+        raise NotFound("agent", agent_id)
+    return found
+
+
+def _agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
+    """Those of these agents that exist, with their capabilities and running-task counts: two
+    statements, however many."""
+    if not agent_ids:
+        return {}
+    found = conn.execute(_AGENTS, {"b_agent_ids": agent_ids}).all()
+    capabilities = _capabilities_of(conn, [row.agent_id for row in found])
+    return {
+        row.agent_id: rows.agent(row, capabilities.get(row.agent_id, ()), row.running)
+        for row in found
+    }
+
+
+def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegistration]]) -> None:
+    """Insert or update these agents (each at most once) and replace their capabilities."""
+    agent_ids = [agent_id for agent_id, _ in registering]
+    existing = {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
+    updates = []
+    inserts = []
+    for agent_id, request in registering:
+        registration = request.registration
+        told = {
+            "name": registration.name,
+            "version": registration.version,
+            "labels": registration.labels,
+            "max_concurrent_tasks": registration.max_concurrent_tasks,
+        }
+        if agent_id in existing:
+            updates.append(
+                {"b_agent_id": agent_id, "b_now": request.now}
+                | {f"b_{column}": value for column, value in told.items()}
+            )
+        else:
+            inserts.append(
+                {
+                    "agent_id": agent_id,
+                    **told,
+                    "reported_state": ReportedState.NONE.value,
+                    "state_detail": "",
+                    "connected": False,
+                    "registered_at": request.now,
+                    "last_seen_at": request.now,
+                }
+            )
+    if updates:
+        conn.execute(_UPDATE_REGISTRATION, updates)
+    if inserts:
+        conn.execute(_INSERT_AGENT, inserts)
+    conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": agent_ids})
+    capabilities = [
+        {"agent_id": agent_id, "capability": capability}
+        for agent_id, request in registering
+        for capability in dict.fromkeys(request.registration.capabilities)
+    ]
+    if capabilities:
+        conn.execute(_INSERT_CAPABILITIES, capabilities)

@@ -1,0 +1,137 @@
+"""What every aggregate's queries share: the writer and the database, the caches of what never
+changes (run templates, run shapes), run locking on PostgreSQL, and the statements behind them."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from sqlalchemy import Text, bindparam, cast, select
+from sqlalchemy.engine import Connection
+
+from opscore.domain.models import Effects
+from opscore.domain.retry import ResolvedRetryPolicy
+from opscore.store import rows
+from opscore.store.database import Database
+from opscore.store.prepared import Prepared
+from opscore.store.tables import RUNS, TASKS
+from opscore.store.templates import RunTemplate
+from opscore.store.writer import Tx, Writer
+
+T = TypeVar("T")
+OnCommit = Callable[[T], None]
+
+
+RUN_SHAPE_CACHE_TASKS = 10_000
+"""Tasks whose runs' shapes are kept, in all: more than a server moves at once (a miss costs one
+read). No more: each task's shape is a few objects for every full garbage collection to walk.
+Counted in runs (1,024 of them), the shapes of a hundred runs of 1,000 queued tasks made full
+collections of 18-60 ms while they were queued (measured)."""
+
+RUNS_OF_TASKS = (
+    select(TASKS.c.run_id)
+    .where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
+    .scalar_subquery()
+)
+_LOCK_RUNS_OF_TASKS = (
+    select(RUNS.c.run_id)
+    .where(RUNS.c.run_id.in_(RUNS_OF_TASKS))
+    .order_by(RUNS.c.run_id)
+    .with_for_update()
+)
+_RUN_SHAPES = Prepared(
+    select(
+        TASKS.c.task_id,
+        TASKS.c.run_id,
+        TASKS.c.name,
+        # As text, decoded through a cache: runs of one definition repeat the same few values.
+        cast(TASKS.c.depends_on, Text).label("depends_on"),
+        TASKS.c.fallback,
+        TASKS.c.capability,
+        cast(TASKS.c.labels, Text).label("labels"),
+        TASKS.c.pinned_agent_id,
+    )
+    .where(TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    # In graph order, as the run was defined: tasks made ready together queue in that order.
+    .order_by(TASKS.c.run_id, TASKS.c.position)
+)
+
+
+class StoreBase:
+    """The state every aggregate's queries share (see the module docstring)."""
+
+    def __init__(
+        self,
+        database: Database,
+        writer: Writer,
+        retry: ResolvedRetryPolicy,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.database = database
+        self._writer = writer
+        self._retry = retry
+        self._rng = rng or random.Random()
+        self._templates: dict[str, tuple[str, RunTemplate]] = {}
+        """Stored definitions by id: the workflow's name and the template of its runs."""
+        self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()
+        self._shaped_tasks = 0
+        """The tasks of the runs in `_shapes`."""
+        # SQLite has one writer, so nothing can change a run between the reads and writes of an
+        # operation; where writers run concurrently (PostgreSQL) the run's row is locked first.
+        self._lock_runs = database.dialect != "sqlite"
+
+    def _lock_runs_of(self, conn: Connection, task_ids: list[str]) -> None:
+        """Where writers run concurrently (PostgreSQL), lock the runs of these tasks before any
+        of their tasks: every write that moves a run locks the run first, in run id order, so
+        two writes never wait for each other's locks in opposite orders."""
+        if self._lock_runs and task_ids:
+            conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": sorted(task_ids)})
+
+    def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
+        """The shapes of these runs, from memory when known (they never change), the rest read
+        in one statement and kept, least recently used first out."""
+        shapes: dict[str, rows.RunShape] = {}
+        missing = []
+        for run_id in run_ids:
+            shape = self._shapes.get(run_id)
+            if shape is None:
+                missing.append(run_id)
+            else:
+                self._shapes.move_to_end(run_id)
+                shapes[run_id] = shape
+        if missing:
+            tasks: dict[str, dict[str, rows.TaskShape]] = {}
+            for found in _RUN_SHAPES.rows(conn, {"b_run_ids": missing}):
+                tasks.setdefault(found.run_id, {})[found.name] = rows.task_shape(found)
+            for run_id, shaped in tasks.items():
+                shapes[run_id] = self._remember_shape(run_id, rows.RunShape.of(shaped))
+        return shapes
+
+    def _remember_shape(self, run_id: str, shape: rows.RunShape) -> rows.RunShape:
+        previous = self._shapes.pop(run_id, None)
+        if previous is not None:
+            self._shaped_tasks -= len(previous.tasks)
+        self._shapes[run_id] = shape
+        self._shaped_tasks += len(shape.tasks)
+        while self._shaped_tasks > RUN_SHAPE_CACHE_TASKS and len(self._shapes) > 1:
+            _, dropped = self._shapes.popitem(last=False)
+            self._shaped_tasks -= len(dropped.tasks)
+        return shape
+
+    async def _write(
+        self, op: Callable[[Connection], T], on_commit: OnCommit[T] | None = None
+    ) -> T:
+        def run(tx: Tx) -> T:
+            value = op(tx.conn)
+            if isinstance(value, Effects):
+                tx.note_effects(value)
+            if on_commit is not None:
+                tx.after_commit(lambda: on_commit(value))
+            return value
+
+        return await self._writer.submit(run)
+
+    async def _read(self, op: Callable[[Connection], T]) -> T:
+        return await self.database.run(op, write=False)

@@ -1,0 +1,104 @@
+"""Workflow definitions: stored once, versioned by name, never changed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.engine import Connection
+
+from opscore.domain.errors import NotFound
+from opscore.domain.ids import new_id
+from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
+from opscore.store import rows
+from opscore.store.prepared import Prepared
+from opscore.store.queries.base import StoreBase
+from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.tables import DEFINITIONS
+
+LATEST_DEFINITION = Prepared(
+    select(DEFINITIONS.c.definition_id)
+    .where(DEFINITIONS.c.name == bindparam("b_name"))
+    .order_by(DEFINITIONS.c.version.desc())
+    .limit(1)
+)
+
+
+class DefinitionQueries(StoreBase):
+    """The store's methods for workflow definitions."""
+
+    async def create_definition(
+        self, draft: DefinitionDraft, request_id: str, now: datetime
+    ) -> WorkflowDefinition:
+        """Store the next version of `draft.name`; a repeated request_id returns the first."""
+
+        def op(conn: Connection) -> WorkflowDefinition:
+            if request_id:
+                existing = (
+                    conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.request_id == request_id))
+                ).first()
+                if existing is not None:
+                    return rows.definition(existing)
+            return _insert_definition(conn, draft, request_id or None, now)
+
+        return await self._write(op)
+
+    async def get_definition(self, definition_id: str) -> WorkflowDefinition:
+        """One definition, NOT_FOUND if unknown."""
+
+        def op(conn: Connection) -> WorkflowDefinition:
+            return definition_by_id(conn, definition_id)
+
+        return await self._read(op)
+
+    async def list_definitions(
+        self, page_size: int, page_token: str, name: str
+    ) -> Page[WorkflowDefinition]:
+        """A page of definitions, oldest first (ids sort by creation time)."""
+        after = decode_page_token(page_token)
+
+        def op(conn: Connection) -> Page[WorkflowDefinition]:
+            query = select(DEFINITIONS).order_by(DEFINITIONS.c.definition_id)
+            if after is not None:
+                query = query.where(DEFINITIONS.c.definition_id > after)
+            if name:
+                query = query.where(DEFINITIONS.c.name == name)
+            found = (conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            token = encode_page_token(page[-1].definition_id) if len(found) > page_size else ""
+            return Page(tuple(rows.definition(row) for row in page), token)
+
+        return await self._read(op)
+
+
+def _insert_definition(
+    conn: Connection, draft: DefinitionDraft, request_id: str | None, now: datetime
+) -> WorkflowDefinition:
+    latest = (
+        conn.execute(
+            select(func.max(DEFINITIONS.c.version)).where(DEFINITIONS.c.name == draft.name)
+        )
+    ).scalar_one_or_none()
+    definition_id = new_id()
+    conn.execute(
+        insert(DEFINITIONS).values(
+            definition_id=definition_id,
+            name=draft.name,
+            version=(latest or 0) + 1,
+            description=draft.description,
+            tasks=[rows.spec_to_json(spec) for spec in draft.tasks],
+            request_id=request_id,
+            created_at=now,
+        )
+    )
+    return definition_by_id(conn, definition_id)
+
+
+def definition_by_id(conn: Connection, definition_id: str) -> WorkflowDefinition:
+    """One stored definition, NOT_FOUND if unknown."""
+    row = (
+        conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.definition_id == definition_id))
+    ).first()
+    if row is None:
+        raise NotFound("workflow definition", definition_id)
+    return rows.definition(row)

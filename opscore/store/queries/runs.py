@@ -1,0 +1,289 @@
+"""Workflow runs: triggering (set-based, idempotent by request id), reading and cancelling."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.engine import Connection
+
+from opscore.domain import graph
+from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
+from opscore.domain.ids import new_id, new_ids
+from opscore.domain.models import DefinitionDraft, Effects, JsonObject, Page, RunState, WorkflowRun
+from opscore.store import assignments, rows, templates
+from opscore.store.changes import Changes, apply_transition, states_of
+from opscore.store.prepared import Prepared
+from opscore.store.queries.agents import KNOWN_AGENTS
+from opscore.store.queries.base import OnCommit, StoreBase
+from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
+from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.tables import RUNS, TASKS
+from opscore.store.templates import NewTasks, RunTemplate
+from opscore.store.writer import Tx
+
+DEFINITION_CACHE_SIZE = 1024
+"""Stored definitions whose run templates are kept in memory by id (the oldest seen is dropped
+first)."""
+
+_RUN = select(RUNS).where(RUNS.c.run_id == bindparam("b_run_id"))
+_RUN_FOR_UPDATE = _RUN.with_for_update()
+_TASKS_OF_RUNS = (
+    select(TASKS)
+    .where(TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    .order_by(TASKS.c.position)
+)
+_RUNS_BY_REQUEST = select(RUNS).where(
+    RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
+)
+_INSERT_RUN = Prepared(insert(RUNS))
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRun:
+    """A triggered run, whether it was new (False for a repeated request_id), and its effects."""
+
+    run: WorkflowRun
+    created: bool
+    effects: Effects
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A trigger, as the store writes it: exactly one source (a stored definition's id, a
+    definition name for its latest version, or an inline definition)."""
+
+    definition_id: str
+    definition_name: str
+    inline: DefinitionDraft | None
+    agent_id: str
+    run_input: JsonObject
+    request_id: str
+    now: datetime
+    on_commit: OnCommit[CreatedRun]
+
+
+class RunQueries(StoreBase):
+    """The store's methods for workflow runs."""
+
+    def _template(self, conn: Connection, definition_id: str) -> tuple[str, RunTemplate]:
+        """A stored definition's name and run template, from memory when seen before:
+        definitions never change, so a cache by id is right on every replica, and triggering by
+        id reads no definition row."""
+        found = self._templates.get(definition_id)
+        if found is None:
+            definition = definition_by_id(conn, definition_id)
+            found = (definition.name, RunTemplate.of(definition.tasks, conn.dialect))
+            if len(self._templates) >= DEFINITION_CACHE_SIZE:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[definition_id] = found
+        return found
+
+    async def create_run(self, request: NewRun) -> CreatedRun:
+        """Start a run of a stored definition (by id, or the latest of a name) or of an inline
+        one; its root tasks are queued at once. A repeated request_id returns the first run.
+        Set-based: every trigger of a batch is written by one `_create_runs`.
+        """
+        created: CreatedRun = await self._writer.submit_grouped(self._create_runs, request)
+        return created
+
+    def _create_runs(
+        self, conn: Connection, requests: Sequence[tuple[Tx, NewRun]]
+    ) -> list[CreatedRun | OpsCoreError]:
+        earlier = self._runs_by_request(conn, [request for _, request in requests])
+        agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
+        known_agents = (
+            {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
+            if agent_ids
+            else set()
+        )
+        latest: dict[str, str] = {}
+        run_values: list[dict[str, Any]] = []
+        task_rows: list[list[Any]] = []
+        outcomes: list[CreatedRun | OpsCoreError] = []
+        for tx, request in requests:
+            outcome: CreatedRun | OpsCoreError
+            repeated = earlier.get(request.request_id) if request.request_id else None
+            if repeated is not None:
+                outcome = CreatedRun(repeated, False, Effects())
+            else:
+                try:
+                    if request.agent_id and request.agent_id not in known_agents:
+                        raise NotFound("agent", request.agent_id)
+                    source = self._source(conn, request, latest)
+                except OpsCoreError as error:
+                    outcomes.append(error)
+                    continue
+                outcome, new = _new_run(request, source, run_values, task_rows)
+                self._remember_shape(outcome.run.run_id, new.shape)
+                inserted = assignments.notes_of(tx).inserted
+                for root in new.roots:
+                    inserted[root.task_id] = root
+                if request.request_id:
+                    earlier[request.request_id] = outcome.run
+                tx.note_effects(outcome.effects)
+            tx.after_commit(functools.partial(request.on_commit, outcome))
+            outcomes.append(outcome)
+        if run_values:
+            _INSERT_RUN.execute(conn, run_values)
+            templates.insert_tasks(conn, task_rows)
+        return outcomes
+
+    def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
+        """The runs already started for these requests' request_ids."""
+        request_ids = sorted({request.request_id for request in requests if request.request_id})
+        if not request_ids:
+            return {}
+        found = conn.execute(_RUNS_BY_REQUEST, {"b_request_ids": request_ids}).all()
+        tasks = tasks_of(conn, [row.run_id for row in found])
+        return {row.request_id: rows.workflow_run(row, tasks.get(row.run_id, [])) for row in found}
+
+    def _source(
+        self, conn: Connection, request: NewRun, latest: dict[str, str]
+    ) -> tuple[str, str | None, RunTemplate]:
+        """What a trigger runs: the workflow's name, its stored definition id (None for an
+        inline definition) and the template of its runs. `latest` remembers, for this batch,
+        the latest version of each name already looked up."""
+        if request.inline is not None:
+            return request.inline.name, None, RunTemplate.of(request.inline.tasks, conn.dialect)
+        definition_id = request.definition_id
+        if not definition_id:
+            name = request.definition_name
+            if name not in latest:
+                found = LATEST_DEFINITION.rows(conn, {"b_name": name})
+                if not found:
+                    raise NotFound("workflow definition named", name)
+                latest[name] = found[0].definition_id
+            definition_id = latest[name]
+        name, template = self._template(conn, definition_id)
+        return name, definition_id, template
+
+    async def get_run(self, run_id: str) -> WorkflowRun:
+        """One run with its tasks, NOT_FOUND if unknown."""
+
+        def op(conn: Connection) -> WorkflowRun:
+            return _get_run(conn, run_id)
+
+        return await self._read(op)
+
+    async def list_runs(
+        self,
+        page_size: int,
+        page_token: str,
+        state: RunState | None,
+        definition_id: str,
+        agent_id: str,
+    ) -> Page[WorkflowRun]:
+        """A page of runs with their tasks, oldest first."""
+        after = decode_page_token(page_token)
+
+        def op(conn: Connection) -> Page[WorkflowRun]:
+            query = select(RUNS).order_by(RUNS.c.run_id)
+            if after is not None:
+                query = query.where(RUNS.c.run_id > after)
+            if state is not None:
+                query = query.where(RUNS.c.state == state.value)
+            if definition_id:
+                query = query.where(RUNS.c.definition_id == definition_id)
+            if agent_id:
+                query = query.where(RUNS.c.agent_id == agent_id)
+            found = (conn.execute(query.limit(page_size + 1))).all()
+            page = found[:page_size]
+            tasks = tasks_of(conn, [row.run_id for row in page])
+            runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
+            token = encode_page_token(page[-1].run_id) if len(found) > page_size else ""
+            return Page(runs, token)
+
+        return await self._read(op)
+
+    async def cancel_run(
+        self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
+    ) -> tuple[WorkflowRun, Effects]:
+        """Cancel an unfinished run: its queued tasks leave the queue, its held ones are to be
+        stopped. FAILED_PRECONDITION for a finished run.
+        """
+
+        def op(conn: Connection) -> tuple[WorkflowRun, Effects]:
+            run = _get_run(conn, run_id, lock=True)
+            if run.state.finished:
+                raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
+            changes = Changes(conn)
+            effects = apply_transition(
+                changes, run_id, run.tasks, graph.cancel(states_of(run.tasks)), now
+            )
+            changes.flush()
+            return _get_run(conn, run_id), effects
+
+        return await self._write(op, on_commit)
+
+
+def tasks_of(conn: Connection, run_ids: list[str]) -> dict[str, list[Any]]:
+    """The tasks of these runs by run, each in its run's graph order."""
+    if not run_ids:
+        return {}
+    result = conn.execute(_TASKS_OF_RUNS, {"b_run_ids": run_ids})
+    grouped: dict[str, list[Any]] = {}
+    for row in result:
+        grouped.setdefault(row.run_id, []).append(rows.task_run(row))
+    return grouped
+
+
+def _load_run(conn: Connection, row: Any) -> WorkflowRun:
+    tasks = tasks_of(conn, [row.run_id])
+    return rows.workflow_run(row, tasks.get(row.run_id, []))
+
+
+def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRun:
+    row = conn.execute(_RUN_FOR_UPDATE if lock else _RUN, {"b_run_id": run_id}).first()
+    if row is None:
+        raise NotFound("workflow run", run_id)
+    return _load_run(conn, row)
+
+
+def _new_run(
+    request: NewRun,
+    source: tuple[str, str | None, RunTemplate],
+    run_values: list[dict[str, Any]],
+    task_rows: list[list[Any]],
+) -> tuple[CreatedRun, NewTasks]:
+    """Add a new run's row and its tasks' rows to the rows to insert; the run as inserted,
+    built from those values rather than read back, with its root tasks queued; and its tasks."""
+    name, stored_id, template = source
+    run_id = new_id()
+    run_values.append(
+        {
+            "run_id": run_id,
+            "definition_id": stored_id,
+            "workflow_name": name,
+            "agent_id": request.agent_id or None,
+            "state": RunState.PENDING.value,
+            "input": request.run_input,
+            "request_id": request.request_id or None,
+            "created_at": request.now,
+        }
+    )
+    new = template.new_tasks(
+        run_id,
+        new_ids(len(template.specs)),
+        request.agent_id,
+        request.run_input,
+        request.now,
+    )
+    task_rows.extend(new.rows)
+    run = WorkflowRun(
+        run_id=run_id,
+        definition_id=stored_id or "",
+        workflow_name=name,
+        agent_id=request.agent_id,
+        state=RunState.PENDING,
+        input=dict(request.run_input),
+        tasks=new.tasks,
+        created_at=request.now,
+        started_at=None,
+        finished_at=None,
+    )
+    return CreatedRun(run, True, Effects(queued=new.queued)), new
