@@ -49,3 +49,28 @@ def test_the_million_row_carries_no_verdict_of_the_100k_target() -> None:
     assert "3.00" in million
     assert "PASS" not in million
     assert "MISS" not in million
+
+
+def test_postgresql_is_held_to_its_target_on_both_durable_throughput_rows() -> None:
+    """The issue's "On PostgreSQL: report the same table; target >= 30% of the bare ceiling":
+    the 1-task row and the chains row each carry the SQLite verdict, then the PostgreSQL one."""
+    results = {
+        "meta": {
+            "postgres": True,
+            "plan": {"shapes": ["single", "chain10"], "agent_counts": [8], "depths": [0]},
+        },
+        "throughput": {
+            "ceiling": {"single": {"8": 1000.0}, "chain10": {"8": 2000.0}},
+            "opscore": {"single": {"8": 600.0}, "chain10": {"8": 1100.0}},
+            "postgres": {"single": {"8": 350.0}, "chain10": {"8": 500.0}},
+        },
+    }
+    printed = run_from_root("-c", TABLE, json.dumps(results))
+    rows = {line.split("  ")[0]: line for line in printed.splitlines()}
+
+    # 600 / 1000 and 350 / 1000: both met.
+    assert rows["throughput single, 8 agents (tasks/s)"].endswith("PASS/PASS")
+    # 1100 / 2000 = 0.55 < 0.60 and 500 / 2000 = 0.25 < 0.30: both missed.
+    chains = rows["throughput chain10, 8 agents (tasks/s)"]
+    assert "PostgreSQL >= 30% of ceiling" in chains
+    assert chains.endswith("MISS/MISS")
