@@ -29,7 +29,7 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import OnCommit, StoreBase
-from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.queries.pages import decode_page_token, read_page
 from opscore.store.tables import (
     AGENTS,
     CAPABILITIES,
@@ -318,9 +318,7 @@ class AgentQueries(StoreBase):
         after = decode_page_token(page_token)
 
         def op(conn: Connection) -> Page[Agent]:
-            query = select(AGENTS, _running_count.label("running")).order_by(AGENTS.c.agent_id)
-            if after is not None:
-                query = query.where(AGENTS.c.agent_id > after)
+            query = select(AGENTS, _running_count.label("running"))
             if capability:
                 query = query.where(
                     select(CAPABILITIES.c.agent_id)
@@ -332,13 +330,11 @@ class AgentQueries(StoreBase):
                 )
             if state is not None:
                 query = query.where(_state_condition(state))
-            found = (conn.execute(query.limit(page_size + 1))).all()
-            page = found[:page_size]
+            page, token = read_page(conn, query, AGENTS.c.agent_id, after, page_size)
             capabilities = _capabilities_of(conn, [row.agent_id for row in page])
             agents = tuple(
                 rows.agent(row, capabilities.get(row.agent_id, ()), row.running) for row in page
             )
-            token = encode_page_token(page[-1].agent_id) if len(found) > page_size else ""
             return Page(agents, token)
 
         return await self._read(op)

@@ -13,7 +13,7 @@ from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
 from opscore.store import rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import StoreBase
-from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.queries.pages import decode_page_token, read_page
 from opscore.store.tables import DEFINITIONS
 
 LATEST_DEFINITION = Prepared(
@@ -58,14 +58,10 @@ class DefinitionQueries(StoreBase):
         after = decode_page_token(page_token)
 
         def op(conn: Connection) -> Page[WorkflowDefinition]:
-            query = select(DEFINITIONS).order_by(DEFINITIONS.c.definition_id)
-            if after is not None:
-                query = query.where(DEFINITIONS.c.definition_id > after)
+            query = select(DEFINITIONS)
             if name:
                 query = query.where(DEFINITIONS.c.name == name)
-            found = (conn.execute(query.limit(page_size + 1))).all()
-            page = found[:page_size]
-            token = encode_page_token(page[-1].definition_id) if len(found) > page_size else ""
+            page, token = read_page(conn, query, DEFINITIONS.c.definition_id, after, page_size)
             return Page(tuple(rows.definition(row) for row in page), token)
 
         return await self._read(op)

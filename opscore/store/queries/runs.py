@@ -21,7 +21,7 @@ from opscore.store.prepared import Prepared
 from opscore.store.queries.agents import KNOWN_AGENTS
 from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
-from opscore.store.queries.pages import decode_page_token, encode_page_token
+from opscore.store.queries.pages import decode_page_token, read_page
 from opscore.store.tables import RUNS, TASKS
 from opscore.store.templates import NewTasks, RunTemplate
 from opscore.store.writer import Tx
@@ -182,20 +182,16 @@ class RunQueries(StoreBase):
         after = decode_page_token(page_token)
 
         def op(conn: Connection) -> Page[WorkflowRun]:
-            query = select(RUNS).order_by(RUNS.c.run_id)
-            if after is not None:
-                query = query.where(RUNS.c.run_id > after)
+            query = select(RUNS)
             if state is not None:
                 query = query.where(RUNS.c.state == state.value)
             if definition_id:
                 query = query.where(RUNS.c.definition_id == definition_id)
             if agent_id:
                 query = query.where(RUNS.c.agent_id == agent_id)
-            found = (conn.execute(query.limit(page_size + 1))).all()
-            page = found[:page_size]
+            page, token = read_page(conn, query, RUNS.c.run_id, after, page_size)
             tasks = tasks_of(conn, [row.run_id for row in page])
             runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
-            token = encode_page_token(page[-1].run_id) if len(found) > page_size else ""
             return Page(runs, token)
 
         return await self._read(op)
