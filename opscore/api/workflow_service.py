@@ -9,7 +9,7 @@ import grpc
 
 from opscore.api import convert
 from opscore.domain.engine import Engine
-from opscore.domain.models import Assignment, TriggerRequest
+from opscore.domain.models import Assignment, RunFilter, TriggerRequest
 from opscore.v1 import workflow_service_pb2 as pb
 from opscore.v1 import workflow_service_pb2_grpc
 
@@ -77,9 +77,11 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         page = await self._engine.list_runs(
             request.page_size,
             request.page_token,
-            convert.run_state_in(request.state, "state"),
-            request.definition_id,
-            request.agent_id,
+            RunFilter(
+                convert.run_state_in(request.state, "state"),
+                request.definition_id,
+                request.agent_id,
+            ),
         )
         return pb.ListWorkflowRunsResponse(
             runs=[convert.run(run) for run in page.items], next_page_token=page.next_page_token

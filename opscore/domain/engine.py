@@ -35,7 +35,7 @@ from opscore.domain.models import (
     Page,
     ReadyTask,
     ReportedState,
-    RunState,
+    RunFilter,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
@@ -347,23 +347,18 @@ class Engine:
         return await self._store.get_run(run_id)
 
     async def list_runs(
-        self,
-        page_size: int,
-        page_token: str,
-        state: RunState | None,
-        definition_id: str,
-        agent_id: str,
+        self, page_size: int, page_token: str, where: RunFilter
     ) -> Page[WorkflowRun]:
-        """A page of runs."""
+        """A page of the runs `where` matches."""
         raise_if(
             [
                 *validation.check_page(page_size),
-                *check_id(definition_id, "definition_id", required=False),
-                *check_id(agent_id, "agent_id", required=False),
+                *check_id(where.definition_id, "definition_id", required=False),
+                *check_id(where.agent_id, "agent_id", required=False),
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_runs(size, page_token, state, definition_id, agent_id)
+        return await self._store.list_runs(size, page_token, where)
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
         """Cancel an unfinished run; agents holding its tasks are told to stop."""

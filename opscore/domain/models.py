@@ -324,6 +324,15 @@ class Page(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
+class RunFilter:
+    """Which runs a listing shows: every field that is set must match."""
+
+    state: RunState | None = None
+    definition_id: str = ""
+    agent_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
     """An agent holding one attempt of a task: what a slot of the agent is taken by."""
 

@@ -25,6 +25,7 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RetryPolicy,
+    RunFilter,
     RunState,
     TaskSpec,
     TaskState,
@@ -194,7 +195,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
 
 async def test_forged_page_token_is_invalid_argument(store: Store) -> None:
     with pytest.raises(InvalidArgument) as raised:
-        await store.list_runs(10, "%%%not-base64%%%", None, "", "")
+        await store.list_runs(10, "%%%not-base64%%%", RunFilter())
     assert raised.value.violations[0].field == "page_token"
 
 
@@ -316,7 +317,7 @@ async def test_trigger_checks_its_references(store: Store) -> None:
     await store.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
         await start(store, None, definition_name="diamond", agent_id="x")
-    assert (await store.list_runs(10, "", None, "", "")).items == ()
+    assert (await store.list_runs(10, "", RunFilter())).items == ()
 
 
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
@@ -567,7 +568,7 @@ async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store
     assert isinstance(ghost, NotFound)
     assert isinstance(other, CreatedRun)
     assert other.created
-    listed = await store.list_runs(10, "", None, "", "")
+    listed = await store.list_runs(10, "", RunFilter())
     assert sorted(run.run_id for run in listed.items) == sorted(
         [first.run.run_id, other.run.run_id]
     )

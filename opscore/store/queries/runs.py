@@ -14,7 +14,15 @@ from sqlalchemy.engine import Connection
 from opscore.domain import graph
 from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
 from opscore.domain.ids import new_id, new_ids
-from opscore.domain.models import DefinitionDraft, Effects, JsonObject, Page, RunState, WorkflowRun
+from opscore.domain.models import (
+    DefinitionDraft,
+    Effects,
+    JsonObject,
+    Page,
+    RunFilter,
+    RunState,
+    WorkflowRun,
+)
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
 from opscore.store.prepared import Prepared
@@ -171,24 +179,19 @@ class RunQueries(StoreBase):
         return await self._read(op)
 
     async def list_runs(
-        self,
-        page_size: int,
-        page_token: str,
-        state: RunState | None,
-        definition_id: str,
-        agent_id: str,
+        self, page_size: int, page_token: str, where: RunFilter
     ) -> Page[WorkflowRun]:
-        """A page of runs with their tasks, oldest first."""
+        """A page of the runs `where` matches, with their tasks, oldest first."""
         after = decode_page_token(page_token)
 
         def op(conn: Connection) -> Page[WorkflowRun]:
             query = select(RUNS)
-            if state is not None:
-                query = query.where(RUNS.c.state == state.value)
-            if definition_id:
-                query = query.where(RUNS.c.definition_id == definition_id)
-            if agent_id:
-                query = query.where(RUNS.c.agent_id == agent_id)
+            if where.state is not None:
+                query = query.where(RUNS.c.state == where.state.value)
+            if where.definition_id:
+                query = query.where(RUNS.c.definition_id == where.definition_id)
+            if where.agent_id:
+                query = query.where(RUNS.c.agent_id == where.agent_id)
             page, token = read_page(conn, query, RUNS.c.run_id, after, page_size)
             tasks = tasks_of(conn, [row.run_id for row in page])
             runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
