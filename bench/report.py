@@ -241,6 +241,10 @@ def table(results: dict[str, Any]) -> str:
         rendered.append("  ".join(cells).rstrip())
         if number == 0:
             rendered.append("  ".join("-" * width for width in widths))
+    settings = results["meta"].get("postgres_settings") or {}
+    if settings:
+        described = ", ".join(f"{name} {value}" for name, value in settings.items())
+        rendered.append(f"\nPostgreSQL: {described}")
     errors = results["meta"].get("errors") or []
     if errors:
         rendered.append(f"\n{len(errors)} phase(s) failed; see meta.errors in the JSON.")

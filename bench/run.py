@@ -38,6 +38,7 @@ from bench.servers import (
     ceiling_server,
     opscore_server,
     postgres_database,
+    postgres_settings,
     sqlite_url,
 )
 from bench.stats import summary
@@ -498,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "million": args.million,
             "postgres": bool(postgres_url),
+            "postgres_settings": postgres_settings(postgres_url) if postgres_url else {},
             "cpus": os.cpu_count(),
             "seconds": time.monotonic() - started,
             "plan": {name: getattr(plan, name) for name in plan.__slots__},

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -186,25 +187,45 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+POSTGRES_SETTINGS = ("server_version", "autovacuum", "fsync", "synchronous_commit")
+"""What the benchmark records of the PostgreSQL it measured: its version, and the settings that
+move Ops-Core's figures there the most (without autovacuum, statements are planned at every
+execution and dead rows stay: chains at 8 agents measured 0.21 of the ceiling against 0.35)."""
+
+
+def _admin_url(server_url: str) -> str:
+    return urlunsplit(
+        urlsplit(server_url.replace("postgresql+asyncpg://", "postgresql://"))._replace(
+            scheme="postgresql"
+        )
+    )
+
+
+async def _on_server(server_url: str, statement: str) -> Any:
+    """The first value of `statement`, run on the server of `server_url`."""
+    import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
+
+    connection = await asyncpg.connect(_admin_url(server_url), timeout=10)
+    try:
+        return await connection.fetchval(statement)
+    finally:
+        await connection.close()
+
+
+def postgres_settings(server_url: str) -> dict[str, str]:
+    """The `POSTGRES_SETTINGS` of the server of `server_url`."""
+    return {
+        name: str(asyncio.run(_on_server(server_url, f"SHOW {name}"))) for name in POSTGRES_SETTINGS
+    }
+
+
 @contextlib.contextmanager
 def postgres_database(server_url: str) -> Iterator[str]:
     """A fresh database on the PostgreSQL server of `server_url` for the length of the block,
     dropped afterwards (even if the server still holds connections: WITH (FORCE))."""
-    import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - PostgreSQL only
-
-    parts = urlsplit(server_url.replace("postgresql+asyncpg://", "postgresql://"))
     name = f"opscore_bench_{uuid.uuid4().hex[:12]}"
-    admin = urlunsplit(parts._replace(scheme="postgresql"))
-
-    async def execute(statement: str) -> None:
-        connection = await asyncpg.connect(admin, timeout=10)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(execute(f'CREATE DATABASE "{name}"'))
+    asyncio.run(_on_server(server_url, f'CREATE DATABASE "{name}"'))
     try:
-        yield urlunsplit(parts._replace(scheme="postgresql", path=f"/{name}"))
+        yield urlunsplit(urlsplit(_admin_url(server_url))._replace(path=f"/{name}"))
     finally:
-        asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(_on_server(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -31,11 +31,22 @@ def numbers(tree: Any) -> list[float]:
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
     # Given a PostgreSQL server (as CI is), every scenario runs on it as well.
     environment = {"OPSCORE_BENCH_POSTGRES_URL": POSTGRES_URL} if POSTGRES_URL else {}
-    run_from_root("-m", "bench", "--quick", "--out", str(tmp_path), environment=environment)
+    printed = run_from_root(
+        "-m", "bench", "--quick", "--out", str(tmp_path), environment=environment
+    )
 
     results = json.loads((tmp_path / "latest.json").read_text())
     assert results["meta"]["errors"] == []
     assert results["meta"]["postgres"] is bool(POSTGRES_URL)
+    # Which PostgreSQL was measured, and how it is set up, goes with its figures.
+    settings = results["meta"]["postgres_settings"]
+    if POSTGRES_URL:
+        assert set(settings) == {"server_version", "autovacuum", "fsync", "synchronous_commit"}
+        assert settings["autovacuum"] in ("on", "off")
+        assert settings["server_version"][0].isdigit()
+        assert f"autovacuum {settings['autovacuum']}" in printed
+    else:
+        assert settings == {}
     kinds = ("opscore", "ceiling", "postgres") if POSTGRES_URL else ("opscore", "ceiling")
     for scenario in SCENARIOS:
         for kind in kinds:
