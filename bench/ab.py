@@ -2,16 +2,17 @@
 revisions, and both against the ceiling, in one run on the same machine.
 
     python -m bench.ab [--rounds N] [--shapes chain10 single] [--agents 8 64] [--trickle RUNS]
-                       REVISION [REVISION ...]
+                       [--postgres URL] REVISION [REVISION ...]
 
 Each revision's `opscore/` and `generated/` are exported with `git archive` into a temporary
 directory, its `opscore.v1` pointed at its own generated code as an install would, and run from
-there (`opscore serve` on a SQLite file of its own). One server of each build and the ceiling
-run at once, and every step takes turns between them, round after round: this machine's speed
-moves by tens of percent within minutes, and only builds measured side by side compare. Printed:
-each build's median tasks/s and its ratio to the ceiling round by round, and the trickle's p50
-(trigger → first assignment). Two identical builds measured 0.504 and 0.570 of the ceiling on
-chains in one run of three rounds: differences smaller than that need more rounds.
+there (`opscore serve` on a SQLite file of its own, or with `--postgres` on a fresh database of that
+server). One server of each build and the ceiling run at once, and every step takes turns between
+them, round after round: this machine's speed moves by tens of percent within minutes, and only
+builds measured side by side compare. Printed: each build's median tasks/s and its ratio to the
+ceiling round by round, and the trickle's p50 (trigger → first assignment). Two identical builds
+measured 0.504 and 0.570 of the ceiling on chains in one run of three rounds: differences smaller
+than that need more rounds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from bench import ROOT
 from bench.load import RunSpec
 from bench.plan import FULL
 from bench.run import SHAPES, Bench, raise_file_limit
-from bench.servers import ServerProcess, ceiling_server, free_port, opscore_server, sqlite_url
+from bench.servers import (
+    ServerProcess,
+    ceiling_server,
+    free_port,
+    opscore_server,
+    postgres_database,
+    sqlite_url,
+)
 
 WORKING_TREE = "working tree"
 
@@ -49,8 +57,8 @@ def export(revision: str, into: Path) -> Path:
     return into
 
 
-def revision_server(label: str, tree: Path, workdir: Path) -> ServerProcess:
-    """`opscore serve` from the exported `tree`, on a SQLite file of its own."""
+def revision_server(label: str, tree: Path, workdir: Path, db_url: str) -> ServerProcess:
+    """`opscore serve` from the exported `tree`, on `db_url`."""
     port = free_port()
     command = [
         sys.executable,
@@ -61,7 +69,7 @@ def revision_server(label: str, tree: Path, workdir: Path) -> ServerProcess:
         "--listen",
         f"127.0.0.1:{port}",
         "--db",
-        sqlite_url(workdir / f"{label}.db"),
+        db_url,
     ]
     return ServerProcess(label, command, port, tree, workdir / f"{label}.log")
 
@@ -75,20 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", nargs="*", type=int, default=[8], help="agent counts")
     parser.add_argument("--trickle", type=int, default=0, help="runs a round at a trickle")
     parser.add_argument("--window", type=float, default=FULL.window, help="seconds counted")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="run every build on a fresh database of this PostgreSQL server, not on SQLite",
+    )
     args = parser.parse_args(argv)
     raise_file_limit()
     with tempfile.TemporaryDirectory(prefix="opscore-ab-") as temporary:
         workdir = Path(temporary)
         bench = Bench(dataclasses.replace(FULL, window=args.window), workdir, million=False)
-        servers = {
-            "ceiling": ceiling_server(workdir),
-            WORKING_TREE: opscore_server("working", sqlite_url(workdir / "w.db"), workdir),
-        }
-        for index, revision in enumerate(args.revisions):
-            tree = export(revision, workdir / f"tree-{index}")
-            servers[revision] = revision_server(f"rev-{index}", tree, workdir)
         try:
             with contextlib.ExitStack() as stack:
+
+                def database(label: str) -> str:
+                    if args.postgres:
+                        return stack.enter_context(postgres_database(args.postgres))
+                    return sqlite_url(workdir / f"{label}.db")
+
+                servers = {
+                    "ceiling": ceiling_server(workdir),
+                    WORKING_TREE: opscore_server("working", database("working"), workdir),
+                }
+                for index, revision in enumerate(args.revisions):
+                    label = f"rev-{index}"
+                    tree = export(revision, workdir / f"tree-{index}")
+                    servers[revision] = revision_server(label, tree, workdir, database(label))
                 running = {
                     name: stack.enter_context(bench.serving(server))
                     for name, server in servers.items()

@@ -72,6 +72,7 @@ class OpsCoreServer:
         await self.engine.recover()
         self._dispatcher_task = self._supervise(self.engine.dispatcher.run(), "dispatcher")
         self._timers_task = self._supervise(self.engine.run_timers(), "timers")
+        self._upkeep_task = self._supervise(self._db.maintain(), "database upkeep")
 
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
         agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
@@ -162,7 +163,7 @@ class OpsCoreServer:
         self.engine.shut_down()
         await self._grpc.stop(self.settings.shutdown_grace)
         # The loops that write stop first; then the writer commits what was submitted.
-        loops = (self._dispatcher_task, self._timers_task)
+        loops = (self._dispatcher_task, self._timers_task, self._upkeep_task)
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 import pytest
 from conftest import POSTGRES_URL, postgres_database
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.engine import Connection
 
+from opscore.store import database as database_module
 from opscore.store import migrate
 from opscore.store.database import PostgresDatabase, normalize_url, open_database
 from opscore.store.tables import TASK_IS_ASSIGNED, TASK_IS_QUEUED, metadata
@@ -98,3 +100,92 @@ async def test_generic_plans_find_queued_and_assigned_tasks_by_their_partial_ind
     assert "ix_tasks_queued" in queued
     assert "ix_tasks_assigned_" in assigned  # on an empty table either partial index will do
     assert "Seq Scan" not in queued + assigned
+
+
+def analyzed(conn: Connection) -> dict[str, tuple[bool, float]]:
+    """Whether each of Ops-Core's tables was ever analyzed, and its rows as last analyzed."""
+    rows = conn.execute(
+        text(
+            "SELECT s.relname, s.last_analyze IS NOT NULL, c.reltuples"
+            " FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid"
+            " WHERE s.schemaname = current_schema()"
+        )
+    )
+    return {name: (done, rows_then) for name, done, rows_then in rows}
+
+
+async def test_young_tables_are_analyzed_as_they_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new database's tables have no statistics, and the plans cached for its statements
+    would be made for empty tables until the first ANALYZE: the server analyzes each table
+    once it has grown past what its statistics say, and leaves the others alone."""
+    monkeypatch.setattr(database_module, "STATISTICS_CHECK", 0.05)
+    async with postgres_database() as url:
+        database = open_database(url)
+        await migrate.upgrade(database)
+        agents = metadata.tables["agents"]
+        now = datetime.now(UTC)
+
+        def fill(conn: Connection) -> None:
+            conn.execute(
+                insert(agents),
+                [
+                    {
+                        "agent_id": f"agent-{index}",
+                        "name": "",
+                        "version": "",
+                        "labels": {},
+                        "max_concurrent_tasks": 1,
+                        "reported_state": "none",
+                        "state_detail": "",
+                        "connected": False,
+                        "registered_at": now,
+                        "last_seen_at": now,
+                    }
+                    for index in range(1_500)
+                ],
+            )
+
+        await database.run(fill, write=True)
+        # A session's counts reach the statistics system at the latest when it ends.
+        await database.dispose()
+        upkeep = asyncio.create_task(database.maintain())
+        try:
+            for _ in range(200):
+                state = await database.run(analyzed, write=False)
+                if state["agents"][0]:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+            await database.dispose()
+    assert state["agents"] == (True, 1_500.0)
+    # Too small to matter (and empty): no statistics taken.
+    assert not state["runs"][0]
+    assert not state["tasks"][0]
+
+
+async def test_a_failing_statistics_refresh_is_logged_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upkeep is no reason to stop serving: a refresh that fails (no right to ANALYZE, the
+    server restarting) is logged, and tried again later."""
+    caplog.set_level(logging.WARNING, logger="opscore.store")
+    monkeypatch.setattr(database_module, "STATISTICS_CHECK", 0.01)
+    monkeypatch.setattr(database_module, "STATISTICS_RETRY", 0.01)
+    monkeypatch.setattr(database_module, "_GROWN_TABLES", text("SELECT no_such_column"))
+    async with postgres_database() as url:
+        database = open_database(url)
+        upkeep = asyncio.create_task(database.maintain())
+        try:
+            for _ in range(500):
+                failures = [r for r in caplog.records if "statistics failed" in r.getMessage()]
+                if len(failures) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert not upkeep.done()
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+            await database.dispose()
+    assert len(failures) >= 2

@@ -444,6 +444,9 @@ class Recording(Database):
     async def dispose(self) -> None:
         await self.inner.dispose()
 
+    async def maintain(self) -> None:
+        await self.inner.maintain()
+
 
 async def test_a_lone_write_after_a_quiet_spell_comes_alone(store: Store) -> None:
     """Only a write that finds the server quiet, and that no other write joins, is run alone
