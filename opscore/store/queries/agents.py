@@ -30,12 +30,7 @@ from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.pages import decode_page_token, read_page
-from opscore.store.tables import (
-    AGENTS,
-    CAPABILITIES,
-    TASK_IS_ASSIGNED,
-    TASKS,
-)
+from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
 
 _running_count = (

@@ -30,12 +30,7 @@ from opscore.store.prepared import Prepared
 from opscore.store.queries.base import RUNS_OF_TASKS, OnCommit, StoreBase
 from opscore.store.queries.runs import tasks_of
 from opscore.store.rows import RunShape
-from opscore.store.tables import (
-    AGENTS,
-    TASK_IS_ASSIGNED,
-    TASK_IS_QUEUED,
-    TASKS,
-)
+from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
 from opscore.store.writer import Followup, Tx
 
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
