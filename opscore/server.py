@@ -162,7 +162,8 @@ class OpsCoreServer:
         assert self.engine is not None
         self.engine.shut_down()
         await self._grpc.stop(self.settings.shutdown_grace)
-        # The loops that write stop first; then the writer commits what was submitted.
+        # The loops that write (and the database upkeep) stop first; then the writer commits what
+        # was submitted.
         loops = (self._dispatcher_task, self._timers_task, self._upkeep_task)
         for loop in loops:
             loop.cancel()
