@@ -1,16 +1,23 @@
 """What a benchmark run leaves behind: the table on the terminal (each Ops-Core figure beside
 the ceiling's and as a ratio to it, with the issue's targets marked PASS or MISS, never
-asserted), a JSON file (timestamped, plus latest.json) and a PNG plot beside it."""
+asserted), a JSON file (timestamped, plus latest.json), a PNG plot and the table in Markdown
+beside it. `python -m bench.report FILE` prints the Markdown table of any results file."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import ROOT
 from bench.plan import MILLION
+
+RESULTS = Path(ROOT) / "bench" / "results"
+"""Where `make bench` writes its results unless told otherwise."""
 
 KINDS = ("opscore", "ceiling", "postgres")
 """Server kinds, in column order."""
@@ -211,8 +218,9 @@ def _number(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    """The terminal table: Ops-Core, ceiling, ratio (and PostgreSQL, ratio), target, verdict."""
+def _cells(results: dict[str, Any]) -> list[list[str]]:
+    """The table as cells, its header first: Ops-Core, ceiling, ratio (and PostgreSQL, ratio),
+    target, verdict."""
     postgres = bool(results["meta"].get("postgres"))
     header = ["metric", "Ops-Core", "ceiling", "ratio"]
     if postgres:
@@ -231,7 +239,26 @@ def table(results: dict[str, Any]) -> str:
             cells += [_number(values["postgres"]), _number(_ratio(values["postgres"], ceiling))]
         cells += [target, verdict]
         lines.append(cells)
-    widths = [max(len(line[index]) for line in lines) for index in range(len(header))]
+    return lines
+
+
+def _footer(results: dict[str, Any]) -> list[str]:
+    """What is said under the table: the PostgreSQL server's settings, failed phases."""
+    said = []
+    settings = results["meta"].get("postgres_settings") or {}
+    if settings:
+        described = ", ".join(f"{name} {value}" for name, value in settings.items())
+        said.append(f"PostgreSQL: {described}")
+    errors = results["meta"].get("errors") or []
+    if errors:
+        said.append(f"{len(errors)} phase(s) failed; see meta.errors in the JSON.")
+    return said
+
+
+def table(results: dict[str, Any]) -> str:
+    """The terminal table, in aligned columns."""
+    lines = _cells(results)
+    widths = [max(len(line[index]) for line in lines) for index in range(len(lines[0]))]
     rendered = []
     for number, line in enumerate(lines):
         cells = [
@@ -241,13 +268,18 @@ def table(results: dict[str, Any]) -> str:
         rendered.append("  ".join(cells).rstrip())
         if number == 0:
             rendered.append("  ".join("-" * width for width in widths))
-    settings = results["meta"].get("postgres_settings") or {}
-    if settings:
-        described = ", ".join(f"{name} {value}" for name, value in settings.items())
-        rendered.append(f"\nPostgreSQL: {described}")
-    errors = results["meta"].get("errors") or []
-    if errors:
-        rendered.append(f"\n{len(errors)} phase(s) failed; see meta.errors in the JSON.")
+    rendered += [f"\n{said}" for said in _footer(results)]
+    return "\n".join(rendered)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The same table in Markdown, to publish a run whole (as the performance notes do) without
+    copying its figures by hand."""
+    header, *lines = _cells(results)
+    last = len(header) - 1
+    aligned = ["---" if index in (0, last - 1, last) else "---:" for index in range(len(header))]
+    rendered = ["| " + " | ".join(cells) + " |" for cells in (header, aligned, *lines)]
+    rendered += [f"\n{said}" for said in _footer(results)]
     return "\n".join(rendered)
 
 
@@ -310,14 +342,42 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], directory: Path) -> tuple[Path, Path]:
-    """The JSON (timestamped and latest.json) and the PNG beside it; their paths."""
+    """The JSON, the PNG and the table in Markdown, each timestamped and as `latest`; the JSON's
+    and the PNG's paths."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(results, indent=2, sort_keys=False)
     json_path = directory / f"bench-{stamp}.json"
-    json_path.write_text(text)
-    (directory / "latest.json").write_text(text)
+    json_path.write_text(json.dumps(results, indent=2, sort_keys=False))
     png_path = directory / f"bench-{stamp}.png"
     plot(results, png_path)
-    (directory / "latest.png").write_bytes(png_path.read_bytes())
+    markdown_path = directory / f"bench-{stamp}.md"
+    markdown_path.write_text(markdown(results) + "\n")
+    for path in (json_path, png_path, markdown_path):
+        (directory / f"latest{path.suffix}").write_bytes(path.read_bytes())
     return json_path, png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table of a results file in Markdown."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="The table of a run of `make bench`, in Markdown.",
+    )
+    parser.add_argument(
+        "results",
+        nargs="?",
+        type=Path,
+        default=RESULTS / "latest.json",
+        help="a JSON file that `make bench` wrote (default: bench/results/latest.json)",
+    )
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    # Worked out again from the figures, as the run did: a file from before a target was
+    # added (or one written by hand) gets its verdicts too.
+    results["targets"] = targets(results)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 from opscore.v1 import workflow_pb2
 
-from bench import ROOT, report
+from bench import report
 from bench.load import RunSpec
 from bench.plan import FULL, MILLION, QUICK, Plan
 from bench.servers import (
@@ -479,9 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a seconds-long run of every scenario")
     parser.add_argument("--million", action="store_true", help="also measure 1M queued tasks")
-    parser.add_argument(
-        "--out", type=Path, default=Path(ROOT) / "bench" / "results", help="results directory"
-    )
+    parser.add_argument("--out", type=Path, default=report.RESULTS, help="results directory")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     raise_file_limit()

@@ -1,7 +1,7 @@
 """`python -m bench --quick` works end to end: it starts the servers and the load processes, runs
-every scenario briefly (on PostgreSQL too when the tests have a server), and writes its JSON and
-PNG. Nothing here is about speed: the figures only have to exist and be positive (the targets
-are reported by the benchmark, never asserted)."""
+every scenario briefly (on PostgreSQL too when the tests have a server), and writes its JSON, PNG
+and Markdown table. Nothing here is about speed: the figures only have to exist and be positive
+(the targets are reported by the benchmark, never asserted)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,8 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     pngs = list(tmp_path.glob("bench-*.png"))
     assert pngs
     assert all(png.stat().st_size > 0 for png in pngs)
+    # The table in Markdown beside them, one row a figure as on the terminal.
+    published = (tmp_path / "latest.md").read_text()
+    assert published.startswith("| metric | Ops-Core | ceiling | ratio |")
+    assert "| throughput single, 8 agents (tasks/s) |" in published
+    assert published == next(tmp_path.glob("bench-*.md")).read_text()

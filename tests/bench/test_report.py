@@ -5,6 +5,7 @@ shown beside it unmarked, so a row never carries a verdict computed from another
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from processes import run_from_root
 
@@ -74,3 +75,44 @@ def test_postgresql_is_held_to_its_target_on_both_durable_throughput_rows() -> N
     chains = rows["throughput chain10, 8 agents (tasks/s)"]
     assert "PostgreSQL >= 30% of ceiling" in chains
     assert chains.endswith("MISS/MISS")
+
+
+def test_the_markdown_table_of_a_results_file_has_the_terminal_tables_rows(tmp_path: Path) -> None:
+    """`python -m bench.report FILE` publishes a run's table as it was printed: the same rows,
+    figures and verdicts, as a Markdown table with the PostgreSQL columns when they were run."""
+    results = {
+        "meta": {
+            "postgres": True,
+            "postgres_settings": {"autovacuum": "on"},
+            "plan": {
+                "shapes": ["chain10"],
+                "agent_counts": [8],
+                "depths": [0],
+                "fleet_agents": 10,
+                "recovery_tasks": 10,
+            },
+        },
+        "throughput": {
+            "ceiling": {"chain10": {"8": 2000.0}},
+            "opscore": {"chain10": {"8": 1300.0}},
+            "postgres": {"chain10": {"8": 500.0}},
+        },
+        "recovery": {"opscore": {"serving_s": 1.5, "first_push_s": 1.6}},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+
+    printed = run_from_root("-m", "bench.report", str(path))
+
+    lines = printed.splitlines()
+    assert lines[0] == "| metric | Ops-Core | ceiling | ratio | PostgreSQL | ratio | target |  |"
+    assert lines[1] == "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
+    # 1300 / 2000 = 0.65 met; 500 / 2000 = 0.25 missed. Verdicts come from the targets, which
+    # the file need not hold: they are worked out from its figures.
+    assert lines[2] == (
+        "| throughput chain10, 8 agents (tasks/s) | 1,300 | 2,000 | 0.65 | 500 | 0.25 "
+        "| >= 60% of ceiling; PostgreSQL >= 30% of ceiling | PASS/MISS |"
+    )
+    assert "| recovery 10 queued: SERVING (s) | 1.50 | - | - | - | - | < 5 s | PASS |" in lines
+    assert "| recovery 10 queued: first push (s) | 1.60 | - | - | - | - |  |  |" in lines
+    assert lines[-1] == "PostgreSQL: autovacuum on"
