@@ -30,7 +30,7 @@ from opscore.store import assignments, changes, templates
 from opscore.store.database import PostgresDatabase, normalize_url
 from opscore.store.prepared import Prepared
 from opscore.store.queries.agents import KNOWN_AGENTS
-from opscore.store.queries.base import _RUN_SHAPES
+from opscore.store.queries.base import _RUN_SHAPES, LOCK_RUNS_OF_TASKS
 from opscore.store.queries.definitions import LATEST_DEFINITION
 from opscore.store.queries.runs import _INSERT_RUN
 from opscore.store.queries.tasks import _SIBLINGS_FOR_UPDATE
@@ -263,6 +263,8 @@ def reads_match(
     assert [row.task_id for row in siblings] == ["b", "c"]
     siblings = read_both(conn, _SIBLINGS_FOR_UPDATE, {"b_task_ids": ["a", "z"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
+    locked = read_both(conn, LOCK_RUNS_OF_TASKS, {"b_task_ids": ["a", "c", "z"]})
+    assert [row.run_id for row in locked] == ["r1"]
     shapes = read_both(conn, _RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
     # Read as JSON text (decoded through a cache by the store), each database's own spelling.
     assert [json.loads(row.labels) for row in shapes] == [{"zone": "\u00fc"}] * 3

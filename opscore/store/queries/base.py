@@ -35,7 +35,7 @@ RUNS_OF_TASKS = (
     .where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
     .scalar_subquery()
 )
-_LOCK_RUNS_OF_TASKS = (
+LOCK_RUNS_OF_TASKS = Prepared(
     select(RUNS.c.run_id)
     .where(RUNS.c.run_id.in_(RUNS_OF_TASKS))
     .order_by(RUNS.c.run_id)
@@ -87,7 +87,10 @@ class StoreBase:
         of their tasks: every write that moves a run locks the run first, in run id order, so
         two writes never wait for each other's locks in opposite orders."""
         if self._lock_runs and task_ids:
-            conn.execute(_LOCK_RUNS_OF_TASKS, {"b_task_ids": sorted(task_ids)})
+            # On the driver's cursor, as the hot statements are: every completion batch runs
+            # it, and through `Connection.execute` it took 95-124 us of the server's CPU against
+            # 40 (asyncpg, three task ids, measured alone).
+            LOCK_RUNS_OF_TASKS.rows(conn, {"b_task_ids": sorted(task_ids)})
 
     def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
         """The shapes of these runs, from memory when known (they never change), the rest read
