@@ -31,7 +31,8 @@ BACKENDS = [
 ]
 
 
-def _asyncpg_dsn(url: str) -> str:
+def asyncpg_dsn(url: str) -> str:
+    """The URL as asyncpg takes it (without SQLAlchemy's driver name)."""
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
@@ -39,7 +40,7 @@ def _asyncpg_dsn(url: str) -> str:
 async def postgres_database() -> AsyncIterator[str]:
     """A new, empty PostgreSQL database for one test, dropped afterwards."""
     name = f"opscore_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_URL))
+    admin = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         base, _, _ = POSTGRES_URL.rpartition("/")

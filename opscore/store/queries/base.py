@@ -35,12 +35,14 @@ RUNS_OF_TASKS = (
     .where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
     .scalar_subquery()
 )
-LOCK_RUNS_OF_TASKS = Prepared(
+RUNS_OF_TASKS_FOR_UPDATE = (
     select(RUNS.c.run_id)
     .where(RUNS.c.run_id.in_(RUNS_OF_TASKS))
     .order_by(RUNS.c.run_id)
     .with_for_update()
 )
+"""The runs of some tasks, locked in run id order (see `StoreBase._lock_runs_of`)."""
+LOCK_RUNS_OF_TASKS = Prepared(RUNS_OF_TASKS_FOR_UPDATE)
 _RUN_SHAPES = Prepared(
     select(
         TASKS.c.task_id,
@@ -87,9 +89,10 @@ class StoreBase:
         of their tasks: every write that moves a run locks the run first, in run id order, so
         two writes never wait for each other's locks in opposite orders."""
         if self._lock_runs and task_ids:
-            # On the driver's cursor, as the hot statements are: every completion batch runs
-            # it, and through `Connection.execute` it took 95-124 us of the server's CPU against
-            # 40 (asyncpg, three task ids, measured alone).
+            # On the driver's cursor, as the hot statements are: through `Connection.execute`
+            # it took 95-124 us of the server's CPU against 40 (asyncpg, three task ids). The
+            # completions of a batch, the hottest of these writes, lock their runs in the
+            # statement that reads their tasks (`tasks.SIBLINGS_LOCKING_RUNS`).
             LOCK_RUNS_OF_TASKS.rows(conn, {"b_task_ids": sorted(task_ids)})
 
     def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:

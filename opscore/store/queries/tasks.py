@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
@@ -27,7 +27,12 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import RUNS_OF_TASKS, OnCommit, StoreBase
+from opscore.store.queries.base import (
+    RUNS_OF_TASKS,
+    RUNS_OF_TASKS_FOR_UPDATE,
+    OnCommit,
+    StoreBase,
+)
 from opscore.store.queries.runs import tasks_of
 from opscore.store.rows import RunShape
 from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
@@ -38,26 +43,39 @@ _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")
 # their runs that has not succeeded (one that has never changes again, so a run's completions
 # read fewer rows as it goes). What never changes of them is read once per run (`base._RUN_SHAPES`)
 # and kept (see `rows.RunShape`).
+_SIBLING_COLUMNS = (
+    TASKS.c.task_id,
+    TASKS.c.run_id,
+    TASKS.c.name,
+    TASKS.c.state,
+    TASKS.c.attempt,
+    TASKS.c.agent_id,
+    TASKS.c.error,
+    TASKS.c.error_reported,
+)
+_NOT_SUCCEEDED_OR_ASKED = or_(
+    TASKS.c.state != TaskState.SUCCEEDED.value,
+    TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
+)
 _SIBLINGS_FOR_UPDATE = Prepared(
-    select(
-        TASKS.c.task_id,
-        TASKS.c.run_id,
-        TASKS.c.name,
-        TASKS.c.state,
-        TASKS.c.attempt,
-        TASKS.c.agent_id,
-        TASKS.c.error,
-        TASKS.c.error_reported,
-    )
-    .where(
-        TASKS.c.run_id.in_(RUNS_OF_TASKS),
-        or_(
-            TASKS.c.state != TaskState.SUCCEEDED.value,
-            TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
-        ),
-    )
+    select(*_SIBLING_COLUMNS)
+    .where(TASKS.c.run_id.in_(RUNS_OF_TASKS), _NOT_SUCCEEDED_OR_ASKED)
     .order_by(TASKS.c.run_id, TASKS.c.position)
     .with_for_update()
+)
+_LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
+# The same, locking the runs first (PostgreSQL), in one round trip instead of two: the runs are
+# locked in run id order by an InitPlan, which PostgreSQL runs whole before the scan of the
+# tasks begins, so every write still locks runs before any of their tasks (see `_lock_runs_of`).
+SIBLINGS_LOCKING_RUNS = Prepared(
+    select(*_SIBLING_COLUMNS)
+    .where(
+        # PostgreSQL's ARRAY(subquery): one value, worked out once before the scan.
+        TASKS.c.run_id == any_(func.array(select(_LOCKED_RUNS.c.run_id).scalar_subquery())),
+        _NOT_SUCCEEDED_OR_ASKED,
+    )
+    .order_by(TASKS.c.run_id, TASKS.c.position)
+    .with_for_update(of=TASKS)
 )
 
 
@@ -165,10 +183,10 @@ class TaskQueries(StoreBase):
         # every write locks them).
         wanted = {result.task_id for _, result in requests}
         task_ids = sorted(wanted)
-        self._lock_runs_of(conn, task_ids)
+        siblings = SIBLINGS_LOCKING_RUNS if self._lock_runs else _SIBLINGS_FOR_UPDATE
         found_rows: dict[str, dict[str, Any]] = {}
         held: dict[str, _Held] = {}
-        for found in _SIBLINGS_FOR_UPDATE.rows(conn, {"b_task_ids": task_ids}):
+        for found in siblings.rows(conn, {"b_task_ids": task_ids}):
             found_rows.setdefault(found.run_id, {})[found.name] = found
             if found.task_id in wanted:
                 held[found.task_id] = _Held.of(found)
