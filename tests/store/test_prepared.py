@@ -33,7 +33,7 @@ from opscore.store.queries.agents import KNOWN_AGENTS
 from opscore.store.queries.base import _RUN_SHAPES, LOCK_RUNS_OF_TASKS
 from opscore.store.queries.definitions import LATEST_DEFINITION
 from opscore.store.queries.runs import _INSERT_RUN
-from opscore.store.queries.tasks import _SIBLINGS_FOR_UPDATE, SIBLINGS_LOCKING_RUNS
+from opscore.store.queries.tasks import _SIBLINGS, SIBLINGS_LOCKING_RUNS
 from opscore.store.tables import metadata
 from opscore.store.templates import TASK_COLUMNS
 
@@ -259,16 +259,16 @@ def reads_match(
     assert sorted(row.name for row in context) == ["t0", "t2"]
     assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
     # A task that succeeded is read only when asked for.
-    siblings = read_both(conn, _SIBLINGS_FOR_UPDATE, {"b_task_ids": ["b"]})
+    siblings = read_both(conn, _SIBLINGS, {"b_task_ids": ["b"]})
     assert [row.task_id for row in siblings] == ["b", "c"]
-    siblings = read_both(conn, _SIBLINGS_FOR_UPDATE, {"b_task_ids": ["a", "z"]})
+    siblings = read_both(conn, _SIBLINGS, {"b_task_ids": ["a", "z"]})
     assert [row.task_id for row in siblings] == ["a", "b", "c"]
     if conn.dialect.name == "postgresql":
         # Where runs are locked, one statement locks them and reads the same rows.
         for asked in (["b"], ["a", "z"], ["z"]):
             params = {"b_task_ids": asked}
             assert read_both(conn, SIBLINGS_LOCKING_RUNS, params) == read_both(
-                conn, _SIBLINGS_FOR_UPDATE, params
+                conn, _SIBLINGS, params
             )
     locked = read_both(conn, LOCK_RUNS_OF_TASKS, {"b_task_ids": ["a", "c", "z"]})
     assert [row.run_id for row in locked] == ["r1"]

@@ -57,16 +57,18 @@ _NOT_SUCCEEDED_OR_ASKED = or_(
     TASKS.c.state != TaskState.SUCCEEDED.value,
     TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
 )
-_SIBLINGS_FOR_UPDATE = Prepared(
+# As SQLite reads them: its one writer has nothing to lock.
+_SIBLINGS = Prepared(
     select(*_SIBLING_COLUMNS)
     .where(TASKS.c.run_id.in_(RUNS_OF_TASKS), _NOT_SUCCEEDED_OR_ASKED)
     .order_by(TASKS.c.run_id, TASKS.c.position)
-    .with_for_update()
 )
 _LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
-# The same, locking the runs first (PostgreSQL), in one round trip instead of two: the runs are
-# locked in run id order by an InitPlan, which PostgreSQL runs whole before the scan of the
-# tasks begins, so every write still locks runs before any of their tasks (see `_lock_runs_of`).
+# The same where writers run concurrently (PostgreSQL), the runs and their tasks locked in one
+# round trip instead of two: the runs in run id order by an InitPlan, which PostgreSQL runs whole
+# before the scan of the tasks begins, so every write still locks runs before any of their tasks
+# (see `_lock_runs_of`). Planned at every execution (a PostgreSQL without autovacuum), the two
+# statements cost chains at 8 agents an eighth to a fifth of their throughput (README).
 SIBLINGS_LOCKING_RUNS = Prepared(
     select(*_SIBLING_COLUMNS)
     .where(
@@ -183,7 +185,7 @@ class TaskQueries(StoreBase):
         # every write locks them).
         wanted = {result.task_id for _, result in requests}
         task_ids = sorted(wanted)
-        siblings = SIBLINGS_LOCKING_RUNS if self._lock_runs else _SIBLINGS_FOR_UPDATE
+        siblings = SIBLINGS_LOCKING_RUNS if self._lock_runs else _SIBLINGS
         found_rows: dict[str, dict[str, Any]] = {}
         held: dict[str, _Held] = {}
         for found in siblings.rows(conn, {"b_task_ids": task_ids}):
@@ -491,7 +493,8 @@ class _RunNow:
     """The current state of a run's tasks, by name, as a batch of completions moves it."""
 
     rows: dict[str, Any]
-    """The row of `_SIBLINGS_FOR_UPDATE` of each task that had not succeeded, by name."""
+    """The row read (`_SIBLINGS`, `SIBLINGS_LOCKING_RUNS`) of each task that had not succeeded,
+    by name."""
     states: dict[str, TaskState]
     """Each task's state, following the batch's completions."""
 
