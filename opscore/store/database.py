@@ -419,7 +419,7 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str, **options: Any) -> None:
         self.engine: AsyncEngine = create_async_engine(url, **options)
-        _configure_postgres(self.engine)
+        _warn_without_autovacuum(self.engine)
 
     async def run(
         self,
@@ -501,38 +501,35 @@ second of each commit) have outgrown the row count of their last ANALYZE (`reltu
 never analyzed)."""
 
 
-def _configure_postgres(engine: AsyncEngine) -> None:
-    """Plan every statement for its own parameters when the server runs without autovacuum.
+def _warn_without_autovacuum(engine: AsyncEngine) -> None:
+    """Log once, at the first connection, if the server runs without autovacuum: nothing then
+    removes the dead rows that every update of a task leaves, nor refreshes statistics once the
+    tables have stopped growing (`PostgresDatabase.maintain` does while they grow), so such a
+    server needs `VACUUM ANALYZE` on a schedule.
 
-    The driver prepares each statement, and after five executions PostgreSQL may keep one generic
-    plan for it, made for the tables as they were then. Ops-Core's tables grow from empty: a plan
-    made over a few dozen rows (sequential scans, hash joins) stays until an ANALYZE invalidates
-    it, which autovacuum does within a minute and a server without autovacuum never does. Measured
-    here (autovacuum off) on 1-task runs: 489 -> 314 tasks/s over a minute with the cached plans,
-    459-483 throughout with plans made per execution. With autovacuum on (PostgreSQL's default)
-    the cached plans are kept: with fresh statistics they were 13-25% faster."""
-    warned = False
+    Ops-Core used to plan every statement at each execution on such a server, so that no plan
+    cached while its tables were nearly empty would stay; the young tables' ANALYZE now replaces
+    those plans on every server. On this machine's CI PostgreSQL (autovacuum off), interleaved
+    with the ceiling, 8 rounds: the cached plans gave 10-task chains at 8 agents 0.360 of the
+    ceiling against 0.306 planned per execution, 1-task runs 0.420 against 0.345."""
+    checked = False
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        nonlocal warned
+        nonlocal checked
+        if checked:
+            return
+        checked = True  # before the read: connections opened meanwhile need not check again
         assert isinstance(dbapi_connection, AdaptedConnection)  # asyncpg, adapted
-        # On asyncpg's own connection, outside any transaction: a SET made through the adapted
-        # cursor would begin one, and a first transaction that rolls back would undo it.
+        # On asyncpg's own connection: through the adapted cursor the read would begin a
+        # transaction that the pool then has to end.
         autovacuum = dbapi_connection.run_async(
             lambda driver: driver.fetchval("SELECT current_setting('autovacuum')")
         )
-        if autovacuum == "on":
-            return
-        dbapi_connection.run_async(
-            lambda driver: driver.execute("SET plan_cache_mode = force_custom_plan")
-        )
-        if not warned:
-            warned = True
+        if autovacuum != "on":
             log.warning(
-                "PostgreSQL runs without autovacuum: statements are planned on every execution, "
-                "and nothing removes dead rows or refreshes statistics unless VACUUM ANALYZE is "
-                "run by hand",
+                "PostgreSQL runs without autovacuum: nothing removes dead rows or refreshes "
+                "statistics unless VACUUM ANALYZE is run on a schedule",
                 extra={"autovacuum": autovacuum},
             )
 
