@@ -448,13 +448,14 @@ class PostgresDatabase(Database):
         The driver prepares every statement, and PostgreSQL caches a generic plan for it after
         five executions, made from the statistics of the moment. A new database's tables have
         none, so the plans are made for empty tables and hold until the first ANALYZE, which
-        autovacuum runs up to a minute or so later. On new databases with PostgreSQL's default
-        settings (two interleaved runs, rounds of about 20 s), 1-task runs at 8 agents measured
-        0.18-0.30 of the ceiling until then (one to five rounds), and 0.33-0.42 from the first
-        round with this. An ANALYZE samples at most 30,000 rows and takes no lock that writes
-        wait for; it invalidates the cached plans, which are made again from the new
-        statistics. Once a table has grown to its working size, autovacuum (where it runs) keeps
-        its statistics, and this no longer fires."""
+        autovacuum runs up to a minute or so later, and a server without autovacuum never
+        (there this is what refreshes them, see `_warn_without_autovacuum`). On new databases
+        with PostgreSQL's default settings (two interleaved runs, rounds of about 20 s), 1-task
+        runs at 8 agents measured 0.18-0.30 of the ceiling until then (one to five rounds), and
+        0.33-0.42 from the first round with this. An ANALYZE samples at most 30,000 rows and
+        takes no lock that writes wait for; it invalidates the cached plans, which are made
+        again from the new statistics. Once a table has grown to its working size, autovacuum
+        (where it runs) keeps its statistics, and this no longer fires."""
         tables = [table.name for table in metadata.sorted_tables]
         while True:
             await asyncio.sleep(STATISTICS_CHECK)

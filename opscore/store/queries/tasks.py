@@ -67,8 +67,9 @@ _LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
 # The same where writers run concurrently (PostgreSQL), the runs and their tasks locked in one
 # round trip instead of two: the runs in run id order by an InitPlan, which PostgreSQL runs whole
 # before the scan of the tasks begins, so every write still locks runs before any of their tasks
-# (see `_lock_runs_of`). Planned at every execution (a PostgreSQL without autovacuum), the two
-# statements cost chains at 8 agents an eighth to a fifth of their throughput (README).
+# (see `_lock_runs_of`). Where statements cost their planning as well (this machine's CI server
+# planned each one at every execution), one statement instead of two took chains at 8 agents from
+# 0.289 to 0.331 and from 0.248 to 0.318 of the ceiling (README).
 SIBLINGS_LOCKING_RUNS = Prepared(
     select(*_SIBLING_COLUMNS)
     .where(
