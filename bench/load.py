@@ -192,8 +192,7 @@ class Worker:
         self.agents: list[Agent] = []
         self.agent_tasks: list[asyncio.Task[None]] = []
         self.channels: list[grpc.aio.Channel] = []
-        self.trigger_channel: grpc.aio.Channel | None = None
-        self.trigger_target = ""
+        self.trigger_channels: dict[str, grpc.aio.Channel] = {}
         self.trigger_errors = 0
 
     async def serve(self) -> None:
@@ -226,8 +225,8 @@ class Worker:
                     self.conn.send(("ok", result))
         finally:
             await self.stop_agents()
-            if self.trigger_channel is not None:
-                await self.trigger_channel.close()
+            for channel in self.trigger_channels.values():
+                await channel.close()
 
     # Agents -------------------------------------------------------------------------------
 
@@ -299,14 +298,15 @@ class Worker:
     # Trigger client -----------------------------------------------------------------------
 
     def _stub(self, target: str) -> workflow_service_pb2_grpc.WorkflowServiceAsyncStub:
-        """The trigger client's stub on its one channel to `target`."""
-        if self.trigger_channel is None or self.trigger_target != target:
-            if self.trigger_channel is not None:
-                # The previous server is gone; its channel closes in the background.
-                asyncio.get_running_loop().create_task(self.trigger_channel.close())
-            self.trigger_channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-            self.trigger_target = target
-        return workflow_service_pb2_grpc.WorkflowServiceStub(self.trigger_channel)
+        """The trigger client's stub on its channel to `target`: one channel a server, kept
+        while the process lives, so that steps taking turns between servers never measure a
+        new connection (a channel whose server is gone stays idle until the process ends)."""
+        channel = self.trigger_channels.get(target)
+        if channel is None:
+            channel = self.trigger_channels[target] = grpc.aio.insecure_channel(
+                target, options=CHANNEL_OPTIONS
+            )
+        return workflow_service_pb2_grpc.WorkflowServiceStub(channel)
 
     async def define(self, target: str, definitions: list[bytes]) -> int:
         """Create the stored definitions (serialized WorkflowDefinition messages)."""

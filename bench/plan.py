@@ -17,7 +17,8 @@ class Plan:
     agent_counts: tuple[int, ...]
     """Agents of each throughput point."""
     rounds: int
-    """Times each throughput and latency step runs, the server kinds taking turns."""
+    """Times each throughput and latency step runs, the server kinds taking turns; and the
+    turns a queue depth's probes take between the filled server and its empty twin."""
     warmup: float
     """Seconds of load before a throughput window opens."""
     window: float

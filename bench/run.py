@@ -266,30 +266,41 @@ class Bench:
                         latency[phase][kind_name] = summary(taken)
             self.results["latency"][kind] = latency
 
-    def queue_depth_and_recovery(self, kind: str, db_url: str | None) -> None:
+    def queue_depth_and_recovery(
+        self, kind: str, db_url: str | None, empty_url: str | None
+    ) -> None:
         """Scenario 3 (dispatch latency with 0 .. N tasks queued nobody can take), then
-        scenario 5 (restart on that database: time to SERVING and to the first push)."""
+        scenario 5 (restart on that database: time to SERVING and to the first push).
+
+        An empty twin (a second server of the same kind, on a database of its own, `empty_url`)
+        runs beside the filled one, and at every depth the two take turns at the probes: the
+        target compares the filled server with nothing queued at the same moment. Measured
+        minutes apart, before and after the fill, the same comparison moved with the machine's
+        speed (1.34 in one run, 0.90-1.10 when that step ran again right after)."""
         plan = self.plan
         server = self._server(kind, db_url, "depth")
         depths: dict[str, Any] = {}
         queued = 0
-        with self.serving(server):
-            self._with_agents(server.target, self._agents("depth", 1, ["work"]))
-            try:
-                for depth in plan.depths:
-                    queued = self._fill(server.target, queued, depth)
-                    depths[str(depth)] = self._probe_depth(server.target, depth)
-            finally:
-                self.pool.stop_agents()
-            if kind != "ceiling":
-                self.results["recovery"][kind] = self._recover(server, queued)
-            if self.million:
-                self._with_agents(server.target, self._agents("depth", 1, ["work"]))
+        with self.serving(self._server(kind, empty_url, "depth-empty")) as empty:
+
+            def probing(depth: int) -> None:
+                """Fill to `depth`, then probe both servers, each with one idle agent."""
+                nonlocal queued
+                for target in (server.target, empty.target):
+                    self._with_agents(target, self._agents("depth", 1, ["work"]))
                 try:
-                    queued = self._fill(server.target, queued, MILLION)
-                    depths[str(MILLION)] = self._probe_depth(server.target, MILLION)
+                    queued = self._fill(server.target, queued, depth)
+                    depths[str(depth)] = self._probe_depth(server.target, empty.target, depth)
                 finally:
                     self.pool.stop_agents()
+
+            with self.serving(server):
+                for depth in plan.depths:
+                    probing(depth)
+                if kind != "ceiling":
+                    self.results["recovery"][kind] = self._recover(server, queued)
+                if self.million:
+                    probing(MILLION)
         self.results["queue_depth"][kind] = depths
         if kind == "ceiling":
             ceiling = self._server(kind, None, "recovery", preload=plan.recovery_tasks)
@@ -312,19 +323,32 @@ class Bench:
             print(f"    queued {runs * BACKLOG_RUN} tasks in {result['seconds']:.1f} s")
         return queued + runs * BACKLOG_RUN
 
-    def _probe_depth(self, target: str, depth: int) -> dict[str, float]:
-        """Dispatch latency of single-task runs one idle agent can take, one at a time."""
-        tag = f"depth{depth}"
+    def _probe_depth(self, target: str, empty_target: str, depth: int) -> dict[str, Any]:
+        """Dispatch latency of single-task runs one idle agent can take, one at a time, on the
+        filled server (`target`) and its empty twin taking turns, `plan.rounds` turns each, the
+        one to go first alternating: the filled server's figures, with the twin's under
+        `empty`."""
+        tags = {target: f"depth{depth}", empty_target: f"depth{depth}-empty"}
         spec = RunSpec(definition_name="bench-single", last="t0")
-        self.pool.trigger(
-            "sequential", target=target, specs=[spec] * self.plan.depth_probes, tag=tag
-        )
+        rounds = max(1, self.plan.rounds)
+        turns = [target, empty_target]
+        for index in range(rounds):
+            probes = self.plan.depth_probes // rounds + (index < self.plan.depth_probes % rounds)
+            for where in turns if index % 2 == 0 else reversed(turns):
+                self.pool.trigger(
+                    "sequential", target=where, specs=[spec] * probes, tag=tags[where]
+                )
         values, _, _ = self.pool.collect()
-        samples = values.get(f"{tag}/first")
-        if not samples:
+        found = {where: values.get(f"{tag}/first") for where, tag in tags.items()}
+        if not all(found.values()):
             raise BenchError(f"no dispatch measured at depth {depth}")
-        print(f"    depth {depth}: p50 {summary(samples)['p50_ms']:.2f} ms")
-        return summary(samples)
+        figures: dict[str, Any] = summary(found[target] or [])
+        figures["empty"] = summary(found[empty_target] or [])
+        print(
+            f"    depth {depth}: p50 {figures['p50_ms']:.2f} ms "
+            f"(the empty twin meanwhile {figures['empty']['p50_ms']:.2f} ms)"
+        )
+        return figures
 
     def _recover(self, server: ServerProcess, queued: int, fresh: bool = False) -> dict[str, float]:
         """Stop the server (unless `fresh`, a server never started), start it again on the same
@@ -447,13 +471,17 @@ class Bench:
             with database(kind) as url:
                 phase(kind, url)
 
+        def queue_depth_and_recovery(kind: str) -> None:
+            with database(kind) as url, database(kind) as empty_url:
+                self.queue_depth_and_recovery(kind, url, empty_url)
+
         self.attempt(
             f"{', '.join(kinds)}: throughput and latency, taking turns", throughput_and_latency
         )
         for kind in kinds:
             self.attempt(
                 f"{kind}: queue depth and recovery",
-                functools.partial(on_fresh_database, kind, self.queue_depth_and_recovery),
+                functools.partial(queue_depth_and_recovery, kind),
             )
         for kind in kinds:
             self.attempt(f"{kind}: fleet", functools.partial(on_fresh_database, kind, self.fleet))

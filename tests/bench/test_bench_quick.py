@@ -53,6 +53,14 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
             figures = numbers(results[scenario][kind])
             assert figures, (scenario, kind)
             assert all(figure > 0 for figure in figures), (scenario, kind, figures)
+    # At every depth the filled server and its empty twin took the same number of probes.
+    for kind in kinds:
+        for figures in results["queue_depth"][kind].values():
+            assert (
+                figures["count"]
+                == figures["empty"]["count"]
+                == results["meta"]["plan"]["depth_probes"]
+            )
     assert list(tmp_path.glob("bench-*.json"))
     pngs = list(tmp_path.glob("bench-*.png"))
     assert pngs
