@@ -301,19 +301,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    # One colour a server kind in both panels; the line's style says which figure it is.
+    colours = {kind: f"C{index}" for index, kind in enumerate(KINDS)}
     for kind, depths in results.get("queue_depth", {}).items():
         points = sorted((int(depth), figures) for depth, figures in depths.items())
         xs = [depth for depth, _ in points]
+        colour = colours.get(kind)
         for stat, style in (("p50_ms", "-o"), ("p99_ms", "--x")):
             left.plot(
-                xs, [figures[stat] for _, figures in points], style, label=f"{kind} {stat[:3]}"
+                xs,
+                [figures[stat] for _, figures in points],
+                style,
+                color=colour,
+                label=f"{kind} {stat[:3]}",
             )
         if all("empty" in figures for _, figures in points):
             left.plot(
                 xs,
                 [figures["empty"]["p50_ms"] for _, figures in points],
                 ":.",
+                color=colour,
                 label=f"{kind} p50, empty twin",
             )
     left.set_xscale("symlog", linthresh=1000)
@@ -328,14 +336,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.set_xlabel("tasks queued that no agent can take")
     left.set_ylabel("trigger -> assignment (ms)")
     left.set_title("Dispatch latency against queue depth")
-    left.legend(fontsize="small")
+    left.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    styles = ("-o", "--s", ":^")
     for kind, shapes in results.get("throughput", {}).items():
-        for shape, counts in shapes.items():
+        for index, (shape, counts) in enumerate(shapes.items()):
             points = sorted((int(count), value) for count, value in counts.items())
             right.plot(
                 [count for count, _ in points],
                 [value for _, value in points],
-                "-o",
+                styles[index % len(styles)],
+                color=colours.get(kind),
                 label=f"{kind} {shape}",
             )
     right.set_xscale("log")
@@ -352,7 +362,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_xlabel("agents")
     right.set_ylabel("completed tasks/s")
     right.set_title("Throughput against agents")
-    right.legend(fontsize="small")
+    right.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
