@@ -33,7 +33,7 @@ from opscore.store.queries.agents import KNOWN_AGENTS
 from opscore.store.queries.base import _RUN_SHAPES, LOCK_RUNS_OF_TASKS
 from opscore.store.queries.definitions import LATEST_DEFINITION
 from opscore.store.queries.runs import _INSERT_RUN
-from opscore.store.queries.tasks import _SIBLINGS, SIBLINGS_LOCKING_RUNS
+from opscore.store.queries.tasks import _SIBLINGS, QUEUE, SIBLINGS_LOCKING_RUNS
 from opscore.store.tables import metadata
 from opscore.store.templates import TASK_COLUMNS
 
@@ -258,6 +258,9 @@ def reads_match(
     context = read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": ["a", "c", "z"]})
     assert sorted(row.name for row in context) == ["t0", "t2"]
     assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
+    # The queue read at start, labels as JSON text in each database's own spelling.
+    loaded = read_both(conn, QUEUE, {})
+    assert [(row.task_id, json.loads(row.labels)) for row in loaded] == [("b", {"zone": "\u00fc"})]
     # A task that succeeded is read only when asked for.
     siblings = read_both(conn, _SIBLINGS, {"b_task_ids": ["b"]})
     assert [row.task_id for row in siblings] == ["b", "c"]

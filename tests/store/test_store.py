@@ -349,6 +349,29 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
     assert not (await store.get_agent("w")).connected
 
 
+async def test_the_queue_loads_each_task_as_its_write_queued_it(store: Store) -> None:
+    """What the start reads back (labels read as JSON text and decoded through a cache) is what
+    the writes that queued the tasks handed the dispatcher."""
+    await register(store, "w")
+    labelled = TaskSpec("t", capability="gpu", labels={"zone": "eu", "tier": "g\u00f6ld"})
+    created = [
+        await start(store, DefinitionDraft("labelled", tasks=(labelled,))),
+        await start(
+            store,
+            DefinitionDraft("pinned", tasks=(TaskSpec("t"),)),
+            agent_id="w",
+            now=NOW + timedelta(seconds=1),
+        ),
+        await start(
+            store, DefinitionDraft("again", tasks=(labelled,)), now=NOW + timedelta(seconds=2)
+        ),
+    ]
+    queued = [run.effects.queued[0] for run in created]
+    assert queued[0].labels == (("tier", "g\u00f6ld"), ("zone", "eu"))
+    assert queued[1].pinned_agent_id == "w"
+    assert await store.load_queue() == queued
+
+
 async def test_registrations_in_one_batch_each_get_their_own(store: Store) -> None:
     """A fleet registers at once; an agent registering twice in the same batch is written as if
     the registrations came one after the other: each caller sees its own, the later one stays."""
