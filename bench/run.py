@@ -339,11 +339,11 @@ class Bench:
                     "sequential", target=where, specs=[spec] * probes, tag=tags[where]
                 )
         values, _, _ = self.pool.collect()
-        found = {where: values.get(f"{tag}/first") for where, tag in tags.items()}
+        found = {where: values.get(f"{tag}/first", []) for where, tag in tags.items()}
         if not all(found.values()):
             raise BenchError(f"no dispatch measured at depth {depth}")
-        figures: dict[str, Any] = summary(found[target] or [])
-        figures["empty"] = summary(found[empty_target] or [])
+        figures: dict[str, Any] = summary(found[target])
+        figures["empty"] = summary(found[empty_target])
         print(
             f"    depth {depth}: p50 {figures['p50_ms']:.2f} ms "
             f"(the empty twin meanwhile {figures['empty']['p50_ms']:.2f} ms)"
