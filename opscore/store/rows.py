@@ -241,14 +241,13 @@ def _json_labels(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def ready_task(row: Any) -> ReadyTask:
-    """The dispatcher's view of a queued `tasks` row, its labels decoded or read as JSON text
-    (decoded once through the cache: the server's start reads every queued task this way)."""
-    labels = row.labels
+    """The dispatcher's view of a `tasks` row of `queries.base.READY_TASK_COLUMNS` (labels read
+    as JSON text, decoded once through the cache)."""
     return ReadyTask(
         task_id=row.task_id,
         run_id=row.run_id,
         capability=row.capability,
-        labels=_json_labels(labels) if isinstance(labels, str) else tuple(sorted(labels.items())),
+        labels=_json_labels(row.labels),
         pinned_agent_id=row.pinned_agent_id or "",
         not_before=row.not_before,
     )

@@ -330,6 +330,20 @@ async def test_deregistering_requeues_held_tasks(store: Store) -> None:
         await store.get_agent("w")
 
 
+async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: Store) -> None:
+    """The dispatcher gets the released tasks back whole: labels (read as JSON text), pin."""
+    await register(store, "w", slots=2)
+    labelled = TaskSpec("t", labels={"zone": "eu", "tier": "g\u00f6ld"})
+    created = [
+        await start(store, DefinitionDraft("labelled", tasks=(labelled,))),
+        await start(store, DefinitionDraft("pinned", tasks=(TaskSpec("t"),)), agent_id="w"),
+    ]
+    queued = [run.effects.queued[0] for run in created]
+    await store.assign([(task, "w") for task in queued], NOW, TIMEOUT, ignore)
+    effects = await store.deregister_agent("w", NOW, ignore)
+    assert sorted(effects.queued) == sorted(queued)
+
+
 async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store) -> None:
     await register(store, "w", slots=5)
     order = []

@@ -28,7 +28,7 @@ from opscore.domain.models import (
 )
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import OnCommit, StoreBase
+from opscore.store.queries.base import READY_TASK_COLUMNS, OnCommit, StoreBase
 from opscore.store.queries.pages import decode_page_token, read_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
@@ -164,7 +164,7 @@ class AgentQueries(StoreBase):
             _get_agent(conn, agent_id)
             effects = Effects()
             held = conn.execute(
-                select(TASKS)
+                select(*READY_TASK_COLUMNS, TASKS.c.attempt)
                 .where(TASKS.c.agent_id == agent_id, TASK_IS_ASSIGNED)
                 .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
                 .with_for_update()

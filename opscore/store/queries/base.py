@@ -43,6 +43,17 @@ RUNS_OF_TASKS_FOR_UPDATE = (
 )
 """The runs of some tasks, locked in run id order (see `StoreBase._lock_runs_of`)."""
 LOCK_RUNS_OF_TASKS = Prepared(RUNS_OF_TASKS_FOR_UPDATE)
+READY_TASK_COLUMNS = (
+    TASKS.c.task_id,
+    TASKS.c.run_id,
+    TASKS.c.capability,
+    # As text, decoded through a cache (`rows.ready_task`): tasks of one definition share a few
+    # values, and the server's start reads every queued task.
+    cast(TASKS.c.labels, Text).label("labels"),
+    TASKS.c.pinned_agent_id,
+    TASKS.c.not_before,
+)
+"""What the dispatcher's view of a queued task is read from (`rows.ready_task`)."""
 _RUN_SHAPES = Prepared(
     select(
         TASKS.c.task_id,

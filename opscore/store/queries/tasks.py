@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, any_, bindparam, cast, func, or_, select, update
+from sqlalchemy import any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
@@ -28,6 +28,7 @@ from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import (
+    READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
     RUNS_OF_TASKS_FOR_UPDATE,
     OnCommit,
@@ -83,20 +84,11 @@ SIBLINGS_LOCKING_RUNS = Prepared(
 
 
 # Every queued task in the order they became ready: the dispatcher's index at start, read before
-# the server is SERVING. On the driver's cursor, labels as JSON text decoded through a cache
-# (tasks of one definition share a few values): 100,000 rows in 0.62-0.67 s against 1.02-1.07 s
-# through `Connection.execute` with every label decoded (the same rows, alternating).
+# the server is SERVING. On the driver's cursor, labels as JSON text decoded through a cache:
+# 100,000 rows in 0.62-0.67 s against 1.02-1.07 s through `Connection.execute` with every label
+# decoded (the same rows, alternating).
 QUEUE = Prepared(
-    select(
-        TASKS.c.task_id,
-        TASKS.c.run_id,
-        TASKS.c.capability,
-        cast(TASKS.c.labels, Text).label("labels"),
-        TASKS.c.pinned_agent_id,
-        TASKS.c.not_before,
-    )
-    .where(TASK_IS_QUEUED)
-    .order_by(TASKS.c.queued_at, TASKS.c.task_id)
+    select(*READY_TASK_COLUMNS).where(TASK_IS_QUEUED).order_by(TASKS.c.queued_at, TASKS.c.task_id)
 )
 
 
