@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROTO_FILES := $(sort $(wildcard protos/opscore/v1/*.proto))
+# The googleapis protos ours import (field_behavior.proto), copied from the installed
+# googleapis-common-protos package, which also provides their generated code at run time.
+PROTO_DEPS := build/proto-deps
+FIELD_BEHAVIOR := $(PROTO_DEPS)/google/api/field_behavior.proto
+# The v1 contract as released: `buf breaking` holds every change to it wire-compatible.
+CONTRACT_BASELINE := protos/opscore-v1-baseline.json
 # Never let the working directory shadow the installed package: `opscore` here has no `v1`,
 # the installed one maps it to generated/opscore/v1.
 export PYTHONSAFEPATH := 1
@@ -12,14 +18,15 @@ export PYTHONSAFEPATH := 1
 # list of package files.
 PACKAGE_FILES := $(shell find opscore generated -type f \( -name '*.py' -o -name '*.pyi' -o -name 'py.typed' -o -name '*.mako' \) 2>/dev/null | sort)
 
-.PHONY: serve test check lint format typecheck buf-lint generate check-generated pytest bench clean FORCE
+.PHONY: serve test check lint format typecheck buf-lint buf-breaking generate check-generated \
+	pytest bench clean FORCE
 
 serve: $(VENV)/.runtime
 	$(BIN)/opscore serve
 
 test: check pytest
 
-check: lint typecheck buf-lint check-generated
+check: lint typecheck buf-lint buf-breaking check-generated
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,14 +54,25 @@ format: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict opscore bench
 
-buf-lint: $(VENV)/.dev
+$(FIELD_BEHAVIOR): $(VENV)/.dev
+	@mkdir -p $(@D)
+	cp "$$($(BIN)/python -c 'import pathlib, google.api.field_behavior_pb2 as m; \
+		print(pathlib.Path(m.__file__).with_name("field_behavior.proto"))')" $@
+
+buf-lint: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	$(BIN)/buf lint
+
+# A change that breaks the wire or JSON compatibility of v1 fails here. The baseline was written
+# by `buf build protos --exclude-source-info -o $(CONTRACT_BASELINE)`; it changes only with a
+# new major version of the contract.
+buf-breaking: $(VENV)/.dev $(FIELD_BEHAVIOR)
+	$(BIN)/buf breaking protos --against $(CONTRACT_BASELINE)
 
 # grpcio-tools writes the messages and services, mypy-protobuf the .pyi stubs that make them
 # type-checkable. The output is committed so users need no protoc.
 define protoc
 rm -rf $(1)/opscore/v1 && mkdir -p $(1)/opscore/v1 && \
-PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos -I$(PROTO_DEPS) \
 	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
 	$(PROTO_FILES) && \
 printf '"""Generated from protos/opscore/v1 by `make generate`: do not edit."""\n' \
@@ -62,10 +80,10 @@ printf '"""Generated from protos/opscore/v1 by `make generate`: do not edit."""\
 touch $(1)/opscore/v1/py.typed
 endef
 
-generate: $(VENV)/.dev
+generate: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	$(call protoc,generated)
 
-check-generated: $(VENV)/.dev
+check-generated: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	@tmp=$$(mktemp -d) && $(call protoc,$$tmp) && \
 	if diff -r generated/opscore/v1 $$tmp/opscore/v1; then rm -rf $$tmp; else rm -rf $$tmp; \
 	echo "generated/ is stale: run 'make generate' and commit the result"; exit 1; fi

@@ -123,7 +123,7 @@ def _compare(bench: Bench, running: dict[str, ServerProcess], args: argparse.Nam
     """Every step of the comparison, the builds taking turns round after round."""
     for shape in args.shapes:
         definition, last, _ = SHAPES[shape]
-        spec = RunSpec(definition_name=definition, last=last)
+        spec = RunSpec(workflow_name=definition, last=last)
         for count in args.agents:
             rounds: dict[str, list[float]] = {name: [] for name in running}
             for _ in range(args.rounds):

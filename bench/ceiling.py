@@ -128,7 +128,7 @@ class Core:
         agent_id: str,
     ) -> Run:
         """Create a run: its root tasks are ready at once, the others wait."""
-        run = Run(str(uuid.uuid4()), definition.name, run_input, agent_id)
+        run = Run(str(uuid.uuid4()), definition.workflow_name, run_input, agent_id)
         for spec in definition.tasks:
             key = f"@{agent_id}" if agent_id else spec.capability
             task = Task(str(uuid.uuid4()), run, spec, key, waiting=len(spec.depends_on))
@@ -341,11 +341,11 @@ class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):
         """Store a definition under its name (the latest version is what a name runs)."""
         definition = workflow_pb2.WorkflowDefinition()
         definition.CopyFrom(request.definition)
-        previous = self.core.definitions.get(definition.name)
+        previous = self.core.definitions.get(definition.workflow_name)
         definition.definition_id = str(uuid.uuid4())
         definition.version = previous.version + 1 if previous else 1
         definition.created_at.CopyFrom(_timestamp(time.time()))
-        self.core.definitions[definition.name] = definition
+        self.core.definitions[definition.workflow_name] = definition
         return workflow_service_pb2.CreateWorkflowDefinitionResponse(definition=definition)
 
     async def TriggerWorkflow(  # noqa: N802
@@ -357,8 +357,8 @@ class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):
         source = request.WhichOneof("source")
         if source == "definition":
             definition = request.definition
-        elif source == "definition_name" and request.definition_name in self.core.definitions:
-            definition = self.core.definitions[request.definition_name]
+        elif source == "workflow_name" and request.workflow_name in self.core.definitions:
+            definition = self.core.definitions[request.workflow_name]
         else:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such definition")
         run = self.core.trigger(definition, request.input, request.agent_id)
@@ -454,7 +454,7 @@ def preload(core: Core, tasks: int) -> None:
     while tasks > 0:
         size = min(1000, tasks)
         definition = workflow_pb2.WorkflowDefinition(
-            name="bench-preload",
+            workflow_name="bench-preload",
             tasks=[workflow_pb2.TaskSpec(name=f"q{i}", capability="nobody") for i in range(size)],
         )
         run_input = struct_pb2.Struct()

@@ -78,7 +78,7 @@ def inline_definition(
 ) -> workflow_pb2.WorkflowDefinition:
     """A one-task definition given inline, for a task only agents with `capability` can take."""
     return workflow_pb2.WorkflowDefinition(
-        name=name, tasks=[workflow_pb2.TaskSpec(name="t0", capability=capability)]
+        workflow_name=name, tasks=[workflow_pb2.TaskSpec(name="t0", capability=capability)]
     )
 
 
@@ -88,7 +88,7 @@ class RunSpec:
     definition for `capability`; optionally pinned to an agent. `last` names the task whose
     completion finishes the run (the agent measures trigger -> succeeded there)."""
 
-    definition_name: str = ""
+    workflow_name: str = ""
     capability: str = ""
     agent_id: str = ""
     last: str = "t0"
@@ -98,8 +98,8 @@ class RunSpec:
         request = workflow_service_pb2.TriggerWorkflowRequest(
             agent_id=self.agent_id, input=run_input(tag, self.last)
         )
-        if self.definition_name:
-            request.definition_name = self.definition_name
+        if self.workflow_name:
+            request.workflow_name = self.workflow_name
         else:
             request.definition.CopyFrom(inline_definition(self.capability))
         return request
@@ -445,14 +445,14 @@ class Worker:
         return {"completed": completed, "asked": len(specs)}
 
     async def fill(
-        self, target: str, definition_name: str, runs: int, concurrency: int = 4
+        self, target: str, workflow_name: str, runs: int, concurrency: int = 4
     ) -> dict[str, float]:
         """Queue `runs` runs of a stored definition no connected agent can take, `concurrency`
         TriggerWorkflow calls at a time; the tasks stay queued."""
         stub = self._stub(target)
         gate = asyncio.Semaphore(concurrency)
         start = time.monotonic()
-        spec = RunSpec(definition_name=definition_name, last="")
+        spec = RunSpec(workflow_name=workflow_name, last="")
 
         async def one() -> bool:
             async with gate:

@@ -58,10 +58,10 @@ def definitions() -> list[bytes]:
     """The stored definitions every server gets: a 1-task run, a 10-task chain, and a backlog
     run of 1000 root tasks for a capability no agent offers."""
     single = workflow_pb2.WorkflowDefinition(
-        name="bench-single", tasks=[workflow_pb2.TaskSpec(name="t0", capability="work")]
+        workflow_name="bench-single", tasks=[workflow_pb2.TaskSpec(name="t0", capability="work")]
     )
     chain = workflow_pb2.WorkflowDefinition(
-        name="bench-chain10",
+        workflow_name="bench-chain10",
         tasks=[
             workflow_pb2.TaskSpec(
                 name=f"t{index}",
@@ -74,7 +74,7 @@ def definitions() -> list[bytes]:
     payload = struct_pb2.Struct()
     payload.fields["queued"].bool_value = True
     backlog = workflow_pb2.WorkflowDefinition(
-        name="bench-backlog",
+        workflow_name="bench-backlog",
         tasks=[
             workflow_pb2.TaskSpec(name=f"q{index}", capability="nobody", input=payload)
             for index in range(BACKLOG_RUN)
@@ -157,7 +157,7 @@ class Bench:
             measured: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in servers}
             for shape in plan.shapes:
                 definition, last, _ = SHAPES[shape]
-                spec = RunSpec(definition_name=definition, last=last)
+                spec = RunSpec(workflow_name=definition, last=last)
                 for count in plan.agent_counts:
                     rounds: dict[str, list[float]] = {kind: [] for kind in servers}
                     for _ in range(plan.rounds):
@@ -199,7 +199,7 @@ class Bench:
         plan = self.plan
         self._with_agents(server.target, self._agents("lat", plan.latency_agents, ["work"]))
         try:
-            spec = RunSpec(definition_name="bench-chain10", last="t9")
+            spec = RunSpec(workflow_name="bench-chain10", last="t9")
             self.pool.trigger("sequential", target=server.target, specs=[spec] * runs, tag="ab")
             values, _, _ = self.pool.collect()
         finally:
@@ -214,8 +214,8 @@ class Bench:
         plan = self.plan
         shape = "chain10" if "chain10" in plan.shapes else plan.shapes[0]
         definition, last, size = SHAPES[shape]
-        spec = RunSpec(definition_name=definition, last=last)
-        trickle_spec = RunSpec(definition_name="bench-chain10", last="t9")
+        spec = RunSpec(workflow_name=definition, last=last)
+        trickle_spec = RunSpec(workflow_name="bench-chain10", last="t9")
         rates: dict[str, float] = {}
         for kind in servers:
             found = measured[kind][shape]
@@ -316,7 +316,7 @@ class Bench:
         runs = max(0, (depth - queued) // BACKLOG_RUN)
         if runs:
             result = self.pool.trigger(
-                "fill", target=target, definition_name="bench-backlog", runs=runs, concurrency=4
+                "fill", target=target, workflow_name="bench-backlog", runs=runs, concurrency=4
             )
             if result["runs"] != runs:
                 raise BenchError(f"only {result['runs']} of {runs} backlog runs were accepted")
@@ -329,7 +329,7 @@ class Bench:
         one to go first alternating: the filled server's figures, with the twin's under
         `empty`."""
         tags = {target: f"depth{depth}", empty_target: f"depth{depth}-empty"}
-        spec = RunSpec(definition_name="bench-single", last="t0")
+        spec = RunSpec(workflow_name="bench-single", last="t0")
         rounds = max(1, self.plan.rounds)
         turns = [target, empty_target]
         for index in range(rounds):

@@ -72,7 +72,7 @@ def task(
 
 def definition(name: str, *tasks: workflow_pb2.TaskSpec) -> workflow_pb2.WorkflowDefinition:
     """A WorkflowDefinition."""
-    return workflow_pb2.WorkflowDefinition(name=name, tasks=list(tasks))
+    return workflow_pb2.WorkflowDefinition(workflow_name=name, tasks=list(tasks))
 
 
 def tasks_of(run: workflow_pb2.WorkflowRun) -> dict[str, workflow_pb2.TaskRun]:

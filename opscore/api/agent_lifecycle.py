@@ -51,7 +51,7 @@ class AgentLifecycleServicer(agent_lifecycle_pb2_grpc.AgentLifecycleServicer):
     async def ReportState(  # noqa: N802
         self, request: pb.ReportStateRequest, context: Context
     ) -> pb.ReportStateResponse:
-        state = convert.agent_state_in(request.state, "state")
+        state = convert.reported_state_in(request.state, "state")
         agent = await self._engine.report_state(request.agent_id, state, request.detail)
         return pb.ReportStateResponse(agent=convert.agent(agent))
 

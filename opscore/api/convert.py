@@ -25,6 +25,12 @@ _AGENT_STATES = {
 }
 _AGENT_STATES_IN = {wire: state for state, wire in _AGENT_STATES.items()}
 
+_REPORTED_STATES_IN = {
+    agent_pb2.REPORTED_AGENT_STATE_IDLE: models.ReportedState.IDLE,
+    agent_pb2.REPORTED_AGENT_STATE_BUSY: models.ReportedState.BUSY,
+    agent_pb2.REPORTED_AGENT_STATE_ERROR: models.ReportedState.ERROR,
+}
+
 _RUN_STATES = {
     models.RunState.PENDING: workflow_pb2.RUN_STATE_PENDING,
     models.RunState.RUNNING: workflow_pb2.RUN_STATE_RUNNING,
@@ -108,6 +114,16 @@ def duration(message: Duration, field: str) -> timedelta:
         raise InvalidArgument.single(field, "is out of range") from None
 
 
+def reported_state_in(value: int, field: str) -> models.ReportedState | None:
+    """A wire ReportedAgentState as the domain's; UNSPECIFIED is None, unknown numbers are
+    refused."""
+    if value == agent_pb2.REPORTED_AGENT_STATE_UNSPECIFIED:
+        return None
+    if value not in _REPORTED_STATES_IN:
+        raise InvalidArgument.single(field, f"unknown reported state {value}")
+    return _REPORTED_STATES_IN[value]  # type: ignore[index]
+
+
 def agent_state_in(value: int, field: str) -> models.AgentState | None:
     """A wire AgentState as the domain's; UNSPECIFIED is None, unknown numbers are refused."""
     if value == agent_pb2.AGENT_STATE_UNSPECIFIED:
@@ -185,7 +201,7 @@ def task_spec_in(message: workflow_pb2.TaskSpec, field: str) -> models.TaskSpec:
 def definition_in(message: workflow_pb2.WorkflowDefinition, field: str) -> models.DefinitionDraft:
     """A wire definition as a draft: server-set fields are ignored."""
     return models.DefinitionDraft(
-        name=message.name,
+        workflow_name=message.workflow_name,
         description=message.description,
         tasks=tuple(
             task_spec_in(task, f"{field}tasks[{index}]") for index, task in enumerate(message.tasks)
@@ -227,7 +243,7 @@ def definition(value: models.WorkflowDefinition) -> workflow_pb2.WorkflowDefinit
     """A domain definition on the wire."""
     return workflow_pb2.WorkflowDefinition(
         definition_id=value.definition_id,
-        name=value.name,
+        workflow_name=value.workflow_name,
         version=value.version,
         description=value.description,
         tasks=[task_spec(task) for task in value.tasks],

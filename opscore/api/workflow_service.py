@@ -39,7 +39,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         self, request: pb.ListWorkflowDefinitionsRequest, context: Context
     ) -> pb.ListWorkflowDefinitionsResponse:
         page = await self._engine.list_definitions(
-            request.page_size, request.page_token, request.name
+            request.page_size, request.page_token, request.workflow_name
         )
         return pb.ListWorkflowDefinitionsResponse(
             definitions=[convert.definition(item) for item in page.items],
@@ -52,7 +52,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         run = await self._engine.trigger(
             TriggerRequest(
                 definition_id=request.definition_id,
-                definition_name=request.definition_name,
+                workflow_name=request.workflow_name,
                 definition=(
                     convert.definition_in(request.definition, "definition.")
                     if request.HasField("definition")

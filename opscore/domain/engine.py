@@ -175,11 +175,12 @@ class Engine:
         await self._store.touch_agent(agent_id, now)
         return now
 
-    async def report_state(self, agent_id: str, state: AgentState | None, detail: str) -> Agent:
+    async def report_state(
+        self, agent_id: str, reported: ReportedState | None, detail: str
+    ) -> Agent:
         """Record the state the agent reports: IDLE, BUSY or ERROR."""
         violations = [*check_id(agent_id, "agent_id"), *validation.check_text(detail, "detail")]
-        reported = _REPORTABLE.get(state) if state is not None else None
-        if reported is None:
+        if reported is None or reported is ReportedState.NONE:
             violations.append(FieldViolation("state", "must be IDLE, BUSY or ERROR"))
         raise_if(violations)
         assert reported is not None
@@ -266,7 +267,7 @@ class Engine:
             "definition created",
             extra={
                 "definition_id": definition.definition_id,
-                "workflow": definition.name,
+                "workflow": definition.workflow_name,
                 "version": definition.version,
             },
         )
@@ -278,12 +279,17 @@ class Engine:
         return await self._store.get_definition(definition_id)
 
     async def list_definitions(
-        self, page_size: int, page_token: str, name: str
+        self, page_size: int, page_token: str, workflow_name: str
     ) -> Page[WorkflowDefinition]:
         """A page of definitions."""
-        raise_if([*validation.check_page(page_size), *validation.check_text(name, "name", 200)])
+        raise_if(
+            [
+                *validation.check_page(page_size),
+                *validation.check_text(workflow_name, "workflow_name", 200),
+            ]
+        )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_definitions(size, page_token, name)
+        return await self._store.list_definitions(size, page_token, workflow_name)
 
     # Runs ----------------------------------------------------------------------------------
 
@@ -303,7 +309,7 @@ class Engine:
         created = await self._store.create_run(
             NewRun(
                 definition_id=request.definition_id,
-                definition_name=request.definition_name,
+                workflow_name=request.workflow_name,
                 inline=request.definition,
                 agent_id=request.agent_id,
                 run_input=request.input,
@@ -317,7 +323,7 @@ class Engine:
     def _check_trigger(self, request: TriggerRequest) -> list[FieldViolation]:
         sources = [
             bool(request.definition_id),
-            bool(request.definition_name),
+            bool(request.workflow_name),
             request.definition is not None,
         ]
         violations: list[FieldViolation] = []
@@ -325,11 +331,11 @@ class Engine:
             violations.append(
                 FieldViolation(
                     "source",
-                    "exactly one of definition_id, definition_name, definition is required",
+                    "exactly one of definition_id, workflow_name, definition is required",
                 )
             )
         violations.extend(check_id(request.definition_id, "definition_id", required=False))
-        violations.extend(validation.check_text(request.definition_name, "definition_name", 200))
+        violations.extend(validation.check_text(request.workflow_name, "workflow_name", 200))
         if request.definition is not None:
             violations.extend(
                 validation.check_definition(
@@ -504,13 +510,6 @@ class Engine:
             _record_after_sends(
                 logging.INFO, "run finished", {"run_id": run_id, "state": state.value}
             )
-
-
-_REPORTABLE = {
-    AgentState.IDLE: ReportedState.IDLE,
-    AgentState.BUSY: ReportedState.BUSY,
-    AgentState.ERROR: ReportedState.ERROR,
-}
 
 
 def _check_result(task_id: str, agent_id: str, attempt: int) -> list[FieldViolation]:

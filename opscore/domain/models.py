@@ -101,7 +101,7 @@ class TaskSpec:
 class DefinitionDraft:
     """A workflow definition before the server has given it an id and a version."""
 
-    name: str
+    workflow_name: str
     description: str = ""
     tasks: tuple[TaskSpec, ...] = ()
 
@@ -111,7 +111,7 @@ class WorkflowDefinition:
     """An immutable, stored version of a workflow."""
 
     definition_id: str
-    name: str
+    workflow_name: str
     version: int
     description: str
     tasks: tuple[TaskSpec, ...]
@@ -238,7 +238,7 @@ class TriggerRequest:
     """A request to start a run: exactly one of the three sources is set."""
 
     definition_id: str = ""
-    definition_name: str = ""
+    workflow_name: str = ""
     definition: DefinitionDraft | None = None
     agent_id: str = ""
     input: JsonObject = field(default_factory=dict)

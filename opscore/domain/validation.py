@@ -186,7 +186,7 @@ def check_definition(
     """A workflow definition: a name; 1..limit tasks with unique names; references to tasks of
     the same definition; no dependency cycle; no negative numbers or durations.
     """
-    yield from check_name(draft.name, f"{prefix}name")
+    yield from check_name(draft.workflow_name, f"{prefix}workflow_name")
     yield from check_text(draft.description, f"{prefix}description")
     if not draft.tasks:
         yield FieldViolation(f"{prefix}tasks", "must hold at least one task")

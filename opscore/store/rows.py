@@ -97,7 +97,7 @@ def definition(row: Row[Any]) -> WorkflowDefinition:
     """A `definitions` row as a domain definition."""
     return WorkflowDefinition(
         definition_id=row.definition_id,
-        name=row.name,
+        workflow_name=row.name,
         version=row.version,
         description=row.description,
         tasks=tuple(spec_from_json(task) for task in row.tasks),

@@ -164,17 +164,27 @@ async def test_labelled_task_goes_only_to_agent_with_all_labels_equal(client: Cl
 
 
 @pytest.mark.parametrize(
-    ("state", "detail"),
+    ("report", "state", "detail"),
     [
-        pytest.param(agent_pb2.AGENT_STATE_ERROR, "disk full", id="error"),
-        pytest.param(agent_pb2.AGENT_STATE_BUSY, "warming caches", id="busy"),
+        pytest.param(
+            agent_pb2.REPORTED_AGENT_STATE_ERROR,
+            agent_pb2.AGENT_STATE_ERROR,
+            "disk full",
+            id="error",
+        ),
+        pytest.param(
+            agent_pb2.REPORTED_AGENT_STATE_BUSY,
+            agent_pb2.AGENT_STATE_BUSY,
+            "warming caches",
+            id="busy",
+        ),
     ],
 )
 async def test_agent_reporting_unavailable_state_gets_task_once_idle(
-    client: Client, state: int, detail: str
+    client: Client, report: int, state: int, detail: str
 ) -> None:
     agent = await client.agent("moody", capabilities=["probe"])
-    reported = await agent.report(state, detail)
+    reported = await agent.report(report, detail)
     assert (reported.state, reported.state_detail) == (state, detail)
     seen = await agent.get()
     assert (seen.state, seen.state_detail, seen.connected) == (state, detail, True)
@@ -186,7 +196,7 @@ async def test_agent_reporting_unavailable_state_gets_task_once_idle(
     assert waiting.state == workflow_pb2.RUN_STATE_PENDING
     assert (await agent.get()).state == state
 
-    idle = await agent.report(agent_pb2.AGENT_STATE_IDLE)
+    idle = await agent.report(agent_pb2.REPORTED_AGENT_STATE_IDLE)
     assert (idle.state, idle.state_detail) == (agent_pb2.AGENT_STATE_IDLE, "")
     assignment = await agent.next_assignment(SHORT)
     assert (assignment.run_id, assignment.task_name, assignment.attempt) == (run.run_id, "check", 1)
@@ -276,13 +286,13 @@ async def test_ready_tasks_are_pushed_in_the_order_they_became_ready(client: Cli
 
 async def test_ready_tasks_fill_free_slots_in_trigger_order(client: Client) -> None:
     agent = await client.agent("many", capabilities=["a", "b"], max_concurrent_tasks=3)
-    await agent.report(agent_pb2.AGENT_STATE_BUSY)
+    await agent.report(agent_pb2.REPORTED_AGENT_STATE_BUSY)
     runs = [
         await client.trigger(definition=definition(f"slots-{i}", task("t", capability=cap)))
         for i, cap in enumerate(["b", "a", "b"])
     ]
     await agent.expect_nothing(0.1)
-    await agent.report(agent_pb2.AGENT_STATE_IDLE)
+    await agent.report(agent_pb2.REPORTED_AGENT_STATE_IDLE)
     received = [(await agent.next_assignment(SHORT)).run_id for _ in runs]
     assert received == [run.run_id for run in runs]
 

@@ -569,7 +569,7 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
             seconds=SLACK
         )
         # The slow agent says it is busy, so attempt 2 can only go to the spare.
-        await slow.report(agent_pb2.AGENT_STATE_BUSY, "thinking")
+        await slow.report(agent_pb2.REPORTED_AGENT_STATE_BUSY, "thinking")
         await spare.expect_nothing(0.1)
 
         cancellation = await slow.next_cancellation(SHORT)

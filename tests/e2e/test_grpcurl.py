@@ -123,7 +123,27 @@ async def test_describe_shows_the_workflow_service(server: OpsCoreServer) -> Non
 
     code, out, err = await grpcurl(server, "describe", "opscore.v1.TaskAssignment")
     assert code == 0, err
-    assert "bool redelivered = 8;" in out
+    assert "bool redelivered = 8 [(.google.api.field_behavior) = OUTPUT_ONLY];" in out
+
+
+async def test_describe_shows_each_field_behaviour(server: OpsCoreServer) -> None:
+    """Generated clients and grpcurl see which fields a request needs and which the server sets."""
+    code, out, err = await grpcurl(server, "describe", "opscore.v1.WorkflowDefinition")
+    assert code == 0, err
+    for field in (
+        "string definition_id = 1 [(.google.api.field_behavior) = OUTPUT_ONLY];",
+        "string workflow_name = 2 [(.google.api.field_behavior) = REQUIRED];",
+        "int32 version = 3 [(.google.api.field_behavior) = OUTPUT_ONLY];",
+        "string description = 4 [(.google.api.field_behavior) = OPTIONAL];",
+    ):
+        assert field in out, field
+
+    code, out, err = await grpcurl(server, "describe", "opscore.v1.ReportStateRequest")
+    assert code == 0, err
+    assert "string agent_id = 1 [(.google.api.field_behavior) = REQUIRED];" in out
+    assert (
+        ".opscore.v1.ReportedAgentState state = 2 [(.google.api.field_behavior) = REQUIRED];" in out
+    )
 
 
 async def test_register_agent_then_list_agents(server: OpsCoreServer) -> None:
@@ -181,7 +201,12 @@ async def test_quick_start_with_grpcurl(server: OpsCoreServer) -> None:
     created = await call(
         server,
         "opscore.v1.WorkflowService/CreateWorkflowDefinition",
-        {"definition": {"name": "hello", "tasks": [{"name": "greet", "capability": "echo"}]}},
+        {
+            "definition": {
+                "workflow_name": "hello",
+                "tasks": [{"name": "greet", "capability": "echo"}],
+            }
+        },
     )
     definition_id = pick(created["definition"], "definition_id")
     assert created["definition"]["version"] == 1

@@ -274,7 +274,7 @@ def fill_struct(target: Struct, value: dict[str, Any]) -> None:
 
 TASK_NAMES = ("a", "b", "c", "d", "e")
 task_names = st.one_of(st.sampled_from(TASK_NAMES), st.sampled_from(TASK_NAMES), hostile_text)
-definition_names = st.one_of(st.sampled_from(["hostile", "chain", "stuck"]), hostile_text)
+workflow_names = st.one_of(st.sampled_from(["hostile", "chain", "stuck"]), hostile_text)
 capabilities = st.one_of(st.sampled_from(["", "work", "nobody"]), hostile_text)
 labels = st.dictionaries(st.one_of(st.just("zone"), hostile_text), hostile_text, max_size=3)
 
@@ -303,7 +303,7 @@ def _server_set_fields(draw: st.DrawFn, message: workflow_pb2.WorkflowDefinition
 def _fill_small(draw: st.DrawFn, message: workflow_pb2.WorkflowDefinition) -> None:
     """Up to 8 tasks with random names, references, fallbacks, labels, inputs and policies."""
     names = draw(st.lists(task_names, max_size=8))
-    message.name = draw(definition_names)
+    message.workflow_name = draw(workflow_names)
     message.description = draw(st.one_of(st.just(""), hostile_text))
     _server_set_fields(draw, message)
     references = st.one_of(st.sampled_from(names), hostile_text) if names else hostile_text
@@ -326,7 +326,7 @@ def _fill_small(draw: st.DrawFn, message: workflow_pb2.WorkflowDefinition) -> No
 def _fill_ring(draw: st.DrawFn, message: workflow_pb2.WorkflowDefinition) -> None:
     """A ring of dependencies (a self-dependency for one task), possibly behind a valid task."""
     size = draw(st.integers(1, 6))
-    message.name = "ring"
+    message.workflow_name = "ring"
     if draw(st.booleans()):
         message.tasks.add(name="entry", capability="nobody")
     for index in range(size):
@@ -339,7 +339,7 @@ def _fill_many(draw: st.DrawFn, message: workflow_pb2.WorkflowDefinition) -> Non
     """Around the limit of tasks per definition: flat, one long chain, or one long cycle."""
     size = draw(st.sampled_from([999, 1000, 1001, 1500]))
     shape = draw(st.sampled_from(["flat", "chain", "cycle"]))
-    message.name = f"many-{shape}"
+    message.workflow_name = f"many-{shape}"
     for index in range(size):
         depends_on: list[str] = []
         if shape == "chain" and index:
@@ -412,7 +412,7 @@ async def build_world(client: Client) -> tuple[World, asyncio.Task[None]]:
     stuck = await client.create(definition("stuck", task("x", capability="nobody")))
     runs = [await client.trigger(definition_id=chain.definition_id) for _ in range(4)]
     runs.append(await client.trigger(definition_id=stuck.definition_id, agent_id="idle-1"))
-    runs.append(await client.trigger(definition_name="stuck", request_id="req-run"))
+    runs.append(await client.trigger(workflow_name="stuck", request_id="req-run"))
     tokens = [
         (
             await client.lifecycle.ListAgents(agent_lifecycle_pb2.ListAgentsRequest(page_size=1))
@@ -510,8 +510,8 @@ def trigger_requests(draw: st.DrawFn, world: World, source: str) -> Message:
         chosen = draw(st.one_of(st.none(), ids(world.definitions)))
         if chosen is not None:
             request.definition_id = chosen
-    elif source == "definition_name":
-        request.definition_name = draw(st.one_of(st.sampled_from(world.names), hostile_text))
+    elif source == "workflow_name":
+        request.workflow_name = draw(st.one_of(st.sampled_from(world.names), hostile_text))
     else:
         fill_definition(draw, request.definition)
     fill_struct(request.input, draw(payloads))
@@ -580,10 +580,10 @@ def rpc_requests(world: World) -> dict[str, st.SearchStrategy[Message]]:
             service.ListWorkflowDefinitionsRequest,
             page_size=page_sizes,
             page_token=page_tokens(world),
-            name=st.one_of(st.just(""), st.sampled_from(world.names), hostile_text),
+            workflow_name=st.one_of(st.just(""), st.sampled_from(world.names), hostile_text),
         ),
         "TriggerWorkflow[definition_id]": trigger_requests(world, "definition_id"),
-        "TriggerWorkflow[definition_name]": trigger_requests(world, "definition_name"),
+        "TriggerWorkflow[workflow_name]": trigger_requests(world, "workflow_name"),
         "TriggerWorkflow[definition]": trigger_requests(world, "definition"),
         "GetWorkflowRun": st.builds(service.GetWorkflowRunRequest, run_id=ids(world.runs)),
         "ListWorkflowRuns": st.builds(
@@ -613,7 +613,7 @@ RPCS = [
     "GetWorkflowDefinition",
     "ListWorkflowDefinitions",
     "TriggerWorkflow[definition_id]",
-    "TriggerWorkflow[definition_name]",
+    "TriggerWorkflow[workflow_name]",
     "TriggerWorkflow[definition]",
     "GetWorkflowRun",
     "ListWorkflowRuns",
@@ -803,8 +803,8 @@ def _graph_problems(tasks: Sequence[workflow_pb2.TaskSpec]) -> Iterator[str]:
 def definition_problems(message: workflow_pb2.WorkflowDefinition, limits: Limits) -> list[str]:
     """Why the contract refuses a definition (empty when it does not)."""
     found = []
-    if not message.name or bad_name(message.name):
-        found.append("definition.name is empty, too long or not printable")
+    if not message.workflow_name or bad_name(message.workflow_name):
+        found.append("definition.workflow_name is empty, too long or not printable")
     if not message.tasks or len(message.tasks) > limits.max_tasks_per_definition:
         found.append(f"definition.tasks holds {len(message.tasks)} tasks")
         return found
@@ -1216,7 +1216,7 @@ def _with_struct(request: Message, name: str, value: dict[str, Any]) -> Message:
 
 def _definition_with(**fields: Any) -> workflow_service_pb2.CreateWorkflowDefinitionRequest:
     request = workflow_service_pb2.CreateWorkflowDefinitionRequest()
-    request.definition.name = "rule"
+    request.definition.workflow_name = "rule"
     spec = request.definition.tasks.add(name="a")
     for name, value in fields.items():
         if name == "input":
@@ -1311,12 +1311,12 @@ def contract_cases(world: World) -> list[tuple[str, str, Message]]:
         (
             "name NUL",
             "ListWorkflowDefinitions",
-            service.ListWorkflowDefinitionsRequest(name="\x00"),
+            service.ListWorkflowDefinitionsRequest(workflow_name="\x00"),
         ),
         (
             "name NUL",
-            "TriggerWorkflow[definition_name]",
-            service.TriggerWorkflowRequest(definition_name="a\x00"),
+            "TriggerWorkflow[workflow_name]",
+            service.TriggerWorkflowRequest(workflow_name="a\x00"),
         ),
         ("no source", "TriggerWorkflow[definition_id]", service.TriggerWorkflowRequest()),
         (
@@ -1397,7 +1397,7 @@ def contract_cases(world: World) -> list[tuple[str, str, Message]]:
             (f"task input {kind}", "CreateWorkflowDefinition", _definition_with(input=value))
         )
         inline = service.TriggerWorkflowRequest()
-        inline.definition.name = "rule"
+        inline.definition.workflow_name = "rule"
         fill_struct(inline.definition.tasks.add(name="a").input, value)
         cases.append((f"inline task input {kind}", "TriggerWorkflow[definition]", inline))
         by_id = service.TriggerWorkflowRequest(definition_id=world.definitions[0])
@@ -1408,11 +1408,11 @@ def contract_cases(world: World) -> list[tuple[str, str, Message]]:
                 _with_struct(by_id, "input", value),
             )
         )
-        by_name = service.TriggerWorkflowRequest(definition_name=world.names[0])
+        by_name = service.TriggerWorkflowRequest(workflow_name=world.names[0])
         cases.append(
             (
                 f"run input {kind}",
-                "TriggerWorkflow[definition_name]",
+                "TriggerWorkflow[workflow_name]",
                 _with_struct(by_name, "input", value),
             )
         )

@@ -133,7 +133,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
             await client.wait_run(done.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
 
             # A run whose first task completed and whose second waits for a "ship" agent.
-            waiting = await client.trigger(definition_name="release", input={"sha": "bbb"})
+            waiting = await client.trigger(workflow_name="release", input={"sha": "bbb"})
             assert waiting.definition_id == v2.definition_id
             compile_2 = await alpha.next_assignment()
             assert (compile_2.run_id, compile_2.task_name) == (waiting.run_id, "compile")
@@ -231,7 +231,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
             }
             assert list(v2_after.tasks[1].depends_on) == ["compile"]
             latest = await client2.workflows.ListWorkflowDefinitions(
-                workflow_service_pb2.ListWorkflowDefinitionsRequest(name="release")
+                workflow_service_pb2.ListWorkflowDefinitionsRequest(workflow_name="release")
             )
             assert [d.version for d in latest.definitions] == [1, 2]
 

@@ -391,7 +391,7 @@ async def test_new_version_and_trigger_by_name_runs_the_latest(client: Client) -
     assert (v1.version, v2.version, other.version) == (1, 2, 1)
     assert v1.definition_id != v2.definition_id
 
-    by_name = await client.trigger(definition_name="wf")
+    by_name = await client.trigger(workflow_name="wf")
     assert by_name.definition_id == v2.definition_id
     assert by_name.workflow_name == "wf"
     assert [t.name for t in by_name.tasks] == ["two", "three"]
@@ -557,17 +557,21 @@ async def test_list_definitions_pages_and_filters_by_name(client: Client) -> Non
     assert set(seen) == expected
 
     alphas, sizes, _ = await walk_pages(
-        lambda token: list_definitions(client, page_size=2, page_token=token, name="alpha"),
+        lambda token: list_definitions(
+            client, page_size=2, page_token=token, workflow_name="alpha"
+        ),
         lambda page: page.definitions,
     )
     assert sizes == [2, 1]
-    assert {d.name for d in alphas} == {"alpha"}
+    assert {d.workflow_name for d in alphas} == {"alpha"}
     assert sorted(d.version for d in alphas) == [1, 2, 3]
     assert {d.definition_id for d in alphas} == {
-        d.definition_id for d in created if d.name == "alpha"
+        d.definition_id for d in created if d.workflow_name == "alpha"
     }
-    assert [d.name for d in (await list_definitions(client, name="gamma")).definitions] == ["gamma"]
-    assert list((await list_definitions(client, name="delta")).definitions) == []
+    assert [
+        d.workflow_name for d in (await list_definitions(client, workflow_name="gamma")).definitions
+    ] == ["gamma"]
+    assert list((await list_definitions(client, workflow_name="delta")).definitions) == []
 
     default = await list_definitions(client, page_size=0)
     huge = await list_definitions(client, page_size=2**31 - 1)

@@ -70,8 +70,8 @@ def datetime_of(message: Any) -> datetime:
 # Definitions that break the rules, and the fields each one must be refused on ------------------
 
 INVALID_DEFINITIONS = [
-    pytest.param(definition("", task("a")), {"definition.name"}, id="missing-name"),
-    pytest.param(definition("   ", task("a")), {"definition.name"}, id="blank-name"),
+    pytest.param(definition("", task("a")), {"definition.workflow_name"}, id="missing-name"),
+    pytest.param(definition("   ", task("a")), {"definition.workflow_name"}, id="blank-name"),
     pytest.param(definition("wf"), {"definition.tasks"}, id="no-tasks"),
     pytest.param(
         definition("wf", task("a"), task("")), {"definition.tasks[1].name"}, id="empty-task-name"
@@ -154,7 +154,7 @@ SEVERAL_VIOLATIONS = definition(
     task("d", depends_on=["c"]),
 )
 SEVERAL_FIELDS = {
-    "definition.name",
+    "definition.workflow_name",
     "definition.tasks[0].depends_on[0]",
     "definition.tasks[1].name",
     "definition.tasks[2].timeout",
@@ -189,7 +189,7 @@ async def test_create_definition_refuses_malformed_request_id(client: Client) ->
 
 
 async def test_valid_definition_is_accepted_after_refusals(client: Client) -> None:
-    await invalid(client.create(definition("", task("a"))), "definition.name")
+    await invalid(client.create(definition("", task("a"))), "definition.workflow_name")
     created = await client.create(
         definition("wf", task("a"), task("b", depends_on=["a"], fallback="c"), task("c"))
     )
@@ -224,7 +224,7 @@ async def test_trigger_reports_every_inline_violation_at_once(client: Client) ->
     "source",
     [
         pytest.param({"definition_id": "0190d2c1-0000-7000-8000-000000000000"}, id="definition_id"),
-        pytest.param({"definition_name": "no-such-workflow"}, id="definition_name"),
+        pytest.param({"workflow_name": "no-such-workflow"}, id="workflow_name"),
     ],
 )
 async def test_trigger_unknown_definition_is_not_found(
@@ -254,10 +254,10 @@ async def test_trigger_pinned_to_unknown_agent_is_not_found(client: Client) -> N
         pytest.param({"definition_id": "bad id with spaces"}, "definition_id", id="spaces-id"),
         pytest.param({"definition_id": "x" * 300}, "definition_id", id="long-id"),
         pytest.param({"definition_id": "tab\there"}, "definition_id", id="control-id"),
-        pytest.param({"definition_name": "wf", "agent_id": "bad agent"}, "agent_id", id="agent"),
-        pytest.param({"definition_name": "wf", "agent_id": "a" * 129}, "agent_id", id="agent-129"),
+        pytest.param({"workflow_name": "wf", "agent_id": "bad agent"}, "agent_id", id="agent"),
+        pytest.param({"workflow_name": "wf", "agent_id": "a" * 129}, "agent_id", id="agent-129"),
         pytest.param(
-            {"definition_name": "wf", "request_id": "bad request id"}, "request_id", id="request"
+            {"workflow_name": "wf", "request_id": "bad request id"}, "request_id", id="request"
         ),
     ],
 )
@@ -375,7 +375,7 @@ UNKNOWN_AGENT_CALLS: list[Any] = [
     pytest.param(
         lambda c: c.lifecycle.ReportState(
             agent_lifecycle_pb2.ReportStateRequest(
-                agent_id="ghost", state=agent_pb2.AGENT_STATE_IDLE
+                agent_id="ghost", state=agent_pb2.REPORTED_AGENT_STATE_IDLE
             )
         ),
         id="ReportState",
@@ -426,15 +426,15 @@ async def test_malformed_agent_id_names_agent_id(
 @pytest.mark.parametrize(
     "state",
     [
-        pytest.param(agent_pb2.AGENT_STATE_OFFLINE, id="offline"),
-        pytest.param(agent_pb2.AGENT_STATE_UNSPECIFIED, id="unspecified"),
+        pytest.param(agent_pb2.AGENT_STATE_OFFLINE, id="offline-as-a-number"),
+        pytest.param(agent_pb2.REPORTED_AGENT_STATE_UNSPECIFIED, id="unspecified"),
         pytest.param(99, id="unknown-number"),
         pytest.param(-1, id="negative-number"),
     ],
 )
 async def test_report_state_refuses_unreportable_state(client: Client, state: int) -> None:
     agent = await client.agent("reporter")
-    await agent.report(agent_pb2.AGENT_STATE_BUSY, "working")
+    await agent.report(agent_pb2.REPORTED_AGENT_STATE_BUSY, "working")
     await invalid(
         client.lifecycle.ReportState(
             agent_lifecycle_pb2.ReportStateRequest(agent_id="reporter", state=state, detail="x")
@@ -447,11 +447,18 @@ async def test_report_state_refuses_unreportable_state(client: Client, state: in
 
 
 @pytest.mark.parametrize(
-    "state", [agent_pb2.AGENT_STATE_IDLE, agent_pb2.AGENT_STATE_BUSY, agent_pb2.AGENT_STATE_ERROR]
+    ("report", "state"),
+    [
+        (agent_pb2.REPORTED_AGENT_STATE_IDLE, agent_pb2.AGENT_STATE_IDLE),
+        (agent_pb2.REPORTED_AGENT_STATE_BUSY, agent_pb2.AGENT_STATE_BUSY),
+        (agent_pb2.REPORTED_AGENT_STATE_ERROR, agent_pb2.AGENT_STATE_ERROR),
+    ],
 )
-async def test_report_state_accepts_reportable_state(client: Client, state: int) -> None:
+async def test_report_state_accepts_reportable_state(
+    client: Client, report: int, state: int
+) -> None:
     agent = await client.agent("reporter")
-    reported = await agent.report(state, "detail")
+    reported = await agent.report(report, "detail")
     assert reported.state == state
     assert reported.state_detail == "detail"
     assert (await agent.get()).state == state
@@ -568,9 +575,9 @@ async def test_list_agents_pages(client: Client) -> None:
 async def test_list_agents_filters_by_state_and_capability(client: Client) -> None:
     await client.agent("idle-1", capabilities=["echo"])
     busy = await client.agent("busy-1", capabilities=["echo", "sum"])
-    await busy.report(agent_pb2.AGENT_STATE_BUSY)
+    await busy.report(agent_pb2.REPORTED_AGENT_STATE_BUSY)
     failing = await client.agent("error-1", capabilities=["sum"])
-    await failing.report(agent_pb2.AGENT_STATE_ERROR, "disk full")
+    await failing.report(agent_pb2.REPORTED_AGENT_STATE_ERROR, "disk full")
     await client.agent("offline-1", capabilities=["echo"], connect=False)
 
     async def listed(state: int = 0, capability: str = "") -> set[str]:

@@ -64,19 +64,19 @@ async def start(
     draft: DefinitionDraft | None,
     *,
     definition_id: str = "",
-    definition_name: str = "",
+    workflow_name: str = "",
     agent_id: str = "",
     run_input: JsonObject | None = None,
     request_id: str = "",
     now: datetime = NOW,
 ) -> CreatedRun:
     """`store.create_run` of the inline `draft` (or, with None, of the stored definition named by
-    `definition_id` or `definition_name`): at NOW, with no agent, input or request_id unless
+    `definition_id` or `workflow_name`): at NOW, with no agent, input or request_id unless
     given, its effects ignored."""
     return await store.create_run(
         NewRun(
             definition_id=definition_id,
-            definition_name=definition_name,
+            workflow_name=workflow_name,
             inline=draft,
             agent_id=agent_id,
             run_input={} if run_input is None else run_input,
@@ -216,7 +216,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     await store.connect_agent("w", NOW, ignore)
     stored = await store.create_definition(diamond(), "", NOW)
     created = await start(
-        store, None, definition_name="diamond", run_input={"k": 2, "extra": True}, request_id="r-1"
+        store, None, workflow_name="diamond", run_input={"k": 2, "extra": True}, request_id="r-1"
     )
     run = created.run
     assert run.definition_id == stored.definition_id
@@ -313,10 +313,10 @@ async def test_trigger_checks_its_references(store: Store) -> None:
     with pytest.raises(NotFound):
         await start(store, None, definition_id="nope")
     with pytest.raises(NotFound):
-        await start(store, None, definition_name="nope")
+        await start(store, None, workflow_name="nope")
     await store.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
-        await start(store, None, definition_name="diamond", agent_id="x")
+        await start(store, None, workflow_name="diamond", agent_id="x")
     assert (await store.list_runs(10, "", RunFilter())).items == ()
 
 
@@ -592,11 +592,11 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
 async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store: Store) -> None:
     await store.create_definition(diamond(), "", NOW)
     first, again, missing, ghost, other = await asyncio.gather(
-        start(store, None, definition_name="diamond", request_id="same"),
-        start(store, None, definition_name="diamond", request_id="same"),
-        start(store, None, definition_name="missing"),
-        start(store, None, definition_name="diamond", agent_id="ghost"),
-        start(store, None, definition_name="diamond"),
+        start(store, None, workflow_name="diamond", request_id="same"),
+        start(store, None, workflow_name="diamond", request_id="same"),
+        start(store, None, workflow_name="missing"),
+        start(store, None, workflow_name="diamond", agent_id="ghost"),
+        start(store, None, workflow_name="diamond"),
         return_exceptions=True,
     )
     assert isinstance(first, CreatedRun)
@@ -819,9 +819,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
     stored = await store.create_definition(detailed, "", NOW)
     runs = [
         (await start(store, None, definition_id=stored.definition_id)).run,
-        (
-            await start(store, None, definition_name="detailed", agent_id="w", run_input={"k": 2})
-        ).run,
+        (await start(store, None, workflow_name="detailed", agent_id="w", run_input={"k": 2})).run,
         (await start(store, detailed, run_input={"extra": None})).run,
     ]
     for run in runs:

@@ -206,15 +206,15 @@ class ReportStateRequest(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Id of the agent."""
-    state: _agent_pb2.AgentState.ValueType
-    """IDLE, BUSY or ERROR; OFFLINE is set by the server only."""
+    state: _agent_pb2.ReportedAgentState.ValueType
+    """The state the agent is in."""
     detail: _builtins.str
     """Free-form detail, such as the error an agent is in."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
-        state: _agent_pb2.AgentState.ValueType = ...,
+        state: _agent_pb2.ReportedAgentState.ValueType = ...,
         detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16opscore/v1/agent.proto\x12\nopscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12-\n\x06labels\x18\x05 \x03(\x0b\x32\x1d.opscore.v1.Agent.LabelsEntry\x12\x1c\n\x14max_concurrent_tasks\x18\x06 \x01(\x05\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.opscore.v1.AgentState\x12\x14\n\x0cstate_detail\x18\x08 \x01(\t\x12\x11\n\tconnected\x18\t \x01(\x08\x12\x15\n\rrunning_tasks\x18\n \x01(\x05\x12\x31\n\rregistered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x85\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GENT_STATE_IDLE\x10\x01\x12\x14\n\x10\x41GENT_STATE_BUSY\x10\x02\x12\x15\n\x11\x41GENT_STATE_ERROR\x10\x03\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16opscore/v1/agent.proto\x12\nopscore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x03\n\x05\x41gent\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63\x61pabilities\x18\x04 \x03(\tB\x04\xe2\x41\x01\x03\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32\x1d.opscore.v1.Agent.LabelsEntryB\x04\xe2\x41\x01\x03\x12\"\n\x14max_concurrent_tasks\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12+\n\x05state\x18\x07 \x01(\x0e\x32\x16.opscore.v1.AgentStateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_detail\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tconnected\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rrunning_tasks\x18\n \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x37\n\rregistered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x0clast_seen_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x85\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GENT_STATE_IDLE\x10\x01\x12\x14\n\x10\x41GENT_STATE_BUSY\x10\x02\x12\x15\n\x11\x41GENT_STATE_ERROR\x10\x03\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x04*\x98\x01\n\x12ReportedAgentState\x12$\n REPORTED_AGENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19REPORTED_AGENT_STATE_IDLE\x10\x01\x12\x1d\n\x19REPORTED_AGENT_STATE_BUSY\x10\x02\x12\x1e\n\x1aREPORTED_AGENT_STATE_ERROR\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENT_LABELSENTRY']._loaded_options = None
   _globals['_AGENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATE']._serialized_start=481
-  _globals['_AGENTSTATE']._serialized_end=614
-  _globals['_AGENT']._serialized_start=72
-  _globals['_AGENT']._serialized_end=478
-  _globals['_AGENT_LABELSENTRY']._serialized_start=433
-  _globals['_AGENT_LABELSENTRY']._serialized_end=478
+  _globals['_AGENT'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['agent_id']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['name']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['version']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['version']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['capabilities']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['capabilities']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['labels']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['labels']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['max_concurrent_tasks']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['max_concurrent_tasks']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['state']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['state_detail']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['state_detail']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['connected']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['connected']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['running_tasks']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['running_tasks']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['registered_at']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['registered_at']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['last_seen_at']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['last_seen_at']._serialized_options = b'\342A\001\003'
+  _globals['_AGENTSTATE']._serialized_start=586
+  _globals['_AGENTSTATE']._serialized_end=719
+  _globals['_REPORTEDAGENTSTATE']._serialized_start=722
+  _globals['_REPORTEDAGENTSTATE']._serialized_end=874
+  _globals['_AGENT']._serialized_start=105
+  _globals['_AGENT']._serialized_end=583
+  _globals['_AGENT_LABELSENTRY']._serialized_start=538
+  _globals['_AGENT_LABELSENTRY']._serialized_end=583
 # @@protoc_insertion_point(module_scope)

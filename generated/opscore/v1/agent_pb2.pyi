@@ -52,6 +52,36 @@ AGENT_STATE_OFFLINE: AgentState.ValueType  # 4
 """No open task stream. Set by the server only; an agent cannot report it."""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
+class _ReportedAgentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReportedAgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReportedAgentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPORTED_AGENT_STATE_UNSPECIFIED: _ReportedAgentState.ValueType  # 0
+    """Not a report: ReportState refuses it."""
+    REPORTED_AGENT_STATE_IDLE: _ReportedAgentState.ValueType  # 1
+    """Ready for work: the agent receives tasks while it has a free slot."""
+    REPORTED_AGENT_STATE_BUSY: _ReportedAgentState.ValueType  # 2
+    """Working on something of its own: the agent receives no tasks until it reports IDLE."""
+    REPORTED_AGENT_STATE_ERROR: _ReportedAgentState.ValueType  # 3
+    """In error: the agent receives no tasks until it reports IDLE; detail says why."""
+
+class ReportedAgentState(_ReportedAgentState, metaclass=_ReportedAgentStateEnumTypeWrapper):
+    """ReportedAgentState is what an agent may say of itself in ReportState. Its numbers are those of
+    the same states in AgentState.
+    """
+
+REPORTED_AGENT_STATE_UNSPECIFIED: ReportedAgentState.ValueType  # 0
+"""Not a report: ReportState refuses it."""
+REPORTED_AGENT_STATE_IDLE: ReportedAgentState.ValueType  # 1
+"""Ready for work: the agent receives tasks while it has a free slot."""
+REPORTED_AGENT_STATE_BUSY: ReportedAgentState.ValueType  # 2
+"""Working on something of its own: the agent receives no tasks until it reports IDLE."""
+REPORTED_AGENT_STATE_ERROR: ReportedAgentState.ValueType  # 3
+"""In error: the agent receives no tasks until it reports IDLE; detail says why."""
+Global___ReportedAgentState: _TypeAlias = ReportedAgentState  # noqa: Y015
+
 @_typing.final
 class Agent(_message.Message):
     """Agent is a registered worker that receives tasks over its task stream."""

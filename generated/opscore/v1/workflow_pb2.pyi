@@ -233,15 +233,17 @@ class WorkflowDefinition(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITION_ID_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     definition_id: _builtins.str
     """Server-assigned id of this version of the definition."""
-    name: _builtins.str
-    """Name of the workflow; definitions with the same name are versions of one workflow."""
+    workflow_name: _builtins.str
+    """Name of the workflow; definitions with the same workflow_name are versions of one workflow.
+    Printable text, at most 200 characters.
+    """
     version: _builtins.int
     """Server-assigned version: 1 for the first definition of a name, then 2, 3, ..."""
     description: _builtins.str
@@ -258,7 +260,7 @@ class WorkflowDefinition(_message.Message):
         self,
         *,
         definition_id: _builtins.str = ...,
-        name: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
         version: _builtins.int = ...,
         description: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
@@ -266,7 +268,7 @@ class WorkflowDefinition(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_id", b"definition_id", "description", b"description", "name", b"name", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_id", b"definition_id", "description", b"description", "tasks", b"tasks", "version", b"version", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

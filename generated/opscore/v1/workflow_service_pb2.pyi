@@ -128,23 +128,23 @@ class ListWorkflowDefinitionsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Most definitions to return; 0 means 50, more than 1000 means 1000."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
-    name: _builtins.str
-    """Only the versions of this workflow name; empty means all."""
+    workflow_name: _builtins.str
+    """Only the versions of this workflow; empty means all."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        name: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -185,14 +185,14 @@ class TriggerWorkflowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITION_ID_FIELD_NUMBER: _builtins.int
-    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     definition_id: _builtins.str
     """Id of a stored definition."""
-    definition_name: _builtins.str
+    workflow_name: _builtins.str
     """Name of a stored workflow; its latest version runs."""
     agent_id: _builtins.str
     """Registered agent to pin every task of the run to; empty lets any capable agent take them."""
@@ -210,17 +210,17 @@ class TriggerWorkflowRequest(_message.Message):
         self,
         *,
         definition_id: _builtins.str = ...,
-        definition_name: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
         definition: _workflow_pb2.WorkflowDefinition | None = ...,
         agent_id: _builtins.str = ...,
         input: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_id", b"definition_id", "definition_name", b"definition_name", "input", b"input", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_id", b"definition_id", "input", b"input", "source", b"source", "workflow_name", b"workflow_name"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "definition", b"definition", "definition_id", b"definition_id", "definition_name", b"definition_name", "input", b"input", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "definition", b"definition", "definition_id", b"definition_id", "input", b"input", "request_id", b"request_id", "source", b"source", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["definition_id", "definition_name", "definition"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["definition_id", "workflow_name", "definition"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 

@@ -30,7 +30,7 @@ class DefinitionQueries(StoreBase):
     async def create_definition(
         self, draft: DefinitionDraft, request_id: str, now: datetime
     ) -> WorkflowDefinition:
-        """Store the next version of `draft.name`; a repeated request_id returns the first."""
+        """Store the next version of the draft's workflow; a repeated request_id returns it."""
 
         def op(conn: Connection) -> WorkflowDefinition:
             if request_id:
@@ -72,14 +72,14 @@ def _insert_definition(
 ) -> WorkflowDefinition:
     latest = (
         conn.execute(
-            select(func.max(DEFINITIONS.c.version)).where(DEFINITIONS.c.name == draft.name)
+            select(func.max(DEFINITIONS.c.version)).where(DEFINITIONS.c.name == draft.workflow_name)
         )
     ).scalar_one_or_none()
     definition_id = new_id()
     conn.execute(
         insert(DEFINITIONS).values(
             definition_id=definition_id,
-            name=draft.name,
+            name=draft.workflow_name,
             version=(latest or 0) + 1,
             description=draft.description,
             tasks=[rows.spec_to_json(spec) for spec in draft.tasks],

@@ -66,7 +66,7 @@ class NewRun:
     definition name for its latest version, or an inline definition)."""
 
     definition_id: str
-    definition_name: str
+    workflow_name: str
     inline: DefinitionDraft | None
     agent_id: str
     run_input: JsonObject
@@ -85,7 +85,7 @@ class RunQueries(StoreBase):
         found = self._templates.get(definition_id)
         if found is None:
             definition = definition_by_id(conn, definition_id)
-            found = (definition.name, RunTemplate.of(definition.tasks, conn.dialect))
+            found = (definition.workflow_name, RunTemplate.of(definition.tasks, conn.dialect))
             if len(self._templates) >= DEFINITION_CACHE_SIZE:
                 self._templates.pop(next(iter(self._templates)))
             self._templates[definition_id] = found
@@ -157,10 +157,14 @@ class RunQueries(StoreBase):
         inline definition) and the template of its runs. `latest` remembers, for this batch,
         the latest version of each name already looked up."""
         if request.inline is not None:
-            return request.inline.name, None, RunTemplate.of(request.inline.tasks, conn.dialect)
+            return (
+                request.inline.workflow_name,
+                None,
+                RunTemplate.of(request.inline.tasks, conn.dialect),
+            )
         definition_id = request.definition_id
         if not definition_id:
-            name = request.definition_name
+            name = request.workflow_name
             if name not in latest:
                 found = LATEST_DEFINITION.rows(conn, {"b_name": name})
                 if not found:
