@@ -36,11 +36,11 @@ $(VENV)/.files: FORCE | $(VENV)/bin/python
 	@echo '$(PACKAGE_FILES)' | cmp -s - $@ || echo '$(PACKAGE_FILES)' > $@
 
 $(VENV)/.runtime: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[uvloop]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[uvloop,tools]' --config-settings editable_mode=strict
 	@touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop,tools]' --config-settings editable_mode=strict
 	@touch $@ $(VENV)/.runtime
 
 lint: $(VENV)/.dev
