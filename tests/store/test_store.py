@@ -49,7 +49,7 @@ def ignore(_: object) -> None:
 
 def diamond() -> DefinitionDraft:
     return DefinitionDraft(
-        name="diamond",
+        workflow_name="diamond",
         tasks=(
             TaskSpec(name="a", capability="cpu", input={"k": 1}),
             TaskSpec(name="b", depends_on=("a",)),
@@ -754,7 +754,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
     try:
         await register(store, "w", "cpu")
         shaped = DefinitionDraft(
-            name="shaped",
+            workflow_name="shaped",
             tasks=(
                 TaskSpec(name="a", capability="cpu"),
                 TaskSpec(name="b", capability="gpu", labels={"zone": "eu"}, depends_on=("a",)),
@@ -802,7 +802,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
     definition's second run as for its first, and for an inline one."""
     await register(store, "w", "cpu")
     detailed = DefinitionDraft(
-        name="detailed",
+        workflow_name="detailed",
         tasks=(
             TaskSpec(
                 name="a",
