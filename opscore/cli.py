@@ -1,23 +1,32 @@
-"""The `opscore` command: `serve` and `db upgrade`. Parses settings and hands over; nothing else."""
+"""The `opscore` command: `serve` and `db upgrade`. Parses settings and hands over, and reports a
+start that the world made fail (see opscore.startup) as one CRITICAL log line."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from importlib import metadata
 from typing import Any, TypeVar
 
 from opscore import config, logs
 from opscore.server import serve
-from opscore.store import migrate
-from opscore.store.database import open_database
+from opscore.startup import StartupError, failing_as
+from opscore.store import migrate, ownership
+from opscore.store.database import name_of, open_database
+from opscore.store.ownership import Holder
 
 T = TypeVar("T")
+
+log = logging.getLogger("opscore.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opscore", description="The Ops-Core control plane.")
+    version = f"%(prog)s {metadata.version('opscore')}"
+    parser.add_argument("--version", action="version", version=version)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the gRPC server")
     serve_cmd.add_argument("--listen", help="host:port to bind (env OPSCORE_LISTEN)")
@@ -45,11 +54,18 @@ def runner(event_loop: str) -> Callable[[Coroutine[Any, Any, T]], T]:
 
 
 async def _upgrade(url: str) -> None:
-    database = open_database(url)
-    try:
-        await migrate.upgrade(database)
-    finally:
-        await database.dispose()
+    """Migrate the database, owning it meanwhile: never under a running server."""
+    name = name_of(url)
+    with failing_as(f"cannot upgrade the database {name}", database=name):
+        owned = await ownership.claim(url, Holder("db upgrade"))
+        try:
+            database = open_database(url)
+            try:
+                await migrate.upgrade(database)
+            finally:
+                await database.dispose()
+        finally:
+            await owned.release()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,10 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"opscore: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    if args.command == "db":
-        asyncio.run(_upgrade(settings.db_url))
-        return 0
-    return run(serve(settings))
+    try:
+        if args.command == "db":
+            asyncio.run(_upgrade(settings.db_url))
+            return 0
+        return run(serve(settings))
+    except StartupError as error:
+        log.critical(str(error), extra={**error.subject, "cause": error.cause})
+        return 1
 
 
 if __name__ == "__main__":

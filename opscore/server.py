@@ -1,12 +1,13 @@
-"""The server's life: open the database, migrate, recover, serve (the two services, health and
-reflection on one port), and on a signal drain and stop. Background work (the writer, the
-dispatcher) runs as supervised tasks: if one fails, the failure is logged and the server stops
-rather than limp on without it.
+"""The server's life: check its address, own its database, migrate, recover, serve (the two
+services, health and reflection on one port), and on a signal drain and stop. Background work (the
+writer, the dispatcher) runs as supervised tasks: if one fails, the failure is logged and the
+server stops rather than limp on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -23,8 +24,11 @@ from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.engine import Engine, EngineSettings
-from opscore.store import migrate
-from opscore.store.database import open_database
+from opscore.ports import refuse_taken
+from opscore.startup import StartupError, failing_as
+from opscore.store import migrate, ownership
+from opscore.store.database import name_of, open_database
+from opscore.store.ownership import Holder, OwnershipLost
 from opscore.store.queries import Store
 from opscore.store.writer import Writer
 from opscore.v1 import (
@@ -50,31 +54,67 @@ class OpsCoreServer:
         self.port = 0
         self.engine: Engine | None = None
         self._failed = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._resources = contextlib.AsyncExitStack()
+        """How to undo what `start` took, pushed as it is taken: `_drain` (or a failed start)
+        undoes it in reverse, the port first and the database's ownership last."""
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Open, migrate, recover and start serving; returns the bound port."""
+        """Check the address, own the database, migrate, recover and start serving; returns the
+        bound port. A start that fails undoes what it did, leaving the port and the database
+        free; a failure the world causes (see opscore.startup) is a StartupError."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._resources.aclose()
+            raise
+        return self.port
+
+    async def _start(self) -> None:
         settings = self.settings
-        self._db = open_database(settings.db_url)
-        await migrate.upgrade(self._db)
-        self._writer = Writer(self._db)
-        self._supervise(self._writer.run(), "writer")
-        store = Store(self._db, self._writer, settings.retry)
-        self.engine = Engine(
-            store,
-            EngineSettings(
-                default_task_timeout=settings.default_task_timeout,
-                agent_grace=settings.agent_grace,
-                limits=settings.limits,
-            ),
-        )
-        await self.engine.recover()
-        self._dispatcher_task = self._supervise(self.engine.dispatcher.run(), "dispatcher")
-        self._timers_task = self._supervise(self.engine.run_timers(), "timers")
-        self._upkeep_task = self._supervise(self._db.maintain(), "database upkeep")
+        resources = self._resources
+        refuse_taken(settings.listen)  # before the database is touched
+
+        database = name_of(settings.db_url)
+        with failing_as(f"cannot open the database {database}", database=database):
+            # Owned before anything writes: the migration, and the recovery that marks every
+            # agent disconnected.
+            owned = await ownership.claim(settings.db_url, Holder("serve", settings.listen))
+            resources.push_async_callback(owned.release)
+            self._db = open_database(settings.db_url)
+            resources.push_async_callback(self._db.dispose)
+            await migrate.upgrade(self._db)
+            self._writer = Writer(self._db)
+            writer = self._supervise(self._writer.run(), "writer")
+            resources.push_async_callback(self._stop_writer, writer)
+            store = Store(self._db, self._writer, settings.retry)
+            self.engine = Engine(
+                store,
+                EngineSettings(
+                    default_task_timeout=settings.default_task_timeout,
+                    agent_grace=settings.agent_grace,
+                    limits=settings.limits,
+                ),
+            )
+            await self.engine.recover()
+        # The loops that write (and those beside them) stop before the writer, which then
+        # commits what they submitted.
+        loops = [
+            self._supervise(owned.watch(), "database ownership"),
+            self._supervise(self.engine.dispatcher.run(), "dispatcher"),
+            self._supervise(self.engine.run_timers(), "timers"),
+            self._supervise(self._db.maintain(), "database upkeep"),
+        ]
+        resources.push_async_callback(_cancel, loops)
 
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
+        resources.push_async_callback(self._grpc.stop, settings.shutdown_grace)
+        try:
+            self.port = self._grpc.add_insecure_port(settings.listen)
+        except RuntimeError as error:  # taken since it was checked, or no address at all
+            raise StartupError(
+                f"cannot listen on {settings.listen}", str(error), address=settings.listen
+            ) from error
         agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
             AgentLifecycleServicer(self.engine), self._grpc
         )
@@ -86,9 +126,6 @@ class OpsCoreServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        self.port = self._grpc.add_insecure_port(settings.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -110,7 +147,6 @@ class OpsCoreServer:
                 "throughput; unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION to use upb",
                 extra={"protobuf": protobuf},
             )
-        return self.port
 
     def _options(self) -> list[tuple[str, Any]]:
         settings = self.settings
@@ -121,6 +157,9 @@ class OpsCoreServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # gRPC shares a port with any process that asks (SO_REUSEPORT), and the kernel then
+            # splits the connections between them: a second server must fail to bind instead.
+            ("grpc.so_reuseport", 0),
         ]
 
     def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -130,13 +169,20 @@ class OpsCoreServer:
             if finished.cancelled():
                 return
             error = finished.exception()
-            if error is not None:
+            if isinstance(error, OwnershipLost):  # not a fault of the code: no traceback
+                log.critical(f"stopping: {error}", extra={"task": name, "database": error.database})
+                self._failed.set()
+            elif error is not None:
                 log.critical("background task failed", extra={"task": name}, exc_info=error)
                 self._failed.set()
 
         task.add_done_callback(done)
-        self._tasks.append(task)
         return task
+
+    async def _stop_writer(self, writer: asyncio.Task[None]) -> None:
+        """Let the writer commit what was submitted, and end."""
+        self._writer.close()
+        await asyncio.gather(writer, return_exceptions=True)
 
     async def wait_for_failure(self) -> None:
         """Return when a background task has failed (the server must then stop)."""
@@ -149,8 +195,8 @@ class OpsCoreServer:
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, streams end with UNAVAILABLE, in-flight calls finish
-        within the grace, pending commits are written, then everything closes. Calling it again
-        waits for the same drain.
+        within the grace, pending commits are written, then everything closes and the database
+        is given up. Calling it again waits for the same drain.
         """
         if self._stopping is None:
             self._stopping = asyncio.create_task(self._drain())
@@ -161,17 +207,14 @@ class OpsCoreServer:
         await self._health.enter_graceful_shutdown()
         assert self.engine is not None
         self.engine.shut_down()
-        await self._grpc.stop(self.settings.shutdown_grace)
-        # The loops that write (and the database upkeep) stop first; then the writer commits what
-        # was submitted.
-        loops = (self._dispatcher_task, self._timers_task, self._upkeep_task)
-        for loop in loops:
-            loop.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
-        self._writer.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._db.dispose()
+        await self._resources.aclose()
         log.info("server stopped")
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(settings: Settings) -> int:

@@ -31,10 +31,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import AdaptedConnection, Connection, Engine
+from sqlalchemy.engine import AdaptedConnection, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -148,6 +149,20 @@ def normalize_url(url: str) -> str:
         if url.startswith(plain):
             return named + url[len(plain) :]
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, made absolute; None for an in-memory database."""
+    database = make_url(normalize_url(url)).database
+    return None if database in (None, "", ":memory:") else Path(database).absolute()
+
+
+def name_of(url: str) -> str:
+    """The database of `url` as an operator names it: a SQLite file's path, or the URL without
+    its password."""
+    if normalize_url(url).startswith("sqlite"):
+        return str(sqlite_file(url) or ":memory:")
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def open_database(url: str) -> Database:
