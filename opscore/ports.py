@@ -14,16 +14,19 @@ import socket
 
 from opscore.startup import StartupError
 
+MAX_PORT = 65535
+
 LOOPBACK = ("127.0.0.1", "::1")
 """The addresses gRPC binds for `localhost`, whatever the resolver says."""
 
 
 def refuse_taken(listen: str) -> None:
     """Raise StartupError if another process listens on one of the addresses of `listen`
-    (`host:port`; a port 0, to be chosen, is never taken). Any other failure to bind is left
-    for gRPC to judge: an address of a family the host lacks, one that does not resolve."""
+    (`host:port`; a port 0, to be chosen, is never taken). Anything else that would keep the
+    address from being bound is left for gRPC to judge: a host that does not resolve, an address
+    of a family the host lacks, a port out of range."""
     host, _, port = listen.rpartition(":")
-    if not port.isdigit() or int(port) == 0:
+    if not port.isdigit() or not 0 < int(port) <= MAX_PORT:
         return
     host = host.strip("[]")
     hosts = LOOPBACK if host == "localhost" else (host or None,)

@@ -72,6 +72,32 @@ def run_from_root(
     return completed.stdout
 
 
+RUN_WAIT = 30.0
+"""Seconds a short command (`db upgrade`, a failing start, an import) may take."""
+
+
+async def run_async(
+    args: list[str], environment: dict[str, str], cwd: Path, timeout: float = RUN_WAIT
+) -> tuple[int, str]:
+    """Run a short command to its end (bounded) as an asyncio subprocess: status and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        cwd=cwd,
+        env=environment,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
 def free_port() -> int:
     """A port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -140,11 +166,17 @@ class ServerProcess:
     def on_sqlite(cls, database: Path, port: int, log: Path, **settings: str) -> ServerProcess:
         """`opscore serve --listen 127.0.0.1:<port> --db sqlite:///<database>`, run in the
         database's folder, in a clean environment plus `settings` (OPSCORE_* variables)."""
+        return cls.on_url(f"sqlite:///{database}", port, log, database.parent, **settings)
+
+    @classmethod
+    def on_url(cls, url: str, port: int, log: Path, cwd: Path, **settings: str) -> ServerProcess:
+        """`opscore serve --listen 127.0.0.1:<port> --db <url>`, run in `cwd`, in a clean
+        environment plus `settings` (OPSCORE_* variables)."""
         return cls(
-            ["--listen", f"127.0.0.1:{port}", "--db", f"sqlite:///{database}"],
+            ["--listen", f"127.0.0.1:{port}", "--db", url],
             port=port,
             log=log,
-            cwd=database.parent,
+            cwd=cwd,
             environment=clean_environment(**settings),
         )
 

@@ -8,13 +8,19 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
-from processes import OPSCORE, ROOT, ServerProcess, clean_environment, free_port
-
-RUN_WAIT = 30.0
-"""Seconds a short command (`db upgrade`, a failing start, an import) may take."""
+from processes import (
+    OPSCORE,
+    ROOT,
+    RUN_WAIT,
+    ServerProcess,
+    clean_environment,
+    free_port,
+    run_async,
+)
 
 
 def run_command(
@@ -33,26 +39,6 @@ def run_command(
     )
 
 
-async def run_async(args: list[str], environment: dict[str, str], cwd: Path) -> tuple[int, str]:
-    """Run a short command to its end (bounded) as an asyncio subprocess: status and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        cwd=cwd,
-        env=environment,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), RUN_WAIT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, err.decode()
-
-
 def tables_of(database: Path) -> set[str]:
     with sqlite3.connect(database) as connection:
         rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -62,6 +48,12 @@ def tables_of(database: Path) -> set[str]:
 
 def test_console_script_is_installed() -> None:
     assert OPSCORE.is_file(), f"{OPSCORE} is missing: run `make .venv/.dev`"
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    result = run_command([str(OPSCORE), "--version"], clean_environment(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"opscore {metadata.version('opscore')}\n"
 
 
 async def test_serve_with_flags_starts_logs_and_stops_on_sigterm(tmp_path: Path) -> None:
