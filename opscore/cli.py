@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -57,15 +58,12 @@ async def _upgrade(url: str) -> None:
     """Migrate the database, owning it meanwhile: never under a running server."""
     name = name_of(url)
     with failing_as(f"cannot upgrade the database {name}", database=name):
-        owned = await ownership.claim(url, Holder("db upgrade"))
-        try:
+        async with contextlib.AsyncExitStack() as resources:
+            owned = await ownership.claim(url, Holder("db upgrade"))
+            resources.push_async_callback(owned.release)
             database = open_database(url)
-            try:
-                await migrate.upgrade(database)
-            finally:
-                await database.dispose()
-        finally:
-            await owned.release()
+            resources.push_async_callback(database.dispose)
+            await migrate.upgrade(database)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,8 +87,9 @@ WRITER_MARK = "opscore_writer"
 """Set in the writer connection's `info`: its transactions begin IMMEDIATE (see below)."""
 
 LOCK_WAIT_MS = 10_000
-"""How long a transaction waits for a lock another process holds (`opscore db upgrade` beside a
-server, a reader's checkpoint) before failing: always on a thread, never on the event loop."""
+"""How long a transaction waits for a lock another process holds (an operator's `sqlite3` shell
+beside a server, a reader's checkpoint) before failing: always on a thread, never on the event
+loop."""
 
 
 READ_THREADS = 4

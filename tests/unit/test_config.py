@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from opscore import cli, config, logs
+from opscore.store import ownership
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +64,44 @@ def test_db_upgrade_command_creates_the_schema(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"agents", "definitions", "runs", "tasks", "alembic_version"} <= tables
+
+
+def critical_line(capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """The one line a refused command writes to standard error, which must be CRITICAL."""
+    [line] = capsys.readouterr().err.splitlines()
+    record: dict[str, str] = json.loads(line)
+    assert record["level"] == "CRITICAL", record
+    return record
+
+
+def test_db_upgrade_of_a_held_database_exits_with_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    held = asyncio.run(ownership.claim(url, ownership.Holder("serve", "127.0.0.1:7070")))
+    try:
+        assert cli.main(["db", "upgrade", "--db", url]) == 1
+    finally:
+        asyncio.run(held.release())
+    record = critical_line(capsys)
+    assert record["database"] == str(tmp_path / "held.db")
+    assert "127.0.0.1:7070" in record["cause"]
+    assert not (tmp_path / "held.db").exists()
+
+
+def test_serve_on_a_taken_address_exits_with_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert (
+            cli.main(["serve", "--listen", listen, "--db", f"sqlite:///{tmp_path / 'x.db'}"]) == 1
+        )
+    record = critical_line(capsys)
+    assert record["address"] == listen
+    assert record["event"].startswith(f"cannot listen on {listen}: ")
 
 
 def test_a_bad_setting_exits_with_status_2(
