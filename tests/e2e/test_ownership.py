@@ -260,6 +260,7 @@ async def test_a_lost_lock_is_taken_again(
     start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its connection ended (as when PostgreSQL restarts), the server takes the lock again."""
+    monkeypatch.setattr(ownership, "PROBE_EVERY", 0.05)  # probed meanwhile, and answering
     monkeypatch.setattr(ownership, "RETAKE_EVERY", 0.05)
     async with postgres_database() as url:
         database = url.rpartition("/")[2]
