@@ -8,7 +8,6 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -48,12 +47,6 @@ def tables_of(database: Path) -> set[str]:
 
 def test_console_script_is_installed() -> None:
     assert OPSCORE.is_file(), f"{OPSCORE} is missing: run `make .venv/.dev`"
-
-
-def test_version_prints_the_installed_version(tmp_path: Path) -> None:
-    result = run_command([str(OPSCORE), "--version"], clean_environment(), tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == f"opscore {metadata.version('opscore')}\n"
 
 
 async def test_serve_with_flags_starts_logs_and_stops_on_sigterm(tmp_path: Path) -> None:

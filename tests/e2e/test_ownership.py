@@ -133,8 +133,9 @@ async def test_a_killed_server_leaves_its_database_to_the_next_at_once(
 
     second = ServerProcess.on_url(db_url, free_port(), tmp_path / "second.log", tmp_path)
     async with second:  # it answers SERVING: nothing held the database
-        record = await refused(serve(free_port(), db_url), tmp_path)
-        assert f"pid {second.process.pid}" in record["event"], record
+        with pytest.raises(ownership.DatabaseOwned) as refusal:  # and it holds it now
+            await ownership.claim(db_url, ownership.Holder("db upgrade"))
+        assert f"pid {second.process.pid}" in refusal.value.holder
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,13 @@ def test_db_upgrade_command_creates_the_schema(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"agents", "definitions", "runs", "tasks", "alembic_version"} <= tables
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"opscore {metadata.version('opscore')}\n"
 
 
 def critical_line(capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
