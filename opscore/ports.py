@@ -15,6 +15,8 @@ import socket
 from opscore.startup import StartupError
 
 MAX_PORT = 65535
+"""The largest TCP port: `getaddrinfo` wraps a larger one around rather than refusing it, and the
+probe would bind another port than the one asked for."""
 
 LOOPBACK = ("127.0.0.1", "::1")
 """The addresses gRPC binds for `localhost`, whatever the resolver says."""

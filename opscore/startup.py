@@ -30,7 +30,7 @@ class StartupError(Exception):
         super().__init__(f"{failed}: {cause}")
 
 
-def cause_of(error: BaseException) -> str:
+def _cause_of(error: BaseException) -> str:
     """The cause an operator needs: the driver's own message, without SQLAlchemy's statement
     and links."""
     if isinstance(error, DBAPIError) and error.orig is not None:
@@ -44,4 +44,4 @@ def failing_as(failed: str, **subject: str) -> Iterator[None]:
     try:
         yield
     except EXPECTED as error:
-        raise StartupError(failed, cause_of(error), **subject) from error
+        raise StartupError(failed, _cause_of(error), **subject) from error
