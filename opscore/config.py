@@ -45,6 +45,12 @@ class Settings:
     """`auto` (uvloop when it is installed, else asyncio's own), `uvloop` or `asyncio`."""
     limits: Limits = field(default_factory=Limits)
     """Sizes the server accepts (tasks per definition, payload bytes, page sizes)."""
+    storage_failure_threshold: int = 3
+    """Storage transactions failing in a row (reads and writes counted apart) that turn health
+    NOT_SERVING; the first success of the failing kind turns it SERVING again."""
+    sqlite_free_space_reserve: int = 64 * 1024 * 1024
+    """Bytes kept free on an SQLite database's disk for finishing accepted work: below it, new
+    runs and definitions are refused (RESOURCE_EXHAUSTED); 0 keeps no reserve."""
 
 
 def _seconds(raw: str) -> timedelta:
@@ -64,6 +70,13 @@ def _positive_float(raw: str) -> float:
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
         raise ValueError(raw)
     return value
 
@@ -95,6 +108,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_LOG_FORMAT": ("log_format", _choice("json", "text")),
     "OPSCORE_LOG_LEVEL": ("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
     "OPSCORE_EVENT_LOOP": ("event_loop", _choice("auto", "uvloop", "asyncio")),
+    "OPSCORE_STORAGE_FAILURE_THRESHOLD": ("storage_failure_threshold", _positive_int),
+    "OPSCORE_SQLITE_FREE_SPACE_RESERVE": ("sqlite_free_space_reserve", _non_negative_int),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""

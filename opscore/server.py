@@ -2,6 +2,11 @@
 services, health and reflection on one port), and on a signal drain and stop. Background work (the
 writer, the dispatcher) runs as supervised tasks: if one fails, the failure is logged and the
 server stops rather than limp on without it.
+
+Health follows storage: every service turns NOT_SERVING while the database fails and SERVING
+again when it works (see `StorageHealth`). Storage faults that come and go are waited out; one
+that retrying cannot mend (`StorageLost`: a corrupt or dropped database, refused credentials)
+stops the server with one CRITICAL line.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.engine import Engine, EngineSettings
+from opscore.domain.errors import StorageFault
+from opscore.domain.health import StorageHealth
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
 from opscore.store.database import name_of, open_database
 from opscore.store.ownership import Holder, OwnershipLost
 from opscore.store.queries import Store
+from opscore.store.space import reserve_for
 from opscore.store.writer import Writer
 from opscore.v1 import (
     agent_lifecycle_pb2,
@@ -81,7 +89,8 @@ class OpsCoreServer:
             # agent disconnected.
             owned = await ownership.claim(settings.db_url, Holder("serve", settings.listen))
             resources.push_async_callback(owned.release)
-            self._db = open_database(settings.db_url)
+            self._storage = StorageHealth(settings.storage_failure_threshold)
+            self._db = open_database(settings.db_url, self._storage)
             resources.push_async_callback(self._db.dispose)
             await migrate.upgrade(self._db)
             self._writer = Writer(self._db)
@@ -95,8 +104,11 @@ class OpsCoreServer:
                     agent_grace=settings.agent_grace,
                     limits=settings.limits,
                 ),
+                admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
             )
             await self.engine.recover()
+        self._storage.on_recovery(self.engine.storage_recovered)
+        self._storage.on_lost(self._storage_lost)
         # The loops that write (and those beside them) stop before the writer, which then
         # commits what they submitted.
         loops = [
@@ -127,8 +139,10 @@ class OpsCoreServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         await self._grpc.start()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._publish_health(serving=True)
+        # It probes storage through the writer: stopped before the writer is.
+        watch = self._storage.watch(self._publish_health, store.probe)
+        resources.push_async_callback(_cancel, [self._supervise(watch, "storage health")])
         protobuf = api_implementation.Type()
         log.info(
             "server started",
@@ -161,6 +175,24 @@ class OpsCoreServer:
             # splits the connections between them: a second server must fail to bind instead.
             ("grpc.so_reuseport", 0),
         ]
+
+    async def _publish_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        # Once draining, the health servicer keeps every service NOT_SERVING.
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    def _storage_lost(self, fault: StorageFault) -> None:
+        if not self._failed.is_set():
+            log.critical(
+                "storage lost: the server stops",
+                extra={"reason": fault.reason, "cause": fault.cause},
+            )
+            self._failed.set()
 
     def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=f"opscore-{name}")

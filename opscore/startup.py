@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from alembic.util.exc import CommandError
 from sqlalchemy.exc import DBAPIError
 
+from opscore.domain.errors import StorageFault
 from opscore.store.ownership import DatabaseOwned
 
-EXPECTED = (DatabaseOwned, DBAPIError, OSError, CommandError)
+EXPECTED = (DatabaseOwned, DBAPIError, OSError, CommandError, StorageFault)
 """What the world, not the code, makes a database step fail with: another owner, the driver's
-refusal, the file system or the network, or Alembic not knowing the database's revision."""
+refusal (as such, or as the storage fault it means), the file system or the network, or Alembic
+not knowing the database's revision."""
 
 
 class StartupError(Exception):
@@ -33,6 +35,8 @@ class StartupError(Exception):
 def _cause_of(error: BaseException) -> str:
     """The cause an operator needs: the driver's own message, without SQLAlchemy's statement
     and links."""
+    if isinstance(error, StorageFault) and error.__cause__ is not None:
+        return _cause_of(error.__cause__)
     if isinstance(error, DBAPIError) and error.orig is not None:
         return str(error.orig)
     return str(error)

@@ -1,8 +1,9 @@
 """Domain errors to gRPC statuses: the one place where that mapping lives.
 
 Each error becomes a `google.rpc.Status` with typed details a client in any language can read:
-`BadRequest` field violations for INVALID_ARGUMENT, `ResourceInfo` for NOT_FOUND, and an
-`ErrorInfo` naming the reason on all of them. Anything else that escapes a handler is a fault of
+`BadRequest` field violations for INVALID_ARGUMENT, `ResourceInfo` for NOT_FOUND, `RetryInfo`
+for an error that says when to try again (storage faults), and an `ErrorInfo` naming the reason
+on all of them. Anything else that escapes a handler is a fault of
 the server: it is logged with its traceback and answered INTERNAL, never blamed on the client.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -27,6 +29,8 @@ from opscore.domain.errors import (
     NotFound,
     OpsCoreError,
     ResourceExhausted,
+    StorageFull,
+    StorageReserve,
     Unavailable,
 )
 
@@ -41,6 +45,8 @@ _CODES: dict[type[OpsCoreError], tuple[int, str]] = {
     FailedPrecondition: (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     Aborted: (code_pb2.ABORTED, "ABORTED"),
     Unavailable: (code_pb2.UNAVAILABLE, "UNAVAILABLE"),
+    StorageFull: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    StorageReserve: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
     ResourceExhausted: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
 }
 
@@ -57,7 +63,13 @@ def to_status(error: OpsCoreError) -> grpc.Status:
         (mapped for kind, mapped in _CODES.items() if isinstance(error, kind)),
         (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     )
+    reason = getattr(error, "reason", reason)
     details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        delay = Duration()
+        delay.FromTimedelta(retry_after)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, InvalidArgument):
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)

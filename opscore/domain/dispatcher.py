@@ -13,6 +13,10 @@ looked at) and never O(connected agents).
 A task waiting out a retry's backoff sits in a heap by its "not before" time, and the loop's
 wait ends at the earliest of them: no polling.
 
+A batch of assignments that storage refuses (`StorageFault`) is given back: its tasks return to
+their places in the queue and its agents' slots are freed, and the loop tries again after a
+backoff, until storage takes the batch.
+
 The write that makes a task ready, or frees an agent's slot, can also place tasks itself, before
 it commits (`place`): its assignments then commit in the same transaction, and a task goes from
 ready to pushed in one commit instead of two. Like everything else that touches the indexes,
@@ -30,6 +34,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from opscore.domain.errors import StorageFault
+from opscore.domain.health import Backoff
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
 
 Requirements = tuple[str, tuple[tuple[str, str], ...], str]
@@ -306,7 +312,8 @@ class Dispatcher:
             for agent_id, task_id in released
             if (live := self._free_slot(agent_id, task_id)) is not None
         ]
-        pairs = self.match()
+        sequences: list[int] = []
+        pairs = self.match(sequences)
         for task_id in added:
             self._ready.pop(task_id, None)
         for live, task_id in freed:
@@ -315,19 +322,34 @@ class Dispatcher:
         self._reserved.update(task.task_id for task, _ in pairs)
 
         def undo() -> None:
-            for task, agent_id in pairs:
+            for task, _ in pairs:
                 self._reserved.discard(task.task_id)
-                self._free_slot(agent_id, task.task_id)
-                if task.task_id not in added:
-                    self._push(next(self._sequence), task)
-            self._wake.set()
+            # Tasks the write itself queued are not queued if it does not commit.
+            self._give_back(pairs, sequences, added)
 
         return pairs, undo
+
+    def _give_back(
+        self,
+        pairs: Sequence[tuple[ReadyTask, str]],
+        sequences: Sequence[int],
+        not_queued: Iterable[str] = (),
+    ) -> None:
+        """Matches whose assignments were not committed: each agent's slot is freed and each
+        task goes back to its place in its queue (its ready sequence), but for `not_queued`."""
+        skipped = set(not_queued)
+        for (task, agent_id), sequence in zip(pairs, sequences, strict=True):
+            self._free_slot(agent_id, task.task_id)
+            if task.task_id not in skipped:
+                self._push(sequence, task)
+        self._wake.set()
 
     # The loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Wake on events, match, commit the assignments; forever (cancel to stop)."""
+        """Wake on events, match, commit the assignments; forever (cancel to stop). A batch
+        that storage refuses is given back and tried again after a backoff."""
+        backoff = Backoff()
         while True:
             next_due = self._release_due()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -337,14 +359,23 @@ class Dispatcher:
                     await self._wake.wait()
             self._wake.clear()
             self._release_due()
-            pairs = self.match()
-            if pairs:
+            sequences: list[int] = []
+            pairs = self.match(sequences)
+            if not pairs:
+                continue
+            try:
                 await self._assign(pairs)
+            except StorageFault:
+                self._give_back(pairs, sequences)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
 
-    def match(self) -> list[tuple[ReadyTask, str]]:
+    def match(self, sequences: list[int] | None = None) -> list[tuple[ReadyTask, str]]:
         """Take every task that can be placed now, earliest ready first, and reserve a slot of
         its agent. The reservations become holds when the assignments commit (`assigned`), or
-        are given back (`release`) for tasks that were no longer queued.
+        are given back (`release`) for tasks that were no longer queued. Each task's ready
+        sequence goes to `sequences`, if given, for a batch that may have to be given back.
         """
         pairs: list[tuple[ReadyTask, str]] = []
         while True:
@@ -358,7 +389,9 @@ class Dispatcher:
                     best = (head[0], head[1], agent)
             if best is None:
                 return pairs
-            _, task, agent = best
+            sequence, task, agent = best
+            if sequences is not None:
+                sequences.append(sequence)
             del self._ready[task.task_id]
             agent.held.add(task.task_id)
             agent.waiting_since = self._clock()

@@ -7,6 +7,11 @@ throughput (measured) and say nothing the run's own events do not.
 Every write goes to the store with an `on_commit` callback, and only those callbacks touch
 memory (dispatcher indexes, streams) and log lifecycle events, so what the server holds in
 memory and says in its log is always what the database has committed.
+
+Storage faults reach the callers of the writes they refuse. The engine's own loops (dispatch,
+timers) back off and try again until storage returns; once an outage ends, the timers write the
+disconnections it refused and bring the dispatcher's queue in line with the database, since a
+write whose commit was cut off may have committed without its effects being applied.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import dataclasses
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from opscore.domain import validation
 from opscore.domain.dispatcher import Dispatcher
-from opscore.domain.errors import Aborted, FieldViolation, Unavailable
+from opscore.domain.errors import Aborted, FieldViolation, StorageFault, Unavailable
+from opscore.domain.health import Backoff
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
@@ -70,6 +78,14 @@ class EngineSettings:
     limits: Limits = field(default_factory=Limits)
 
 
+class Admission(Protocol):
+    """Whether new work (a run, a definition) may be accepted now: the store keeps a reserve of
+    free space for finishing the work already accepted."""
+
+    def admit_new_work(self) -> None:
+        """Return if new work may be written; raise `StorageReserve` if not."""
+
+
 class Engine:
     """The domain behind both services (see the module docstring)."""
 
@@ -78,10 +94,12 @@ class Engine:
         store: Store,
         settings: EngineSettings,
         *,
+        admission: Admission,
         now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._store = store
         self._settings = settings
+        self._admission = admission
         self._now = now
         self.streams = Streams()
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
@@ -92,6 +110,9 @@ class Engine:
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
         self._draining = False
+        self._disconnects_due: deque[tuple[AgentStream, datetime]] = deque()
+        """Closed streams whose disconnection storage refused, and when they closed."""
+        self._resync_due = False
 
     async def recover(self) -> None:
         """Rebuild memory from the database: no stream is open yet (agents that were connected
@@ -110,32 +131,56 @@ class Engine:
 
     async def run_timers(self) -> None:
         """End expired leases and lose agents whose grace has passed, waking exactly at the
-        next of these times (read from indexes) or when an earlier one is created."""
-        grace = self._settings.agent_grace
+        next of these times (read from indexes) or when an earlier one is created. While
+        storage fails, back off and try again."""
+        backoff = Backoff()
         while True:
             # No target while reading: a time created meanwhile wakes the wait below at once.
             self._timers_target = None
+            try:
+                target = await self._fire_due_timers()
+            except StorageFault:
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._timers_target = target
+            timeout = None if target is None else (target - self._now()).total_seconds()
+            with contextlib.suppress(TimeoutError):  # (asyncio.timeout: see Dispatcher.run)
+                async with asyncio.timeout(timeout):
+                    await self._timers_wake.wait()
+            self._timers_wake.clear()
+
+    async def _fire_due_timers(self) -> datetime | None:
+        """Catch up after an outage, then do what is due; when the next thing will be."""
+        if self._resync_due:
+            queued = await self._store.load_queue()
+            self._resync_due = False
+            self.dispatcher.enqueue(queued)  # tasks it already knows are passed over
+        while self._disconnects_due:
+            stream, closed_at = self._disconnects_due[0]
+            await self._store.disconnect_agent(
+                stream.agent_id, closed_at, functools.partial(self.streams.is_newest, stream)
+            )
+            self._disconnects_due.popleft()
+        grace = self._settings.agent_grace
+        while True:
             now = self._now()
             deadline, disconnected = await self._store.next_timers()
             grace_end = None if disconnected is None else disconnected + grace
             if deadline is not None and deadline <= now:
                 await self._store.expire_leases(now, self._apply)
-                continue
-            if grace_end is not None and grace_end <= now:
+            elif grace_end is not None and grace_end <= now:
                 await self._store.lose_agents(now - grace, now, self._apply)
-                continue
-            self._timers_target = min(
-                (when for when in (deadline, grace_end) if when is not None), default=None
-            )
-            timeout = (
-                None
-                if self._timers_target is None
-                else (self._timers_target - self._now()).total_seconds()
-            )
-            with contextlib.suppress(TimeoutError):  # (asyncio.timeout: see Dispatcher.run)
-                async with asyncio.timeout(timeout):
-                    await self._timers_wake.wait()
-            self._timers_wake.clear()
+            else:
+                return min(
+                    (when for when in (deadline, grace_end) if when is not None), default=None
+                )
+
+    def storage_recovered(self) -> None:
+        """Storage works again after an outage: have the timers write what it refused and
+        reread the queue (see the module docstring)."""
+        self._resync_due = True
+        self._timers_wake.set()
 
     def _timer_at(self, when: datetime) -> None:
         """A lease or grace period now ends at `when`: wake the timers if that is sooner."""
@@ -244,12 +289,19 @@ class Engine:
         stream.close()
         if self.streams.remove(stream):
             self.dispatcher.agent_offline(stream.agent_id)
-            # Draining refuses writes: every agent is marked disconnected at the next start.
             now = self._now()
-            with contextlib.suppress(Unavailable):
+            try:
                 await self._store.disconnect_agent(
-                    stream.agent_id, now, lambda: self.streams.is_newest(stream)
+                    stream.agent_id, now, functools.partial(self.streams.is_newest, stream)
                 )
+            except StorageFault:
+                # Written by the timers once storage is back; until then the agent shows
+                # connected, and takes no task (the dispatcher knows it is gone).
+                self._disconnects_due.append((stream, now))
+                self._timers_wake.set()
+            except Unavailable:
+                pass  # draining refuses writes: every agent is marked disconnected at next start
+            else:
                 self._timer_at(now + self._settings.agent_grace)
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
 
@@ -262,6 +314,7 @@ class Engine:
         violations = list(validation.check_definition(draft, "definition.", self._settings.limits))
         violations.extend(check_id(request_id, "request_id", required=False))
         raise_if(violations)
+        self._admission.admit_new_work()
         definition = await self._store.create_definition(draft, request_id, self._now())
         log.info(
             "definition created",
@@ -296,6 +349,7 @@ class Engine:
     async def trigger(self, request: TriggerRequest) -> WorkflowRun:
         """Start a run; a repeated request_id returns the first run."""
         raise_if(self._check_trigger(request))
+        self._admission.admit_new_work()
 
         def on_commit(created: CreatedRun) -> None:
             if created.created:

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import ClassVar
 
 
 class OpsCoreError(Exception):
@@ -64,3 +66,68 @@ class ResourceExhausted(OpsCoreError):
     def __init__(self, violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
         self.violations = tuple(violations)
         super().__init__("; ".join(str(v) for v in self.violations))
+
+
+class StorageFault(OpsCoreError):
+    """The database could not be used for this request, which wrote nothing: it cannot be
+    reached, refuses writes or is full. Not the client's doing, nor a fault of the server's
+    code; the client may try again after `retry_after`."""
+
+    reason: ClassVar[str]
+    """Names the condition for clients (the `ErrorInfo` reason)."""
+    summary: ClassVar[str]
+    """What a client is told."""
+    lost: ClassVar[bool] = False
+    """Whether the condition persists whatever the server does (see `StorageLost`)."""
+
+    def __init__(self, cause: str, retry_after: timedelta) -> None:
+        self.cause = cause
+        """The driver's words, for the server's log."""
+        self.retry_after = retry_after
+        super().__init__(self.summary)
+
+    def again(self) -> StorageFault:
+        """The same fault, for another caller: each raise of one exception object adds to its
+        traceback."""
+        return type(self)(self.cause, self.retry_after)
+
+
+class StorageUnavailable(StorageFault, Unavailable):
+    """The database cannot be reached now, closed the connection, is shutting down, refuses
+    writes (read-only, a disk error) or stayed locked past the wait."""
+
+    reason = "STORAGE_UNAVAILABLE"
+    summary = "the database is unavailable; try again later"
+
+
+class StorageLost(StorageUnavailable):
+    """The database is gone for good as far as this server can tell (corrupt, dropped, or it
+    refuses the server's credentials): retrying cannot help, so the server stops."""
+
+    reason = "STORAGE_LOST"
+    summary = "the database is lost; the server is stopping"
+    lost = True
+
+
+class StorageFull(StorageFault):
+    """The database's disk (or PostgreSQL's) is full: nothing more can be written until space
+    is freed."""
+
+    reason = "STORAGE_FULL"
+    summary = "the database's disk is full; try again once space is freed"
+
+
+class StorageReserve(OpsCoreError):
+    """Free space on the database's disk is below the reserve kept for finishing work: new work
+    (triggers, definitions) is refused while results still go through."""
+
+    reason = "STORAGE_RESERVE"
+
+    def __init__(self, free: int, reserve: int, retry_after: timedelta) -> None:
+        self.free = free
+        self.reserve = reserve
+        self.retry_after = retry_after
+        super().__init__(
+            f"the database's disk has {free} bytes free, below the reserve of {reserve} "
+            "kept for finishing work: no new work is accepted until space is freed"
+        )

@@ -41,6 +41,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from opscore.domain.errors import StorageFault
+from opscore.domain.health import StorageHealth
+from opscore.store.faults import classify
 from opscore.store.tables import metadata
 
 T = TypeVar("T")
@@ -113,8 +116,9 @@ class Database(abc.ABC):
 
     dialect: str
     """`sqlite` or `postgresql`."""
+    health: StorageHealth
+    """Told how every transaction went (see `run`)."""
 
-    @abc.abstractmethod
     async def run(
         self,
         work: Callable[[Connection], T],
@@ -127,7 +131,32 @@ class Database(abc.ABC):
         Writes must come from one caller at a time (the `Writer`). `alone`: a write that the
         server has nothing else to do beside (see `Writer.run`). `committed` (it must not raise)
         is given a write's value once it has committed, before the caller resumes: on SQLite in
-        the loop's turn that learns of the commit from the writer thread, a turn sooner."""
+        the loop's turn that learns of the commit from the writer thread, a turn sooner.
+
+        An error that means storage cannot be used now is raised as the `StorageFault` it
+        means (see `faults.py`), and `health` is told of every transaction's outcome; any other
+        error is raised as it is."""
+        try:
+            value = await self._run(work, write=write, alone=alone, committed=committed)
+        except Exception as error:
+            fault = classify(error)
+            if fault is None:
+                raise
+            self.health.failed(fault, write)
+            raise fault from error
+        self.health.succeeded(write)
+        return value
+
+    @abc.abstractmethod
+    async def _run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        write: bool,
+        alone: bool,
+        committed: Callable[[T], None] | None,
+    ) -> T:
+        """`run` on this backend, its errors as the driver raised them."""
 
     @abc.abstractmethod
     async def dispose(self) -> None:
@@ -166,12 +195,13 @@ def name_of(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_database(url: str) -> Database:
-    """The Database for `url`: SQLite (a file path) or PostgreSQL."""
+def open_database(url: str, health: StorageHealth | None = None) -> Database:
+    """The Database for `url`: SQLite (a file path) or PostgreSQL; `health` is told how its
+    transactions go (a tracker of its own if None)."""
     normalized = normalize_url(url)
     if normalized.startswith("sqlite"):
-        return SqliteDatabase(normalized)
-    return PostgresDatabase(normalized)
+        return SqliteDatabase(normalized, health)
+    return PostgresDatabase(normalized, health)
 
 
 class _WriterThread:
@@ -245,7 +275,8 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, health: StorageHealth | None = None) -> None:
+        self.health = StorageHealth() if health is None else health
         self.engine: Engine = create_engine(
             url,
             pool_size=READ_THREADS + 2,  # and the writer, and the checkpointer
@@ -270,13 +301,13 @@ class SqliteDatabase(Database):
         starts the WAL over (written by one side at a time: a checkpoint runs, or the writer
         looks at its result)."""
 
-    async def run(
+    async def _run(
         self,
         work: Callable[[Connection], T],
         *,
         write: bool,
-        alone: bool = False,
-        committed: Callable[[T], None] | None = None,
+        alone: bool,
+        committed: Callable[[T], None] | None,
     ) -> T:
         """Run a write's statements on the loop and its commit on the writer thread, or on the
         loop too when it comes `alone`; a read whole on a reader thread."""
@@ -390,8 +421,8 @@ class SqliteDatabase(Database):
                         written = frames - since if frames >= since else frames
                         self._frames_at_checkpoint = frames
                         return None if busy else written
-        except Exception:  # the next one copies what this one did not
-            log.warning("checkpoint failed", exc_info=True)
+        except Exception as error:  # noqa: BLE001 - the next one copies what this one did not
+            _log_failure("checkpoint failed", error)
         return None
 
     def _connect_writer(self) -> Connection:
@@ -433,17 +464,18 @@ class PostgresDatabase(Database):
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, health: StorageHealth | None = None, **options: Any) -> None:
+        self.health = StorageHealth() if health is None else health
         self.engine: AsyncEngine = create_async_engine(url, **options)
         _warn_without_autovacuum(self.engine)
 
-    async def run(
+    async def _run(
         self,
         work: Callable[[Connection], T],
         *,
         write: bool,
-        alone: bool = False,
-        committed: Callable[[T], None] | None = None,
+        alone: bool,
+        committed: Callable[[T], None] | None,
     ) -> T:
         """Run `work` on a pooled connection through the greenlet bridge (no thread to spare
         a write that comes alone)."""
@@ -476,30 +508,29 @@ class PostgresDatabase(Database):
         while True:
             await asyncio.sleep(STATISTICS_CHECK)
             try:
-                grown = await self._analyze_grown(tables)
-            except (DBAPIError, OSError):
+                grown = await self.run(functools.partial(_analyze_grown, tables), write=False)
+            except StorageFault:
+                continue  # the outage is logged by `health`; the next look comes as usual
+            except DBAPIError:
                 log.warning("refreshing table statistics failed", exc_info=True)
                 await asyncio.sleep(STATISTICS_RETRY)
                 continue
             if grown:
                 log.info("table statistics refreshed", extra={"tables": grown})
 
-    async def _analyze_grown(self, tables: list[str]) -> list[str]:
-        """ANALYZE the tables among `tables` that have grown (see `maintain`); their names."""
-        async with self.engine.connect() as conn:
-            grown = list(
-                (
-                    await conn.execute(
-                        _GROWN_TABLES,
-                        {"tables": tables, "growth": ANALYZE_GROWTH, "rows": ANALYZE_MIN_ROWS},
-                    )
-                ).scalars()
-            )
-            if grown:
-                quote = conn.dialect.identifier_preparer.quote
-                await conn.execute(text(f"ANALYZE {', '.join(quote(name) for name in grown)}"))
-            await conn.commit()
-        return grown
+
+def _analyze_grown(tables: list[str], conn: Connection) -> list[str]:
+    """ANALYZE the tables among `tables` that have grown (see `PostgresDatabase.maintain`);
+    their names."""
+    grown = list(
+        conn.execute(
+            _GROWN_TABLES, {"tables": tables, "growth": ANALYZE_GROWTH, "rows": ANALYZE_MIN_ROWS}
+        ).scalars()
+    )
+    if grown:
+        quote = conn.dialect.identifier_preparer.quote
+        conn.execute(text(f"ANALYZE {', '.join(quote(name) for name in grown)}"))
+    return grown
 
 
 _GROWN_TABLES = text(
@@ -556,8 +587,18 @@ def _catch_up(dbapi_connection: DBAPIConnection) -> None:
     database file, so that the next transaction writes the WAL again from its start."""
     try:
         dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    except Exception:  # the WAL goes on growing until the next one
-        log.warning("checkpoint before restarting the WAL failed", exc_info=True)
+    except Exception as error:  # noqa: BLE001 - the WAL goes on growing until the next one
+        _log_failure("checkpoint before restarting the WAL failed", error)
+
+
+def _log_failure(event: str, error: Exception) -> None:
+    """Log a failure beside the writes: a storage fault in one line (the outage itself is told
+    by `StorageHealth`), anything else with its traceback."""
+    fault = classify(error)
+    if fault is None:
+        log.warning(event, exc_info=error)
+    else:
+        log.warning(event, extra={"reason": fault.reason, "cause": fault.cause})
 
 
 def _begin_waiting(dbapi_connection: DBAPIConnection) -> None:

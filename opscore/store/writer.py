@@ -23,6 +23,12 @@ failing, the whole batch is rolled back and each request is run again in a trans
 own, so one caller's mistake never touches another caller's write. Operations are therefore pure
 functions of the database: they may be run twice, and whatever they change outside it goes in
 `Tx.after_commit` callbacks, run in commit order once durable.
+
+A batch that fails because storage cannot be used now (a `StorageFault`: the database is
+unreachable, read-only or full) is nobody's mistake, and running its requests again one by one
+against a database that refuses them all would only multiply the failures: every caller of the
+batch gets the fault at once, what the `before_commit` hook reserved is given back, and the writer
+goes on with the next batch.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import Unavailable
+from opscore.domain.errors import StorageFault, Unavailable
 from opscore.domain.models import Effects
 from opscore.store.database import Database
 
@@ -249,9 +255,16 @@ class Writer:
                 alone=alone,
                 committed=committed,
             )
-        except Exception:  # noqa: BLE001 - isolate the failing operation, see module docstring
+        except Exception as error:  # noqa: BLE001 - see the module docstring
             for followup in followups:
                 followup.undo()
+            if isinstance(error, StorageFault):
+                # Storage refuses the whole batch: no replay, every caller told at once.
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error.again())
+                return
+            # Isolate the failing operation.
             for pending in batch:
                 await self._run_alone(pending)
             return

@@ -464,15 +464,16 @@ class Recording(Database):
     def __init__(self, inner: Database) -> None:
         self.inner = inner
         self.dialect = inner.dialect
+        self.health = inner.health
         self.alone: list[bool] = []
 
-    async def run(
+    async def _run(
         self,
         work: Callable[[Connection], T],
         *,
         write: bool,
-        alone: bool = False,
-        committed: Callable[[T], None] | None = None,
+        alone: bool,
+        committed: Callable[[T], None] | None,
     ) -> T:
         if write:
             self.alone.append(alone)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from sqlalchemy import Text, bindparam, cast, select
+from sqlalchemy import Text, bindparam, cast, select, text
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import Effects
@@ -70,6 +70,20 @@ _RUN_SHAPES = Prepared(
     # In graph order, as the run was defined: tasks made ready together queue in that order.
     .order_by(TASKS.c.run_id, TASKS.c.position)
 )
+
+_PROBE_READ = text("SELECT version_num FROM alembic_version")
+_PROBE_WRITE = text("UPDATE alembic_version SET version_num = version_num")
+"""A write that changes nothing yet reaches the disk like any other (SQLite rewrites the row,
+PostgreSQL writes a new version of it): whether storage takes writes again. On Alembic's table,
+which always holds one row and which no request reads or writes."""
+
+
+def _probe_write(tx: Tx) -> None:
+    tx.conn.execute(_PROBE_WRITE)
+
+
+def _probe_read(conn: Connection) -> None:
+    conn.execute(_PROBE_READ).all()
 
 
 class StoreBase:
@@ -136,6 +150,12 @@ class StoreBase:
             _, dropped = self._shapes.popitem(last=False)
             self._shaped_tasks -= len(dropped.tasks)
         return shape
+
+    async def probe(self) -> None:
+        """A read, then a write through the writer, that change nothing: whether storage answers
+        and takes writes (see `StorageHealth.watch`). Raises the `StorageFault` of a failure."""
+        await self._read(_probe_read)
+        await self._writer.submit(_probe_write)
 
     async def _write(
         self, op: Callable[[Connection], T], on_commit: OnCommit[T] | None = None
