@@ -115,7 +115,9 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 
 def _fault(kind: type[StorageFault], error: BaseException) -> StorageFault:
-    return kind(f"{type(error).__name__}: {error}", _RETRY[kind])
+    # The driver's words, without SQLAlchemy's statement and parameters (payloads, at times).
+    said = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    return kind(f"{type(said).__name__}: {said}", _RETRY[kind])
 
 
 def _driver_fault(error: BaseException) -> StorageFault | None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import DateTime, exc
+from sqlalchemy import DateTime
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -322,7 +322,10 @@ def _expand(compiled: _Compiled, given: list[Any]) -> _Expansion:
 
 
 def _run(conn: Connection, sql: str, values: Any, *, many: bool) -> Any:
-    """Run on the transaction's own DBAPI connection; a driver error becomes SQLAlchemy's."""
+    """Run on the transaction's own DBAPI connection; a driver error is handled as
+    `Connection.execute` handles it: raised as SQLAlchemy's, and a connection found closed is
+    invalidated, with every connection its pool opened before it (after a database restart
+    they are all dead), so that no later transaction is given one."""
     dbapi_connection = conn.connection.dbapi_connection
     assert dbapi_connection is not None  # a connection inside a transaction is open
     cursor = dbapi_connection.cursor()
@@ -332,7 +335,5 @@ def _run(conn: Connection, sql: str, values: Any, *, many: bool) -> Any:
         else:
             cursor.execute(sql, values)
     except conn.dialect.loaded_dbapi.Error as error:
-        raise exc.DBAPIError.instance(
-            sql, values, error, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
-        ) from error
+        conn._handle_dbapi_exception(error, sql, values, cursor, None)
     return cursor
