@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -32,7 +33,11 @@ from outages import (
 from processes import ServerProcess, clean_environment, free_port
 from sqlalchemy.engine import make_url
 
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.server import OpsCoreServer
+from opscore.store.database import open_database
+from opscore.store.queries import NewRun, Store
+from opscore.store.writer import Writer
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -127,7 +132,8 @@ async def ride_out(
     reads: Refusal | None,
 ) -> None:
     """The common course of an outage. Before it, one agent holds a task and another has just
-    failed one, to be retried from the dispatcher's own commit while storage fails. During it,
+    failed one, to be retried from the dispatcher's own commit while storage fails; a third
+    closes its stream during the outage, and its disconnection is written after. During it,
     triggers and completions are `refused`, reads get `reads` (None: they are answered), health
     turns NOT_SERVING, the server stays up.
     Once storage is mended, health turns SERVING by itself, the retry is assigned, everything
@@ -138,8 +144,10 @@ async def ride_out(
     held = await held_by(holder, ledger)
     retrier = await client.agent("retrier", capabilities=["work"])
     failing = await held_by(retrier, ledger)
+    leaver = await client.agent("leaver", capabilities=["elsewhere"])
     await retrier.fail(failing, "try again", retryable=True)
     await fault()
+    await leaver.disconnect()
 
     assert [await ledger.trigger("one") for _ in range(3)] == [refused] * 3
     await health.until(NOT_SERVING)
@@ -150,6 +158,7 @@ async def ride_out(
 
     await mend()
     await health.until(SERVING, timeout=5)
+    await leaver.wait_until(lambda seen: not seen.connected)
     retried = await retrier.next_assignment(timeout=5)
     assert (retried.task_id, retried.attempt) == (failing.task_id, 2)
     await holder.complete(held)
@@ -333,10 +342,30 @@ async def terminate_backends(url: str) -> int:
     return len(ended)
 
 
+async def trigger_unseen(url: str, definition_name: str) -> str:
+    """Trigger a run through a store of its own, which the server does not hear of: as a write
+    whose commit succeeded while its caller's connection died looks to the server."""
+    database = open_database(url)
+    writer = Writer(database)
+    running = asyncio.create_task(writer.run())
+    try:
+        created = await Store(database, writer, ResolvedRetryPolicy()).create_run(
+            NewRun("", definition_name, None, "", {}, "", datetime.now(UTC), lambda _: None)
+        )
+    finally:
+        writer.close()
+        await running
+        await database.dispose()
+    return created.run.run_id
+
+
 @postgres_only
 async def test_killed_connections_cost_callers_a_retry_and_nothing_else(
     start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Every session of the server's is ended, three times: the calls that were on them are
+    refused as unavailable, the next ones go through. After an outage the server also reads
+    its queue again, and dispatches what it had not heard of."""
     caplog.set_level(logging.INFO, logger="opscore")
     async with (
         postgres_database() as url,
@@ -345,7 +374,9 @@ async def test_killed_connections_cost_callers_a_retry_and_nothing_else(
         watching(client.channel) as health,
     ):
         ledger = Ledger(client)
-        await client.create(definition("one", task("t")))
+        await client.create(definition("one", task("t", capability="work")))
+        worker = await client.agent("worker", capabilities=["work"], max_concurrent_tasks=100)
+        ledger.run_ids.append(await trigger_unseen(url, "one"))
         refusals: list[Refusal] = []
         for _ in range(3):
             assert await terminate_backends(url) > 0
@@ -355,6 +386,11 @@ async def test_killed_connections_cost_callers_a_retry_and_nothing_else(
         assert set(refusals) == {Refusal(UNAVAILABLE, "STORAGE_UNAVAILABLE", 1.0)}
         assert await ledger.trigger("one") is None
         await ledger.check_all_kept()
+        received = set()
+        async with asyncio.timeout(WAIT):
+            while len(received) < len(ledger.run_ids):
+                received.add((await worker.next_assignment()).run_id)
+        assert received == set(ledger.run_ids)
         assert health.seen[-1] == SERVING
         assert not server.failed
     assert told(caplog, "storage recovered")

@@ -16,10 +16,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from table_rows import a_task
 
+from opscore.domain.errors import StorageFull
+from opscore.domain.models import Effects
 from opscore.store import database as database_module
 from opscore.store import migrate
 from opscore.store.database import CHECKPOINT_EVERY, SqliteDatabase, open_database
 from opscore.store.tables import metadata
+from opscore.store.writer import Followup, Tx, Writer
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 _definitions = metadata.tables["definitions"]
@@ -35,7 +38,7 @@ async def database(sqlite_url: str) -> AsyncIterator[SqliteDatabase]:
     await opened.dispose()
 
 
-def add_definition(definition_id: str) -> object:
+def add_definition(definition_id: str, description: str = "") -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
         conn.execute(
             insert(_definitions),
@@ -43,7 +46,7 @@ def add_definition(definition_id: str) -> object:
                 "definition_id": definition_id,
                 "name": definition_id,
                 "version": 1,
-                "description": "",
+                "description": description,
                 "tasks": [],
                 "request_id": None,
                 "created_at": NOW,
@@ -211,3 +214,52 @@ async def test_after_a_burst_of_writes_another_checkpoint_goes_before_the_wal_st
     await database.checkpointed()  # the one that went first: little was written since
     assert database._restart_due()
     assert not database._restart_due()
+
+
+async def test_a_batch_storage_refuses_fails_every_caller_at_once_and_the_writer_goes_on(
+    database: SqliteDatabase,
+) -> None:
+    """A full disk (the writer's connection limited to the pages it has, which SQLite reports
+    as it reports a full disk) refuses the whole batch: each caller gets the fault, no request
+    is run again on its own, what the batch's hook placed is given back, and the next batch is
+    written once there is room."""
+    writer = Writer(database)
+    running = asyncio.create_task(writer.run())
+    ran: list[str] = []
+    given_back: list[str] = []
+
+    def place(conn: Connection, _: object, followups: list[Followup], notes: object) -> None:
+        # As the dispatcher's placements are: registered, then written (here, too much).
+        followups.append(Followup(Tx(conn), lambda: given_back.append("placed")))
+        add_definition(f"placed{len(ran)}", "x" * 100_000)(conn)
+
+    def small(name: str) -> Callable[[Tx], None]:
+        def write(tx: Tx) -> None:
+            ran.append(name)
+            tx.note_effects(Effects())
+            add_definition(name)(tx.conn)
+
+        return write
+
+    def limit(pages: int | None) -> Callable[[Tx], None]:
+        def write(tx: Tx) -> None:
+            count = tx.conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            tx.conn.exec_driver_sql(f"PRAGMA max_page_count = {pages or count + 2}")
+
+        return write
+
+    try:
+        await writer.submit(limit(None))
+        writer.before_commit = place  # type: ignore[assignment]
+        refused = await asyncio.gather(
+            *(writer.submit(small(name)) for name in ("a", "b", "c")), return_exceptions=True
+        )
+        assert all(isinstance(error, StorageFull) for error in refused), refused
+        assert len({id(error) for error in refused}) == 3  # one of its own for each caller
+        assert (ran, given_back) == (["a", "b", "c"], ["placed"])
+        await writer.submit(limit(1 << 30))
+        await writer.submit(small("d"))
+    finally:
+        writer.close()
+        await running
+    assert await database.run(definition_ids, write=False) == ["d", "placed4"]

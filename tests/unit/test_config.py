@@ -45,6 +45,14 @@ def test_environment_then_flags_override_defaults() -> None:
     assert settings.log_format == "text"
 
 
+def test_storage_settings_come_from_the_environment() -> None:
+    settings = config.load(
+        {"OPSCORE_STORAGE_FAILURE_THRESHOLD": "5", "OPSCORE_SQLITE_FREE_SPACE_RESERVE": "0"}
+    )
+    assert (settings.storage_failure_threshold, settings.sqlite_free_space_reserve) == (5, 0)
+    assert config.Settings().sqlite_free_space_reserve == 64 << 20
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
@@ -52,6 +60,8 @@ def test_environment_then_flags_override_defaults() -> None:
         ("OPSCORE_MAX_MESSAGE_BYTES", "1.5"),
         ("OPSCORE_LOG_FORMAT", "xml"),
         ("OPSCORE_EVENT_LOOP", "trio"),
+        ("OPSCORE_STORAGE_FAILURE_THRESHOLD", "0"),
+        ("OPSCORE_SQLITE_FREE_SPACE_RESERVE", "-1"),
     ],
 )
 def test_bad_values_are_refused_by_name(variable: str, value: str) -> None:

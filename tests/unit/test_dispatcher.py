@@ -9,6 +9,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 from opscore.domain.dispatcher import Dispatcher
+from opscore.domain.errors import StorageUnavailable
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
 
 
@@ -227,6 +228,19 @@ def test_a_placement_whose_write_fails_is_given_back() -> None:
     assert dispatcher.queued == 0
 
 
+def test_a_placement_given_back_keeps_its_place_in_the_queue() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("w"), ())
+    dispatcher.enqueue([ready("first"), ready("second")])
+    pairs, undo = dispatcher.place([], [])
+    assert [t.task_id for t, _ in pairs] == ["first"]
+    dispatcher.enqueue([ready("third")])
+    undo()
+    assert [t.task_id for t, _ in dispatcher.match()] == ["first"]
+    dispatcher.release("w", "first")
+    assert [t.task_id for t, _ in dispatcher.match()] == ["second"]
+
+
 def test_a_placement_the_database_refuses_frees_the_slot() -> None:
     dispatcher = make()
     dispatcher.agent_online(agent("w"), ())
@@ -298,3 +312,33 @@ async def test_the_loop_assigns_a_queued_task_once_an_agent_frees_up() -> None:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+async def test_a_batch_storage_refuses_is_given_back_in_order_and_tried_again() -> None:
+    """The loop's own assignments fail while storage does: its tasks return to their places,
+    its agents' slots are freed, and it tries again (after a backoff) until storage takes it;
+    a task queued meanwhile waits its turn."""
+    attempts: list[list[tuple[str, str]]] = []
+    taken = asyncio.Event()
+
+    async def assign(pairs: list[tuple[ReadyTask, str]]) -> None:
+        attempts.append([(task.task_id, agent_id) for task, agent_id in pairs])
+        if len(attempts) < 3:
+            raise StorageUnavailable("refused", timedelta(seconds=1))
+        taken.set()
+
+    ticks = itertools.count()
+    dispatcher = Dispatcher(assign, clock=lambda: float(next(ticks)), now=FakeNow())
+    loop = asyncio.create_task(dispatcher.run())
+    try:
+        dispatcher.enqueue([ready("t1"), ready("t2"), ready("t3")])
+        dispatcher.agent_online(agent("w", slots=2), ())
+        await asyncio.sleep(0)
+        dispatcher.enqueue([ready("t4")])
+        await asyncio.wait_for(taken.wait(), timeout=5)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert attempts == [[("t1", "w"), ("t2", "w")]] * 3
+    assert dispatcher.queued == 2
