@@ -71,10 +71,10 @@ class Ledger:
         self.client = client
         self.run_ids: list[str] = [] if run_ids is None else run_ids
 
-    async def trigger(self, definition: str) -> Refusal | None:
-        """Trigger a run of `definition`: None if acknowledged (and noted), else the refusal."""
+    async def trigger(self, workflow: str) -> Refusal | None:
+        """Trigger a run of `workflow`: None if acknowledged (and noted), else the refusal."""
         call = self.client.workflows.TriggerWorkflow(
-            workflow_service_pb2.TriggerWorkflowRequest(definition_name=definition)
+            workflow_service_pb2.TriggerWorkflowRequest(workflow_name=workflow)
         )
         try:
             response = await call
@@ -220,9 +220,7 @@ async def test_below_the_free_space_reserve_new_work_is_refused_and_results_go_t
             health,
         ):
             ledger = Ledger(client)
-            await client.create(
-                workflow_pb2.WorkflowDefinition(name="one", tasks=[quick_retry("t")])
-            )
+            await client.create(definition("one", quick_retry("t")))
             holder = await client.agent("holder", capabilities=["work"])
             held = await held_by(holder, ledger)
             assert await ledger.trigger("one") is None  # queued: no agent is free for it
@@ -342,7 +340,7 @@ async def terminate_backends(url: str) -> int:
     return len(ended)
 
 
-async def trigger_unseen(url: str, definition_name: str) -> str:
+async def trigger_unseen(url: str, workflow: str) -> str:
     """Trigger a run through a store of its own, which the server does not hear of: as a write
     whose commit succeeded while its caller's connection died looks to the server."""
     database = open_database(url)
@@ -350,7 +348,7 @@ async def trigger_unseen(url: str, definition_name: str) -> str:
     running = asyncio.create_task(writer.run())
     try:
         created = await Store(database, writer, ResolvedRetryPolicy()).create_run(
-            NewRun("", definition_name, None, "", {}, "", datetime.now(UTC), lambda _: None)
+            NewRun("", workflow, None, "", {}, "", datetime.now(UTC), lambda _: None)
         )
     finally:
         writer.close()
