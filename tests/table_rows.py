@@ -1,10 +1,23 @@
-"""Rows of the `runs` and `tasks` tables as the store inserts them, for tests that write rows
-directly: every column a new row names, with values a test can override."""
+"""Rows of the `definitions`, `runs` and `tasks` tables as the store inserts them, for tests that
+write rows directly: every column a new row names, with values a test can override."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+
+
+def a_definition(definition_id: str, created: datetime, description: str = "") -> dict[str, Any]:
+    """A new definition's row, of no tasks, named by its id."""
+    return {
+        "definition_id": definition_id,
+        "name": definition_id,
+        "version": 1,
+        "description": description,
+        "tasks": [],
+        "request_id": None,
+        "created_at": created,
+    }
 
 
 def a_run(run_id: str, created: datetime, run_input: dict[str, Any]) -> dict[str, Any]:

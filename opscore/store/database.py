@@ -110,6 +110,11 @@ ANALYZE_MIN_ROWS = 1_000
 
 log = logging.getLogger("opscore.store")
 
+Work = Callable[[Connection], T]
+"""A store operation: statements over a connection, run whole inside one transaction."""
+Committed = Callable[[T], None] | None
+"""What to tell once a write has committed (see `Database.run`)."""
+
 
 class Database(abc.ABC):
     """Runs store operations, each in one transaction (see the module docstring)."""
@@ -137,7 +142,7 @@ class Database(abc.ABC):
         means (see `faults.py`), and `health` is told of every transaction's outcome; any other
         error is raised as it is."""
         try:
-            value = await self._run(work, write=write, alone=alone, committed=committed)
+            value = await self._run(work, write, alone, committed)
         except Exception as error:
             fault = classify(error)
             if fault is None:
@@ -148,14 +153,7 @@ class Database(abc.ABC):
         return value
 
     @abc.abstractmethod
-    async def _run(
-        self,
-        work: Callable[[Connection], T],
-        *,
-        write: bool,
-        alone: bool,
-        committed: Callable[[T], None] | None,
-    ) -> T:
+    async def _run(self, work: Work[T], write: bool, alone: bool, committed: Committed[T]) -> T:
         """`run` on this backend, its errors as the driver raised them."""
 
     @abc.abstractmethod
@@ -301,14 +299,7 @@ class SqliteDatabase(Database):
         starts the WAL over (written by one side at a time: a checkpoint runs, or the writer
         looks at its result)."""
 
-    async def _run(
-        self,
-        work: Callable[[Connection], T],
-        *,
-        write: bool,
-        alone: bool,
-        committed: Callable[[T], None] | None,
-    ) -> T:
+    async def _run(self, work: Work[T], write: bool, alone: bool, committed: Committed[T]) -> T:
         """Run a write's statements on the loop and its commit on the writer thread, or on the
         loop too when it comes `alone`; a read whole on a reader thread."""
         loop = asyncio.get_running_loop()
@@ -469,14 +460,7 @@ class PostgresDatabase(Database):
         self.engine: AsyncEngine = create_async_engine(url, **options)
         _warn_without_autovacuum(self.engine)
 
-    async def _run(
-        self,
-        work: Callable[[Connection], T],
-        *,
-        write: bool,
-        alone: bool,
-        committed: Callable[[T], None] | None,
-    ) -> T:
+    async def _run(self, work: Work[T], write: bool, alone: bool, committed: Committed[T]) -> T:
         """Run `work` on a pooled connection through the greenlet bridge (no thread to spare
         a write that comes alone)."""
         async with self.engine.connect() as conn, conn.begin():

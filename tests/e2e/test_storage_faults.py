@@ -170,9 +170,12 @@ async def ride_out(
     assert not server.failed
 
 
-def assert_one_outage_told(caplog: pytest.LogCaptureFixture) -> None:
-    assert len(told(caplog, "storage unavailable: health NOT_SERVING")) == 1
-    assert len(told(caplog, "storage recovered")) == 1
+OUTAGE = ("storage unavailable: health NOT_SERVING", "storage recovered")
+
+
+def assert_told_once(caplog: pytest.LogCaptureFixture, *events: str) -> None:
+    """Each of `events` logged once, and nothing at ERROR or with a traceback."""
+    assert [len(told(caplog, event)) for event in events] == [1] * len(events)
     assert_no_error_logged(caplog)
 
 
@@ -196,7 +199,7 @@ async def test_a_full_disk_refuses_writes_then_recovers_by_itself(
 
             full = Refusal(RESOURCE_EXHAUSTED, "STORAGE_FULL", 5.0)
             await ride_out(server, client, health, full, fill_disk, free_disk, reads=None)
-    assert_one_outage_told(caplog)
+    assert_told_once(caplog, *OUTAGE)
 
 
 async def until_trigger(ledger: Ledger, refused: bool) -> Refusal | None:
@@ -248,9 +251,11 @@ async def test_below_the_free_space_reserve_new_work_is_refused_and_results_go_t
             await ledger.check_all_kept()
             assert NOT_SERVING not in health.seen
             assert not server.failed
-    assert len(told(caplog, "free space below the reserve: refusing new work")) == 1
-    assert len(told(caplog, "free space above the reserve again: accepting new work")) == 1
-    assert_no_error_logged(caplog)
+    assert_told_once(
+        caplog,
+        "free space below the reserve: refusing new work",
+        "free space above the reserve again: accepting new work",
+    )
 
 
 async def test_a_file_system_turned_read_only_refuses_writes_and_keeps_what_it_acknowledged(
@@ -290,8 +295,7 @@ async def test_a_file_system_turned_read_only_refuses_writes_and_keeps_what_it_a
             await Ledger(client, ledger.run_ids).check_all_kept()
             [kept] = (await client.run(ledger.run_ids[0])).tasks
             assert (kept.state, kept.attempt) == (workflow_pb2.TASK_STATE_ASSIGNED, 1)
-    assert len(told(caplog, "storage unavailable: health NOT_SERVING")) == 1
-    assert_no_error_logged(caplog)
+    assert_told_once(caplog, OUTAGE[0])
 
 
 postgres_only = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
@@ -323,7 +327,7 @@ async def test_a_database_outage_gives_unavailable_then_recovers_by_itself(
         await ride_out(
             server, client, health, unavailable, cut_here.cut, cut_here.start, reads=unavailable
         )
-    assert_one_outage_told(caplog)
+    assert_told_once(caplog, *OUTAGE)
 
 
 async def terminate_backends(url: str) -> int:

@@ -15,6 +15,7 @@ from processes import free_port
 from sqlalchemy import insert, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
+from table_rows import a_definition
 
 from opscore.domain.errors import (
     NotFound,
@@ -96,20 +97,9 @@ def test_errors_of_the_system_are_full_or_unavailable() -> None:
     assert isinstance(classify(TimeoutError()), StorageUnavailable)
 
 
-def add_definition(name: str, description: str = "") -> Callable[[Connection], None]:
+def add_definition(name: str) -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
-        conn.execute(
-            insert(_definitions),
-            {
-                "definition_id": name,
-                "name": name,
-                "version": 1,
-                "description": description,
-                "tasks": [],
-                "request_id": None,
-                "created_at": datetime.now(UTC),
-            },
-        )
+        conn.execute(insert(_definitions), a_definition(name, datetime.now(UTC)))
 
     return work
 

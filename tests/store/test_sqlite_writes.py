@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from table_rows import a_task
+from table_rows import a_definition, a_task
 
 from opscore.domain.errors import StorageFull
 from opscore.domain.models import Effects
@@ -40,18 +40,7 @@ async def database(sqlite_url: str) -> AsyncIterator[SqliteDatabase]:
 
 def add_definition(definition_id: str, description: str = "") -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
-        conn.execute(
-            insert(_definitions),
-            {
-                "definition_id": definition_id,
-                "name": definition_id,
-                "version": 1,
-                "description": description,
-                "tasks": [],
-                "request_id": None,
-                "created_at": NOW,
-            },
-        )
+        conn.execute(insert(_definitions), a_definition(definition_id, NOW, description))
 
     return work
 
@@ -138,18 +127,7 @@ def bulk(count: int, prefix: str) -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
         conn.execute(
             insert(_definitions),
-            [
-                {
-                    "definition_id": f"{prefix}{index}",
-                    "name": f"{prefix}{index}",
-                    "version": 1,
-                    "description": "x" * 1000,
-                    "tasks": [],
-                    "request_id": None,
-                    "created_at": NOW,
-                }
-                for index in range(count)
-            ],
+            [a_definition(f"{prefix}{index}", NOW, "x" * 1000) for index in range(count)],
         )
 
     return work

@@ -33,7 +33,7 @@ from opscore.domain.models import (
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
-from opscore.store.database import Database
+from opscore.store.database import Committed, Database, Work
 from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult, base
 from opscore.store.tables import metadata
 from opscore.store.writer import QUIET_SPELL, Tx, Writer
@@ -467,14 +467,7 @@ class Recording(Database):
         self.health = inner.health
         self.alone: list[bool] = []
 
-    async def _run(
-        self,
-        work: Callable[[Connection], T],
-        *,
-        write: bool,
-        alone: bool,
-        committed: Callable[[T], None] | None,
-    ) -> T:
+    async def _run(self, work: Work[T], write: bool, alone: bool, committed: Committed[T]) -> T:
         if write:
             self.alone.append(alone)
         return await self.inner.run(work, write=write, alone=alone, committed=committed)
