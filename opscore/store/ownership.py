@@ -159,8 +159,11 @@ class _LockFile(Ownership):
         """The operating system keeps the lock for as long as the process lives."""
 
     async def release(self) -> None:
-        """Empty the file and unlock it (closing it unlocks it)."""
-        os.ftruncate(self._descriptor, 0)
+        """Empty the file and unlock it (closing it unlocks it). On a disk that turned read-only
+        or full the file keeps its line, which names a holder that is gone: the lock is what
+        counts, and it goes all the same."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._descriptor, 0)
         os.close(self._descriptor)
 
 
