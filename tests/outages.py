@@ -31,6 +31,13 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
 
 
+def _unmount(where: Path) -> None:
+    """Unmount `where`; if something still has a file open there, detach it all the same (it
+    goes once the file is closed), so that no mount outlives the test."""
+    if _run("umount", str(where)).returncode != 0:
+        _run("umount", "--lazy", str(where))
+
+
 def _mount_or_skip(*arguments: str) -> None:
     mounted = _run("mount", *arguments)
     if mounted.returncode != 0:
@@ -45,7 +52,7 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
     try:
         yield where
     finally:
-        _run("umount", str(where))
+        _unmount(where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,8 @@ class Ext4:
 
     def mount_again(self) -> None:
         """Unmount (nothing may have a file open) and mount again, writable."""
-        assert _run("umount", str(self.mountpoint)).returncode == 0
+        unmounted = _run("umount", str(self.mountpoint))
+        assert unmounted.returncode == 0, unmounted.stderr
         _mount_or_skip(*_EXT4_OPTIONS, str(self.image), str(self.mountpoint))
 
 
@@ -87,7 +95,7 @@ def ext4_image(where: Path, size: str = "32M") -> Iterator[Ext4]:
             pytest.skip("this kernel's ext4 has no trigger_fs_error")
         yield Ext4(image, where, device)
     finally:
-        _run("umount", str(where))
+        _unmount(where)
 
 
 _EXT4_OPTIONS = ("-o", "loop,errors=remount-ro")

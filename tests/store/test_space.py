@@ -8,10 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL
 
 from opscore.domain.errors import StorageReserve
-from opscore.store.database import open_database
 from opscore.store.space import FreeSpaceReserve, reserve_for
 
 
@@ -73,15 +71,9 @@ def test_no_reserve_is_kept_when_it_is_zero_or_the_disk_is_not_ours(tmp_path: Pa
     FreeSpaceReserve(None, 1 << 62).admit_new_work()
 
 
-async def test_the_reserve_is_on_the_sqlite_files_disk_only(tmp_path: Path) -> None:
-    database = open_database(f"sqlite:///{tmp_path / 'opscore.db'}")
-    try:
-        with pytest.raises(StorageReserve):
-            reserve_for(database, free_bytes(tmp_path) + (1 << 40)).admit_new_work()
-    finally:
-        await database.dispose()
-    elsewhere = open_database(POSTGRES_URL or "postgresql://nobody@127.0.0.1:1/none")
-    try:
-        reserve_for(elsewhere, 1 << 62).admit_new_work()
-    finally:
-        await elsewhere.dispose()
+def test_the_reserve_is_on_the_sqlite_files_disk_only(tmp_path: Path) -> None:
+    beyond = free_bytes(tmp_path) + (1 << 40)
+    with pytest.raises(StorageReserve):
+        reserve_for(f"sqlite:///{tmp_path / 'opscore.db'}", beyond).admit_new_work()
+    reserve_for("sqlite:///:memory:", beyond).admit_new_work()
+    reserve_for("postgresql://nobody@127.0.0.1/opscore", beyond).admit_new_work()
