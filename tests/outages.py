@@ -135,12 +135,12 @@ class Refusal:
 
 
 def refusal(error: grpc.aio.AioRpcError) -> Refusal:
-    """The refusal an error carries."""
+    """The refusal an error carries (no reason nor delay when it carries no details: a server
+    that was not there to answer)."""
     status = status_of(error)
-    assert status is not None, f"{error.code()}: {error.details()}: no status details"
     reason = ""
     retry_delay: float | None = None
-    for detail in status.details:
+    for detail in () if status is None else status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
