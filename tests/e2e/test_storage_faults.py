@@ -27,6 +27,7 @@ from outages import (
     fill,
     outcome,
     proxy,
+    refusal,
     tmpfs,
     watching,
 )
@@ -73,13 +74,12 @@ class Ledger:
 
     async def trigger(self, workflow: str) -> Refusal | None:
         """Trigger a run of `workflow`: None if acknowledged (and noted), else the refusal."""
-        call = self.client.workflows.TriggerWorkflow(
-            workflow_service_pb2.TriggerWorkflowRequest(workflow_name=workflow)
-        )
         try:
-            response = await call
-        except grpc.aio.AioRpcError:
-            return await outcome(call)
+            response = await self.client.workflows.TriggerWorkflow(
+                workflow_service_pb2.TriggerWorkflowRequest(workflow_name=workflow)
+            )
+        except grpc.aio.AioRpcError as error:
+            return refusal(error)
         self.run_ids.append(response.run.run_id)
         return None
 
