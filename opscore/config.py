@@ -11,6 +11,7 @@ from typing import Any
 
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
+from opscore.streams import StreamLimits
 
 DEFAULT_DB = "sqlite:///opscore.db"
 
@@ -51,6 +52,11 @@ class Settings:
     sqlite_free_space_reserve: int = 64 * 1024 * 1024
     """Bytes kept free on an SQLite database's disk for finishing accepted work: below it, new
     runs and definitions are refused (RESOURCE_EXHAUSTED); 0 keeps no reserve."""
+    streams: StreamLimits = field(default_factory=StreamLimits)
+    """Each task stream's outgoing buffer: messages and bytes at which its agent gets no new
+    work, and seconds it may take nothing while messages wait before it is closed."""
+    quarantine_after: int = 3
+    """Lease expiries in a row after which an agent is put in ERROR (quarantined)."""
 
 
 def _seconds(raw: str) -> timedelta:
@@ -110,6 +116,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_EVENT_LOOP": ("event_loop", _choice("auto", "uvloop", "asyncio")),
     "OPSCORE_STORAGE_FAILURE_THRESHOLD": ("storage_failure_threshold", _positive_int),
     "OPSCORE_SQLITE_FREE_SPACE_RESERVE": ("sqlite_free_space_reserve", _non_negative_int),
+    "OPSCORE_STREAM_BUFFER_MESSAGES": ("streams.max_messages", _positive_int),
+    "OPSCORE_STREAM_BUFFER_BYTES": ("streams.max_bytes", _positive_int),
+    "OPSCORE_STREAM_STALL_TIMEOUT": ("streams.stall_timeout", _positive_float),
+    "OPSCORE_QUARANTINE_LEASE_EXPIRIES": ("quarantine_after", _positive_int),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""

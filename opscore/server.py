@@ -24,6 +24,7 @@ from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opscore.api import convert
 from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
@@ -103,8 +104,11 @@ class OpsCoreServer:
                     default_task_timeout=settings.default_task_timeout,
                     agent_grace=settings.agent_grace,
                     limits=settings.limits,
+                    streams=settings.streams,
+                    quarantine_after=settings.quarantine_after,
                 ),
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
+                encode=convert.stream_event,
             )
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)

@@ -1,58 +1,186 @@
-"""Open task streams: one outgoing queue per connected agent.
+"""Open task streams: one bounded outgoing buffer per connected agent.
 
-Plain asyncio, no gRPC: the servicer drains a stream's events onto the wire, the engine pushes
-assignments and cancellations into it, and closing it (replaced by a newer stream, agent
-deregistered, server draining) ends the servicer's loop with the reason.
+Plain asyncio, no gRPC: the engine pushes assignments and cancellations into a stream, encoded
+once for the wire (by the function the server gives), the servicer takes them onto the wire one
+at a time, and closing it (replaced by a newer stream, agent deregistered, server draining,
+stalled) ends the servicer's loop with the reason.
+
+The buffer is what waits in the stream plus the message being written: gRPC's write waits while
+the client's flow-control window is full, so an agent that does not read shows up here as
+messages the servicer does not take. A stream at or over its bound in messages or bytes is
+`backlogged`, and the dispatcher gives its agent no new work until it drains below; a stream
+that has had messages waiting with none taken for the stall timeout is `stalled`, and is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from opscore.domain.errors import OpsCoreError
 from opscore.domain.models import StreamEvent
 
+Encode = Callable[[StreamEvent], tuple[Any, int]]
+"""An event as the wire carries it, and its size in bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """How much one stream may hold before its agent gets no new work, and how long it may
+    hold it without taking any before it is closed."""
+
+    max_messages: int = 64
+    max_bytes: int = 8 * 1024 * 1024
+    stall_timeout: float = 30.0
+    """Seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWatch:
+    """What a stream reports: its buffer crossing its bound (True: over), and a stall."""
+
+    backlogged: Callable[[AgentStream, bool], None]
+    stalled: Callable[[AgentStream], None]
+
+
+def _unwatched_backlog(_stream: AgentStream, _over: bool) -> None:
+    """No one to tell (a stream no engine watches)."""
+
+
+def _unwatched_stall(_stream: AgentStream) -> None:
+    """No one to tell (a stream no engine watches)."""
+
+
+UNWATCHED = StreamWatch(_unwatched_backlog, _unwatched_stall)
+
 
 class AgentStream:
-    """One agent's open stream of task events."""
+    """One agent's open stream of task events, encoded, with its buffer's size."""
 
-    def __init__(self, agent_id: str, generation: int) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        generation: int,
+        encode: Encode,
+        limits: StreamLimits = StreamLimits(),
+        watch: StreamWatch = UNWATCHED,
+    ) -> None:
         self.agent_id = agent_id
         self.generation = generation
         """How many streams the agent had opened before this one (on this server)."""
-        self._queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._encode = encode
+        self._limits = limits
+        self._watch = watch
+        self._waiting: deque[tuple[Any, int]] = deque()
+        self._writing = 0
+        """Bytes of the message being written (0: none)."""
+        self.buffered_bytes = 0
+        """Bytes waiting plus those of the message being written."""
+        self.backlogged = False
+        self._wake = asyncio.Event()
         self._end: OpsCoreError | None = None
         self.closed = False
+        self._taken_at = 0.0
+        """Loop time of the last progress: a message taken, or the buffer filling from empty."""
+        self._stall_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def buffered_messages(self) -> int:
+        """Messages waiting plus the one being written."""
+        return len(self._waiting) + (1 if self._writing else 0)
 
     def push(self, event: StreamEvent) -> None:
         """Queue an event for the agent; dropped if the stream is closed (the database keeps the
         task held by the agent, and it is sent again when the agent reconnects).
         """
-        if not self.closed:
-            self._queue.put_nowait(event)
+        if self.closed:
+            return
+        message, size = self._encode(event)
+        size = max(size, 1)  # an empty message is still a message on the wire
+        if not self.buffered_messages:
+            self._taken_at = asyncio.get_running_loop().time()
+        self._waiting.append((message, size))
+        self.buffered_bytes += size
+        self._wake.set()
+        self._check_bound()
+        if self._stall_timer is None:
+            self._arm_stall_timer()
 
     def close(self, reason: OpsCoreError | None = None) -> None:
-        """End the stream after the events already queued; `reason` ends it with that error,
-        None ends it normally.
+        """End the stream: normally (None) after the messages already queued, or with `reason`
+        at once, dropping them (their tasks stay held, and are sent again on reconnection).
         """
-        if not self.closed:
-            self.closed = True
-            self._end = reason
-            self._queue.put_nowait(None)
+        if self.closed:
+            return
+        self.closed = True
+        self._end = reason
+        if reason is not None:
+            self._waiting.clear()
+            self.buffered_bytes = self._writing
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._wake.set()
 
-    async def events(self) -> AsyncIterator[StreamEvent]:
-        """The events, in order, until the stream is closed."""
-        while (event := await self._queue.get()) is not None:
-            yield event
+    async def messages(self) -> AsyncIterator[Any]:
+        """The encoded messages, in order, until the stream is closed. A message counts in the
+        buffer until the next one is asked for, that is until the caller has written it."""
+        while True:
+            if self._writing:
+                self.buffered_bytes -= self._writing
+                self._writing = 0
+                self._taken_at = asyncio.get_running_loop().time()
+                self._check_bound()
+            while not self._waiting and not self.closed:
+                self._wake.clear()
+                await self._wake.wait()
+            if not self._waiting:
+                break
+            message, self._writing = self._waiting.popleft()
+            yield message
         if self._end is not None:
             raise self._end
+
+    def _check_bound(self) -> None:
+        limits = self._limits
+        over = (
+            self.buffered_messages >= limits.max_messages or self.buffered_bytes >= limits.max_bytes
+        )
+        if over != self.backlogged:
+            self.backlogged = over
+            self._watch.backlogged(self, over)
+
+    def _arm_stall_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        when = self._taken_at + self._limits.stall_timeout
+        self._stall_timer = loop.call_at(when, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """Close the stream if nothing was taken for the stall timeout while messages waited;
+        else look again when that could next be true (one timer per stream, never per message).
+        """
+        self._stall_timer = None
+        if self.closed or not self.buffered_messages:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._taken_at >= self._limits.stall_timeout:
+            self._watch.stalled(self)
+        else:
+            self._arm_stall_timer()
 
 
 class Streams:
     """The open stream of each connected agent: at most one each."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, encode: Encode, limits: StreamLimits = StreamLimits(), watch: StreamWatch = UNWATCHED
+    ) -> None:
+        self._encode = encode
+        self._limits = limits
+        self._watch = watch
         self._open: dict[str, AgentStream] = {}
         self._opened: dict[str, int] = {}
 
@@ -60,7 +188,7 @@ class Streams:
         """A stream for the agent, numbered after every stream it opened before."""
         generation = self._opened.get(agent_id, 0) + 1
         self._opened[agent_id] = generation
-        return AgentStream(agent_id, generation)
+        return AgentStream(agent_id, generation, self._encode, self._limits, self._watch)
 
     def is_newest(self, stream: AgentStream) -> bool:
         """Whether no newer stream of the same agent has begun to open."""
@@ -76,6 +204,10 @@ class Streams:
     def get(self, agent_id: str) -> AgentStream | None:
         """The agent's open stream, if any."""
         return self._open.get(agent_id)
+
+    def is_current(self, stream: AgentStream) -> bool:
+        """Whether `stream` is its agent's open stream."""
+        return self._open.get(stream.agent_id) is stream
 
     def install(self, stream: AgentStream, replaced: OpsCoreError) -> None:
         """Make `stream` the agent's stream, closing the one it replaces with `replaced`."""

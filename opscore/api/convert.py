@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from opscore.domain import models
 from opscore.domain.errors import InvalidArgument
-from opscore.v1 import agent_pb2, workflow_pb2
+from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 
 _AGENT_STATES = {
     models.AgentState.IDLE: agent_pb2.AGENT_STATE_IDLE,
@@ -312,3 +312,13 @@ def cancellation(value: models.Cancellation) -> workflow_pb2.TaskCancellation:
     return workflow_pb2.TaskCancellation(
         task_id=value.task_id, run_id=value.run_id, attempt=value.attempt, reason=value.reason
     )
+
+
+def stream_event(value: models.StreamEvent) -> tuple[workflow_service_pb2.StreamTasksResponse, int]:
+    """An event of a task stream on the wire, and its size in bytes (what the stream's buffer
+    counts): encoded once, when it is queued."""
+    if isinstance(value, models.Assignment):
+        message = workflow_service_pb2.StreamTasksResponse(assignment=assignment(value))
+    else:
+        message = workflow_service_pb2.StreamTasksResponse(cancellation=cancellation(value))
+    return message, message.ByteSize()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
 from opscore.api import convert
 from opscore.domain.engine import Engine
-from opscore.domain.models import Assignment, RunFilter, TriggerRequest
+from opscore.domain.models import RunFilter, TriggerRequest
 from opscore.v1 import workflow_service_pb2 as pb
 from opscore.v1 import workflow_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_WriteFailed: type[Exception] = cygrpc.ExecuteBatchError
+"""What a write raises when the call has broken under it (grpc.aio has no public name for it)."""
 
 
 class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
@@ -93,20 +97,25 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         run = await self._engine.cancel_run(request.run_id)
         return pb.CancelWorkflowRunResponse(run=convert.run(run))
 
-    async def StreamTasks(  # noqa: N802
+    async def StreamTasks(  # type: ignore[override]  # noqa: N802 - writes, see below
         self, request: pb.StreamTasksRequest, context: Context
-    ) -> AsyncIterator[pb.StreamTasksResponse]:
+    ) -> None:
         stream = await self._engine.open_stream(request.agent_id)
         # The client going away cancels this handler; closing on "done" as well makes sure the
         # loop below ends even if the cancellation lands between two events.
         # (The stubs type the callback as a class rather than a callable protocol.)
         context.add_done_callback(lambda _context: stream.close())  # type: ignore[arg-type]
         try:
-            async for event in stream.events():
-                if isinstance(event, Assignment):
-                    yield pb.StreamTasksResponse(assignment=convert.assignment(event))
-                else:
-                    yield pb.StreamTasksResponse(cancellation=convert.cancellation(event))
+            async for message in stream.messages():
+                # Written here rather than yielded: a write that fails because the client has
+                # gone (its window was full, and then it closed) is caught here, instead of
+                # gRPC logging it as an error of this handler.
+                try:
+                    await context.write(message)
+                except _WriteFailed:
+                    # The call is over (the client is gone): end as gRPC ends a handler whose
+                    # client cancelled, quietly.
+                    raise asyncio.CancelledError from None
         finally:
             await self._engine.close_stream(stream)
 

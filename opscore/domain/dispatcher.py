@@ -50,12 +50,15 @@ class _LiveAgent:
     profile: AgentProfile
     held: set[str]
     waiting_since: float
+    backlogged: bool = False
+    """Its stream holds as much as it may (see `streams`): it is not draining, so not idle."""
 
     @property
     def available(self) -> bool:
         return (
             self.profile.reported_state in (ReportedState.NONE, ReportedState.IDLE)
             and len(self.held) < self.profile.max_concurrent_tasks
+            and not self.backlogged
         )
 
 
@@ -229,9 +232,12 @@ class Dispatcher:
 
     # Agents ------------------------------------------------------------------------------
 
-    def agent_online(self, profile: AgentProfile, held: Iterable[str]) -> None:
-        """An agent's stream opened; `held` are the tasks it holds as of that commit."""
-        live = _LiveAgent(profile, set(held), self._clock())
+    def agent_online(
+        self, profile: AgentProfile, held: Iterable[str], *, backlogged: bool = False
+    ) -> None:
+        """An agent's stream opened; `held` are the tasks it holds as of that commit, and
+        `backlogged` whether its stream is already over its bound (with those sent again)."""
+        live = _LiveAgent(profile, set(held), self._clock(), backlogged)
         self._agents[profile.agent_id] = live
         self._free.update(live, waited_anew=True)
         self._wake_for(live)
@@ -248,10 +254,18 @@ class Dispatcher:
             return
         was_available = live.available
         live.profile = profile
-        waited_anew = live.available and not was_available
-        if waited_anew:
-            live.waiting_since = self._clock()
-        self._free.update(live, waited_anew=waited_anew)
+        self._refile(live, was_available)
+        self._wake_for(live)
+
+    def agent_backlogged(self, agent_id: str, over: bool) -> None:
+        """An agent's stream went over its bound (`over`) or drained below it: an agent whose
+        stream is not draining is not idle, and takes no new work until it drains."""
+        live = self._agents.get(agent_id)
+        if live is None or live.backlogged == over:
+            return
+        was_available = live.available
+        live.backlogged = over
+        self._refile(live, was_available)
         self._wake_for(live)
 
     def assigned(self, agent_id: str, task_id: str) -> None:
@@ -283,11 +297,16 @@ class Dispatcher:
             return None
         was_available = live.available
         live.held.discard(task_id)
+        self._refile(live, was_available)
+        return live
+
+    def _refile(self, live: _LiveAgent, was_available: bool) -> None:
+        """File an agent again after a change; one that just became available starts waiting
+        now (it goes to the back of the line)."""
         waited_anew = live.available and not was_available
         if waited_anew:
             live.waiting_since = self._clock()
         self._free.update(live, waited_anew=waited_anew)
-        return live
 
     def place(
         self, queued: Sequence[ReadyTask], released: Sequence[tuple[str, str]]

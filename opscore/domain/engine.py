@@ -30,7 +30,7 @@ from typing import Protocol
 
 from opscore.domain import validation
 from opscore.domain.dispatcher import Dispatcher
-from opscore.domain.errors import Aborted, FieldViolation, StorageFault, Unavailable
+from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
 from opscore.domain.models import (
     Agent,
@@ -50,7 +50,7 @@ from opscore.domain.models import (
 )
 from opscore.domain.validation import Limits, check_id, raise_if
 from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
-from opscore.streams import AgentStream, Streams
+from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
 
 log = logging.getLogger("opscore.engine")
 
@@ -76,6 +76,9 @@ class EngineSettings:
     default_task_timeout: timedelta = timedelta(minutes=5)
     agent_grace: timedelta = timedelta(seconds=30)
     limits: Limits = field(default_factory=Limits)
+    streams: StreamLimits = field(default_factory=StreamLimits)
+    quarantine_after: int = 3
+    """Lease expiries in a row that put an agent in ERROR (see `Effects.quarantined`)."""
 
 
 class Admission(Protocol):
@@ -95,14 +98,17 @@ class Engine:
         settings: EngineSettings,
         *,
         admission: Admission,
+        encode: Encode,
         now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._store = store
         self._settings = settings
         self._admission = admission
         self._now = now
-        self.streams = Streams()
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        self.streams = Streams(
+            encode, settings.streams, StreamWatch(self._backlogged, self._stalled)
+        )
         # Writes that make tasks ready or free slots place them before they commit.
         store.assign_before_commit(
             self.dispatcher.place, self._assigned, now, settings.default_task_timeout
@@ -278,7 +284,11 @@ class Engine:
                 return
             for assignment in connected.held:
                 stream.push(assignment)
-            self.dispatcher.agent_online(connected.profile, (a.task_id for a in connected.held))
+            self.dispatcher.agent_online(
+                connected.profile,
+                (a.task_id for a in connected.held),
+                backlogged=stream.backlogged,
+            )
 
         await self._store.connect_agent(agent_id, self._now(), on_commit)
         log.info("agent connected", extra={"agent_id": agent_id})
@@ -304,6 +314,30 @@ class Engine:
             else:
                 self._timer_at(now + self._settings.agent_grace)
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
+
+    def _backlogged(self, stream: AgentStream, over: bool) -> None:
+        """A stream's buffer crossed its bound: its agent takes no new work while it is over."""
+        if self.streams.is_current(stream):
+            self.dispatcher.agent_backlogged(stream.agent_id, over)
+
+    def _stalled(self, stream: AgentStream) -> None:
+        """A stream took nothing for the stall timeout: close it, and disconnect its agent now,
+        not when its write (which waits on the client) ends; the timers write the disconnection,
+        and the agent's tasks follow the agent-loss rules from this moment."""
+        timeout = self._settings.streams.stall_timeout
+        stream.close(StreamStalled(f"the task stream took no message for {timeout:g} s; reconnect"))
+        if self.streams.remove(stream):
+            self.dispatcher.agent_offline(stream.agent_id)
+            self._disconnects_due.append((stream, self._now()))
+            self._timers_wake.set()
+        log.warning(
+            "agent stream stalled",
+            extra={
+                "agent_id": stream.agent_id,
+                "buffered_messages": stream.buffered_messages,
+                "buffered_bytes": stream.buffered_bytes,
+            },
+        )
 
     # Definitions ---------------------------------------------------------------------------
 

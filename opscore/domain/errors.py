@@ -56,6 +56,13 @@ class Unavailable(OpsCoreError):
     """The server cannot serve this now (it is shutting down); try elsewhere or later."""
 
 
+class StreamStalled(Unavailable):
+    """The agent's task stream took no message for the stall timeout while messages waited: the
+    server closed it (the agent's tasks follow the agent-loss rules); reconnect and read."""
+
+    reason = "STREAM_STALLED"
+
+
 class Aborted(OpsCoreError):
     """The operation lost to a concurrent one (a newer task stream replaced this one)."""
 

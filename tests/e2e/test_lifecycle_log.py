@@ -14,7 +14,6 @@ from opscore.v1 import workflow_pb2
 
 from opscore.domain.models import (
     AgentRegistration,
-    Assignment,
     DefinitionDraft,
     TaskSpec,
     TriggerRequest,
@@ -67,13 +66,12 @@ async def test_a_runs_first_assignment_is_on_its_stream_before_its_start_is_logg
         engine = server.engine
         assert engine is not None
         await engine.register_agent(AgentRegistration("w", capabilities=("work",)))
-        events = (await engine.open_stream("w")).events()
+        events = (await engine.open_stream("w")).messages()
         draft = DefinitionDraft("logged", tasks=(TaskSpec("a", capability="work"),))
         run = await engine.trigger(TriggerRequest(definition=draft))
         # Answered right after its commit's callbacks: the assignment is on the stream already.
         pushed = await anext(events)
-        assert isinstance(pushed, Assignment)
-        assert pushed.run_id == run.run_id
+        assert pushed.assignment.run_id == run.run_id
         assert not [record for record in caplog.records if record.getMessage() == "run started"]
         for _ in range(2):
             await asyncio.sleep(0)
