@@ -174,7 +174,7 @@ class Engine:
             deadline, disconnected = await self._store.next_timers()
             grace_end = None if disconnected is None else disconnected + grace
             if deadline is not None and deadline <= now:
-                await self._store.expire_leases(now, self._apply)
+                await self._store.expire_leases(now, self._settings.quarantine_after, self._apply)
             elif grace_end is not None and grace_end <= now:
                 await self._store.lose_agents(now - grace, now, self._apply)
             else:
@@ -593,6 +593,13 @@ class Engine:
             stream = self.streams.get(cancellation.agent_id)
             if stream is not None:
                 stream.push(cancellation)
+        for profile, expiries in effects.quarantined:
+            self.dispatcher.agent_changed(profile)
+            _record_after_sends(
+                logging.WARNING,
+                "agent quarantined",
+                {"agent_id": profile.agent_id, "lease_expiries": expiries},
+            )
         self.dispatcher.enqueue(effects.queued)
         for run_id, state in effects.finished_runs:
             _record_after_sends(

@@ -360,6 +360,8 @@ class Effects:
     """Attempts whose agents must be told to stop (their work is no longer wanted)."""
     finished_runs: list[tuple[str, RunState]] = field(default_factory=list)
     """Runs that reached a final state."""
+    quarantined: list[tuple[AgentProfile, int]] = field(default_factory=list)
+    """Agents put in ERROR for their leases expiring in a row, with how many did."""
 
     def merge(self, other: Effects) -> None:
         """Append another write's effects to these, keeping their order."""
@@ -368,3 +370,4 @@ class Effects:
         self.released.extend(other.released)
         self.cancelled.extend(other.cancelled)
         self.finished_runs.extend(other.finished_runs)
+        self.quarantined.extend(other.quarantined)

@@ -76,6 +76,11 @@ class AgentRow(Base):
     disconnected_at: Mapped[datetime | None] = mapped_column(index=True)
     """When its stream closed while it held tasks: the start of its grace period. Cleared when it
     reconnects, or when its tasks are declared lost."""
+    lease_expiries: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Its attempts whose leases expired since its last success, its IDLE report or its
+    registration."""
+    quarantined: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    """Put in ERROR by the server for its expiries (not by its own report)."""
 
 
 class AgentCapabilityRow(Base):

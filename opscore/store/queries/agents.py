@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import NotFound, OpsCoreError
@@ -62,6 +62,13 @@ _UPDATE_REGISTRATION = (
         labels=bindparam("b_labels", type_=AGENTS.c.labels.type),
         max_concurrent_tasks=bindparam("b_max_concurrent_tasks"),
         last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
+        # Registering again lifts a quarantine (an agent that restarts starts afresh).
+        reported_state=case(
+            (AGENTS.c.quarantined, ReportedState.NONE.value), else_=AGENTS.c.reported_state
+        ),
+        state_detail=case((AGENTS.c.quarantined, ""), else_=AGENTS.c.state_detail),
+        quarantined=False,
+        lease_expiries=0,
     )
 )
 _INSERT_AGENT = insert(AGENTS)
@@ -203,12 +210,13 @@ class AgentQueries(StoreBase):
         on_commit: OnCommit[Agent],
     ) -> Agent:
         """Record the state the agent reports of itself."""
+        lifted = {"quarantined": False, "lease_expiries": 0} if state is ReportedState.IDLE else {}
 
         def op(conn: Connection) -> Agent:
             result = conn.execute(
                 update(AGENTS)
                 .where(AGENTS.c.agent_id == agent_id)
-                .values(reported_state=state.value, state_detail=detail, last_seen_at=now)
+                .values(reported_state=state.value, state_detail=detail, last_seen_at=now, **lifted)
             )
             if result.rowcount == 0:
                 raise NotFound("agent", agent_id)
@@ -299,6 +307,8 @@ class AgentQueries(StoreBase):
                 .where(or_(AGENTS.c.connected.is_(True), AGENTS.c.disconnected_at.is_not(None)))
                 .values(connected=False, disconnected_at=now)
             )
+            expiring = select(AGENTS.c.agent_id).where(AGENTS.c.lease_expiries > 0)
+            self._expiring.update(conn.execute(expiring).scalars())
 
         await self._write(op)
 
@@ -425,3 +435,39 @@ def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegis
     ]
     if capabilities:
         conn.execute(_INSERT_CAPABILITIES, capabilities)
+
+
+def quarantine(
+    conn: Connection, agent_ids: list[str], after: int
+) -> list[tuple[AgentProfile, int]]:
+    """Put in ERROR those of these agents whose leases expired `after` times in a row or more
+    and that are not quarantined yet; their profiles and counts."""
+    due = conn.execute(
+        select(AGENTS.c.agent_id, AGENTS.c.lease_expiries).where(
+            AGENTS.c.agent_id.in_(agent_ids),
+            AGENTS.c.lease_expiries >= after,
+            AGENTS.c.quarantined.is_(False),
+        )
+    ).all()
+    for agent_id, count in due:
+        conn.execute(
+            update(AGENTS)
+            .where(AGENTS.c.agent_id == agent_id)
+            .values(
+                quarantined=True,
+                reported_state=ReportedState.ERROR.value,
+                state_detail=f"quarantined: {count} task leases expired in a row; report IDLE "
+                "or register again to take work",
+            )
+        )
+    agents = _agents_by_id(conn, [agent_id for agent_id, _ in due])
+    return [(agents[agent_id].profile(), count) for agent_id, count in due]
+
+
+def reset_expiries(conn: Connection, agent_ids: list[str]) -> None:
+    """These agents succeeded: their count of expiries in a row starts again from zero."""
+    conn.execute(
+        update(AGENTS)
+        .where(AGENTS.c.agent_id.in_(agent_ids), AGENTS.c.lease_expiries > 0)
+        .values(lease_expiries=0)
+    )

@@ -100,6 +100,9 @@ class StoreBase:
         self._writer = writer
         self._retry = retry
         self._rng = rng or random.Random()
+        self._expiring: set[str] = set()
+        """Agents whose lease-expiry count may be above zero: only their successes write a
+        reset, so the completions of healthy agents cost nothing more."""
         self._templates: dict[str, tuple[str, RunTemplate]] = {}
         """Stored definitions by id: the workflow's name and the template of its runs."""
         self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
+from opscore.store.queries.agents import quarantine, reset_expiries
 from opscore.store.queries.base import (
     READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
@@ -39,6 +41,12 @@ from opscore.store.rows import RunShape
 from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
 from opscore.store.writer import Followup, Tx
 
+_TIMED_OUT = "timed out"
+_COUNT_EXPIRIES = (
+    update(AGENTS)
+    .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
+    .values(lease_expiries=AGENTS.c.lease_expiries + bindparam("b_count"))
+)
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
 # their runs that has not succeeded (one that has never changes again, so a run's completions
@@ -220,6 +228,12 @@ class TaskQueries(StoreBase):
                 )
                 recorded[row.run_id, row.name] = result.output
             changes.flush()
+            succeeded = {result.agent_id for _, _, result in accepted} & self._expiring
+            if succeeded:
+                reset_expiries(conn, sorted(succeeded))
+                requests[0][0].after_commit(
+                    functools.partial(self._expiring.difference_update, succeeded)
+                )
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
                 tx.note_effects(outcome)
@@ -281,10 +295,12 @@ class TaskQueries(StoreBase):
         return await self._read(op)
 
     async def expire_leases(
-        self, now: datetime, on_commit: OnCommit[Effects], limit: int = 500
+        self, now: datetime, quarantine_after: int, on_commit: OnCommit[Effects], limit: int = 500
     ) -> Effects:
         """Every attempt whose lease has ended counts as failed with "timed out" (retryable);
-        its agent is told to stop."""
+        its agent is told to stop. Each expiry adds to its agent's count of expiries in a row,
+        and an agent whose count reaches `quarantine_after` is quarantined: put in ERROR, with
+        the reason in its state detail, until it reports IDLE or registers again."""
 
         def op(conn: Connection) -> Effects:
             due = (
@@ -295,7 +311,21 @@ class TaskQueries(StoreBase):
                     .limit(limit)
                 )
             ).scalars()
-            return self._fail_held(conn, list(due), "timed out", now)
+            effects = self._fail_held(conn, list(due), _TIMED_OUT, now)
+            # (A run failing with a task also cancels its other tasks, for another reason.)
+            expired = Counter(
+                cancellation.agent_id
+                for cancellation in effects.cancelled
+                if cancellation.reason == _TIMED_OUT
+            )
+            if expired:
+                self._expiring.update(expired)
+                conn.execute(
+                    _COUNT_EXPIRIES,
+                    [{"b_agent_id": agent_id, "b_count": n} for agent_id, n in expired.items()],
+                )
+                effects.quarantined = quarantine(conn, list(expired), quarantine_after)
+            return effects
 
         return await self._write(op, on_commit)
 
