@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
 import tempfile
 import time
@@ -208,27 +209,46 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="runs triggered per second")
     parser.add_argument("--agents", type=int, default=4, help="well-behaved agents")
     parser.add_argument("--slots", type=int, default=200, help="the silent agent's slots")
+    parser.add_argument("--lease", type=int, default=10, help="each task's timeout, seconds")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the load without it")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
-    base = Load(seconds=args.seconds, rate=args.rate, agents=args.agents)
-    rows = []
-    for label, load in (
-        ("with the silent agent", Load(**{**_fields(base), "silent_slots": args.slots})),
-        ("without", base),
-    ):
-        outcome, rss = measure(load)
-        rows.append((label, outcome, rss))
+    base = Load(seconds=args.seconds, rate=args.rate, agents=args.agents, lease=args.lease)
+    loads = [("with the silent agent", Load(**{**_fields(base), "silent_slots": args.slots}))]
+    if not args.no_baseline:
+        loads.append(("without", base))
+    rows = [_row(label, *measure(load)) for label, load in loads]
+    if args.json:
+        print(json.dumps(rows))
+        return
     print(f"{args.seconds:g} s at {args.rate:g} runs/s, {args.agents} agents; RSS in MiB")
     print("| Load | RSS start | peak | end | p50 ms | p90 ms | runs | failed | unfinished |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, outcome, rss in rows:
+    for row in rows:
         print(
-            f"| {label} | {rss[0] / 1024:.0f} | {max(rss) / 1024:.0f} | {rss[-1] / 1024:.0f} "
-            f"| {outcome.percentile(0.5):.1f} | {outcome.percentile(0.9):.1f} "
-            f"| {outcome.triggered} | {outcome.failed} | {outcome.unfinished} |"
+            f"| {row['load']} | {row['rss_start_mib']:.0f} | {row['rss_peak_mib']:.0f} "
+            f"| {row['rss_end_mib']:.0f} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} "
+            f"| {row['runs']} | {row['failed']} | {row['unfinished']} |"
         )
-        if outcome.silent is not None:
-            state = agent_pb2.AgentState.Name(outcome.silent.state)
-            print(f"silent agent at the end: {state}, {outcome.silent.state_detail!r}")
+        if row["silent_state"]:
+            print(f"silent agent at the end: {row['silent_state']}, {row['silent_detail']!r}")
+
+
+def _row(label: str, outcome: Outcome, rss: list[int]) -> dict[str, Any]:
+    silent = outcome.silent
+    return {
+        "load": label,
+        "rss_start_mib": rss[0] / 1024,
+        "rss_peak_mib": max(rss) / 1024,
+        "rss_end_mib": rss[-1] / 1024,
+        "p50_ms": outcome.percentile(0.5),
+        "p90_ms": outcome.percentile(0.9),
+        "runs": outcome.triggered,
+        "failed": outcome.failed,
+        "unfinished": outcome.unfinished,
+        "silent_state": "" if silent is None else agent_pb2.AgentState.Name(silent.state),
+        "silent_detail": "" if silent is None else silent.state_detail,
+    }
 
 
 def _fields(load: Load) -> dict[str, Any]:
