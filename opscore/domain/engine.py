@@ -324,12 +324,6 @@ class Engine:
         """A stream took nothing for the stall timeout: close it, and disconnect its agent now,
         not when its write (which waits on the client) ends; the timers write the disconnection,
         and the agent's tasks follow the agent-loss rules from this moment."""
-        timeout = self._settings.streams.stall_timeout
-        stream.close(StreamStalled(f"the task stream took no message for {timeout:g} s; reconnect"))
-        if self.streams.remove(stream):
-            self.dispatcher.agent_offline(stream.agent_id)
-            self._disconnects_due.append((stream, self._now()))
-            self._timers_wake.set()
         log.warning(
             "agent stream stalled",
             extra={
@@ -338,6 +332,12 @@ class Engine:
                 "buffered_bytes": stream.buffered_bytes,
             },
         )
+        timeout = self._settings.streams.stall_timeout
+        stream.close(StreamStalled(f"the task stream took no message for {timeout:g} s; reconnect"))
+        if self.streams.remove(stream):
+            self.dispatcher.agent_offline(stream.agent_id)
+            self._disconnects_due.append((stream, self._now()))
+            self._timers_wake.set()
 
     # Definitions ---------------------------------------------------------------------------
 

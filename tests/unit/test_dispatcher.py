@@ -99,6 +99,19 @@ def test_reported_state_and_slots_gate_dispatch() -> None:
     assert dispatcher.match() == []
 
 
+def test_a_backlogged_agent_takes_nothing_until_its_stream_drains() -> None:
+    dispatcher = make()
+    dispatcher.agent_online(agent("silent", slots=10), (), backlogged=True)
+    dispatcher.agent_online(agent("reader", slots=10), ())
+    dispatcher.enqueue([ready("t1"), ready("t2")])
+    assert {a for _, a in dispatcher.match()} == {"reader"}
+    dispatcher.agent_backlogged("reader", True)
+    dispatcher.enqueue([ready("t3")])
+    assert dispatcher.match() == []
+    dispatcher.agent_backlogged("silent", False)
+    assert [(t.task_id, a) for t, a in dispatcher.match()] == [("t3", "silent")]
+
+
 def test_dequeued_and_offline_are_skipped() -> None:
     dispatcher = make()
     dispatcher.enqueue([ready("gone"), ready("kept")])
