@@ -17,6 +17,7 @@ import pytest
 
 from opscore import cli, config, logs
 from opscore.store import ownership
+from opscore.streams import StreamLimits
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,20 @@ def test_storage_settings_come_from_the_environment() -> None:
     assert config.Settings().sqlite_free_space_reserve == 64 << 20
 
 
+def test_backpressure_settings_come_from_the_environment() -> None:
+    settings = config.load(
+        {
+            "OPSCORE_STREAM_BUFFER_MESSAGES": "8",
+            "OPSCORE_STREAM_BUFFER_BYTES": "65536",
+            "OPSCORE_STREAM_STALL_TIMEOUT": "2.5",
+            "OPSCORE_QUARANTINE_LEASE_EXPIRIES": "5",
+        }
+    )
+    assert settings.streams == StreamLimits(max_messages=8, max_bytes=65536, stall_timeout=2.5)
+    assert settings.quarantine_after == 5
+    assert (config.Settings().streams, config.Settings().quarantine_after) == (StreamLimits(), 3)
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
@@ -62,6 +77,9 @@ def test_storage_settings_come_from_the_environment() -> None:
         ("OPSCORE_EVENT_LOOP", "trio"),
         ("OPSCORE_STORAGE_FAILURE_THRESHOLD", "0"),
         ("OPSCORE_SQLITE_FREE_SPACE_RESERVE", "-1"),
+        ("OPSCORE_STREAM_BUFFER_MESSAGES", "0"),
+        ("OPSCORE_STREAM_STALL_TIMEOUT", "never"),
+        ("OPSCORE_QUARANTINE_LEASE_EXPIRIES", "0"),
     ],
 )
 def test_bad_values_are_refused_by_name(variable: str, value: str) -> None:
