@@ -98,12 +98,12 @@ async def test_a_stalled_stream_is_closed_with_stream_stalled(
 
 
 async def test_an_agent_whose_leases_keep_expiring_is_quarantined_until_idle_or_registered(
-    start_server: ServerFactory, sqlite_url: str, caplog: pytest.LogCaptureFixture
+    start_server: ServerFactory, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="opscore.engine")
     async with serve(
         start_server,
-        sqlite_url,
+        db_url,
         quarantine_after=2,
         default_task_timeout=timedelta(seconds=0.3),
     ) as client:
@@ -162,3 +162,27 @@ async def test_an_agent_leaving_with_a_blocked_stream_leaves_no_error_in_the_log
                 await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # room for gRPC to log what it would
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_success_breaks_the_row_and_the_count_survives_a_restart(
+    start_server: ServerFactory, db_url: str
+) -> None:
+    short = {"quarantine_after": 2, "default_task_timeout": timedelta(seconds=0.3)}
+    async with serve(start_server, db_url, **short) as client:
+        agent = await client.agent("flaky", capabilities=["work"])
+        await _trigger(client, 1)
+        assert (await agent.next_assignment()).attempt == 1
+        await agent.next_cancellation()  # expired: one in a row
+        retried = await agent.next_assignment()
+        await agent.complete(retried)  # a success: the row starts again
+        await _trigger(client, 1)
+        await agent.next_assignment()
+        await agent.next_cancellation()  # one in a row again, not two
+        assert (await agent.get()).state != agent_pb2.AGENT_STATE_ERROR
+    async with serve(start_server, db_url, **short) as client:
+        # The retry of that attempt, redelivered or sent anew, expires too: two in a row,
+        # counted across the restart.
+        agent = Agent(client, "flaky")
+        await agent.connect()
+        quarantined = await agent.wait_until(lambda a: a.state == agent_pb2.AGENT_STATE_ERROR)
+        assert "2 task leases expired in a row" in quarantined.state_detail
