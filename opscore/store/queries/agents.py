@@ -308,7 +308,7 @@ class AgentQueries(StoreBase):
                 .values(connected=False, disconnected_at=now)
             )
             expiring = select(AGENTS.c.agent_id).where(AGENTS.c.lease_expiries > 0)
-            self._expiring.update(conn.execute(expiring).scalars())
+            self._note_expiring(conn.execute(expiring).scalars())
 
         await self._write(op)
 

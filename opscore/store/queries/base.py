@@ -100,9 +100,10 @@ class StoreBase:
         self._writer = writer
         self._retry = retry
         self._rng = rng or random.Random()
-        self._expiring: set[str] = set()
-        """Agents whose lease-expiry count may be above zero: only their successes write a
-        reset, so the completions of healthy agents cost nothing more."""
+        self._expiring: dict[str, int] = {}
+        """Agents whose lease-expiry count may be above zero, each with how many expiry writes
+        have added to it: only their successes write a reset, so the completions of healthy
+        agents cost nothing more (see `_forget_expiring`)."""
         self._templates: dict[str, tuple[str, RunTemplate]] = {}
         """Stored definitions by id: the workflow's name and the template of its runs."""
         self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()
@@ -153,6 +154,19 @@ class StoreBase:
             _, dropped = self._shapes.popitem(last=False)
             self._shaped_tasks -= len(dropped.tasks)
         return shape
+
+    def _note_expiring(self, agent_ids: Iterable[str]) -> None:
+        """Expiries of these agents' leases are being written (noted before their commit: an
+        agent noted in vain costs one needless reset)."""
+        for agent_id in agent_ids:
+            self._expiring[agent_id] = self._expiring.get(agent_id, 0) + 1
+
+    def _forget_expiring(self, seen: dict[str, int]) -> None:
+        """Resets of these agents' counts committed: forget those no expiry was written for
+        since the reset read them (where writers run concurrently, one may have been)."""
+        for agent_id, writes in seen.items():
+            if self._expiring.get(agent_id) == writes:
+                del self._expiring[agent_id]
 
     async def probe(self) -> None:
         """A read, then a write through the writer, that change nothing: whether storage answers

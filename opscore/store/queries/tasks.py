@@ -228,12 +228,14 @@ class TaskQueries(StoreBase):
                 )
                 recorded[row.run_id, row.name] = result.output
             changes.flush()
-            succeeded = {result.agent_id for _, _, result in accepted} & self._expiring
-            if succeeded:
-                reset_expiries(conn, sorted(succeeded))
-                requests[0][0].after_commit(
-                    functools.partial(self._expiring.difference_update, succeeded)
-                )
+            seen = {
+                result.agent_id: self._expiring[result.agent_id]
+                for _, _, result in accepted
+                if result.agent_id in self._expiring
+            }
+            if seen:
+                reset_expiries(conn, sorted(seen))
+                requests[0][0].after_commit(functools.partial(self._forget_expiring, seen))
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
                 tx.note_effects(outcome)
@@ -319,7 +321,7 @@ class TaskQueries(StoreBase):
                 if cancellation.reason == _TIMED_OUT
             )
             if expired:
-                self._expiring.update(expired)
+                self._note_expiring(expired)
                 conn.execute(
                     _COUNT_EXPIRIES,
                     [{"b_agent_id": agent_id, "b_count": n} for agent_id, n in expired.items()],
