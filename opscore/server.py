@@ -24,6 +24,7 @@ from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opscore.api import convert
 from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
@@ -31,6 +32,7 @@ from opscore.config import Settings
 from opscore.domain.engine import Engine, EngineSettings
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
+from opscore.domain.responses import response_bytes
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
@@ -103,8 +105,10 @@ class OpsCoreServer:
                     default_task_timeout=settings.default_task_timeout,
                     agent_grace=settings.agent_grace,
                     limits=settings.limits,
+                    response_bytes=response_bytes(settings.max_message_bytes),
                 ),
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
+                sizes=convert.WireSizes(),
             )
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -14,6 +15,12 @@ from opscore.v1 import workflow_service_pb2 as pb
 from opscore.v1 import workflow_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _optional_time(request: pb.ListWorkflowRunsRequest, field: str) -> datetime | None:
+    if not request.HasField(field):  # type: ignore[arg-type]
+        return None
+    return convert.timestamp_in(getattr(request, field), field)
 
 
 class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
@@ -68,7 +75,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
     async def GetWorkflowRun(  # noqa: N802
         self, request: pb.GetWorkflowRunRequest, context: Context
     ) -> pb.GetWorkflowRunResponse:
-        run = await self._engine.get_run(request.run_id)
+        run = await self._engine.get_run(request.run_id, convert.run_view_in(request.view, "view"))
         return pb.GetWorkflowRunResponse(run=convert.run(run))
 
     async def ListWorkflowRuns(  # noqa: N802
@@ -78,13 +85,29 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
             request.page_size,
             request.page_token,
             RunFilter(
-                convert.run_state_in(request.state, "state"),
-                request.definition_id,
-                request.agent_id,
+                state=convert.run_state_in(request.state, "state"),
+                definition_id=request.definition_id,
+                agent_id=request.agent_id,
+                workflow_name=request.workflow_name,
+                created_after=_optional_time(request, "created_after"),
+                created_before=_optional_time(request, "created_before"),
             ),
+            request.order_by,
+            convert.run_view_in(request.view, "view"),
         )
         return pb.ListWorkflowRunsResponse(
             runs=[convert.run(run) for run in page.items], next_page_token=page.next_page_token
+        )
+
+    async def ListWorkflowRunTasks(  # noqa: N802
+        self, request: pb.ListWorkflowRunTasksRequest, context: Context
+    ) -> pb.ListWorkflowRunTasksResponse:
+        page = await self._engine.list_run_tasks(
+            request.run_id, request.page_size, request.page_token
+        )
+        return pb.ListWorkflowRunTasksResponse(
+            tasks=[convert.task_run(task) for task in page.items],
+            next_page_token=page.next_page_token,
         )
 
     async def CancelWorkflowRun(  # noqa: N802

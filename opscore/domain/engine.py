@@ -44,10 +44,13 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunFilter,
+    RunView,
+    TaskRun,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, Budget, WireSizes, response_bytes
 from opscore.domain.validation import Limits, check_id, raise_if
 from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
 from opscore.streams import AgentStream, Streams
@@ -76,6 +79,8 @@ class EngineSettings:
     default_task_timeout: timedelta = timedelta(minutes=5)
     agent_grace: timedelta = timedelta(seconds=30)
     limits: Limits = field(default_factory=Limits)
+    response_bytes: int = response_bytes(DEFAULT_CLIENT_MESSAGE_BYTES)
+    """Bytes of runs and tasks one response may carry (see `responses.response_bytes`)."""
 
 
 class Admission(Protocol):
@@ -95,10 +100,12 @@ class Engine:
         settings: EngineSettings,
         *,
         admission: Admission,
+        sizes: WireSizes,
         now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._store = store
         self._settings = settings
+        self._budget = Budget(settings.response_bytes, sizes)
         self._admission = admission
         self._now = now
         self.streams = Streams()
@@ -372,7 +379,7 @@ class Engine:
                 on_commit=on_commit,
             )
         )
-        return created.run
+        return self._store.fit_run(created.run, self._budget)
 
     def _check_trigger(self, request: TriggerRequest) -> list[FieldViolation]:
         sources = [
@@ -401,24 +408,34 @@ class Engine:
         violations.extend(validation.check_payload(request.input, "input", self._settings.limits))
         return violations
 
-    async def get_run(self, run_id: str) -> WorkflowRun:
-        """One run with its tasks."""
+    async def get_run(self, run_id: str, view: RunView | None = None) -> WorkflowRun:
+        """One run in `view` (FULL by default): with as many of its tasks as fit in one
+        response."""
         raise_if(check_id(run_id, "run_id"))
-        return await self._store.get_run(run_id)
+        return await self._store.read_run(run_id, view or RunView.FULL, self._budget)
 
     async def list_runs(
-        self, page_size: int, page_token: str, where: RunFilter
+        self,
+        page_size: int,
+        page_token: str,
+        where: RunFilter,
+        order_by: str = "",
+        view: RunView | None = None,
     ) -> Page[WorkflowRun]:
-        """A page of the runs `where` matches."""
-        raise_if(
-            [
-                *validation.check_page(page_size),
-                *check_id(where.definition_id, "definition_id", required=False),
-                *check_id(where.agent_id, "agent_id", required=False),
-            ]
-        )
+        """A page of the runs `where` matches, in the order `order_by` names (newest first by
+        default), in `view` (BASIC by default), cut to fit one response."""
+        raise_if([*validation.check_page(page_size), *validation.check_run_filter(where)])
+        order = validation.run_order(order_by)
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_runs(size, page_token, where)
+        return await self._store.list_runs(
+            size, page_token, where, order, view or RunView.BASIC, self._budget
+        )
+
+    async def list_run_tasks(self, run_id: str, page_size: int, page_token: str) -> Page[TaskRun]:
+        """A page of a run's tasks in definition order, cut to fit one response."""
+        raise_if([*check_id(run_id, "run_id"), *validation.check_page(page_size)])
+        size = validation.page_size_or_default(page_size, self._settings.limits)
+        return await self._store.list_run_tasks(run_id, size, page_token, self._budget)
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
         """Cancel an unfinished run; agents holding its tasks are told to stop."""
@@ -426,7 +443,7 @@ class Engine:
         run, _ = await self._store.cancel_run(
             run_id, self._now(), lambda result: self._apply(result[1])
         )
-        return run
+        return self._store.fit_run(run, self._budget)
 
     # Results -------------------------------------------------------------------------------
 

@@ -253,7 +253,11 @@ def ready_task(row: Any) -> ReadyTask:
     )
 
 
-def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
+def workflow_run(
+    row: Row[Any],
+    tasks: list[TaskRun],
+    task_counts: tuple[tuple[TaskState, int], ...] = (),
+) -> WorkflowRun:
     """A `runs` row and its tasks as a domain run, tasks in definition order."""
     return WorkflowRun(
         run_id=row.run_id,
@@ -266,4 +270,5 @@ def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        task_counts=task_counts,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
+from opscore.api.convert import WireSizes
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from opscore.domain.models import (
     AgentRegistration,
@@ -22,14 +23,19 @@ from opscore.domain.models import (
     DefinitionDraft,
     Effects,
     JsonObject,
+    Page,
     ReadyTask,
     ReportedState,
     RetryPolicy,
     RunFilter,
+    RunOrder,
     RunState,
+    RunView,
     TaskSpec,
     TaskState,
+    WorkflowRun,
 )
+from opscore.domain.responses import Budget
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
@@ -41,6 +47,17 @@ from opscore.store.writer import QUIET_SPELL, Tx, Writer
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=1)
+
+
+BUDGET = Budget(4 * 1024 * 1024, WireSizes())
+
+
+def list_runs(store: Store, page_token: str = "") -> Awaitable[Page[WorkflowRun]]:
+    """The first page (or the page of `page_token`) of every run, newest first, without
+    tasks."""
+    return store.list_runs(
+        10, page_token, RunFilter(), RunOrder.NEWEST_FIRST, RunView.BASIC, BUDGET
+    )
 
 
 def ignore(_: object) -> None:
@@ -195,7 +212,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
 
 async def test_forged_page_token_is_invalid_argument(store: Store) -> None:
     with pytest.raises(InvalidArgument) as raised:
-        await store.list_runs(10, "%%%not-base64%%%", RunFilter())
+        await list_runs(store, "%%%not-base64%%%")
     assert raised.value.violations[0].field == "page_token"
 
 
@@ -317,7 +334,7 @@ async def test_trigger_checks_its_references(store: Store) -> None:
     await store.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
         await start(store, None, workflow_name="diamond", agent_id="x")
-    assert (await store.list_runs(10, "", RunFilter())).items == ()
+    assert (await list_runs(store)).items == ()
 
 
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
@@ -602,7 +619,7 @@ async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store
     assert isinstance(ghost, NotFound)
     assert isinstance(other, CreatedRun)
     assert other.created
-    listed = await store.list_runs(10, "", RunFilter())
+    listed = await list_runs(store)
     assert sorted(run.run_id for run in listed.items) == sorted(
         [first.run.run_id, other.run.run_id]
     )
