@@ -334,6 +334,10 @@ class WireSizes:
         """Bytes of a task as an element of a response."""
         return task_run(value).ByteSize() + FRAMING_BYTES
 
+    def definition(self, value: models.WorkflowDefinition) -> int:
+        """Bytes of a definition as an element of a response."""
+        return definition(value).ByteSize() + FRAMING_BYTES
+
 
 def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
     """A domain assignment on the wire."""

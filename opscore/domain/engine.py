@@ -341,7 +341,7 @@ class Engine:
     async def list_definitions(
         self, page_size: int, page_token: str, workflow_name: str
     ) -> Page[WorkflowDefinition]:
-        """A page of definitions."""
+        """A page of definitions, cut to fit one response."""
         raise_if(
             [
                 *validation.check_page(page_size),
@@ -349,7 +349,7 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_definitions(size, page_token, workflow_name)
+        return await self._store.list_definitions(size, page_token, workflow_name, self._budget)
 
     # Runs ----------------------------------------------------------------------------------
 

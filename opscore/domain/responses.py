@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from opscore.domain.models import TaskRun, TaskState, WorkflowRun
+from opscore.domain.models import TaskRun, TaskState, WorkflowDefinition, WorkflowRun
 
 DEFAULT_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
 """The largest message a gRPC client receives unless it is configured otherwise (every
@@ -37,6 +37,9 @@ class WireSizes(Protocol):
 
     def task(self, task: TaskRun) -> int:
         """Bytes of one task of a run."""
+
+    def definition(self, definition: WorkflowDefinition) -> int:
+        """Bytes of one workflow definition."""
 
 
 @dataclass(frozen=True, slots=True)

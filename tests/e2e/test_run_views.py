@@ -321,3 +321,38 @@ async def test_a_malformed_listing_names_its_field(
 ) -> None:
     error = await refused(list_runs(client, **fields), grpc.StatusCode.INVALID_ARGUMENT)
     assert field in bad_request(error)
+
+
+async def test_a_page_of_definitions_too_large_for_one_message_is_cut_not_refused(
+    client: Client,
+) -> None:
+    big = "x" * (700 * KIB)
+    made = [
+        (await client.create(definition("heavy", task("only", input={"n": n, "big": big}))))
+        for n in range(8)
+    ]
+
+    page = await client.workflows.ListWorkflowDefinitions(
+        workflow_service_pb2.ListWorkflowDefinitionsRequest(page_size=8)
+    )
+    assert 0 < len(page.definitions) < 8
+    first_token = page.next_page_token
+    assert first_token
+    seen = list(page.definitions)
+    while page.next_page_token:
+        page = await client.workflows.ListWorkflowDefinitions(
+            workflow_service_pb2.ListWorkflowDefinitionsRequest(
+                page_size=8, page_token=page.next_page_token
+            )
+        )
+        seen.extend(page.definitions)
+    assert [item.definition_id for item in seen] == [item.definition_id for item in made]
+    error = await refused(
+        client.workflows.ListWorkflowDefinitions(
+            workflow_service_pb2.ListWorkflowDefinitionsRequest(
+                workflow_name="other", page_token=first_token
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "page_token" in bad_request(error)

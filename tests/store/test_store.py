@@ -223,9 +223,9 @@ async def test_definitions_are_versioned_by_name_and_idempotent(store: Store) ->
     assert again.definition_id == first.definition_id
     assert (first.version, second.version) == (1, 2)
     assert first.tasks == diamond().tasks
-    listed = await store.list_definitions(10, "", "diamond")
+    listed = await store.list_definitions(10, "", "diamond", BUDGET)
     assert [d.version for d in listed.items] == [1, 2]
-    assert (await store.list_definitions(10, "", "other")).items == ()
+    assert (await store.list_definitions(10, "", "other", BUDGET)).items == ()
 
 
 async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
@@ -531,7 +531,7 @@ async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     assert results[0] is None
     assert isinstance(results[1], NotFound)
     assert (await store.get_agent("w")).last_seen_at == later
-    assert len((await store.list_definitions(10, "", "")).items) == 1
+    assert len((await store.list_definitions(10, "", "", BUDGET)).items) == 1
 
 
 async def test_a_failing_commit_callback_stops_the_writer_without_writing_twice(

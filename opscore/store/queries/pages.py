@@ -91,6 +91,18 @@ def scoped_key(token: str, scope: str) -> list[Any] | None:
     return key
 
 
+def scoped_id(token: str, scope: str) -> str | None:
+    """The id a scoped page token keyed by one id carries, None for the first page;
+    INVALID_ARGUMENT as `scoped_key` says, or if its key is not one id."""
+    key = scoped_key(token, scope)
+    if key is None:
+        return None
+    if len(key) != 1 or not isinstance(key[0], str) or not is_valid_id(key[0]):
+        raise InvalidArgument.single("page_token", _NOT_ISSUED)
+    found: str = key[0]
+    return found
+
+
 def read_by_bytes(
     fetch: Callable[[K | None, int], Sequence[T]],
     key: Callable[[T], K],
