@@ -10,9 +10,9 @@ import grpc
 
 from opscore.api import convert
 from opscore.domain.engine import Engine
-from opscore.domain.models import Assignment, RunFilter, TriggerRequest
+from opscore.domain.models import Assignment, RunFilter, TriggerRequest, WorkflowRun
+from opscore.v1 import workflow_pb2, workflow_service_pb2_grpc
 from opscore.v1 import workflow_service_pb2 as pb
-from opscore.v1 import workflow_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -28,6 +28,14 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+
+    def _whole_run(self, run: WorkflowRun) -> workflow_pb2.WorkflowRun:
+        """A run read whole on the wire; cut by the engine only when its message is too large,
+        so the common small run is encoded once and never measured item by item."""
+        message = convert.run(run)
+        if message.ByteSize() > self._engine.response_bytes:
+            message = convert.run(self._engine.fit_run(run))
+        return message
 
     async def CreateWorkflowDefinition(  # noqa: N802 - gRPC method names are the contract's
         self, request: pb.CreateWorkflowDefinitionRequest, context: Context
@@ -70,7 +78,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
                 request_id=request.request_id,
             )
         )
-        return pb.TriggerWorkflowResponse(run=convert.run(run))
+        return pb.TriggerWorkflowResponse(run=self._whole_run(run))
 
     async def GetWorkflowRun(  # noqa: N802
         self, request: pb.GetWorkflowRunRequest, context: Context
@@ -114,7 +122,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         self, request: pb.CancelWorkflowRunRequest, context: Context
     ) -> pb.CancelWorkflowRunResponse:
         run = await self._engine.cancel_run(request.run_id)
-        return pb.CancelWorkflowRunResponse(run=convert.run(run))
+        return pb.CancelWorkflowRunResponse(run=self._whole_run(run))
 
     async def StreamTasks(  # noqa: N802
         self, request: pb.StreamTasksRequest, context: Context

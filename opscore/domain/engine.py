@@ -354,7 +354,7 @@ class Engine:
     # Runs ----------------------------------------------------------------------------------
 
     async def trigger(self, request: TriggerRequest) -> WorkflowRun:
-        """Start a run; a repeated request_id returns the first run."""
+        """Start a run; a repeated request_id returns the first run, whole (see `fit_run`)."""
         raise_if(self._check_trigger(request))
         self._admission.admit_new_work()
 
@@ -379,7 +379,7 @@ class Engine:
                 on_commit=on_commit,
             )
         )
-        return self._store.fit_run(created.run, self._budget)
+        return created.run
 
     def _check_trigger(self, request: TriggerRequest) -> list[FieldViolation]:
         sources = [
@@ -438,11 +438,22 @@ class Engine:
         return await self._store.list_run_tasks(run_id, size, page_token, self._budget)
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
-        """Cancel an unfinished run; agents holding its tasks are told to stop."""
+        """Cancel an unfinished run; agents holding its tasks are told to stop. The run is
+        returned whole (see `fit_run`)."""
         raise_if(check_id(run_id, "run_id"))
         run, _ = await self._store.cancel_run(
             run_id, self._now(), lambda result: self._apply(result[1])
         )
+        return run
+
+    @property
+    def response_bytes(self) -> int:
+        """Bytes of runs and tasks one response may carry."""
+        return self._budget.bytes
+
+    def fit_run(self, run: WorkflowRun) -> WorkflowRun:
+        """A run read whole (as a trigger or a cancellation returns it) that is too large for
+        one response, cut to fit: as many of its tasks as fit, and a token for the rest."""
         return self._store.fit_run(run, self._budget)
 
     # Results -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ exact rather than estimated from stored JSON, whose encoding can differ in size.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,9 +51,12 @@ class Budget:
     sizes: WireSizes
 
 
-def count_states(tasks: tuple[TaskRun, ...]) -> tuple[tuple[TaskState, int], ...]:
+_STATES = tuple(TaskState)
+
+
+def count_states(tasks: Iterable[TaskRun]) -> tuple[tuple[TaskState, int], ...]:
     """How many of `tasks` are in each state: the states with any, in TaskState's order."""
-    counts = dict.fromkeys(TaskState, 0)
+    counts = dict.fromkeys(_STATES, 0)
     for task in tasks:
         counts[task.state] += 1
     return tuple((state, count) for state, count in counts.items() if count)

@@ -246,7 +246,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     assert assignment is not None
     assert assignment.input == {"k": 2, "extra": True}
     assert assignment.deadline == NOW + TIMEOUT
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
 
     effects = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert sorted(t.task_id for t in effects.queued) == sorted(
@@ -261,7 +261,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         assert handed is not None
         assert handed.dependency_outputs == {"a": {"out": "a"}}
         await complete(store, ready.task_id, "w", 1, {"out": handed.task_name})
-    final = await store.get_run(run.run_id)
+    final = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     last = final.tasks[3]
     assert last.state is TaskState.QUEUED
     [handed] = await store.assign([(last.ready(), "w")], NOW, TIMEOUT, ignore)
@@ -269,7 +269,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
     done = await complete(store, last.task_id, "w", 1, {})
     assert done.finished_runs == [(run.run_id, RunState.SUCCEEDED)]
-    finished = await store.get_run(run.run_id)
+    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.finished_at == NOW
     assert finished.tasks[0].output == {"out": "a"}
@@ -285,7 +285,7 @@ async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
         await complete(store, ready.task_id, "w", 2, {})
     with pytest.raises(NotFound):
         await complete(store, "no-such-task", "w", 1, {})
-    task = (await store.get_run(ready.run_id)).tasks[0]
+    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
 
 
@@ -306,7 +306,7 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
         ("w2", y.task_id, "run failed")
     ]
     assert {h.agent_id for h in effects.released} == {"w1", "w2"}
-    run = await store.get_run(created.run.run_id)
+    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert [t.state for t in run.tasks] == [TaskState.FAILED, TaskState.SKIPPED, TaskState.SKIPPED]
     assert run.tasks[0].error == "boom"
     assert await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore) == Effects()
@@ -575,7 +575,7 @@ async def test_completions_in_one_batch_move_their_run_once(store: Store) -> Non
         complete(store, c.task_id, "w", 1, {"out": "c"}),
     )
     assert store._writer.batches == before + 1
-    run = await store.get_run(created.run.run_id)
+    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert first.queued == []  # d still waited for c when b's result was recorded
     assert [t.task_id for t in second.queued] == [run.tasks[3].task_id]
     assert [t.state for t in run.tasks] == [TaskState.SUCCEEDED] * 3 + [TaskState.QUEUED]
@@ -596,7 +596,7 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert [h.task_id for h in first.released] == [ready.task_id]
     assert again == Effects()
     assert isinstance(stranger, FailedPrecondition)
-    task = (await store.get_run(ready.run_id)).tasks[0]
+    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
 
 
@@ -662,7 +662,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store
 
     store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    task = (await store.get_run(created.run.run_id)).tasks[0]
+    task = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
     assert seen == [[task.task_id]]
 
@@ -737,7 +737,7 @@ async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) 
         changes.flush()
 
     await store.database.run(change, write=True)
-    tasks = (await store.get_run(created.run.run_id)).tasks
+    tasks = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks
     assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
 
 
@@ -784,7 +784,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         for ready in effects.queued:
             await elsewhere.assign([(ready, "w")], NOW, TIMEOUT, ignore)
             await complete(elsewhere, ready.task_id, "w", 1, {})
-        after = await elsewhere.get_run(run.run_id)
+        after = await elsewhere.read_run(run.run_id, RunView.FULL, BUDGET)
         # c succeeded, so its fallback is skipped: the fallback came from the shape read too.
         assert [t.state for t in after.tasks] == [TaskState.SUCCEEDED] * 3 + [
             TaskState.SKIPPED,
@@ -834,7 +834,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         (await start(store, detailed, run_input={"extra": None})).run,
     ]
     for run in runs:
-        assert await store.get_run(run.run_id) == run
+        assert await store.read_run(run.run_id, RunView.FULL, BUDGET) == run
     assert [t.state for t in runs[0].tasks] == [
         TaskState.QUEUED,
         TaskState.PENDING,
@@ -918,7 +918,7 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
         ),
     )
     run = (await start(store, draft)).run
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
     by_name = {task.name: task.task_id for task in run.tasks}
 
     def handed(name: str) -> Assignment:
@@ -940,7 +940,7 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
     await complete(store, by_name["f"], "w", 1, {"from": "f"})
     assert handed("d").dependency_outputs == {"b": {"from": "b"}, "c": {"from": "f"}}
     await complete(store, by_name["d"], "w", 1, {})
-    finished = await store.get_run(run.run_id)
+    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.started_at == NOW
 
@@ -959,7 +959,7 @@ async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: St
         ),
     )
     run = (await start(store, draft, agent_id="w", run_input={"k": 0})).run
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
     again = {item.task_id: item for item in (await store.connect_agent("w", NOW, ignore)).held}
     assert {item.task_name for item in placed} == {"a", "b"}
     for item in placed:

@@ -202,14 +202,6 @@ class RunQueries(StoreBase):
         name, template = self._template(conn, definition_id)
         return name, definition_id, template
 
-    async def get_run(self, run_id: str) -> WorkflowRun:
-        """One run with all its tasks, NOT_FOUND if unknown."""
-
-        def op(conn: Connection) -> WorkflowRun:
-            return _get_run(conn, run_id)
-
-        return await self._read(op)
-
     async def read_run(self, run_id: str, view: RunView, budget: Budget) -> WorkflowRun:
         """One run in `view`, cut to fit `budget`; NOT_FOUND if unknown."""
 
@@ -289,9 +281,9 @@ class RunQueries(StoreBase):
         return await self._read(op)
 
     def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
-        """A run read whole (as a trigger or a cancellation returns it) cut to fit `budget`: its
-        task counts, and as many of its tasks as fit."""
-        basic = dataclasses.replace(run, tasks=(), task_counts=count_states(run.tasks))
+        """A run read whole (as a trigger or a cancellation returns it) cut to fit `budget`: as
+        many of its tasks as fit, and a token for the rest."""
+        basic = dataclasses.replace(run, tasks=())
 
         def fetch(start: int | None, limit: int) -> Sequence[TaskRun]:
             return run.tasks[start or 0 : (start or 0) + limit]
@@ -520,5 +512,6 @@ def _new_run(
         created_at=request.now,
         started_at=None,
         finished_at=None,
+        task_counts=count_states(new.tasks),
     )
     return CreatedRun(run, True, Effects(queued=new.queued)), new
