@@ -86,6 +86,12 @@ def timestamp_in(message: Timestamp, field: str) -> datetime:
         raise InvalidArgument.single(field, "is out of range") from None
 
 
+def optional_timestamp_in(message: Any, name: str) -> datetime | None:
+    """The Timestamp field `name` of `message` as a datetime (see `timestamp_in`); unset is
+    None."""
+    return timestamp_in(getattr(message, name), name) if message.HasField(name) else None
+
+
 def struct(value: models.JsonObject | None) -> Struct | None:
     """A JSON object as a Struct; None stays unset."""
     return None if value is None else _struct(value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import grpc
@@ -15,12 +14,6 @@ from opscore.v1 import workflow_pb2, workflow_service_pb2_grpc
 from opscore.v1 import workflow_service_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _optional_time(request: pb.ListWorkflowRunsRequest, field: str) -> datetime | None:
-    if not request.HasField(field):  # type: ignore[arg-type]
-        return None
-    return convert.timestamp_in(getattr(request, field), field)
 
 
 class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
@@ -97,8 +90,8 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
                 definition_id=request.definition_id,
                 agent_id=request.agent_id,
                 workflow_name=request.workflow_name,
-                created_after=_optional_time(request, "created_after"),
-                created_before=_optional_time(request, "created_before"),
+                created_after=convert.optional_timestamp_in(request, "created_after"),
+                created_before=convert.optional_timestamp_in(request, "created_before"),
             ),
             request.order_by,
             convert.run_view_in(request.view, "view"),

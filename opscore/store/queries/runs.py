@@ -212,7 +212,8 @@ class RunQueries(StoreBase):
             run = rows.workflow_run(row, [], task_counts(conn, [run_id]).get(run_id, ()))
             if view is RunView.BASIC:
                 return run
-            return _with_tasks(run, _stored_tasks(conn, run_id), budget.bytes, budget.sizes)[0]
+            room = budget.bytes - budget.sizes.run(run)
+            return _with_tasks(run, _stored_tasks(conn, run_id), room, budget.sizes)[0]
 
         return await self._read(op)
 
@@ -288,7 +289,8 @@ class RunQueries(StoreBase):
         def fetch(start: int | None, limit: int) -> Sequence[TaskRun]:
             return run.tasks[start or 0 : (start or 0) + limit]
 
-        return _with_tasks(basic, fetch, budget.bytes, budget.sizes)[0]
+        room = budget.bytes - budget.sizes.run(basic)
+        return _with_tasks(basic, fetch, room, budget.sizes)[0]
 
     async def cancel_run(
         self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
@@ -332,15 +334,19 @@ def _position(task: TaskRun) -> int:
 def _with_tasks(
     run: WorkflowRun, fetch: TaskFetch, room: int, sizes: WireSizes
 ) -> tuple[WorkflowRun, int]:
-    """`run` (without tasks) with as many of its tasks as fit in `room` bytes, less the run's own
-    size, and a token for the rest; and the room left after it."""
-    room -= sizes.run(run)
+    """`run` (without tasks) with as many of its tasks as fit in `room` bytes (what is left of
+    a response once the run itself is counted), and a token for the rest; and the room left
+    after them."""
     total = sum(count for _, count in run.task_counts)
     if total == 0:
         return run, room
-    tasks, rest, used = read_by_bytes(
-        fetch, _position, sizes.task, total, room - _TOKEN_ROOM, at_least_one=False
-    )
+    tasks: list[TaskRun] = []
+    rest: int | None = 0  # when no task can fit, the rest starts at the first
+    used = 0
+    if room > _TOKEN_ROOM:
+        tasks, rest, used = read_by_bytes(
+            fetch, _position, sizes.task, total, room - _TOKEN_ROOM, at_least_one=False
+        )
     token = _task_token(run.run_id, rest)
     room -= used + (len(token) + 3 if token else 0)
     return dataclasses.replace(run, tasks=tuple(tasks), next_task_page_token=token), room
