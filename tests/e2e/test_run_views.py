@@ -146,6 +146,12 @@ async def test_a_run_of_the_largest_definition_with_outputs_at_the_limit_is_read
         assert [task_run.name for task_run in every] == names
         assert {t.name: as_dict(t.output)["text"] for t in every} == outputs
 
+        listed = (await list_runs(client, view=VIEW_FULL)).runs[0]
+        assert [t.name for t in listed.tasks] == names[: len(listed.tasks)]
+        assert 0 < len(listed.tasks) < tasks
+        rest, _ = await remaining_tasks(client, run.run_id, listed.next_task_page_token)
+        assert [t.name for t in rest] == names[len(listed.tasks) :]
+
         # Responses that carry a run whole are cut the same way: a repeated trigger.
         again = await client.trigger(workflow_name="largest", request_id="r-1")
         assert again.run_id == run.run_id
