@@ -329,8 +329,9 @@ def run(value: models.WorkflowRun) -> workflow_pb2.WorkflowRun:
 
 
 class WireSizes:
-    """Sizes of runs and tasks as responses carry them, for cutting responses to fit (see
-    `domain.responses`): measured on the encoded message itself."""
+    """Sizes of the items of responses (runs, tasks, definitions, agents) as responses carry
+    them, for cutting responses to fit (see `domain.responses`): measured on the encoded
+    message itself."""
 
     def run(self, value: models.WorkflowRun) -> int:
         """Bytes of a run, with the tasks it holds, as an element of a response."""
@@ -343,6 +344,10 @@ class WireSizes:
     def definition(self, value: models.WorkflowDefinition) -> int:
         """Bytes of a definition as an element of a response."""
         return definition(value).ByteSize() + FRAMING_BYTES
+
+    def agent(self, value: models.Agent) -> int:
+        """Bytes of an agent as an element of a response."""
+        return agent(value).ByteSize() + FRAMING_BYTES
 
 
 def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:

@@ -265,7 +265,7 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_agents(size, page_token, state, capability)
+        return await self._store.list_agents(size, page_token, state, capability, self._budget)
 
     # Streams -------------------------------------------------------------------------------
 

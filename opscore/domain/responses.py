@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from opscore.domain.models import TaskRun, TaskState, WorkflowDefinition, WorkflowRun
+from opscore.domain.models import Agent, TaskRun, TaskState, WorkflowDefinition, WorkflowRun
 
 DEFAULT_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
 """The largest message a gRPC client receives unless it is configured otherwise (every
@@ -41,6 +41,9 @@ class WireSizes(Protocol):
 
     def definition(self, definition: WorkflowDefinition) -> int:
         """Bytes of one workflow definition."""
+
+    def agent(self, agent: Agent) -> int:
+        """Bytes of one agent."""
 
 
 @dataclass(frozen=True, slots=True)

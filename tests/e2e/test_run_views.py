@@ -1,5 +1,6 @@
-"""Views and listings of runs: every response fits a client with gRPC's default receive limit,
-listings of runs are filtered, ordered and paged, and a run's tasks are paged on their own."""
+"""Views and listings of runs, and every response fitting a client with gRPC's default receive
+limit: listings of runs are filtered, ordered and paged, a run's tasks are paged on their own, and
+pages of runs, tasks, definitions and agents are cut by bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import ServerFactory
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import Client, as_dict, bad_request, definition, refused, task
-from opscore.v1 import workflow_pb2, workflow_service_pb2
+from opscore.v1 import agent_lifecycle_pb2, workflow_pb2, workflow_service_pb2
 
 from opscore.domain.validation import Limits
 
@@ -362,3 +363,23 @@ async def test_a_page_of_definitions_too_large_for_one_message_is_cut_not_refuse
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "page_token" in bad_request(error)
+
+
+async def test_a_page_of_agents_too_large_for_one_message_is_cut_not_refused(
+    client: Client,
+) -> None:
+    """90 agents offering 256 capabilities of 200 characters each are more than 4 MiB."""
+    capabilities = [f"{index:03d}" + "c" * 197 for index in range(256)]
+    made = [f"agent-{index:02d}" for index in range(90)]
+    for agent_id in made:
+        await client.agent(agent_id, capabilities=capabilities, connect=False)
+
+    request = agent_lifecycle_pb2.ListAgentsRequest(page_size=100)
+    page = await client.lifecycle.ListAgents(request)
+    assert 0 < len(page.agents) < 90
+    seen = [agent.agent_id for agent in page.agents]
+    while page.next_page_token:
+        request.page_token = page.next_page_token
+        page = await client.lifecycle.ListAgents(request)
+        seen.extend(agent.agent_id for agent in page.agents)
+    assert seen == made

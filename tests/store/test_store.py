@@ -173,7 +173,7 @@ async def test_list_agents_filters_by_derived_state_and_capability(store: Store)
     await store.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
 
     async def ids(state: AgentState | None, capability: str = "") -> list[str]:
-        page = await store.list_agents(100, "", state, capability)
+        page = await store.list_agents(100, "", state, capability, BUDGET)
         return [agent.agent_id for agent in page.items]
 
     assert await ids(AgentState.IDLE) == ["idle"]
@@ -192,7 +192,7 @@ async def test_a_full_agent_is_busy(store: Store) -> None:
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     agent = await store.get_agent("w")
     assert (agent.running_tasks, agent.state) == (1, AgentState.BUSY)
-    busy = await store.list_agents(10, "", AgentState.BUSY, "")
+    busy = await store.list_agents(10, "", AgentState.BUSY, "", BUDGET)
     assert [a.agent_id for a in busy.items] == ["w"]
 
 
@@ -202,7 +202,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page = await store.list_agents(3, token, None, "")
+        page = await store.list_agents(3, token, None, "", BUDGET)
         seen.extend(agent.agent_id for agent in page.items)
         token = page.next_page_token
         if not token:
