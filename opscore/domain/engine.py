@@ -32,6 +32,7 @@ from opscore.domain import validation
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, Unavailable
 from opscore.domain.health import Backoff
+from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
@@ -321,6 +322,7 @@ class Engine:
         violations = list(validation.check_definition(draft, "definition.", self._settings.limits))
         violations.extend(check_id(request_id, "request_id", required=False))
         raise_if(violations)
+        raise_if(self._check_readable(draft))
         self._admission.admit_new_work()
         definition = await self._store.create_definition(draft, request_id, self._now())
         log.info(
@@ -332,6 +334,30 @@ class Engine:
             },
         )
         return definition
+
+    def _check_readable(self, draft: DefinitionDraft) -> list[FieldViolation]:
+        """A definition is stored only if a client with the default message limit can read it
+        back: a request under a raised OPSCORE_MAX_MESSAGE_BYTES can hold a larger one, and so,
+        by a few bytes, can a request at the limit, since the server adds its id and version."""
+        stored = WorkflowDefinition(
+            definition_id=new_id(),
+            workflow_name=draft.workflow_name,
+            version=2**31 - 1,
+            description=draft.description,
+            tasks=draft.tasks,
+            created_at=self._now(),
+        )
+        size = self._budget.sizes.definition(stored)
+        if size <= self._budget.bytes:
+            return []
+        return [
+            FieldViolation(
+                "definition",
+                f"takes {size} bytes in a response, more than the {self._budget.bytes} one "
+                "response may carry",
+                over_limit=True,
+            )
+        ]
 
     async def get_definition(self, definition_id: str) -> WorkflowDefinition:
         """One definition."""

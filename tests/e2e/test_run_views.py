@@ -383,3 +383,21 @@ async def test_a_page_of_agents_too_large_for_one_message_is_cut_not_refused(
         page = await client.lifecycle.ListAgents(request)
         seen.extend(agent.agent_id for agent in page.agents)
     assert seen == made
+
+
+async def test_a_definition_no_default_client_could_read_back_is_refused(
+    start_server: ServerFactory, sqlite_url: str
+) -> None:
+    """With the server's message limit raised, a 5 MiB definition is a legal request, but no
+    client at the default limit could read it: it is refused, and nothing is stored."""
+    big = {"big": "x" * (900 * KIB)}
+    async with client_at(start_server, sqlite_url, max_message_bytes=8 * 1024 * 1024) as client:
+        too_large = definition("huge", *(task(f"t{index}", input=big) for index in range(6)))
+        error = await refused(client.create(too_large), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "definition" in str(error.details())
+        fits = definition("large", *(task(f"t{index}", input=big) for index in range(4)))
+        stored = await client.create(fits)
+        listed = await client.workflows.ListWorkflowDefinitions(
+            workflow_service_pb2.ListWorkflowDefinitionsRequest()
+        )
+        assert [item.definition_id for item in listed.definitions] == [stored.definition_id]
