@@ -152,14 +152,18 @@ Global___ListWorkflowDefinitionsRequest: _TypeAlias = ListWorkflowDefinitionsReq
 
 @_typing.final
 class ListWorkflowDefinitionsResponse(_message.Message):
-    """ListWorkflowDefinitionsResponse is one page of definitions."""
+    """ListWorkflowDefinitionsResponse is one page of definitions. A page may hold fewer than page_size definitions
+    when more would not fit in one response message; next_page_token then continues.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token for the next page; empty on the last page."""
+    """Token for the next page; empty on the last page. Valid only with the same filters as the
+    request that received it.
+    """
     @_builtins.property
     def definitions(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.WorkflowDefinition]:
         """The definitions of this page."""
