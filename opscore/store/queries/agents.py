@@ -31,7 +31,7 @@ from opscore.domain.responses import Budget
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import READY_TASK_COLUMNS, OnCommit, StoreBase
-from opscore.store.queries.pages import read_by_bytes, scoped_id, scoped_token
+from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
 
@@ -318,8 +318,6 @@ class AgentQueries(StoreBase):
     ) -> Page[Agent]:
         """A page of agents by id, filtered by derived state and capability, cut to fit
         `budget`."""
-        scope = json.dumps(["agents", "" if state is None else state.value, capability])
-        first = scoped_id(page_token, scope)
 
         def op(conn: Connection) -> Page[Agent]:
             query = select(AGENTS, _running_count.label("running")).order_by(AGENTS.c.agent_id)
@@ -344,15 +342,15 @@ class AgentQueries(StoreBase):
                     for row in found
                 ]
 
-            agents, rest, _ = read_by_bytes(
-                lambda start, limit: fetch(start or first, limit),
+            return read_id_page(
+                fetch,
                 lambda agent: agent.agent_id,
                 budget.sizes.agent,
                 page_size,
+                page_token,
+                json.dumps(["agents", "" if state is None else state.value, capability]),
                 budget.bytes,
             )
-            token = "" if rest is None else scoped_token(scope, [rest])
-            return Page(tuple(agents), token)
 
         return await self._read(op)
 

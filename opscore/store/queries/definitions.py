@@ -15,7 +15,7 @@ from opscore.domain.responses import Budget
 from opscore.store import rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import StoreBase
-from opscore.store.queries.pages import read_by_bytes, scoped_id, scoped_token
+from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import DEFINITIONS
 
 _ID = DEFINITIONS.c.definition_id
@@ -60,8 +60,6 @@ class DefinitionQueries(StoreBase):
     ) -> Page[WorkflowDefinition]:
         """A page of definitions, oldest first (ids sort by creation time), cut to fit
         `budget`."""
-        scope = json.dumps(["definitions", name])
-        first = scoped_id(page_token, scope)
         query = select(DEFINITIONS).order_by(_ID)
         if name:
             query = query.where(DEFINITIONS.c.name == name)
@@ -71,15 +69,15 @@ class DefinitionQueries(StoreBase):
                 chunk = query if start is None else query.where(start <= _ID)
                 return [rows.definition(row) for row in conn.execute(chunk.limit(limit))]
 
-            page, rest, _ = read_by_bytes(
-                lambda start, limit: fetch(start or first, limit),
+            return read_id_page(
+                fetch,
                 lambda definition: definition.definition_id,
                 budget.sizes.definition,
                 page_size,
+                page_token,
+                json.dumps(["definitions", name]),
                 budget.bytes,
             )
-            token = "" if rest is None else scoped_token(scope, [rest])
-            return Page(tuple(page), token)
 
         return await self._read(op)
 

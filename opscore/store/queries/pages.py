@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from opscore.domain.errors import InvalidArgument
 from opscore.domain.ids import is_valid_id
+from opscore.domain.models import Page
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -64,6 +65,24 @@ def scoped_id(token: str, scope: str) -> str | None:
         raise InvalidArgument.single("page_token", _NOT_ISSUED)
     found: str = key[0]
     return found
+
+
+def read_id_page(
+    fetch: Callable[[str | None, int], Sequence[T]],
+    key: Callable[[T], str],
+    size: Callable[[T], int],
+    page_size: int,
+    page_token: str,
+    scope: str,
+    budget: int,
+) -> Page[T]:
+    """A page of a listing keyed by one id (see `read_by_bytes`), from the id `page_token`
+    carries, and the token of the next page."""
+    first = scoped_id(page_token, scope)
+    items, rest, _ = read_by_bytes(
+        lambda start, limit: fetch(start or first, limit), key, size, page_size, budget
+    )
+    return Page(tuple(items), "" if rest is None else scoped_token(scope, [rest]))
 
 
 def read_by_bytes(
