@@ -429,6 +429,12 @@ class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):
         """Not offered (see `_unimplemented`)."""
         await _unimplemented(context)
 
+    async def ListWorkflowRunTasks(  # noqa: N802
+        self, request: workflow_service_pb2.ListWorkflowRunTasksRequest, context: Context
+    ) -> workflow_service_pb2.ListWorkflowRunTasksResponse:
+        """Not offered (see `_unimplemented`)."""
+        await _unimplemented(context)
+
     async def CancelWorkflowRun(  # noqa: N802
         self, request: workflow_service_pb2.CancelWorkflowRunRequest, context: Context
     ) -> workflow_service_pb2.CancelWorkflowRunResponse:

@@ -32,6 +32,7 @@ from opscore.config import Settings
 from opscore.domain.engine import Engine, EngineSettings
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
+from opscore.domain.responses import response_bytes
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
@@ -106,9 +107,11 @@ class OpsCoreServer:
                     limits=settings.limits,
                     streams=settings.streams,
                     quarantine_after=settings.quarantine_after,
+                    response_bytes=response_bytes(settings.max_message_bytes),
                 ),
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
+                sizes=convert.WireSizes(),
             )
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)

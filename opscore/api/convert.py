@@ -51,7 +51,16 @@ _TASK_STATES = {
 }
 
 
+_RUN_VIEWS_IN = {
+    workflow_pb2.WORKFLOW_RUN_VIEW_BASIC: models.RunView.BASIC,
+    workflow_pb2.WORKFLOW_RUN_VIEW_FULL: models.RunView.FULL,
+}
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+FRAMING_BYTES = 6
+"""Bytes a message takes beyond its own as an element of a repeated field: a one-byte tag and
+a length of at most five."""
 
 
 # Scalars -------------------------------------------------------------------------------------
@@ -65,6 +74,22 @@ def timestamp(value: datetime | None) -> Timestamp | None:
         return None
     since = value - _EPOCH
     return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000)
+
+
+def timestamp_in(message: Timestamp, field: str) -> datetime:
+    """A Timestamp as a timezone-aware datetime; one outside 0001-9999 is INVALID_ARGUMENT."""
+    if not 0 <= message.nanos <= 999_999_999:
+        raise InvalidArgument.single(field, "is not a valid timestamp")
+    try:
+        return message.ToDatetime(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        raise InvalidArgument.single(field, "is out of range") from None
+
+
+def optional_timestamp_in(message: Any, name: str) -> datetime | None:
+    """The Timestamp field `name` of `message` as a datetime (see `timestamp_in`); unset is
+    None."""
+    return timestamp_in(getattr(message, name), name) if message.HasField(name) else None
 
 
 def struct(value: models.JsonObject | None) -> Struct | None:
@@ -140,6 +165,16 @@ def run_state_in(value: int, field: str) -> models.RunState | None:
     if value not in _RUN_STATES_IN:
         raise InvalidArgument.single(field, f"unknown run state {value}")
     return _RUN_STATES_IN[value]  # type: ignore[index]
+
+
+def run_view_in(value: int, field: str) -> models.RunView | None:
+    """A wire WorkflowRunView as the domain's; UNSPECIFIED is None (the RPC's default),
+    unknown numbers are refused."""
+    if value == workflow_pb2.WORKFLOW_RUN_VIEW_UNSPECIFIED:
+        return None
+    if value not in _RUN_VIEWS_IN:
+        raise InvalidArgument.single(field, f"unknown view {value}")
+    return _RUN_VIEWS_IN[value]  # type: ignore[index]
 
 
 # Agents --------------------------------------------------------------------------------------
@@ -285,7 +320,34 @@ def run(value: models.WorkflowRun) -> workflow_pb2.WorkflowRun:
         created_at=timestamp(value.created_at),
         started_at=timestamp(value.started_at),
         finished_at=timestamp(value.finished_at),
+        task_counts=[
+            workflow_pb2.TaskStateCount(state=_TASK_STATES[state], count=count)
+            for state, count in value.task_counts
+        ],
+        next_task_page_token=value.next_task_page_token,
     )
+
+
+class WireSizes:
+    """Sizes of the items of responses (runs, tasks, definitions, agents) as responses carry
+    them, for cutting responses to fit (see `domain.responses`): measured on the encoded
+    message itself."""
+
+    def run(self, value: models.WorkflowRun) -> int:
+        """Bytes of a run, with the tasks it holds, as an element of a response."""
+        return run(value).ByteSize() + FRAMING_BYTES
+
+    def task(self, value: models.TaskRun) -> int:
+        """Bytes of a task as an element of a response."""
+        return task_run(value).ByteSize() + FRAMING_BYTES
+
+    def definition(self, value: models.WorkflowDefinition) -> int:
+        """Bytes of a definition as an element of a response."""
+        return definition(value).ByteSize() + FRAMING_BYTES
+
+    def agent(self, value: models.Agent) -> int:
+        """Bytes of an agent as an element of a response."""
+        return agent(value).ByteSize() + FRAMING_BYTES
 
 
 def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:

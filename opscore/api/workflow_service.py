@@ -10,9 +10,9 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
 from opscore.api import convert
 from opscore.domain.engine import Engine
-from opscore.domain.models import RunFilter, TriggerRequest
+from opscore.domain.models import RunFilter, TriggerRequest, WorkflowRun
+from opscore.v1 import workflow_pb2, workflow_service_pb2_grpc
 from opscore.v1 import workflow_service_pb2 as pb
-from opscore.v1 import workflow_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -25,6 +25,14 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+
+    def _whole_run(self, run: WorkflowRun) -> workflow_pb2.WorkflowRun:
+        """A run read whole on the wire; cut by the engine only when its message is too large,
+        so the common small run is encoded once and never measured item by item."""
+        message = convert.run(run)
+        if message.ByteSize() > self._engine.response_bytes:
+            message = convert.run(self._engine.fit_run(run))
+        return message
 
     async def CreateWorkflowDefinition(  # noqa: N802 - gRPC method names are the contract's
         self, request: pb.CreateWorkflowDefinitionRequest, context: Context
@@ -67,12 +75,12 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
                 request_id=request.request_id,
             )
         )
-        return pb.TriggerWorkflowResponse(run=convert.run(run))
+        return pb.TriggerWorkflowResponse(run=self._whole_run(run))
 
     async def GetWorkflowRun(  # noqa: N802
         self, request: pb.GetWorkflowRunRequest, context: Context
     ) -> pb.GetWorkflowRunResponse:
-        run = await self._engine.get_run(request.run_id)
+        run = await self._engine.get_run(request.run_id, convert.run_view_in(request.view, "view"))
         return pb.GetWorkflowRunResponse(run=convert.run(run))
 
     async def ListWorkflowRuns(  # noqa: N802
@@ -82,20 +90,36 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
             request.page_size,
             request.page_token,
             RunFilter(
-                convert.run_state_in(request.state, "state"),
-                request.definition_id,
-                request.agent_id,
+                state=convert.run_state_in(request.state, "state"),
+                definition_id=request.definition_id,
+                agent_id=request.agent_id,
+                workflow_name=request.workflow_name,
+                created_after=convert.optional_timestamp_in(request, "created_after"),
+                created_before=convert.optional_timestamp_in(request, "created_before"),
             ),
+            request.order_by,
+            convert.run_view_in(request.view, "view"),
         )
         return pb.ListWorkflowRunsResponse(
             runs=[convert.run(run) for run in page.items], next_page_token=page.next_page_token
+        )
+
+    async def ListWorkflowRunTasks(  # noqa: N802
+        self, request: pb.ListWorkflowRunTasksRequest, context: Context
+    ) -> pb.ListWorkflowRunTasksResponse:
+        page = await self._engine.list_run_tasks(
+            request.run_id, request.page_size, request.page_token
+        )
+        return pb.ListWorkflowRunTasksResponse(
+            tasks=[convert.task_run(task) for task in page.items],
+            next_page_token=page.next_page_token,
         )
 
     async def CancelWorkflowRun(  # noqa: N802
         self, request: pb.CancelWorkflowRunRequest, context: Context
     ) -> pb.CancelWorkflowRunResponse:
         run = await self._engine.cancel_run(request.run_id)
-        return pb.CancelWorkflowRunResponse(run=convert.run(run))
+        return pb.CancelWorkflowRunResponse(run=self._whole_run(run))
 
     async def StreamTasks(  # type: ignore[override]  # noqa: N802 - writes, see below
         self, request: pb.StreamTasksRequest, context: Context

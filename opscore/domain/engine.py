@@ -32,6 +32,7 @@ from opscore.domain import validation
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
+from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
@@ -44,10 +45,13 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunFilter,
+    RunView,
+    TaskRun,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, Budget, WireSizes, response_bytes
 from opscore.domain.validation import Limits, check_id, raise_if
 from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
 from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
@@ -79,6 +83,8 @@ class EngineSettings:
     streams: StreamLimits = field(default_factory=StreamLimits)
     quarantine_after: int = 3
     """Lease expiries in a row that put an agent in ERROR (see `Effects.quarantined`)."""
+    response_bytes: int = response_bytes(DEFAULT_CLIENT_MESSAGE_BYTES)
+    """Bytes of runs and tasks one response may carry (see `responses.response_bytes`)."""
 
 
 class Admission(Protocol):
@@ -99,10 +105,12 @@ class Engine:
         *,
         admission: Admission,
         encode: Encode,
+        sizes: WireSizes,
         now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._store = store
         self._settings = settings
+        self._budget = Budget(settings.response_bytes, sizes)
         self._admission = admission
         self._now = now
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
@@ -264,7 +272,7 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_agents(size, page_token, state, capability)
+        return await self._store.list_agents(size, page_token, state, capability, self._budget)
 
     # Streams -------------------------------------------------------------------------------
 
@@ -348,6 +356,7 @@ class Engine:
         violations = list(validation.check_definition(draft, "definition.", self._settings.limits))
         violations.extend(check_id(request_id, "request_id", required=False))
         raise_if(violations)
+        raise_if(self._check_readable(draft))
         self._admission.admit_new_work()
         definition = await self._store.create_definition(draft, request_id, self._now())
         log.info(
@@ -360,6 +369,30 @@ class Engine:
         )
         return definition
 
+    def _check_readable(self, draft: DefinitionDraft) -> list[FieldViolation]:
+        """A definition is stored only if a client with the default message limit can read it
+        back: a request under a raised OPSCORE_MAX_MESSAGE_BYTES can hold a larger one, and so,
+        by a few bytes, can a request at the limit, since the server adds its id and version."""
+        stored = WorkflowDefinition(
+            definition_id=new_id(),
+            workflow_name=draft.workflow_name,
+            version=2**31 - 1,
+            description=draft.description,
+            tasks=draft.tasks,
+            created_at=self._now(),
+        )
+        size = self._budget.sizes.definition(stored)
+        if size <= self._budget.bytes:
+            return []
+        return [
+            FieldViolation(
+                "definition",
+                f"takes {size} bytes in a response, more than the {self._budget.bytes} one "
+                "response may carry",
+                over_limit=True,
+            )
+        ]
+
     async def get_definition(self, definition_id: str) -> WorkflowDefinition:
         """One definition."""
         raise_if(check_id(definition_id, "definition_id"))
@@ -368,7 +401,7 @@ class Engine:
     async def list_definitions(
         self, page_size: int, page_token: str, workflow_name: str
     ) -> Page[WorkflowDefinition]:
-        """A page of definitions."""
+        """A page of definitions, cut to fit one response."""
         raise_if(
             [
                 *validation.check_page(page_size),
@@ -376,12 +409,12 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_definitions(size, page_token, workflow_name)
+        return await self._store.list_definitions(size, page_token, workflow_name, self._budget)
 
     # Runs ----------------------------------------------------------------------------------
 
     async def trigger(self, request: TriggerRequest) -> WorkflowRun:
-        """Start a run; a repeated request_id returns the first run."""
+        """Start a run; a repeated request_id returns the first run, whole (see `fit_run`)."""
         raise_if(self._check_trigger(request))
         self._admission.admit_new_work()
 
@@ -435,32 +468,53 @@ class Engine:
         violations.extend(validation.check_payload(request.input, "input", self._settings.limits))
         return violations
 
-    async def get_run(self, run_id: str) -> WorkflowRun:
-        """One run with its tasks."""
+    async def get_run(self, run_id: str, view: RunView | None = None) -> WorkflowRun:
+        """One run in `view` (FULL by default): with as many of its tasks as fit in one
+        response."""
         raise_if(check_id(run_id, "run_id"))
-        return await self._store.get_run(run_id)
+        return await self._store.read_run(run_id, view or RunView.FULL, self._budget)
 
     async def list_runs(
-        self, page_size: int, page_token: str, where: RunFilter
+        self,
+        page_size: int,
+        page_token: str,
+        where: RunFilter,
+        order_by: str = "",
+        view: RunView | None = None,
     ) -> Page[WorkflowRun]:
-        """A page of the runs `where` matches."""
-        raise_if(
-            [
-                *validation.check_page(page_size),
-                *check_id(where.definition_id, "definition_id", required=False),
-                *check_id(where.agent_id, "agent_id", required=False),
-            ]
-        )
+        """A page of the runs `where` matches, in the order `order_by` names (newest first by
+        default), in `view` (BASIC by default), cut to fit one response."""
+        raise_if([*validation.check_page(page_size), *validation.check_run_filter(where)])
+        order = validation.run_order(order_by)
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_runs(size, page_token, where)
+        return await self._store.list_runs(
+            size, page_token, where, order, view or RunView.BASIC, self._budget
+        )
+
+    async def list_run_tasks(self, run_id: str, page_size: int, page_token: str) -> Page[TaskRun]:
+        """A page of a run's tasks in definition order, cut to fit one response."""
+        raise_if([*check_id(run_id, "run_id"), *validation.check_page(page_size)])
+        size = validation.page_size_or_default(page_size, self._settings.limits)
+        return await self._store.list_run_tasks(run_id, size, page_token, self._budget)
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
-        """Cancel an unfinished run; agents holding its tasks are told to stop."""
+        """Cancel an unfinished run; agents holding its tasks are told to stop. The run is
+        returned whole (see `fit_run`)."""
         raise_if(check_id(run_id, "run_id"))
         run, _ = await self._store.cancel_run(
             run_id, self._now(), lambda result: self._apply(result[1])
         )
         return run
+
+    @property
+    def response_bytes(self) -> int:
+        """Bytes of runs and tasks one response may carry."""
+        return self._budget.bytes
+
+    def fit_run(self, run: WorkflowRun) -> WorkflowRun:
+        """A run read whole (as a trigger or a cancellation returns it) that is too large for
+        one response, cut to fit: as many of its tasks as fit, and a token for the rest."""
+        return self._store.fit_run(run, self._budget)
 
     # Results -------------------------------------------------------------------------------
 

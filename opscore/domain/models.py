@@ -231,6 +231,27 @@ class WorkflowRun:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    task_counts: tuple[tuple[TaskState, int], ...] = ()
+    """How many of its tasks are in each state: the states with any, in TaskState's order."""
+    next_task_page_token: str = ""
+    """Set when `tasks` holds only the first of the run's tasks (the rest did not fit in one
+    response): the page token of the listing of its tasks that continues with the next."""
+
+
+class RunView(enum.Enum):
+    """How much of a run a read returns."""
+
+    BASIC = "basic"
+    """The run's own fields, its input and its task counts, without its tasks."""
+    FULL = "full"
+    """BASIC and the run's tasks, as many as fit in one response."""
+
+
+class RunOrder(enum.Enum):
+    """The order of a listing of runs: by creation time, then by id, in one direction."""
+
+    NEWEST_FIRST = "created_at desc"
+    OLDEST_FIRST = "created_at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +351,11 @@ class RunFilter:
     state: RunState | None = None
     definition_id: str = ""
     agent_id: str = ""
+    workflow_name: str = ""
+    created_after: datetime | None = None
+    """Runs created at or after this time."""
+    created_before: datetime | None = None
+    """Runs created before this time."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from opscore.domain.models import (
     DefinitionDraft,
     JsonObject,
     RetryPolicy,
+    RunFilter,
+    RunOrder,
     TaskSpec,
 )
 
@@ -362,3 +364,36 @@ def page_size_or_default(page_size: int, limits: Limits) -> int:
     if page_size == 0:
         return limits.default_page_size
     return min(page_size, limits.max_page_size)
+
+
+_ORDERS = {
+    "": RunOrder.NEWEST_FIRST,
+    "created_at desc": RunOrder.NEWEST_FIRST,
+    "created_at": RunOrder.OLDEST_FIRST,
+    "created_at asc": RunOrder.OLDEST_FIRST,
+}
+
+
+def run_order(order_by: str) -> RunOrder:
+    """The order an `order_by` of a listing of runs names (AIP-132: a field, then `asc` or
+    `desc`; spaces between words are free); INVALID_ARGUMENT for any other."""
+    order = _ORDERS.get(" ".join(order_by.split()))
+    if order is None:
+        raise InvalidArgument.single(
+            "order_by", 'must be "created_at desc" (the default), "created_at" or "created_at asc"'
+        )
+    return order
+
+
+def check_run_filter(where: RunFilter) -> Iterator[FieldViolation]:
+    """The ids and name of a listing's filter are well-formed, and its time window is not
+    empty by construction."""
+    yield from check_id(where.definition_id, "definition_id", required=False)
+    yield from check_id(where.agent_id, "agent_id", required=False)
+    yield from check_text(where.workflow_name, "workflow_name", MAX_NAME_LENGTH)
+    if (
+        where.created_after is not None
+        and where.created_before is not None
+        and where.created_before <= where.created_after
+    ):
+        yield FieldViolation("created_before", "must be later than created_after")

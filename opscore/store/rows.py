@@ -25,6 +25,7 @@ from opscore.domain.models import (
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.responses import count_states
 
 TASK_STATES: dict[str, TaskState] = {state.value: state for state in TaskState}
 """Stored task states to the enum: a dictionary lookup, where calling the enum costs a
@@ -253,8 +254,13 @@ def ready_task(row: Any) -> ReadyTask:
     )
 
 
-def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
-    """A `runs` row and its tasks as a domain run, tasks in definition order."""
+def workflow_run(
+    row: Row[Any],
+    tasks: list[TaskRun],
+    task_counts: tuple[tuple[TaskState, int], ...] | None = None,
+) -> WorkflowRun:
+    """A `runs` row and its tasks as a domain run, tasks in definition order; its task counts
+    are counted from `tasks` unless given."""
     return WorkflowRun(
         run_id=row.run_id,
         definition_id=row.definition_id or "",
@@ -266,4 +272,5 @@ def workflow_run(row: Row[Any], tasks: list[TaskRun]) -> WorkflowRun:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        task_counts=count_states(tasks) if task_counts is None else task_counts,
     )

@@ -111,18 +111,30 @@ class DefinitionRow(Base):
     created_at: Mapped[datetime]
 
 
+RUN_FILTER_COLUMNS = ("state", "definition_id", "agent_id", "workflow_name")
+"""The columns a listing of runs filters on by equality."""
+
+
 class RunRow(Base):
     """A workflow run. Its tasks carry their specs, so a run never depends on its definition."""
 
     __tablename__ = "runs"
+    __table_args__ = (
+        # Listings read runs by creation time and id, newest or oldest first, from a page
+        # token's key on: one index for the whole table, and one for each filter, which each
+        # lead with the filtered column (and serve look-ups by it alone as well).
+        Index("ix_runs_created_at_run_id", "created_at", "run_id"),
+        *(
+            Index(f"ix_runs_{column}_created_at_run_id", column, "created_at", "run_id")
+            for column in RUN_FILTER_COLUMNS
+        ),
+    )
 
     run_id: Mapped[str] = mapped_column(ID, primary_key=True)
-    definition_id: Mapped[str | None] = mapped_column(
-        ID, ForeignKey("definitions.definition_id"), index=True
-    )
+    definition_id: Mapped[str | None] = mapped_column(ID, ForeignKey("definitions.definition_id"))
     workflow_name: Mapped[str] = mapped_column(String(200))
-    agent_id: Mapped[str | None] = mapped_column(ID, index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    agent_id: Mapped[str | None] = mapped_column(ID)
+    state: Mapped[str] = mapped_column(String(16))
     input: Mapped[dict[str, Any]]
     request_id: Mapped[str | None] = mapped_column(ID, unique=True)
     created_at: Mapped[datetime]
@@ -144,6 +156,8 @@ class TaskRow(Base):
         Index("ix_tasks_queued", "queued_at", "task_id", **_in_state(TaskState.QUEUED)),
         Index("ix_tasks_assigned_deadline", "deadline", **_in_state(TaskState.ASSIGNED)),
         Index("ix_tasks_assigned_agent_id", "agent_id", **_in_state(TaskState.ASSIGNED)),
+        # A run's tasks in definition order, from a page token's position on.
+        Index("ix_tasks_run_id_position", "run_id", "position"),
     )
 
     task_id: Mapped[str] = mapped_column(ID, primary_key=True)

@@ -593,6 +593,15 @@ def rpc_requests(world: World) -> dict[str, st.SearchStrategy[Message]]:
             state=enum_numbers,
             definition_id=optional_ids(world.definitions),
             agent_id=optional_ids(world.agents),
+            view=enum_numbers,
+            workflow_name=st.one_of(st.just(""), st.sampled_from(world.names), hostile_text),
+            order_by=st.one_of(st.sampled_from(sorted(RUN_ORDERS)), hostile_text),
+        ),
+        "ListWorkflowRunTasks": st.builds(
+            service.ListWorkflowRunTasksRequest,
+            run_id=ids(world.runs),
+            page_size=page_sizes,
+            page_token=page_tokens(world),
         ),
         "CancelWorkflowRun": st.builds(service.CancelWorkflowRunRequest, run_id=ids(world.runs)),
         "CompleteTask": result_requests(world, "CompleteTask"),
@@ -617,6 +626,7 @@ RPCS = [
     "TriggerWorkflow[definition]",
     "GetWorkflowRun",
     "ListWorkflowRuns",
+    "ListWorkflowRunTasks",
     "CancelWorkflowRun",
     "CompleteTask",
     "FailTask",
@@ -656,6 +666,7 @@ REQUIRED_IDS = {
     "StreamTasksRequest": ("agent_id",),
     "GetWorkflowDefinitionRequest": ("definition_id",),
     "GetWorkflowRunRequest": ("run_id",),
+    "ListWorkflowRunTasksRequest": ("run_id",),
     "CancelWorkflowRunRequest": ("run_id",),
     "CompleteTaskRequest": ("task_id", "agent_id"),
     "FailTaskRequest": ("task_id", "agent_id"),
@@ -817,6 +828,19 @@ def definition_problems(message: workflow_pb2.WorkflowDefinition, limits: Limits
     return found
 
 
+RUN_ORDERS = {"", "created_at", "created_at asc", "created_at desc"}
+"""The order_by values of ListWorkflowRuns, words apart by any spaces."""
+
+
+def _run_listing_problems(request: workflow_service_pb2.ListWorkflowRunsRequest) -> Iterator[str]:
+    if not 0 <= request.view <= 2:
+        yield f"view {request.view} is unknown"
+    if " ".join(request.order_by.split()) not in RUN_ORDERS:
+        yield f"order_by {request.order_by[:40]!r} is not an order"
+    if len(request.workflow_name) > MAX_NAME or "\x00" in request.workflow_name:
+        yield "workflow_name is too long or holds a NUL"
+
+
 def _request_rules(request: Message, limits: Limits) -> Iterator[str]:  # noqa: PLR0912
     """The rules specific to each request type."""
     kind = type(request).__name__
@@ -831,12 +855,19 @@ def _request_rules(request: Message, limits: Limits) -> Iterator[str]:  # noqa: 
     elif isinstance(request, agent_lifecycle_pb2.ReportStateRequest):
         if request.state not in (1, 2, 3):
             yield f"state {request.state} is not IDLE, BUSY or ERROR"
-    elif kind in ("ListAgentsRequest", "ListWorkflowRunsRequest", "ListWorkflowDefinitionsRequest"):
+    elif kind in (
+        "ListAgentsRequest",
+        "ListWorkflowRunsRequest",
+        "ListWorkflowDefinitionsRequest",
+        "ListWorkflowRunTasksRequest",
+    ):
         if request.page_size < 0:  # type: ignore[attr-defined]
             yield "page_size is negative"
         states = {"ListAgentsRequest": 4, "ListWorkflowRunsRequest": 5}
         if kind in states and not 0 <= request.state <= states[kind]:  # type: ignore[attr-defined]
             yield f"state {request.state} is unknown"  # type: ignore[attr-defined]
+        if isinstance(request, workflow_service_pb2.ListWorkflowRunsRequest):
+            yield from _run_listing_problems(request)
     elif isinstance(request, workflow_service_pb2.CreateWorkflowDefinitionRequest):
         yield from definition_problems(request.definition, limits)
     elif isinstance(request, workflow_service_pb2.TriggerWorkflowRequest):

@@ -46,7 +46,7 @@ async def all_definitions(client: Client) -> list[workflow_pb2.WorkflowDefinitio
 
 async def all_runs(client: Client) -> dict[str, workflow_pb2.WorkflowRun]:
     response = await client.workflows.ListWorkflowRuns(
-        workflow_service_pb2.ListWorkflowRunsRequest()
+        workflow_service_pb2.ListWorkflowRunsRequest(view=workflow_pb2.WORKFLOW_RUN_VIEW_FULL)
     )
     assert not response.next_page_token
     return {run.run_id: run for run in response.runs}

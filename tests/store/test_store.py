@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
+from opscore.api.convert import WireSizes
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from opscore.domain.models import (
     AgentRegistration,
@@ -22,14 +23,19 @@ from opscore.domain.models import (
     DefinitionDraft,
     Effects,
     JsonObject,
+    Page,
     ReadyTask,
     ReportedState,
     RetryPolicy,
     RunFilter,
+    RunOrder,
     RunState,
+    RunView,
     TaskSpec,
     TaskState,
+    WorkflowRun,
 )
+from opscore.domain.responses import Budget
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
@@ -41,6 +47,17 @@ from opscore.store.writer import QUIET_SPELL, Tx, Writer
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=1)
+
+
+BUDGET = Budget(4 * 1024 * 1024, WireSizes())
+
+
+def list_runs(store: Store, page_token: str = "") -> Awaitable[Page[WorkflowRun]]:
+    """The first page (or the page of `page_token`) of every run, newest first, without
+    tasks."""
+    return store.list_runs(
+        10, page_token, RunFilter(), RunOrder.NEWEST_FIRST, RunView.BASIC, BUDGET
+    )
 
 
 def ignore(_: object) -> None:
@@ -156,7 +173,7 @@ async def test_list_agents_filters_by_derived_state_and_capability(store: Store)
     await store.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
 
     async def ids(state: AgentState | None, capability: str = "") -> list[str]:
-        page = await store.list_agents(100, "", state, capability)
+        page = await store.list_agents(100, "", state, capability, BUDGET)
         return [agent.agent_id for agent in page.items]
 
     assert await ids(AgentState.IDLE) == ["idle"]
@@ -175,7 +192,7 @@ async def test_a_full_agent_is_busy(store: Store) -> None:
     await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
     agent = await store.get_agent("w")
     assert (agent.running_tasks, agent.state) == (1, AgentState.BUSY)
-    busy = await store.list_agents(10, "", AgentState.BUSY, "")
+    busy = await store.list_agents(10, "", AgentState.BUSY, "", BUDGET)
     assert [a.agent_id for a in busy.items] == ["w"]
 
 
@@ -185,7 +202,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page = await store.list_agents(3, token, None, "")
+        page = await store.list_agents(3, token, None, "", BUDGET)
         seen.extend(agent.agent_id for agent in page.items)
         token = page.next_page_token
         if not token:
@@ -195,7 +212,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
 
 async def test_forged_page_token_is_invalid_argument(store: Store) -> None:
     with pytest.raises(InvalidArgument) as raised:
-        await store.list_runs(10, "%%%not-base64%%%", RunFilter())
+        await list_runs(store, "%%%not-base64%%%")
     assert raised.value.violations[0].field == "page_token"
 
 
@@ -206,9 +223,9 @@ async def test_definitions_are_versioned_by_name_and_idempotent(store: Store) ->
     assert again.definition_id == first.definition_id
     assert (first.version, second.version) == (1, 2)
     assert first.tasks == diamond().tasks
-    listed = await store.list_definitions(10, "", "diamond")
+    listed = await store.list_definitions(10, "", "diamond", BUDGET)
     assert [d.version for d in listed.items] == [1, 2]
-    assert (await store.list_definitions(10, "", "other")).items == ()
+    assert (await store.list_definitions(10, "", "other", BUDGET)).items == ()
 
 
 async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
@@ -229,7 +246,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     assert assignment is not None
     assert assignment.input == {"k": 2, "extra": True}
     assert assignment.deadline == NOW + TIMEOUT
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
 
     effects = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert sorted(t.task_id for t in effects.queued) == sorted(
@@ -244,7 +261,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         assert handed is not None
         assert handed.dependency_outputs == {"a": {"out": "a"}}
         await complete(store, ready.task_id, "w", 1, {"out": handed.task_name})
-    final = await store.get_run(run.run_id)
+    final = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     last = final.tasks[3]
     assert last.state is TaskState.QUEUED
     [handed] = await store.assign([(last.ready(), "w")], NOW, TIMEOUT, ignore)
@@ -252,7 +269,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
     done = await complete(store, last.task_id, "w", 1, {})
     assert done.finished_runs == [(run.run_id, RunState.SUCCEEDED)]
-    finished = await store.get_run(run.run_id)
+    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.finished_at == NOW
     assert finished.tasks[0].output == {"out": "a"}
@@ -268,7 +285,7 @@ async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
         await complete(store, ready.task_id, "w", 2, {})
     with pytest.raises(NotFound):
         await complete(store, "no-such-task", "w", 1, {})
-    task = (await store.get_run(ready.run_id)).tasks[0]
+    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
 
 
@@ -289,7 +306,7 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
         ("w2", y.task_id, "run failed")
     ]
     assert {h.agent_id for h in effects.released} == {"w1", "w2"}
-    run = await store.get_run(created.run.run_id)
+    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert [t.state for t in run.tasks] == [TaskState.FAILED, TaskState.SKIPPED, TaskState.SKIPPED]
     assert run.tasks[0].error == "boom"
     assert await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore) == Effects()
@@ -317,7 +334,7 @@ async def test_trigger_checks_its_references(store: Store) -> None:
     await store.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
         await start(store, None, workflow_name="diamond", agent_id="x")
-    assert (await store.list_runs(10, "", RunFilter())).items == ()
+    assert (await list_runs(store)).items == ()
 
 
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
@@ -514,7 +531,7 @@ async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     assert results[0] is None
     assert isinstance(results[1], NotFound)
     assert (await store.get_agent("w")).last_seen_at == later
-    assert len((await store.list_definitions(10, "", "")).items) == 1
+    assert len((await store.list_definitions(10, "", "", BUDGET)).items) == 1
 
 
 async def test_a_failing_commit_callback_stops_the_writer_without_writing_twice(
@@ -558,7 +575,7 @@ async def test_completions_in_one_batch_move_their_run_once(store: Store) -> Non
         complete(store, c.task_id, "w", 1, {"out": "c"}),
     )
     assert store._writer.batches == before + 1
-    run = await store.get_run(created.run.run_id)
+    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert first.queued == []  # d still waited for c when b's result was recorded
     assert [t.task_id for t in second.queued] == [run.tasks[3].task_id]
     assert [t.state for t in run.tasks] == [TaskState.SUCCEEDED] * 3 + [TaskState.QUEUED]
@@ -579,7 +596,7 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert [h.task_id for h in first.released] == [ready.task_id]
     assert again == Effects()
     assert isinstance(stranger, FailedPrecondition)
-    task = (await store.get_run(ready.run_id)).tasks[0]
+    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
 
 
@@ -602,7 +619,7 @@ async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store
     assert isinstance(ghost, NotFound)
     assert isinstance(other, CreatedRun)
     assert other.created
-    listed = await store.list_runs(10, "", RunFilter())
+    listed = await list_runs(store)
     assert sorted(run.run_id for run in listed.items) == sorted(
         [first.run.run_id, other.run.run_id]
     )
@@ -645,7 +662,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store
 
     store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    task = (await store.get_run(created.run.run_id)).tasks[0]
+    task = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
     assert seen == [[task.task_id]]
 
@@ -720,7 +737,7 @@ async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) 
         changes.flush()
 
     await store.database.run(change, write=True)
-    tasks = (await store.get_run(created.run.run_id)).tasks
+    tasks = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks
     assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
 
 
@@ -767,7 +784,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         for ready in effects.queued:
             await elsewhere.assign([(ready, "w")], NOW, TIMEOUT, ignore)
             await complete(elsewhere, ready.task_id, "w", 1, {})
-        after = await elsewhere.get_run(run.run_id)
+        after = await elsewhere.read_run(run.run_id, RunView.FULL, BUDGET)
         # c succeeded, so its fallback is skipped: the fallback came from the shape read too.
         assert [t.state for t in after.tasks] == [TaskState.SUCCEEDED] * 3 + [
             TaskState.SKIPPED,
@@ -817,7 +834,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         (await start(store, detailed, run_input={"extra": None})).run,
     ]
     for run in runs:
-        assert await store.get_run(run.run_id) == run
+        assert await store.read_run(run.run_id, RunView.FULL, BUDGET) == run
     assert [t.state for t in runs[0].tasks] == [
         TaskState.QUEUED,
         TaskState.PENDING,
@@ -901,7 +918,7 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
         ),
     )
     run = (await start(store, draft)).run
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
     by_name = {task.name: task.task_id for task in run.tasks}
 
     def handed(name: str) -> Assignment:
@@ -923,7 +940,7 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
     await complete(store, by_name["f"], "w", 1, {"from": "f"})
     assert handed("d").dependency_outputs == {"b": {"from": "b"}, "c": {"from": "f"}}
     await complete(store, by_name["d"], "w", 1, {})
-    finished = await store.get_run(run.run_id)
+    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.started_at == NOW
 
@@ -942,7 +959,7 @@ async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: St
         ),
     )
     run = (await start(store, draft, agent_id="w", run_input={"k": 0})).run
-    assert (await store.get_run(run.run_id)).state is RunState.RUNNING
+    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
     again = {item.task_id: item for item in (await store.connect_agent("w", NOW, ignore)).held}
     assert {item.task_name for item in placed} == {"a", "b"}
     for item in placed:

@@ -331,14 +331,18 @@ Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
 
 @_typing.final
 class ListAgentsResponse(_message.Message):
-    """ListAgentsResponse is one page of agents."""
+    """ListAgentsResponse is one page of agents. A page may hold fewer than page_size agents
+    when more would not fit in one response message; next_page_token then continues.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token for the next page; empty on the last page."""
+    """Token for the next page; empty on the last page. Valid only with the same filters as the
+    request that received it.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Agent]:
         """The agents of this page."""

@@ -102,6 +102,34 @@ TASK_STATE_SKIPPED: TaskState.ValueType  # 7
 """Never ran: its run failed first, or it is a fallback whose task succeeded."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _WorkflowRunView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkflowRunViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkflowRunView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKFLOW_RUN_VIEW_UNSPECIFIED: _WorkflowRunView.ValueType  # 0
+    """The RPC's default: FULL for GetWorkflowRun, BASIC for ListWorkflowRuns."""
+    WORKFLOW_RUN_VIEW_BASIC: _WorkflowRunView.ValueType  # 1
+    """The run's own fields, its input and its task counts, without its tasks."""
+    WORKFLOW_RUN_VIEW_FULL: _WorkflowRunView.ValueType  # 2
+    """BASIC and the run's tasks with their outputs, as many as fit in the response message; the
+    rest are paged with ListWorkflowRunTasks from the run's next_task_page_token.
+    """
+
+class WorkflowRunView(_WorkflowRunView, metaclass=_WorkflowRunViewEnumTypeWrapper):
+    """WorkflowRunView is how much of a run a response carries (AIP-157)."""
+
+WORKFLOW_RUN_VIEW_UNSPECIFIED: WorkflowRunView.ValueType  # 0
+"""The RPC's default: FULL for GetWorkflowRun, BASIC for ListWorkflowRuns."""
+WORKFLOW_RUN_VIEW_BASIC: WorkflowRunView.ValueType  # 1
+"""The run's own fields, its input and its task counts, without its tasks."""
+WORKFLOW_RUN_VIEW_FULL: WorkflowRunView.ValueType  # 2
+"""BASIC and the run's tasks with their outputs, as many as fit in the response message; the
+rest are paged with ListWorkflowRunTasks from the run's next_task_page_token.
+"""
+Global___WorkflowRunView: _TypeAlias = WorkflowRunView  # noqa: Y015
+
 @_typing.final
 class RetryPolicy(_message.Message):
     """RetryPolicy says how often, and how soon, a failed task is tried again."""
@@ -368,6 +396,8 @@ class WorkflowRun(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    TASK_COUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_TASK_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Server-assigned id of the run."""
     definition_id: _builtins.str
@@ -378,6 +408,12 @@ class WorkflowRun(_message.Message):
     """Current state."""
     workflow_name: _builtins.str
     """Name of the workflow (the definition's name, or the inline definition's)."""
+    next_task_page_token: _builtins.str
+    """Set when `tasks` was to hold the run's tasks (the FULL view) but they did not all fit in
+    one response message: `tasks` holds the first ones, and this is the page_token of
+    ListWorkflowRunTasks that continues with the next. Empty when `tasks` holds them all, and
+    in the BASIC view, which leaves the tasks out by design.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Input of the run, laid over each task's own input."""
@@ -398,6 +434,12 @@ class WorkflowRun(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When the run reached a final state."""
 
+    @_builtins.property
+    def task_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskStateCount]:
+        """How many of the run's tasks are in each state: the states with at least one task, in the
+        order of TaskState. Set in every view, whether or not `tasks` is.
+        """
+
     def __init__(
         self,
         *,
@@ -411,14 +453,42 @@ class WorkflowRun(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         workflow_name: _builtins.str = ...,
+        task_counts: _abc.Iterable[Global___TaskStateCount] | None = ...,
+        next_task_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "input", b"input", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "created_at", b"created_at", "definition_id", b"definition_id", "finished_at", b"finished_at", "input", b"input", "run_id", b"run_id", "started_at", b"started_at", "state", b"state", "tasks", b"tasks", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "created_at", b"created_at", "definition_id", b"definition_id", "finished_at", b"finished_at", "input", b"input", "next_task_page_token", b"next_task_page_token", "run_id", b"run_id", "started_at", b"started_at", "state", b"state", "task_counts", b"task_counts", "tasks", b"tasks", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowRun: _TypeAlias = WorkflowRun  # noqa: Y015
+
+@_typing.final
+class TaskStateCount(_message.Message):
+    """TaskStateCount is how many tasks of a run are in one state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: Global___TaskState.ValueType
+    """The state."""
+    count: _builtins.int
+    """How many of the run's tasks are in it (at least 1)."""
+    def __init__(
+        self,
+        *,
+        state: Global___TaskState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskStateCount: _TypeAlias = TaskStateCount  # noqa: Y015
 
 @_typing.final
 class TaskAssignment(_message.Message):

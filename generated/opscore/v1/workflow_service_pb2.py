@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from opscore.v1 import workflow_pb2 as opscore_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opscore/v1/workflow_service.proto\x12\nopscore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19opscore/v1/workflow.proto\"u\n\x1f\x43reateWorkflowDefinitionRequest\x12\x38\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"V\n CreateWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\";\n\x1cGetWorkflowDefinitionRequest\x12\x1b\n\rdefinition_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"S\n\x1dGetWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"p\n\x1eListWorkflowDefinitionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rworkflow_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x1fListWorkflowDefinitionsResponse\x12\x33\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xea\x01\n\x16TriggerWorkflowRequest\x12\x17\n\rdefinition_id\x18\x01 \x01(\tH\x00\x12\x17\n\rworkflow_name\x18\x02 \x01(\tH\x00\x12\x34\n\ndefinition\x18\x03 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionH\x00\x12\x16\n\x08\x61gent_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12,\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x42\x08\n\x06source\"?\n\x17TriggerWorkflowResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"-\n\x15GetWorkflowRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x16GetWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\xac\x01\n\x17ListWorkflowRunsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x14.opscore.v1.RunStateB\x04\xe2\x41\x01\x01\x12\x1b\n\rdefinition_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61gent_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.opscore.v1.WorkflowRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x18\x43\x61ncelWorkflowRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"A\n\x19\x43\x61ncelWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\",\n\x12StreamTasksRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x86\x01\n\x13StreamTasksResponse\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.opscore.v1.TaskAssignmentH\x00\x12\x34\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32\x1c.opscore.v1.TaskCancellationH\x00\x42\x07\n\x05\x65vent\"\x8a\x01\n\x13\x43ompleteTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12-\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\"\x16\n\x14\x43ompleteTaskResponse\"\x85\x01\n\x0f\x46\x61ilTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x13\n\x05\x65rror\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tretryable\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\x12\n\x10\x46\x61ilTaskResponse\"\x92\x01\n\x16\x45xtendTaskLeaseRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x32\n\textend_by\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02\"G\n\x17\x45xtendTaskLeaseResponse\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x08\n\x0fWorkflowService\x12u\n\x18\x43reateWorkflowDefinition\x12+.opscore.v1.CreateWorkflowDefinitionRequest\x1a,.opscore.v1.CreateWorkflowDefinitionResponse\x12l\n\x15GetWorkflowDefinition\x12(.opscore.v1.GetWorkflowDefinitionRequest\x1a).opscore.v1.GetWorkflowDefinitionResponse\x12r\n\x17ListWorkflowDefinitions\x12*.opscore.v1.ListWorkflowDefinitionsRequest\x1a+.opscore.v1.ListWorkflowDefinitionsResponse\x12Z\n\x0fTriggerWorkflow\x12\".opscore.v1.TriggerWorkflowRequest\x1a#.opscore.v1.TriggerWorkflowResponse\x12W\n\x0eGetWorkflowRun\x12!.opscore.v1.GetWorkflowRunRequest\x1a\".opscore.v1.GetWorkflowRunResponse\x12]\n\x10ListWorkflowRuns\x12#.opscore.v1.ListWorkflowRunsRequest\x1a$.opscore.v1.ListWorkflowRunsResponse\x12`\n\x11\x43\x61ncelWorkflowRun\x12$.opscore.v1.CancelWorkflowRunRequest\x1a%.opscore.v1.CancelWorkflowRunResponse\x12P\n\x0bStreamTasks\x12\x1e.opscore.v1.StreamTasksRequest\x1a\x1f.opscore.v1.StreamTasksResponse0\x01\x12Q\n\x0c\x43ompleteTask\x12\x1f.opscore.v1.CompleteTaskRequest\x1a .opscore.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.opscore.v1.FailTaskRequest\x1a\x1c.opscore.v1.FailTaskResponse\x12Z\n\x0f\x45xtendTaskLease\x12\".opscore.v1.ExtendTaskLeaseRequest\x1a#.opscore.v1.ExtendTaskLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opscore/v1/workflow_service.proto\x12\nopscore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19opscore/v1/workflow.proto\"u\n\x1f\x43reateWorkflowDefinitionRequest\x12\x38\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"V\n CreateWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\";\n\x1cGetWorkflowDefinitionRequest\x12\x1b\n\rdefinition_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"S\n\x1dGetWorkflowDefinitionResponse\x12\x32\n\ndefinition\x18\x01 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\"p\n\x1eListWorkflowDefinitionsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rworkflow_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x1fListWorkflowDefinitionsResponse\x12\x33\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1e.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xea\x01\n\x16TriggerWorkflowRequest\x12\x17\n\rdefinition_id\x18\x01 \x01(\tH\x00\x12\x17\n\rworkflow_name\x18\x02 \x01(\tH\x00\x12\x34\n\ndefinition\x18\x03 \x01(\x0b\x32\x1e.opscore.v1.WorkflowDefinitionH\x00\x12\x16\n\x08\x61gent_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12,\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x42\x08\n\x06source\"?\n\x17TriggerWorkflowResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"^\n\x15GetWorkflowRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x04view\x18\x02 \x01(\x0e\x32\x1b.opscore.v1.WorkflowRunViewB\x04\xe2\x41\x01\x01\">\n\x16GetWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\"\x85\x03\n\x17ListWorkflowRunsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x14.opscore.v1.RunStateB\x04\xe2\x41\x01\x01\x12\x1b\n\rdefinition_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08\x61gent_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x04view\x18\x06 \x01(\x0e\x32\x1b.opscore.v1.WorkflowRunViewB\x04\xe2\x41\x01\x01\x12\x1b\n\rworkflow_name\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\rcreated_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x63reated_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\n \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.opscore.v1.WorkflowRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"f\n\x1bListWorkflowRunTasksRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"[\n\x1cListWorkflowRunTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.opscore.v1.TaskRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x18\x43\x61ncelWorkflowRunRequest\x12\x14\n\x06run_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"A\n\x19\x43\x61ncelWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.opscore.v1.WorkflowRun\",\n\x12StreamTasksRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x86\x01\n\x13StreamTasksResponse\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.opscore.v1.TaskAssignmentH\x00\x12\x34\n\x0c\x63\x61ncellation\x18\x02 \x01(\x0b\x32\x1c.opscore.v1.TaskCancellationH\x00\x42\x07\n\x05\x65vent\"\x8a\x01\n\x13\x43ompleteTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12-\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\"\x16\n\x14\x43ompleteTaskResponse\"\x85\x01\n\x0f\x46\x61ilTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x13\n\x05\x65rror\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tretryable\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\x12\n\x10\x46\x61ilTaskResponse\"\x92\x01\n\x16\x45xtendTaskLeaseRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x32\n\textend_by\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02\"G\n\x17\x45xtendTaskLeaseResponse\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x93\t\n\x0fWorkflowService\x12u\n\x18\x43reateWorkflowDefinition\x12+.opscore.v1.CreateWorkflowDefinitionRequest\x1a,.opscore.v1.CreateWorkflowDefinitionResponse\x12l\n\x15GetWorkflowDefinition\x12(.opscore.v1.GetWorkflowDefinitionRequest\x1a).opscore.v1.GetWorkflowDefinitionResponse\x12r\n\x17ListWorkflowDefinitions\x12*.opscore.v1.ListWorkflowDefinitionsRequest\x1a+.opscore.v1.ListWorkflowDefinitionsResponse\x12Z\n\x0fTriggerWorkflow\x12\".opscore.v1.TriggerWorkflowRequest\x1a#.opscore.v1.TriggerWorkflowResponse\x12W\n\x0eGetWorkflowRun\x12!.opscore.v1.GetWorkflowRunRequest\x1a\".opscore.v1.GetWorkflowRunResponse\x12]\n\x10ListWorkflowRuns\x12#.opscore.v1.ListWorkflowRunsRequest\x1a$.opscore.v1.ListWorkflowRunsResponse\x12i\n\x14ListWorkflowRunTasks\x12\'.opscore.v1.ListWorkflowRunTasksRequest\x1a(.opscore.v1.ListWorkflowRunTasksResponse\x12`\n\x11\x43\x61ncelWorkflowRun\x12$.opscore.v1.CancelWorkflowRunRequest\x1a%.opscore.v1.CancelWorkflowRunResponse\x12P\n\x0bStreamTasks\x12\x1e.opscore.v1.StreamTasksRequest\x1a\x1f.opscore.v1.StreamTasksResponse0\x01\x12Q\n\x0c\x43ompleteTask\x12\x1f.opscore.v1.CompleteTaskRequest\x1a .opscore.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.opscore.v1.FailTaskRequest\x1a\x1c.opscore.v1.FailTaskResponse\x12Z\n\x0f\x45xtendTaskLease\x12\".opscore.v1.ExtendTaskLeaseRequest\x1a#.opscore.v1.ExtendTaskLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,6 +56,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGERWORKFLOWREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
   _globals['_GETWORKFLOWRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
   _globals['_GETWORKFLOWRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETWORKFLOWRUNREQUEST'].fields_by_name['view']._loaded_options = None
+  _globals['_GETWORKFLOWRUNREQUEST'].fields_by_name['view']._serialized_options = b'\342A\001\001'
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['page_token']._loaded_options = None
@@ -66,6 +68,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['definition_id']._serialized_options = b'\342A\001\001'
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['agent_id']._loaded_options = None
   _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['view']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['view']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['workflow_name']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['workflow_name']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['created_after']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['created_after']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['created_before']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['created_before']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['order_by']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNSREQUEST'].fields_by_name['order_by']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['run_id']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['run_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
   _globals['_CANCELWORKFLOWRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
   _globals['_CANCELWORKFLOWRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\342A\001\002'
   _globals['_STREAMTASKSREQUEST'].fields_by_name['agent_id']._loaded_options = None
@@ -113,33 +131,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_start=1021
   _globals['_TRIGGERWORKFLOWRESPONSE']._serialized_end=1084
   _globals['_GETWORKFLOWRUNREQUEST']._serialized_start=1086
-  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=1131
-  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_start=1133
-  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_end=1195
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1198
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1370
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1372
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1462
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1464
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1512
-  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_start=1514
-  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_end=1579
-  _globals['_STREAMTASKSREQUEST']._serialized_start=1581
-  _globals['_STREAMTASKSREQUEST']._serialized_end=1625
-  _globals['_STREAMTASKSRESPONSE']._serialized_start=1628
-  _globals['_STREAMTASKSRESPONSE']._serialized_end=1762
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1765
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1903
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1905
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1927
-  _globals['_FAILTASKREQUEST']._serialized_start=1930
-  _globals['_FAILTASKREQUEST']._serialized_end=2063
-  _globals['_FAILTASKRESPONSE']._serialized_start=2065
-  _globals['_FAILTASKRESPONSE']._serialized_end=2083
-  _globals['_EXTENDTASKLEASEREQUEST']._serialized_start=2086
-  _globals['_EXTENDTASKLEASEREQUEST']._serialized_end=2232
-  _globals['_EXTENDTASKLEASERESPONSE']._serialized_start=2234
-  _globals['_EXTENDTASKLEASERESPONSE']._serialized_end=2305
-  _globals['_WORKFLOWSERVICE']._serialized_start=2308
-  _globals['_WORKFLOWSERVICE']._serialized_end=3372
+  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=1180
+  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_start=1182
+  _globals['_GETWORKFLOWRUNRESPONSE']._serialized_end=1244
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1247
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1636
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1638
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1728
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST']._serialized_start=1730
+  _globals['_LISTWORKFLOWRUNTASKSREQUEST']._serialized_end=1832
+  _globals['_LISTWORKFLOWRUNTASKSRESPONSE']._serialized_start=1834
+  _globals['_LISTWORKFLOWRUNTASKSRESPONSE']._serialized_end=1925
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1927
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1975
+  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_start=1977
+  _globals['_CANCELWORKFLOWRUNRESPONSE']._serialized_end=2042
+  _globals['_STREAMTASKSREQUEST']._serialized_start=2044
+  _globals['_STREAMTASKSREQUEST']._serialized_end=2088
+  _globals['_STREAMTASKSRESPONSE']._serialized_start=2091
+  _globals['_STREAMTASKSRESPONSE']._serialized_end=2225
+  _globals['_COMPLETETASKREQUEST']._serialized_start=2228
+  _globals['_COMPLETETASKREQUEST']._serialized_end=2366
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=2368
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=2390
+  _globals['_FAILTASKREQUEST']._serialized_start=2393
+  _globals['_FAILTASKREQUEST']._serialized_end=2526
+  _globals['_FAILTASKRESPONSE']._serialized_start=2528
+  _globals['_FAILTASKRESPONSE']._serialized_end=2546
+  _globals['_EXTENDTASKLEASEREQUEST']._serialized_start=2549
+  _globals['_EXTENDTASKLEASEREQUEST']._serialized_end=2695
+  _globals['_EXTENDTASKLEASERESPONSE']._serialized_start=2697
+  _globals['_EXTENDTASKLEASERESPONSE']._serialized_end=2768
+  _globals['_WORKFLOWSERVICE']._serialized_start=2771
+  _globals['_WORKFLOWSERVICE']._serialized_end=3942
 # @@protoc_insertion_point(module_scope)

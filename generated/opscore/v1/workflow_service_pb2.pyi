@@ -152,14 +152,18 @@ Global___ListWorkflowDefinitionsRequest: _TypeAlias = ListWorkflowDefinitionsReq
 
 @_typing.final
 class ListWorkflowDefinitionsResponse(_message.Message):
-    """ListWorkflowDefinitionsResponse is one page of definitions."""
+    """ListWorkflowDefinitionsResponse is one page of definitions. A page may hold fewer than page_size definitions
+    when more would not fit in one response message; next_page_token then continues.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token for the next page; empty on the last page."""
+    """Token for the next page; empty on the last page. Valid only with the same filters as the
+    request that received it.
+    """
     @_builtins.property
     def definitions(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.WorkflowDefinition]:
         """The definitions of this page."""
@@ -257,16 +261,20 @@ class GetWorkflowRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run."""
+    view: _workflow_pb2.WorkflowRunView.ValueType
+    """How much of the run to return; UNSPECIFIED means FULL."""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        view: _workflow_pb2.WorkflowRunView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,7 +289,7 @@ class GetWorkflowRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> _workflow_pb2.WorkflowRun:
-        """The run with its tasks."""
+        """The run, in the view asked for."""
 
     def __init__(
         self,
@@ -307,6 +315,11 @@ class ListWorkflowRunsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DEFINITION_ID_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Most runs to return; 0 means 50, more than 1000 means 1000."""
     page_token: _builtins.str
@@ -317,6 +330,23 @@ class ListWorkflowRunsRequest(_message.Message):
     """Only runs of this definition; empty means any."""
     agent_id: _builtins.str
     """Only runs pinned to this agent; empty means any."""
+    view: _workflow_pb2.WorkflowRunView.ValueType
+    """How much of each run to return; UNSPECIFIED means BASIC (no tasks)."""
+    workflow_name: _builtins.str
+    """Only runs of this workflow (any version, inline definitions included); empty means any."""
+    order_by: _builtins.str
+    """The order of the runs: "created_at desc" (newest first, the default when empty) or
+    "created_at" ("created_at asc", oldest first). Runs created at the same time are ordered
+    by run_id, in the same direction.
+    """
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Only runs created at or after this time; unset means no lower bound."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Only runs created before this time; unset means no upper bound."""
+
     def __init__(
         self,
         *,
@@ -325,10 +355,15 @@ class ListWorkflowRunsRequest(_message.Message):
         state: _workflow_pb2.RunState.ValueType = ...,
         definition_id: _builtins.str = ...,
         agent_id: _builtins.str = ...,
+        view: _workflow_pb2.WorkflowRunView.ValueType = ...,
+        workflow_name: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        order_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "definition_id", b"definition_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "created_after", b"created_after", "created_before", b"created_before", "definition_id", b"definition_id", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,17 +371,21 @@ Global___ListWorkflowRunsRequest: _TypeAlias = ListWorkflowRunsRequest  # noqa: 
 
 @_typing.final
 class ListWorkflowRunsResponse(_message.Message):
-    """ListWorkflowRunsResponse is one page of runs."""
+    """ListWorkflowRunsResponse is one page of runs. A page may hold fewer than page_size runs
+    when more would not fit in one response message; next_page_token then continues.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token for the next page; empty on the last page."""
+    """Token for the next page; empty on the last page. Valid only with the same filters and
+    order_by as the request that received it.
+    """
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.WorkflowRun]:
-        """The runs of this page, with their tasks."""
+        """The runs of this page, in the view asked for."""
 
     def __init__(
         self,
@@ -361,6 +400,69 @@ class ListWorkflowRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkflowRunsResponse: _TypeAlias = ListWorkflowRunsResponse  # noqa: Y015
+
+@_typing.final
+class ListWorkflowRunTasksRequest(_message.Message):
+    """ListWorkflowRunTasksRequest asks for one page of a run's tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    page_size: _builtins.int
+    """Most tasks to return; 0 means 50, more than 1000 means 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or a run's next_task_page_token; empty for the
+    first page. Valid only for the run it was issued for.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkflowRunTasksRequest: _TypeAlias = ListWorkflowRunTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkflowRunTasksResponse(_message.Message):
+    """ListWorkflowRunTasksResponse is one page of a run's tasks. A page may hold fewer than
+    page_size tasks when more would not fit in one response message; next_page_token then
+    continues.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.TaskRun]:
+        """The tasks of this page, in the order of the run's definition, with their outputs."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[_workflow_pb2.TaskRun] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkflowRunTasksResponse: _TypeAlias = ListWorkflowRunTasksResponse  # noqa: Y015
 
 @_typing.final
 class CancelWorkflowRunRequest(_message.Message):

@@ -65,6 +65,11 @@ class WorkflowServiceStub:
                 request_serializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsRequest.SerializeToString,
                 response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsResponse.FromString,
                 _registered_method=True)
+        self.ListWorkflowRunTasks = channel.unary_unary(
+                '/opscore.v1.WorkflowService/ListWorkflowRunTasks',
+                request_serializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksRequest.SerializeToString,
+                response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksResponse.FromString,
+                _registered_method=True)
         self.CancelWorkflowRun = channel.unary_unary(
                 '/opscore.v1.WorkflowService/CancelWorkflowRun',
                 request_serializer=opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunRequest.SerializeToString,
@@ -125,14 +130,21 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetWorkflowRun(self, request, context):
-        """Returns one run with its tasks.
+        """Returns one run with its tasks (as many as fit in the response; see WorkflowRunView).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkflowRuns(self, request, context):
-        """Lists runs, oldest first, one page at a time.
+        """Lists runs, newest first unless ordered otherwise, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkflowRunTasks(self, request, context):
+        """Lists the tasks of one run, in the order of its definition, one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +217,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.ListWorkflowRuns,
                     request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsRequest.FromString,
                     response_serializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsResponse.SerializeToString,
+            ),
+            'ListWorkflowRunTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflowRunTasks,
+                    request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksRequest.FromString,
+                    response_serializer=opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksResponse.SerializeToString,
             ),
             'CancelWorkflowRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelWorkflowRun,
@@ -395,6 +412,33 @@ class WorkflowService:
             '/opscore.v1.WorkflowService/ListWorkflowRuns',
             opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsRequest.SerializeToString,
             opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflowRunTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opscore.v1.WorkflowService/ListWorkflowRunTasks',
+            opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksRequest.SerializeToString,
+            opscore_dot_v1_dot_workflow__service__pb2.ListWorkflowRunTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

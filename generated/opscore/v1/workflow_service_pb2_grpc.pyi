@@ -42,9 +42,11 @@ class WorkflowServiceStub:
     TriggerWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.TriggerWorkflowRequest, _workflow_service_pb2.TriggerWorkflowResponse]
     """Starts a run of a workflow."""
     GetWorkflowRun: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRunRequest, _workflow_service_pb2.GetWorkflowRunResponse]
-    """Returns one run with its tasks."""
+    """Returns one run with its tasks (as many as fit in the response; see WorkflowRunView)."""
     ListWorkflowRuns: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowRunsRequest, _workflow_service_pb2.ListWorkflowRunsResponse]
-    """Lists runs, oldest first, one page at a time."""
+    """Lists runs, newest first unless ordered otherwise, one page at a time."""
+    ListWorkflowRunTasks: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowRunTasksRequest, _workflow_service_pb2.ListWorkflowRunTasksResponse]
+    """Lists the tasks of one run, in the order of its definition, one page at a time."""
     CancelWorkflowRun: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRunRequest, _workflow_service_pb2.CancelWorkflowRunResponse]
     """Cancels an unfinished run."""
     StreamTasks: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.StreamTasksRequest, _workflow_service_pb2.StreamTasksResponse]
@@ -70,9 +72,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     TriggerWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.TriggerWorkflowRequest, _workflow_service_pb2.TriggerWorkflowResponse]  # type: ignore[assignment]
     """Starts a run of a workflow."""
     GetWorkflowRun: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRunRequest, _workflow_service_pb2.GetWorkflowRunResponse]  # type: ignore[assignment]
-    """Returns one run with its tasks."""
+    """Returns one run with its tasks (as many as fit in the response; see WorkflowRunView)."""
     ListWorkflowRuns: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowRunsRequest, _workflow_service_pb2.ListWorkflowRunsResponse]  # type: ignore[assignment]
-    """Lists runs, oldest first, one page at a time."""
+    """Lists runs, newest first unless ordered otherwise, one page at a time."""
+    ListWorkflowRunTasks: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowRunTasksRequest, _workflow_service_pb2.ListWorkflowRunTasksResponse]  # type: ignore[assignment]
+    """Lists the tasks of one run, in the order of its definition, one page at a time."""
     CancelWorkflowRun: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRunRequest, _workflow_service_pb2.CancelWorkflowRunResponse]  # type: ignore[assignment]
     """Cancels an unfinished run."""
     StreamTasks: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.StreamTasksRequest, _workflow_service_pb2.StreamTasksResponse]  # type: ignore[assignment]
@@ -125,7 +129,7 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_service_pb2.GetWorkflowRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.GetWorkflowRunResponse, _abc.Awaitable[_workflow_service_pb2.GetWorkflowRunResponse]]:
-        """Returns one run with its tasks."""
+        """Returns one run with its tasks (as many as fit in the response; see WorkflowRunView)."""
 
     @_abc_1.abstractmethod
     def ListWorkflowRuns(
@@ -133,7 +137,15 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_service_pb2.ListWorkflowRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.ListWorkflowRunsResponse, _abc.Awaitable[_workflow_service_pb2.ListWorkflowRunsResponse]]:
-        """Lists runs, oldest first, one page at a time."""
+        """Lists runs, newest first unless ordered otherwise, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def ListWorkflowRunTasks(
+        self,
+        request: _workflow_service_pb2.ListWorkflowRunTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ListWorkflowRunTasksResponse, _abc.Awaitable[_workflow_service_pb2.ListWorkflowRunTasksResponse]]:
+        """Lists the tasks of one run, in the order of its definition, one page at a time."""
 
     @_abc_1.abstractmethod
     def CancelWorkflowRun(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,10 +27,11 @@ from opscore.domain.models import (
     ReportedState,
     TaskState,
 )
+from opscore.domain.responses import Budget
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import READY_TASK_COLUMNS, OnCommit, StoreBase
-from opscore.store.queries.pages import decode_page_token, read_page
+from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
 
@@ -317,13 +319,18 @@ class AgentQueries(StoreBase):
         return await self._read(lambda conn: _get_agent(conn, agent_id))
 
     async def list_agents(
-        self, page_size: int, page_token: str, state: AgentState | None, capability: str
+        self,
+        page_size: int,
+        page_token: str,
+        state: AgentState | None,
+        capability: str,
+        budget: Budget,
     ) -> Page[Agent]:
-        """A page of agents by id, filtered by derived state and capability."""
-        after = decode_page_token(page_token)
+        """A page of agents by id, filtered by derived state and capability, cut to fit
+        `budget`."""
 
         def op(conn: Connection) -> Page[Agent]:
-            query = select(AGENTS, _running_count.label("running"))
+            query = select(AGENTS, _running_count.label("running")).order_by(AGENTS.c.agent_id)
             if capability:
                 query = query.where(
                     select(CAPABILITIES.c.agent_id)
@@ -335,12 +342,25 @@ class AgentQueries(StoreBase):
                 )
             if state is not None:
                 query = query.where(_state_condition(state))
-            page, token = read_page(conn, query, AGENTS.c.agent_id, after, page_size)
-            capabilities = _capabilities_of(conn, [row.agent_id for row in page])
-            agents = tuple(
-                rows.agent(row, capabilities.get(row.agent_id, ()), row.running) for row in page
+
+            def fetch(start: str | None, limit: int) -> list[Agent]:
+                chunk = query if start is None else query.where(AGENTS.c.agent_id >= start)
+                found = conn.execute(chunk.limit(limit)).all()
+                capabilities = _capabilities_of(conn, [row.agent_id for row in found])
+                return [
+                    rows.agent(row, capabilities.get(row.agent_id, ()), row.running)
+                    for row in found
+                ]
+
+            return read_id_page(
+                fetch,
+                lambda agent: agent.agent_id,
+                budget.sizes.agent,
+                page_size,
+                page_token,
+                json.dumps(["agents", "" if state is None else state.value, capability]),
+                budget.bytes,
             )
-            return Page(agents, token)
 
         return await self._read(op)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from sqlalchemy import bindparam, func, insert, select
@@ -10,11 +11,14 @@ from sqlalchemy.engine import Connection
 from opscore.domain.errors import NotFound
 from opscore.domain.ids import new_id
 from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
+from opscore.domain.responses import Budget
 from opscore.store import rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import StoreBase
-from opscore.store.queries.pages import decode_page_token, read_page
+from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import DEFINITIONS
+
+_ID = DEFINITIONS.c.definition_id
 
 LATEST_DEFINITION = Prepared(
     select(DEFINITIONS.c.definition_id)
@@ -52,17 +56,28 @@ class DefinitionQueries(StoreBase):
         return await self._read(op)
 
     async def list_definitions(
-        self, page_size: int, page_token: str, name: str
+        self, page_size: int, page_token: str, name: str, budget: Budget
     ) -> Page[WorkflowDefinition]:
-        """A page of definitions, oldest first (ids sort by creation time)."""
-        after = decode_page_token(page_token)
+        """A page of definitions, oldest first (ids sort by creation time), cut to fit
+        `budget`."""
+        query = select(DEFINITIONS).order_by(_ID)
+        if name:
+            query = query.where(DEFINITIONS.c.name == name)
 
         def op(conn: Connection) -> Page[WorkflowDefinition]:
-            query = select(DEFINITIONS)
-            if name:
-                query = query.where(DEFINITIONS.c.name == name)
-            page, token = read_page(conn, query, DEFINITIONS.c.definition_id, after, page_size)
-            return Page(tuple(rows.definition(row) for row in page), token)
+            def fetch(start: str | None, limit: int) -> list[WorkflowDefinition]:
+                chunk = query if start is None else query.where(start <= _ID)
+                return [rows.definition(row) for row in conn.execute(chunk.limit(limit))]
+
+            return read_id_page(
+                fetch,
+                lambda definition: definition.definition_id,
+                budget.sizes.definition,
+                page_size,
+                page_token,
+                json.dumps(["definitions", name]),
+                budget.bytes,
+            )
 
         return await self._read(op)
 

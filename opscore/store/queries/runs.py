@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, insert, literal, select, tuple_
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
-from opscore.domain.ids import new_id, new_ids
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
+from opscore.domain.ids import is_valid_id, new_id, new_ids
 from opscore.domain.models import (
     DefinitionDraft,
     Effects,
     JsonObject,
     Page,
     RunFilter,
+    RunOrder,
     RunState,
+    RunView,
+    TaskRun,
+    TaskState,
     WorkflowRun,
 )
+from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
 from opscore.store.prepared import Prepared
 from opscore.store.queries.agents import KNOWN_AGENTS
 from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
-from opscore.store.queries.pages import decode_page_token, read_page
+from opscore.store.queries.pages import read_by_bytes, scoped_key, scoped_token
 from opscore.store.tables import RUNS, TASKS
 from opscore.store.templates import NewTasks, RunTemplate
 from opscore.store.writer import Tx
@@ -49,6 +56,27 @@ _RUNS_BY_REQUEST = select(RUNS).where(
     RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
 )
 _INSERT_RUN = Prepared(insert(RUNS))
+_RUN_EXISTS = select(RUNS.c.run_id).where(RUNS.c.run_id == bindparam("b_run_id"))
+_TASK_COUNTS = (
+    select(TASKS.c.run_id, TASKS.c.state, func.count().label("tasks"))
+    .where(TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+    .group_by(TASKS.c.run_id, TASKS.c.state)
+)
+_TASKS_FROM = (
+    select(TASKS)
+    .where(TASKS.c.run_id == bindparam("b_run_id"), TASKS.c.position >= bindparam("b_from"))
+    .order_by(TASKS.c.position)
+    .limit(bindparam("b_limit"))
+)
+_RUN_KEY = tuple_(RUNS.c.created_at, RUNS.c.run_id)
+_RUN_ORDERS = {
+    RunOrder.NEWEST_FIRST: (RUNS.c.created_at.desc(), RUNS.c.run_id.desc()),
+    RunOrder.OLDEST_FIRST: (RUNS.c.created_at.asc(), RUNS.c.run_id.asc()),
+}
+_TOKEN_ROOM = 256
+"""Bytes kept, before a run's tasks are measured, for the next_task_page_token it may get."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,34 +202,95 @@ class RunQueries(StoreBase):
         name, template = self._template(conn, definition_id)
         return name, definition_id, template
 
-    async def get_run(self, run_id: str) -> WorkflowRun:
-        """One run with its tasks, NOT_FOUND if unknown."""
+    async def read_run(self, run_id: str, view: RunView, budget: Budget) -> WorkflowRun:
+        """One run in `view`, cut to fit `budget`; NOT_FOUND if unknown."""
 
         def op(conn: Connection) -> WorkflowRun:
-            return _get_run(conn, run_id)
+            row = conn.execute(_RUN, {"b_run_id": run_id}).first()
+            if row is None:
+                raise NotFound("workflow run", run_id)
+            run = rows.workflow_run(row, [], task_counts(conn, [run_id]).get(run_id, ()))
+            if view is RunView.BASIC:
+                return run
+            room = budget.bytes - budget.sizes.run(run)
+            return _with_tasks(run, _stored_tasks(conn, run_id), room, budget.sizes)[0]
 
         return await self._read(op)
 
     async def list_runs(
-        self, page_size: int, page_token: str, where: RunFilter
+        self,
+        page_size: int,
+        page_token: str,
+        where: RunFilter,
+        order: RunOrder,
+        view: RunView,
+        budget: Budget,
     ) -> Page[WorkflowRun]:
-        """A page of the runs `where` matches, with their tasks, oldest first."""
-        after = decode_page_token(page_token)
+        """A page of the runs `where` matches in `order`, in `view`, cut to fit `budget`."""
+        scope = _runs_scope(where, order)
+        first = _run_key_in(scoped_key(page_token, scope))
 
         def op(conn: Connection) -> Page[WorkflowRun]:
-            query = select(RUNS)
-            if where.state is not None:
-                query = query.where(RUNS.c.state == where.state.value)
-            if where.definition_id:
-                query = query.where(RUNS.c.definition_id == where.definition_id)
-            if where.agent_id:
-                query = query.where(RUNS.c.agent_id == where.agent_id)
-            page, token = read_page(conn, query, RUNS.c.run_id, after, page_size)
-            tasks = tasks_of(conn, [row.run_id for row in page])
-            runs = tuple(rows.workflow_run(row, tasks.get(row.run_id, [])) for row in page)
-            return Page(runs, token)
+            query = _filtered(where)
+
+            def fetch(start: tuple[datetime, str] | None, limit: int) -> list[WorkflowRun]:
+                chunk = query
+                if start is not None:
+                    chunk = chunk.where(_from_run(start, order))
+                found = conn.execute(chunk.order_by(*_RUN_ORDERS[order]).limit(limit)).all()
+                counts = task_counts(conn, [row.run_id for row in found])
+                return [rows.workflow_run(row, [], counts.get(row.run_id, ())) for row in found]
+
+            runs, rest, used = read_by_bytes(
+                lambda start, limit: fetch(start or first, limit),
+                lambda run: (run.created_at, run.run_id),
+                budget.sizes.run,
+                page_size,
+                budget.bytes,
+            )
+            if view is RunView.FULL:
+                room = budget.bytes - used
+                for index, run in enumerate(runs):
+                    runs[index], room = _with_tasks(
+                        run, _stored_tasks(conn, run.run_id), room, budget.sizes
+                    )
+            token = "" if rest is None else scoped_token(scope, _run_key_out(rest))
+            return Page(tuple(runs), token)
 
         return await self._read(op)
+
+    async def list_run_tasks(
+        self, run_id: str, page_size: int, page_token: str, budget: Budget
+    ) -> Page[TaskRun]:
+        """A page of a run's tasks in definition order, cut to fit `budget`; NOT_FOUND if the
+        run is unknown."""
+        first = _task_key_in(scoped_key(page_token, _tasks_scope(run_id)))
+
+        def op(conn: Connection) -> Page[TaskRun]:
+            if conn.execute(_RUN_EXISTS, {"b_run_id": run_id}).first() is None:
+                raise NotFound("workflow run", run_id)
+            fetch = _stored_tasks(conn, run_id)
+            tasks, rest, _ = read_by_bytes(
+                lambda start, limit: fetch(first if start is None else start, limit),
+                _position,
+                budget.sizes.task,
+                page_size,
+                budget.bytes,
+            )
+            return Page(tuple(tasks), _task_token(run_id, rest))
+
+        return await self._read(op)
+
+    def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
+        """A run read whole (as a trigger or a cancellation returns it) cut to fit `budget`: as
+        many of its tasks as fit, and a token for the rest."""
+        basic = dataclasses.replace(run, tasks=())
+
+        def fetch(start: int | None, limit: int) -> Sequence[TaskRun]:
+            return run.tasks[start or 0 : (start or 0) + limit]
+
+        room = budget.bytes - budget.sizes.run(basic)
+        return _with_tasks(basic, fetch, room, budget.sizes)[0]
 
     async def cancel_run(
         self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
@@ -222,6 +311,147 @@ class RunQueries(StoreBase):
             return _get_run(conn, run_id), effects
 
         return await self._write(op, on_commit)
+
+
+TaskFetch = Callable[[int | None, int], Sequence[TaskRun]]
+"""At most `limit` tasks of a run, in definition order, from the position `start` on."""
+
+
+def _stored_tasks(conn: Connection, run_id: str) -> TaskFetch:
+    def fetch(start: int | None, limit: int) -> list[TaskRun]:
+        found = conn.execute(
+            _TASKS_FROM, {"b_run_id": run_id, "b_from": start or 0, "b_limit": limit}
+        )
+        return [rows.task_run(row) for row in found]
+
+    return fetch
+
+
+def _position(task: TaskRun) -> int:
+    return task.position
+
+
+def _with_tasks(
+    run: WorkflowRun, fetch: TaskFetch, room: int, sizes: WireSizes
+) -> tuple[WorkflowRun, int]:
+    """`run` (without tasks) with as many of its tasks as fit in `room` bytes (what is left of
+    a response once the run itself is counted), and a token for the rest; and the room left
+    after them."""
+    total = sum(count for _, count in run.task_counts)
+    if total == 0:
+        return run, room
+    tasks: list[TaskRun] = []
+    rest: int | None = 0  # when no task can fit, the rest starts at the first
+    used = 0
+    if room > _TOKEN_ROOM:
+        tasks, rest, used = read_by_bytes(
+            fetch, _position, sizes.task, total, room - _TOKEN_ROOM, at_least_one=False
+        )
+    token = _task_token(run.run_id, rest)
+    room -= used + (len(token) + 3 if token else 0)
+    return dataclasses.replace(run, tasks=tuple(tasks), next_task_page_token=token), room
+
+
+def _tasks_scope(run_id: str) -> str:
+    return json.dumps(["tasks", run_id])
+
+
+def _task_token(run_id: str, position: int | None) -> str:
+    return "" if position is None else scoped_token(_tasks_scope(run_id), [position])
+
+
+def _task_key_in(key: list[Any] | None) -> int | None:
+    """The position a task page token starts at; INVALID_ARGUMENT if it is not one."""
+    if key is None:
+        return None
+    if len(key) != 1 or type(key[0]) is not int or key[0] < 0:
+        raise InvalidArgument.single("page_token", "is not a token this server issued")
+    position: int = key[0]
+    return position
+
+
+def _runs_scope(where: RunFilter, order: RunOrder) -> str:
+    """What a listing of runs was asked for, which its page tokens are valid for."""
+    return json.dumps(
+        [
+            "runs",
+            where.state.value if where.state is not None else "",
+            where.definition_id,
+            where.agent_id,
+            where.workflow_name,
+            _micros(where.created_after),
+            _micros(where.created_before),
+            order.value,
+        ]
+    )
+
+
+def _micros(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _MICROSECOND
+
+
+def _run_key_out(key: tuple[datetime, str]) -> list[Any]:
+    return [_micros(key[0]), key[1]]
+
+
+def _run_key_in(key: list[Any] | None) -> tuple[datetime, str] | None:
+    """The run a run page token starts at; INVALID_ARGUMENT if it is not one."""
+    if key is None:
+        return None
+    if (
+        len(key) != 2
+        or type(key[0]) is not int
+        or not isinstance(key[1], str)
+        or not is_valid_id(key[1])
+    ):
+        raise InvalidArgument.single("page_token", "is not a token this server issued")
+    try:
+        return _EPOCH + key[0] * _MICROSECOND, key[1]
+    except OverflowError:
+        raise InvalidArgument.single("page_token", "is not a token this server issued") from None
+
+
+def _from_run(start: tuple[datetime, str], order: RunOrder) -> ColumnElement[bool]:
+    """The runs from `start` on, in `order` (a row-value comparison, which both backends
+    answer from the index on the key)."""
+    bound = tuple_(literal(start[0], RUNS.c.created_at.type), literal(start[1], RUNS.c.run_id.type))
+    return bound >= _RUN_KEY if order is RunOrder.NEWEST_FIRST else bound <= _RUN_KEY
+
+
+def _filtered(where: RunFilter) -> Select[Any]:
+    """The runs `where` matches, unordered."""
+    query = select(RUNS)
+    if where.state is not None:
+        query = query.where(RUNS.c.state == where.state.value)
+    if where.definition_id:
+        query = query.where(RUNS.c.definition_id == where.definition_id)
+    if where.agent_id:
+        query = query.where(RUNS.c.agent_id == where.agent_id)
+    if where.workflow_name:
+        query = query.where(RUNS.c.workflow_name == where.workflow_name)
+    if where.created_after is not None:
+        query = query.where(RUNS.c.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(RUNS.c.created_at < where.created_before)
+    return query
+
+
+_STATE_ORDER = {state: index for index, state in enumerate(TaskState)}
+
+
+def task_counts(
+    conn: Connection, run_ids: list[str]
+) -> dict[str, tuple[tuple[TaskState, int], ...]]:
+    """How many tasks of each of these runs are in each state, by run."""
+    if not run_ids:
+        return {}
+    grouped: dict[str, list[tuple[TaskState, int]]] = {}
+    for row in conn.execute(_TASK_COUNTS, {"b_run_ids": run_ids}):
+        grouped.setdefault(row.run_id, []).append((rows.TASK_STATES[row.state], row.tasks))
+    return {
+        run_id: tuple(sorted(counts, key=lambda count: _STATE_ORDER[count[0]]))
+        for run_id, counts in grouped.items()
+    }
 
 
 def tasks_of(conn: Connection, run_ids: list[str]) -> dict[str, list[Any]]:
@@ -288,5 +518,6 @@ def _new_run(
         created_at=request.now,
         started_at=None,
         finished_at=None,
+        task_counts=count_states(new.tasks),
     )
     return CreatedRun(run, True, Effects(queued=new.queued)), new

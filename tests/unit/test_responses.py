@@ -1,0 +1,130 @@
+"""The arithmetic of cutting responses: with the default limits, the largest run and the largest
+task each fit in one response to a default client, and pages cut by bytes stay within their
+budget without losing or repeating an item."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime
+
+from opscore.api.convert import WireSizes
+from opscore.config import Settings
+from opscore.domain.models import RunState, TaskRun, TaskState, WorkflowRun
+from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
+from opscore.domain.validation import MAX_NAME_LENGTH, Limits
+from opscore.store.queries.pages import read_by_bytes
+
+NOW = datetime(2026, 12, 7, tzinfo=UTC)
+ID = "0" * 128
+
+
+def at_limit(limit: int) -> dict[str, str]:
+    """A JSON object of exactly `limit` bytes as compact JSON."""
+    value = {"v": "x" * (limit - len('{"v":""}'))}
+    assert len(json.dumps(value, separators=(",", ":"))) == limit
+    return value
+
+
+def largest_run(limits: Limits) -> WorkflowRun:
+    """A run with every field at its largest: ids, name, input at the payload limit, and a
+    count for every task state."""
+    return WorkflowRun(
+        run_id=ID,
+        definition_id=ID,
+        workflow_name="n" * MAX_NAME_LENGTH,
+        agent_id=ID,
+        state=RunState.SUCCEEDED,
+        input=at_limit(limits.max_payload_bytes),
+        tasks=(),
+        created_at=NOW,
+        started_at=NOW,
+        finished_at=NOW,
+        task_counts=tuple((state, limits.max_tasks_per_definition) for state in TaskState),
+        next_task_page_token="t" * 256,
+    )
+
+
+def largest_task(limits: Limits) -> TaskRun:
+    """A task with every field at its largest: output at the payload limit, and an error at its
+    own limit as well (a task that failed before it succeeded keeps both)."""
+    return TaskRun(
+        task_id=ID,
+        run_id=ID,
+        name="n" * MAX_NAME_LENGTH,
+        position=limits.max_tasks_per_definition - 1,
+        state=TaskState.QUEUED,
+        attempt=limits.max_attempts,
+        agent_id=ID,
+        output=at_limit(limits.max_payload_bytes),
+        error="e" * limits.max_error_bytes,
+        queued_at=NOW,
+        assigned_at=NOW,
+        finished_at=NOW,
+        deadline=NOW,
+        not_before=NOW,
+    )
+
+
+def test_with_the_defaults_the_largest_run_and_task_fit_one_response_together() -> None:
+    settings = Settings()
+    budget = response_bytes(settings.max_message_bytes)
+    sizes = WireSizes()
+    run, one_task = largest_run(settings.limits), largest_task(settings.limits)
+
+    assert budget <= DEFAULT_CLIENT_MESSAGE_BYTES
+    # A run with one task: GetWorkflowRun of the largest run carries at least one task, and a
+    # page of ListWorkflowRunTasks always has room for the largest task.
+    assert sizes.run(run) + sizes.task(one_task) <= budget
+    # Pages of runs hold a few of the largest, not one: paging moves on at a useful pace.
+    assert budget // sizes.run(run) >= 3
+
+
+def test_the_budget_is_within_the_server_limit_and_the_default_client_limit() -> None:
+    assert response_bytes(4 * 1024 * 1024) == 4 * 1024 * 1024 - 16 * 1024
+    assert response_bytes(64 * 1024 * 1024) == response_bytes(4 * 1024 * 1024)
+    assert response_bytes(256 * 1024) == 256 * 1024 - 16 * 1024
+    assert response_bytes(1000) == 750
+
+
+def test_pages_cut_by_bytes_hold_every_item_once_within_their_budget() -> None:
+    chooser = random.Random(7)
+    sizes = [chooser.choice([1, 10, 100, 900, 2500]) for _ in range(500)]
+    budget = 2000
+
+    def fetch(start: int | None, limit: int) -> list[int]:
+        begin = start or 0
+        return list(range(begin, min(begin + limit, len(sizes))))
+
+    seen: list[int] = []
+    start: int | None = None
+    while True:
+        page, rest, used = read_by_bytes(
+            lambda first, limit, origin=start: fetch(origin if first is None else first, limit),
+            lambda item: item,
+            lambda item: sizes[item],
+            50,
+            budget,
+        )
+        assert 1 <= len(page) <= 50
+        assert used == sum(sizes[item] for item in page)
+        assert used <= budget or len(page) == 1  # a single item too large still moves on
+        if rest is not None:
+            assert len(page) == 50 or used + sizes[rest] > budget
+        seen.extend(page)
+        if rest is None:
+            break
+        start = rest
+    assert seen == list(range(len(sizes)))
+
+
+def test_a_page_that_need_not_hold_an_item_holds_none_that_does_not_fit() -> None:
+    page, rest, used = read_by_bytes(
+        lambda start, limit: [5, 6][:limit],
+        lambda item: item,
+        lambda item: 100,
+        10,
+        50,
+        at_least_one=False,
+    )
+    assert (page, rest, used) == ([], 5, 0)
