@@ -100,6 +100,23 @@ async def serve(
         yield client
 
 
+@asynccontextmanager
+async def client_at(
+    start_server: ServerFactory, url: str, receive_limit: int | None = None, **overrides: object
+) -> AsyncIterator[Client]:
+    """A server on `url` with `Settings` overridden, and a client whose receive limit is
+    `receive_limit` (None: gRPC's default, 4 MiB)."""
+    options = [] if receive_limit is None else [("grpc.max_receive_message_length", receive_limit)]
+    async with start_server(url, **overrides) as server:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
+        async with channel:
+            client = Client(channel)
+            try:
+                yield client
+            finally:
+                await client.close()
+
+
 @pytest.fixture
 async def server(start_server: ServerFactory, sqlite_url: str) -> AsyncIterator[OpsCoreServer]:
     """A running server on a fresh SQLite file."""

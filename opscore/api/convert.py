@@ -349,6 +349,16 @@ class WireSizes:
         """Bytes of an agent as an element of a response."""
         return agent(value).ByteSize() + FRAMING_BYTES
 
+    def assignment(self, value: models.Assignment) -> int:
+        """Bytes of an assignment as its stream's message carries it."""
+        return assignment(value).ByteSize() + FRAMING_BYTES
+
+    def dependency_output(self, name: str, output: models.JsonObject) -> int:
+        """Bytes one entry of `dependency_outputs` adds to an assignment: measured on an
+        assignment holding that entry alone, which is the entry and its framing."""
+        entry = workflow_pb2.TaskAssignment(dependency_outputs={name: _struct(output)})
+        return entry.ByteSize()
+
 
 def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
     """A domain assignment on the wire."""
@@ -366,6 +376,7 @@ def assignment(value: models.Assignment) -> workflow_pb2.TaskAssignment:
         capability=value.capability,
         fallback_for=value.fallback_for,
         fallback_error=value.fallback_error,
+        omitted_dependency_outputs=value.omitted_outputs,
     )
 
 

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from opscore.domain import validation
 from opscore.domain.dispatcher import Dispatcher
@@ -46,12 +46,19 @@ from opscore.domain.models import (
     ReportedState,
     RunFilter,
     RunView,
+    StreamEvent,
     TaskRun,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
 )
-from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, Budget, WireSizes, response_bytes
+from opscore.domain.responses import (
+    DEFAULT_CLIENT_MESSAGE_BYTES,
+    Budget,
+    WireSizes,
+    fit_assignment,
+    response_bytes,
+)
 from opscore.domain.validation import Limits, check_id, raise_if
 from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
 from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
@@ -114,8 +121,9 @@ class Engine:
         self._admission = admission
         self._now = now
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        self._encode = encode
         self.streams = Streams(
-            encode, settings.streams, StreamWatch(self._backlogged, self._stalled)
+            self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
         )
         # Writes that make tasks ready or free slots place them before they commit.
         store.assign_before_commit(
@@ -322,6 +330,15 @@ class Engine:
             else:
                 self._timer_at(now + self._settings.agent_grace)
         log.info("agent disconnected", extra={"agent_id": stream.agent_id})
+
+    def _encode_event(self, event: StreamEvent) -> tuple[Any, int]:
+        """An event as its stream carries it. The size of the encoding, known anyway, is all
+        the common event costs; only an assignment over the response budget is cut (see
+        `fit_assignment`) and encoded again, so that a default client can receive it."""
+        message, size = self._encode(event)
+        if size > self._budget.bytes and isinstance(event, Assignment) and event.dependency_outputs:
+            return self._encode(fit_assignment(event, self._budget))
+        return message, size
 
     def _backlogged(self, stream: AgentStream, over: bool) -> None:
         """A stream's buffer crossed its bound: its agent takes no new work while it is over."""

@@ -316,6 +316,9 @@ class Assignment:
     redelivered: bool = False
     fallback_for: str = ""
     fallback_error: str = ""
+    omitted_outputs: tuple[str, ...] = ()
+    """Dependencies whose outputs are left out of `dependency_outputs` so that the assignment
+    fits one message (see `responses.fit_assignment`), in dependency order."""
 
 
 @dataclass(frozen=True, slots=True)

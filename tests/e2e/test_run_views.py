@@ -4,14 +4,12 @@ pages of runs, tasks, definitions and agents are cut by bytes."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import grpc
 import pytest
-from conftest import ServerFactory
+from conftest import ServerFactory, client_at
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import Client, as_dict, bad_request, definition, refused, task
 from opscore.v1 import agent_lifecycle_pb2, workflow_pb2, workflow_service_pb2
@@ -21,23 +19,6 @@ from opscore.domain.validation import Limits
 KIB = 1024
 VIEW_BASIC = workflow_pb2.WORKFLOW_RUN_VIEW_BASIC
 VIEW_FULL = workflow_pb2.WORKFLOW_RUN_VIEW_FULL
-
-
-@contextlib.asynccontextmanager
-async def client_at(
-    start_server: ServerFactory, url: str, receive_limit: int | None = None, **overrides: Any
-) -> AsyncIterator[Client]:
-    """A server on `url` with `Settings` overridden, and a client whose receive limit is
-    `receive_limit` (None: gRPC's default, 4 MiB)."""
-    options = [] if receive_limit is None else [("grpc.max_receive_message_length", receive_limit)]
-    async with start_server(url, **overrides) as server:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
-        async with channel:
-            client = Client(channel)
-            try:
-                yield client
-            finally:
-                await client.close()
 
 
 async def list_runs(client: Client, **fields: Any) -> workflow_service_pb2.ListWorkflowRunsResponse:

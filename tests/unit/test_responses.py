@@ -8,10 +8,16 @@ import json
 import random
 from datetime import UTC, datetime
 
-from opscore.api.convert import WireSizes
+from opscore.api.convert import WireSizes, stream_event
+from opscore.api.convert import assignment as assignment_message
 from opscore.config import Settings
-from opscore.domain.models import RunState, TaskRun, TaskState, WorkflowRun
-from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
+from opscore.domain.models import Assignment, JsonObject, RunState, TaskRun, TaskState, WorkflowRun
+from opscore.domain.responses import (
+    DEFAULT_CLIENT_MESSAGE_BYTES,
+    Budget,
+    fit_assignment,
+    response_bytes,
+)
 from opscore.domain.validation import MAX_NAME_LENGTH, Limits
 from opscore.store.queries.pages import read_by_bytes
 
@@ -128,3 +134,67 @@ def test_a_page_that_need_not_hold_an_item_holds_none_that_does_not_fit() -> Non
         at_least_one=False,
     )
     assert (page, rest, used) == ([], 5, 0)
+
+
+def assignment_with(input_: JsonObject, outputs: dict[str, JsonObject]) -> Assignment:
+    """An assignment with every id at its largest, `input_` and `outputs` (in that order)."""
+    return Assignment(
+        task_id=ID,
+        run_id=ID,
+        task_name="n" * MAX_NAME_LENGTH,
+        capability="c" * MAX_NAME_LENGTH,
+        attempt=1,
+        agent_id=ID,
+        input=input_,
+        dependency_outputs=outputs,
+        deadline=NOW,
+    )
+
+
+def test_an_assignment_keeps_its_outputs_in_dependency_order_while_they_fit() -> None:
+    budget = Budget(8_000, WireSizes())
+    outputs = {name: at_limit(size) for name, size in [("z", 3000), ("a", 3000), ("m", 3000)]}
+    outputs["small"] = {"v": 1}
+
+    fitted = fit_assignment(assignment_with({"in": 1}, outputs), budget)
+
+    # "m" does not fit; "small" would, but comes after it: the cut keeps a prefix, as pages do.
+    assert list(fitted.dependency_outputs) == ["z", "a"]
+    assert fitted.dependency_outputs["z"] == outputs["z"]
+    assert fitted.omitted_outputs == ("m", "small")
+    assert fitted.input == {"in": 1}
+    assert WireSizes().assignment(fitted) <= budget.bytes
+    assert assignment_message(fitted).omitted_dependency_outputs == ["m", "small"]
+
+
+def test_an_assignment_that_fits_is_left_as_it_is() -> None:
+    outputs: dict[str, JsonObject] = {"a": {"v": 1}, "b": {"v": 2}}
+    fitted = fit_assignment(assignment_with({}, outputs), Budget(10_000, WireSizes()))
+    assert fitted.dependency_outputs == outputs
+    assert fitted.omitted_outputs == ()
+
+
+def test_an_input_over_the_budget_alone_is_sent_whole_without_outputs() -> None:
+    """The input is never cut (see docs/api.md): every output is left out instead."""
+    big_input = at_limit(20_000)
+    fitted = fit_assignment(
+        assignment_with(big_input, {"a": {"v": 1}}), Budget(10_000, WireSizes())
+    )
+    assert fitted.input == big_input
+    assert fitted.dependency_outputs == {}
+    assert fitted.omitted_outputs == ("a",)
+
+
+def test_with_the_defaults_an_assignment_carries_two_outputs_at_the_limit() -> None:
+    """An input and outputs at the payload limit: two outputs fit beside the input in one
+    message to a default client, and the third is named for the agent to read."""
+    settings = Settings()
+    limit = settings.limits.max_payload_bytes
+    outputs = {f"d{index}": at_limit(limit) for index in range(4)}
+    budget = Budget(response_bytes(settings.max_message_bytes), WireSizes())
+
+    fitted = fit_assignment(assignment_with(at_limit(limit), outputs), budget)
+
+    assert list(fitted.dependency_outputs) == ["d0", "d1"]
+    assert fitted.omitted_outputs == ("d2", "d3")
+    assert stream_event(fitted)[1] <= DEFAULT_CLIENT_MESSAGE_BYTES

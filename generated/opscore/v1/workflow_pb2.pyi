@@ -528,6 +528,7 @@ class TaskAssignment(_message.Message):
     CAPABILITY_FIELD_NUMBER: _builtins.int
     FALLBACK_FOR_FIELD_NUMBER: _builtins.int
     FALLBACK_ERROR_FIELD_NUMBER: _builtins.int
+    OMITTED_DEPENDENCY_OUTPUTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Id of the task; with attempt, the identity of this piece of work."""
     run_id: _builtins.str
@@ -550,11 +551,23 @@ class TaskAssignment(_message.Message):
 
     @_builtins.property
     def dependency_outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Struct]:
-        """Output of each task this one depends on, by task name."""
+        """Output of each task this one depends on, by task name; those that would take the
+        assignment past one message are named in omitted_dependency_outputs instead.
+        """
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the server stops waiting for this attempt's result."""
+
+    @_builtins.property
+    def omitted_dependency_outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the dependencies whose outputs are left out of dependency_outputs, in dependency
+        order: an assignment is cut to fit one message a client with gRPC's default receive limit
+        (4 MiB) accepts, keeping the outputs in dependency order while they fit. Empty when
+        dependency_outputs holds them all. Read a left-out output as the `output` of the task of
+        that name in ListWorkflowRunTasks (or GetWorkflowRun) with this run_id, which page by bytes;
+        for a dependency that failed and was stood in for, read its fallback's output instead.
+        """
 
     def __init__(
         self,
@@ -570,10 +583,11 @@ class TaskAssignment(_message.Message):
         capability: _builtins.str = ...,
         fallback_for: _builtins.str = ...,
         fallback_error: _builtins.str = ...,
+        omitted_dependency_outputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "dependency_outputs", b"dependency_outputs", "fallback_error", b"fallback_error", "fallback_for", b"fallback_for", "input", b"input", "redelivered", b"redelivered", "run_id", b"run_id", "task_id", b"task_id", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "dependency_outputs", b"dependency_outputs", "fallback_error", b"fallback_error", "fallback_for", b"fallback_for", "input", b"input", "omitted_dependency_outputs", b"omitted_dependency_outputs", "redelivered", b"redelivered", "run_id", b"run_id", "task_id", b"task_id", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
