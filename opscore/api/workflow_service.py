@@ -125,6 +125,9 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         self, request: pb.StreamTasksRequest, context: Context
     ) -> None:
         stream = await self._engine.open_stream(request.agent_id)
+        # Headers now, not with the first task: the client learns at once that its stream is
+        # open (a refusal is a status without headers), rather than from the absence of one.
+        await context.send_initial_metadata(())
         # The client going away cancels this handler; closing on "done" as well makes sure the
         # loop below ends even if the cancellation lands between two events.
         # (The stubs type the callback as a class rather than a callable protocol.)

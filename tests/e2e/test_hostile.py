@@ -94,9 +94,6 @@ EXAMPLES = 75
 CALL_TIMEOUT = 30.0
 """Seconds a unary call may take: a server that hangs fails the property with DEADLINE_EXCEEDED."""
 
-STREAM_WINDOW = 0.2
-"""Seconds a StreamTasks call is watched: a stream still open then was accepted."""
-
 MAX_NAME = 200
 MAX_ID = 128
 MAX_DURATION_SECONDS = 315_576_000_000
@@ -940,9 +937,13 @@ def brief(request: Message) -> str:
     return text if len(text) <= 1500 else f"{text[:1500]}... ({len(text)} characters)"
 
 
-def send(channel: grpc.Channel, rpc: str, request: Message) -> tuple[grpc.StatusCode, Any]:
-    """Send one request; returns its status and the error (None when OK). A StreamTasks call is
-    watched for STREAM_WINDOW: an event, or the stream still open then, counts as OK."""
+def send(
+    channel: grpc.Channel, rpc: str, request: Message, limits: Limits
+) -> tuple[grpc.StatusCode, Any]:
+    """Send one request; returns its status and the error (None when OK). A StreamTasks call
+    counts as OK once the server has accepted it (it sends its headers then), unless the
+    contract refuses the request: then its status is awaited, so a late refusal is never taken
+    for an accepted stream, nor an accepted one for a refusal."""
     method = rpc.split("[", maxsplit=1)[0]
     if method in agent_lifecycle_pb2.DESCRIPTOR.services_by_name["AgentLifecycle"].methods_by_name:
         stub: Any = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
@@ -950,16 +951,18 @@ def send(channel: grpc.Channel, rpc: str, request: Message) -> tuple[grpc.Status
         stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
     try:
         if method == "StreamTasks":
-            call = stub.StreamTasks(request, timeout=STREAM_WINDOW)
-            with contextlib.suppress(StopIteration):
-                next(call)
+            call = stub.StreamTasks(request, timeout=CALL_TIMEOUT)
+            refusal_due = bool(problems(request, limits))
+            if not refusal_due:
+                call.initial_metadata()  # accepted (headers) or refused (a status alone)
+            if refusal_due or call.done():
+                with contextlib.suppress(StopIteration):
+                    next(call)  # the refusal, or a first task
             call.cancel()
         else:
             getattr(stub, method)(request, timeout=CALL_TIMEOUT)
     except grpc.RpcError as raised:
         error = cast(grpc.Call, raised)
-        if method == "StreamTasks" and error.code() == Code.DEADLINE_EXCEEDED:
-            return Code.OK, None
         return error.code(), error
     return Code.OK, None
 
@@ -992,7 +995,7 @@ def run_property(
         @given(request=strategy)
         def answers_are_sound(request: Message) -> None:
             request = resolve(request, world)
-            code, error = send(channel, rpc, request)
+            code, error = send(channel, rpc, request, limits)
             judge(rpc, request, code, error, limits)
 
         answers_are_sound()
@@ -1214,7 +1217,7 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
                 def every_answer_is_sound(sequence: list[tuple[str, Message]]) -> None:
                     for rpc, drawn in sequence:
                         request = resolve(drawn, world)
-                        code, error = send(sync_channel, rpc, request)
+                        code, error = send(sync_channel, rpc, request, limits)
                         judge(rpc, request, code, error, limits)
 
                 every_answer_is_sound()
@@ -1479,7 +1482,7 @@ async def test_each_hostile_input_rule_is_enforced(
                     # Too deep to parse is no rule of the contract: only no server fault.
                     refused = "deep" not in name
                     assert not refused or problems(request, limits), f"oracle misses {name!r}"
-                    code, error = send(sync_channel, rpc, request)
+                    code, error = send(sync_channel, rpc, request, limits)
                     try:
                         judge(rpc, request, code, error, limits)
                     except AssertionError as failure:
