@@ -4,7 +4,8 @@ Each error becomes a `google.rpc.Status` with typed details a client in any lang
 `BadRequest` field violations for INVALID_ARGUMENT, `ResourceInfo` for NOT_FOUND, `RetryInfo`
 for an error that says when to try again (storage faults), and an `ErrorInfo` naming the reason
 on all of them. Anything else that escapes a handler is a fault of
-the server: it is logged with its traceback and answered INTERNAL, never blamed on the client.
+the server: it is logged with its traceback and answered INTERNAL (with its `ErrorInfo` too),
+never blamed on the client; a method the server does not offer is UNIMPLEMENTED, likewise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from grpc_status import rpc_status
 
 from opscore.domain.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -42,6 +44,7 @@ ERROR_DOMAIN = "opscore.v1"
 _CODES: dict[type[OpsCoreError], tuple[int, str]] = {
     InvalidArgument: (code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     NotFound: (code_pb2.NOT_FOUND, "NOT_FOUND"),
+    AlreadyExists: (code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
     FailedPrecondition: (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     Aborted: (code_pb2.ABORTED, "ABORTED"),
     Unavailable: (code_pb2.UNAVAILABLE, "UNAVAILABLE"),
@@ -63,31 +66,43 @@ def to_status(error: OpsCoreError) -> grpc.Status:
         (mapped for kind, mapped in _CODES.items() if isinstance(error, kind)),
         (code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     )
-    reason = getattr(error, "reason", reason)
-    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
+    details: list[Message] = []
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         delay = Duration()
         delay.FromTimedelta(retry_after)
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, InvalidArgument):
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in error.violations
         ]
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+        details.append(error_details_pb2.BadRequest(field_violations=violations))
     elif isinstance(error, ResourceExhausted):
         quota = [
             error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description)
             for v in error.violations
         ]
-        details.append(_pack(error_details_pb2.QuotaFailure(violations=quota)))
-    elif isinstance(error, NotFound):
+        details.append(error_details_pb2.QuotaFailure(violations=quota))
+    if error.resource is not None:
+        kind, name = error.resource
         details.append(
-            _pack(error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.key))
+            error_details_pb2.ResourceInfo(resource_type=kind.type_name, resource_name=name)
         )
-    status = status_pb2.Status(code=code, message=str(error), details=details)
-    return rpc_status.to_status(status)
+    return _status(code, getattr(error, "reason", reason), str(error), details)
+
+
+def internal_status() -> grpc.Status:
+    """The answer to a fault of the server: INTERNAL, with the `ErrorInfo` every error carries
+    and nothing of the fault itself (that goes to the log)."""
+    return _status(code_pb2.INTERNAL, "INTERNAL", "internal error; see the server's log", [])
+
+
+def _status(code: int, reason: str, message: str, details: list[Message]) -> grpc.Status:
+    """A status whose details are the `ErrorInfo` naming `reason`, then `details`."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    packed = [_pack(detail) for detail in (info, *details)]
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
@@ -95,7 +110,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
         status = to_status(error)
         await context.abort(status.code, status.details, status.trailing_metadata)
     log.error("unexpected error in a handler", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server's log")
+    status = internal_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 Behavior = Callable[[Any, Any], Any]
@@ -177,7 +193,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         """Return the method's handler with its behaviour guarded."""
         handler: Any = await continuation(handler_call_details)
         if handler is None:
-            return None
+            return _unimplemented(handler_call_details.method)
         known = self._guarded.get(id(handler))
         if known is not None and known[0] is handler:
             return known[1]
@@ -186,6 +202,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._guarded.clear()
         self._guarded[id(handler)] = (handler, guarded)
         return guarded
+
+
+def _unimplemented(method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler for a method the server does not offer: gRPC's own answer (UNIMPLEMENTED)
+    would carry no `ErrorInfo`. Rare enough to be made per call."""
+
+    async def refuse(_request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        message = f"method {method!r} is not offered by this server"
+        status = _status(code_pb2.UNIMPLEMENTED, "UNIMPLEMENTED", message, [])
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _guard(handler: Any) -> grpc.RpcMethodHandler[Any, Any]:

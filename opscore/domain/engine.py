@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from opscore.domain import validation
+from opscore.domain import idempotency, validation
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, Unavailable
 from opscore.domain.health import Backoff
@@ -62,6 +62,10 @@ def _record_after_sends(level: int, event: str, fields: dict[str, object]) -> No
     if log.isEnabledFor(level):
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, functools.partial(log.log, level, event, extra=fields))
+
+
+FAILURE_WITHOUT_TEXT = "the agent reported a failure without an error message"
+"""The error recorded for a `FailTask` whose error is empty."""
 
 
 def utc_now() -> datetime:
@@ -347,7 +351,8 @@ class Engine:
     # Runs ----------------------------------------------------------------------------------
 
     async def trigger(self, request: TriggerRequest) -> WorkflowRun:
-        """Start a run; a repeated request_id returns the first run."""
+        """Start a run; a repeated request_id returns the first run, if the request is the same
+        (ALREADY_EXISTS if not)."""
         raise_if(self._check_trigger(request))
         self._admission.admit_new_work()
 
@@ -368,6 +373,9 @@ class Engine:
                 agent_id=request.agent_id,
                 run_input=request.input,
                 request_id=request.request_id,
+                fingerprint=(
+                    idempotency.trigger_fingerprint(request) if request.request_id else ""
+                ),
                 now=self._now(),
                 on_commit=on_commit,
             )
@@ -458,7 +466,8 @@ class Engine:
         self, task_id: str, agent_id: str, attempt: int, error: str, retryable: bool
     ) -> None:
         """Record a task's failure: retried under its policy when `retryable` and attempts
-        remain; otherwise final (its fallback runs, or its run fails)."""
+        remain; otherwise final (its fallback runs, or its run fails). The same failure again
+        changes nothing; another result for the same attempt is refused (RESULT_CONFLICT)."""
         limits = self._settings.limits
         raise_if(
             [
@@ -466,6 +475,8 @@ class Engine:
                 *validation.check_text(error, "error", limits.max_error_bytes),
             ]
         )
+        # A final failure always says something, for operators and for a fallback's input.
+        error = error or FAILURE_WITHOUT_TEXT
 
         def on_commit(effects: Effects) -> None:
             if effects.released:

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResultConflict
 from opscore.domain.models import (
     AgentRegistration,
     AgentState,
@@ -236,8 +236,10 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         t.task_id for t in run.tasks if t.name in ("b", "c")
     )
     assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", root.task_id)]
-    repeated = await complete(store, root.task_id, "w", 1, {"out": "other"})
+    repeated = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert repeated == Effects()
+    with pytest.raises(ResultConflict):
+        await complete(store, root.task_id, "w", 1, {"out": "other"})
 
     for ready in effects.queued:
         [handed] = await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
@@ -569,7 +571,8 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     await register(store, "w")
     await register(store, "other")
     ready = await held_by(store, "w")
-    first, again, stranger = await asyncio.gather(
+    first, again, conflicting, stranger = await asyncio.gather(
+        complete(store, ready.task_id, "w", 1, {"n": 1}),
         complete(store, ready.task_id, "w", 1, {"n": 1}),
         complete(store, ready.task_id, "w", 1, {"n": 2}),
         complete(store, ready.task_id, "other", 1, {}),
@@ -578,6 +581,7 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert isinstance(first, Effects)
     assert [h.task_id for h in first.released] == [ready.task_id]
     assert again == Effects()
+    assert isinstance(conflicting, ResultConflict)
     assert isinstance(stranger, FailedPrecondition)
     task = (await store.get_run(ready.run_id)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import NotFound, OpsCoreError
+from opscore.domain.errors import NotFound, OpsCoreError, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
@@ -190,7 +190,7 @@ class AgentQueries(StoreBase):
         def op(conn: Connection) -> None:
             result = conn.execute(_TOUCH_AGENT, {"b_agent_id": agent_id, "b_now": now})
             if result.rowcount == 0:
-                raise NotFound("agent", agent_id)
+                raise NotFound(Resource.AGENT, agent_id)
 
         await self._write(op)
 
@@ -211,7 +211,7 @@ class AgentQueries(StoreBase):
                 .values(reported_state=state.value, state_detail=detail, last_seen_at=now)
             )
             if result.rowcount == 0:
-                raise NotFound("agent", agent_id)
+                raise NotFound(Resource.AGENT, agent_id)
             return _get_agent(conn, agent_id)
 
         return await self._write(op, on_commit)
@@ -259,7 +259,7 @@ class AgentQueries(StoreBase):
         for tx, request in requests:
             agent = agents.get(request.agent_id)
             if agent is None:
-                outcomes.append(NotFound("agent", request.agent_id))
+                outcomes.append(NotFound(Resource.AGENT, request.agent_id))
                 continue
             connected = Connected(agent.profile(), held.get(request.agent_id, []))
             tx.after_commit(functools.partial(request.on_commit, connected))
@@ -365,7 +365,7 @@ def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[
 def _get_agent(conn: Connection, agent_id: str) -> Agent:
     found = _agents_by_id(conn, [agent_id]).get(agent_id)
     if found is None:
-        raise NotFound("agent", agent_id)
+        raise NotFound(Resource.AGENT, agent_id)
     return found
 
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import NotFound
+from opscore.domain.errors import NotFound, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
 from opscore.store import rows
@@ -96,5 +96,5 @@ def definition_by_id(conn: Connection, definition_id: str) -> WorkflowDefinition
         conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.definition_id == definition_id))
     ).first()
     if row is None:
-        raise NotFound("workflow definition", definition_id)
+        raise NotFound(Resource.DEFINITION, definition_id)
     return rows.definition(row)

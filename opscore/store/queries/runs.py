@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
+from opscore.domain import graph, idempotency
+from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError, Resource
 from opscore.domain.ids import new_id, new_ids
 from opscore.domain.models import (
     DefinitionDraft,
@@ -73,6 +73,8 @@ class NewRun:
     request_id: str
     now: datetime
     on_commit: OnCommit[CreatedRun]
+    fingerprint: str = ""
+    """The trigger's digest (`idempotency.trigger_fingerprint`) when it has a request_id."""
 
 
 class RunQueries(StoreBase):
@@ -117,11 +119,19 @@ class RunQueries(StoreBase):
             outcome: CreatedRun | OpsCoreError
             repeated = earlier.get(request.request_id) if request.request_id else None
             if repeated is not None:
-                outcome = CreatedRun(repeated, False, Effects())
+                run, fingerprint = repeated
+                try:
+                    idempotency.check_repeated_trigger(
+                        request.request_id, request.fingerprint, run.run_id, fingerprint
+                    )
+                except OpsCoreError as error:
+                    outcomes.append(error)
+                    continue
+                outcome = CreatedRun(run, False, Effects())
             else:
                 try:
                     if request.agent_id and request.agent_id not in known_agents:
-                        raise NotFound("agent", request.agent_id)
+                        raise NotFound(Resource.AGENT, request.agent_id)
                     source = self._source(conn, request, latest)
                 except OpsCoreError as error:
                     outcomes.append(error)
@@ -132,7 +142,7 @@ class RunQueries(StoreBase):
                 for root in new.roots:
                     inserted[root.task_id] = root
                 if request.request_id:
-                    earlier[request.request_id] = outcome.run
+                    earlier[request.request_id] = (outcome.run, request.fingerprint)
                 tx.note_effects(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
@@ -141,14 +151,23 @@ class RunQueries(StoreBase):
             templates.insert_tasks(conn, task_rows)
         return outcomes
 
-    def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
-        """The runs already started for these requests' request_ids."""
+    def _runs_by_request(
+        self, conn: Connection, requests: list[NewRun]
+    ) -> dict[str, tuple[WorkflowRun, str | None]]:
+        """The runs already started for these requests' request_ids, with the fingerprints of
+        the triggers that started them."""
         request_ids = sorted({request.request_id for request in requests if request.request_id})
         if not request_ids:
             return {}
         found = conn.execute(_RUNS_BY_REQUEST, {"b_request_ids": request_ids}).all()
         tasks = tasks_of(conn, [row.run_id for row in found])
-        return {row.request_id: rows.workflow_run(row, tasks.get(row.run_id, [])) for row in found}
+        return {
+            row.request_id: (
+                rows.workflow_run(row, tasks.get(row.run_id, [])),
+                row.request_fingerprint,
+            )
+            for row in found
+        }
 
     def _source(
         self, conn: Connection, request: NewRun, latest: dict[str, str]
@@ -168,7 +187,7 @@ class RunQueries(StoreBase):
             if name not in latest:
                 found = LATEST_DEFINITION.rows(conn, {"b_name": name})
                 if not found:
-                    raise NotFound("workflow definition named", name)
+                    raise NotFound(Resource.DEFINITION, name, named=True)
                 latest[name] = found[0].definition_id
             definition_id = latest[name]
         name, template = self._template(conn, definition_id)
@@ -243,7 +262,7 @@ def _load_run(conn: Connection, row: Any) -> WorkflowRun:
 def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRun:
     row = conn.execute(_RUN_FOR_UPDATE if lock else _RUN, {"b_run_id": run_id}).first()
     if row is None:
-        raise NotFound("workflow run", run_id)
+        raise NotFound(Resource.RUN, run_id)
     return _load_run(conn, row)
 
 
@@ -266,6 +285,7 @@ def _new_run(
             "state": RunState.PENDING.value,
             "input": request.run_input,
             "request_id": request.request_id or None,
+            "request_fingerprint": request.fingerprint or None,
             "created_at": request.now,
         }
     )

@@ -13,8 +13,14 @@ from typing import Any
 from sqlalchemy import any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
+from opscore.domain import graph, idempotency
+from opscore.domain.errors import (
+    FailedPrecondition,
+    NotFound,
+    OpsCoreError,
+    Resource,
+    ResultConflict,
+)
 from opscore.domain.models import (
     Assignment,
     Cancellation,
@@ -39,6 +45,9 @@ from opscore.store.rows import RunShape
 from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
 from opscore.store.writer import Followup, Tx
 
+_OUTPUTS = select(TASKS.c.task_id, TASKS.c.output).where(
+    TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True))
+)
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
 # their runs that has not succeeded (one that has never changes again, so a run's completions
@@ -193,11 +202,13 @@ class TaskQueries(StoreBase):
                 held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
         accepted: list[tuple[int, _Held, TaskResult]] = []
+        repeated: list[tuple[int, TaskResult]] = []
+        batch_outputs: dict[str, JsonObject] = {}
         for _, result in requests:
             row = held.get(result.task_id)
             try:
                 if row is None:
-                    raise NotFound("task", result.task_id)
+                    raise NotFound(Resource.TASK, result.task_id)
                 holds = _check_held(row, result.agent_id, result.attempt, _succeeded)
             except OpsCoreError as error:
                 outcomes.append(error)
@@ -206,7 +217,12 @@ class TaskQueries(StoreBase):
                 accepted.append((len(outcomes), row, result))
                 # A second completion of this task in the batch sees it recorded.
                 held[result.task_id] = dataclasses.replace(row, state=TaskState.SUCCEEDED.value)
+                batch_outputs[result.task_id] = result.output
+            else:
+                repeated.append((len(outcomes), result))
             outcomes.append(Effects())
+        if repeated:
+            _check_repeated_outputs(conn, repeated, batch_outputs, outcomes)
         if accepted:
             shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
             runs = {
@@ -418,10 +434,33 @@ def _failed_with(error: str) -> Callable[[Any], bool]:
     this error as its holder reported it (an attempt the server failed never matches)."""
 
     def recorded(row: Any) -> bool:
-        waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
-        return bool(row.state in waiting and row.error_reported and row.error == error)
+        return _failed_as_reported(row) and row.error == error
 
     return recorded
+
+
+def _failed_as_reported(row: Any) -> bool:
+    """Whether the task failed, or waits for its retry, after its holder reported a failure."""
+    waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
+    return bool(row.state in waiting and row.error_reported)
+
+
+def _check_repeated_outputs(
+    conn: Connection,
+    repeated: list[tuple[int, TaskResult]],
+    batch_outputs: dict[str, JsonObject],
+    outcomes: list[Effects | OpsCoreError],
+) -> None:
+    """Refuse each completion repeated for a recorded one with another output (in its place
+    in `outcomes`): recorded in this batch, or read (only repeats pay for reading outputs)."""
+    stored_ids = sorted({r.task_id for _, r in repeated if r.task_id not in batch_outputs})
+    stored = {row.task_id: row.output for row in conn.execute(_OUTPUTS, {"b_task_ids": stored_ids})}
+    for index, result in repeated:
+        recorded = batch_outputs.get(result.task_id, stored.get(result.task_id))
+        try:
+            idempotency.check_repeated_output(result.task_id, recorded, result.output)
+        except OpsCoreError as error:
+            outcomes[index] = error
 
 
 def _never_recorded(_row: Any) -> bool:
@@ -439,7 +478,7 @@ def _held_task(
     already `recorded` for that attempt (a retried call); see `_check_held`."""
     row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
     if row is None:
-        raise NotFound("task", task_id)
+        raise NotFound(Resource.TASK, task_id)
     return row if _check_held(row, agent_id, attempt, recorded) else None
 
 
@@ -452,6 +491,10 @@ def _check_held(row: Any, agent_id: str, attempt: int, recorded: Callable[[Any],
         return True
     if holder and recorded(row):
         return False
+    if holder and row.state == TaskState.SUCCEEDED.value:
+        raise ResultConflict(row.task_id, "it succeeded")
+    if holder and _failed_as_reported(row):
+        raise ResultConflict(row.task_id, "it failed")
     if row.state == TaskState.ASSIGNED.value or not holder:
         raise FailedPrecondition(
             f"agent {agent_id!r} does not hold attempt {attempt} of task {row.task_id!r}"
