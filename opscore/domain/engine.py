@@ -23,12 +23,12 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from opscore.domain import idempotency, validation
+from opscore.domain import idempotency, validation, waiting
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, Unavailable
 from opscore.domain.health import Backoff
@@ -44,6 +44,8 @@ from opscore.domain.models import (
     ReadyTask,
     ReportedState,
     RunFilter,
+    TaskRun,
+    TaskState,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
@@ -410,9 +412,10 @@ class Engine:
         return violations
 
     async def get_run(self, run_id: str) -> WorkflowRun:
-        """One run with its tasks."""
+        """One run with its tasks, each queued one saying why it waits."""
         raise_if(check_id(run_id, "run_id"))
-        return await self._store.get_run(run_id)
+        [run] = await self._explained([await self._store.get_run(run_id)])
+        return run
 
     async def list_runs(
         self, page_size: int, page_token: str, where: RunFilter
@@ -426,7 +429,32 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_runs(size, page_token, where)
+        page = await self._store.list_runs(size, page_token, where)
+        return Page(tuple(await self._explained(page.items)), page.next_page_token)
+
+    async def _explained(self, runs: Sequence[WorkflowRun]) -> list[WorkflowRun]:
+        """The runs with a `waiting_reason` on each queued task, from the registered agents
+        (read now) and the connected ones (the dispatcher's)."""
+        queued = [task for run in runs for task in run.tasks if task.state is TaskState.QUEUED]
+        if not queued:
+            return list(runs)
+        pinned, met = await self._store.waiting_candidates(queued)
+        now = self._now()
+
+        def explain(task: TaskRun) -> TaskRun:
+            if task.state is not TaskState.QUEUED:
+                return task
+            connected, free = self.dispatcher.capable_agents(task.ready())
+            agent = pinned.get(task.pinned_agent_id)
+            registered = (
+                agent is not None if task.pinned_agent_id else waiting.requirement(task) in met
+            )
+            candidates = waiting.Candidates(registered, connected, free, agent)
+            return dataclasses.replace(
+                task, waiting_reason=waiting.waiting_reason(task, now, candidates)
+            )
+
+        return [dataclasses.replace(run, tasks=tuple(map(explain, run.tasks))) for run in runs]
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
         """Cancel an unfinished run; agents holding its tasks are told to stop."""

@@ -102,6 +102,20 @@ class ResultConflict(FailedPrecondition):
         )
 
 
+class PinnedAgentUnfit(FailedPrecondition):
+    """A trigger pins its run to an agent that lacks what some of its tasks need (a capability,
+    labels): the run would wait forever."""
+
+    reason = "PINNED_AGENT_UNFIT"
+
+    def __init__(self, agent_id: str, lacking: list[tuple[str, list[str]]]) -> None:
+        self.resource = (Resource.AGENT, agent_id)
+        self.lacking = lacking
+        """Each task the agent cannot run, with what it lacks for it."""
+        tasks = "; ".join(f"task {name!r} needs {' and '.join(needs)}" for name, needs in lacking)
+        super().__init__(f"pinned agent {agent_id!r} cannot run every task of the run: {tasks}")
+
+
 class Unavailable(OpsCoreError):
     """The server cannot serve this now (it is shutting down); try elsewhere or later."""
 

@@ -95,12 +95,19 @@ async def complete(
 
 
 async def register(
-    store: Store, agent_id: str, *capabilities: str, slots: int = 1, connect: bool = True
+    store: Store,
+    agent_id: str,
+    *capabilities: str,
+    slots: int = 1,
+    connect: bool = True,
+    labels: dict[str, str] | None = None,
 ) -> None:
     """Register the agent and (unless told not to) open its stream: only a connected agent is
     given tasks."""
     await store.register_agent(
-        AgentRegistration(agent_id, capabilities=capabilities, max_concurrent_tasks=slots),
+        AgentRegistration(
+            agent_id, capabilities=capabilities, labels=labels or {}, max_concurrent_tasks=slots
+        ),
         NOW,
         ignore,
     )
@@ -333,7 +340,8 @@ async def test_deregistering_requeues_held_tasks(store: Store) -> None:
 
 
 async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: Store) -> None:
-    """The dispatcher gets the released tasks back whole: labels (read as JSON text), pin."""
+    """The dispatcher gets the released tasks back whole (labels, read as JSON text), except a
+    task pinned to the agent, which no other agent may take: it fails."""
     await register(store, "w", slots=2)
     labelled = TaskSpec("t", labels={"zone": "eu", "tier": "g\u00f6ld"})
     created = [
@@ -343,7 +351,11 @@ async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: S
     queued = [run.effects.queued[0] for run in created]
     await store.assign([(task, "w") for task in queued], NOW, TIMEOUT, ignore)
     effects = await store.deregister_agent("w", NOW, ignore)
-    assert sorted(effects.queued) == sorted(queued)
+    assert effects.queued == queued[:1]
+    assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", t.task_id) for t in queued]
+    pinned = await store.get_run(created[1].run.run_id)
+    assert pinned.state is RunState.FAILED
+    assert pinned.tasks[0].error == "pinned agent 'w' was deregistered"
 
 
 async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store) -> None:
@@ -750,7 +762,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
     running = asyncio.create_task(writer.run())
     elsewhere = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
     try:
-        await register(store, "w", "cpu")
+        await register(store, "w", "cpu", "gpu", labels={"zone": "eu"})
         shaped = DefinitionDraft(
             workflow_name="shaped",
             tasks=(
@@ -798,7 +810,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
     """A trigger writes its tasks' rows from its definition's template (converted once) and
     returns the run without reading it back: what it returns is what was stored, for a stored
     definition's second run as for its first, and for an inline one."""
-    await register(store, "w", "cpu")
+    await register(store, "w", "cpu", "gpu", labels={"zone": "eu", "tier": "gold"})
     detailed = DefinitionDraft(
         workflow_name="detailed",
         tasks=(

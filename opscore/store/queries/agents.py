@@ -20,15 +20,14 @@ from opscore.domain.models import (
     AgentRegistration,
     AgentState,
     Assignment,
-    Effects,
-    Hold,
     Page,
     ReportedState,
-    TaskState,
+    TaskRun,
 )
+from opscore.domain.waiting import Requirement, requirement
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import READY_TASK_COLUMNS, OnCommit, StoreBase
+from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.pages import decode_page_token, read_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
@@ -147,42 +146,13 @@ class AgentQueries(StoreBase):
             _write_registrations(
                 conn, [(agent_id, requests[index][1]) for agent_id, index in taken.items()]
             )
-            agents = _agents_by_id(conn, list(taken))
+            agents = agents_by_id(conn, list(taken))
             for agent_id, index in taken.items():
                 outcomes[index] = agents[agent_id]
             waiting = [index for index in waiting if index not in outcomes]
         for index, (tx, request) in enumerate(requests):
             tx.after_commit(functools.partial(request.on_commit, outcomes[index]))
         return [outcomes[index] for index in range(len(requests))]
-
-    async def deregister_agent(
-        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
-        """Remove the agent; every task it held goes back to the queue for another attempt."""
-
-        def op(conn: Connection) -> Effects:
-            _get_agent(conn, agent_id)
-            effects = Effects()
-            held = conn.execute(
-                select(*READY_TASK_COLUMNS, TASKS.c.attempt)
-                .where(TASKS.c.agent_id == agent_id, TASK_IS_ASSIGNED)
-                .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
-                .with_for_update()
-            )
-            for row in held:
-                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
-                effects.queued.append(rows.ready_task(row))
-            if effects.queued:
-                conn.execute(
-                    update(TASKS)
-                    .where(TASKS.c.task_id.in_([task.task_id for task in effects.queued]))
-                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
-                )
-            conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
-            conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
-            return effects
-
-        return await self._write(op, on_commit)
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         """Record that the agent was heard from (a heartbeat)."""
@@ -212,7 +182,7 @@ class AgentQueries(StoreBase):
             )
             if result.rowcount == 0:
                 raise NotFound(Resource.AGENT, agent_id)
-            return _get_agent(conn, agent_id)
+            return agent_of(conn, agent_id)
 
         return await self._write(op, on_commit)
 
@@ -243,7 +213,7 @@ class AgentQueries(StoreBase):
                 ],
             )
         agent_ids = sorted(known)
-        agents = _agents_by_id(conn, agent_ids)
+        agents = agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
         context = assignments.context_of(
             conn, held_rows, {}, self._run_shapes(conn, {row.run_id for row in held_rows})
@@ -302,9 +272,25 @@ class AgentQueries(StoreBase):
 
         await self._write(op)
 
+    async def waiting_candidates(
+        self, tasks: Sequence[TaskRun]
+    ) -> tuple[dict[str, Agent], set[Requirement]]:
+        """For explaining why these queued tasks wait: the registered agents they are pinned
+        to, and which requirements of the unpinned ones (capability, sorted labels) some
+        registered agent meets. One look-up per distinct requirement, stopping at the first
+        agent that meets it."""
+        wanted = {requirement(task) for task in tasks if not task.pinned_agent_id}
+
+        def op(conn: Connection) -> tuple[dict[str, Agent], set[Requirement]]:
+            pinned_ids = sorted({task.pinned_agent_id for task in tasks if task.pinned_agent_id})
+            met = {needs for needs in wanted if _offered(conn, needs)}
+            return agents_by_id(conn, pinned_ids), met
+
+        return await self._read(op)
+
     async def get_agent(self, agent_id: str) -> Agent:
         """One agent, NOT_FOUND if unknown."""
-        return await self._read(lambda conn: _get_agent(conn, agent_id))
+        return await self._read(lambda conn: agent_of(conn, agent_id))
 
     async def list_agents(
         self, page_size: int, page_token: str, state: AgentState | None, capability: str
@@ -352,6 +338,28 @@ def _state_condition(state: AgentState) -> Any:
     )
 
 
+def _offered(conn: Connection, needs: Requirement) -> bool:
+    """Whether some registered agent offers the capability and carries the labels."""
+    capability, labels = needs
+    query = select(AGENTS.c.labels)
+    if capability:
+        query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
+            CAPABILITIES.c.capability == capability
+        )
+    if not labels:
+        query = query.limit(1)
+    for (found,) in conn.execute(query):
+        if all(found.get(key) == value for key, value in labels):
+            return True
+    return False
+
+
+def delete_agent(conn: Connection, agent_id: str) -> None:
+    """Remove an agent's row and its capabilities (what it held is the caller's to move)."""
+    conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
+    conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
+
+
 def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[str, ...]]:
     if not agent_ids:
         return {}
@@ -362,14 +370,15 @@ def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[
     return {agent_id: tuple(found) for agent_id, found in grouped.items()}
 
 
-def _get_agent(conn: Connection, agent_id: str) -> Agent:
-    found = _agents_by_id(conn, [agent_id]).get(agent_id)
+def agent_of(conn: Connection, agent_id: str) -> Agent:
+    """One agent, NOT_FOUND if unknown."""
+    found = agents_by_id(conn, [agent_id]).get(agent_id)
     if found is None:
         raise NotFound(Resource.AGENT, agent_id)
     return found
 
 
-def _agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
+def agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
     """Those of these agents that exist, with their capabilities and running-task counts: two
     statements, however many."""
     if not agent_ids:

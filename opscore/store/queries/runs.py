@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph, idempotency
+from opscore.domain import graph, idempotency, waiting
 from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError, Resource
 from opscore.domain.ids import new_id, new_ids
 from opscore.domain.models import (
@@ -26,7 +26,7 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
 from opscore.store.prepared import Prepared
-from opscore.store.queries.agents import KNOWN_AGENTS
+from opscore.store.queries.agents import agents_by_id
 from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
 from opscore.store.queries.pages import decode_page_token, read_page
@@ -106,11 +106,8 @@ class RunQueries(StoreBase):
     ) -> list[CreatedRun | OpsCoreError]:
         earlier = self._runs_by_request(conn, [request for _, request in requests])
         agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
-        known_agents = (
-            {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
-            if agent_ids
-            else set()
-        )
+        # Pinned agents whole (capabilities, labels): a run they cannot finish is refused.
+        pinned = agents_by_id(conn, agent_ids)
         latest: dict[str, str] = {}
         run_values: list[dict[str, Any]] = []
         task_rows: list[list[Any]] = []
@@ -130,9 +127,11 @@ class RunQueries(StoreBase):
                 outcome = CreatedRun(run, False, Effects())
             else:
                 try:
-                    if request.agent_id and request.agent_id not in known_agents:
+                    if request.agent_id and request.agent_id not in pinned:
                         raise NotFound(Resource.AGENT, request.agent_id)
                     source = self._source(conn, request, latest)
+                    if request.agent_id:
+                        waiting.check_pinned_agent(pinned[request.agent_id], source[2].specs)
                 except OpsCoreError as error:
                     outcomes.append(error)
                     continue

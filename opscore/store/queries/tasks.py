@@ -1,5 +1,5 @@
 """Tasks on the move: the queue at start, assignments, completions (set-based), failures with
-their retries, leases and lost agents."""
+their retries, leases, lost agents and deregistered ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph, idempotency
+from opscore.domain import graph, idempotency, waiting
 from opscore.domain.errors import (
     FailedPrecondition,
     NotFound,
@@ -33,6 +33,7 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
+from opscore.store.queries.agents import agent_of, delete_agent
 from opscore.store.queries.base import (
     READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
@@ -47,6 +48,29 @@ from opscore.store.writer import Followup, Tx
 
 _OUTPUTS = select(TASKS.c.task_id, TASKS.c.output).where(
     TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True))
+)
+_HELD_NOT_PINNED = (
+    select(*READY_TASK_COLUMNS, TASKS.c.attempt)
+    .where(
+        TASKS.c.agent_id == bindparam("b_agent_id"),
+        TASK_IS_ASSIGNED,
+        or_(
+            TASKS.c.pinned_agent_id.is_(None),
+            TASKS.c.pinned_agent_id != bindparam("b_agent_id"),
+        ),
+    )
+    .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
+    .with_for_update()
+)
+_WAITING_STATES = (TaskState.QUEUED.value, TaskState.ASSIGNED.value)
+# Unfinished tasks pinned to an agent that could still run: those queued for it or held by it.
+_WAITING_FOR_PINNED = (
+    select(TASKS.c.task_id)
+    .where(
+        TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
+        TASKS.c.state.in_(_WAITING_STATES),
+    )
+    .order_by(TASKS.c.run_id, TASKS.c.position)
 )
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
@@ -349,6 +373,55 @@ class TaskQueries(StoreBase):
 
         return await self._write(op, on_commit)
 
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> Effects:
+        """Remove the agent. Every task it held goes back to the queue for another attempt,
+        except the tasks pinned to it: no other agent may take those, so each one held or
+        queued fails finally (its run follows the usual rules: a fallback, pinned too, fails
+        in turn; otherwise the run fails)."""
+
+        def op(conn: Connection) -> Effects:
+            agent_of(conn, agent_id)
+            effects = Effects()
+            held = conn.execute(_HELD_NOT_PINNED, {"b_agent_id": agent_id})
+            for row in held:
+                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
+                effects.queued.append(rows.ready_task(row))
+            if effects.queued:
+                conn.execute(
+                    update(TASKS)
+                    .where(TASKS.c.task_id.in_([task.task_id for task in effects.queued]))
+                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
+                )
+            effects.merge(self._fail_pinned(conn, agent_id, now))
+            delete_agent(conn, agent_id)
+            return effects
+
+        return await self._write(op, on_commit)
+
+    def _fail_pinned(self, conn: Connection, agent_id: str, now: datetime) -> Effects:
+        """Fail finally every unfinished task pinned to `agent_id` that waits for it or that it
+        holds, and the fallbacks that this queues, until none is left."""
+        error = waiting.DEREGISTERED.format(agent_id=agent_id)
+        effects = Effects()
+        pinned = {"b_agent_id": agent_id}
+        while task_ids := list(conn.execute(_WAITING_FOR_PINNED, pinned).scalars()):
+            self._lock_runs_of(conn, task_ids)
+            for task_id in task_ids:
+                row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
+                # Skipped meanwhile, as another of its run's tasks failed the run.
+                if row is None or row.state not in _WAITING_STATES:
+                    continue
+                effects.merge(
+                    self._fail_attempt(conn, row, error, retryable=False, reported=False, now=now)
+                )
+        # A fallback queued and failed in this same write never reached the dispatcher.
+        gone = set(effects.unqueued) & {task.task_id for task in effects.queued}
+        effects.queued = [task for task in effects.queued if task.task_id not in gone]
+        effects.unqueued = [task_id for task_id in effects.unqueued if task_id not in gone]
+        return effects
+
     def _fail_held(
         self, conn: Connection, task_ids: list[str], error: str, now: datetime
     ) -> Effects:
@@ -414,7 +487,8 @@ class TaskQueries(StoreBase):
             transition = graph.fail(graph_of(tasks), states_of(tasks), row.name)
             effects = apply_transition(changes, row.run_id, tasks, transition, now)
             changes.flush()
-        effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
+        if row.state == TaskState.ASSIGNED.value:  # not a queued task failed by the server
+            effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
         return effects
 
 
