@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Awaitable
 
 import asyncpg
 import grpc
 from conftest import ServerFactory, asyncpg_dsn, serve
 from helpers import (
+    Agent,
     Client,
     as_dict,
     definition,
@@ -106,25 +108,33 @@ async def test_run_stored_without_a_fingerprint_matches_any_repeat(
         assert again.run_id == first.run_id
 
 
+async def one_task_held(client: Client) -> tuple[Agent, str, workflow_pb2.TaskAssignment]:
+    """A worker holding the one task of a new run: the worker, the run's id, the assignment."""
+    worker = await client.agent("worker")
+    run = await client.trigger(definition=definition("wf", task("a")))
+    return worker, run.run_id, await worker.next_assignment()
+
+
+async def conflicts(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """Await a result call that must be refused as RESULT_CONFLICT."""
+    error = await refused(call, grpc.StatusCode.FAILED_PRECONDITION)
+    assert reason_of(error) == "RESULT_CONFLICT"
+    return error
+
+
 async def test_complete_repeated_with_another_output_is_refused(
     start_server: ServerFactory, db_url: str
 ) -> None:
     async with serve(start_server, db_url) as client:
-        worker = await client.agent("worker")
-        run = await client.trigger(definition=definition("wf", task("a")))
-        assignment = await worker.next_assignment()
+        worker, run_id, assignment = await one_task_held(client)
         await worker.complete(assignment, {"n": 1})
         await worker.complete(assignment, {"n": 1})
 
-        error = await refused(
-            worker.complete(assignment, {"n": 2}), grpc.StatusCode.FAILED_PRECONDITION
-        )
-        assert reason_of(error) == "RESULT_CONFLICT"
+        error = await conflicts(worker.complete(assignment, {"n": 2}))
         assert resource_of(error) == ("opscore.v1.TaskRun", assignment.task_id)
-        error = await refused(worker.fail(assignment, "late"), grpc.StatusCode.FAILED_PRECONDITION)
-        assert reason_of(error) == "RESULT_CONFLICT"
+        await conflicts(worker.fail(assignment, "late"))
 
-        recorded = tasks_of(await client.run(run.run_id))["a"]
+        recorded = tasks_of(await client.run(run_id))["a"]
         assert recorded.state == workflow_pb2.TASK_STATE_SUCCEEDED
         assert as_dict(recorded.output) == {"n": 1}
 
@@ -133,25 +143,20 @@ async def test_fail_repeated_with_another_error_or_a_success_is_refused(
     start_server: ServerFactory, db_url: str
 ) -> None:
     async with serve(start_server, db_url) as client:
-        worker = await client.agent("worker")
-        run = await client.trigger(definition=definition("wf", task("a")))
-        assignment = await worker.next_assignment()
+        worker, run_id, assignment = await one_task_held(client)
         await worker.fail(assignment, "broken", retryable=True)
         await worker.fail(assignment, "broken", retryable=True)
-        for call in (worker.fail(assignment, "other"), worker.complete(assignment, {"n": 1})):
-            error = await refused(call, grpc.StatusCode.FAILED_PRECONDITION)
-            assert reason_of(error) == "RESULT_CONFLICT"
-        assert tasks_of(await client.run(run.run_id))["a"].error == "broken"
+        await conflicts(worker.fail(assignment, "other"))
+        await conflicts(worker.complete(assignment, {"n": 1}))
+        assert tasks_of(await client.run(run_id))["a"].error == "broken"
 
 
 async def test_fail_without_error_text_records_a_default(
     start_server: ServerFactory, db_url: str
 ) -> None:
     async with serve(start_server, db_url) as client:
-        worker = await client.agent("worker")
-        run = await client.trigger(definition=definition("wf", task("a")))
-        assignment = await worker.next_assignment()
+        worker, run_id, assignment = await one_task_held(client)
         await worker.fail(assignment, "")
         await worker.fail(assignment, "")  # the same call repeated stays OK
-        failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
+        failed = await client.wait_run(run_id, workflow_pb2.RUN_STATE_FAILED)
         assert tasks_of(failed)["a"].error == FAILURE_WITHOUT_TEXT
