@@ -144,6 +144,42 @@ def _decoded(request: Any) -> Any:
     return request
 
 
+class _DetailedAborts:
+    """A handler's context whose aborts carry the `ErrorInfo` every error carries: for the
+    handlers of services not ours (health), which abort with a bare code."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        """Abort as asked, with an `ErrorInfo` whose reason is the code's name."""
+        number, _ = code.value
+        status = _status(number, code.name, details, [])
+        metadata = (*trailing_metadata, *status.trailing_metadata)
+        await self._context.abort(code, details, metadata)
+
+
+def _foreign(behavior: Behavior) -> Behavior:
+    """`behavior` with its context's aborts detailed (see `_DetailedAborts`)."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            async for response in behavior(request, _DetailedAborts(context)):
+                yield response
+
+        return streaming
+
+    async def unary(request: Any, context: Any) -> Any:
+        return await behavior(request, _DetailedAborts(context))
+
+    return unary
+
+
 def _guard_unary(behavior: Behavior) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
@@ -171,6 +207,9 @@ def _guard_stream(behavior: Behavior) -> Behavior:
     return guarded
 
 
+_OURS = f"/{ERROR_DOMAIN}."
+"""The prefix of the methods of Ops-Core's own services, whose errors are mapped above."""
+
 _MAX_GUARDED = 1024
 """Guarded handlers kept (the server has a few dozen methods)."""
 
@@ -197,7 +236,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         known = self._guarded.get(id(handler))
         if known is not None and known[0] is handler:
             return known[1]
-        guarded = _guard(handler)
+        guarded = _guard(handler, foreign=not handler_call_details.method.startswith(_OURS))
         if len(self._guarded) >= _MAX_GUARDED:  # handlers are not expected to be made per call
             self._guarded.clear()
         self._guarded[id(handler)] = (handler, guarded)
@@ -216,17 +255,19 @@ def _unimplemented(method: str) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _guard(handler: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _guard(handler: Any, *, foreign: bool) -> grpc.RpcMethodHandler[Any, Any]:
     deserializer = _guard_deserializer(handler.request_deserializer)
     guarded: grpc.RpcMethodHandler[Any, Any] = handler
     if handler.unary_unary is not None:
+        unary = _foreign(handler.unary_unary) if foreign else handler.unary_unary
         guarded = handler._replace(
-            unary_unary=_guard_unary(handler.unary_unary), request_deserializer=deserializer
+            unary_unary=_guard_unary(unary), request_deserializer=deserializer
         )
     elif handler.unary_stream is not None:
         # A streaming behaviour is an async generator, or (health's Watch) a coroutine that
         # writes with context.write: each is guarded in its own shape.
         streaming = handler.unary_stream
         guard = _guard_stream if inspect.isasyncgenfunction(streaming) else _guard_unary
-        guarded = handler._replace(unary_stream=guard(streaming), request_deserializer=deserializer)
+        behavior = _foreign(streaming) if foreign else streaming
+        guarded = handler._replace(unary_stream=guard(behavior), request_deserializer=deserializer)
     return guarded
