@@ -208,7 +208,8 @@ class Engine:
         return agent
 
     async def deregister_agent(self, agent_id: str) -> None:
-        """Remove an agent: its stream ends, the tasks it held go back to the queue."""
+        """Remove an agent: its stream ends, the tasks it held go back to the queue, and the
+        tasks pinned to it, which no other agent may take, fail (see `Store.deregister_agent`)."""
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:

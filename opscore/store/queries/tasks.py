@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import any_, bindparam, func, or_, select, update
+from sqlalchemy import and_, any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import graph, idempotency, waiting
@@ -71,6 +71,15 @@ _WAITING_FOR_PINNED = (
         TASKS.c.state.in_(_WAITING_STATES),
     )
     .order_by(TASKS.c.run_id, TASKS.c.position)
+)
+_HELD_BY_OR_PINNED_TO = select(TASKS.c.task_id).where(
+    or_(
+        and_(TASKS.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED),
+        and_(
+            TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
+            TASKS.c.state.in_(_WAITING_STATES),
+        ),
+    )
 )
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
@@ -383,6 +392,9 @@ class TaskQueries(StoreBase):
 
         def op(conn: Connection) -> Effects:
             agent_of(conn, agent_id)
+            # The runs first, as every write that moves runs locks them (`_lock_runs_of`).
+            moved = conn.execute(_HELD_BY_OR_PINNED_TO, {"b_agent_id": agent_id}).scalars()
+            self._lock_runs_of(conn, list(moved))
             effects = Effects()
             held = conn.execute(_HELD_NOT_PINNED, {"b_agent_id": agent_id})
             for row in held:
