@@ -183,21 +183,13 @@ class Dispatcher:
         """Queued, waiting for its retry time, or placed by a write not yet committed."""
         return task_id in self._ready or task_id in self._waiting or task_id in self._reserved
 
-    def capable_agents(self, task: ReadyTask) -> tuple[int, int]:
-        """How many connected agents could take `task` (its capability, labels and pin), and
-        how many of them are free now: part of why a queued task waits. For reads only: it
-        walks the connected agents (the pinned one alone for a pinned task)."""
-        if task.pinned_agent_id:
-            pinned = self._agents.get(task.pinned_agent_id)
-            agents: Iterable[_LiveAgent] = () if pinned is None else (pinned,)
-        else:
-            agents = self._agents.values()
-        connected = free = 0
-        for live in agents:
-            if task.accepts(live.profile):
-                connected += 1
-                free += live.available
-        return connected, free
+    def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
+        """Whether an available agent offers `capability` and carries `labels`: part of why a
+        queued task waits. Walks the free agents of the capability until one carries them."""
+        return any(
+            all(live.profile.labels.get(key) == value for key, value in labels)
+            for live in self._free.candidates(capability)
+        )
 
     def dequeue(self, task_ids: Iterable[str]) -> None:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""

@@ -435,22 +435,23 @@ class Engine:
 
     async def _explained(self, runs: Sequence[WorkflowRun]) -> list[WorkflowRun]:
         """The runs with a `waiting_reason` on each queued task, from the registered agents
-        (read now) and the connected ones (the dispatcher's)."""
+        (read now) and the free ones (the dispatcher's)."""
         queued = [task for run in runs for task in run.tasks if task.state is TaskState.QUEUED]
         if not queued:
             return list(runs)
-        pinned, met = await self._store.waiting_candidates(queued)
+        pinned, offers = await self._store.waiting_candidates(queued)
         now = self._now()
+        nobody = waiting.Offer(registered=False, connected=False)
 
         def explain(task: TaskRun) -> TaskRun:
             if task.state is not TaskState.QUEUED:
                 return task
-            connected, free = self.dispatcher.capable_agents(task.ready())
-            agent = pinned.get(task.pinned_agent_id)
-            registered = (
-                agent is not None if task.pinned_agent_id else waiting.requirement(task) in met
+            needs = waiting.requirement(task)
+            candidates = waiting.Candidates(
+                offers.get(needs, nobody),
+                not task.pinned_agent_id and self.dispatcher.has_free_agent(*needs),
+                pinned.get(task.pinned_agent_id),
             )
-            candidates = waiting.Candidates(registered, connected, free, agent)
             return dataclasses.replace(
                 task, waiting_reason=waiting.waiting_reason(task, now, candidates)
             )

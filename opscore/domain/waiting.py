@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from opscore.domain.errors import PinnedAgentUnfit
 from opscore.domain.models import Agent, AgentState, TaskRun, TaskSpec, TaskState
@@ -52,18 +53,22 @@ def check_pinned_agent(agent: Agent, tasks: Iterable[TaskSpec]) -> None:
         raise PinnedAgentUnfit(agent.agent_id, lacking)
 
 
+class Offer(NamedTuple):
+    """Whether some registered agent meets what an unpinned task needs, and a connected one."""
+
+    registered: bool
+    connected: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Candidates:
     """The agents that could take a queued task (its capability, labels and pin), as known
     when the task is read."""
 
-    registered: bool
-    """Whether any registered agent could (for a pinned task: the pinned agent is registered
-    and offers what the task needs)."""
-    connected: int
-    """How many of them are connected."""
-    free: int
-    """How many of those are idle with a free slot."""
+    offer: Offer
+    """For an unpinned task: whether any registered agent could take it, and a connected one."""
+    free: bool
+    """For an unpinned task: whether one of those is idle with a free slot."""
     pinned: Agent | None = None
     """The agent the task is pinned to, if it is and that agent is registered."""
 
@@ -80,10 +85,10 @@ def waiting_reason(task: TaskRun, now: datetime, candidates: Candidates) -> str:
 
 
 def _unpinned_reason(task: TaskRun, candidates: Candidates) -> str:
-    if not candidates.registered:
+    if not candidates.offer.registered:
         needs = _needs(task)
         return f"no registered agent offers {needs}" if needs else "no agent is registered"
-    if not candidates.connected:
+    if not candidates.offer.connected:
         return "every capable agent is offline"
     if not candidates.free:
         return "every capable agent is busy"

@@ -24,7 +24,7 @@ from opscore.domain.models import (
     ReportedState,
     TaskRun,
 )
-from opscore.domain.waiting import Requirement, requirement
+from opscore.domain.waiting import Offer, Requirement, requirement
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
 from opscore.store.queries.base import OnCommit, StoreBase
@@ -274,17 +274,17 @@ class AgentQueries(StoreBase):
 
     async def waiting_candidates(
         self, tasks: Sequence[TaskRun]
-    ) -> tuple[dict[str, Agent], set[Requirement]]:
+    ) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
         """For explaining why these queued tasks wait: the registered agents they are pinned
-        to, and which requirements of the unpinned ones (capability, sorted labels) some
-        registered agent meets. One look-up per distinct requirement, stopping at the first
-        agent that meets it."""
+        to, and for each requirement of the unpinned ones (capability, sorted labels) whether
+        some registered agent meets it, and some connected one. One look-up per distinct
+        requirement, connected agents first, stopping at the first agent that meets it."""
         wanted = {requirement(task) for task in tasks if not task.pinned_agent_id}
 
-        def op(conn: Connection) -> tuple[dict[str, Agent], set[Requirement]]:
+        def op(conn: Connection) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
             pinned_ids = sorted({task.pinned_agent_id for task in tasks if task.pinned_agent_id})
-            met = {needs for needs in wanted if _offered(conn, needs)}
-            return agents_by_id(conn, pinned_ids), met
+            offers = {needs: _offer(conn, needs) for needs in wanted}
+            return agents_by_id(conn, pinned_ids), offers
 
         return await self._read(op)
 
@@ -338,20 +338,21 @@ def _state_condition(state: AgentState) -> Any:
     )
 
 
-def _offered(conn: Connection, needs: Requirement) -> bool:
-    """Whether some registered agent offers the capability and carries the labels."""
+def _offer(conn: Connection, needs: Requirement) -> Offer:
+    """Whether some registered agent offers the capability and carries the labels, and
+    whether one of those is connected."""
     capability, labels = needs
-    query = select(AGENTS.c.labels)
+    query = select(AGENTS.c.labels, AGENTS.c.connected).order_by(AGENTS.c.connected.desc())
     if capability:
         query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
             CAPABILITIES.c.capability == capability
         )
     if not labels:
         query = query.limit(1)
-    for (found,) in conn.execute(query):
+    for found, connected in conn.execute(query):
         if all(found.get(key) == value for key, value in labels):
-            return True
-    return False
+            return Offer(registered=True, connected=bool(connected))
+    return Offer(registered=False, connected=False)
 
 
 def delete_agent(conn: Connection, agent_id: str) -> None:
