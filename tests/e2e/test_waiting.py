@@ -127,6 +127,8 @@ async def test_a_queued_task_says_why_it_waits(start_server: ServerFactory, db_u
             (anything.run_id, "t"): "every capable agent is busy",
             (pinned.run_id, "train"): "pinned agent 'a-1' is busy",
         }
+        await client.agent("eu-1", labels={"zone": "eu", "tier": "gold"}, connect=False)
+        assert await reasons(client, labelled.run_id) == {"t": "every capable agent is offline"}
 
 
 async def test_a_task_in_backoff_says_until_when(start_server: ServerFactory, db_url: str) -> None:

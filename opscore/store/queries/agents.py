@@ -340,19 +340,17 @@ def _state_condition(state: AgentState) -> Any:
 
 def _offer(conn: Connection, needs: Requirement) -> Offer:
     """Whether some registered agent offers the capability and carries the labels, and
-    whether one of those is connected."""
+    whether one of those is connected: one row at most, the labels compared by the database."""
     capability, labels = needs
-    query = select(AGENTS.c.labels, AGENTS.c.connected).order_by(AGENTS.c.connected.desc())
+    query = select(AGENTS.c.connected).order_by(AGENTS.c.connected.desc()).limit(1)
     if capability:
         query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
             CAPABILITIES.c.capability == capability
         )
-    if not labels:
-        query = query.limit(1)
-    for found, connected in conn.execute(query):
-        if all(found.get(key) == value for key, value in labels):
-            return Offer(registered=True, connected=bool(connected))
-    return Offer(registered=False, connected=False)
+    for key, value in labels:
+        query = query.where(AGENTS.c.labels[key].as_string() == value)
+    connected = conn.execute(query).scalar_one_or_none()
+    return Offer(registered=connected is not None, connected=bool(connected))
 
 
 def delete_agent(conn: Connection, agent_id: str) -> None:
