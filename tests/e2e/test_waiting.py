@@ -143,3 +143,21 @@ async def test_a_task_in_backoff_says_until_when(start_server: ServerFactory, db
         assert queued.state == workflow_pb2.TASK_STATE_QUEUED
         until = queued.not_before.ToDatetime(UTC)
         assert queued.waiting_reason == f"backoff until {until:%H:%M:%S} UTC"
+
+
+async def test_labels_with_awkward_keys_are_matched_when_read(
+    start_server: ServerFactory, db_url: str
+) -> None:
+    """Keys with quotes, backslashes or letters beyond ASCII, which SQLite's JSON paths miss."""
+    async with serve(start_server, db_url) as client:
+        awkward = {'z"one': "eu", "t\\er": "gold", "région": "nord", "plain": "yes"}
+        await client.agent("a-1", labels=awkward, connect=False)
+        for key, value in awkward.items():
+            run = await client.trigger(definition=definition("wf", task("t", labels={key: value})))
+            assert await reasons(client, run.run_id) == {"t": "every capable agent is offline"}
+            other = await client.trigger(
+                definition=definition("wf", task("t", labels={key: "else"}))
+            )
+            assert await reasons(client, other.run_id) == {
+                "t": f"no registered agent offers label {key}=else"
+            }

@@ -340,17 +340,29 @@ def _state_condition(state: AgentState) -> Any:
 
 def _offer(conn: Connection, needs: Requirement) -> Offer:
     """Whether some registered agent offers the capability and carries the labels, and
-    whether one of those is connected: one row at most, the labels compared by the database."""
+    whether one of those is connected, connected agents first. The database compares the
+    labels it can; SQLite's JSON paths miss keys with quotes, backslashes or characters beyond
+    ASCII, so those are compared here, on the rows the rest let through."""
     capability, labels = needs
-    query = select(AGENTS.c.connected).order_by(AGENTS.c.connected.desc()).limit(1)
+    query = select(AGENTS.c.connected, AGENTS.c.labels).order_by(AGENTS.c.connected.desc())
     if capability:
         query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
             CAPABILITIES.c.capability == capability
         )
-    for key, value in labels:
+    plain = [(key, value) for key, value in labels if _plain_key(key)]
+    for key, value in plain:
         query = query.where(AGENTS.c.labels[key].as_string() == value)
-    connected = conn.execute(query).scalar_one_or_none()
-    return Offer(registered=connected is not None, connected=bool(connected))
+    if len(plain) == len(labels):
+        query = query.limit(1)
+    for connected, found in conn.execute(query):
+        if all(found.get(key) == value for key, value in labels):
+            return Offer(registered=True, connected=bool(connected))
+    return Offer(registered=False, connected=False)
+
+
+def _plain_key(key: str) -> bool:
+    """Whether a label key can be looked up by a JSON path on every backend."""
+    return key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
 
 
 def delete_agent(conn: Connection, agent_id: str) -> None:
