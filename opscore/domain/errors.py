@@ -75,16 +75,16 @@ class AlreadyExists(OpsCoreError):
 
 
 class RequestIdReused(AlreadyExists):
-    """A request_id already started a run, for a different request (another definition,
-    input or pin): the client reused an id it should not have."""
+    """A request_id already served a different request (a trigger with another definition,
+    input or pin; another definition): the client reused an id it should not have."""
 
     reason = "REQUEST_ID_REUSED"
 
-    def __init__(self, request_id: str, run_id: str) -> None:
-        self.resource = (Resource.RUN, run_id)
+    def __init__(self, request_id: str, kind: Resource, key: str) -> None:
+        self.resource = (kind, key)
         super().__init__(
-            f"request_id {request_id!r} already started run {run_id!r} for a different "
-            "request (definition, input or agent); use a new request_id for a new run"
+            f"request_id {request_id!r} was used by a different request, which made "
+            f"{kind.noun} {key!r}; use a new request_id for a new request"
         )
 
 

@@ -7,8 +7,14 @@ import hashlib
 import json
 from datetime import timedelta
 
-from opscore.domain.errors import RequestIdReused, ResultConflict
-from opscore.domain.models import DefinitionDraft, JsonObject, TaskSpec, TriggerRequest
+from opscore.domain.errors import RequestIdReused, Resource, ResultConflict
+from opscore.domain.models import (
+    DefinitionDraft,
+    JsonObject,
+    TaskSpec,
+    TriggerRequest,
+    WorkflowDefinition,
+)
 
 
 def trigger_fingerprint(request: TriggerRequest) -> str:
@@ -66,7 +72,17 @@ def check_repeated_trigger(
     stored without a fingerprint (before they were kept) is taken as the same request, as it
     was before."""
     if stored is not None and stored != fingerprint:
-        raise RequestIdReused(request_id, run_id)
+        raise RequestIdReused(request_id, Resource.RUN, run_id)
+
+
+def check_repeated_definition(
+    request_id: str, draft: DefinitionDraft, stored: WorkflowDefinition
+) -> None:
+    """Raise `RequestIdReused` unless `draft` is the definition `request_id` created. The
+    stored definition keeps every field of its draft, so they are compared whole."""
+    created = DefinitionDraft(stored.workflow_name, stored.description, stored.tasks)
+    if _definition(created) != _definition(draft):
+        raise RequestIdReused(request_id, Resource.DEFINITION, stored.definition_id)
 
 
 def check_repeated_output(task_id: str, recorded: JsonObject | None, output: JsonObject) -> None:

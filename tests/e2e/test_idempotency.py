@@ -20,6 +20,7 @@ from helpers import (
     reason_of,
     refused,
     resource_of,
+    seconds,
     task,
     tasks_of,
 )
@@ -160,3 +161,32 @@ async def test_fail_without_error_text_records_a_default(
         await worker.fail(assignment, "")  # the same call repeated stays OK
         failed = await client.wait_run(run_id, workflow_pb2.RUN_STATE_FAILED)
         assert tasks_of(failed)["a"].error == FAILURE_WITHOUT_TEXT
+
+
+async def test_create_definition_reusing_a_request_id_for_another_draft_is_refused(
+    start_server: ServerFactory, db_url: str
+) -> None:
+    async with serve(start_server, db_url) as client:
+        rich = task("a", capability="c", labels={"zone": "eu"}, input={"k": [1, 2.5, "x"]})
+        rich.timeout.CopyFrom(seconds(90))
+        rich.retry_policy.max_attempts = 4
+        rich.retry_policy.initial_backoff.CopyFrom(seconds(0.5))
+        draft = definition("wf", rich, task("b", depends_on=["a"]), task("f"))
+        draft.tasks[1].fallback = "f"
+        draft.description = "about"
+        first = await client.create(draft, request_id="d-1")
+        assert await client.create(draft, request_id="d-1") == first
+
+        changed = workflow_pb2.WorkflowDefinition()
+        changed.CopyFrom(draft)
+        changed.tasks[0].retry_policy.max_attempts = 5
+        for other in (changed, definition("wf", task("a"))):
+            error = await refused(
+                client.create(other, request_id="d-1"), grpc.StatusCode.ALREADY_EXISTS
+            )
+            assert reason_of(error) == "REQUEST_ID_REUSED"
+            assert resource_of(error) == ("opscore.v1.WorkflowDefinition", first.definition_id)
+        listed = await client.workflows.ListWorkflowDefinitions(
+            workflow_service_pb2.ListWorkflowDefinitionsRequest()
+        )
+        assert [d.definition_id for d in listed.definitions] == [first.definition_id]

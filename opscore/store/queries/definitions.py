@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.engine import Connection
 
+from opscore.domain import idempotency
 from opscore.domain.errors import NotFound, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
@@ -30,7 +31,8 @@ class DefinitionQueries(StoreBase):
     async def create_definition(
         self, draft: DefinitionDraft, request_id: str, now: datetime
     ) -> WorkflowDefinition:
-        """Store the next version of the draft's workflow; a repeated request_id returns it."""
+        """Store the next version of the draft's workflow; the same draft with a request_id
+        already used returns the definition it created (ALREADY_EXISTS for another draft)."""
 
         def op(conn: Connection) -> WorkflowDefinition:
             if request_id:
@@ -38,7 +40,9 @@ class DefinitionQueries(StoreBase):
                     conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.request_id == request_id))
                 ).first()
                 if existing is not None:
-                    return rows.definition(existing)
+                    stored = rows.definition(existing)
+                    idempotency.check_repeated_definition(request_id, draft, stored)
+                    return stored
             return _insert_definition(conn, draft, request_id or None, now)
 
         return await self._write(op)
