@@ -130,6 +130,30 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return rpc_status.from_call(error)  # type: ignore[arg-type]
 
 
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    """The `ErrorInfo` reason an error carries (failing the test if it carries none)."""
+    status = status_of(error)
+    assert status is not None, f"no google.rpc.Status details: {error.details()}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "opscore.v1", info
+            return info.reason
+    raise AssertionError(f"no ErrorInfo in the details: {error.details()}")
+
+
+def resource_of(error: grpc.aio.AioRpcError) -> tuple[str, str] | None:
+    """The (resource_type, resource_name) of the `ResourceInfo` an error carries, if any."""
+    status = status_of(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info = error_details_pb2.ResourceInfo()
+            detail.Unpack(info)
+            return info.resource_type, info.resource_name
+    return None
+
+
 class Agent:
     """A scripted agent: registered, with an open task stream whose events are collected."""
 

@@ -304,6 +304,7 @@ def task_run(value: models.TaskRun) -> workflow_pb2.TaskRun:
         finished_at=timestamp(value.finished_at),
         not_before=timestamp(value.not_before if value.state is models.TaskState.QUEUED else None),
         deadline=timestamp(value.deadline if value.state is models.TaskState.ASSIGNED else None),
+        waiting_reason=value.waiting_reason,
     )
 
 

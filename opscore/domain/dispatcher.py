@@ -186,6 +186,14 @@ class Dispatcher:
         """Queued, waiting for its retry time, or placed by a write not yet committed."""
         return task_id in self._ready or task_id in self._waiting or task_id in self._reserved
 
+    def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
+        """Whether an available agent offers `capability` and carries `labels`: part of why a
+        queued task waits. Walks the free agents of the capability until one carries them."""
+        return any(
+            all(live.profile.labels.get(key) == value for key, value in labels)
+            for live in self._free.candidates(capability)
+        )
+
     def dequeue(self, task_ids: Iterable[str]) -> None:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
         for task_id in task_ids:

@@ -23,12 +23,12 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from opscore.domain import validation
+from opscore.domain import idempotency, validation, waiting
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
@@ -48,6 +48,7 @@ from opscore.domain.models import (
     RunView,
     StreamEvent,
     TaskRun,
+    TaskState,
     TriggerRequest,
     WorkflowDefinition,
     WorkflowRun,
@@ -73,6 +74,10 @@ def _record_after_sends(level: int, event: str, fields: dict[str, object]) -> No
     if log.isEnabledFor(level):
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, functools.partial(log.log, level, event, extra=fields))
+
+
+FAILURE_WITHOUT_TEXT = "the agent reported a failure without an error message"
+"""The error recorded for a `FailTask` whose error is empty."""
 
 
 def utc_now() -> datetime:
@@ -117,7 +122,7 @@ class Engine:
     ) -> None:
         self._store = store
         self._settings = settings
-        self._budget = Budget(settings.response_bytes, sizes)
+        self._budget = Budget(settings.response_bytes, waiting.WithReasons(sizes))
         self._admission = admission
         self._now = now
         self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
@@ -224,7 +229,8 @@ class Engine:
         return agent
 
     async def deregister_agent(self, agent_id: str) -> None:
-        """Remove an agent: its stream ends, the tasks it held go back to the queue."""
+        """Remove an agent: its stream ends, the tasks it held go back to the queue, and the
+        tasks pinned to it, which no other agent may take, fail (see `Store.deregister_agent`)."""
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:
@@ -431,7 +437,8 @@ class Engine:
     # Runs ----------------------------------------------------------------------------------
 
     async def trigger(self, request: TriggerRequest) -> WorkflowRun:
-        """Start a run; a repeated request_id returns the first run, whole (see `fit_run`)."""
+        """Start a run; a repeated request_id returns the first run, whole (see `fit_run`), if
+        the request is the same (ALREADY_EXISTS if not)."""
         raise_if(self._check_trigger(request))
         self._admission.admit_new_work()
 
@@ -452,6 +459,9 @@ class Engine:
                 agent_id=request.agent_id,
                 run_input=request.input,
                 request_id=request.request_id,
+                fingerprint=(
+                    idempotency.trigger_fingerprint(request) if request.request_id else ""
+                ),
                 now=self._now(),
                 on_commit=on_commit,
             )
@@ -487,9 +497,10 @@ class Engine:
 
     async def get_run(self, run_id: str, view: RunView | None = None) -> WorkflowRun:
         """One run in `view` (FULL by default): with as many of its tasks as fit in one
-        response."""
+        response, each queued one saying why it waits."""
         raise_if(check_id(run_id, "run_id"))
-        return await self._store.read_run(run_id, view or RunView.FULL, self._budget)
+        run = await self._store.read_run(run_id, view or RunView.FULL, self._budget)
+        return dataclasses.replace(run, tasks=await self._explained(run.tasks))
 
     async def list_runs(
         self,
@@ -504,15 +515,49 @@ class Engine:
         raise_if([*validation.check_page(page_size), *validation.check_run_filter(where)])
         order = validation.run_order(order_by)
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_runs(
+        page = await self._store.list_runs(
             size, page_token, where, order, view or RunView.BASIC, self._budget
         )
+        tasks = iter(await self._explained([task for run in page.items for task in run.tasks]))
+        runs = [
+            dataclasses.replace(run, tasks=tuple(next(tasks) for _ in run.tasks))
+            for run in page.items
+        ]
+        return Page(tuple(runs), page.next_page_token)
 
     async def list_run_tasks(self, run_id: str, page_size: int, page_token: str) -> Page[TaskRun]:
-        """A page of a run's tasks in definition order, cut to fit one response."""
+        """A page of a run's tasks in definition order, cut to fit one response, each queued
+        one saying why it waits."""
         raise_if([*check_id(run_id, "run_id"), *validation.check_page(page_size)])
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_run_tasks(run_id, size, page_token, self._budget)
+        page = await self._store.list_run_tasks(run_id, size, page_token, self._budget)
+        return Page(await self._explained(page.items), page.next_page_token)
+
+    async def _explained(self, tasks: Sequence[TaskRun]) -> tuple[TaskRun, ...]:
+        """The tasks with a `waiting_reason` on each queued one, from the registered agents
+        (read now) and the free ones (the dispatcher's). The budget measured each queued task
+        with room for its reason (`waiting.WithReasons`), so the response still fits."""
+        queued = [task for task in tasks if task.state is TaskState.QUEUED]
+        if not queued:
+            return tuple(tasks)
+        pinned, offers = await self._store.waiting_candidates(queued)
+        now = self._now()
+        nobody = waiting.Offer(registered=False, connected=False)
+
+        def explain(task: TaskRun) -> TaskRun:
+            if task.state is not TaskState.QUEUED:
+                return task
+            needs = waiting.requirement(task)
+            candidates = waiting.Candidates(
+                offers.get(needs, nobody),
+                not task.pinned_agent_id and self.dispatcher.has_free_agent(*needs),
+                pinned.get(task.pinned_agent_id),
+            )
+            return dataclasses.replace(
+                task, waiting_reason=waiting.waiting_reason(task, now, candidates)
+            )
+
+        return tuple(map(explain, tasks))
 
     async def cancel_run(self, run_id: str) -> WorkflowRun:
         """Cancel an unfinished run; agents holding its tasks are told to stop. The run is
@@ -563,7 +608,8 @@ class Engine:
         self, task_id: str, agent_id: str, attempt: int, error: str, retryable: bool
     ) -> None:
         """Record a task's failure: retried under its policy when `retryable` and attempts
-        remain; otherwise final (its fallback runs, or its run fails)."""
+        remain; otherwise final (its fallback runs, or its run fails). The same failure again
+        changes nothing; another result for the same attempt is refused (RESULT_CONFLICT)."""
         limits = self._settings.limits
         raise_if(
             [
@@ -571,6 +617,8 @@ class Engine:
                 *validation.check_text(error, "error", limits.max_error_bytes),
             ]
         )
+        # A final failure always says something, for operators and for a fallback's input.
+        error = error or FAILURE_WITHOUT_TEXT
 
         def on_commit(effects: Effects) -> None:
             if effects.released:

@@ -4,13 +4,31 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import ClassVar
 
 
+class Resource(enum.Enum):
+    """A kind of thing a request may name: its fully-qualified message type (what
+    `ResourceInfo.resource_type` carries) and what people call it (what messages say)."""
+
+    AGENT = ("opscore.v1.Agent", "agent")
+    DEFINITION = ("opscore.v1.WorkflowDefinition", "workflow definition")
+    RUN = ("opscore.v1.WorkflowRun", "workflow run")
+    TASK = ("opscore.v1.TaskRun", "task")
+
+    def __init__(self, type_name: str, noun: str) -> None:
+        self.type_name = type_name
+        self.noun = noun
+
+
 class OpsCoreError(Exception):
     """Base of the errors a client can cause and act on."""
+
+    resource: tuple[Resource, str] | None = None
+    """The thing the error is about, when it names one: its kind and its id (or name)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +58,62 @@ class InvalidArgument(OpsCoreError):
 
 
 class NotFound(OpsCoreError):
-    """The request names something that does not exist."""
+    """The request names something that does not exist; `key` is the id (or the name, as
+    `named` says) the request gave."""
 
-    def __init__(self, kind: str, key: str) -> None:
-        self.kind = kind
-        self.key = key
-        super().__init__(f"{kind} {key!r} not found")
+    def __init__(self, kind: Resource, key: str, *, named: bool = False) -> None:
+        self.resource = (kind, key)
+        super().__init__(f"{kind.noun} {'named ' if named else ''}{key!r} not found")
 
 
 class FailedPrecondition(OpsCoreError):
     """The request is well-formed but the system is not in a state that allows it."""
+
+
+class AlreadyExists(OpsCoreError):
+    """What the request would create exists already."""
+
+
+class RequestIdReused(AlreadyExists):
+    """A request_id already served a different request (a trigger with another definition,
+    input or pin; another definition): the client reused an id it should not have."""
+
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str, kind: Resource, key: str) -> None:
+        self.resource = (kind, key)
+        super().__init__(
+            f"request_id {request_id!r} was used by a different request, which made "
+            f"{kind.noun} {key!r}; use a new request_id for a new request"
+        )
+
+
+class ResultConflict(FailedPrecondition):
+    """A result repeated for an attempt whose result was recorded, but not the same one: the
+    first result stands."""
+
+    reason = "RESULT_CONFLICT"
+
+    def __init__(self, task_id: str, recorded: str) -> None:
+        self.resource = (Resource.TASK, task_id)
+        super().__init__(
+            f"the result of this attempt of task {task_id!r} was recorded already "
+            f"({recorded}); it stands"
+        )
+
+
+class PinnedAgentUnfit(FailedPrecondition):
+    """A trigger pins its run to an agent that lacks what some of its tasks need (a capability,
+    labels): the run would wait forever."""
+
+    reason = "PINNED_AGENT_UNFIT"
+
+    def __init__(self, agent_id: str, lacking: list[tuple[str, list[str]]]) -> None:
+        self.resource = (Resource.AGENT, agent_id)
+        self.lacking = lacking
+        """Each task the agent cannot run, with what it lacks for it."""
+        tasks = "; ".join(f"task {name!r} needs {' and '.join(needs)}" for name, needs in lacking)
+        super().__init__(f"pinned agent {agent_id!r} cannot run every task of the run: {tasks}")
 
 
 class Unavailable(OpsCoreError):

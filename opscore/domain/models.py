@@ -204,6 +204,8 @@ class TaskRun:
     fallback: str = ""
     pinned_agent_id: str = ""
     not_before: datetime | None = None
+    waiting_reason: str = ""
+    """Why a queued task waits, worked out when read (`domain.waiting`); never stored."""
 
     def ready(self, not_before: datetime | None = None) -> ReadyTask:
         """The dispatcher's view of this task, dispatchable from `not_before` on."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from opscore.domain.durations import human
 from opscore.domain.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from opscore.domain.ids import is_valid_id
 from opscore.domain.models import (
@@ -274,7 +275,7 @@ def check_duration(
     elif value == timedelta(0) and not allow_zero:
         yield FieldViolation(path, "must be positive (leave it unset for the server default)")
     elif value > maximum:
-        yield FieldViolation(path, f"must be at most {maximum}")
+        yield FieldViolation(path, f"must be at most {human(maximum)}")
 
 
 def _check_fallbacks(

@@ -137,6 +137,9 @@ class RunRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     input: Mapped[dict[str, Any]]
     request_id: Mapped[str | None] = mapped_column(ID, unique=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """Digest of the trigger that had `request_id` (see `domain.idempotency`); None for a run
+    without one, or stored before fingerprints were."""
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

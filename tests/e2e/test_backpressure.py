@@ -52,23 +52,22 @@ async def test_an_agent_whose_stream_does_not_drain_gets_no_more_work(
 ) -> None:
     limits = StreamLimits(max_messages=4, max_bytes=1 << 30, stall_timeout=60)
     async with start_server(sqlite_url, streams=limits) as server, connect(server.port) as client:
-        if True:
-            await _silent(client, "silent", slots=100)
-            run_ids = await _trigger(client, 40, input=BIG)
-            engine = server.engine
-            assert engine is not None
-            async with asyncio.timeout(WAIT):
-                while not (stream := engine.streams.get("silent")) or not stream.backlogged:
-                    await asyncio.sleep(0.01)
-            # Over its bound, the silent agent is not idle: a reading agent gets the rest.
-            worker = await client.agent("reader", capabilities=["work"], max_concurrent_tasks=100)
-            taken = 0
-            while taken < 5:
-                await worker.complete(await worker.next_assignment())
-                taken += 1
-            held = (await _agent(client, "silent")).running_tasks
-            assert stream.buffered_messages <= limits.max_messages
-            assert held < len(run_ids)
+        await _silent(client, "silent", slots=100)
+        run_ids = await _trigger(client, 40, input=BIG)
+        engine = server.engine
+        assert engine is not None
+        async with asyncio.timeout(WAIT):
+            while not (stream := engine.streams.get("silent")) or not stream.backlogged:
+                await asyncio.sleep(0.01)
+        # Over its bound, the silent agent is not idle: a reading agent gets the rest.
+        worker = await client.agent("reader", capabilities=["work"], max_concurrent_tasks=100)
+        taken = 0
+        while taken < 5:
+            await worker.complete(await worker.next_assignment())
+            taken += 1
+        held = (await _agent(client, "silent")).running_tasks
+        assert stream.buffered_messages <= limits.max_messages
+        assert held < len(run_ids)
 
 
 async def test_a_stalled_stream_is_closed_with_stream_stalled(

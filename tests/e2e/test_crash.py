@@ -221,9 +221,11 @@ class Worker:
             )
 
 
-async def complete_again(client: Client, done: Completion, attempt: int) -> grpc.StatusCode:
+async def complete_again(
+    client: Client, done: Completion, attempt: int, output: dict[str, Any]
+) -> grpc.StatusCode:
     """Send CompleteTask for an acknowledged result's task, from its agent, for `attempt`, with
-    another output; the status it gets.
+    `output`; the status it gets.
     """
     try:
         await client.workflows.CompleteTask(
@@ -231,7 +233,7 @@ async def complete_again(client: Client, done: Completion, attempt: int) -> grpc
                 task_id=done.task_id,
                 agent_id=done.agent_id,
                 attempt=attempt,
-                output=struct({"again": True}),
+                output=struct(output),
             ),
             timeout=CALL_TIMEOUT,
         )
@@ -353,13 +355,17 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
                 finished_at = time.monotonic()
 
                 # A result acknowledged before the kill, sent again to the new server: the same
-                # agent and attempt is OK and changes nothing; another attempt is refused.
+                # result is OK and changes nothing; another output, or another attempt, is
+                # refused.
                 again = before_kill[0]
-                assert await complete_again(looker, again, again.attempt) == grpc.StatusCode.OK
-                assert (
-                    await complete_again(looker, again, again.attempt + 1)
-                    == grpc.StatusCode.FAILED_PRECONDITION
+                same, other = again.output, {"again": True}
+                assert await complete_again(looker, again, again.attempt, same) == (
+                    grpc.StatusCode.OK
                 )
+                for attempt, output in ((again.attempt, other), (again.attempt + 1, same)):
+                    assert await complete_again(looker, again, attempt, output) == (
+                        grpc.StatusCode.FAILED_PRECONDITION
+                    )
                 run_of = {t.task_id: run.run_id for run in runs for t in run.tasks}
                 rerun = await looker.run(run_of[again.task_id])
                 assert rerun == finished[rerun.run_id], "a repeated result changed the run"

@@ -395,7 +395,7 @@ async def build_world(client: Client) -> tuple[World, asyncio.Task[None]]:
     """Agents (a connected worker, two idle ones), definitions, runs whose first tasks the
     worker holds, and page tokens; plus the task collecting the worker's assignments."""
     worker = await client.agent("worker-1", capabilities=["work"], max_concurrent_tasks=20)
-    await client.agent("idle-1", capabilities=["idle"], connect=False)
+    await client.agent("idle-1", capabilities=["idle", "nobody"], connect=False)
     await client.agent("idle-2", labels={"zone": "b"}, connect=False)
     chain = await client.create(
         definition(

@@ -20,6 +20,7 @@ from helpers import (
     complete_request,
     definition,
     refused,
+    resource_of,
     task,
     tasks_of,
 )
@@ -202,14 +203,14 @@ async def test_complete_from_wrong_agent_or_attempt_is_refused_and_changes_nothi
 
 async def test_complete_unknown_task_is_not_found(client: Client) -> None:
     await client.agent("worker")
-    await refused(
+    task_id = "0190d2c1-0000-7000-8000-000000000000"
+    error = await refused(
         client.workflows.CompleteTask(
-            workflow_service_pb2.CompleteTaskRequest(
-                task_id="0190d2c1-0000-7000-8000-000000000000", agent_id="worker", attempt=1
-            )
+            workflow_service_pb2.CompleteTaskRequest(task_id=task_id, agent_id="worker", attempt=1)
         ),
         grpc.StatusCode.NOT_FOUND,
     )
+    assert resource_of(error) == ("opscore.v1.TaskRun", task_id)
 
 
 @pytest.mark.parametrize("attempt", [0, -1])

@@ -135,7 +135,7 @@ async def test_a_run_of_the_largest_definition_with_outputs_at_the_limit_is_read
         assert [t.name for t in rest] == names[len(listed.tasks) :]
 
         # Responses that carry a run whole are cut the same way: a repeated trigger.
-        again = await client.trigger(workflow_name="largest", request_id="r-1")
+        again = await client.trigger(workflow_name="largest", input=run_input, request_id="r-1")
         assert again.run_id == run.run_id
         assert 0 < len(again.tasks) < tasks
         assert again.next_task_page_token

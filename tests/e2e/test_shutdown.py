@@ -205,9 +205,11 @@ async def test_sigterm_drains_and_keeps_every_acknowledged_commit(tmp_path: Path
                 assert as_dict(stored.input) == as_dict(started.input)
                 assert stored.created_at == started.created_at
                 assert [t.task_id for t in stored.tasks] == [t.task_id for t in started.tasks]
-                # The same request_id again returns the run the acknowledged call created.
+                # The same request again returns the run the acknowledged call created.
                 again = await client.trigger(
-                    definition_id=single.definition_id, request_id=outcome.key
+                    definition_id=single.definition_id,
+                    request_id=outcome.key,
+                    input=as_dict(started.input),
                 )
                 assert again.run_id == started.run_id
             else:

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import Client, bad_request, definition, refused, seconds, task
+from helpers import Client, bad_request, definition, refused, resource_of, seconds, task
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 
 # Helpers -------------------------------------------------------------------------------------
@@ -178,6 +178,12 @@ async def test_create_definition_refuses_invalid_definition(
     assert await stored_definitions(client) == []
 
 
+async def test_a_duration_over_its_limit_reads_as_people_write_it(client: Client) -> None:
+    too_long = definition("wf", spec("a", timeout=seconds(8 * 86_400)))
+    violations = await invalid(client.create(too_long), "definition.tasks[0].timeout")
+    assert violations["definition.tasks[0].timeout"] == "must be at most 7 days"
+
+
 async def test_create_definition_reports_every_violation_at_once(client: Client) -> None:
     await invalid(client.create(SEVERAL_VIOLATIONS), *SEVERAL_FIELDS)
     assert await stored_definitions(client) == []
@@ -231,16 +237,20 @@ async def test_trigger_unknown_definition_is_not_found(
     client: Client, source: dict[str, str]
 ) -> None:
     await client.create(definition("known", task("a")))
-    await refused(client.trigger(**source), grpc.StatusCode.NOT_FOUND)
+    error = await refused(client.trigger(**source), grpc.StatusCode.NOT_FOUND)
+    # The type, not a phrase; the name is the id or the workflow name asked for.
+    [asked] = source.values()
+    assert resource_of(error) == ("opscore.v1.WorkflowDefinition", asked)
     assert await stored_runs(client) == []
 
 
 async def test_trigger_pinned_to_unknown_agent_is_not_found(client: Client) -> None:
     created = await client.create(definition("wf", task("a")))
-    await refused(
+    error = await refused(
         client.trigger(definition_id=created.definition_id, agent_id="ghost-agent"),
         grpc.StatusCode.NOT_FOUND,
     )
+    assert resource_of(error) == ("opscore.v1.Agent", "ghost-agent")
     await refused(
         client.trigger(definition=definition("inline", task("a")), agent_id="ghost-agent"),
         grpc.StatusCode.NOT_FOUND,
@@ -394,7 +404,8 @@ async def test_unknown_agent_is_not_found(
     client: Client, call: Callable[[Client], Awaitable[Any]]
 ) -> None:
     await client.lifecycle.RegisterAgent(registration("someone-else"))
-    await refused(call(client), grpc.StatusCode.NOT_FOUND)
+    error = await refused(call(client), grpc.StatusCode.NOT_FOUND)
+    assert resource_of(error) == ("opscore.v1.Agent", "ghost")
     assert [a.agent_id for a in await stored_agents(client)] == ["someone-else"]
 
 

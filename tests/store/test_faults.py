@@ -19,6 +19,7 @@ from table_rows import a_definition
 
 from opscore.domain.errors import (
     NotFound,
+    Resource,
     StorageFault,
     StorageFull,
     StorageLost,
@@ -87,7 +88,7 @@ def test_a_file_that_is_not_a_database_is_lost(tmp_path: Path) -> None:
 def test_errors_of_the_code_or_of_the_domain_are_left_alone(tmp_path: Path) -> None:
     db = a_database(tmp_path / "fine.db")
     assert classify(raised(lambda: db.execute("SELECT no_such_column FROM t"))) is None
-    assert classify(NotFound("run", "r1")) is None
+    assert classify(NotFound(Resource.RUN, "r1")) is None
     assert classify(ValueError("a bug")) is None
 
 

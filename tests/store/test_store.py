@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from opscore.api.convert import WireSizes
-from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResultConflict
 from opscore.domain.models import (
     AgentRegistration,
     AgentState,
@@ -112,12 +112,19 @@ async def complete(
 
 
 async def register(
-    store: Store, agent_id: str, *capabilities: str, slots: int = 1, connect: bool = True
+    store: Store,
+    agent_id: str,
+    *capabilities: str,
+    slots: int = 1,
+    connect: bool = True,
+    labels: dict[str, str] | None = None,
 ) -> None:
     """Register the agent and (unless told not to) open its stream: only a connected agent is
     given tasks."""
     await store.register_agent(
-        AgentRegistration(agent_id, capabilities=capabilities, max_concurrent_tasks=slots),
+        AgentRegistration(
+            agent_id, capabilities=capabilities, labels=labels or {}, max_concurrent_tasks=slots
+        ),
         NOW,
         ignore,
     )
@@ -253,8 +260,10 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         t.task_id for t in run.tasks if t.name in ("b", "c")
     )
     assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", root.task_id)]
-    repeated = await complete(store, root.task_id, "w", 1, {"out": "other"})
+    repeated = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert repeated == Effects()
+    with pytest.raises(ResultConflict):
+        await complete(store, root.task_id, "w", 1, {"out": "other"})
 
     for ready in effects.queued:
         [handed] = await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
@@ -348,7 +357,8 @@ async def test_deregistering_requeues_held_tasks(store: Store) -> None:
 
 
 async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: Store) -> None:
-    """The dispatcher gets the released tasks back whole: labels (read as JSON text), pin."""
+    """The dispatcher gets the released tasks back whole (labels, read as JSON text), except a
+    task pinned to the agent, which no other agent may take: it fails."""
     await register(store, "w", slots=2)
     labelled = TaskSpec("t", labels={"zone": "eu", "tier": "g\u00f6ld"})
     created = [
@@ -358,7 +368,11 @@ async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: S
     queued = [run.effects.queued[0] for run in created]
     await store.assign([(task, "w") for task in queued], NOW, TIMEOUT, ignore)
     effects = await store.deregister_agent("w", NOW, ignore)
-    assert sorted(effects.queued) == sorted(queued)
+    assert effects.queued == queued[:1]
+    assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", t.task_id) for t in queued]
+    pinned = await store.read_run(created[1].run.run_id, RunView.FULL, BUDGET)
+    assert pinned.state is RunState.FAILED
+    assert pinned.tasks[0].error == "pinned agent 'w' was deregistered"
 
 
 async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store) -> None:
@@ -586,7 +600,8 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     await register(store, "w")
     await register(store, "other")
     ready = await held_by(store, "w")
-    first, again, stranger = await asyncio.gather(
+    first, again, conflicting, stranger = await asyncio.gather(
+        complete(store, ready.task_id, "w", 1, {"n": 1}),
         complete(store, ready.task_id, "w", 1, {"n": 1}),
         complete(store, ready.task_id, "w", 1, {"n": 2}),
         complete(store, ready.task_id, "other", 1, {}),
@@ -595,6 +610,7 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert isinstance(first, Effects)
     assert [h.task_id for h in first.released] == [ready.task_id]
     assert again == Effects()
+    assert isinstance(conflicting, ResultConflict)
     assert isinstance(stranger, FailedPrecondition)
     task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
@@ -763,7 +779,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
     running = asyncio.create_task(writer.run())
     elsewhere = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
     try:
-        await register(store, "w", "cpu")
+        await register(store, "w", "cpu", "gpu", labels={"zone": "eu"})
         shaped = DefinitionDraft(
             workflow_name="shaped",
             tasks=(
@@ -811,7 +827,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
     """A trigger writes its tasks' rows from its definition's template (converted once) and
     returns the run without reading it back: what it returns is what was stored, for a stored
     definition's second run as for its first, and for an inline one."""
-    await register(store, "w", "cpu")
+    await register(store, "w", "cpu", "gpu", labels={"zone": "eu", "tier": "gold"})
     detailed = DefinitionDraft(
         workflow_name="detailed",
         tasks=(

@@ -320,6 +320,7 @@ class TaskRun(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id of the task."""
     name: _builtins.str
@@ -332,6 +333,12 @@ class TaskRun(_message.Message):
     """Agent holding (or that last held) the task; empty before the first assignment."""
     error: _builtins.str
     """Error reported by the agent, once failed."""
+    waiting_reason: _builtins.str
+    """While the task is queued: why it has not reached an agent yet, worked out when read from
+    the registered agents (e.g. "no registered agent offers capability 'gpu'", "pinned agent
+    'a-1' is offline", "backoff until 12:00:03 UTC", "every capable agent is busy"). Set by
+    GetWorkflowRun and ListWorkflowRuns; empty otherwise.
+    """
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:
         """Output reported by the agent, once succeeded."""
@@ -371,10 +378,11 @@ class TaskRun(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at", "deadline", b"deadline", "finished_at", b"finished_at", "not_before", b"not_before", "output", b"output", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_at", b"assigned_at", "attempt", b"attempt", "deadline", b"deadline", "error", b"error", "finished_at", b"finished_at", "name", b"name", "not_before", b"not_before", "output", b"output", "queued_at", b"queued_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_at", b"assigned_at", "attempt", b"attempt", "deadline", b"deadline", "error", b"error", "finished_at", b"finished_at", "name", b"name", "not_before", b"not_before", "output", b"output", "queued_at", b"queued_at", "state", b"state", "task_id", b"task_id", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import NotFound, OpsCoreError
+from opscore.domain.errors import NotFound, OpsCoreError, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
@@ -21,16 +21,15 @@ from opscore.domain.models import (
     AgentRegistration,
     AgentState,
     Assignment,
-    Effects,
-    Hold,
     Page,
     ReportedState,
-    TaskState,
+    TaskRun,
 )
 from opscore.domain.responses import Budget
+from opscore.domain.waiting import Offer, Requirement, requirement
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import READY_TASK_COLUMNS, OnCommit, StoreBase
+from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
@@ -156,7 +155,7 @@ class AgentQueries(StoreBase):
             _write_registrations(
                 conn, [(agent_id, requests[index][1]) for agent_id, index in taken.items()]
             )
-            agents = _agents_by_id(conn, list(taken))
+            agents = agents_by_id(conn, list(taken))
             for agent_id, index in taken.items():
                 outcomes[index] = agents[agent_id]
             waiting = [index for index in waiting if index not in outcomes]
@@ -164,42 +163,13 @@ class AgentQueries(StoreBase):
             tx.after_commit(functools.partial(request.on_commit, outcomes[index]))
         return [outcomes[index] for index in range(len(requests))]
 
-    async def deregister_agent(
-        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
-        """Remove the agent; every task it held goes back to the queue for another attempt."""
-
-        def op(conn: Connection) -> Effects:
-            _get_agent(conn, agent_id)
-            effects = Effects()
-            held = conn.execute(
-                select(*READY_TASK_COLUMNS, TASKS.c.attempt)
-                .where(TASKS.c.agent_id == agent_id, TASK_IS_ASSIGNED)
-                .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
-                .with_for_update()
-            )
-            for row in held:
-                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
-                effects.queued.append(rows.ready_task(row))
-            if effects.queued:
-                conn.execute(
-                    update(TASKS)
-                    .where(TASKS.c.task_id.in_([task.task_id for task in effects.queued]))
-                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
-                )
-            conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
-            conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
-            return effects
-
-        return await self._write(op, on_commit)
-
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         """Record that the agent was heard from (a heartbeat)."""
 
         def op(conn: Connection) -> None:
             result = conn.execute(_TOUCH_AGENT, {"b_agent_id": agent_id, "b_now": now})
             if result.rowcount == 0:
-                raise NotFound("agent", agent_id)
+                raise NotFound(Resource.AGENT, agent_id)
 
         await self._write(op)
 
@@ -221,8 +191,8 @@ class AgentQueries(StoreBase):
                 .values(reported_state=state.value, state_detail=detail, last_seen_at=now, **lifted)
             )
             if result.rowcount == 0:
-                raise NotFound("agent", agent_id)
-            return _get_agent(conn, agent_id)
+                raise NotFound(Resource.AGENT, agent_id)
+            return agent_of(conn, agent_id)
 
         return await self._write(op, on_commit)
 
@@ -253,7 +223,7 @@ class AgentQueries(StoreBase):
                 ],
             )
         agent_ids = sorted(known)
-        agents = _agents_by_id(conn, agent_ids)
+        agents = agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
         context = assignments.context_of(
             conn, held_rows, {}, self._run_shapes(conn, {row.run_id for row in held_rows})
@@ -269,7 +239,7 @@ class AgentQueries(StoreBase):
         for tx, request in requests:
             agent = agents.get(request.agent_id)
             if agent is None:
-                outcomes.append(NotFound("agent", request.agent_id))
+                outcomes.append(NotFound(Resource.AGENT, request.agent_id))
                 continue
             connected = Connected(agent.profile(), held.get(request.agent_id, []))
             tx.after_commit(functools.partial(request.on_commit, connected))
@@ -314,9 +284,25 @@ class AgentQueries(StoreBase):
 
         await self._write(op)
 
+    async def waiting_candidates(
+        self, tasks: Sequence[TaskRun]
+    ) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
+        """For explaining why these queued tasks wait: the registered agents they are pinned
+        to, and for each requirement of the unpinned ones (capability, sorted labels) whether
+        some registered agent meets it, and some connected one. One look-up per distinct
+        requirement, connected agents first, stopping at the first agent that meets it."""
+        wanted = {requirement(task) for task in tasks if not task.pinned_agent_id}
+
+        def op(conn: Connection) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
+            pinned_ids = sorted({task.pinned_agent_id for task in tasks if task.pinned_agent_id})
+            offers = {needs: _offer(conn, needs) for needs in wanted}
+            return agents_by_id(conn, pinned_ids), offers
+
+        return await self._read(op)
+
     async def get_agent(self, agent_id: str) -> Agent:
         """One agent, NOT_FOUND if unknown."""
-        return await self._read(lambda conn: _get_agent(conn, agent_id))
+        return await self._read(lambda conn: agent_of(conn, agent_id))
 
     async def list_agents(
         self,
@@ -382,6 +368,39 @@ def _state_condition(state: AgentState) -> Any:
     )
 
 
+def _offer(conn: Connection, needs: Requirement) -> Offer:
+    """Whether some registered agent offers the capability and carries the labels, and
+    whether one of those is connected, connected agents first. The database compares the
+    labels it can; SQLite's JSON paths miss keys with quotes, backslashes or characters beyond
+    ASCII, so those are compared here, on the rows the rest let through."""
+    capability, labels = needs
+    query = select(AGENTS.c.connected, AGENTS.c.labels).order_by(AGENTS.c.connected.desc())
+    if capability:
+        query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
+            CAPABILITIES.c.capability == capability
+        )
+    plain = [(key, value) for key, value in labels if _plain_key(key)]
+    for key, value in plain:
+        query = query.where(AGENTS.c.labels[key].as_string() == value)
+    if len(plain) == len(labels):
+        query = query.limit(1)
+    for connected, found in conn.execute(query):
+        if all(found.get(key) == value for key, value in labels):
+            return Offer(registered=True, connected=bool(connected))
+    return Offer(registered=False, connected=False)
+
+
+def _plain_key(key: str) -> bool:
+    """Whether a label key can be looked up by a JSON path on every backend."""
+    return key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
+
+
+def delete_agent(conn: Connection, agent_id: str) -> None:
+    """Remove an agent's row and its capabilities (what it held is the caller's to move)."""
+    conn.execute(_DELETE_CAPABILITIES, {"b_agent_ids": [agent_id]})
+    conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
+
+
 def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[str, ...]]:
     if not agent_ids:
         return {}
@@ -392,14 +411,15 @@ def _capabilities_of(conn: Connection, agent_ids: list[str]) -> dict[str, tuple[
     return {agent_id: tuple(found) for agent_id, found in grouped.items()}
 
 
-def _get_agent(conn: Connection, agent_id: str) -> Agent:
-    found = _agents_by_id(conn, [agent_id]).get(agent_id)
+def agent_of(conn: Connection, agent_id: str) -> Agent:
+    """One agent, NOT_FOUND if unknown."""
+    found = agents_by_id(conn, [agent_id]).get(agent_id)
     if found is None:
-        raise NotFound("agent", agent_id)
+        raise NotFound(Resource.AGENT, agent_id)
     return found
 
 
-def _agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
+def agents_by_id(conn: Connection, agent_ids: list[str]) -> dict[str, Agent]:
     """Those of these agents that exist, with their capabilities and running-task counts: two
     statements, however many."""
     if not agent_ids:
@@ -480,7 +500,7 @@ def quarantine(
                 "or register again to take work",
             )
         )
-    agents = _agents_by_id(conn, [agent_id for agent_id, _ in due])
+    agents = agents_by_id(conn, [agent_id for agent_id, _ in due])
     return [(agents[agent_id].profile(), count) for agent_id, count in due]
 
 

@@ -8,7 +8,8 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import NotFound
+from opscore.domain import idempotency
+from opscore.domain.errors import NotFound, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
 from opscore.domain.responses import Budget
@@ -34,7 +35,8 @@ class DefinitionQueries(StoreBase):
     async def create_definition(
         self, draft: DefinitionDraft, request_id: str, now: datetime
     ) -> WorkflowDefinition:
-        """Store the next version of the draft's workflow; a repeated request_id returns it."""
+        """Store the next version of the draft's workflow; the same draft with a request_id
+        already used returns the definition it created (ALREADY_EXISTS for another draft)."""
 
         def op(conn: Connection) -> WorkflowDefinition:
             if request_id:
@@ -42,7 +44,9 @@ class DefinitionQueries(StoreBase):
                     conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.request_id == request_id))
                 ).first()
                 if existing is not None:
-                    return rows.definition(existing)
+                    stored = rows.definition(existing)
+                    idempotency.check_repeated_definition(request_id, draft, stored)
+                    return stored
             return _insert_definition(conn, draft, request_id or None, now)
 
         return await self._write(op)
@@ -111,5 +115,5 @@ def definition_by_id(conn: Connection, definition_id: str) -> WorkflowDefinition
         conn.execute(select(DEFINITIONS).where(DEFINITIONS.c.definition_id == definition_id))
     ).first()
     if row is None:
-        raise NotFound("workflow definition", definition_id)
+        raise NotFound(Resource.DEFINITION, definition_id)
     return rows.definition(row)

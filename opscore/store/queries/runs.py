@@ -13,8 +13,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, bindparam, func, insert, literal, select, tuple_
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, OpsCoreError
+from opscore.domain import graph, idempotency, waiting
+from opscore.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OpsCoreError,
+    Resource,
+)
 from opscore.domain.ids import is_valid_id, new_id, new_ids
 from opscore.domain.models import (
     DefinitionDraft,
@@ -33,7 +39,7 @@ from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
 from opscore.store.prepared import Prepared
-from opscore.store.queries.agents import KNOWN_AGENTS
+from opscore.store.queries.agents import agents_by_id
 from opscore.store.queries.base import OnCommit, StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
 from opscore.store.queries.pages import read_by_bytes, scoped_key, scoped_token
@@ -101,6 +107,8 @@ class NewRun:
     request_id: str
     now: datetime
     on_commit: OnCommit[CreatedRun]
+    fingerprint: str = ""
+    """The trigger's digest (`idempotency.trigger_fingerprint`) when it has a request_id."""
 
 
 class RunQueries(StoreBase):
@@ -132,11 +140,8 @@ class RunQueries(StoreBase):
     ) -> list[CreatedRun | OpsCoreError]:
         earlier = self._runs_by_request(conn, [request for _, request in requests])
         agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
-        known_agents = (
-            {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": agent_ids})}
-            if agent_ids
-            else set()
-        )
+        # Pinned agents whole (capabilities, labels): a run they cannot finish is refused.
+        pinned = agents_by_id(conn, agent_ids)
         latest: dict[str, str] = {}
         run_values: list[dict[str, Any]] = []
         task_rows: list[list[Any]] = []
@@ -145,12 +150,22 @@ class RunQueries(StoreBase):
             outcome: CreatedRun | OpsCoreError
             repeated = earlier.get(request.request_id) if request.request_id else None
             if repeated is not None:
-                outcome = CreatedRun(repeated, False, Effects())
+                run, fingerprint = repeated
+                try:
+                    idempotency.check_repeated_trigger(
+                        request.request_id, request.fingerprint, run.run_id, fingerprint
+                    )
+                except OpsCoreError as error:
+                    outcomes.append(error)
+                    continue
+                outcome = CreatedRun(run, False, Effects())
             else:
                 try:
-                    if request.agent_id and request.agent_id not in known_agents:
-                        raise NotFound("agent", request.agent_id)
+                    if request.agent_id and request.agent_id not in pinned:
+                        raise NotFound(Resource.AGENT, request.agent_id)
                     source = self._source(conn, request, latest)
+                    if request.agent_id:
+                        waiting.check_pinned_agent(pinned[request.agent_id], source[2].specs)
                 except OpsCoreError as error:
                     outcomes.append(error)
                     continue
@@ -160,7 +175,7 @@ class RunQueries(StoreBase):
                 for root in new.roots:
                     inserted[root.task_id] = root
                 if request.request_id:
-                    earlier[request.request_id] = outcome.run
+                    earlier[request.request_id] = (outcome.run, request.fingerprint)
                 tx.note_effects(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
@@ -169,14 +184,23 @@ class RunQueries(StoreBase):
             templates.insert_tasks(conn, task_rows)
         return outcomes
 
-    def _runs_by_request(self, conn: Connection, requests: list[NewRun]) -> dict[str, WorkflowRun]:
-        """The runs already started for these requests' request_ids."""
+    def _runs_by_request(
+        self, conn: Connection, requests: list[NewRun]
+    ) -> dict[str, tuple[WorkflowRun, str | None]]:
+        """The runs already started for these requests' request_ids, with the fingerprints of
+        the triggers that started them."""
         request_ids = sorted({request.request_id for request in requests if request.request_id})
         if not request_ids:
             return {}
         found = conn.execute(_RUNS_BY_REQUEST, {"b_request_ids": request_ids}).all()
         tasks = tasks_of(conn, [row.run_id for row in found])
-        return {row.request_id: rows.workflow_run(row, tasks.get(row.run_id, [])) for row in found}
+        return {
+            row.request_id: (
+                rows.workflow_run(row, tasks.get(row.run_id, [])),
+                row.request_fingerprint,
+            )
+            for row in found
+        }
 
     def _source(
         self, conn: Connection, request: NewRun, latest: dict[str, str]
@@ -196,7 +220,7 @@ class RunQueries(StoreBase):
             if name not in latest:
                 found = LATEST_DEFINITION.rows(conn, {"b_name": name})
                 if not found:
-                    raise NotFound("workflow definition named", name)
+                    raise NotFound(Resource.DEFINITION, name, named=True)
                 latest[name] = found[0].definition_id
             definition_id = latest[name]
         name, template = self._template(conn, definition_id)
@@ -208,7 +232,7 @@ class RunQueries(StoreBase):
         def op(conn: Connection) -> WorkflowRun:
             row = conn.execute(_RUN, {"b_run_id": run_id}).first()
             if row is None:
-                raise NotFound("workflow run", run_id)
+                raise NotFound(Resource.RUN, run_id)
             run = rows.workflow_run(row, [], task_counts(conn, [run_id]).get(run_id, ()))
             if view is RunView.BASIC:
                 return run
@@ -268,7 +292,7 @@ class RunQueries(StoreBase):
 
         def op(conn: Connection) -> Page[TaskRun]:
             if conn.execute(_RUN_EXISTS, {"b_run_id": run_id}).first() is None:
-                raise NotFound("workflow run", run_id)
+                raise NotFound(Resource.RUN, run_id)
             fetch = _stored_tasks(conn, run_id)
             tasks, rest, _ = read_by_bytes(
                 lambda start, limit: fetch(first if start is None else start, limit),
@@ -473,7 +497,7 @@ def _load_run(conn: Connection, row: Any) -> WorkflowRun:
 def _get_run(conn: Connection, run_id: str, *, lock: bool = False) -> WorkflowRun:
     row = conn.execute(_RUN_FOR_UPDATE if lock else _RUN, {"b_run_id": run_id}).first()
     if row is None:
-        raise NotFound("workflow run", run_id)
+        raise NotFound(Resource.RUN, run_id)
     return _load_run(conn, row)
 
 
@@ -496,6 +520,7 @@ def _new_run(
             "state": RunState.PENDING.value,
             "input": request.run_input,
             "request_id": request.request_id or None,
+            "request_fingerprint": request.fingerprint or None,
             "created_at": request.now,
         }
     )

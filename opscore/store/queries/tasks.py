@@ -1,5 +1,5 @@
 """Tasks on the move: the queue at start, assignments, completions (set-based), failures with
-their retries, leases and lost agents."""
+their retries, leases, lost agents and deregistered ones."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import any_, bindparam, func, or_, select, update
+from sqlalchemy import and_, any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph
-from opscore.domain.errors import FailedPrecondition, NotFound, OpsCoreError
+from opscore.domain import graph, idempotency, waiting
+from opscore.domain.errors import (
+    FailedPrecondition,
+    NotFound,
+    OpsCoreError,
+    Resource,
+    ResultConflict,
+)
 from opscore.domain.models import (
     Assignment,
     Cancellation,
@@ -28,7 +34,7 @@ from opscore.domain.models import (
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
-from opscore.store.queries.agents import quarantine, reset_expiries
+from opscore.store.queries.agents import agent_of, delete_agent, quarantine, reset_expiries
 from opscore.store.queries.base import (
     READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
@@ -46,6 +52,41 @@ _COUNT_EXPIRIES = (
     update(AGENTS)
     .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
     .values(lease_expiries=AGENTS.c.lease_expiries + bindparam("b_count"))
+)
+_OUTPUTS = select(TASKS.c.task_id, TASKS.c.output).where(
+    TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True))
+)
+_HELD_NOT_PINNED = (
+    select(*READY_TASK_COLUMNS, TASKS.c.attempt)
+    .where(
+        TASKS.c.agent_id == bindparam("b_agent_id"),
+        TASK_IS_ASSIGNED,
+        or_(
+            TASKS.c.pinned_agent_id.is_(None),
+            TASKS.c.pinned_agent_id != bindparam("b_agent_id"),
+        ),
+    )
+    .order_by(TASKS.c.assigned_at, TASKS.c.task_id)
+    .with_for_update()
+)
+_WAITING_STATES = (TaskState.QUEUED.value, TaskState.ASSIGNED.value)
+# Unfinished tasks pinned to an agent that could still run: those queued for it or held by it.
+_WAITING_FOR_PINNED = (
+    select(TASKS.c.task_id)
+    .where(
+        TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
+        TASKS.c.state.in_(_WAITING_STATES),
+    )
+    .order_by(TASKS.c.run_id, TASKS.c.position)
+)
+_HELD_BY_OR_PINNED_TO = select(TASKS.c.task_id).where(
+    or_(
+        and_(TASKS.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED),
+        and_(
+            TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
+            TASKS.c.state.in_(_WAITING_STATES),
+        ),
+    )
 )
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
@@ -201,11 +242,13 @@ class TaskQueries(StoreBase):
                 held[found.task_id] = _Held.of(found)
         outcomes: list[Effects | OpsCoreError] = []
         accepted: list[tuple[int, _Held, TaskResult]] = []
+        repeated: list[tuple[int, TaskResult]] = []
+        batch_outputs: dict[str, JsonObject] = {}
         for _, result in requests:
             row = held.get(result.task_id)
             try:
                 if row is None:
-                    raise NotFound("task", result.task_id)
+                    raise NotFound(Resource.TASK, result.task_id)
                 holds = _check_held(row, result.agent_id, result.attempt, _succeeded)
             except OpsCoreError as error:
                 outcomes.append(error)
@@ -214,7 +257,12 @@ class TaskQueries(StoreBase):
                 accepted.append((len(outcomes), row, result))
                 # A second completion of this task in the batch sees it recorded.
                 held[result.task_id] = dataclasses.replace(row, state=TaskState.SUCCEEDED.value)
+                batch_outputs[result.task_id] = result.output
+            else:
+                repeated.append((len(outcomes), result))
             outcomes.append(Effects())
+        if repeated:
+            _check_repeated_outputs(conn, repeated, batch_outputs, outcomes)
         if accepted:
             shapes = self._run_shapes(conn, {row.run_id for _, row, _ in accepted})
             runs = {
@@ -228,19 +276,24 @@ class TaskQueries(StoreBase):
                 )
                 recorded[row.run_id, row.name] = result.output
             changes.flush()
-            seen = {
-                result.agent_id: self._expiring[result.agent_id]
-                for _, _, result in accepted
-                if result.agent_id in self._expiring
-            }
-            if seen:
-                reset_expiries(conn, sorted(seen))
-                requests[0][0].after_commit(functools.partial(self._forget_expiring, seen))
+            self._reset_expiries(conn, requests[0][0], [result for _, _, result in accepted])
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
                 tx.note_effects(outcome)
                 tx.after_commit(functools.partial(result.on_commit, outcome))
         return outcomes
+
+    def _reset_expiries(self, conn: Connection, tx: Tx, succeeded: list[TaskResult]) -> None:
+        """Agents that succeeded start their count of lease expiries in a row again; written
+        only for those whose count may be above zero."""
+        seen = {
+            result.agent_id: self._expiring[result.agent_id]
+            for result in succeeded
+            if result.agent_id in self._expiring
+        }
+        if seen:
+            reset_expiries(conn, sorted(seen))
+            tx.after_commit(functools.partial(self._forget_expiring, seen))
 
     async def fail_task(
         self,
@@ -365,6 +418,58 @@ class TaskQueries(StoreBase):
 
         return await self._write(op, on_commit)
 
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> Effects:
+        """Remove the agent. Every task it held goes back to the queue for another attempt,
+        except the tasks pinned to it: no other agent may take those, so each one held or
+        queued fails finally (its run follows the usual rules: a fallback, pinned too, fails
+        in turn; otherwise the run fails)."""
+
+        def op(conn: Connection) -> Effects:
+            agent_of(conn, agent_id)
+            # The runs first, as every write that moves runs locks them (`_lock_runs_of`).
+            moved = conn.execute(_HELD_BY_OR_PINNED_TO, {"b_agent_id": agent_id}).scalars()
+            self._lock_runs_of(conn, list(moved))
+            effects = Effects()
+            held = conn.execute(_HELD_NOT_PINNED, {"b_agent_id": agent_id})
+            for row in held:
+                effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
+                effects.queued.append(rows.ready_task(row))
+            if effects.queued:
+                conn.execute(
+                    update(TASKS)
+                    .where(TASKS.c.task_id.in_([task.task_id for task in effects.queued]))
+                    .values(state=TaskState.QUEUED.value, queued_at=now, deadline=None)
+                )
+            effects.merge(self._fail_pinned(conn, agent_id, now))
+            delete_agent(conn, agent_id)
+            return effects
+
+        return await self._write(op, on_commit)
+
+    def _fail_pinned(self, conn: Connection, agent_id: str, now: datetime) -> Effects:
+        """Fail finally every unfinished task pinned to `agent_id` that waits for it or that it
+        holds, and the fallbacks that this queues, until none is left."""
+        error = waiting.DEREGISTERED.format(agent_id=agent_id)
+        effects = Effects()
+        pinned = {"b_agent_id": agent_id}
+        while task_ids := list(conn.execute(_WAITING_FOR_PINNED, pinned).scalars()):
+            self._lock_runs_of(conn, task_ids)
+            for task_id in task_ids:
+                row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
+                # Skipped meanwhile, as another of its run's tasks failed the run.
+                if row is None or row.state not in _WAITING_STATES:
+                    continue
+                effects.merge(
+                    self._fail_attempt(conn, row, error, retryable=False, reported=False, now=now)
+                )
+        # A fallback queued and failed in this same write never reached the dispatcher.
+        gone = set(effects.unqueued) & {task.task_id for task in effects.queued}
+        effects.queued = [task for task in effects.queued if task.task_id not in gone]
+        effects.unqueued = [task_id for task_id in effects.unqueued if task_id not in gone]
+        return effects
+
     def _fail_held(
         self, conn: Connection, task_ids: list[str], error: str, now: datetime
     ) -> Effects:
@@ -430,7 +535,8 @@ class TaskQueries(StoreBase):
             transition = graph.fail(graph_of(tasks), states_of(tasks), row.name)
             effects = apply_transition(changes, row.run_id, tasks, transition, now)
             changes.flush()
-        effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
+        if row.state == TaskState.ASSIGNED.value:  # not a queued task failed by the server
+            effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
         return effects
 
 
@@ -450,10 +556,33 @@ def _failed_with(error: str) -> Callable[[Any], bool]:
     this error as its holder reported it (an attempt the server failed never matches)."""
 
     def recorded(row: Any) -> bool:
-        waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
-        return bool(row.state in waiting and row.error_reported and row.error == error)
+        return _failed_as_reported(row) and row.error == error
 
     return recorded
+
+
+def _failed_as_reported(row: Any) -> bool:
+    """Whether the task failed, or waits for its retry, after its holder reported a failure."""
+    waiting = (TaskState.FAILED.value, TaskState.QUEUED.value)
+    return bool(row.state in waiting and row.error_reported)
+
+
+def _check_repeated_outputs(
+    conn: Connection,
+    repeated: list[tuple[int, TaskResult]],
+    batch_outputs: dict[str, JsonObject],
+    outcomes: list[Effects | OpsCoreError],
+) -> None:
+    """Refuse each completion repeated for a recorded one with another output (in its place
+    in `outcomes`): recorded in this batch, or read (only repeats pay for reading outputs)."""
+    stored_ids = sorted({r.task_id for _, r in repeated if r.task_id not in batch_outputs})
+    stored = {row.task_id: row.output for row in conn.execute(_OUTPUTS, {"b_task_ids": stored_ids})}
+    for index, result in repeated:
+        recorded = batch_outputs.get(result.task_id, stored.get(result.task_id))
+        try:
+            idempotency.check_repeated_output(result.task_id, recorded, result.output)
+        except OpsCoreError as error:
+            outcomes[index] = error
 
 
 def _never_recorded(_row: Any) -> bool:
@@ -471,7 +600,7 @@ def _held_task(
     already `recorded` for that attempt (a retried call); see `_check_held`."""
     row = conn.execute(_TASK_FOR_UPDATE, {"b_task_id": task_id}).first()
     if row is None:
-        raise NotFound("task", task_id)
+        raise NotFound(Resource.TASK, task_id)
     return row if _check_held(row, agent_id, attempt, recorded) else None
 
 
@@ -484,6 +613,10 @@ def _check_held(row: Any, agent_id: str, attempt: int, recorded: Callable[[Any],
         return True
     if holder and recorded(row):
         return False
+    if holder and row.state == TaskState.SUCCEEDED.value:
+        raise ResultConflict(row.task_id, "it succeeded")
+    if holder and _failed_as_reported(row):
+        raise ResultConflict(row.task_id, "it failed")
     if row.state == TaskState.ASSIGNED.value or not holder:
         raise FailedPrecondition(
             f"agent {agent_id!r} does not hold attempt {attempt} of task {row.task_id!r}"
