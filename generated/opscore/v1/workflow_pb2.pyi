@@ -337,7 +337,8 @@ class TaskRun(_message.Message):
     """While the task is queued: why it has not reached an agent yet, worked out when read from
     the registered agents (e.g. "no registered agent offers capability 'gpu'", "pinned agent
     'a-1' is offline", "backoff until 12:00:03 UTC", "every capable agent is busy"). Set by
-    GetWorkflowRun and ListWorkflowRuns; empty otherwise.
+    GetWorkflowRun, ListWorkflowRuns and ListWorkflowRunTasks; empty in the answers of
+    TriggerWorkflow and CancelWorkflowRun.
     """
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:

@@ -152,8 +152,9 @@ Global___ListWorkflowDefinitionsRequest: _TypeAlias = ListWorkflowDefinitionsReq
 
 @_typing.final
 class ListWorkflowDefinitionsResponse(_message.Message):
-    """ListWorkflowDefinitionsResponse is one page of definitions. A page may hold fewer than page_size definitions
-    when more would not fit in one response message; next_page_token then continues.
+    """ListWorkflowDefinitionsResponse is one page of definitions. A page may hold fewer than
+    page_size definitions when more would not fit in one response message; next_page_token then
+    continues.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
