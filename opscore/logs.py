@@ -40,8 +40,8 @@ class TextFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str) -> None:
     """Send the `opscore` loggers' records to standard error in the chosen format."""
-    # Neither format shows the thread or the process, so records do not collect them: a quarter
-    # of the cost of each record (measured), and a run logs two.
+    # Neither format shows the thread or the process, so records do not collect them: collecting
+    # them is a large part of what each record costs, and a run logs two.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -222,8 +222,8 @@ class Dispatcher:
         return None
 
     def _push(self, sequence: int, task: ReadyTask) -> None:
-        # Plain tuples (see `_ready`): as ReadyTask objects, 100,000 queued tasks made full
-        # collections of 24-72 ms while a queue filled (measured).
+        # Plain tuples (see `_ready`): a deep queue of ReadyTask objects kept the garbage
+        # collector busy while it filled.
         self._ready[task.task_id] = (sequence, tuple(task))
         key = (task.capability, task.labels, task.pinned_agent_id)
         heapq.heappush(self._queues.setdefault(key, _Queue()).heap, (sequence, task.task_id))
