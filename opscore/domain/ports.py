@@ -14,25 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
-from opscore.domain.models import (
-    Agent,
-    AgentProfile,
-    AgentRegistration,
-    AgentState,
-    Assignment,
-    DefinitionDraft,
-    Effects,
-    JsonObject,
-    Page,
-    ReadyTask,
-    ReportedState,
-    RunFilter,
-    RunOrder,
-    RunView,
-    TaskRun,
-    WorkflowDefinition,
-    WorkflowRun,
-)
+from opscore.domain import models
 from opscore.domain.responses import Budget
 from opscore.domain.waiting import Offer, Requirement
 
@@ -41,13 +23,13 @@ OnCommit = Callable[[T], None]
 """Called with a write's outcome inside the commit order, once the write has committed."""
 
 Place = Callable[
-    [list[ReadyTask], list[tuple[str, str]]],
-    tuple[list[tuple[ReadyTask, str]], Callable[[], None]],
+    [list[models.ReadyTask], list[tuple[str, str]]],
+    tuple[list[tuple[models.ReadyTask, str]], Callable[[], None]],
 ]
 """Matches the tasks a write queues and the slots it frees, before it commits, and gives the
 matches and an undo (see `Dispatcher.place`)."""
 
-Assigned = Callable[[list[tuple[ReadyTask, str]], list[Assignment | None]], None]
+Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Assignment | None]], None]
 """Takes committed assignments: each (task, agent) pair and its assignment, or None where the
 task was no longer queued."""
 
@@ -56,17 +38,17 @@ task was no longer queued."""
 class Connected:
     """What the dispatcher learns when an agent's stream opens."""
 
-    profile: AgentProfile
-    held: list[Assignment]
+    profile: models.AgentProfile
+    held: list[models.Assignment]
 
 
 @dataclass(frozen=True, slots=True)
 class CreatedRun:
     """A triggered run, whether it was new (False for a repeated request_id), and its effects."""
 
-    run: WorkflowRun
+    run: models.WorkflowRun
     created: bool
-    effects: Effects
+    effects: models.Effects
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +58,9 @@ class NewRun:
 
     definition_id: str
     workflow_name: str
-    inline: DefinitionDraft | None
+    inline: models.DefinitionDraft | None
     agent_id: str
-    run_input: JsonObject
+    run_input: models.JsonObject
     request_id: str
     now: datetime
     on_commit: OnCommit[CreatedRun]
@@ -93,9 +75,9 @@ class TaskResult:
     task_id: str
     agent_id: str
     attempt: int
-    output: JsonObject
+    output: models.JsonObject
     now: datetime
-    on_commit: OnCommit[Effects]
+    on_commit: OnCommit[models.Effects]
 
 
 class Admission(Protocol):
@@ -110,13 +92,16 @@ class AgentStore(Protocol):
     """Agents: registration, reported state, streams opening and closing."""
 
     async def register_agent(
-        self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
-    ) -> Agent:
+        self,
+        registration: models.AgentRegistration,
+        now: datetime,
+        on_commit: OnCommit[models.Agent],
+    ) -> models.Agent:
         """Insert the agent, or update it keeping its history and tasks."""
 
     async def deregister_agent(
-        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
+        self, agent_id: str, now: datetime, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
         """Remove the agent: its held tasks requeue, the tasks pinned to it fail."""
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
@@ -125,24 +110,24 @@ class AgentStore(Protocol):
     async def report_state(
         self,
         agent_id: str,
-        state: ReportedState,
+        state: models.ReportedState,
         detail: str,
         now: datetime,
-        on_commit: OnCommit[Agent],
-    ) -> Agent:
+        on_commit: OnCommit[models.Agent],
+    ) -> models.Agent:
         """Record the state the agent reports of itself."""
 
-    async def get_agent(self, agent_id: str) -> Agent:
+    async def get_agent(self, agent_id: str) -> models.Agent:
         """One agent, NOT_FOUND if unknown."""
 
     async def list_agents(
         self,
         page_size: int,
         page_token: str,
-        state: AgentState | None,
+        state: models.AgentState | None,
         capability: str,
         budget: Budget,
-    ) -> Page[Agent]:
+    ) -> models.Page[models.Agent]:
         """A page of agents by id, filtered by state and capability, cut to fit `budget`."""
 
     async def connect_agent(
@@ -159,8 +144,8 @@ class AgentStore(Protocol):
         """At start-up: every agent disconnected, the connected ones in a fresh grace period."""
 
     async def waiting_candidates(
-        self, tasks: Sequence[TaskRun]
-    ) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
+        self, tasks: Sequence[models.TaskRun]
+    ) -> tuple[dict[str, models.Agent], dict[Requirement, Offer]]:
         """The agents queued tasks are pinned to, and who meets each unpinned requirement."""
 
 
@@ -168,16 +153,16 @@ class DefinitionStore(Protocol):
     """Workflow definitions."""
 
     async def create_definition(
-        self, draft: DefinitionDraft, request_id: str, now: datetime
-    ) -> WorkflowDefinition:
+        self, draft: models.DefinitionDraft, request_id: str, now: datetime
+    ) -> models.WorkflowDefinition:
         """Store the next version of the draft's workflow (once per request_id)."""
 
-    async def get_definition(self, definition_id: str) -> WorkflowDefinition:
+    async def get_definition(self, definition_id: str) -> models.WorkflowDefinition:
         """One definition, NOT_FOUND if unknown."""
 
     async def list_definitions(
         self, page_size: int, page_token: str, name: str, budget: Budget
-    ) -> Page[WorkflowDefinition]:
+    ) -> models.Page[models.WorkflowDefinition]:
         """A page of definitions, oldest first, cut to fit `budget`."""
 
 
@@ -187,47 +172,52 @@ class RunStore(Protocol):
     async def create_run(self, request: NewRun) -> CreatedRun:
         """Start a run, its root tasks queued; a repeated request_id returns the first run."""
 
-    async def read_run(self, run_id: str, view: RunView, budget: Budget) -> WorkflowRun:
+    async def read_run(
+        self, run_id: str, view: models.RunView, budget: Budget
+    ) -> models.WorkflowRun:
         """One run in `view`, cut to fit `budget`; NOT_FOUND if unknown."""
 
     async def list_runs(
         self,
         page_size: int,
         page_token: str,
-        where: RunFilter,
-        order: RunOrder,
-        view: RunView,
+        where: models.RunFilter,
+        order: models.RunOrder,
+        view: models.RunView,
         budget: Budget,
-    ) -> Page[WorkflowRun]:
+    ) -> models.Page[models.WorkflowRun]:
         """A page of the runs `where` matches in `order`, in `view`, cut to fit `budget`."""
 
     async def list_run_tasks(
         self, run_id: str, page_size: int, page_token: str, budget: Budget
-    ) -> Page[TaskRun]:
+    ) -> models.Page[models.TaskRun]:
         """A page of a run's tasks in definition order, cut to fit `budget`."""
 
     async def cancel_run(
-        self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
-    ) -> tuple[WorkflowRun, Effects]:
+        self,
+        run_id: str,
+        now: datetime,
+        on_commit: OnCommit[tuple[models.WorkflowRun, models.Effects]],
+    ) -> tuple[models.WorkflowRun, models.Effects]:
         """Cancel an unfinished run; FAILED_PRECONDITION for a finished one."""
 
-    def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
+    def fit_run(self, run: models.WorkflowRun, budget: Budget) -> models.WorkflowRun:
         """A run read whole cut to fit `budget`, with a token for the rest of its tasks."""
 
 
 class TaskStore(Protocol):
     """Tasks: the queue, assignments and the results agents report."""
 
-    async def load_queue(self) -> list[ReadyTask]:
+    async def load_queue(self) -> list[models.ReadyTask]:
         """Every queued task, in the order they became ready."""
 
     async def assign(
         self,
-        pairs: Sequence[tuple[ReadyTask, str]],
+        pairs: Sequence[tuple[models.ReadyTask, str]],
         now: datetime,
         default_timeout: timedelta,
-        on_commit: OnCommit[list[Assignment | None]],
-    ) -> list[Assignment | None]:
+        on_commit: OnCommit[list[models.Assignment | None]],
+    ) -> list[models.Assignment | None]:
         """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
 
     def assign_before_commit(
@@ -239,7 +229,7 @@ class TaskStore(Protocol):
     ) -> None:
         """Let every write batch assign the tasks it made ready within its own transaction."""
 
-    async def complete_task(self, result: TaskResult) -> Effects:
+    async def complete_task(self, result: TaskResult) -> models.Effects:
         """Record an attempt's output and queue the dependents that became ready."""
 
     async def fail_task(
@@ -250,8 +240,8 @@ class TaskStore(Protocol):
         error: str,
         retryable: bool,
         now: datetime,
-        on_commit: OnCommit[Effects],
-    ) -> Effects:
+        on_commit: OnCommit[models.Effects],
+    ) -> models.Effects:
         """Record an attempt's failure: retried under the task's policy, or final."""
 
     async def extend_lease(
@@ -267,13 +257,13 @@ class TimerStore(Protocol):
         """The earliest lease deadline, and the earliest grace start of a disconnected agent."""
 
     async def expire_leases(
-        self, now: datetime, quarantine_after: int, on_commit: OnCommit[Effects]
-    ) -> Effects:
+        self, now: datetime, quarantine_after: int, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
         """Fail every attempt whose lease has ended; quarantine agents that expire too often."""
 
     async def lose_agents(
-        self, cutoff: datetime, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
+        self, cutoff: datetime, now: datetime, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
         """Agents disconnected since `cutoff` or earlier are lost, with the attempts they hold."""
 
 
