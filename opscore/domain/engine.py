@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from opscore.domain import idempotency, validation, waiting
 from opscore.domain.dispatcher import Dispatcher
@@ -53,6 +53,14 @@ from opscore.domain.models import (
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.ports import (
+    Admission,
+    Connected,
+    CreatedRun,
+    NewRun,
+    Persistence,
+    TaskResult,
+)
 from opscore.domain.responses import (
     DEFAULT_CLIENT_MESSAGE_BYTES,
     Budget,
@@ -61,7 +69,6 @@ from opscore.domain.responses import (
     response_bytes,
 )
 from opscore.domain.validation import Limits, check_id, raise_if
-from opscore.store.queries import Connected, CreatedRun, NewRun, Store, TaskResult
 from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
 
 log = logging.getLogger("opscore.engine")
@@ -99,20 +106,12 @@ class EngineSettings:
     """Bytes of runs and tasks one response may carry (see `responses.response_bytes`)."""
 
 
-class Admission(Protocol):
-    """Whether new work (a run, a definition) may be accepted now: the store keeps a reserve of
-    free space for finishing the work already accepted."""
-
-    def admit_new_work(self) -> None:
-        """Return if new work may be written; raise `StorageReserve` if not."""
-
-
 class Engine:
     """The domain behind both services (see the module docstring)."""
 
     def __init__(
         self,
-        store: Store,
+        store: Persistence,
         settings: EngineSettings,
         *,
         admission: Admission,
@@ -230,7 +229,8 @@ class Engine:
 
     async def deregister_agent(self, agent_id: str) -> None:
         """Remove an agent: its stream ends, the tasks it held go back to the queue, and the
-        tasks pinned to it, which no other agent may take, fail (see `Store.deregister_agent`)."""
+        tasks pinned to it, which no other agent may take, fail (see
+        `AgentStore.deregister_agent`)."""
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:

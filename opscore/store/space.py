@@ -34,7 +34,7 @@ it."""
 
 
 class FreeSpaceReserve:
-    """The engine's `Admission` (see the module docstring). `directory` is where the database
+    """The domain's `ports.Admission` (see the module docstring). `directory` is where the database
     file lives (None: no reserve, as on PostgreSQL or in memory); `reserve` in bytes, 0 for
     none; `clock` in monotonic seconds."""
 

@@ -34,10 +34,11 @@ from outages import (
 from processes import ServerProcess, clean_environment, free_port
 from sqlalchemy.engine import make_url
 
+from opscore.domain.ports import NewRun
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.server import OpsCoreServer
 from opscore.store.database import open_database
-from opscore.store.queries import NewRun, Store
+from opscore.store.queries import Store
 from opscore.store.writer import Writer
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -35,12 +35,13 @@ from opscore.domain.models import (
     TaskState,
     WorkflowRun,
 )
+from opscore.domain.ports import CreatedRun, NewRun, TaskResult
 from opscore.domain.responses import Budget
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.database import Committed, Database, Work
-from opscore.store.queries import CreatedRun, NewRun, Store, TaskResult, base
+from opscore.store.queries import Store, base
 from opscore.store.tables import metadata
 from opscore.store.writer import QUIET_SPELL, Tx, Writer
 

@@ -19,22 +19,15 @@ parameters are named `b_*` because SQLAlchemy reserves column names for the valu
 
 from __future__ import annotations
 
-from opscore.store.queries.agents import AgentQueries, Connected, NewRegistration, StreamOpened
+from opscore.store.queries.agents import AgentQueries, NewRegistration, StreamOpened
 from opscore.store.queries.definitions import DefinitionQueries
-from opscore.store.queries.runs import CreatedRun, NewRun, RunQueries
-from opscore.store.queries.tasks import TaskQueries, TaskResult
+from opscore.store.queries.runs import RunQueries
+from opscore.store.queries.tasks import TaskQueries
 
-__all__ = [
-    "Connected",
-    "CreatedRun",
-    "NewRegistration",
-    "NewRun",
-    "Store",
-    "StreamOpened",
-    "TaskResult",
-]
+__all__ = ["NewRegistration", "Store", "StreamOpened"]
 
 
 class Store(AgentQueries, DefinitionQueries, RunQueries, TaskQueries):
     """The persistence of Ops-Core (see the package docstring): one object with the methods of
-    every aggregate, sharing the writer, the database and the caches of `StoreBase`."""
+    every aggregate, sharing the writer, the database and the caches of `StoreBase`. It is the
+    engine's `ports.Persistence`, structurally."""

@@ -25,11 +25,12 @@ from opscore.domain.models import (
     ReportedState,
     TaskRun,
 )
+from opscore.domain.ports import Connected, OnCommit
 from opscore.domain.responses import Budget
 from opscore.domain.waiting import Offer, Requirement, requirement
 from opscore.store import assignments, rows
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import OnCommit, StoreBase
+from opscore.store.queries.base import StoreBase
 from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
@@ -99,14 +100,6 @@ _HELD_TASKS = (
     .where(TASKS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)), TASK_IS_ASSIGNED)
     .order_by(TASKS.c.agent_id, TASKS.c.assigned_at, TASKS.c.task_id)
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """What the dispatcher learns when an agent's stream opens."""
-
-    profile: AgentProfile
-    held: list[Assignment]
 
 
 @dataclass(frozen=True, slots=True)

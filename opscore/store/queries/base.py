@@ -12,6 +12,7 @@ from sqlalchemy import Text, bindparam, cast, select, text
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import Effects
+from opscore.domain.ports import OnCommit
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
 from opscore.store.database import Database
@@ -21,7 +22,6 @@ from opscore.store.templates import RunTemplate
 from opscore.store.writer import Tx, Writer
 
 T = TypeVar("T")
-OnCommit = Callable[[T], None]
 
 
 RUN_SHAPE_CACHE_TASKS = 10_000

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,9 +22,7 @@ from opscore.domain.errors import (
 )
 from opscore.domain.ids import is_valid_id, new_id, new_ids
 from opscore.domain.models import (
-    DefinitionDraft,
     Effects,
-    JsonObject,
     Page,
     RunFilter,
     RunOrder,
@@ -35,12 +32,13 @@ from opscore.domain.models import (
     TaskState,
     WorkflowRun,
 )
+from opscore.domain.ports import CreatedRun, NewRun, OnCommit
 from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
 from opscore.store.prepared import Prepared
 from opscore.store.queries.agents import agents_by_id
-from opscore.store.queries.base import OnCommit, StoreBase
+from opscore.store.queries.base import StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
 from opscore.store.queries.pages import read_by_bytes, scoped_key, scoped_token
 from opscore.store.tables import RUNS, TASKS
@@ -83,32 +81,6 @@ _TOKEN_ROOM = 256
 """Bytes kept, before a run's tasks are measured, for the next_task_page_token it may get."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedRun:
-    """A triggered run, whether it was new (False for a repeated request_id), and its effects."""
-
-    run: WorkflowRun
-    created: bool
-    effects: Effects
-
-
-@dataclass(frozen=True, slots=True)
-class NewRun:
-    """A trigger, as the store writes it: exactly one source (a stored definition's id, a
-    definition name for its latest version, or an inline definition)."""
-
-    definition_id: str
-    workflow_name: str
-    inline: DefinitionDraft | None
-    agent_id: str
-    run_input: JsonObject
-    request_id: str
-    now: datetime
-    on_commit: OnCommit[CreatedRun]
-    fingerprint: str = ""
-    """The trigger's digest (`idempotency.trigger_fingerprint`) when it has a request_id."""
 
 
 class RunQueries(StoreBase):

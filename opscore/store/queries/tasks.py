@@ -31,6 +31,7 @@ from opscore.domain.models import (
     ReadyTask,
     TaskState,
 )
+from opscore.domain.ports import Assigned, OnCommit, Place, TaskResult
 from opscore.store import assignments, rows
 from opscore.store.changes import SUCCEED_TASK, Changes, apply_transition, graph_of, states_of
 from opscore.store.prepared import Prepared
@@ -39,7 +40,6 @@ from opscore.store.queries.base import (
     READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
     RUNS_OF_TASKS_FOR_UPDATE,
-    OnCommit,
     StoreBase,
 )
 from opscore.store.queries.runs import tasks_of
@@ -141,18 +141,6 @@ QUEUE = Prepared(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class TaskResult:
-    """A task's output as its holder reported it."""
-
-    task_id: str
-    agent_id: str
-    attempt: int
-    output: JsonObject
-    now: datetime
-    on_commit: OnCommit[Effects]
-
-
 class TaskQueries(StoreBase):
     """The store's methods for tasks."""
 
@@ -182,11 +170,8 @@ class TaskQueries(StoreBase):
 
     def assign_before_commit(
         self,
-        place: Callable[
-            [list[ReadyTask], list[tuple[str, str]]],
-            tuple[list[tuple[ReadyTask, str]], Callable[[], None]],
-        ],
-        on_commit: Callable[[list[tuple[ReadyTask, str]], list[Assignment | None]], None],
+        place: Place,
+        on_commit: Assigned,
         now: Callable[[], datetime],
         default_timeout: timedelta,
     ) -> None:

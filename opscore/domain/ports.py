@@ -1,0 +1,271 @@
+"""What the engine needs of persistence, declared in the domain: the values it exchanges with the
+store, and the methods it calls, as Protocols grouped by aggregate (agents, definitions, runs,
+tasks, timers) and joined in `Persistence`.
+
+The engine depends on these alone, so the domain imports nothing of the store; the store's
+`Store` satisfies `Persistence` structurally (mypy checks it where the server builds the engine),
+with no registration and no check at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
+
+from opscore.domain import models
+from opscore.domain.responses import Budget
+from opscore.domain.waiting import Offer, Requirement
+
+T = TypeVar("T")
+OnCommit = Callable[[T], None]
+"""Called with a write's outcome inside the commit order, once the write has committed."""
+
+Place = Callable[
+    [list[models.ReadyTask], list[tuple[str, str]]],
+    tuple[list[tuple[models.ReadyTask, str]], Callable[[], None]],
+]
+"""Matches the tasks a write queues and the slots it frees, before it commits, and gives the
+matches and an undo (see `Dispatcher.place`)."""
+
+Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Assignment | None]], None]
+"""Takes committed assignments: each (task, agent) pair and its assignment, or None where the
+task was no longer queued."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """What the dispatcher learns when an agent's stream opens."""
+
+    profile: models.AgentProfile
+    held: list[models.Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRun:
+    """A triggered run, whether it was new (False for a repeated request_id), and its effects."""
+
+    run: models.WorkflowRun
+    created: bool
+    effects: models.Effects
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A trigger, as the store writes it: exactly one source (a stored definition's id, a
+    definition name for its latest version, or an inline definition)."""
+
+    definition_id: str
+    workflow_name: str
+    inline: models.DefinitionDraft | None
+    agent_id: str
+    run_input: models.JsonObject
+    request_id: str
+    now: datetime
+    on_commit: OnCommit[CreatedRun]
+    fingerprint: str = ""
+    """The trigger's digest (`idempotency.trigger_fingerprint`) when it has a request_id."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A task's output as its holder reported it."""
+
+    task_id: str
+    agent_id: str
+    attempt: int
+    output: models.JsonObject
+    now: datetime
+    on_commit: OnCommit[models.Effects]
+
+
+class Admission(Protocol):
+    """Whether new work (a run, a definition) may be accepted now: the store keeps a reserve of
+    free space for finishing the work already accepted."""
+
+    def admit_new_work(self) -> None:
+        """Return if new work may be written; raise `StorageReserve` if not."""
+
+
+class AgentStore(Protocol):
+    """Agents: registration, reported state, streams opening and closing."""
+
+    async def register_agent(
+        self,
+        registration: models.AgentRegistration,
+        now: datetime,
+        on_commit: OnCommit[models.Agent],
+    ) -> models.Agent:
+        """Insert the agent, or update it keeping its history and tasks."""
+
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
+        """Remove the agent: its held tasks requeue, the tasks pinned to it fail."""
+
+    async def touch_agent(self, agent_id: str, now: datetime) -> None:
+        """Record that the agent was heard from (a heartbeat)."""
+
+    async def report_state(
+        self,
+        agent_id: str,
+        state: models.ReportedState,
+        detail: str,
+        now: datetime,
+        on_commit: OnCommit[models.Agent],
+    ) -> models.Agent:
+        """Record the state the agent reports of itself."""
+
+    async def get_agent(self, agent_id: str) -> models.Agent:
+        """One agent, NOT_FOUND if unknown."""
+
+    async def list_agents(
+        self,
+        page_size: int,
+        page_token: str,
+        state: models.AgentState | None,
+        capability: str,
+        budget: Budget,
+    ) -> models.Page[models.Agent]:
+        """A page of agents by id, filtered by state and capability, cut to fit `budget`."""
+
+    async def connect_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Connected]
+    ) -> Connected:
+        """Mark the agent connected; its profile and the attempts it holds."""
+
+    async def disconnect_agent(
+        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
+    ) -> None:
+        """Mark the agent's stream closed, unless `still_current()` says a newer one opened."""
+
+    async def reset_connections(self, now: datetime) -> None:
+        """At start-up: every agent disconnected, the connected ones in a fresh grace period."""
+
+    async def waiting_candidates(
+        self, tasks: Sequence[models.TaskRun]
+    ) -> tuple[dict[str, models.Agent], dict[Requirement, Offer]]:
+        """The agents queued tasks are pinned to, and who meets each unpinned requirement."""
+
+
+class DefinitionStore(Protocol):
+    """Workflow definitions."""
+
+    async def create_definition(
+        self, draft: models.DefinitionDraft, request_id: str, now: datetime
+    ) -> models.WorkflowDefinition:
+        """Store the next version of the draft's workflow (once per request_id)."""
+
+    async def get_definition(self, definition_id: str) -> models.WorkflowDefinition:
+        """One definition, NOT_FOUND if unknown."""
+
+    async def list_definitions(
+        self, page_size: int, page_token: str, name: str, budget: Budget
+    ) -> models.Page[models.WorkflowDefinition]:
+        """A page of definitions, oldest first, cut to fit `budget`."""
+
+
+class RunStore(Protocol):
+    """Workflow runs: triggering, reading, cancelling."""
+
+    async def create_run(self, request: NewRun) -> CreatedRun:
+        """Start a run, its root tasks queued; a repeated request_id returns the first run."""
+
+    async def read_run(
+        self, run_id: str, view: models.RunView, budget: Budget
+    ) -> models.WorkflowRun:
+        """One run in `view`, cut to fit `budget`; NOT_FOUND if unknown."""
+
+    async def list_runs(
+        self,
+        page_size: int,
+        page_token: str,
+        where: models.RunFilter,
+        order: models.RunOrder,
+        view: models.RunView,
+        budget: Budget,
+    ) -> models.Page[models.WorkflowRun]:
+        """A page of the runs `where` matches in `order`, in `view`, cut to fit `budget`."""
+
+    async def list_run_tasks(
+        self, run_id: str, page_size: int, page_token: str, budget: Budget
+    ) -> models.Page[models.TaskRun]:
+        """A page of a run's tasks in definition order, cut to fit `budget`."""
+
+    async def cancel_run(
+        self,
+        run_id: str,
+        now: datetime,
+        on_commit: OnCommit[tuple[models.WorkflowRun, models.Effects]],
+    ) -> tuple[models.WorkflowRun, models.Effects]:
+        """Cancel an unfinished run; FAILED_PRECONDITION for a finished one."""
+
+    def fit_run(self, run: models.WorkflowRun, budget: Budget) -> models.WorkflowRun:
+        """A run read whole cut to fit `budget`, with a token for the rest of its tasks."""
+
+
+class TaskStore(Protocol):
+    """Tasks: the queue, assignments and the results agents report."""
+
+    async def load_queue(self) -> list[models.ReadyTask]:
+        """Every queued task, in the order they became ready."""
+
+    async def assign(
+        self,
+        pairs: Sequence[tuple[models.ReadyTask, str]],
+        now: datetime,
+        default_timeout: timedelta,
+        on_commit: OnCommit[list[models.Assignment | None]],
+    ) -> list[models.Assignment | None]:
+        """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
+
+    def assign_before_commit(
+        self,
+        place: Place,
+        on_commit: Assigned,
+        now: Callable[[], datetime],
+        default_timeout: timedelta,
+    ) -> None:
+        """Let every write batch assign the tasks it made ready within its own transaction."""
+
+    async def complete_task(self, result: TaskResult) -> models.Effects:
+        """Record an attempt's output and queue the dependents that became ready."""
+
+    async def fail_task(
+        self,
+        task_id: str,
+        agent_id: str,
+        attempt: int,
+        error: str,
+        retryable: bool,
+        now: datetime,
+        on_commit: OnCommit[models.Effects],
+    ) -> models.Effects:
+        """Record an attempt's failure: retried under the task's policy, or final."""
+
+    async def extend_lease(
+        self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta, now: datetime
+    ) -> datetime:
+        """Move the attempt's lease to at least `now + extend_by`."""
+
+
+class TimerStore(Protocol):
+    """What ends with time: leases and agents' grace periods."""
+
+    async def next_timers(self) -> tuple[datetime | None, datetime | None]:
+        """The earliest lease deadline, and the earliest grace start of a disconnected agent."""
+
+    async def expire_leases(
+        self, now: datetime, quarantine_after: int, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
+        """Fail every attempt whose lease has ended; quarantine agents that expire too often."""
+
+    async def lose_agents(
+        self, cutoff: datetime, now: datetime, on_commit: OnCommit[models.Effects]
+    ) -> models.Effects:
+        """Agents disconnected since `cutoff` or earlier are lost, with the attempts they hold."""
+
+
+class Persistence(AgentStore, DefinitionStore, RunStore, TaskStore, TimerStore, Protocol):
+    """Every store method the engine calls (the store's `Store` is one)."""
