@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -200,11 +200,13 @@ def seed(conn: Connection, payload: dict[str, Any], when: datetime) -> None:
     )
 
 
-def varied(statement: Prepared, conn: Connection, sample: Sample, value: Any, when: Any) -> Any:
+def varied(
+    statement: Prepared, conn: Connection, sample: Sample, value: dict[str, Any], when: datetime
+) -> Any:
     """`sample` with each time replaced by `when` (a microsecond later for each row) and each
     JSON object by `value`, as the statement's own types say (None stays None)."""
 
-    def one(params: dict[str, Any], index: int) -> dict[str, Any]:
+    def one(params: Mapping[str, Any], index: int) -> dict[str, Any]:
         keys = list(params) if getattr(statement.statement, "is_insert", False) else None
         compiled = statement.statement.compile(dialect=conn.dialect, column_keys=keys)
         out = dict(params)
@@ -217,9 +219,9 @@ def varied(statement: Prepared, conn: Connection, sample: Sample, value: Any, wh
                 out[key] = value
         return out
 
-    if isinstance(sample, dict):
+    if isinstance(sample, Mapping):
         return one(sample, 0)
-    return [one(dict(params), index) for index, params in enumerate(sample)]
+    return [one(params, index) for index, params in enumerate(sample)]
 
 
 def stored(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
