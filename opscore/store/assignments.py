@@ -26,7 +26,7 @@ from opscore.domain.models import (
     TaskState,
 )
 from opscore.store.changes import task_update
-from opscore.store.prepared import Prepared
+from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.rows import TASK_STATES, RunShape
 from opscore.store.tables import AGENTS, RUNS, TASKS
 from opscore.store.writer import Tx
@@ -34,6 +34,7 @@ from opscore.store.writer import Tx
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
 _QUEUED_TASKS_FOR_UPDATE = Prepared(
+    "assignments.queued_tasks_for_update",
     # The rest of what an assignment needs of the task (its capability, dependencies, whether it
     # stands in for another) never changes: it comes from the run's shape.
     select(
@@ -48,9 +49,20 @@ _QUEUED_TASKS_FOR_UPDATE = Prepared(
         TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
         TASKS.c.state == TaskState.QUEUED.value,
     )
-    .with_for_update(of=TASKS)
+    .with_for_update(of=TASKS),
+    samples=[{"b_task_ids": ["a", "b", "z"]}, {"b_task_ids": []}],
 )
 _ASSIGN = task_update(
+    "assignments.assign",
+    [
+        {
+            "b_task_id": "b",
+            "b_attempt": 1,
+            "b_agent_id": "g0",
+            "b_now": SAMPLE_TIME,
+            "b_deadline": SAMPLE_TIME,
+        }
+    ],
     state=TaskState.ASSIGNED.value,
     attempt=bindparam("b_attempt"),
     agent_id=bindparam("b_agent_id"),
@@ -59,9 +71,11 @@ _ASSIGN = task_update(
     not_before=None,
 )
 _START_RUN = Prepared(
+    "assignments.start_run",
     update(RUNS)
     .where(RUNS.c.run_id == bindparam("b_run_id"), RUNS.c.state == RunState.PENDING.value)
-    .values(state=RunState.RUNNING.value, started_at=bindparam("b_now"))
+    .values(state=RunState.RUNNING.value, started_at=bindparam("b_now")),
+    samples=[[{"b_run_id": run_id, "b_now": SAMPLE_TIME} for run_id in ("r1", "r2")]],
 )
 _SIBLING_COLUMNS = (
     TASKS.c.run_id,
@@ -72,14 +86,18 @@ _SIBLING_COLUMNS = (
     TASKS.c.error,
 )
 _ASSIGNMENT_CONTEXT = Prepared(
-    select(*_SIBLING_COLUMNS).where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
+    "assignments.assignment_context",
+    select(*_SIBLING_COLUMNS).where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True))),
+    samples=[{"b_task_ids": ["a", "c", "z"]}, {"b_task_ids": []}],
 )
 _TAKING_AGENTS = Prepared(
+    "assignments.taking_agents",
     select(AGENTS.c.agent_id).where(
         AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
         AGENTS.c.connected.is_(True),
         AGENTS.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
-    )
+    ),
+    samples=[{"b_agent_ids": ["g0", "g1", "g2", "g9"]}],
 )
 
 

@@ -26,32 +26,49 @@ from opscore.domain.models import (
     TaskRun,
     TaskState,
 )
-from opscore.store.prepared import Prepared
+from opscore.store.prepared import SAMPLE_TIME, Prepared, Sample
 from opscore.store.tables import RUNS, TASKS
 
 
-def task_update(**values: Any) -> Prepared:
-    """An UPDATE of one task by `b_task_id`, setting `values`. Parameters are named `b_*`
-    because SQLAlchemy reserves column names for the values of an UPDATE."""
-    return Prepared(update(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).values(**values))
+def task_update(name: str, samples: Sequence[Sample], /, **values: Any) -> Prepared:
+    """An UPDATE of one task by `b_task_id`, setting `values` (see `Prepared` for `name` and
+    `samples`). Parameters are named `b_*` because SQLAlchemy reserves column names for the
+    values of an UPDATE."""
+    return Prepared(
+        name,
+        update(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).values(**values),
+        samples=samples,
+    )
 
 
 SUCCEED_TASK = task_update(
+    "changes.succeed_task",
+    [{"b_task_id": "b", "b_output": {"done": True}, "b_now": SAMPLE_TIME}],
     state=TaskState.SUCCEEDED.value,
     output=bindparam("b_output"),
     not_before=None,
     finished_at=bindparam("b_now"),
 )
 QUEUE_TASK = task_update(
-    state=TaskState.QUEUED.value, not_before=None, queued_at=bindparam("b_now")
+    "changes.queue_task",
+    [[{"b_task_id": "c", "b_now": SAMPLE_TIME}, {"b_task_id": "d", "b_now": SAMPLE_TIME}]],
+    state=TaskState.QUEUED.value,
+    not_before=None,
+    queued_at=bindparam("b_now"),
 )
 FINISH_TASK = task_update(
-    state=bindparam("b_state"), not_before=None, finished_at=bindparam("b_now")
+    "changes.finish_task",
+    [{"b_task_id": "c", "b_state": "skipped", "b_now": SAMPLE_TIME}],
+    state=bindparam("b_state"),
+    not_before=None,
+    finished_at=bindparam("b_now"),
 )
 FINISH_RUN = Prepared(
+    "changes.finish_run",
     update(RUNS)
     .where(RUNS.c.run_id == bindparam("b_run_id"))
-    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
+    .values(state=bindparam("b_state"), finished_at=bindparam("b_now")),
+    samples=[{"b_run_id": "r2", "b_state": "cancelled", "b_now": SAMPLE_TIME}],
 )
 
 

@@ -20,20 +20,30 @@ hot statement both ways, on both databases, and compares). Expanding `IN` parame
 parameter marker per value, as SQLAlchemy's own expansion does: `?` each on SQLite; on PostgreSQL,
 where expanding renumbers every `$n`, SQLAlchemy's expansion itself, once for each length of the
 lists. Either way the rows come back with attribute access by column name.
+
+Every `Prepared` is registered by name in `REGISTERED` when it is built (at import), with sample
+parameters, so that the test comparing it with Core finds every one. Because this module uses
+SQLAlchemy's internals (the compiler's `positiontup` and `construct_expanded_state`, a bind's
+`effective_value`, the expanding-parameter marker, `Connection._handle_dbapi_exception`), it
+refuses at import a SQLAlchemy outside `SQLALCHEMY_RANGE`, the series it is tested with.
 """
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime
+import sqlalchemy
+from sqlalchemy import DateTime, bindparam, column
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import BindParameter, ClauseElement
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.sql.type_api import TypeEngine
 
@@ -42,6 +52,50 @@ _Convert = Callable[[Any], Any] | None
 
 _EXPANDING = "__[POSTCOMPILE_{}]"
 """How SQLAlchemy marks an expanding parameter in compiled SQL text, to be replaced per call."""
+
+SQLALCHEMY_RANGE = ">=2.1.9,<2.2"
+"""The SQLAlchemy versions this module is tested with, as `pyproject.toml` requires them."""
+_LOWEST = (2, 1, 9)
+_BELOW = (2, 2)
+
+Sample = Params | Sequence[Params]
+"""Parameters of one run of a statement: a mapping, or for a write a list (an executemany)."""
+
+SAMPLE_TIME = datetime(2026, 1, 2, tzinfo=UTC)
+"""A time for samples (the test comparing with Core replaces every time and JSON value)."""
+
+
+def check_sqlalchemy(version: str) -> None:
+    """Raise `ImportError`, naming the supported range, if SQLAlchemy `version` is outside it or
+    the installed SQLAlchemy lacks an internal this module uses: a new minor version may change
+    them, and a wrong value stored would be found much later than a server refusing to start."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    numbers = tuple(int(part) for part in found.groups()) if found else ()
+    if not found or numbers < _LOWEST or numbers[:2] >= _BELOW:
+        raise ImportError(
+            f"Ops-Core runs on SQLAlchemy {SQLALCHEMY_RANGE} (its prepared statements use "
+            f"SQLAlchemy's internals); installed: {version}"
+        )
+    probe = column("x").in_(bindparam("p", expanding=True))
+    marked = _EXPANDING.format("p") in str(probe.compile(dialect=sqlite.dialect()))
+    lacking = [
+        name
+        for owner, name in (
+            (SQLCompiler, "positiontup"),
+            (SQLCompiler, "construct_expanded_state"),
+            (BindParameter, "effective_value"),
+            (Connection, "_handle_dbapi_exception"),
+        )
+        if not hasattr(owner, name)
+    ] + ([] if marked else ["the expanding parameter marker"])
+    if lacking:
+        raise ImportError(
+            f"SQLAlchemy {version} lacks what Ops-Core's prepared statements use "
+            f"({', '.join(lacking)}); Ops-Core runs on SQLAlchemy {SQLALCHEMY_RANGE}"
+        )
+
+
+check_sqlalchemy(sqlalchemy.__version__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +156,30 @@ class RowLayout:
         return row
 
 
-class Prepared:
-    """A Core statement run on the driver's cursor directly (see the module docstring)."""
+REGISTERED: dict[str, Prepared] = {}
+"""Every prepared statement by name, in the order they were built."""
 
-    def __init__(self, statement: Executable) -> None:
+
+class Prepared:
+    """A Core statement run on the driver's cursor directly (see the module docstring), built
+    once at import and registered under `name` (unique). `samples` are the runs of it that the
+    test comparing it with Core makes, on rows of that test's fixture; `dialects`, the databases
+    it runs on."""
+
+    def __init__(
+        self,
+        name: str,
+        statement: Executable,
+        *,
+        samples: Sequence[Sample],
+        dialects: tuple[str, ...] = ("sqlite", "postgresql"),
+    ) -> None:
+        if name in REGISTERED:
+            raise ValueError(f"a prepared statement is already named {name!r}")
+        REGISTERED[name] = self
+        self.name = name
+        self.samples = samples
+        self.dialects = dialects
         self.statement = statement
         # An INSERT is compiled for the columns it is given; anything else once.
         self._insert = getattr(statement, "is_insert", False) is True

@@ -48,7 +48,30 @@ TASK_COLUMNS = (
 )
 """The columns a new task's row is inserted with (the rest take their defaults)."""
 
-INSERT_TASKS = Prepared(insert(TASKS))
+INSERT_TASKS = Prepared(
+    "templates.insert_tasks",
+    insert(TASKS),
+    samples=[
+        [
+            {
+                **dict.fromkeys(TASK_COLUMNS),
+                "task_id": f"n{position}",
+                "run_id": "r2",
+                "position": position,
+                "name": f"t{position}",
+                "capability": "work",
+                "labels": {"zone": "\u00fc"},
+                "depends_on": [f"t{position - 1}"],
+                "fallback": "",
+                "input": {"n": position},
+                "state": TaskState.PENDING.value,
+                "attempt": 0,
+                "error": "",
+            }
+            for position in (1, 2)
+        ]
+    ],
+)
 """The INSERT of new tasks' rows: a template's rows, in the order of its layout."""
 
 

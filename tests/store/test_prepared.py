@@ -1,41 +1,69 @@
-"""The hot statements run on the driver's cursor store and read exactly what SQLAlchemy Core does,
-on SQLite and on PostgreSQL.
+"""Every prepared statement stores and reads exactly what SQLAlchemy Core does, on SQLite and on
+PostgreSQL; and SQLAlchemy is one this code is written against.
 
-Each write runs on two databases, through `Prepared` on one and through `Connection.execute` on
-the other, and the tables are then compared as the driver returns them (on SQLite the text of
-every time and JSON value, booleans as integers). Each read runs both ways on the same data and
-must give the same rows with the same column names. Values come from Hypothesis: any JSON, any
-time. On PostgreSQL the same checks run inside SQLAlchemy's greenlet bridge, as the store's do.
+The statements are found in the registry (`prepared.REGISTERED`) after importing every module of
+the store, and each is run with its own samples on a fixture of rows (`seed`) that the samples
+name. Each write runs on two databases, through `Prepared` on one and through
+`Connection.execute` on the other, and the tables are then compared as the driver returns them
+(on SQLite the text of every time and JSON value, booleans as integers). Each read runs both ways
+on the same data and must give the same rows with the same column names. A statement whose
+samples write nothing or read no row fails, named. Every time and JSON object of the samples and
+of the fixture comes from Hypothesis: any JSON, any time. On PostgreSQL the same checks run inside
+SQLAlchemy's greenlet bridge, as the store's do.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import importlib
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from conftest import BACKENDS, postgres_database
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, insert, select
+from sqlalchemy import JSON, DateTime, create_engine, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import Select
 from table_rows import a_run, a_task
 
-from opscore.store import assignments, changes, templates
+import opscore.store
+from opscore.store import changes, templates
 from opscore.store.database import PostgresDatabase, normalize_url
-from opscore.store.prepared import Prepared
-from opscore.store.queries.agents import KNOWN_AGENTS
-from opscore.store.queries.base import _RUN_SHAPES, LOCK_RUNS_OF_TASKS
-from opscore.store.queries.definitions import LATEST_DEFINITION
+from opscore.store.prepared import (
+    REGISTERED,
+    SQLALCHEMY_RANGE,
+    Prepared,
+    Sample,
+    check_sqlalchemy,
+)
 from opscore.store.queries.runs import _INSERT_RUN
-from opscore.store.queries.tasks import _SIBLINGS, QUEUE, SIBLINGS_LOCKING_RUNS
-from opscore.store.tables import metadata
-from opscore.store.templates import TASK_COLUMNS
+from opscore.store.queries.tasks import _SIBLINGS, SIBLINGS_LOCKING_RUNS
+from opscore.store.tables import AGENTS, DEFINITIONS, RUNS, TASKS, metadata
+
+
+def registered() -> dict[str, Prepared]:
+    """Every prepared statement, after importing every module of the store (but its migrations)
+    so that none is left out."""
+    root = Path(opscore.store.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] != "migrations":
+            names = parts[:-1] if parts[-1] == "__init__" else parts
+            importlib.import_module(".".join(("opscore.store", *names)))
+    return REGISTERED
+
+
+STATEMENTS = registered()
+READS = [name for name, statement in STATEMENTS.items() if isinstance(statement.statement, Select)]
+WRITES = [name for name in STATEMENTS if name not in READS]
 
 # Any text gRPC can carry (valid UTF-8: no lone surrogates) but NUL, which the validation
 # refuses; PostgreSQL can store neither.
@@ -118,10 +146,82 @@ async def run_check(request: pytest.FixtureRequest) -> AsyncIterator[RunCheck]:
         yield on_postgres
 
 
-def run_both(dbs: Pair, statement: Prepared, params: Any) -> None:
-    lean, core = dbs
-    statement.execute(lean, params)
-    core.execute(statement.statement, params)
+def seed(conn: Connection, payload: dict[str, Any], when: datetime) -> None:
+    """The rows the samples name, written through Core: agents g0 (idle, connected), g1 (busy)
+    and g2 (disconnected); definitions d1 and d2 of `flow`; runs r1 and r2, both pending; in r1
+    tasks a (succeeded), b (queued) and c (failed, with a fallback); in r2 task d (pending)."""
+    for table in reversed(metadata.sorted_tables):
+        conn.execute(table.delete())
+    conn.execute(
+        insert(AGENTS),
+        [
+            {
+                "agent_id": f"g{index}",
+                "name": "",
+                "version": "",
+                "labels": payload,
+                "max_concurrent_tasks": 1,
+                "reported_state": state,
+                "state_detail": "",
+                "connected": up,
+                "registered_at": when,
+                "last_seen_at": when,
+                "disconnected_at": None if up else when,
+            }
+            for index, (state, up) in enumerate(
+                (("idle", True), ("busy", True), ("unspecified", False))
+            )
+        ],
+    )
+    conn.execute(
+        insert(DEFINITIONS),
+        [
+            {
+                "definition_id": f"d{version}",
+                "name": "flow",
+                "version": version,
+                "description": "",
+                "tasks": [],
+                "request_id": None,
+                "created_at": when,
+            }
+            for version in (1, 2)
+        ],
+    )
+    conn.execute(insert(RUNS), [a_run("r1", when, payload), a_run("r2", when, {})])
+    conn.execute(
+        insert(TASKS),
+        [
+            a_task("a", "r1", 0, input=payload, state="succeeded", output=payload, queued_at=when),
+            a_task("b", "r1", 1, timeout_ms=5, labels=payload, queued_at=when),
+            a_task("c", "r1", 2, fallback="t1", state="failed", error="boom"),
+            a_task("d", "r2", 0, state="pending", retry_policy={"max_attempts": 3}),
+        ],
+    )
+
+
+def varied(
+    statement: Prepared, conn: Connection, sample: Sample, value: dict[str, Any], when: datetime
+) -> Any:
+    """`sample` with each time replaced by `when` (a microsecond later for each row) and each
+    JSON object by `value`, as the statement's own types say (None stays None)."""
+
+    def one(params: Mapping[str, Any], index: int) -> dict[str, Any]:
+        keys = list(params) if getattr(statement.statement, "is_insert", False) else None
+        compiled = statement.statement.compile(dialect=conn.dialect, column_keys=keys)
+        out = dict(params)
+        for key, given_value in params.items():
+            kind = compiled.binds[key].type
+            kind = getattr(kind, "impl_instance", kind)
+            if given_value is not None and isinstance(kind, DateTime):
+                out[key] = when + timedelta(microseconds=index)
+            elif isinstance(given_value, dict) and isinstance(kind, JSON):
+                out[key] = value
+        return out
+
+    if isinstance(sample, Mapping):
+        return one(sample, 0)
+    return [one(params, index) for index, params in enumerate(sample)]
 
 
 def stored(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -137,54 +237,56 @@ def stored(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
     return rows
 
 
+def run_both(dbs: Pair, statement: Prepared, params: Any, *, ahead: bool = False) -> None:
+    """`statement` through `Prepared` on one database and through Core on the other; an INSERT
+    `ahead` as a trigger writes a template's rows: rows of driver values converted ahead."""
+    lean, core = dbs
+    if ahead and getattr(statement.statement, "is_insert", False):
+        rows = [params] if isinstance(params, dict) else params
+        keys = tuple(rows[0])
+        layout = statement.layout(lean.dialect, keys)
+        statement.execute_rows(lean, keys, [layout.row(row) for row in rows])
+    else:
+        statement.execute(lean, params)
+    core.execute(statement.statement, params)
+
+
 def read_both(conn: Connection, statement: Prepared, params: dict[str, Any]) -> list[Any]:
     lean = statement.rows(conn, params)
     core = conn.execute(statement.statement, params).all()
-    assert [tuple(row) for row in lean] == [tuple(row) for row in core]
+    differs = f"the prepared statement {statement.name} read otherwise"
+    assert [tuple(row) for row in lean] == [tuple(row) for row in core], differs
     for lean_row, core_row in zip(lean, core, strict=True):
-        assert lean_row._fields == tuple(core_row._fields)
+        assert lean_row._fields == tuple(core_row._fields), differs
     return lean
 
 
+def sampled(databases: Pair, names: list[str]) -> list[Prepared]:
+    """The statements named, those that run on these databases; each must have samples."""
+    for name in names:
+        assert STATEMENTS[name].samples, f"the prepared statement {name} has no samples"
+    dialect = databases[0].dialect.name
+    return [STATEMENTS[name] for name in names if dialect in STATEMENTS[name].dialects]
+
+
 @settings(max_examples=40, deadline=None)
-@given(payload=json_objects, output=json_objects, when=times)
+@given(payload=json_objects, value=json_objects, when=times, ahead=st.booleans())
 def writes_match(
-    databases: Pair, payload: dict[str, Any], output: dict[str, Any], when: datetime
+    databases: Pair, payload: dict[str, Any], value: dict[str, Any], when: datetime, ahead: bool
 ) -> None:
-    for conn in databases:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    later = when + timedelta(microseconds=1)
-    run_both(databases, _INSERT_RUN, [a_run("r1", when, payload), a_run("r2", later, {})])
-    tasks = [
-        a_task("a", "r1", 0, input=payload, queued_at=when),
-        a_task("b", "r1", 1, state="pending", labels={}, timeout_ms=250),
-        a_task("c", "r2", 0, fallback="t1", retry_policy={"max_attempts": 3}),
-    ]
-    # As a trigger writes them: rows of driver values converted ahead (a run template's).
     lean, core = databases
-    layout = templates.INSERT_TASKS.layout(lean.dialect, TASK_COLUMNS)
-    templates.INSERT_TASKS.execute_rows(lean, TASK_COLUMNS, [layout.row(task) for task in tasks])
-    core.execute(templates.INSERT_TASKS.statement, tasks)
-    run_both(
-        databases,
-        assignments._ASSIGN,
-        {"b_task_id": "a", "b_attempt": 1, "b_agent_id": "x", "b_now": when, "b_deadline": later},
-    )
-    run_both(
-        databases, assignments._START_RUN, [{"b_run_id": r, "b_now": when} for r in ("r1", "r2")]
-    )
-    run_both(
-        databases, changes.SUCCEED_TASK, {"b_task_id": "a", "b_output": output, "b_now": later}
-    )
-    run_both(databases, changes.QUEUE_TASK, [{"b_task_id": "b", "b_now": when}])
-    run_both(
-        databases, changes.FINISH_TASK, {"b_task_id": "c", "b_state": "skipped", "b_now": when}
-    )
-    run_both(
-        databases, changes.FINISH_RUN, {"b_run_id": "r2", "b_state": "cancelled", "b_now": later}
-    )
-    assert stored(lean) == stored(core)
+    for statement in sampled(databases, WRITES):
+        for conn in databases:
+            seed(conn, payload, when)
+        before = stored(lean)
+        for sample in statement.samples:
+            params = varied(statement, lean, sample, value, when)
+            run_both(databases, statement, params, ahead=ahead)
+        after = stored(lean)
+        assert after != before, (
+            f"the samples of the prepared statement {statement.name} wrote nothing"
+        )
+        assert after == stored(core), f"the prepared statement {statement.name} stored otherwise"
 
 
 async def test_writes_store_what_core_stores(run_check: RunCheck) -> None:
@@ -192,80 +294,18 @@ async def test_writes_store_what_core_stores(run_check: RunCheck) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(payload=json_objects, when=times, connected=st.lists(st.booleans(), min_size=3, max_size=3))
+@given(payload=json_objects, value=json_objects, when=times)
 def reads_match(
-    databases: Pair, payload: dict[str, Any], when: datetime, connected: list[bool]
+    databases: Pair, payload: dict[str, Any], value: dict[str, Any], when: datetime
 ) -> None:
     conn, _ = databases
-    for table in reversed(metadata.sorted_tables):
-        conn.execute(table.delete())
-    agents = metadata.tables["agents"]
-    conn.execute(
-        insert(agents),
-        [
-            {
-                "agent_id": f"g{index}",
-                "name": "",
-                "version": "",
-                "labels": {},
-                "max_concurrent_tasks": 1,
-                "reported_state": state,
-                "state_detail": "",
-                "connected": up,
-                "registered_at": when,
-                "last_seen_at": when,
-                "disconnected_at": None if up else when,
-            }
-            for index, (state, up) in enumerate(
-                zip(("idle", "busy", "unspecified"), connected, strict=True)
-            )
-        ],
-    )
-    definitions = metadata.tables["definitions"]
-    conn.execute(
-        insert(definitions),
-        [
-            {
-                "definition_id": f"d{version}",
-                "name": "flow",
-                "version": version,
-                "description": "",
-                "tasks": [],
-                "request_id": None,
-                "created_at": when,
-            }
-            for version in (1, 2)
-        ],
-    )
-    _INSERT_RUN.execute(conn, [a_run("r1", when, payload)])
-    templates.INSERT_TASKS.execute(
-        conn,
-        [
-            a_task("a", "r1", 0, input=payload, state="succeeded", output=payload),
-            a_task("b", "r1", 1, timeout_ms=5),
-            a_task("c", "r1", 2, fallback="t1", state="failed", error="boom"),
-        ],
-    )
-    taking = read_both(conn, assignments._TAKING_AGENTS, {"b_agent_ids": ["g0", "g1", "g2", "g9"]})
-    assert {row.agent_id for row in taking} == {
-        f"g{index}" for index, up in enumerate(connected) if up and index != 1
-    }
-    read_both(conn, KNOWN_AGENTS, {"b_agent_ids": []})
-    read_both(conn, KNOWN_AGENTS, {"b_agent_ids": ["g2", "g9"]})
-    assert read_both(conn, LATEST_DEFINITION, {"b_name": "flow"})[0].definition_id == "d2"
-    queued = read_both(conn, assignments._QUEUED_TASKS_FOR_UPDATE, {"b_task_ids": ["a", "b", "z"]})
-    assert [row.task_id for row in queued] == ["b"]
-    context = read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": ["a", "c", "z"]})
-    assert sorted(row.name for row in context) == ["t0", "t2"]
-    assert read_both(conn, assignments._ASSIGNMENT_CONTEXT, {"b_task_ids": []}) == []
-    # The queue read at start, labels as JSON text in each database's own spelling.
-    loaded = read_both(conn, QUEUE, {})
-    assert [(row.task_id, json.loads(row.labels)) for row in loaded] == [("b", {"zone": "\u00fc"})]
-    # A task that succeeded is read only when asked for.
-    siblings = read_both(conn, _SIBLINGS, {"b_task_ids": ["b"]})
-    assert [row.task_id for row in siblings] == ["b", "c"]
-    siblings = read_both(conn, _SIBLINGS, {"b_task_ids": ["a", "z"]})
-    assert [row.task_id for row in siblings] == ["a", "b", "c"]
+    seed(conn, payload, when)
+    for statement in sampled(databases, READS):
+        found = []
+        for sample in statement.samples:
+            params = varied(statement, conn, sample, value, when)
+            found.append(read_both(conn, statement, params))
+        assert any(found), f"the samples of the prepared statement {statement.name} read no row"
     if conn.dialect.name == "postgresql":
         # Where runs are locked, one statement locks them and reads the same rows.
         for asked in (["b"], ["a", "z"], ["z"]):
@@ -273,15 +313,29 @@ def reads_match(
             assert read_both(conn, SIBLINGS_LOCKING_RUNS, params) == read_both(
                 conn, _SIBLINGS, params
             )
-    locked = read_both(conn, LOCK_RUNS_OF_TASKS, {"b_task_ids": ["a", "c", "z"]})
-    assert [row.run_id for row in locked] == ["r1"]
-    shapes = read_both(conn, _RUN_SHAPES, {"b_run_ids": ["r1", "r9"]})
-    # Read as JSON text (decoded through a cache by the store), each database's own spelling.
-    assert [json.loads(row.labels) for row in shapes] == [{"zone": "\u00fc"}] * 3
 
 
 async def test_reads_give_what_core_gives(run_check: RunCheck) -> None:
     await run_check(reads_match)
+
+
+def test_a_name_is_registered_once() -> None:
+    with pytest.raises(ValueError, match=r"tasks\.queue"):
+        Prepared("tasks.queue", select(TASKS.c.task_id), samples=[{}])
+    assert all(statement.dialects for statement in STATEMENTS.values())
+
+
+def test_sqlalchemy_is_the_series_the_statements_are_written_against() -> None:
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert f"sqlalchemy[asyncio]{SQLALCHEMY_RANGE}" in dependencies
+    check_sqlalchemy(sqlalchemy.__version__)
+
+
+@pytest.mark.parametrize("version", ["2.0.30", "2.1.8", "2.2.0", "3.0.0", "2.2.0b1", "unknown"])
+def test_another_sqlalchemy_is_refused_naming_the_range(version: str) -> None:
+    with pytest.raises(ImportError, match=f"SQLAlchemy {SQLALCHEMY_RANGE}.*installed: {version}"):
+        check_sqlalchemy(version)
 
 
 def error_matches(databases: Pair) -> None:

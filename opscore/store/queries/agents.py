@@ -46,7 +46,11 @@ _running_count = (
 )
 
 KNOWN_AGENTS = Prepared(
-    select(AGENTS.c.agent_id).where(AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
+    "agents.known_agents",
+    select(AGENTS.c.agent_id).where(
+        AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+    ),
+    samples=[{"b_agent_ids": []}, {"b_agent_ids": ["g2", "g9"]}],
 )
 _TOUCH_AGENT = (
     update(AGENTS)

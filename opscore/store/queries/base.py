@@ -42,7 +42,11 @@ RUNS_OF_TASKS_FOR_UPDATE = (
     .with_for_update()
 )
 """The runs of some tasks, locked in run id order (see `StoreBase._lock_runs_of`)."""
-LOCK_RUNS_OF_TASKS = Prepared(RUNS_OF_TASKS_FOR_UPDATE)
+LOCK_RUNS_OF_TASKS = Prepared(
+    "base.lock_runs_of_tasks",
+    RUNS_OF_TASKS_FOR_UPDATE,
+    samples=[{"b_task_ids": ["a", "c", "z"]}],
+)
 READY_TASK_COLUMNS = (
     TASKS.c.task_id,
     TASKS.c.run_id,
@@ -55,6 +59,7 @@ READY_TASK_COLUMNS = (
 )
 """What the dispatcher's view of a queued task is read from (`rows.ready_task`)."""
 _RUN_SHAPES = Prepared(
+    "base.run_shapes",
     select(
         TASKS.c.task_id,
         TASKS.c.run_id,
@@ -68,7 +73,8 @@ _RUN_SHAPES = Prepared(
     )
     .where(TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
     # In graph order, as the run was defined: tasks made ready together queue in that order.
-    .order_by(TASKS.c.run_id, TASKS.c.position)
+    .order_by(TASKS.c.run_id, TASKS.c.position),
+    samples=[{"b_run_ids": ["r1", "r9"]}],
 )
 
 _PROBE_READ = text("SELECT version_num FROM alembic_version")

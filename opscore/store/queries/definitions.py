@@ -22,10 +22,12 @@ from opscore.store.tables import DEFINITIONS
 _ID = DEFINITIONS.c.definition_id
 
 LATEST_DEFINITION = Prepared(
+    "definitions.latest_definition",
     select(DEFINITIONS.c.definition_id)
     .where(DEFINITIONS.c.name == bindparam("b_name"))
     .order_by(DEFINITIONS.c.version.desc())
-    .limit(1)
+    .limit(1),
+    samples=[{"b_name": "flow"}],
 )
 
 

@@ -36,7 +36,7 @@ from opscore.domain.ports import CreatedRun, NewRun, OnCommit
 from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.store import assignments, rows, templates
 from opscore.store.changes import Changes, apply_transition, states_of
-from opscore.store.prepared import Prepared
+from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.queries.agents import agents_by_id
 from opscore.store.queries.base import StoreBase
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
@@ -59,7 +59,25 @@ _TASKS_OF_RUNS = (
 _RUNS_BY_REQUEST = select(RUNS).where(
     RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
 )
-_INSERT_RUN = Prepared(insert(RUNS))
+_INSERT_RUN = Prepared(
+    "runs.insert_run",
+    insert(RUNS),
+    samples=[
+        [
+            {
+                "run_id": run_id,
+                "definition_id": None,
+                "workflow_name": "flow",
+                "agent_id": None,
+                "state": RunState.PENDING.value,
+                "input": {"run": run_id},
+                "request_id": f"req-{run_id}",
+                "created_at": SAMPLE_TIME,
+            }
+            for run_id in ("r3", "r4")
+        ]
+    ],
+)
 _RUN_EXISTS = select(RUNS.c.run_id).where(RUNS.c.run_id == bindparam("b_run_id"))
 _TASK_COUNTS = (
     select(TASKS.c.run_id, TASKS.c.state, func.count().label("tasks"))

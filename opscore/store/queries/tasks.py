@@ -108,10 +108,13 @@ _NOT_SUCCEEDED_OR_ASKED = or_(
     TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
 )
 # As SQLite reads them: its one writer has nothing to lock.
+_SIBLINGS_SAMPLES = [{"b_task_ids": ["b"]}, {"b_task_ids": ["a", "z"]}, {"b_task_ids": ["z"]}]
 _SIBLINGS = Prepared(
+    "tasks.siblings",
     select(*_SIBLING_COLUMNS)
     .where(TASKS.c.run_id.in_(RUNS_OF_TASKS), _NOT_SUCCEEDED_OR_ASKED)
-    .order_by(TASKS.c.run_id, TASKS.c.position)
+    .order_by(TASKS.c.run_id, TASKS.c.position),
+    samples=_SIBLINGS_SAMPLES,
 )
 _LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
 # The same where writers run concurrently (PostgreSQL), the runs and their tasks locked in one
@@ -121,6 +124,7 @@ _LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
 # planned each one at every execution), one statement instead of two took chains at 8 agents from
 # 0.289 to 0.331 and from 0.248 to 0.318 of the ceiling (README).
 SIBLINGS_LOCKING_RUNS = Prepared(
+    "tasks.siblings_locking_runs",
     select(*_SIBLING_COLUMNS)
     .where(
         # PostgreSQL's ARRAY(subquery): one value, worked out once before the scan.
@@ -128,7 +132,9 @@ SIBLINGS_LOCKING_RUNS = Prepared(
         _NOT_SUCCEEDED_OR_ASKED,
     )
     .order_by(TASKS.c.run_id, TASKS.c.position)
-    .with_for_update(of=TASKS)
+    .with_for_update(of=TASKS),
+    samples=_SIBLINGS_SAMPLES,
+    dialects=("postgresql",),
 )
 
 
@@ -137,7 +143,9 @@ SIBLINGS_LOCKING_RUNS = Prepared(
 # 100,000 rows in 0.62-0.67 s against 1.02-1.07 s through `Connection.execute` with every label
 # decoded (the same rows, alternating).
 QUEUE = Prepared(
-    select(*READY_TASK_COLUMNS).where(TASK_IS_QUEUED).order_by(TASKS.c.queued_at, TASKS.c.task_id)
+    "tasks.queue",
+    select(*READY_TASK_COLUMNS).where(TASK_IS_QUEUED).order_by(TASKS.c.queued_at, TASKS.c.task_id),
+    samples=[{}],
 )
 
 
