@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
 
-from opscore.store.database import Database
+from opscore.store.transactions import Database
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

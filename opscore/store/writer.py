@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import StorageFault, Unavailable
 from opscore.domain.models import Effects
-from opscore.store.database import Database
+from opscore.store.transactions import Database
 
 T = TypeVar("T")
 A = TypeVar("A")

@@ -12,8 +12,7 @@ from conftest import POSTGRES_URL, asyncpg_dsn, postgres_database
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.engine import Connection
 
-from opscore.store import database as database_module
-from opscore.store import migrate
+from opscore.store import migrate, postgres
 from opscore.store.database import open_database
 from opscore.store.tables import TASK_IS_ASSIGNED, TASK_IS_QUEUED, metadata
 
@@ -104,7 +103,7 @@ async def test_young_tables_are_analyzed_as_they_grow(monkeypatch: pytest.Monkey
     """A new database's tables have no statistics, and the plans cached for its statements
     would be made for empty tables until the first ANALYZE: the server analyzes each table
     once it has grown past what its statistics say, and leaves the others alone."""
-    monkeypatch.setattr(database_module, "STATISTICS_CHECK", 0.05)
+    monkeypatch.setattr(postgres, "STATISTICS_CHECK", 0.05)
     async with postgres_database() as url:
         database = open_database(url)
         await migrate.upgrade(database)
@@ -157,9 +156,9 @@ async def test_a_failing_statistics_refresh_is_logged_and_tried_again(
     """Upkeep is no reason to stop serving: a refresh that fails (no right to ANALYZE, the
     server restarting) is logged, and tried again later."""
     caplog.set_level(logging.WARNING, logger="opscore.store")
-    monkeypatch.setattr(database_module, "STATISTICS_CHECK", 0.01)
-    monkeypatch.setattr(database_module, "STATISTICS_RETRY", 0.01)
-    monkeypatch.setattr(database_module, "_GROWN_TABLES", text("SELECT no_such_column"))
+    monkeypatch.setattr(postgres, "STATISTICS_CHECK", 0.01)
+    monkeypatch.setattr(postgres, "STATISTICS_RETRY", 0.01)
+    monkeypatch.setattr(postgres, "_GROWN_TABLES", text("SELECT no_such_column"))
     async with postgres_database() as url:
         database = open_database(url)
         upkeep = asyncio.create_task(database.maintain())

@@ -36,7 +36,8 @@ from table_rows import a_run, a_task
 
 import opscore.store
 from opscore.store import changes, templates
-from opscore.store.database import PostgresDatabase, normalize_url
+from opscore.store.database import normalize_url
+from opscore.store.postgres import PostgresDatabase
 from opscore.store.prepared import (
     REGISTERED,
     SQLALCHEMY_RANGE,

@@ -18,9 +18,10 @@ from table_rows import a_definition, a_task
 
 from opscore.domain.errors import StorageFull
 from opscore.domain.models import Effects
-from opscore.store import database as database_module
-from opscore.store import migrate
-from opscore.store.database import CHECKPOINT_EVERY, SqliteDatabase, open_database
+from opscore.store import checkpoints, migrate
+from opscore.store.checkpoints import CHECKPOINT_EVERY
+from opscore.store.database import open_database
+from opscore.store.sqlite import SqliteDatabase
 from opscore.store.tables import metadata
 from opscore.store.writer import Followup, Tx, Writer
 
@@ -147,7 +148,7 @@ async def test_the_wal_is_checkpointed_beside_the_writes(
 async def test_a_bulk_write_is_checkpointed_without_waiting_for_more_commits(
     database: SqliteDatabase, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database_module, "CHECKPOINT_ROWS", 500)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROWS", 500)
     await database.run(bulk(400, "small"), write=True)
     await database.checkpointed()
     assert definitions_in_database_file(sqlite_url) == 0
@@ -181,17 +182,16 @@ async def test_after_a_burst_of_writes_another_checkpoint_goes_before_the_wal_st
     """The writer copies the rest of the WAL itself (and so starts it over) after a checkpoint
     that followed light writes; after a burst, another checkpoint goes first (the writer's copy
     then held a batch for 23-33 ms)."""
-    monkeypatch.setattr(database_module, "HEAVY_FRAMES", 50)
+    monkeypatch.setattr(checkpoints, "HEAVY_FRAMES", 50)
 
     await database.run(bulk(1000, "burst"), write=True)  # about 250 pages
     # As the writer's CHECKPOINT_EVERY-th commit would have it:
-    database._checkpoint = database._checkpoints.submit(database._run_checkpoint)
-    database._restart_pending = True
+    database._checkpoints.start()
     await database.checkpointed()
-    assert not database._restart_due()
+    assert not database._checkpoints.restart_due()
     await database.checkpointed()  # the one that went first: little was written since
-    assert database._restart_due()
-    assert not database._restart_due()
+    assert database._checkpoints.restart_due()
+    assert not database._checkpoints.restart_due()
 
 
 async def test_a_batch_storage_refuses_fails_every_caller_at_once_and_the_writer_goes_on(

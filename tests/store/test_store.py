@@ -40,9 +40,9 @@ from opscore.domain.responses import Budget
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
-from opscore.store.database import Committed, Database, Work
 from opscore.store.queries import Store, base
 from opscore.store.tables import metadata
+from opscore.store.transactions import Committed, Database, Work
 from opscore.store.writer import QUIET_SPELL, Tx, Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)

@@ -6,11 +6,11 @@ assignments and composing their messages (`store/assignments.py`), and the row c
 graph's transitions, run set-based (`store/changes.py`).
 
 Statements are plain synchronous SQLAlchemy Core over a `Connection`: each operation runs whole
-inside one transaction that `Database` runs for it (see `database.py` for how each backend runs
-it). Writes go through the group-commit `Writer`; reads run in a transaction of their own
-(a consistent snapshot). Methods that move tasks return `Effects` and hand them to an
-`on_commit` callback inside the commit order, which is how the dispatcher's memory follows the
-database without ever running ahead of it.
+inside one transaction that `Database` runs for it (see `transactions.py`, and `sqlite.py` and
+`postgres.py` for how each backend runs it). Writes go through the group-commit `Writer`; reads
+run in a transaction of their own (a consistent snapshot). Methods that move tasks return
+`Effects` and hand them to an `on_commit` callback inside the commit order, which is how the
+dispatcher's memory follows the database without ever running ahead of it.
 
 Statements that run often are built once, at import: building a Core statement costs about three
 times as much as running it on SQLite (measured: 170-225 us built, 50 us prebuilt). Their

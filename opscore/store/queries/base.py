@@ -15,10 +15,10 @@ from opscore.domain.models import Effects
 from opscore.domain.ports import OnCommit
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import rows
-from opscore.store.database import Database
 from opscore.store.prepared import Prepared
 from opscore.store.tables import RUNS, TASKS
 from opscore.store.templates import RunTemplate
+from opscore.store.transactions import Database
 from opscore.store.writer import Tx, Writer
 
 T = TypeVar("T")
