@@ -161,8 +161,8 @@ class OpsCoreServer:
             },
         )
         if protobuf != "upb":
-            # upb parses and builds messages in C; protobuf's pure-Python runtime cost a third
-            # of the throughput (measured), and nothing but the environment chooses it.
+            # upb parses and builds messages in C; protobuf's pure-Python runtime costs a large
+            # share of the throughput, and nothing but the environment chooses it.
             log.warning(
                 "protobuf runs its pure-Python implementation: expect about a third less "
                 "throughput; unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION to use upb",
@@ -262,7 +262,7 @@ async def serve(settings: Settings) -> int:
     await server.start()
     # What exists now (modules, the schema, the recovered queue) lives as long as the process:
     # out of the garbage collector's sight, a full collection scans only what serving creates
-    # (measured: full collections of 35-50 ms, the tail of the latency, became much shorter).
+    # (full collections, the tail of the latency, become much shorter).
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,8 +2,8 @@
 
 Plain async Python over the store, the dispatcher and the open streams; it knows nothing of gRPC.
 Lifecycle events are logged at INFO, except the two that every task of every run has ("task
-assigned", "task completed"), at DEBUG: at thousands of tasks a second they cost a tenth of the
-throughput (measured) and say nothing the run's own events do not.
+assigned", "task completed"), at DEBUG: at thousands of tasks a second they cost a noticeable
+share of the throughput and say nothing the run's own events do not.
 Every write goes to the store with an `on_commit` callback, and only those callbacks touch
 memory (dispatcher indexes, streams) and log lifecycle events, so what the server holds in
 memory and says in its log is always what the database has committed.
@@ -77,7 +77,7 @@ log = logging.getLogger("opscore.engine")
 def _record_after_sends(level: int, event: str, fields: dict[str, object]) -> None:
     """Log `event` two turns of the loop from now: from a commit's callbacks, behind the stream
     sends those callbacks release (a stream's send takes a turn of its own), so no assignment
-    waits for a log record to be written: a record took 67 µs on a busy server (measured)."""
+    waits for a log record to be written."""
     if log.isEnabledFor(level):
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, functools.partial(log.log, level, event, extra=fields))

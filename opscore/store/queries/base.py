@@ -27,8 +27,7 @@ T = TypeVar("T")
 RUN_SHAPE_CACHE_TASKS = 10_000
 """Tasks whose runs' shapes are kept, in all: more than a server moves at once (a miss costs one
 read). No more: each task's shape is a few objects for every full garbage collection to walk.
-Counted in runs (1,024 of them), the shapes of a hundred runs of 1,000 queued tasks made full
-collections of 18-60 ms while they were queued (measured)."""
+Counted in runs (1,024 of them), so that a deep queue does not keep the garbage collector busy."""
 
 RUNS_OF_TASKS = (
     select(TASKS.c.run_id)
@@ -125,7 +124,7 @@ class StoreBase:
         two writes never wait for each other's locks in opposite orders."""
         if self._lock_runs and task_ids:
             # On the driver's cursor, as the hot statements are: through `Connection.execute`
-            # it took 95-124 us of the server's CPU against 40 (asyncpg, three task ids). The
+            # it costs the server's CPU more than twice as much (asyncpg). The
             # completions of a batch, the hottest of these writes, lock their runs in the
             # statement that reads their tasks (`tasks.SIBLINGS_LOCKING_RUNS`).
             LOCK_RUNS_OF_TASKS.rows(conn, {"b_task_ids": sorted(task_ids)})
