@@ -9,6 +9,14 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from opscore.domain.engine import (
+    AGENT_GRACE,
+    DEFAULT_TASK_TIMEOUT,
+    QUARANTINE_AFTER,
+    EngineSettings,
+)
+from opscore.domain.health import FAILURES_TO_UNHEALTHY
+from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
 from opscore.streams import StreamLimits
@@ -24,9 +32,9 @@ class Settings:
     """host:port the gRPC server binds (port 0 picks a free one)."""
     db_url: str = DEFAULT_DB
     """SQLAlchemy URL: sqlite:///path.db (default opscore.db here) or postgresql://..."""
-    default_task_timeout: timedelta = timedelta(minutes=5)
+    default_task_timeout: timedelta = DEFAULT_TASK_TIMEOUT
     """How long an agent may hold a task whose spec sets no timeout (its lease)."""
-    agent_grace: timedelta = timedelta(seconds=30)
+    agent_grace: timedelta = AGENT_GRACE
     """How long an agent whose stream closed keeps its tasks before they count as lost."""
     retry: ResolvedRetryPolicy = field(default_factory=ResolvedRetryPolicy)
     """The retry policy of tasks that set none, and the defaults of fields they leave unset."""
@@ -36,7 +44,7 @@ class Settings:
     """Seconds between keepalive pings on a connection, which find dead agents' streams."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = DEFAULT_CLIENT_MESSAGE_BYTES
     """Largest request or response message, in bytes (RESOURCE_EXHAUSTED beyond)."""
     log_format: str = "json"
     """`json` (one object per line, for machines) or `text` (for people)."""
@@ -46,7 +54,7 @@ class Settings:
     """`auto` (uvloop when it is installed, else asyncio's own), `uvloop` or `asyncio`."""
     limits: Limits = field(default_factory=Limits)
     """Sizes the server accepts (tasks per definition, payload bytes, page sizes)."""
-    storage_failure_threshold: int = 3
+    storage_failure_threshold: int = FAILURES_TO_UNHEALTHY
     """Storage transactions failing in a row (reads and writes counted apart) that turn health
     NOT_SERVING; the first success of the failing kind turns it SERVING again."""
     sqlite_free_space_reserve: int = 64 * 1024 * 1024
@@ -55,8 +63,19 @@ class Settings:
     streams: StreamLimits = field(default_factory=StreamLimits)
     """Each task stream's outgoing buffer: messages and bytes at which its agent gets no new
     work, and seconds it may take nothing while messages wait before it is closed."""
-    quarantine_after: int = 3
+    quarantine_after: int = QUARANTINE_AFTER
     """Lease expiries in a row after which an agent is put in ERROR (quarantined)."""
+
+    def engine(self) -> EngineSettings:
+        """The engine's share of these settings."""
+        return EngineSettings(
+            default_task_timeout=self.default_task_timeout,
+            agent_grace=self.agent_grace,
+            limits=self.limits,
+            streams=self.streams,
+            quarantine_after=self.quarantine_after,
+            response_bytes=response_bytes(self.max_message_bytes),
+        )
 
 
 def _seconds(raw: str) -> timedelta:

@@ -29,10 +29,9 @@ from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
-from opscore.domain.engine import Engine, EngineSettings
+from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
-from opscore.domain.responses import response_bytes
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
@@ -101,14 +100,7 @@ class OpsCoreServer:
             store = Store(self._db, self._writer, settings.retry)
             self.engine = Engine(
                 store,
-                EngineSettings(
-                    default_task_timeout=settings.default_task_timeout,
-                    agent_grace=settings.agent_grace,
-                    limits=settings.limits,
-                    streams=settings.streams,
-                    quarantine_after=settings.quarantine_after,
-                    response_bytes=response_bytes(settings.max_message_bytes),
-                ),
+                settings.engine(),
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),

@@ -92,15 +92,23 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+DEFAULT_TASK_TIMEOUT = timedelta(minutes=5)
+"""How long an agent may hold a task whose spec sets no timeout, by default."""
+AGENT_GRACE = timedelta(seconds=30)
+"""How long an agent whose stream closed keeps its tasks, by default."""
+QUARANTINE_AFTER = 3
+"""Lease expiries in a row that put an agent in ERROR, by default."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
-    """The engine's tunables (set from the server's configuration)."""
+    """The engine's tunables (set from the server's configuration, whose defaults are these)."""
 
-    default_task_timeout: timedelta = timedelta(minutes=5)
-    agent_grace: timedelta = timedelta(seconds=30)
+    default_task_timeout: timedelta = DEFAULT_TASK_TIMEOUT
+    agent_grace: timedelta = AGENT_GRACE
     limits: Limits = field(default_factory=Limits)
     streams: StreamLimits = field(default_factory=StreamLimits)
-    quarantine_after: int = 3
+    quarantine_after: int = QUARANTINE_AFTER
     """Lease expiries in a row that put an agent in ERROR (see `Effects.quarantined`)."""
     response_bytes: int = response_bytes(DEFAULT_CLIENT_MESSAGE_BYTES)
     """Bytes of runs and tasks one response may carry (see `responses.response_bytes`)."""

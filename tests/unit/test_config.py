@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from opscore import cli, config, logs
+from opscore.domain.engine import EngineSettings
+from opscore.domain.health import FAILURES_TO_UNHEALTHY
+from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import ownership
 from opscore.streams import StreamLimits
 
@@ -66,6 +69,13 @@ def test_backpressure_settings_come_from_the_environment() -> None:
     assert settings.streams == StreamLimits(max_messages=8, max_bytes=65536, stall_timeout=2.5)
     assert settings.quarantine_after == 5
     assert (config.Settings().streams, config.Settings().quarantine_after) == (StreamLimits(), 3)
+
+
+def test_unset_settings_give_the_domain_its_own_defaults() -> None:
+    settings = config.load({})
+    assert settings.engine() == EngineSettings()
+    assert settings.retry == ResolvedRetryPolicy()
+    assert settings.storage_failure_threshold == FAILURES_TO_UNHEALTHY
 
 
 @pytest.mark.parametrize(
