@@ -29,6 +29,7 @@ from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
+from opscore.domain.clock import SystemClock
 from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
@@ -104,6 +105,7 @@ class OpsCoreServer:
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
+                clock=SystemClock(),
             )
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)
@@ -214,6 +216,15 @@ class OpsCoreServer:
         """Let the writer commit what was submitted, and end."""
         self._writer.close()
         await asyncio.gather(writer, return_exceptions=True)
+
+    async def settle(self) -> None:
+        """Return at a moment the server has nothing left to do of itself: no write queued or
+        running, no dispatch pass pending, no timer due (see `Engine.idle`). What it has sent
+        by then is all that the requests so far lead to."""
+        assert self.engine is not None
+        while not (self._writer.idle and self.engine.idle):
+            await self._writer.until_idle()
+            await self.engine.until_idle()
 
     async def wait_for_failure(self) -> None:
         """Return when a background task has failed (the server must then stop)."""

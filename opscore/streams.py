@@ -80,6 +80,9 @@ class AgentStream:
         self.buffered_bytes = 0
         """Bytes waiting plus those of the message being written."""
         self.backlogged = False
+        self.pushed = 0
+        """Events queued over the stream's life: all reach the agent, in order, unless the
+        stream is closed with a reason (which drops those still waiting)."""
         self._wake = asyncio.Event()
         self._end: OpsCoreError | None = None
         self.closed = False
@@ -100,6 +103,7 @@ class AgentStream:
             return
         message, size = self._encode(event)
         size = max(size, 1)  # an empty message is still a message on the wire
+        self.pushed += 1
         if not self.buffered_messages:
             self._taken_at = asyncio.get_running_loop().time()
         self._waiting.append((message, size))

@@ -26,7 +26,6 @@ that write runs on the event loop, so they need no lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 from collections import OrderedDict
@@ -34,8 +33,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from opscore.domain.clock import Clock
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import Backoff
+from opscore.domain.idle import Pauses
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
 
 Requirements = tuple[str, tuple[tuple[str, str], ...], str]
@@ -137,12 +138,12 @@ class _Queue:
 class Dispatcher:
     """Matches ready tasks with free agents (see the module docstring)."""
 
-    def __init__(
-        self, assign: AssignBatch, *, clock: Callable[[], float], now: Callable[[], datetime]
-    ) -> None:
+    def __init__(self, assign: AssignBatch, *, clock: Clock) -> None:
         self._assign = assign
-        self._clock = clock
-        self._now = now
+        self._clock = clock.monotonic
+        self._now = clock.now
+        self._wait = clock.wait
+        self._sleep = clock.sleep
         self._queues: dict[Requirements, _Queue] = {}
         self._ready: dict[str, tuple[int, tuple[object, ...]]] = {}
         """Each queued task's ready sequence and fields, as plain tuples: holding only strings
@@ -155,6 +156,9 @@ class Dispatcher:
         self._free = _FreeAgents()
         self._reserved: set[str] = set()
         self._wake = asyncio.Event()
+        self._pauses = Pauses()
+        self._next_due: datetime | None = None
+        """When the earliest task waiting for its retry time is due, as of the loop's pause."""
 
     # Tasks -----------------------------------------------------------------------------
 
@@ -205,9 +209,9 @@ class Dispatcher:
         """How many tasks wait for an agent or for their retry time."""
         return len(self._ready) + len(self._waiting)
 
-    def _release_due(self) -> float | None:
-        """Move tasks whose retry time has come into the ready queues; return the seconds until
-        the next one is due, None if none waits."""
+    def _release_due(self) -> datetime | None:
+        """Move tasks whose retry time has come into the ready queues; return when the next one
+        is due, None if none waits."""
         now = self._now()
         while self._delayed:
             not_before, _, task = self._delayed[0]
@@ -218,7 +222,7 @@ class Dispatcher:
                 self._waiting.discard(task.task_id)
                 self._push(next(self._sequence), task)
             else:
-                return (not_before - now).total_seconds()
+                return not_before
         return None
 
     def _push(self, sequence: int, task: ReadyTask) -> None:
@@ -378,12 +382,10 @@ class Dispatcher:
         that storage refuses is given back and tried again after a backoff."""
         backoff = Backoff()
         while True:
-            next_due = self._release_due()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-            # arrives as the wait ends, and the loop must stop when the server stops.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(next_due):
-                    await self._wake.wait()
+            self._next_due = self._release_due()
+            self._pauses.pause()
+            await self._wait(self._wake, self._next_due)
+            self._pauses.resume()
             self._wake.clear()
             self._release_due()
             sequences: list[int] = []
@@ -394,9 +396,23 @@ class Dispatcher:
                 await self._assign(pairs)
             except StorageFault:
                 self._give_back(pairs, sequences)
-                await asyncio.sleep(backoff.next_delay())
+                await self._sleep(backoff.next_delay())
                 continue
             backoff.reset()
+
+    @property
+    def idle(self) -> bool:
+        """Whether the loop waits with nothing to do: no event since its last pass, no retry
+        due, and every batch it took committed (and pushed). Writes that place tasks
+        themselves (see `place`) are the writer's, not the loop's."""
+        due = self._next_due
+        waiting = self._pauses.paused and not self._wake.is_set()
+        return waiting and (due is None or due > self._now())
+
+    async def until_idle(self) -> None:
+        """Return at a moment the loop is `idle`."""
+        while not self.idle:
+            await self._pauses.next_pause()
 
     def match(self, sequences: list[int] | None = None) -> list[tuple[ReadyTask, str]]:
         """Take every task that can be placed now, earliest ready first, and reserve a slot of

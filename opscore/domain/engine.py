@@ -17,21 +17,21 @@ write whose commit was cut off may have committed without its effects being appl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from opscore.domain import idempotency, validation, waiting
+from opscore.domain.clock import Clock
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
+from opscore.domain.idle import Pauses
 from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
@@ -87,11 +87,6 @@ FAILURE_WITHOUT_TEXT = "the agent reported a failure without an error message"
 """The error recorded for a `FailTask` whose error is empty."""
 
 
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
 DEFAULT_TASK_TIMEOUT = timedelta(minutes=5)
 """How long an agent may hold a task whose spec sets no timeout, by default."""
 AGENT_GRACE = timedelta(seconds=30)
@@ -125,24 +120,26 @@ class Engine:
         admission: Admission,
         encode: Encode,
         sizes: WireSizes,
-        now: Callable[[], datetime] = utc_now,
+        clock: Clock,
     ) -> None:
         self._store = store
         self._settings = settings
         self._budget = Budget(settings.response_bytes, waiting.WithReasons(sizes))
         self._admission = admission
-        self._now = now
-        self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        self._clock = clock
+        self._now = clock.now
+        self.dispatcher = Dispatcher(self._assign, clock=clock)
         self._encode = encode
         self.streams = Streams(
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
         )
         # Writes that make tasks ready or free slots place them before they commit.
         store.assign_before_commit(
-            self.dispatcher.place, self._assigned, now, settings.default_task_timeout
+            self.dispatcher.place, self._assigned, clock.now, settings.default_task_timeout
         )
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
+        self._timers_pauses = Pauses()
         self._draining = False
         self._disconnects_due: deque[tuple[AgentStream, datetime]] = deque()
         """Closed streams whose disconnection storage refused, and when they closed."""
@@ -174,15 +171,36 @@ class Engine:
             try:
                 target = await self._fire_due_timers()
             except StorageFault:
-                await asyncio.sleep(backoff.next_delay())
+                await self._clock.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             self._timers_target = target
-            timeout = None if target is None else (target - self._now()).total_seconds()
-            with contextlib.suppress(TimeoutError):  # (asyncio.timeout: see Dispatcher.run)
-                async with asyncio.timeout(timeout):
-                    await self._timers_wake.wait()
+            self._timers_pauses.pause()
+            await self._clock.wait(self._timers_wake, target)
+            self._timers_pauses.resume()
             self._timers_wake.clear()
+
+    @property
+    def idle(self) -> bool:
+        """Whether the engine's loops wait with nothing to do: no dispatch pass pending (see
+        `Dispatcher.idle`), and no timer due or woken. It may not stay so: a request, or the
+        next lease to end, gives them work again."""
+        target = self._timers_target
+        return (
+            self.dispatcher.idle
+            and self._timers_pauses.paused
+            and not self._timers_wake.is_set()
+            and (target is None or target > self._now())
+        )
+
+    async def until_idle(self) -> None:
+        """Return at a moment the engine is `idle`: everything it was given so far has been
+        carried through (assignments committed and pushed, timers that were due fired)."""
+        while not self.idle:
+            if not self.dispatcher.idle:
+                await self.dispatcher.until_idle()
+            else:
+                await self._timers_pauses.next_pause()
 
     async def _fire_due_timers(self) -> datetime | None:
         """Catch up after an outage, then do what is due; when the next thing will be."""

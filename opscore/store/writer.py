@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import StorageFault, Unavailable
+from opscore.domain.idle import Pauses
 from opscore.domain.models import Effects
 from opscore.store.transactions import Database
 
@@ -166,6 +167,18 @@ class Writer:
         """Run at the end of each batch whose requests noted effects (see the module docstring)."""
         self.batches = 0
         self.operations = 0
+        self._pauses = Pauses()
+
+    @property
+    def idle(self) -> bool:
+        """Whether no write is queued or running (every one submitted so far is committed, and
+        its callbacks have run)."""
+        return self._pauses.paused and self._queue.empty()
+
+    async def until_idle(self) -> None:
+        """Return at a moment the writer is `idle`."""
+        while not self.idle:
+            await self._pauses.next_pause()
 
     async def submit(self, op: WriteOp[T]) -> T:
         """Run `op` in the next batch and return its result once the batch has committed."""
@@ -197,7 +210,9 @@ class Writer:
         loop = asyncio.get_running_loop()
         while not (draining and self._queue.empty()):
             waiting_since = loop.time()
+            self._pauses.pause()
             first = await self._queue.get()
+            self._pauses.resume()
             if first is None:
                 draining = True
                 continue

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 from datetime import UTC, datetime, timedelta
 
+from opscore.domain.clock import VirtualClock
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import StorageUnavailable
 from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
@@ -20,19 +20,8 @@ async def _never(_: object) -> None:
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-class FakeNow:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.value = T0
-
-    def __call__(self) -> datetime:
-        return self.value
-
-
-def make(now: FakeNow | None = None) -> Dispatcher:
-    ticks = itertools.count()
-    return Dispatcher(_never, clock=lambda: float(next(ticks)), now=now or FakeNow())
+def make(clock: VirtualClock | None = None) -> Dispatcher:
+    return Dispatcher(_never, clock=clock or VirtualClock(T0))
 
 
 def agent(
@@ -134,29 +123,29 @@ def test_a_backlog_nobody_can_take_is_one_group() -> None:
 
 
 def test_a_retry_waits_for_its_time_then_queues_behind_earlier_tasks() -> None:
-    now = FakeNow()
-    dispatcher = make(now)
+    clock = VirtualClock(T0)
+    dispatcher = make(clock)
     dispatcher.agent_online(agent("w", slots=5), ())
     dispatcher.enqueue([ready("retry", not_before=T0 + timedelta(seconds=2)), ready("first")])
     assert dispatcher.queued == 2
     assert [t.task_id for t, _ in dispatcher.match()] == ["first"]
-    now.value = T0 + timedelta(seconds=1)
+    clock.advance(timedelta(seconds=1))
     dispatcher.enqueue([ready("second")])
-    assert dispatcher._release_due() == 1.0  # seconds until the retry is due
+    assert dispatcher._release_due() == T0 + timedelta(seconds=2)  # when the retry is due
     assert [t.task_id for t, _ in dispatcher.match()] == ["second"]
-    now.value = T0 + timedelta(seconds=2)
+    clock.advance(timedelta(seconds=1))
     assert dispatcher._release_due() is None
     assert [t.task_id for t, _ in dispatcher.match()] == ["retry"]
 
 
 def test_a_cancelled_retry_never_comes_back() -> None:
-    now = FakeNow()
-    dispatcher = make(now)
+    clock = VirtualClock(T0)
+    dispatcher = make(clock)
     dispatcher.agent_online(agent("w"), ())
     dispatcher.enqueue([ready("retry", not_before=T0 + timedelta(seconds=1))])
     dispatcher.dequeue(["retry"])
     assert dispatcher.queued == 0
-    now.value = T0 + timedelta(seconds=5)
+    clock.advance(timedelta(seconds=5))
     assert dispatcher._release_due() is None
     assert dispatcher.match() == []
 
@@ -175,8 +164,10 @@ def test_the_longest_waiting_agent_of_the_capability_wins_after_any_history() ->
 
 
 def test_changing_capabilities_while_idle_keeps_the_agents_place() -> None:
-    dispatcher = make()
+    clock = VirtualClock(T0)
+    dispatcher = make(clock)
     dispatcher.agent_online(agent("old", "cpu"), ())
+    clock.advance(timedelta(seconds=1))
     dispatcher.agent_online(agent("new", "cpu", "gpu"), ())
     dispatcher.agent_changed(agent("old", "cpu", "gpu"))  # re-registered, gains "gpu"
     dispatcher.enqueue([ready("g", "gpu")])
@@ -264,15 +255,15 @@ def test_a_placement_the_database_refuses_frees_the_slot() -> None:
 
 
 def test_a_write_does_not_place_a_retry_before_its_time() -> None:
-    now = FakeNow()
-    dispatcher = make(now)
+    clock = VirtualClock(T0)
+    dispatcher = make(clock)
     dispatcher.agent_online(agent("w"), ())
     later = T0 + timedelta(seconds=5)
     pairs, _ = dispatcher.place([ready("t", not_before=later)], [])
     assert pairs == []
     dispatcher.enqueue([ready("t", not_before=later)])
     assert dispatcher.match() == []
-    now.value = later
+    clock.advance(timedelta(seconds=5))
     dispatcher._release_due()
     assert [(t.task_id, a) for t, a in dispatcher.match()] == [("t", "w")]
 
@@ -302,8 +293,7 @@ async def test_the_loop_assigns_a_queued_task_once_an_agent_frees_up() -> None:
         batches.append([(task.task_id, agent_id) for task, agent_id in pairs])
         assigned.set()
 
-    ticks = itertools.count()
-    dispatcher = Dispatcher(assign, clock=lambda: float(next(ticks)), now=FakeNow())
+    dispatcher = Dispatcher(assign, clock=VirtualClock(T0))
     dispatcher.agent_online(agent("w"), ["done"])
     loop = asyncio.create_task(dispatcher.run())
     try:
@@ -315,11 +305,13 @@ async def test_the_loop_assigns_a_queued_task_once_an_agent_frees_up() -> None:
         dispatcher.enqueue([ready("queued")])
         dispatcher.release("w", "done")
         dispatcher.assigned("w", "older")
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(dispatcher.until_idle(), timeout=5)
         assert batches == []
         # w finishes "older" through a write that placed nothing: the release wakes the loop.
         dispatcher.release("w", "older")
-        await asyncio.wait_for(assigned.wait(), timeout=5)
+        assert not dispatcher.idle
+        await asyncio.wait_for(dispatcher.until_idle(), timeout=5)
+        assert assigned.is_set()
         assert batches == [[("queued", "w")]]
     finally:
         loop.cancel()
@@ -332,23 +324,27 @@ async def test_a_batch_storage_refuses_is_given_back_in_order_and_tried_again() 
     its agents' slots are freed, and it tries again (after a backoff) until storage takes it;
     a task queued meanwhile waits its turn."""
     attempts: list[list[tuple[str, str]]] = []
-    taken = asyncio.Event()
+    tried = asyncio.Event()
 
     async def assign(pairs: list[tuple[ReadyTask, str]]) -> None:
         attempts.append([(task.task_id, agent_id) for task, agent_id in pairs])
+        tried.set()
         if len(attempts) < 3:
             raise StorageUnavailable("refused", timedelta(seconds=1))
-        taken.set()
 
-    ticks = itertools.count()
-    dispatcher = Dispatcher(assign, clock=lambda: float(next(ticks)), now=FakeNow())
+    clock = VirtualClock(T0)
+    dispatcher = Dispatcher(assign, clock=clock)
     loop = asyncio.create_task(dispatcher.run())
     try:
         dispatcher.enqueue([ready("t1"), ready("t2"), ready("t3")])
         dispatcher.agent_online(agent("w", slots=2), ())
-        await asyncio.sleep(0)
+        await asyncio.wait_for(tried.wait(), timeout=5)
         dispatcher.enqueue([ready("t4")])
-        await asyncio.wait_for(taken.wait(), timeout=5)
+        for backoff in (0.05, 0.1):  # the loop's backoff (`health.Backoff`) after each refusal
+            tried.clear()
+            clock.advance(timedelta(seconds=backoff))
+            await asyncio.wait_for(tried.wait(), timeout=5)
+        await asyncio.wait_for(dispatcher.until_idle(), timeout=5)
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
