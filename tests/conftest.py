@@ -96,7 +96,7 @@ async def serve(
 ) -> AsyncIterator[Client]:
     """A server on `url` with `Settings` fields overridden, and a Client on a real channel to it
     (see helpers.connect): `async with serve(start_server, sqlite_url, ...) as client:`."""
-    async with start_server(url, **overrides) as server, connect(server.port) as client:
+    async with start_server(url, **overrides) as server, connect(server.port, server) as client:
         yield client
 
 
@@ -110,7 +110,7 @@ async def client_at(
     async with start_server(url, **overrides) as server:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
         async with channel:
-            client = Client(channel)
+            client = Client(channel, server)
             try:
                 yield client
             finally:
@@ -144,8 +144,8 @@ def workflows(channel: grpc.aio.Channel) -> workflow_service_pb2_grpc.WorkflowSe
 
 
 @pytest.fixture
-async def client(channel: grpc.aio.Channel) -> AsyncIterator[Client]:
-    """Both clients and agent helpers over `channel` (see tests/helpers.py)."""
-    opened = Client(channel)
+async def client(server: OpsCoreServer, channel: grpc.aio.Channel) -> AsyncIterator[Client]:
+    """Both clients and agent helpers over `channel` to `server` (see tests/helpers.py)."""
+    opened = Client(channel, server)
     yield opened
     await opened.close()

@@ -24,6 +24,8 @@ from opscore.v1 import (
     workflow_service_pb2_grpc,
 )
 
+from opscore.server import OpsCoreServer
+
 WAIT = 5.0
 """Seconds a helper waits for something that should happen at once, before failing the test."""
 
@@ -165,10 +167,14 @@ class Agent:
         self._reader: asyncio.Task[None] | None = None
         self.stream_error: grpc.aio.AioRpcError | None = None
         self.stream_ended = asyncio.Event()
+        self.received = 0
+        """Events received on the current stream (the one `connect` opened last)."""
+        self._arrived = asyncio.Event()
 
     async def connect(self) -> None:
         """Open the task stream and wait until the server counts the agent as connected."""
         self.stream_ended.clear()
+        self.received = 0
         self._call = self.client.workflows.StreamTasks(
             workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id)
         )
@@ -181,11 +187,15 @@ class Agent:
         try:
             async for event in call:
                 await self.events.put(event)
+                if call is self._call:
+                    self.received += 1
+                    self._arrived.set()
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.stream_error = error
         finally:
             self.stream_ended.set()
+            self._arrived.set()
 
     async def disconnect(self) -> None:
         """Close the task stream from the agent's side."""
@@ -235,11 +245,20 @@ class Agent:
                     return seen
                 await asyncio.sleep(0.02)
 
-    async def expect_nothing(self, wait: float = 0.3) -> None:
-        """Assert that no event arrives for `wait` seconds."""
-        with contextlib.suppress(TimeoutError):
-            event = await asyncio.wait_for(self.events.get(), wait)
-            raise AssertionError(f"unexpected event: {event}")
+    async def expect_nothing(self) -> None:
+        """Assert that the server has sent this agent nothing it has not read (see
+        `expect_quiet`)."""
+        await expect_quiet(self)
+
+    async def caught_up(self, server: OpsCoreServer) -> None:
+        """Wait until the agent has received every event the server queued on its stream (the
+        server's current stream for this agent, if it is the one this agent opened last)."""
+        stream = None if server.engine is None else server.engine.streams.get(self.agent_id)
+        if stream is None or self._call is None:
+            return
+        while self.received < stream.pushed and not self.stream_ended.is_set():
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def complete(
         self, assignment: workflow_pb2.TaskAssignment, output: Mapping[str, Any] | None = None
@@ -276,8 +295,11 @@ class Agent:
 class Client:
     """Both service stubs on one channel, and factories for agents, definitions and runs."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, server: OpsCoreServer | None = None) -> None:
         self.channel = channel
+        self.server = server
+        """The server on the other end, when it runs in this process (`expect_quiet` asks it
+        whether it has settled)."""
         self.lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
         self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
         self._agents: list[Agent] = []
@@ -352,17 +374,31 @@ class Client:
             await agent.disconnect()
 
 
-async def expect_quiet(*agents: Agent, wait: float = 0.3) -> None:
-    """Assert that none of the agents receives anything for `wait` seconds (waited together)."""
-    await asyncio.gather(*(agent.expect_nothing(wait) for agent in agents))
+async def expect_quiet(*agents: Agent) -> None:
+    """Assert that none of the agents is sent anything it has not read: once the server (in this
+    process) has settled, with nothing queued, running or due, each agent has received all that
+    the server queued on its stream, and has read all of it. Nothing is waited out: a task that
+    would reach an agent now is on its stream by then, and one due later (a retry's backoff, a
+    lease) is not "now"."""
+    servers = {id(agent.client.server): agent.client.server for agent in agents}
+    assert len(servers) == 1, "the agents talk to one server"
+    [server] = servers.values()
+    assert server is not None, "expect_quiet needs the server in this process (Client.server)"
+    async with asyncio.timeout(WAIT):
+        await server.settle()
+        for agent in agents:
+            await agent.caught_up(server)
+    for agent in agents:
+        if not agent.events.empty():
+            raise AssertionError(f"{agent.agent_id}: unexpected event: {agent.events.get_nowait()}")
 
 
 @contextlib.asynccontextmanager
-async def connect(port: int) -> AsyncIterator[Client]:
-    """A Client on a new channel to the server on `port` (in this process or not); its streams
-    and the channel are closed after."""
+async def connect(port: int, server: OpsCoreServer | None = None) -> AsyncIterator[Client]:
+    """A Client on a new channel to the server on `port` (in this process or not: give the
+    `server` if it is, for `expect_quiet`); its streams and the channel are closed after."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        client = Client(channel)
+        client = Client(channel, server)
         try:
             yield client
         finally:

@@ -118,7 +118,7 @@ async def test_an_agent_whose_leases_keep_expiring_is_quarantined_until_idle_or_
         assert (warning.levelname, warning.agent_id) == ("WARNING", "sleepy")
         # Quarantined, it takes no new work, not even its own tasks' retries.
         await _drain(agent)
-        await agent.expect_nothing(0.5)
+        await agent.expect_nothing()
 
         # Reporting IDLE lifts it: the retries come to it.
         assert (await agent.report(agent_pb2.AGENT_STATE_IDLE)).state_detail == ""

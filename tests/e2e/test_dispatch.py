@@ -94,7 +94,7 @@ async def test_diamond_runs_in_dependency_order_on_capable_agents(client: Client
         "D": {"done": True},
     }
     assert all(t.attempt == 1 for t in done.tasks)
-    await expect_quiet(extractor, transformer, wait=0.1)
+    await expect_quiet(extractor, transformer)
 
 
 # 2. Pinned runs and labels -------------------------------------------------------------------
@@ -135,7 +135,7 @@ async def test_pinned_run_goes_only_to_its_agent(client: Client) -> None:
 
     done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
     assert [t.agent_id for t in done.tasks] == ["pinned", "pinned"]
-    await expect_quiet(bystander, pinned, wait=0.1)
+    await expect_quiet(bystander, pinned)
 
 
 async def test_labelled_task_goes_only_to_agent_with_all_labels_equal(client: Client) -> None:
@@ -157,7 +157,7 @@ async def test_labelled_task_goes_only_to_agent_with_all_labels_equal(client: Cl
     await matching.complete(assignment)
     done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
     assert done.tasks[0].agent_id == "matching"
-    await expect_quiet(lacking, differing, unlabelled, wait=0.1)
+    await expect_quiet(lacking, differing, unlabelled)
 
 
 # 3. Reported states and slots ----------------------------------------------------------------
@@ -263,7 +263,7 @@ async def test_agent_idle_longest_gets_the_task(client: Client) -> None:
     # Idle since: p1, then p0, then p2.
     for expected in (p1, p0, p2):
         await send_to(expected)
-    await expect_quiet(*pool, wait=0.1)
+    await expect_quiet(*pool)
 
 
 async def test_ready_tasks_are_pushed_in_the_order_they_became_ready(client: Client) -> None:
@@ -291,7 +291,7 @@ async def test_ready_tasks_fill_free_slots_in_trigger_order(client: Client) -> N
         await client.trigger(definition=definition(f"slots-{i}", task("t", capability=cap)))
         for i, cap in enumerate(["b", "a", "b"])
     ]
-    await agent.expect_nothing(0.1)
+    await agent.expect_nothing()
     await agent.report(agent_pb2.REPORTED_AGENT_STATE_IDLE)
     received = [(await agent.next_assignment(SHORT)).run_id for _ in runs]
     assert received == [run.run_id for run in runs]
@@ -327,7 +327,7 @@ async def test_task_stays_queued_until_capable_agent_connects(client: Client) ->
     )
     await capable.complete(assignment)
     await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-    await other.expect_nothing(0.05)
+    await other.expect_nothing()
 
 
 # 6. Stream lifecycle -------------------------------------------------------------------------
@@ -362,9 +362,8 @@ async def test_cancelled_stream_makes_agent_offline(client: Client) -> None:
 
     # An offline agent receives nothing: a task for it waits.
     run = await client.trigger(definition=definition("later", task("t", capability="x")))
-    await asyncio.sleep(0.2)
+    await agent.expect_nothing()
     assert (await client.run(run.run_id)).tasks[0].state == workflow_pb2.TASK_STATE_QUEUED
-    assert agent.events.empty()
 
 
 async def test_deregistered_agent_loses_stream_and_its_task_is_reassigned(client: Client) -> None:
@@ -373,7 +372,7 @@ async def test_deregistered_agent_loses_stream_and_its_task_is_reassigned(client
     run = await client.trigger(definition=definition("inherit", task("t", capability="job")))
     held = await doomed.next_assignment(SHORT)  # idle longest
     assert held.attempt == 1
-    await heir.expect_nothing(0.2)
+    await heir.expect_nothing()
 
     await client.lifecycle.DeregisterAgent(
         agent_lifecycle_pb2.DeregisterAgentRequest(agent_id="doomed")

@@ -96,7 +96,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
     async with AsyncExitStack() as cleanup:
         # The first server: two agents, two workflows (one with two versions), three runs.
         async with start_server(sqlite_url) as first:
-            client = await cleanup.enter_async_context(connect(first.port))
+            client = await cleanup.enter_async_context(connect(first.port, first))
             alpha = await client.agent(
                 "alpha",
                 capabilities=["build", "lint"],
@@ -183,7 +183,7 @@ async def test_agents_definitions_and_runs_survive_a_restart(
 
         # The second server, on the same file.
         async with start_server(sqlite_url) as second:
-            client2 = await cleanup.enter_async_context(connect(second.port))
+            client2 = await cleanup.enter_async_context(connect(second.port, second))
 
             # Agents: the same registrations, none connected.
             agents_after = await agents_by_id(client2)
@@ -288,9 +288,9 @@ async def test_agents_definitions_and_runs_survive_a_restart(
 
             # The run that had finished before the restart is untouched by all this.
             assert await client2.run(done.run_id) == before_done
-            await alpha2.expect_nothing(0.1)
-            await gamma.expect_nothing(0.1)
-            await beta2.expect_nothing(0.1)
+            await alpha2.expect_nothing()
+            await gamma.expect_nothing()
+            await beta2.expect_nothing()
 
 
 async def test_held_assignment_is_redelivered_after_restart(
@@ -298,7 +298,7 @@ async def test_held_assignment_is_redelivered_after_restart(
 ) -> None:
     async with AsyncExitStack() as cleanup:
         async with start_server(sqlite_url) as first:
-            client = await cleanup.enter_async_context(connect(first.port))
+            client = await cleanup.enter_async_context(connect(first.port, first))
             holder = await client.agent("holder", capabilities=["work"], labels={"pool": "a"})
             created = await client.create(
                 definition("job", task("step", capability="work", input={"n": 1}))
@@ -311,7 +311,7 @@ async def test_held_assignment_is_redelivered_after_restart(
         await wait_stream_ended(holder)
 
         async with start_server(sqlite_url) as second:
-            client2 = await cleanup.enter_async_context(connect(second.port))
+            client2 = await cleanup.enter_async_context(connect(second.port, second))
             stored = await client2.run(run.run_id)
             assert stored.state == workflow_pb2.RUN_STATE_RUNNING
             assert stored.tasks[0].state == workflow_pb2.TASK_STATE_ASSIGNED
@@ -341,5 +341,5 @@ async def test_held_assignment_is_redelivered_after_restart(
             assert as_dict(done.tasks[0].output) == {"result": 42}
             assert done.started_at == stored.started_at
             assert (await holder2.get()).running_tasks == 0
-            await other.expect_nothing(0.1)
-            await holder2.expect_nothing(0.1)
+            await other.expect_nothing()
+            await holder2.expect_nothing()
