@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import grpc
 from conftest import ServerFactory
-from helpers import Agent, Client, definition, task
+from helpers import WAIT, Agent, Client, definition, expect_quiet, task
 from opscore.v1 import workflow_pb2
 
 
@@ -21,10 +21,13 @@ async def test_reconnect_racing_the_old_streams_end_keeps_the_agent(
         start_server(sqlite_url, agent_grace=grace) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
-        client = Client(channel)
+        client = Client(channel, server)
         agent = await client.agent("racer", capabilities=["work"])
+        marker = await client.agent("marker", capabilities=["mark"])
         run = await client.trigger(definition=definition("race", task("t", capability="work")))
+        marked = await client.trigger(definition=definition("mark", task("m", capability="mark")))
         held = await agent.next_assignment()
+        await marker.next_assignment()
         for attempt in range(24):
             old_call = agent._call
             fresh = Agent(client, "racer")
@@ -37,7 +40,19 @@ async def test_reconnect_racing_the_old_streams_end_keeps_the_agent(
             agent = fresh
             redelivered = await agent.next_assignment()
             assert (redelivered.task_id, redelivered.attempt) == (held.task_id, held.attempt)
-        await asyncio.sleep(grace.total_seconds() * 3)
+        # An old stream ending after its replacement opened writes nothing: once the server has
+        # settled, what it holds of the racer is final.
+        await expect_quiet(agent)
+        assert (await agent.get()).connected
+
+        # A grace that starts after every one the racer's old streams could have started:
+        # once the marker has lost its task to it, the racer would have lost its own.
+        await marker.disconnect()
+        async with asyncio.timeout(WAIT):
+            while (await client.run(marked.run_id)).tasks[0].state != (
+                workflow_pb2.TASK_STATE_QUEUED
+            ):
+                await asyncio.sleep(0.02)
         seen = await agent.get()
         assert seen.connected
         current = await client.run(run.run_id)
