@@ -22,6 +22,7 @@ from conftest import ServerFactory, serve
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import (
+    WAIT,
     Client,
     as_dict,
     bad_request,
@@ -37,8 +38,9 @@ from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 
 from opscore.domain.retry import ResolvedRetryPolicy
 
-SHORT = 2.0
-"""Seconds to wait for something that should happen soon (a push, a retry after its backoff)."""
+SHORT = WAIT
+"""Seconds to wait for something that should happen soon (a push, a retry after its backoff):
+only a failing test waits this long, so it is as long as a loaded machine may need."""
 
 SLACK = 0.01
 """Seconds of rounding allowed when comparing the server's timestamps with the local clock."""
