@@ -97,7 +97,7 @@ class OpsCoreServer:
             self._writer = Writer(self._db)
             writer = self._supervise(self._writer.run(), "writer")
             resources.push_async_callback(self._stop_writer, writer)
-            store = Store(self._db, self._writer, settings.retry)
+            store = Store(self._db, self._writer, settings.rules())
             self.engine = Engine(
                 store,
                 settings.engine(),

@@ -104,7 +104,6 @@ QUARANTINE_AFTER = 3
 class EngineSettings:
     """The engine's tunables (set from the server's configuration, whose defaults are these)."""
 
-    default_task_timeout: timedelta = DEFAULT_TASK_TIMEOUT
     agent_grace: timedelta = AGENT_GRACE
     limits: Limits = field(default_factory=Limits)
     streams: StreamLimits = field(default_factory=StreamLimits)
@@ -138,9 +137,7 @@ class Engine:
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
         )
         # Writes that make tasks ready or free slots place them before they commit.
-        store.assign_before_commit(
-            self.dispatcher.place, self._assigned, now, settings.default_task_timeout
-        )
+        store.assign_before_commit(self.dispatcher.place, self._assigned, now)
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
         self._draining = False
@@ -673,7 +670,6 @@ class Engine:
         await self._store.assign(
             pairs,
             self._now(),
-            self._settings.default_task_timeout,
             functools.partial(self._assigned, pairs),
         )
 

@@ -2,17 +2,16 @@
 
 `assign` writes a batch of them set-based (a fixed number of statements per batch); the store
 calls it for the dispatcher's own batches and for the placements a write makes before it commits.
-`context_of` and `assignment` compose the message: the task's input, its dependencies' outputs,
-and for a fallback the task it stands in for. Reads take only the columns the message needs:
-every column read costs its decoding on every row.
+`context_of` reads what the message refers to (its dependencies, and for a fallback the task it
+stands in for); the state machine composes the message (`Rules.assignment`). Reads take only the
+columns the message needs: every column read costs its decoding on every row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from datetime import datetime
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
@@ -25,9 +24,11 @@ from opscore.domain.models import (
     RunState,
     TaskState,
 )
+from opscore.domain.ports import Rules
+from opscore.domain.state import QueuedTask, RunShape, Sibling, Siblings
 from opscore.store.changes import task_update
 from opscore.store.prepared import SAMPLE_TIME, Prepared
-from opscore.store.rows import TASK_STATES, RunShape
+from opscore.store.rows import TASK_STATES
 from opscore.store.tables import AGENTS, RUNS, TASKS
 from opscore.store.writer import Tx
 
@@ -101,21 +102,6 @@ _TAKING_AGENTS = Prepared(
 )
 
 
-class QueuedTask(NamedTuple):
-    """What an assignment needs of a queued task: what `_QUEUED_TASKS_FOR_UPDATE` reads of its
-    row, and what its run's shape says of it."""
-
-    task_id: str
-    run_id: str
-    name: str
-    capability: str
-    input: JsonObject
-    depends_on: Sequence[str]
-    attempt: int
-    timeout_ms: int | None
-    is_fallback: bool
-
-
 @dataclass(slots=True)
 class BatchNotes:
     """What a write batch learned that the assignments it writes before it commits may use
@@ -150,7 +136,7 @@ def assign(
     conn: Connection,
     pairs: Sequence[tuple[ReadyTask, str]],
     now: datetime,
-    default_timeout: timedelta,
+    rules: Rules,
     shapes: Shapes,
     notes: BatchNotes | None = None,
 ) -> list[Assignment | None]:
@@ -203,12 +189,7 @@ def assign(
     for task, agent_id in pairs:
         row = queued.get(task.task_id)
         if row is not None and task.task_id not in leases and agent_id in taking:
-            timeout = (
-                default_timeout
-                if row.timeout_ms is None
-                else timedelta(milliseconds=row.timeout_ms)
-            )
-            leases[task.task_id] = (row, agent_id, now + timeout)
+            leases[task.task_id] = (row, agent_id, rules.lease_ends(row.timeout_ms, now))
     if not leases:
         return [None] * len(pairs)
     _ASSIGN.execute(
@@ -224,11 +205,7 @@ def assign(
             for task_id, (row, agent_id, deadline) in leases.items()
         ],
     )
-    # A task that depends on another, or was attempted before, belongs to a run that has
-    # started already: one of its tasks was assigned.
-    run_ids = sorted(
-        {row.run_id for row, _, _ in leases.values() if not row.depends_on and not row.attempt}
-    )
+    run_ids = sorted({row.run_id for row, _, _ in leases.values() if rules.starts_run(row)})
     _START_RUN.execute(conn, [{"b_run_id": run_id, "b_now": now} for run_id in run_ids])
     context = context_of(
         conn,
@@ -237,10 +214,9 @@ def assign(
         shaped,
     )
     return [
-        assignment(
+        rules.assignment(
             context,
             leases[task.task_id][0],
-            leases[task.task_id][0].attempt + 1,
             agent_id,
             leases[task.task_id][2],
             redelivered=False,
@@ -251,29 +227,9 @@ def assign(
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class Sibling:
-    """What an assignment needs of another task of its run."""
-
-    name: str
-    state: TaskState
-    fallback: str
-    output: JsonObject | None
-    error: str
-
-    @classmethod
-    def of(cls, row: Any) -> Sibling:
-        """The sibling in a row of `_SIBLING_COLUMNS`."""
-        return cls(row.name, TASK_STATES[row.state], row.fallback, row.output, row.error)
-
-
-Siblings = dict[str, dict[str, Sibling]]
-"""For each run, the tasks an assignment may need to know about, by name."""
-
-
 def context_of(
     conn: Connection,
-    rows_: Sequence[Any],
+    rows_: Sequence[QueuedTask],
     recorded: Mapping[tuple[str, str], JsonObject],
     shapes: Mapping[str, RunShape],
 ) -> Siblings:
@@ -302,44 +258,7 @@ def context_of(
             wanted.add(shape.tasks[primary].task_id)
     if wanted:
         for found in _ASSIGNMENT_CONTEXT.rows(conn, {"b_task_ids": sorted(wanted)}):
-            context[found.run_id][found.name] = Sibling.of(found)
+            context[found.run_id][found.name] = Sibling(
+                found.name, TASK_STATES[found.state], found.fallback, found.output, found.error
+            )
     return context
-
-
-def assignment(
-    context: Siblings,
-    row: Any,
-    attempt: int,
-    agent_id: str,
-    deadline: datetime,
-    *,
-    redelivered: bool,
-) -> Assignment:
-    """The assignment message for a task row: its input, the outputs of its dependencies (a
-    dependency that failed and was stood in for gives its fallback's output under its own name),
-    and, for a fallback, which task it stands in for and that task's last error."""
-    siblings = context.get(row.run_id, {})
-    outputs: dict[str, JsonObject] = {}
-    for name in row.depends_on:
-        dependency = siblings[name]
-        source = (
-            siblings[dependency.fallback]
-            if dependency.state is TaskState.FAILED and dependency.fallback
-            else dependency
-        )
-        outputs[name] = source.output or {}
-    primary = next((task for task in siblings.values() if task.fallback == row.name), None)
-    return Assignment(
-        task_id=row.task_id,
-        run_id=row.run_id,
-        task_name=row.name,
-        capability=row.capability,
-        attempt=attempt,
-        agent_id=agent_id,
-        input=dict(row.input),
-        dependency_outputs=outputs,
-        deadline=deadline,
-        redelivered=redelivered,
-        fallback_for=primary.name if primary is not None else "",
-        fallback_error=primary.error if primary is not None else "",
-    )

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from machines import store_rules
 
-from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import migrate
 from opscore.store.database import open_database
 from opscore.store.queries import Store
@@ -20,7 +20,7 @@ async def store(db_url: str) -> AsyncIterator[Store]:
     await migrate.upgrade(database)
     writer = Writer(database)
     running = asyncio.create_task(writer.run())
-    yield Store(database, writer, ResolvedRetryPolicy(max_attempts=1))
+    yield Store(database, writer, store_rules())
     writer.close()
     await running
     await database.dispose()
