@@ -483,9 +483,8 @@ def quarantine(
 ) -> list[tuple[AgentProfile, int]]:
     """Put in ERROR those of these agents (not quarantined yet) that `rules` quarantine for
     their counts of leases expired in a row; their profiles and counts."""
-    counts: dict[str, int] = {
-        agent_id: count for agent_id, count in conn.execute(_EXPIRIES, {"b_agent_ids": agent_ids})
-    }
+    found = conn.execute(_EXPIRIES, {"b_agent_ids": agent_ids})
+    counts: dict[str, int] = {row.agent_id: row.lease_expiries for row in found}
     due = rules.quarantined(counts, after)
     for agent_id, detail in due.items():
         conn.execute(
