@@ -29,7 +29,7 @@ from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
-from opscore.domain.engine import Engine
+from opscore.domain.engine import Engine, utc_now
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
 from opscore.ports import refuse_taken
@@ -95,8 +95,6 @@ class OpsCoreServer:
             resources.push_async_callback(self._db.dispose)
             await migrate.upgrade(self._db)
             self._writer = Writer(self._db)
-            writer = self._supervise(self._writer.run(), "writer")
-            resources.push_async_callback(self._stop_writer, writer)
             store = Store(self._db, self._writer, settings.rules())
             self.engine = Engine(
                 store,
@@ -105,6 +103,10 @@ class OpsCoreServer:
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
             )
+            # Writes that make tasks ready or free slots place them before they commit.
+            placement = store.placement(self.engine.dispatcher.place, self.engine.assigned, utc_now)
+            writer = self._supervise(self._writer.run(placement), "writer")
+            resources.push_async_callback(self._stop_writer, writer)
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)
         self._storage.on_lost(self._storage_lost)

@@ -136,8 +136,6 @@ class Engine:
         self.streams = Streams(
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
         )
-        # Writes that make tasks ready or free slots place them before they commit.
-        store.assign_before_commit(self.dispatcher.place, self._assigned, now)
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
         self._draining = False
@@ -670,13 +668,14 @@ class Engine:
         await self._store.assign(
             pairs,
             self._now(),
-            functools.partial(self._assigned, pairs),
+            functools.partial(self.assigned, pairs),
         )
 
-    def _assigned(
+    def assigned(
         self, pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]
     ) -> None:
-        """Committed assignments: the agents hold their tasks and are sent them."""
+        """Committed assignments: the agents hold their tasks and are sent them. Also what the
+        placement before a write's commit calls (`Store.placement`, wired by the server)."""
         for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
             if assignment is None:
                 self.dispatcher.release(agent_id, task.task_id)

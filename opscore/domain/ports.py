@@ -286,14 +286,6 @@ class TaskStore(Protocol):
     ) -> list[models.Assignment | None]:
         """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
 
-    def assign_before_commit(
-        self,
-        place: Place,
-        on_commit: Assigned,
-        now: Callable[[], datetime],
-    ) -> None:
-        """Let every write batch assign the tasks it made ready within its own transaction."""
-
     async def complete_task(self, result: TaskResult) -> models.Effects:
         """Record an attempt's output and queue the dependents that became ready."""
 

@@ -10,7 +10,6 @@ columns the message needs: every column read costs its decoding on every row.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import bindparam, select, update
@@ -30,7 +29,7 @@ from opscore.store.changes import task_update
 from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.rows import TASK_STATES
 from opscore.store.tables import AGENTS, RUNS, TASKS
-from opscore.store.writer import Tx
+from opscore.store.writer import Batch
 
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
@@ -102,32 +101,6 @@ _TAKING_AGENTS = Prepared(
 )
 
 
-@dataclass(slots=True)
-class BatchNotes:
-    """What a write batch learned that the assignments it writes before it commits may use
-    instead of reading it again (kept in `Tx.notes`, valid only inside its transaction)."""
-
-    recorded: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
-    """Outputs the batch recorded, by run id and task name: a task made ready by its dependency's
-    completion and placed in the same batch (every step of a chain) is sent that output. A
-    succeeded task's output never changes, so the note stays true."""
-    inserted: dict[str, QueuedTask] = field(default_factory=dict)
-    """Tasks the batch inserted queued (a new run's roots), by id: nothing else in the batch
-    can have moved them, as nothing else knows their ids yet."""
-
-
-def notes_of(tx: Tx) -> BatchNotes:
-    """The notes of the batch `tx` belongs to (see `BatchNotes`)."""
-    found = tx.notes.get(_NOTES)
-    if found is None:
-        found = tx.notes[_NOTES] = BatchNotes()
-    assert isinstance(found, BatchNotes)
-    return found
-
-
-_NOTES = "assignments"
-
-
 Shapes = Callable[[Connection, Iterable[str]], dict[str, RunShape]]
 """The shapes of some runs (see `Store._run_shapes`)."""
 
@@ -138,11 +111,12 @@ def assign(
     now: datetime,
     rules: Rules,
     shapes: Shapes,
-    notes: BatchNotes | None = None,
+    batch: Batch | None = None,
 ) -> list[Assignment | None]:
     """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
     this transaction: one removed, disconnected, or reporting BUSY or ERROR earlier in the same
-    batch takes nothing. What the batch's `notes` hold is not read again.
+    batch takes nothing. What the `batch` learned (`Batch.recorded`, `Batch.inserted`) is not
+    read again.
 
     Unlike the writes that move a run, this locks its tasks before their runs, and only the
     runs still PENDING (which it starts): a run that no task of has reached an agent yet, so
@@ -158,11 +132,9 @@ def assign(
             conn, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
         )
     }
-    notes = notes or BatchNotes()
+    inserted = {} if batch is None else batch.inserted
     queued: dict[str, QueuedTask] = {
-        task.task_id: notes.inserted[task.task_id]
-        for task, _ in pairs
-        if task.task_id in notes.inserted
+        task.task_id: inserted[task.task_id] for task, _ in pairs if task.task_id in inserted
     }
     # A root the batch inserted has no dependencies and stands in for nothing: only the tasks
     # read need their runs' shapes (for themselves and for their context).
@@ -210,7 +182,7 @@ def assign(
     context = context_of(
         conn,
         [row for row, _, _ in leases.values() if row.depends_on or row.is_fallback],
-        notes.recorded,
+        {} if batch is None else batch.recorded,
         shaped,
     )
     return [

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from machines import store_rules
+from machines import Placement, store_rules
 
 from opscore.store import migrate
 from opscore.store.database import open_database
@@ -15,11 +15,16 @@ from opscore.store.writer import Writer
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
+def placement() -> Placement:
+    return Placement()
+
+
+@pytest.fixture
+async def store(db_url: str, placement: Placement) -> AsyncIterator[Store]:
     database = open_database(db_url)
     await migrate.upgrade(database)
     writer = Writer(database)
-    running = asyncio.create_task(writer.run())
+    running = asyncio.create_task(writer.run(placement))
     yield Store(database, writer, store_rules())
     writer.close()
     await running

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 from machines import STORE_TIMEOUT as TIMEOUT
-from machines import store_rules
+from machines import Placement, store_rules
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
@@ -666,7 +666,9 @@ async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> N
     )
 
 
-async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store) -> None:
+async def test_a_write_places_the_tasks_it_queues_before_it_commits(
+    store: Store, placement: Placement
+) -> None:
     await register(store, "w")
     seen: list[object] = []
 
@@ -678,7 +680,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store
     def assigned(pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]) -> None:
         seen.append([a.task_id for a in assignments if a is not None])
 
-    store.assign_before_commit(place, assigned, lambda: NOW)
+    placement.hook = store.placement(place, assigned, lambda: NOW)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     task = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
@@ -902,7 +904,9 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         assert handed.deadline == NOW + timedelta(seconds=90)
 
 
-def place_every_ready_task_on(store: Store, agent_id: str) -> list[Assignment]:
+def place_every_ready_task_on(
+    store: Store, placement: Placement, agent_id: str
+) -> list[Assignment]:
     """Let each write batch place every task it makes ready on `agent_id`, before it commits;
     the list fills with the assignments written."""
     placed: list[Assignment] = []
@@ -915,16 +919,18 @@ def place_every_ready_task_on(store: Store, agent_id: str) -> list[Assignment]:
     def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
         placed.extend(found for found in written if found is not None)
 
-    store.assign_before_commit(place, assigned, lambda: NOW)
+    placement.hook = store.placement(place, assigned, lambda: NOW)
     return placed
 
 
-async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: Store) -> None:
+async def test_tasks_placed_with_their_dependencys_result_get_its_output(
+    store: Store, placement: Placement
+) -> None:
     """A write that records a result and places the tasks it made ready, in one transaction,
     sends them the outputs it recorded without reading them back; outputs recorded in earlier
     batches, and a fallback's output standing in for a failed dependency, are read."""
     await register(store, "w", slots=10)
-    placed = place_every_ready_task_on(store, "w")
+    placed = place_every_ready_task_on(store, placement, "w")
     draft = DefinitionDraft(
         "mixed",
         tasks=(
@@ -963,11 +969,13 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
     assert finished.started_at == NOW
 
 
-async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: Store) -> None:
+async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(
+    store: Store, placement: Placement
+) -> None:
     """A trigger that places its run's roots in its own transaction takes what their assignments
     need from the rows it inserted, not from a read: they match what a read gives."""
     await register(store, "w", "cpu", slots=2)
-    placed = place_every_ready_task_on(store, "w")
+    placed = place_every_ready_task_on(store, placement, "w")
     draft = DefinitionDraft(
         "roots",
         tasks=(

@@ -178,7 +178,7 @@ class StoreBase:
         def run(tx: Tx) -> T:
             value = op(tx.conn)
             if isinstance(value, Effects):
-                tx.note_effects(value)
+                tx.will_apply(value)
             if on_commit is not None:
                 tx.after_commit(lambda: on_commit(value))
             return value

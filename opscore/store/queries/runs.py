@@ -34,7 +34,7 @@ from opscore.domain.models import (
 from opscore.domain.ports import CreatedRun, NewRun, OnCommit
 from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.domain.state import RunNow
-from opscore.store import assignments, rows, templates
+from opscore.store import rows, templates
 from opscore.store.changes import Changes, write_decision
 from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.queries.agents import agents_by_id
@@ -164,12 +164,12 @@ class RunQueries(StoreBase):
                     continue
                 outcome, new = _new_run(request, source, run_values, task_rows)
                 self._remember_shape(outcome.run.run_id, new.shape)
-                inserted = assignments.notes_of(tx).inserted
+                inserted = tx.batch.inserted
                 for root in new.roots:
                     inserted[root.task_id] = root
                 if request.request_id:
                     earlier[request.request_id] = (outcome.run, request.fingerprint)
-                tx.note_effects(outcome.effects)
+                tx.will_apply(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
         if run_values:

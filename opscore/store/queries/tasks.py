@@ -29,7 +29,7 @@ from opscore.store.queries.base import (
 )
 from opscore.store.queries.runs import tasks_of
 from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
-from opscore.store.writer import Followup, Tx
+from opscore.store.writer import Batch, BeforeCommit, Followup, Tx
 
 Abandon = Callable[[RunNow, str, RetryPolicy | None, datetime], Decision]
 """How an attempt that ended without a result moves its run (`Rules.expire`, `Rules.lose`)."""
@@ -146,39 +146,32 @@ class TaskQueries(StoreBase):
             on_commit,
         )
 
-    def assign_before_commit(
-        self,
-        place: Place,
-        on_commit: Assigned,
-        now: Callable[[], datetime],
-    ) -> None:
-        """Let every write batch place the tasks its requests made ready (and fill the slots
-        they freed) in its own transaction: `place` matches them (see `Dispatcher.place`), the
-        assignments are written as by `assign`, and `on_commit` gets them once committed."""
+    def placement(
+        self, place: Place, on_commit: Assigned, now: Callable[[], datetime]
+    ) -> BeforeCommit:
+        """What every write batch does before it commits (see `Writer.run`): place the tasks
+        its requests made ready, and fill the slots they freed, in its own transaction. `place`
+        matches them as if the batch had committed and reserves the matches; the assignments
+        are written as by `assign`, and `on_commit` gets them once committed."""
 
-        def before_commit(
-            conn: Connection,
-            effects: list[Effects],
-            followups: list[Followup],
-            notes: dict[str, Any],
-        ) -> None:
-            queued = [task for noted in effects for task in noted.queued]
+        def before_commit(batch: Batch, followups: list[Followup]) -> None:
+            queued = [task for noted in batch.effects for task in noted.queued]
             released = [
-                (hold.agent_id, hold.task_id) for noted in effects for hold in noted.released
+                (hold.agent_id, hold.task_id) for noted in batch.effects for hold in noted.released
             ]
             pairs, undo = place(queued, released)
             if not pairs:
                 return
-            tx = Tx(conn, notes)
+            tx = Tx(batch)
             # Registered before writing: if anything below or the commit fails, the writer
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
             written = assignments.assign(
-                conn, pairs, now(), self._rules, self._run_shapes, assignments.notes_of(tx)
+                batch.conn, pairs, now(), self._rules, self._run_shapes, batch
             )
             tx.after_commit(lambda: on_commit(pairs, written))
 
-        self._writer.before_commit = before_commit
+        return before_commit
 
     async def complete_task(self, result: TaskResult) -> Effects:
         """Record the output of the attempt the agent holds and queue the dependents that became
@@ -231,7 +224,7 @@ class TaskQueries(StoreBase):
                 run_id: RunNow.of(run_id, shape, found[run_id]) for run_id, shape in shapes.items()
             }
             changes = Changes(conn)
-            recorded = assignments.notes_of(requests[0][0]).recorded
+            recorded = requests[0][0].batch.recorded
             for index, run_id, name, result in accepted:
                 decision = self._rules.succeed(runs[run_id], name, result.output)
                 write_decision(changes, decision, result.now)
@@ -241,7 +234,7 @@ class TaskQueries(StoreBase):
             self._reset_expiries(conn, requests[0][0], [result for *_, result in accepted])
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
-                tx.note_effects(outcome)
+                tx.will_apply(outcome)
                 tx.after_commit(functools.partial(result.on_commit, outcome))
         return outcomes
 
