@@ -96,17 +96,22 @@ class OpsCoreServer:
             resources.push_async_callback(self._db.dispose)
             await migrate.upgrade(self._db)
             self._writer = Writer(self._db)
-            writer = self._supervise(self._writer.run(), "writer")
-            resources.push_async_callback(self._stop_writer, writer)
-            store = Store(self._db, self._writer, settings.retry)
+            store = Store(self._db, self._writer, settings.rules())
+            clock = SystemClock()
             self.engine = Engine(
                 store,
                 settings.engine(),
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
-                clock=SystemClock(),
+                clock=clock,
             )
+            # Writes that make tasks ready or free slots place them before they commit.
+            placement = store.placement(
+                self.engine.dispatcher.place, self.engine.assigned, clock.now
+            )
+            writer = self._supervise(self._writer.run(placement), "writer")
+            resources.push_async_callback(self._stop_writer, writer)
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)
         self._storage.on_lost(self._storage_lost)

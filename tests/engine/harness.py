@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from engine.memory import MemoryStore
 from opscore.domain.clock import VirtualClock
-from opscore.domain.engine import Engine, EngineSettings
+from opscore.domain.engine import DEFAULT_TASK_TIMEOUT, Engine, EngineSettings
 from opscore.domain.errors import OpsCoreError
+from opscore.domain.machine import StateMachine
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
@@ -187,15 +189,21 @@ class World:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: EngineSettings, retry: ResolvedRetryPolicy | None = None
+    settings: EngineSettings,
+    retry: ResolvedRetryPolicy | None = None,
+    timeout: timedelta = DEFAULT_TASK_TIMEOUT,
 ) -> AsyncIterator[World]:
-    """An engine with its loops running on a fresh store, whose clock stands at `T0`."""
+    """An engine with its loops running on a fresh store, whose clock stands at `T0`; `retry`
+    and `timeout` are the defaults for tasks that set none (the backoffs' jitter is drawn from a
+    seeded generator)."""
     clock = VirtualClock(T0)
-    store = MemoryStore(retry or ResolvedRetryPolicy())
+    rules = StateMachine(retry or ResolvedRetryPolicy(), timeout, random.Random(0))
+    store = MemoryStore(rules)
     sent = Sent()
     engine = Engine(
         store, settings, admission=Unlimited(), encode=sent, sizes=OneByte(), clock=clock
     )
+    store.placement(engine.dispatcher.place, engine.assigned, clock.now)
     await engine.recover()
     loops = [
         asyncio.create_task(engine.dispatcher.run()),

@@ -3,41 +3,32 @@
 It keeps the contract the real store keeps (opscore/store/queries, opscore/store/assignments):
 every write is checked whole before it changes anything, so a refused write changes nothing; its
 `on_commit` runs once it has "committed", before its caller goes on; a write whose effects queue
-tasks or free slots lets the dispatcher place tasks in the same commit (`assign_before_commit`),
-whose assignments are taken after the write's own callbacks; leases end, agents are lost after
-their grace, expiries in a row quarantine an agent and a success resets the count, and a failed
-attempt is retried under its task's policy with its backoff. What an outcome means for a run (a
-task queued, a fallback standing in, a run finished) is decided by the domain's pure functions,
-not here. Listings are cut by page size only, never by bytes.
+tasks or free slots lets the dispatcher place tasks in the same commit (`placement`), whose
+assignments are taken after the write's own callbacks; leases end, agents are lost after their
+grace, expiries in a row quarantine an agent and a success resets the count. What each event
+decides (a retry and its backoff, a fallback standing in, a run finished, a result refused) is
+the state machine's (`ports.Rules`), as in the real store: this module only keeps what it
+decides. Listings are cut by page size only, never by bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from opscore.domain import graph, idempotency, waiting
-from opscore.domain.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Resource,
-    ResultConflict,
-)
+from opscore.domain import idempotency, waiting
+from opscore.domain.errors import InvalidArgument, NotFound, Resource
 from opscore.domain.ids import new_id
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
     AgentState,
     Assignment,
-    Cancellation,
     DefinitionDraft,
     Effects,
-    Hold,
     JsonObject,
     Page,
     ReadyTask,
@@ -60,20 +51,35 @@ from opscore.domain.ports import (
     NewRun,
     OnCommit,
     Place,
+    Rules,
     TaskResult,
 )
 from opscore.domain.responses import Budget, count_states
-from opscore.domain.retry import ResolvedRetryPolicy
+from opscore.domain.state import (
+    Decision,
+    Move,
+    QueuedTask,
+    Reporting,
+    RunNow,
+    RunShape,
+    Sibling,
+    Siblings,
+    TaskNow,
+)
 from opscore.domain.waiting import Offer, Requirement
 
 T = TypeVar("T")
 
-TIMED_OUT = "timed out"
-"""The error of an attempt whose lease ended."""
-AGENT_LOST = "agent lost"
-"""The error of an attempt whose agent stayed away past its grace."""
-CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
-"""Why the holders of a run's tasks are told to stop, by how the run ended."""
+_MOVED_TO = {
+    Move.SUCCEED: TaskState.SUCCEEDED,
+    Move.QUEUE: TaskState.QUEUED,
+    Move.RETRY: TaskState.QUEUED,
+    Move.HAND_BACK: TaskState.QUEUED,
+    Move.FAIL: TaskState.FAILED,
+    Move.SKIP: TaskState.SKIPPED,
+    Move.CANCEL: TaskState.CANCELLED,
+}
+"""The state each decided move leaves a task in."""
 
 
 @dataclass(slots=True)
@@ -101,10 +107,23 @@ class _Task:
     row: TaskRun
     """The task as stored (replaced whole at each change)."""
     input: JsonObject
-    timeout: timedelta | None
+    timeout_ms: int | None
     retry_policy: RetryPolicy | None
     error_reported: bool = False
     """Whether `row.error` is a failure its holder reported (not one the server declared)."""
+
+    def now(self) -> TaskNow:
+        """What changes of the task, as the state machine reads it."""
+        row = self.row
+        return TaskNow(
+            task_id=row.task_id,
+            name=row.name,
+            state=row.state,
+            attempt=row.attempt,
+            agent_id=row.agent_id,
+            error=row.error,
+            error_reported=self.error_reported,
+        )
 
 
 @dataclass(slots=True)
@@ -121,23 +140,21 @@ class _Placement:
     place: Place
     assigned: Assigned
     now: Callable[[], datetime]
-    default_timeout: timedelta
 
 
 @dataclass(slots=True)
 class _Commit:
-    """A write's callbacks and the effects it notes for placement, run by `_commit`."""
+    """A write's callbacks and the effects it will apply, run by `_commit`."""
 
     callbacks: list[Callable[[], None]] = field(default_factory=list)
-    noted: list[Effects] = field(default_factory=list)
+    effects: list[Effects] = field(default_factory=list)
 
 
 class MemoryStore:
     """The engine's `Persistence` in plain dicts (see the module docstring)."""
 
-    def __init__(self, retry: ResolvedRetryPolicy, rng: random.Random | None = None) -> None:
-        self._retry = retry
-        self._rng = rng or random.Random(0)
+    def __init__(self, rules: Rules) -> None:
+        self._rules = rules
         self._agents: dict[str, _Agent] = {}
         self._definitions: dict[str, WorkflowDefinition] = {}
         self._definition_requests: dict[str, str] = {}
@@ -146,7 +163,10 @@ class MemoryStore:
         self._tasks: dict[str, _Task] = {}
         self._placement: _Placement | None = None
 
-    # What tests look at ------------------------------------------------------------------
+    def placement(self, place: Place, on_commit: Assigned, now: Callable[[], datetime]) -> None:
+        """Place, before each write commits, what it queues and the slots it frees (as the
+        real store's `placement` does for its writer)."""
+        self._placement = _Placement(place, on_commit, now)
 
     def lease_expiries(self, agent_id: str) -> int:
         """The agent's count of leases that ended in a row."""
@@ -155,33 +175,64 @@ class MemoryStore:
     # Commits -----------------------------------------------------------------------------
 
     def _commit(self, commit: _Commit) -> None:
-        """Commit a write that has changed the dicts: let the dispatcher place what it noted
-        (as the writer's `before_commit` does, in the same commit), then run the write's
-        callbacks and the placement's, in that order."""
+        """Commit a write that has changed the dicts: let the dispatcher place what it will
+        apply (in the same commit, as the writer's before-commit hook does), then run the
+        write's callbacks and the placement's, in that order."""
         callbacks = list(commit.callbacks)
         placement = self._placement
-        if placement is not None and commit.noted:
-            queued = [task for noted in commit.noted for task in noted.queued]
+        if placement is not None and commit.effects:
+            queued = [task for effects in commit.effects for task in effects.queued]
             released = [
-                (hold.agent_id, hold.task_id) for noted in commit.noted for hold in noted.released
+                (hold.agent_id, hold.task_id)
+                for effects in commit.effects
+                for hold in effects.released
             ]
             pairs, _undo = placement.place(queued, released)  # nothing here fails to commit
             if pairs:
-                written = self._assign(pairs, placement.now(), placement.default_timeout)
+                written = self._assign(pairs, placement.now())
                 callbacks.append(lambda: placement.assigned(pairs, written))
         for callback in callbacks:
             callback()
 
     def _write(self, value: T, on_commit: OnCommit[T] | None = None) -> T:
-        """Commit a write whose outcome is `value`: Effects are noted for placement, as the
-        real store notes them."""
+        """Commit a write whose outcome is `value` (Effects are applied after the commit, and
+        so are placed before it, as in the real store)."""
         commit = _Commit()
         if isinstance(value, Effects):
-            commit.noted.append(value)
+            commit.effects.append(value)
         if on_commit is not None:
             commit.callbacks.append(lambda: on_commit(value))
         self._commit(commit)
         return value
+
+    def _record(self, decision: Decision, now: datetime) -> Effects:
+        """Keep what the state machine decided (as `changes.write_decision` writes it); what
+        its commit will mean for memory."""
+        for move in decision.tasks:
+            task = self._tasks[move.task_id]
+            state = _MOVED_TO[move.move]
+            changes: dict[str, Any] = {"state": state}
+            changes["finished_at" if state.finished else "queued_at"] = now
+            if move.move is Move.SUCCEED:
+                changes["output"] = move.output
+            if move.move in (Move.RETRY, Move.FAIL):
+                changes["error"] = move.error
+                task.error_reported = move.reported
+            if move.move is Move.HAND_BACK:  # back as it was queued, its lease gone
+                changes["deadline"] = None
+            else:  # every other move sets the retry time (None but for a retry)
+                changes["not_before"] = move.not_before
+            task.row = dataclasses.replace(task.row, **changes)
+        for run_id, run_state in decision.runs:
+            stored = self._runs[run_id]
+            stored.run = dataclasses.replace(stored.run, state=run_state, finished_at=now)
+        return decision.effects
+
+    def _run_now(self, run_id: str) -> RunNow:
+        """The run as the state machine moves it."""
+        tasks = [self._tasks[task_id] for task_id in self._runs[run_id].task_ids]
+        shape = RunShape.of_runs(task.row for task in tasks)
+        return RunNow.of(run_id, shape, (task.now() for task in tasks))
 
     # Agents ------------------------------------------------------------------------------
 
@@ -216,47 +267,21 @@ class MemoryStore:
         self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
     ) -> Effects:
         self._agent_of(agent_id)
-        effects = Effects()
-        for task in self._held_by([agent_id]):
-            row = task.row
-            if row.pinned_agent_id == agent_id:
-                continue
-            effects.released.append(Hold(agent_id, row.task_id, row.run_id, row.attempt))
-            effects.queued.append(row.ready(row.not_before))
-            task.row = dataclasses.replace(
-                row, state=TaskState.QUEUED, queued_at=now, deadline=None
-            )
-        effects.merge(self._fail_pinned(agent_id, now))
+        moved = sorted(
+            {
+                task.row.run_id
+                for task in self._tasks.values()
+                if (task.row.state is TaskState.ASSIGNED and task.row.agent_id == agent_id)
+                or (
+                    task.row.pinned_agent_id == agent_id
+                    and task.row.state in (TaskState.QUEUED, TaskState.ASSIGNED)
+                )
+            }
+        )
+        runs = [self._run_now(run_id) for run_id in moved]
+        effects = self._record(self._rules.deregister(runs, agent_id, now), now)
         del self._agents[agent_id]
         return self._write(effects, on_commit)
-
-    def _fail_pinned(self, agent_id: str, now: datetime) -> Effects:
-        """Fail finally every task pinned to the agent that waits for it or that it holds, and
-        the fallbacks that this queues, until none is left."""
-        error = waiting.DEREGISTERED.format(agent_id=agent_id)
-        effects = Effects()
-        while pinned := self._waiting_for(agent_id):
-            for task in pinned:
-                if task.row.state in (TaskState.QUEUED, TaskState.ASSIGNED):
-                    effects.merge(
-                        self._fail_attempt(task, error, retryable=False, reported=False, now=now)
-                    )
-        # A fallback queued and failed in this same write never reached the dispatcher.
-        gone = set(effects.unqueued) & {task.task_id for task in effects.queued}
-        effects.queued = [task for task in effects.queued if task.task_id not in gone]
-        effects.unqueued = [task_id for task_id in effects.unqueued if task_id not in gone]
-        return effects
-
-    def _waiting_for(self, agent_id: str) -> list[_Task]:
-        """The unfinished tasks pinned to the agent that could still run, in run and graph
-        order."""
-        found = [
-            task
-            for task in self._tasks.values()
-            if task.row.pinned_agent_id == agent_id
-            and task.row.state in (TaskState.QUEUED, TaskState.ASSIGNED)
-        ]
-        return sorted(found, key=lambda task: (task.row.run_id, task.row.position))
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         self._agent_of(agent_id).last_seen_at = now
@@ -303,7 +328,13 @@ class MemoryStore:
         found = self._agent_of(agent_id)
         found.connected, found.last_seen_at, found.disconnected_at = True, now, None
         held = [
-            self._assignment(task, task.row.attempt, agent_id, _deadline(task), redelivered=True)
+            self._rules.assignment(
+                self._siblings(task),
+                self._queued(task),
+                agent_id,
+                _deadline(task),
+                redelivered=True,
+            )
             for task in self._held_by([agent_id])
         ]
         return self._write(Connected(self._agent(agent_id).profile(), held), on_commit)
@@ -427,7 +458,7 @@ class MemoryStore:
             idempotency.check_repeated_trigger(
                 request.request_id, request.fingerprint, earlier, stored.fingerprint
             )
-            # A repeated trigger queues nothing, and notes nothing for placement.
+            # A repeated trigger queues nothing, and the real store places nothing for it.
             repeated = CreatedRun(self._whole_run(earlier), False, Effects())
             return self._write(repeated, request.on_commit)
         pinned = None
@@ -438,9 +469,7 @@ class MemoryStore:
         if pinned is not None:
             waiting.check_pinned_agent(pinned, specs)
         run_id = new_id()
-        states = graph.initial_states(
-            {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
-        )
+        states = self._rules.initial_states(specs)
         tasks: list[TaskRun] = []
         for position, spec in enumerate(specs):
             root = states[spec.name] is TaskState.QUEUED
@@ -464,8 +493,9 @@ class MemoryStore:
                 fallback=spec.fallback,
                 pinned_agent_id=request.agent_id,
             )
-            task_input = {**spec.input, **request.run_input}
-            self._tasks[task.task_id] = _Task(task, task_input, spec.timeout, spec.retry_policy)
+            self._tasks[task.task_id] = _Task(
+                task, {**spec.input, **request.run_input}, _millis(spec.timeout), spec.retry_policy
+            )
             tasks.append(task)
         run = WorkflowRun(
             run_id=run_id,
@@ -490,12 +520,7 @@ class MemoryStore:
             True,
             Effects(queued=queued),
         )
-        return self._created(created, request)
-
-    def _created(self, created: CreatedRun, request: NewRun) -> CreatedRun:
-        """Commit a new run: the roots it queues are noted for placement."""
-        commit = _Commit([lambda: request.on_commit(created)], [created.effects])
-        self._commit(commit)
+        self._commit(_Commit([lambda: request.on_commit(created)], [created.effects]))
         return created
 
     def _source(self, request: NewRun) -> tuple[str, str, Sequence[TaskSpec]]:
@@ -549,12 +574,9 @@ class MemoryStore:
         on_commit: OnCommit[tuple[WorkflowRun, Effects]],
     ) -> tuple[WorkflowRun, Effects]:
         stored = self._run_of(run_id)
-        if stored.run.state.finished:
-            raise FailedPrecondition(f"run {run_id!r} is already {stored.run.state.value}")
-        states = {task.name: task.state for task in self._tasks_of(stored)}
-        effects = self._transition(stored, graph.cancel(states), now)
-        # As in the real store, a cancellation's effects are not noted for placement: the
-        # dispatcher's loop fills the slots it frees.
+        effects = self._record(self._rules.cancel(self._run_now(run_id), stored.run.state), now)
+        # As in the real store, a cancellation places nothing: the dispatcher's loop fills the
+        # slots it frees.
         return self._write((self._whole_run(run_id), effects), on_commit)
 
     def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
@@ -591,22 +613,12 @@ class MemoryStore:
         self,
         pairs: Sequence[tuple[ReadyTask, str]],
         now: datetime,
-        default_timeout: timedelta,
         on_commit: OnCommit[list[Assignment | None]],
     ) -> list[Assignment | None]:
-        return self._write(self._assign(pairs, now, default_timeout), on_commit)
-
-    def assign_before_commit(
-        self,
-        place: Place,
-        on_commit: Assigned,
-        now: Callable[[], datetime],
-        default_timeout: timedelta,
-    ) -> None:
-        self._placement = _Placement(place, on_commit, now, default_timeout)
+        return self._write(self._assign(pairs, now), on_commit)
 
     def _assign(
-        self, pairs: Sequence[tuple[ReadyTask, str]], now: datetime, default_timeout: timedelta
+        self, pairs: Sequence[tuple[ReadyTask, str]], now: datetime
     ) -> list[Assignment | None]:
         """Each queued task as a new attempt of its agent, if that agent still takes work
         (connected, not reporting BUSY or ERROR); None in the place of the others."""
@@ -617,7 +629,7 @@ class MemoryStore:
             and found.connected
             and found.reported_state not in (ReportedState.BUSY, ReportedState.ERROR)
         }
-        leases: dict[str, str] = {}
+        leases: dict[str, tuple[str, QueuedTask, datetime]] = {}
         for ready, agent_id in pairs:
             task = self._tasks.get(ready.task_id)
             if (
@@ -626,88 +638,73 @@ class MemoryStore:
                 and ready.task_id not in leases
                 and agent_id in taking
             ):
-                leases[ready.task_id] = agent_id
-                row = task.row
-                task.row = dataclasses.replace(
-                    row,
-                    state=TaskState.ASSIGNED,
-                    attempt=row.attempt + 1,
-                    agent_id=agent_id,
-                    assigned_at=now,
-                    deadline=now + (task.timeout or default_timeout),
-                    not_before=None,
+                queued = self._queued(task)
+                leases[ready.task_id] = (
+                    agent_id,
+                    queued,
+                    self._rules.lease_ends(queued.timeout_ms, now),
                 )
-                stored = self._runs[row.run_id]
-                if stored.run.state is RunState.PENDING:
-                    stored.run = dataclasses.replace(
-                        stored.run, state=RunState.RUNNING, started_at=now
-                    )
-        return [
-            self._assignment(
-                self._tasks[ready.task_id],
-                self._tasks[ready.task_id].row.attempt,
-                agent_id,
-                _deadline(self._tasks[ready.task_id]),
-                redelivered=False,
+        for task_id, (agent_id, queued, deadline) in leases.items():
+            task = self._tasks[task_id]
+            task.row = dataclasses.replace(
+                task.row,
+                state=TaskState.ASSIGNED,
+                attempt=queued.attempt + 1,
+                agent_id=agent_id,
+                assigned_at=now,
+                deadline=deadline,
+                not_before=None,
             )
-            if leases.get(ready.task_id) == agent_id
-            else None
-            for ready, agent_id in pairs
-        ]
+            stored = self._runs[queued.run_id]
+            if self._rules.starts_run(queued) and stored.run.state is RunState.PENDING:
+                stored.run = dataclasses.replace(stored.run, state=RunState.RUNNING, started_at=now)
+        assignments: list[Assignment | None] = []
+        for ready, agent_id in pairs:
+            lease = leases.get(ready.task_id)
+            if lease is None or lease[0] != agent_id:
+                assignments.append(None)
+                continue
+            _, queued, deadline = lease
+            context = self._siblings(self._tasks[ready.task_id])
+            assignments.append(
+                self._rules.assignment(context, queued, agent_id, deadline, redelivered=False)
+            )
+        return assignments
 
-    def _assignment(
-        self, task: _Task, attempt: int, agent_id: str, deadline: datetime, *, redelivered: bool
-    ) -> Assignment:
-        """The message for an attempt: the task's input, its dependencies' outputs (a failed
-        dependency's fallback's under the dependency's name), and for a fallback the task it
-        stands in for and that task's last error."""
+    def _queued(self, task: _Task) -> QueuedTask:
+        """What an assignment of the task needs of it."""
         row = task.row
-        siblings = {sibling.name: sibling for sibling in self._tasks_of(self._runs[row.run_id])}
-        outputs: dict[str, JsonObject] = {}
-        for name in row.depends_on:
-            dependency = siblings[name]
-            if dependency.state is TaskState.FAILED and dependency.fallback:
-                dependency = siblings[dependency.fallback]
-            outputs[name] = dependency.output or {}
-        primary = next((found for found in siblings.values() if found.fallback == row.name), None)
-        return Assignment(
-            task_id=row.task_id,
-            run_id=row.run_id,
-            task_name=row.name,
-            capability=row.capability,
-            attempt=attempt,
-            agent_id=agent_id,
-            input=dict(task.input),
-            dependency_outputs=outputs,
-            deadline=deadline,
-            redelivered=redelivered,
-            fallback_for=primary.name if primary is not None else "",
-            fallback_error=primary.error if primary is not None else "",
+        siblings = self._tasks_of(self._runs[row.run_id])
+        return QueuedTask(
+            row.task_id,
+            row.run_id,
+            row.name,
+            row.capability,
+            task.input,
+            row.depends_on,
+            row.attempt,
+            task.timeout_ms,
+            any(sibling.fallback == row.name for sibling in siblings),
         )
+
+    def _siblings(self, task: _Task) -> Siblings:
+        """Every task of the task's run, as its assignment may refer to them."""
+        return {
+            task.row.run_id: {
+                sibling.name: Sibling(
+                    sibling.name, sibling.state, sibling.fallback, sibling.output, sibling.error
+                )
+                for sibling in self._tasks_of(self._runs[task.row.run_id])
+            }
+        }
 
     async def complete_task(self, result: TaskResult) -> Effects:
         task = self._task_of(result.task_id)
-        if not _check_held(task, result.agent_id, result.attempt, _succeeded):
+        if not self._rules.holds(task.now(), result.agent_id, result.attempt, Reporting.OUTPUT):
             idempotency.check_repeated_output(result.task_id, task.row.output, result.output)
             return self._write(Effects(), result.on_commit)
-        row = task.row
-        stored = self._runs[row.run_id]
-        transition = graph.succeed(
-            _graph(self._tasks_of(stored)), _states(self._tasks_of(stored)), row.name
-        )
-        task.row = dataclasses.replace(
-            row,
-            state=TaskState.SUCCEEDED,
-            output=result.output,
-            not_before=None,
-            finished_at=result.now,
-        )
-        rest = graph.Transition(
-            {name: state for name, state in transition.tasks.items() if name != row.name},
-            transition.run_state,
-        )
-        effects = self._transition(stored, rest, result.now)
-        effects.released.append(Hold(result.agent_id, row.task_id, row.run_id, result.attempt))
+        decision = self._rules.succeed(self._run_now(task.row.run_id), task.row.name, result.output)
+        effects = self._record(decision, result.now)
         if result.agent_id in self._agents:
             self._agents[result.agent_id].lease_expiries = 0
         return self._write(effects, result.on_commit)
@@ -723,16 +720,24 @@ class MemoryStore:
         on_commit: OnCommit[Effects],
     ) -> Effects:
         task = self._task_of(task_id)
-        if not _check_held(task, agent_id, attempt, _failed_with(error)):
+        if not self._rules.holds(task.now(), agent_id, attempt, Reporting.FAILURE, error):
             return self._write(Effects(), on_commit)
-        effects = self._fail_attempt(task, error, retryable=retryable, reported=True, now=now)
-        return self._write(effects, on_commit)
+        decision = self._rules.fail(
+            self._run_now(task.row.run_id),
+            task.row.name,
+            error,
+            task.retry_policy,
+            now,
+            retryable=retryable,
+            reported=True,
+        )
+        return self._write(self._record(decision, now), on_commit)
 
     async def extend_lease(
         self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta, now: datetime
     ) -> datetime:
         task = self._task_of(task_id)
-        _check_held(task, agent_id, attempt, _never_recorded)
+        self._rules.holds(task.now(), agent_id, attempt, Reporting.NOTHING)
         deadline = max(_deadline(task), now + extend_by)
         task.row = dataclasses.replace(task.row, deadline=deadline)
         return self._write(deadline)
@@ -742,65 +747,6 @@ class MemoryStore:
         if found is None:
             raise NotFound(Resource.TASK, task_id)
         return found
-
-    def _fail_attempt(
-        self, task: _Task, error: str, *, retryable: bool, reported: bool, now: datetime
-    ) -> Effects:
-        """An attempt failed (`reported` by its holder, or declared by the server): the task
-        is queued again after its backoff while its policy allows, else it fails finally."""
-        row = task.row
-        policy = self._retry.resolve(task.retry_policy)
-        task.error_reported = reported
-        if retryable and policy.may_retry(row.attempt):
-            not_before = now + policy.delay(row.attempt, self._rng)
-            task.row = dataclasses.replace(
-                row, state=TaskState.QUEUED, error=error, queued_at=now, not_before=not_before
-            )
-            effects = Effects(queued=[row.ready(not_before)])
-        else:
-            task.row = dataclasses.replace(row, error=error)
-            stored = self._runs[row.run_id]
-            tasks = self._tasks_of(stored)
-            effects = self._transition(
-                stored, graph.fail(_graph(tasks), _states(tasks), row.name), now
-            )
-        if row.state is TaskState.ASSIGNED:  # not a queued task the server failed
-            effects.released.append(Hold(row.agent_id, row.task_id, row.run_id, row.attempt))
-        return effects
-
-    def _transition(self, stored: _Run, transition: graph.Transition, now: datetime) -> Effects:
-        """Write a transition of the run's graph, and say what it means for the dispatcher and
-        the agents (as `store.changes.apply_transition` does)."""
-        effects = Effects()
-        by_name = {
-            self._tasks[task_id].row.name: self._tasks[task_id] for task_id in stored.task_ids
-        }
-        reason = CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
-        for name, state in transition.tasks.items():
-            task = by_name[name]
-            before = task.row
-            if state is TaskState.QUEUED:
-                effects.queued.append(before.ready())
-                task.row = dataclasses.replace(before, state=state, not_before=None, queued_at=now)
-                continue
-            task.row = dataclasses.replace(before, state=state, not_before=None, finished_at=now)
-            if before.state is TaskState.QUEUED:
-                effects.unqueued.append(before.task_id)
-            elif before.state is TaskState.ASSIGNED and state in (
-                TaskState.SKIPPED,
-                TaskState.CANCELLED,
-            ):
-                hold = Hold(before.agent_id, before.task_id, before.run_id, before.attempt)
-                effects.released.append(hold)
-                effects.cancelled.append(
-                    Cancellation(hold.agent_id, hold.task_id, hold.run_id, hold.attempt, reason)
-                )
-        if transition.run_state is not None:
-            stored.run = dataclasses.replace(
-                stored.run, state=transition.run_state, finished_at=now
-            )
-            effects.finished_runs.append((stored.run.run_id, transition.run_state))
-        return effects
 
     # Timers ------------------------------------------------------------------------------
 
@@ -824,22 +770,19 @@ class MemoryStore:
             if task.row.state is TaskState.ASSIGNED and _deadline(task) <= now
         ]
         due.sort(key=_deadline)
-        effects = self._fail_held(due[:limit], TIMED_OUT, now)
-        expired: dict[str, int] = {}
-        for cancellation in effects.cancelled:
-            if cancellation.reason == TIMED_OUT:
-                expired[cancellation.agent_id] = expired.get(cancellation.agent_id, 0) + 1
+        effects, expired = self._abandon(due[:limit], self._rules.expire, now)
         for agent_id, count in expired.items():
+            self._agents[agent_id].lease_expiries += count
+        counts = {
+            agent_id: self._agents[agent_id].lease_expiries
+            for agent_id in expired
+            if not self._agents[agent_id].quarantined
+        }
+        for agent_id, detail in self._rules.quarantined(counts, quarantine_after).items():
             found = self._agents[agent_id]
-            found.lease_expiries += count
-            if found.lease_expiries >= quarantine_after and not found.quarantined:
-                found.quarantined = True
-                found.reported_state = ReportedState.ERROR
-                found.state_detail = (
-                    f"quarantined: {found.lease_expiries} task leases expired in a row; report "
-                    "IDLE or register again to take work"
-                )
-                effects.quarantined.append((self._agent(agent_id).profile(), found.lease_expiries))
+            found.quarantined, found.reported_state = True, ReportedState.ERROR
+            found.state_detail = detail
+            effects.quarantined.append((self._agent(agent_id).profile(), counts[agent_id]))
         return self._write(effects, on_commit)
 
     async def lose_agents(
@@ -855,68 +798,34 @@ class MemoryStore:
         for agent in lost:
             agent.disconnected_at = None
         held = self._held_by(agent.agent_id for agent in lost)
-        return self._write(self._fail_held(held, AGENT_LOST, now), on_commit)
+        return self._write(self._abandon(held, self._rules.lose, now)[0], on_commit)
 
-    def _fail_held(self, tasks: list[_Task], error: str, now: datetime) -> Effects:
-        """Fail the current attempt of each task still held (retryable), telling its holder to
-        stop."""
+    def _abandon(
+        self,
+        tasks: list[_Task],
+        why: Callable[[RunNow, str, RetryPolicy | None, datetime], Decision],
+        now: datetime,
+    ) -> tuple[Effects, dict[str, int]]:
+        """End the current attempt of each of these tasks still assigned without a result, as
+        `why` decides (an expired lease, a lost agent); and how many each agent had."""
         effects = Effects()
+        agents: dict[str, int] = {}
         for task in tasks:
             row = task.row
             if row.state is not TaskState.ASSIGNED:  # its run failed earlier in this write
                 continue
-            effects.merge(self._fail_attempt(task, error, retryable=True, reported=False, now=now))
-            effects.cancelled.append(
-                Cancellation(row.agent_id, row.task_id, row.run_id, row.attempt, error)
-            )
-        return effects
-
-
-# Results -----------------------------------------------------------------------------------
-
-
-def _succeeded(task: _Task) -> bool:
-    return task.row.state is TaskState.SUCCEEDED
-
-
-def _failed_as_reported(task: _Task) -> bool:
-    """Whether the task failed, or waits for its retry, after its holder reported a failure."""
-    return task.row.state in (TaskState.FAILED, TaskState.QUEUED) and task.error_reported
-
-
-def _failed_with(error: str) -> Callable[[_Task], bool]:
-    """Whether this very failure was recorded, as its holder reported it."""
-    return lambda task: _failed_as_reported(task) and task.row.error == error
-
-
-def _never_recorded(_task: _Task) -> bool:
-    return False
-
-
-def _check_held(
-    task: _Task, agent_id: str, attempt: int, recorded: Callable[[_Task], bool]
-) -> bool:
-    """True if `agent_id` holds `attempt` of the task; False if that holder's result was
-    already `recorded` (a retried call); FAILED_PRECONDITION for any other holder, attempt or
-    state (ResultConflict for another result of a finished attempt)."""
-    row = task.row
-    holder = row.agent_id == agent_id and row.attempt == attempt
-    if holder and row.state is TaskState.ASSIGNED:
-        return True
-    if holder and recorded(task):
-        return False
-    if holder and row.state is TaskState.SUCCEEDED:
-        raise ResultConflict(row.task_id, "it succeeded")
-    if holder and _failed_as_reported(task):
-        raise ResultConflict(row.task_id, "it failed")
-    if row.state is TaskState.ASSIGNED or not holder:
-        raise FailedPrecondition(
-            f"agent {agent_id!r} does not hold attempt {attempt} of task {row.task_id!r}"
-        )
-    raise FailedPrecondition(f"task {row.task_id!r} is {row.state.value}, not assigned")
+            decision = why(self._run_now(row.run_id), row.name, task.retry_policy, now)
+            effects.merge(self._record(decision, now))
+            agents[row.agent_id] = agents.get(row.agent_id, 0) + 1
+        return effects, agents
 
 
 # Plain helpers -----------------------------------------------------------------------------
+
+
+def _millis(value: timedelta | None) -> int | None:
+    """A task's timeout as stored: whole milliseconds."""
+    return None if value is None else round(value / timedelta(milliseconds=1))
 
 
 def _deadline(task: _Task) -> datetime:
@@ -929,14 +838,6 @@ def _assigned_at(task: _Task) -> datetime:
     assigned_at = task.row.assigned_at
     assert assigned_at is not None, f"task {task.row.task_id} was never assigned"
     return assigned_at
-
-
-def _graph(tasks: Sequence[TaskRun]) -> graph.Graph:
-    return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
-
-
-def _states(tasks: Sequence[TaskRun]) -> dict[str, TaskState]:
-    return {task.name: task.state for task in tasks}
 
 
 def _matches(run: WorkflowRun, where: RunFilter) -> bool:

@@ -20,7 +20,7 @@ from opscore.domain.models import (
 )
 
 LEASE = timedelta(minutes=5)
-SETTINGS = EngineSettings(default_task_timeout=LEASE, quarantine_after=3)
+SETTINGS = EngineSettings(quarantine_after=3)
 QUICK_RETRY = RetryPolicy(
     max_attempts=10, initial_backoff=timedelta(seconds=2), max_backoff=timedelta(seconds=2)
 )
@@ -28,7 +28,7 @@ QUICK_RETRY = RetryPolicy(
 
 
 async def test_an_expired_lease_stops_the_holder_and_the_task_is_retried_elsewhere() -> None:
-    async with running(SETTINGS) as world:
+    async with running(SETTINGS, timeout=LEASE) as world:
         await world.agent("slow", "job")  # idle longest: it gets attempt 1
         await world.agent("spare", "job")
         run = await world.trigger(TaskSpec("job", capability="job"))
@@ -78,7 +78,7 @@ async def test_an_expired_lease_stops_the_holder_and_the_task_is_retried_elsewhe
 
 
 async def test_the_last_attempt_timing_out_fails_the_task_finally() -> None:
-    async with running(SETTINGS) as world:
+    async with running(SETTINGS, timeout=LEASE) as world:
         await world.agent("slow", "job")
         await world.agent("other", "side")
         run = await world.trigger(
@@ -102,7 +102,7 @@ async def test_the_last_attempt_timing_out_fails_the_task_finally() -> None:
 
 
 async def test_leases_ending_in_a_row_quarantine_the_agent_until_it_reports_idle() -> None:
-    async with running(SETTINGS) as world:
+    async with running(SETTINGS, timeout=LEASE) as world:
         await world.agent("sleepy", "job")
         run = await world.trigger(TaskSpec("job", capability="job", retry_policy=QUICK_RETRY))
         for expiries in (1, 2, 3):
@@ -130,7 +130,7 @@ async def test_leases_ending_in_a_row_quarantine_the_agent_until_it_reports_idle
 
 
 async def test_a_success_starts_the_count_of_expiries_in_a_row_again() -> None:
-    async with running(SETTINGS) as world:
+    async with running(SETTINGS, timeout=LEASE) as world:
         await world.agent("flaky", "job")
         for run_number in range(2):
             await world.trigger(TaskSpec("job", capability="job", retry_policy=QUICK_RETRY))
@@ -147,7 +147,7 @@ async def test_a_success_starts_the_count_of_expiries_in_a_row_again() -> None:
 
 
 async def test_an_extended_lease_runs_to_its_new_end() -> None:
-    async with running(SETTINGS) as world:
+    async with running(SETTINGS, timeout=LEASE) as world:
         await world.agent("holder", "long")
         run = await world.trigger(TaskSpec("long", capability="long", timeout=timedelta(minutes=1)))
         held = world.assignment("holder")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from engine.harness import T0, TICK, World, running
-from opscore.domain.engine import EngineSettings
+from opscore.domain.engine import DEFAULT_TASK_TIMEOUT, EngineSettings
 from opscore.domain.models import Cancellation, RetryPolicy, RunState, TaskSpec, TaskState
 from opscore.domain.retry import ResolvedRetryPolicy
 
@@ -191,6 +191,6 @@ async def test_a_cancelled_run_drops_the_retry_it_was_waiting_for() -> None:
             Cancellation("holder", held.task_id, run.run_id, 1, "run cancelled")
         ]
         # Past the retry's time and the holder's lease: no retry, no "timed out".
-        await world.advance_to(max(due, T0 + EngineSettings().default_task_timeout))
+        await world.advance_to(max(due, T0 + DEFAULT_TASK_TIMEOUT))
         assert world.take("holder") == world.take("retrier") == []
         assert await world.engine.get_run(run.run_id) == cancelled
