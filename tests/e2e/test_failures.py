@@ -240,7 +240,7 @@ async def test_retryable_failures_back_off_and_third_attempt_succeeds(
     flaky = spec(
         "flaky",
         capability="flaky",
-        retry=policy(max_attempts=3, initial_backoff=0.05, backoff_multiplier=2, max_backoff=1),
+        retry=policy(max_attempts=3, initial_backoff=0.2, backoff_multiplier=2, max_backoff=1),
     )
     async with serve(start_server, sqlite_url) as client:
         worker = await client.agent("worker", capabilities=["flaky"])
@@ -255,8 +255,9 @@ async def test_retryable_failures_back_off_and_third_attempt_succeeds(
         )
         first_id = assignment.task_id
 
-        # Attempt n fails: the retry waits between half and all of 0.05 s x 2^(n-1).
-        for failed, backoff in ((1, 0.05), (2, 0.1)):
+        # Attempt n fails: the retry waits between half and all of 0.2 s x 2^(n-1), long enough
+        # for the task to be seen waiting for it.
+        for failed, backoff in ((1, 0.2), (2, 0.4)):
             started = time.monotonic()
             before = now()
             await worker.fail(assignment, f"blip {failed}", retryable=True)
@@ -559,8 +560,8 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
     async with serve(
         start_server,
         sqlite_url,
-        default_task_timeout=timedelta(seconds=0.2),
-        retry=retry_settings(initial_backoff=0.05),
+        default_task_timeout=timedelta(seconds=0.3),
+        retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
     ) as client:
         slow = await client.agent("slow", capabilities=["job"])  # idle longest: gets attempt 1
         spare = await client.agent("spare", capabilities=["job"])
@@ -571,7 +572,7 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
         held = await task_of(client, run.run_id, "job")
         assert held.state == workflow_pb2.TASK_STATE_ASSIGNED
         assert held.deadline == first.deadline
-        assert abs(deadline - when(held.assigned_at) - timedelta(seconds=0.2)) <= timedelta(
+        assert abs(deadline - when(held.assigned_at) - timedelta(seconds=0.3)) <= timedelta(
             seconds=SLACK
         )
         # The slow agent says it is busy, so attempt 2 can only go to the spare.
@@ -749,7 +750,7 @@ async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(
         start_server,
         sqlite_url,
         agent_grace=timedelta(seconds=0.2),
-        retry=retry_settings(initial_backoff=0.05),
+        retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
     ) as client:
         fragile = await client.agent("fragile", capabilities=["job"])  # idle longest
         steady = await client.agent("steady", capabilities=["job"])
