@@ -29,6 +29,7 @@ from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
+from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
@@ -104,6 +105,7 @@ class OpsCoreServer:
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
+                dispatch=Dispatcher,  # one server: the whole queue in memory
             )
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)

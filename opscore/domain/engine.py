@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opscore.domain import idempotency, validation, waiting
+from opscore.domain.dispatch import Dispatch, DispatchFactory
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
@@ -126,20 +127,22 @@ class Engine:
         encode: Encode,
         sizes: WireSizes,
         now: Callable[[], datetime] = utc_now,
+        dispatch: DispatchFactory = Dispatcher,
     ) -> None:
         self._store = store
         self._settings = settings
         self._budget = Budget(settings.response_bytes, waiting.WithReasons(sizes))
         self._admission = admission
         self._now = now
-        self.dispatcher = Dispatcher(self._assign, clock=time.monotonic, now=now)
+        # The server chooses how dispatch is implemented (see `dispatch`).
+        self.dispatcher: Dispatch = dispatch(self._assign, clock=time.monotonic, now=now)
         self._encode = encode
         self.streams = Streams(
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
         )
         # Writes that make tasks ready or free slots place them before they commit.
         store.assign_before_commit(
-            self.dispatcher.place, self._assigned, now, settings.default_task_timeout
+            self.dispatcher.reserve_for_commit, self._assigned, now, settings.default_task_timeout
         )
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None

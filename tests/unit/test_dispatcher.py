@@ -203,7 +203,7 @@ def test_a_write_places_what_it_makes_ready_on_the_slots_it_frees() -> None:
     dispatcher.agent_online(agent("w"), ["done"])
     dispatcher.enqueue([ready("older")])
     # A write completes "done" (freeing w) and queues "next"; the older task goes first.
-    pairs, _ = dispatcher.place([ready("next")], [("w", "done")])
+    pairs, _ = dispatcher.reserve_for_commit([ready("next")], [("w", "done")])
     assert [(t.task_id, a) for t, a in pairs] == [("older", "w")]
     # Nothing else moved before the commit: "next" is not queued yet, w holds "done" still.
     assert dispatcher.match() == []
@@ -221,7 +221,7 @@ def test_a_placed_task_is_not_queued_again_by_its_commit() -> None:
     dispatcher = make()
     dispatcher.agent_online(agent("a"), ())
     dispatcher.agent_online(agent("b"), ())
-    pairs, _ = dispatcher.place([ready("t")], [])
+    pairs, _ = dispatcher.reserve_for_commit([ready("t")], [])
     assert [(t.task_id, a) for t, a in pairs] == [("t", "a")]
     dispatcher.enqueue([ready("t")])  # the write's own effects, applied after its commit
     assert dispatcher.match() == []
@@ -233,7 +233,7 @@ def test_a_placement_whose_write_fails_is_given_back() -> None:
     dispatcher = make()
     dispatcher.agent_online(agent("w", slots=2), ())
     dispatcher.enqueue([ready("old")])
-    pairs, undo = dispatcher.place([ready("new")], [])
+    pairs, undo = dispatcher.reserve_for_commit([ready("new")], [])
     assert sorted(t.task_id for t, _ in pairs) == ["new", "old"]
     undo()
     # "old" is queued as it was, "new" never was (its write did not commit); w is free again.
@@ -245,7 +245,7 @@ def test_a_placement_given_back_keeps_its_place_in_the_queue() -> None:
     dispatcher = make()
     dispatcher.agent_online(agent("w"), ())
     dispatcher.enqueue([ready("first"), ready("second")])
-    pairs, undo = dispatcher.place([], [])
+    pairs, undo = dispatcher.reserve_for_commit([], [])
     assert [t.task_id for t, _ in pairs] == ["first"]
     dispatcher.enqueue([ready("third")])
     undo()
@@ -257,7 +257,7 @@ def test_a_placement_given_back_keeps_its_place_in_the_queue() -> None:
 def test_a_placement_the_database_refuses_frees_the_slot() -> None:
     dispatcher = make()
     dispatcher.agent_online(agent("w"), ())
-    [(task, agent_id)], _ = dispatcher.place([ready("t")], [])
+    [(task, agent_id)], _ = dispatcher.reserve_for_commit([ready("t")], [])
     dispatcher.release(agent_id, task.task_id)  # the assignment found the task gone
     dispatcher.enqueue([ready("u")])
     assert [(t.task_id, a) for t, a in dispatcher.match()] == [("u", "w")]
@@ -268,7 +268,7 @@ def test_a_write_does_not_place_a_retry_before_its_time() -> None:
     dispatcher = make(now)
     dispatcher.agent_online(agent("w"), ())
     later = T0 + timedelta(seconds=5)
-    pairs, _ = dispatcher.place([ready("t", not_before=later)], [])
+    pairs, _ = dispatcher.reserve_for_commit([ready("t", not_before=later)], [])
     assert pairs == []
     dispatcher.enqueue([ready("t", not_before=later)])
     assert dispatcher.match() == []
@@ -308,8 +308,8 @@ async def test_the_loop_assigns_a_queued_task_once_an_agent_frees_up() -> None:
     loop = asyncio.create_task(dispatcher.run())
     try:
         dispatcher.enqueue([ready("older")])  # w is busy: it waits
-        # A write completed "done" and gave w its next task itself (see `place`).
-        pairs, _ = dispatcher.place([ready("queued")], [("w", "done")])
+        # A write completed "done" and gave w its next task itself (see `reserve_for_commit`).
+        pairs, _ = dispatcher.reserve_for_commit([ready("queued")], [("w", "done")])
         assert [(t.task_id, a) for t, a in pairs] == [("older", "w")]
         # Its commit: "queued" waits (nobody is free), "done" is released, "older" held.
         dispatcher.enqueue([ready("queued")])
