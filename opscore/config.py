@@ -16,6 +16,7 @@ from opscore.domain.engine import (
     EngineSettings,
 )
 from opscore.domain.health import FAILURES_TO_UNHEALTHY
+from opscore.domain.machine import StateMachine
 from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
@@ -66,10 +67,13 @@ class Settings:
     quarantine_after: int = QUARANTINE_AFTER
     """Lease expiries in a row after which an agent is put in ERROR (quarantined)."""
 
+    def rules(self) -> StateMachine:
+        """The state machine, with the defaults for what a task's spec leaves unset."""
+        return StateMachine(self.retry, self.default_task_timeout)
+
     def engine(self) -> EngineSettings:
         """The engine's share of these settings."""
         return EngineSettings(
-            default_task_timeout=self.default_task_timeout,
             agent_grace=self.agent_grace,
             limits=self.limits,
             streams=self.streams,

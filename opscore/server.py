@@ -30,7 +30,7 @@ from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.dispatcher import Dispatcher
-from opscore.domain.engine import Engine
+from opscore.domain.engine import Engine, utc_now
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
 from opscore.ports import refuse_taken
@@ -96,9 +96,7 @@ class OpsCoreServer:
             resources.push_async_callback(self._db.dispose)
             await migrate.upgrade(self._db)
             self._writer = Writer(self._db)
-            writer = self._supervise(self._writer.run(), "writer")
-            resources.push_async_callback(self._stop_writer, writer)
-            store = Store(self._db, self._writer, settings.retry)
+            store = Store(self._db, self._writer, settings.rules())
             self.engine = Engine(
                 store,
                 settings.engine(),
@@ -107,6 +105,12 @@ class OpsCoreServer:
                 sizes=convert.WireSizes(),
                 dispatch=Dispatcher,  # one server: the whole queue in memory
             )
+            # Writes that make tasks ready or free slots place them before they commit.
+            placement = store.placement(
+                self.engine.dispatcher.reserve_for_commit, self.engine.assigned, utc_now
+            )
+            writer = self._supervise(self._writer.run(placement), "writer")
+            resources.push_async_callback(self._stop_writer, writer)
             await self.engine.recover()
         self._storage.on_recovery(self.engine.storage_recovered)
         self._storage.on_lost(self._storage_lost)

@@ -105,7 +105,6 @@ QUARANTINE_AFTER = 3
 class EngineSettings:
     """The engine's tunables (set from the server's configuration, whose defaults are these)."""
 
-    default_task_timeout: timedelta = DEFAULT_TASK_TIMEOUT
     agent_grace: timedelta = AGENT_GRACE
     limits: Limits = field(default_factory=Limits)
     streams: StreamLimits = field(default_factory=StreamLimits)
@@ -139,10 +138,6 @@ class Engine:
         self._encode = encode
         self.streams = Streams(
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
-        )
-        # Writes that make tasks ready or free slots place them before they commit.
-        store.assign_before_commit(
-            self.dispatcher.reserve_for_commit, self._assigned, now, settings.default_task_timeout
         )
         self._timers_wake = asyncio.Event()
         self._timers_target: datetime | None = None
@@ -676,14 +671,14 @@ class Engine:
         await self._store.assign(
             pairs,
             self._now(),
-            self._settings.default_task_timeout,
-            functools.partial(self._assigned, pairs),
+            functools.partial(self.assigned, pairs),
         )
 
-    def _assigned(
+    def assigned(
         self, pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]
     ) -> None:
-        """Committed assignments: the agents hold their tasks and are sent them."""
+        """Committed assignments: the agents hold their tasks and are sent them. Also what the
+        placement before a write's commit calls (`Store.placement`, wired by the server)."""
         for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
             if assignment is None:
                 self.dispatcher.release(agent_id, task.task_id)

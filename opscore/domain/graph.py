@@ -13,19 +13,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opscore.domain.models import RunState, TaskState
 
 
+class Edges(Protocol):
+    """What the graph needs of a task: what it depends on and which task stands in for it
+    (a run's `state.TaskShape` is one)."""
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """The tasks it waits for, by name."""
+
+    @property
+    def fallback(self) -> str:
+        """The task that stands in for it if it finally fails ("" for none)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
-    """One task of the graph: what it depends on and which task stands in for it."""
+    """One task of the graph, alone: a definition's edges before the run has ids."""
 
     depends_on: tuple[str, ...] = ()
     fallback: str = ""
 
 
-Graph = Mapping[str, Node]
+Graph = Mapping[str, Edges]
 """The tasks of a run, by name."""
 
 

@@ -9,13 +9,14 @@ with no registration and no check at run time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
 from opscore.domain import models
 from opscore.domain.responses import Budget
+from opscore.domain.state import Decision, QueuedTask, Reporting, RunNow, Siblings, TaskNow
 from opscore.domain.waiting import Offer, Requirement
 
 T = TypeVar("T")
@@ -78,6 +79,72 @@ class TaskResult:
     output: models.JsonObject
     now: datetime
     on_commit: OnCommit[models.Effects]
+
+
+class Rules(Protocol):
+    """The state machine as the store calls it inside a write's transaction: it reads the rows
+    a rule needs, asks, and writes the decision (`machine.StateMachine` is the one
+    implementation; see it for the rules themselves)."""
+
+    def initial_states(self, specs: Sequence[models.TaskSpec]) -> dict[str, models.TaskState]:
+        """Each task's state, by name, as its run is triggered."""
+
+    def lease_ends(self, timeout_ms: int | None, now: datetime) -> datetime:
+        """When an attempt assigned at `now` with this task timeout must be done."""
+
+    def starts_run(self, task: QueuedTask) -> bool:
+        """Whether assigning `task` may be its run's first assignment."""
+
+    def assignment(
+        self,
+        context: Siblings,
+        task: QueuedTask,
+        agent_id: str,
+        deadline: datetime,
+        *,
+        redelivered: bool,
+    ) -> models.Assignment:
+        """The message of an attempt of `task`."""
+
+    def holds(
+        self, task: TaskNow, agent_id: str, attempt: int, reporting: Reporting, error: str = ""
+    ) -> bool:
+        """Whether what the agent reports of the attempt is to be recorded (or raise)."""
+
+    def succeed(self, run: RunNow, name: str, output: models.JsonObject) -> Decision:
+        """The task `name` of `run` succeeded with `output`."""
+
+    def fail(
+        self,
+        run: RunNow,
+        name: str,
+        error: str,
+        policy: models.RetryPolicy | None,
+        now: datetime,
+        *,
+        retryable: bool,
+        reported: bool,
+    ) -> Decision:
+        """An attempt of `name` failed: retried, or final."""
+
+    def expire(
+        self, run: RunNow, name: str, policy: models.RetryPolicy | None, now: datetime
+    ) -> Decision:
+        """The lease of the current attempt of `name` ended without a result."""
+
+    def lose(
+        self, run: RunNow, name: str, policy: models.RetryPolicy | None, now: datetime
+    ) -> Decision:
+        """The agent holding the current attempt of `name` was lost."""
+
+    def quarantined(self, expiries: Mapping[str, int], after: int) -> dict[str, str]:
+        """The agents quarantined for these counts of expiries in a row, with their detail."""
+
+    def cancel(self, run: RunNow, run_state: models.RunState) -> Decision:
+        """An operator cancels the run."""
+
+    def deregister(self, runs: Sequence[RunNow], agent_id: str, now: datetime) -> Decision:
+        """`agent_id` is removed: what becomes of the tasks of `runs` it holds or is pinned to."""
 
 
 class Admission(Protocol):
@@ -215,19 +282,9 @@ class TaskStore(Protocol):
         self,
         pairs: Sequence[tuple[models.ReadyTask, str]],
         now: datetime,
-        default_timeout: timedelta,
         on_commit: OnCommit[list[models.Assignment | None]],
     ) -> list[models.Assignment | None]:
         """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
-
-    def assign_before_commit(
-        self,
-        place: Place,
-        on_commit: Assigned,
-        now: Callable[[], datetime],
-        default_timeout: timedelta,
-    ) -> None:
-        """Let every write batch assign the tasks it made ready within its own transaction."""
 
     async def complete_task(self, result: TaskResult) -> models.Effects:
         """Record an attempt's output and queue the dependents that became ready."""

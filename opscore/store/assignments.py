@@ -2,17 +2,15 @@
 
 `assign` writes a batch of them set-based (a fixed number of statements per batch); the store
 calls it for the dispatcher's own batches and for the placements a write makes before it commits.
-`context_of` and `assignment` compose the message: the task's input, its dependencies' outputs,
-and for a fallback the task it stands in for. Reads take only the columns the message needs:
-every column read costs its decoding on every row.
+`context_of` reads what the message refers to (its dependencies, and for a fallback the task it
+stands in for); the state machine composes the message (`Rules.assignment`). Reads take only the
+columns the message needs: every column read costs its decoding on every row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from datetime import datetime
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
@@ -25,11 +23,13 @@ from opscore.domain.models import (
     RunState,
     TaskState,
 )
+from opscore.domain.ports import Rules
+from opscore.domain.state import QueuedTask, RunShape, Sibling, Siblings
 from opscore.store.changes import task_update
 from opscore.store.prepared import SAMPLE_TIME, Prepared
-from opscore.store.rows import TASK_STATES, RunShape
+from opscore.store.rows import TASK_STATES
 from opscore.store.tables import AGENTS, RUNS, TASKS
-from opscore.store.writer import Tx
+from opscore.store.writer import Batch
 
 # What an assignment needs of its task and of the tasks around it, and no more: every column
 # read costs its decoding (JSON, times) on every row.
@@ -101,47 +101,6 @@ _TAKING_AGENTS = Prepared(
 )
 
 
-class QueuedTask(NamedTuple):
-    """What an assignment needs of a queued task: what `_QUEUED_TASKS_FOR_UPDATE` reads of its
-    row, and what its run's shape says of it."""
-
-    task_id: str
-    run_id: str
-    name: str
-    capability: str
-    input: JsonObject
-    depends_on: Sequence[str]
-    attempt: int
-    timeout_ms: int | None
-    is_fallback: bool
-
-
-@dataclass(slots=True)
-class BatchNotes:
-    """What a write batch learned that the assignments it writes before it commits may use
-    instead of reading it again (kept in `Tx.notes`, valid only inside its transaction)."""
-
-    recorded: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
-    """Outputs the batch recorded, by run id and task name: a task made ready by its dependency's
-    completion and placed in the same batch (every step of a chain) is sent that output. A
-    succeeded task's output never changes, so the note stays true."""
-    inserted: dict[str, QueuedTask] = field(default_factory=dict)
-    """Tasks the batch inserted queued (a new run's roots), by id: nothing else in the batch
-    can have moved them, as nothing else knows their ids yet."""
-
-
-def notes_of(tx: Tx) -> BatchNotes:
-    """The notes of the batch `tx` belongs to (see `BatchNotes`)."""
-    found = tx.notes.get(_NOTES)
-    if found is None:
-        found = tx.notes[_NOTES] = BatchNotes()
-    assert isinstance(found, BatchNotes)
-    return found
-
-
-_NOTES = "assignments"
-
-
 Shapes = Callable[[Connection, Iterable[str]], dict[str, RunShape]]
 """The shapes of some runs (see `Store._run_shapes`)."""
 
@@ -150,13 +109,14 @@ def assign(
     conn: Connection,
     pairs: Sequence[tuple[ReadyTask, str]],
     now: datetime,
-    default_timeout: timedelta,
+    rules: Rules,
     shapes: Shapes,
-    notes: BatchNotes | None = None,
+    batch: Batch | None = None,
 ) -> list[Assignment | None]:
     """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
     this transaction: one removed, disconnected, or reporting BUSY or ERROR earlier in the same
-    batch takes nothing. What the batch's `notes` hold is not read again.
+    batch takes nothing. What the `batch` learned (`Batch.recorded`, `Batch.inserted`) is not
+    read again.
 
     Unlike the writes that move a run, this locks its tasks before their runs, and only the
     runs still PENDING (which it starts): a run that no task of has reached an agent yet, so
@@ -172,11 +132,9 @@ def assign(
             conn, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
         )
     }
-    notes = notes or BatchNotes()
+    inserted = {} if batch is None else batch.inserted
     queued: dict[str, QueuedTask] = {
-        task.task_id: notes.inserted[task.task_id]
-        for task, _ in pairs
-        if task.task_id in notes.inserted
+        task.task_id: inserted[task.task_id] for task, _ in pairs if task.task_id in inserted
     }
     # A root the batch inserted has no dependencies and stands in for nothing: only the tasks
     # read need their runs' shapes (for themselves and for their context).
@@ -203,12 +161,7 @@ def assign(
     for task, agent_id in pairs:
         row = queued.get(task.task_id)
         if row is not None and task.task_id not in leases and agent_id in taking:
-            timeout = (
-                default_timeout
-                if row.timeout_ms is None
-                else timedelta(milliseconds=row.timeout_ms)
-            )
-            leases[task.task_id] = (row, agent_id, now + timeout)
+            leases[task.task_id] = (row, agent_id, rules.lease_ends(row.timeout_ms, now))
     if not leases:
         return [None] * len(pairs)
     _ASSIGN.execute(
@@ -224,23 +177,18 @@ def assign(
             for task_id, (row, agent_id, deadline) in leases.items()
         ],
     )
-    # A task that depends on another, or was attempted before, belongs to a run that has
-    # started already: one of its tasks was assigned.
-    run_ids = sorted(
-        {row.run_id for row, _, _ in leases.values() if not row.depends_on and not row.attempt}
-    )
+    run_ids = sorted({row.run_id for row, _, _ in leases.values() if rules.starts_run(row)})
     _START_RUN.execute(conn, [{"b_run_id": run_id, "b_now": now} for run_id in run_ids])
     context = context_of(
         conn,
         [row for row, _, _ in leases.values() if row.depends_on or row.is_fallback],
-        notes.recorded,
+        {} if batch is None else batch.recorded,
         shaped,
     )
     return [
-        assignment(
+        rules.assignment(
             context,
             leases[task.task_id][0],
-            leases[task.task_id][0].attempt + 1,
             agent_id,
             leases[task.task_id][2],
             redelivered=False,
@@ -251,29 +199,9 @@ def assign(
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class Sibling:
-    """What an assignment needs of another task of its run."""
-
-    name: str
-    state: TaskState
-    fallback: str
-    output: JsonObject | None
-    error: str
-
-    @classmethod
-    def of(cls, row: Any) -> Sibling:
-        """The sibling in a row of `_SIBLING_COLUMNS`."""
-        return cls(row.name, TASK_STATES[row.state], row.fallback, row.output, row.error)
-
-
-Siblings = dict[str, dict[str, Sibling]]
-"""For each run, the tasks an assignment may need to know about, by name."""
-
-
 def context_of(
     conn: Connection,
-    rows_: Sequence[Any],
+    rows_: Sequence[QueuedTask],
     recorded: Mapping[tuple[str, str], JsonObject],
     shapes: Mapping[str, RunShape],
 ) -> Siblings:
@@ -302,44 +230,7 @@ def context_of(
             wanted.add(shape.tasks[primary].task_id)
     if wanted:
         for found in _ASSIGNMENT_CONTEXT.rows(conn, {"b_task_ids": sorted(wanted)}):
-            context[found.run_id][found.name] = Sibling.of(found)
+            context[found.run_id][found.name] = Sibling(
+                found.name, TASK_STATES[found.state], found.fallback, found.output, found.error
+            )
     return context
-
-
-def assignment(
-    context: Siblings,
-    row: Any,
-    attempt: int,
-    agent_id: str,
-    deadline: datetime,
-    *,
-    redelivered: bool,
-) -> Assignment:
-    """The assignment message for a task row: its input, the outputs of its dependencies (a
-    dependency that failed and was stood in for gives its fallback's output under its own name),
-    and, for a fallback, which task it stands in for and that task's last error."""
-    siblings = context.get(row.run_id, {})
-    outputs: dict[str, JsonObject] = {}
-    for name in row.depends_on:
-        dependency = siblings[name]
-        source = (
-            siblings[dependency.fallback]
-            if dependency.state is TaskState.FAILED and dependency.fallback
-            else dependency
-        )
-        outputs[name] = source.output or {}
-    primary = next((task for task in siblings.values() if task.fallback == row.name), None)
-    return Assignment(
-        task_id=row.task_id,
-        run_id=row.run_id,
-        task_name=row.name,
-        capability=row.capability,
-        attempt=attempt,
-        agent_id=agent_id,
-        input=dict(row.input),
-        dependency_outputs=outputs,
-        deadline=deadline,
-        redelivered=redelivered,
-        fallback_for=primary.name if primary is not None else "",
-        fallback_error=primary.error if primary is not None else "",
-    )

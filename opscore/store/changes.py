@@ -1,4 +1,4 @@
-"""Row changes of a write, collected and run set-based; and what a graph transition writes.
+"""Row changes of a write, collected and run set-based; and how each decided move is written.
 
 A set-based write (see `writer.Grouped`) moves many runs at once. Rather than one UPDATE per task
 and per run, each change is added to `Changes` and the changes of one statement are run together
@@ -9,23 +9,15 @@ row is always the last one run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph
-from opscore.domain.models import (
-    Cancellation,
-    Effects,
-    Hold,
-    ReadyTask,
-    RunState,
-    TaskRun,
-    TaskState,
-)
+from opscore.domain.models import TaskState
+from opscore.domain.state import Decision, Move, TaskMove
 from opscore.store.prepared import SAMPLE_TIME, Prepared, Sample
 from opscore.store.tables import RUNS, TASKS
 
@@ -63,6 +55,38 @@ FINISH_TASK = task_update(
     not_before=None,
     finished_at=bindparam("b_now"),
 )
+_ERROR_SAMPLE = {
+    "b_task_id": "c",
+    "b_error": "boom",
+    "b_reported": True,
+    "b_now": SAMPLE_TIME,
+    "b_not_before": SAMPLE_TIME,
+}
+RETRY_TASK = task_update(
+    "changes.retry_task",
+    [_ERROR_SAMPLE],
+    state=TaskState.QUEUED.value,
+    error=bindparam("b_error"),
+    error_reported=bindparam("b_reported"),
+    queued_at=bindparam("b_now"),
+    not_before=bindparam("b_not_before"),
+)
+FAIL_TASK = task_update(
+    "changes.fail_task",
+    [{key: value for key, value in _ERROR_SAMPLE.items() if key != "b_not_before"}],
+    state=TaskState.FAILED.value,
+    error=bindparam("b_error"),
+    error_reported=bindparam("b_reported"),
+    not_before=None,
+    finished_at=bindparam("b_now"),
+)
+HAND_BACK_TASK = task_update(
+    "changes.hand_back_task",
+    [{"b_task_id": "c", "b_now": SAMPLE_TIME}],
+    state=TaskState.QUEUED.value,
+    queued_at=bindparam("b_now"),
+    deadline=None,
+)
 FINISH_RUN = Prepared(
     "changes.finish_run",
     update(RUNS)
@@ -70,45 +94,6 @@ FINISH_RUN = Prepared(
     .values(state=bindparam("b_state"), finished_at=bindparam("b_now")),
     samples=[{"b_run_id": "r2", "b_state": "cancelled", "b_now": SAMPLE_TIME}],
 )
-
-
-class GraphTask(Protocol):
-    """What moving a run's graph needs of each of its tasks: a whole `TaskRun`, or the
-    `rows.TaskNode` a batch of completions builds (the same, without inputs and outputs)."""
-
-    @property
-    def task_id(self) -> str:
-        """The task's id."""
-
-    @property
-    def name(self) -> str:
-        """Its name in the run's graph."""
-
-    @property
-    def state(self) -> TaskState:
-        """Its state before the transition."""
-
-    @property
-    def agent_id(self) -> str:
-        """Its holder, if any."""
-
-    @property
-    def attempt(self) -> int:
-        """Its current attempt."""
-
-    def ready(self, not_before: datetime | None = None) -> ReadyTask:
-        """The dispatcher's view of the task."""
-        ...
-
-
-def graph_of(tasks: Sequence[TaskRun]) -> dict[str, graph.Node]:
-    """The graph of a run, from its whole tasks."""
-    return {task.name: graph.Node(task.depends_on, task.fallback) for task in tasks}
-
-
-def states_of(tasks: Sequence[GraphTask]) -> dict[str, TaskState]:
-    """Each task's state, by name."""
-    return {task.name: task.state for task in tasks}
 
 
 class Changes:
@@ -135,47 +120,49 @@ class Changes:
         self._changed_by.clear()
 
 
-_CANCEL_REASONS = {RunState.CANCELLED: "run cancelled", RunState.FAILED: "run failed"}
+def write_decision(changes: Changes, decision: Decision, now: datetime) -> None:
+    """Add the row changes the state machine decided to `changes`, each to its statement."""
+    for move in decision.tasks:
+        statement, params = _TASK_WRITES[move.move]
+        changes.add(statement, move.task_id, params(move, now))
+    for run_id, state in decision.runs:
+        changes.add(FINISH_RUN, run_id, {"b_run_id": run_id, "b_state": state.value, "b_now": now})
 
 
-def apply_transition(
-    changes: Changes,
-    run_id: str,
-    tasks: Sequence[GraphTask],
-    transition: graph.Transition,
-    now: datetime,
-) -> Effects:
-    """Add the writes of a transition of the run's graph (`tasks` as they were before it) to
-    `changes`, and say what it means for the dispatcher and the agents."""
-    effects = Effects()
-    before = {task.name: task for task in tasks}
-    reason = _CANCEL_REASONS.get(transition.run_state or RunState.RUNNING, "")
-    for name, state in transition.tasks.items():
-        task = before[name]
-        if state is TaskState.QUEUED:
-            effects.queued.append(task.ready())
-            changes.add(QUEUE_TASK, task.task_id, {"b_task_id": task.task_id, "b_now": now})
-            continue
-        changes.add(
-            FINISH_TASK,
-            task.task_id,
-            {"b_task_id": task.task_id, "b_state": state.value, "b_now": now},
-        )
-        if task.state is TaskState.QUEUED:
-            effects.unqueued.append(task.task_id)
-        elif task.state is TaskState.ASSIGNED and state in (
-            TaskState.SKIPPED,
-            TaskState.CANCELLED,
-        ):
-            effects.released.append(Hold(task.agent_id, task.task_id, run_id, task.attempt))
-            effects.cancelled.append(
-                Cancellation(task.agent_id, task.task_id, run_id, task.attempt, reason)
-            )
-    if transition.run_state is not None:
-        changes.add(
-            FINISH_RUN,
-            run_id,
-            {"b_run_id": run_id, "b_state": transition.run_state.value, "b_now": now},
-        )
-        effects.finished_runs.append((run_id, transition.run_state))
-    return effects
+def _finished(state: TaskState) -> Callable[[TaskMove, datetime], dict[str, Any]]:
+    def params(move: TaskMove, now: datetime) -> dict[str, Any]:
+        return {"b_task_id": move.task_id, "b_state": state.value, "b_now": now}
+
+    return params
+
+
+def _failed(move: TaskMove, now: datetime) -> dict[str, Any]:
+    return {
+        "b_task_id": move.task_id,
+        "b_error": move.error,
+        "b_reported": move.reported,
+        "b_now": now,
+    }
+
+
+def _retried(move: TaskMove, now: datetime) -> dict[str, Any]:
+    return {**_failed(move, now), "b_not_before": move.not_before}
+
+
+def _at(move: TaskMove, now: datetime) -> dict[str, Any]:
+    return {"b_task_id": move.task_id, "b_now": now}
+
+
+def _succeeded(move: TaskMove, now: datetime) -> dict[str, Any]:
+    return {"b_task_id": move.task_id, "b_output": move.output, "b_now": now}
+
+
+_TASK_WRITES: dict[Move, tuple[Prepared, Callable[[TaskMove, datetime], dict[str, Any]]]] = {
+    Move.SUCCEED: (SUCCEED_TASK, _succeeded),
+    Move.QUEUE: (QUEUE_TASK, _at),
+    Move.RETRY: (RETRY_TASK, _retried),
+    Move.HAND_BACK: (HAND_BACK_TASK, _at),
+    Move.FAIL: (FAIL_TASK, _failed),
+    Move.SKIP: (FINISH_TASK, _finished(TaskState.SKIPPED)),
+    Move.CANCEL: (FINISH_TASK, _finished(TaskState.CANCELLED)),
+}

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Row
 
-from opscore.domain.graph import Node, fallbacks
 from opscore.domain.models import (
     Agent,
     ReadyTask,
@@ -26,6 +24,7 @@ from opscore.domain.models import (
     WorkflowRun,
 )
 from opscore.domain.responses import count_states
+from opscore.domain.state import QueuedTask, RunShape, TaskNow, TaskShape
 
 TASK_STATES: dict[str, TaskState] = {state.value: state for state in TaskState}
 """Stored task states to the enum: a dictionary lookup, where calling the enum costs a
@@ -150,74 +149,6 @@ def task_run(row: Row[Any]) -> TaskRun:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class TaskShape:
-    """What never changes of a task: its place in the graph and what an agent needs to take it."""
-
-    task_id: str
-    depends_on: tuple[str, ...]
-    fallback: str
-    capability: str
-    labels: tuple[tuple[str, str], ...]
-    """Sorted by key, as the dispatcher takes them."""
-    pinned_agent_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunShape:
-    """What never changes of a run: its graph, and the shape of each task, by name. A run's
-    graph is fixed when it is triggered, so a shape read once (or known from the trigger) is
-    right forever, on every replica: a completion then reads only its run's task states."""
-
-    graph: dict[str, Node]
-    tasks: dict[str, TaskShape]
-    fallbacks: dict[str, str]
-    """The tasks that stand in for another, by name, each mapped to the task it stands in for."""
-
-    @classmethod
-    def of(cls, shapes: dict[str, TaskShape]) -> RunShape:
-        """The run whose tasks, by name, have these shapes."""
-        graph = {name: Node(task.depends_on, task.fallback) for name, task in shapes.items()}
-        return cls(graph, shapes, fallbacks(graph))
-
-    def node(self, run_id: str, row: Any, state: TaskState) -> TaskNode:
-        """The task named `row.name` as a task node, in `state`, with the attempt and holder of
-        `row` (a row of a task's current state)."""
-        return TaskNode(
-            self.tasks[row.name], run_id, row.name, state, row.attempt, row.agent_id or ""
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TaskNode:
-    """A task as moving its run's graph sees it: its shape and its current state, without
-    inputs, outputs and times (the largest columns to decode)."""
-
-    shape: TaskShape
-    run_id: str
-    name: str
-    state: TaskState
-    attempt: int
-    agent_id: str
-
-    @property
-    def task_id(self) -> str:
-        """The task's id."""
-        return self.shape.task_id
-
-    def ready(self, not_before: datetime | None = None) -> ReadyTask:
-        """The dispatcher's view of this task, dispatchable from `not_before` on."""
-        shape = self.shape
-        return ReadyTask(
-            task_id=shape.task_id,
-            run_id=self.run_id,
-            capability=shape.capability,
-            labels=shape.labels,
-            pinned_agent_id=shape.pinned_agent_id,
-            not_before=not_before,
-        )
-
-
 def task_shape(row: Any) -> TaskShape:
     """A row of the columns of `TaskShape`, `depends_on` and `labels` read as JSON text (runs
     of one definition repeat the same few values, decoded once through a cache)."""
@@ -239,6 +170,34 @@ def _json_names(text: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4096)
 def _json_labels(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(json.loads(text).items()))
+
+
+def held_task(row: Any, shape: RunShape) -> QueuedTask:
+    """A whole row of a task an agent holds, as its assignment is composed again."""
+    return QueuedTask(
+        row.task_id,
+        row.run_id,
+        row.name,
+        row.capability,
+        row.input,
+        tuple(row.depends_on),
+        row.attempt,
+        row.timeout_ms,
+        row.name in shape.fallbacks,
+    )
+
+
+def task_now(row: Any) -> TaskNow:
+    """The changing part of a task, from a row with its columns."""
+    return TaskNow(
+        row.task_id,
+        row.name,
+        TASK_STATES[row.state],
+        row.attempt,
+        row.agent_id or "",
+        row.error,
+        row.error_reported,
+    )
 
 
 def ready_task(row: Any) -> ReadyTask:

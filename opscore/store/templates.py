@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.engine import Connection, Dialect
 
-from opscore.domain import graph
 from opscore.domain.models import JsonObject, ReadyTask, TaskRun, TaskSpec, TaskState
-from opscore.store.assignments import QueuedTask
+from opscore.domain.ports import Rules
+from opscore.domain.state import QueuedTask, RunShape, TaskShape
 from opscore.store.prepared import Prepared, RowLayout
-from opscore.store.rows import RunShape, TaskShape, millis, retry_to_json
+from opscore.store.rows import millis, retry_to_json
 from opscore.store.tables import TASKS
 
 TASK_COLUMNS = (
@@ -100,10 +100,9 @@ class RunTemplate:
     specs: tuple[TaskSpec, ...]
     states: tuple[TaskState, ...]
     """Each task's state when its run starts."""
-    graph: dict[str, graph.Node]
-    """The run's graph, shared by the shapes of all its runs (nothing changes a graph)."""
     fallbacks: dict[str, str]
-    """The tasks that stand in for another, by name, each mapped to the task it stands in for."""
+    """The tasks that stand in for another, by name, each mapped to the task it stands in for
+    (shared by the shapes of all its runs: nothing changes a graph)."""
     labels: tuple[tuple[tuple[str, str], ...], ...]
     """Each task's labels, sorted by key (as the dispatcher takes them)."""
     layout: RowLayout
@@ -111,16 +110,15 @@ class RunTemplate:
     """Each task's row, the values that differ from run to run left to fill in."""
 
     @classmethod
-    def of(cls, specs: Sequence[TaskSpec], dialect: Dialect) -> RunTemplate:
-        """The template of a definition with these tasks, its rows for `dialect`'s driver."""
+    def of(cls, specs: Sequence[TaskSpec], dialect: Dialect, rules: Rules) -> RunTemplate:
+        """The template of a definition with these tasks, its rows for `dialect`'s driver, its
+        tasks' first states as `rules` decide them."""
         layout = INSERT_TASKS.layout(dialect, TASK_COLUMNS)
-        shape = {spec.name: graph.Node(spec.depends_on, spec.fallback) for spec in specs}
-        initial = graph.initial_states(shape)
+        initial = rules.initial_states(specs)
         return cls(
             specs=tuple(specs),
             states=tuple(initial[spec.name] for spec in specs),
-            graph=shape,
-            fallbacks=graph.fallbacks(shape),
+            fallbacks={spec.fallback: spec.name for spec in specs if spec.fallback},
             labels=tuple(tuple(sorted(spec.labels.items())) for spec in specs),
             layout=layout,
             rows=tuple(
@@ -230,5 +228,5 @@ class RunTemplate:
             shapes[spec.name] = TaskShape(
                 task_id, spec.depends_on, spec.fallback, spec.capability, labels, agent_id
             )
-        shape = RunShape(self.graph, shapes, self.fallbacks)
+        shape = RunShape(shapes, self.fallbacks)
         return NewTasks(new_rows, tuple(tasks), shape, queued, roots)

@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection
 
 from opscore.domain.errors import StorageFault, Unavailable
-from opscore.domain.models import Effects
+from opscore.domain.models import Effects, JsonObject
+from opscore.domain.state import QueuedTask
 from opscore.store.transactions import Database
 
 T = TypeVar("T")
@@ -55,23 +56,38 @@ QUIET_SPELL = 0.001
 """Seconds without a write after which a lone request counts as coming alone (see `Writer.run`)."""
 
 
+@dataclass(slots=True)
+class Batch:
+    """What the writes of one batch share inside its transaction, valid only there: what they
+    will apply once it commits, which the placement before commit acts on, and what they learned
+    that the assignments it writes may use instead of reading it again."""
+
+    conn: Connection
+    effects: list[Effects] = field(default_factory=list)
+    """What the batch's writes will mean for the dispatcher once committed (tasks queued, slots
+    freed), in order."""
+    recorded: dict[tuple[str, str], JsonObject] = field(default_factory=dict)
+    """Outputs the batch recorded, by run id and task name: a task made ready by its dependency's
+    completion and placed in the same batch (every step of a chain) is sent that output. A
+    succeeded task's output never changes, so this stays true."""
+    inserted: dict[str, QueuedTask] = field(default_factory=dict)
+    """Tasks the batch inserted queued (a new run's roots), by id: nothing else in the batch can
+    have moved them, as nothing else knows their ids yet."""
+
+
 class Tx:
-    """The transaction a request runs in, and the effects to apply once it commits."""
+    """One request's share of a batch: its transaction, and the effects to apply once it
+    commits."""
 
-    def __init__(self, conn: Connection, notes: dict[str, Any] | None = None) -> None:
-        self.conn = conn
-        self.notes: dict[str, Any] = {} if notes is None else notes
-        """What the batch's writes learned that its later writes may use instead of reading
-        it again: shared by every request of the batch and its `before_commit` hook, and valid
-        only inside its transaction."""
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.conn = batch.conn
         self._callbacks: list[Callable[[], None]] = []
-        self.effects: list[Effects] = []
-        """What this request's commit will mean for the dispatcher (see `note_effects`)."""
 
-    def note_effects(self, effects: Effects) -> None:
-        """Tell the batch's `before_commit` hook what this request will apply after its commit
-        (tasks queued, slots freed), so it can act on that within the same transaction."""
-        self.effects.append(effects)
+    def will_apply(self, effects: Effects) -> None:
+        """Tell the batch what this request will apply after its commit (tasks queued, slots
+        freed), so the placement before commit can act on it within the same transaction."""
+        self.batch.effects.append(effects)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller
@@ -102,10 +118,10 @@ class Followup:
     undo: Callable[[], None]
 
 
-BeforeCommit = Callable[[Connection, list[Effects], list[Followup], dict[str, Any]], None]
-"""Called with the effects the batch's requests noted, inside the batch's transaction, and the
-batch's notes (see `Tx.notes`). It adds its `Followup` to the list as soon as it has anything to
-give back, before it writes: if the batch then fails, the writer calls the undo."""
+BeforeCommit = Callable[[Batch, list[Followup]], None]
+"""Called inside a batch's transaction, once its requests have run, when they will apply any
+effects (`Batch.effects`). It adds its `Followup` to the list as soon as it has anything to give
+back, before it writes: if the batch then fails, the writer calls the undo."""
 
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
@@ -142,15 +158,13 @@ def _run_all(
     for index, pending in enumerate(batch):
         groups.setdefault(pending.run if pending.grouped else index, []).append(pending)
     done: list[_Done] = []
-    notes: dict[str, Any] = {}
+    shared = Batch(conn)
     for members in groups.values():
-        txs = [Tx(conn, notes) for _ in members]
+        txs = [Tx(shared) for _ in members]
         values = members[0].run(conn, [(tx, p.request) for tx, p in zip(txs, members, strict=True)])
         done.extend(_Done(p, v, tx) for p, v, tx in zip(members, values, txs, strict=True))
-    if before_commit is not None and followups is not None:
-        effects = [noted for item in done for noted in item.tx.effects]
-        if effects:
-            before_commit(conn, effects, followups, notes)
+    if before_commit is not None and followups is not None and shared.effects:
+        before_commit(shared, followups)
     return done
 
 
@@ -162,8 +176,7 @@ class Writer:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._closed = False
-        self.before_commit: BeforeCommit | None = None
-        """Run at the end of each batch whose requests noted effects (see the module docstring)."""
+        self._before_commit: BeforeCommit | None = None
         self.batches = 0
         self.operations = 0
 
@@ -191,8 +204,10 @@ class Writer:
             self._closed = True
             self._queue.put_nowait(None)
 
-    async def run(self) -> None:
-        """The writer loop: one batch at a time until closed and drained."""
+    async def run(self, before_commit: BeforeCommit | None = None) -> None:
+        """The writer loop: one batch at a time until closed and drained. `before_commit` runs
+        at the end of each batch whose requests will apply effects (see the module docstring)."""
+        self._before_commit = before_commit
         draining = False
         loop = asyncio.get_running_loop()
         while not (draining and self._queue.empty()):
@@ -250,7 +265,7 @@ class Writer:
 
         try:
             await self._database.run(
-                lambda conn: _run_all(conn, batch, self.before_commit, followups),
+                lambda conn: _run_all(conn, batch, self._before_commit, followups),
                 write=True,
                 alone=alone,
                 committed=committed,

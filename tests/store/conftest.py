@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from machines import Placement, store_rules
 
-from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import migrate
 from opscore.store.database import open_database
 from opscore.store.queries import Store
@@ -15,12 +15,17 @@ from opscore.store.writer import Writer
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
+def placement() -> Placement:
+    return Placement()
+
+
+@pytest.fixture
+async def store(db_url: str, placement: Placement) -> AsyncIterator[Store]:
     database = open_database(db_url)
     await migrate.upgrade(database)
     writer = Writer(database)
-    running = asyncio.create_task(writer.run())
-    yield Store(database, writer, ResolvedRetryPolicy(max_attempts=1))
+    running = asyncio.create_task(writer.run(placement))
+    yield Store(database, writer, store_rules())
     writer.close()
     await running
     await database.dispose()

@@ -23,7 +23,7 @@ from opscore.store.checkpoints import CHECKPOINT_EVERY
 from opscore.store.database import open_database
 from opscore.store.sqlite import SqliteDatabase
 from opscore.store.tables import metadata
-from opscore.store.writer import Followup, Tx, Writer
+from opscore.store.writer import Batch, Followup, Tx, Writer
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 _definitions = metadata.tables["definitions"]
@@ -202,19 +202,23 @@ async def test_a_batch_storage_refuses_fails_every_caller_at_once_and_the_writer
     is run again on its own, what the batch's hook placed is given back, and the next batch is
     written once there is room."""
     writer = Writer(database)
-    running = asyncio.create_task(writer.run())
     ran: list[str] = []
     given_back: list[str] = []
+    armed = False
 
-    def place(conn: Connection, _: object, followups: list[Followup], notes: object) -> None:
+    def place(batch: Batch, followups: list[Followup]) -> None:
+        if not armed:
+            return
         # As the dispatcher's placements are: registered, then written (here, too much).
-        followups.append(Followup(Tx(conn), lambda: given_back.append("placed")))
-        add_definition(f"placed{len(ran)}", "x" * 100_000)(conn)
+        followups.append(Followup(Tx(batch), lambda: given_back.append("placed")))
+        add_definition(f"placed{len(ran)}", "x" * 100_000)(batch.conn)
+
+    running = asyncio.create_task(writer.run(place))
 
     def small(name: str) -> Callable[[Tx], None]:
         def write(tx: Tx) -> None:
             ran.append(name)
-            tx.note_effects(Effects())
+            tx.will_apply(Effects())
             add_definition(name)(tx.conn)
 
         return write
@@ -228,7 +232,7 @@ async def test_a_batch_storage_refuses_fails_every_caller_at_once_and_the_writer
 
     try:
         await writer.submit(limit(None))
-        writer.before_commit = place  # type: ignore[assignment]
+        armed = True
         refused = await asyncio.gather(
             *(writer.submit(small(name)) for name in ("a", "b", "c")), return_exceptions=True
         )

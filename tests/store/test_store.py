@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pytest
+from machines import STORE_TIMEOUT as TIMEOUT
+from machines import Placement, store_rules
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
@@ -37,7 +39,7 @@ from opscore.domain.models import (
 )
 from opscore.domain.ports import CreatedRun, NewRun, TaskResult
 from opscore.domain.responses import Budget
-from opscore.domain.retry import ResolvedRetryPolicy
+from opscore.domain.state import QueuedTask, Sibling
 from opscore.store import assignments, rows
 from opscore.store.changes import FINISH_TASK, QUEUE_TASK, Changes
 from opscore.store.queries import Store, base
@@ -47,7 +49,6 @@ from opscore.store.writer import QUIET_SPELL, Tx, Writer
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 T = TypeVar("T")
-TIMEOUT = timedelta(minutes=1)
 
 
 BUDGET = Budget(4 * 1024 * 1024, WireSizes())
@@ -137,7 +138,7 @@ async def held_by(store: Store, agent_id: str) -> ReadyTask:
     """A new one-task run's task, assigned to `agent_id` (attempt 1)."""
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     [ready] = created.effects.queued
-    await store.assign([(ready, agent_id)], NOW, TIMEOUT, ignore)
+    await store.assign([(ready, agent_id)], NOW, ignore)
     return ready
 
 
@@ -197,7 +198,7 @@ async def test_a_full_agent_is_busy(store: Store) -> None:
     await store.connect_agent("w", NOW, ignore)
     created = await start(store, diamond())
     [ready] = created.effects.queued
-    await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(ready, "w")], NOW, ignore)
     agent = await store.get_agent("w")
     assert (agent.running_tasks, agent.state) == (1, AgentState.BUSY)
     busy = await store.list_agents(10, "", AgentState.BUSY, "", BUDGET)
@@ -250,7 +251,7 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     [root] = created.effects.queued
     assert root.capability == "cpu"
 
-    [assignment] = await store.assign([(root, "w")], NOW, TIMEOUT, ignore)
+    [assignment] = await store.assign([(root, "w")], NOW, ignore)
     assert assignment is not None
     assert assignment.input == {"k": 2, "extra": True}
     assert assignment.deadline == NOW + TIMEOUT
@@ -267,14 +268,14 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         await complete(store, root.task_id, "w", 1, {"out": "other"})
 
     for ready in effects.queued:
-        [handed] = await store.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+        [handed] = await store.assign([(ready, "w")], NOW, ignore)
         assert handed is not None
         assert handed.dependency_outputs == {"a": {"out": "a"}}
         await complete(store, ready.task_id, "w", 1, {"out": handed.task_name})
     final = await store.read_run(run.run_id, RunView.FULL, BUDGET)
     last = final.tasks[3]
     assert last.state is TaskState.QUEUED
-    [handed] = await store.assign([(last.ready(), "w")], NOW, TIMEOUT, ignore)
+    [handed] = await store.assign([(last.ready(), "w")], NOW, ignore)
     assert handed is not None
     assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
     done = await complete(store, last.task_id, "w", 1, {})
@@ -309,7 +310,7 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
         ),
     )
     x, y = created.effects.queued
-    await store.assign([(x, "w1"), (y, "w2")], NOW, TIMEOUT, ignore)
+    await store.assign([(x, "w1"), (y, "w2")], NOW, ignore)
     effects = await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore)
     assert effects.finished_runs == [(created.run.run_id, RunState.FAILED)]
     assert [(c.agent_id, c.task_id, c.reason) for c in effects.cancelled] == [
@@ -367,7 +368,7 @@ async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: S
         await start(store, DefinitionDraft("pinned", tasks=(TaskSpec("t"),)), agent_id="w"),
     ]
     queued = [run.effects.queued[0] for run in created]
-    await store.assign([(task, "w") for task in queued], NOW, TIMEOUT, ignore)
+    await store.assign([(task, "w") for task in queued], NOW, ignore)
     effects = await store.deregister_agent("w", NOW, ignore)
     assert effects.queued == queued[:1]
     assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", t.task_id) for t in queued]
@@ -387,7 +388,7 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
         )
         order.append(created.effects.queued[0])
     assert [t.task_id for t in await store.load_queue()] == [t.task_id for t in order]
-    await store.assign([(order[0], "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(order[0], "w")], NOW, ignore)
     connected = await store.connect_agent("w", NOW, ignore)
     assert [a.task_id for a in connected.held] == [order[0].task_id]
     assert connected.held[0].redelivered
@@ -517,7 +518,7 @@ async def test_a_lone_write_after_a_quiet_spell_comes_alone(store: Store) -> Non
     recording = Recording(store.database)
     writer = Writer(recording)
     running = asyncio.create_task(writer.run())
-    quiet = Store(recording, writer, ResolvedRetryPolicy(max_attempts=1))
+    quiet = Store(recording, writer, store_rules())
     try:
         await register(quiet, "w")
         recording.alone.clear()
@@ -581,9 +582,9 @@ async def test_completions_in_one_batch_move_their_run_once(store: Store) -> Non
     await register(store, "w", "cpu", slots=2)
     created = await start(store, diamond())
     [root] = created.effects.queued
-    await store.assign([(root, "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(root, "w")], NOW, ignore)
     b, c = (await complete(store, root.task_id, "w", 1, {"out": "a"})).queued
-    await store.assign([(b, "w"), (c, "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(b, "w"), (c, "w")], NOW, ignore)
     before = store._writer.batches  # one batch is what this test is about
     first, second = await asyncio.gather(
         complete(store, b.task_id, "w", 1, {"out": "b"}),
@@ -658,14 +659,16 @@ async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> N
         ]
         for name in agents
     ]
-    assignments = await store.assign(list(zip(tasks, agents, strict=True)), NOW, TIMEOUT, ignore)
+    assignments = await store.assign(list(zip(tasks, agents, strict=True)), NOW, ignore)
     assert [a is not None for a in assignments] == [True, False, False, False, False]
     assert sorted(t.task_id for t in await store.load_queue()) == sorted(
         t.task_id for t in tasks[1:]
     )
 
 
-async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store) -> None:
+async def test_a_write_places_the_tasks_it_queues_before_it_commits(
+    store: Store, placement: Placement
+) -> None:
     await register(store, "w")
     seen: list[object] = []
 
@@ -677,7 +680,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(store: Store
     def assigned(pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]) -> None:
         seen.append([a.task_id for a in assignments if a is not None])
 
-    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    placement.hook = store.placement(place, assigned, lambda: NOW)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     task = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
@@ -768,7 +771,7 @@ async def test_runs_whose_shapes_were_dropped_move_the_same(
     runs = [(await start(store, diamond())).run for _ in range(3)]
     assert store._shaped_tasks <= 6  # the cache is what this test is about
     [first_root] = runs[0].tasks[:1]
-    await store.assign([(first_root.ready(), "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(first_root.ready(), "w")], NOW, ignore)
     effects = await complete(store, first_root.task_id, "w", 1, {"out": 1})
     assert effects.queued == [task.ready() for task in runs[0].tasks[1:3]]
 
@@ -778,7 +781,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
     # reads the run's shape instead of knowing it.
     writer = Writer(store.database)
     running = asyncio.create_task(writer.run())
-    elsewhere = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
+    elsewhere = Store(store.database, writer, store_rules())
     try:
         await register(store, "w", "cpu", "gpu", labels={"zone": "eu"})
         shaped = DefinitionDraft(
@@ -793,13 +796,13 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         )
         run = (await start(store, shaped, agent_id="w")).run
         [root] = run.tasks[:1]
-        await store.assign([(root.ready(), "w")], NOW, TIMEOUT, ignore)
+        await store.assign([(root.ready(), "w")], NOW, ignore)
         effects = await complete(elsewhere, root.task_id, "w", 1, {"out": "a"})
         # What the dispatcher is told comes from the shape read: requirements included, and
         # tasks made ready together in the order the definition gives them.
         assert effects.queued == [t.ready() for t in run.tasks[1:3]]
         for ready in effects.queued:
-            await elsewhere.assign([(ready, "w")], NOW, TIMEOUT, ignore)
+            await elsewhere.assign([(ready, "w")], NOW, ignore)
             await complete(elsewhere, ready.task_id, "w", 1, {})
         after = await elsewhere.read_run(run.run_id, RunView.FULL, BUDGET)
         # c succeeded, so its fallback is skipped: the fallback came from the shape read too.
@@ -809,14 +812,14 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         ]
         # A fallback's assignment says what it stands in for, from a shape read as well.
         failing = (await start(store, shaped, agent_id="w")).run
-        await store.assign([(failing.tasks[0].ready(), "w")], NOW, TIMEOUT, ignore)
+        await store.assign([(failing.tasks[0].ready(), "w")], NOW, ignore)
         await complete(store, failing.tasks[0].task_id, "w", 1, {})
-        [held] = await store.assign([(failing.tasks[2].ready(), "w")], NOW, TIMEOUT, ignore)
+        [held] = await store.assign([(failing.tasks[2].ready(), "w")], NOW, ignore)
         assert held is not None
-        fresh = Store(store.database, writer, ResolvedRetryPolicy(max_attempts=1))
+        fresh = Store(store.database, writer, store_rules())
         failed = await fresh.fail_task(failing.tasks[2].task_id, "w", 1, "no", False, NOW, ignore)
         [stand_in] = failed.queued
-        [handed] = await fresh.assign([(stand_in, "w")], NOW, TIMEOUT, ignore)
+        [handed] = await fresh.assign([(stand_in, "w")], NOW, ignore)
         assert handed is not None
         assert (handed.task_name, handed.fallback_for, handed.fallback_error) == ("f", "c", "no")
     finally:
@@ -895,13 +898,15 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         {"k": 1, "keep": [1, 2], "extra": None},
     ]
     for run, task_input in zip(runs, inputs, strict=True):
-        [handed] = await store.assign([(run.tasks[0].ready(), "w")], NOW, TIMEOUT, ignore)
+        [handed] = await store.assign([(run.tasks[0].ready(), "w")], NOW, ignore)
         assert handed is not None
         assert handed.input == task_input
         assert handed.deadline == NOW + timedelta(seconds=90)
 
 
-def place_every_ready_task_on(store: Store, agent_id: str) -> list[Assignment]:
+def place_every_ready_task_on(
+    store: Store, placement: Placement, agent_id: str
+) -> list[Assignment]:
     """Let each write batch place every task it makes ready on `agent_id`, before it commits;
     the list fills with the assignments written."""
     placed: list[Assignment] = []
@@ -914,16 +919,18 @@ def place_every_ready_task_on(store: Store, agent_id: str) -> list[Assignment]:
     def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
         placed.extend(found for found in written if found is not None)
 
-    store.assign_before_commit(place, assigned, lambda: NOW, TIMEOUT)
+    placement.hook = store.placement(place, assigned, lambda: NOW)
     return placed
 
 
-async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: Store) -> None:
+async def test_tasks_placed_with_their_dependencys_result_get_its_output(
+    store: Store, placement: Placement
+) -> None:
     """A write that records a result and places the tasks it made ready, in one transaction,
     sends them the outputs it recorded without reading them back; outputs recorded in earlier
     batches, and a fallback's output standing in for a failed dependency, are read."""
     await register(store, "w", slots=10)
-    placed = place_every_ready_task_on(store, "w")
+    placed = place_every_ready_task_on(store, placement, "w")
     draft = DefinitionDraft(
         "mixed",
         tasks=(
@@ -962,11 +969,13 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(store: 
     assert finished.started_at == NOW
 
 
-async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(store: Store) -> None:
+async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(
+    store: Store, placement: Placement
+) -> None:
     """A trigger that places its run's roots in its own transaction takes what their assignments
     need from the rows it inserted, not from a read: they match what a read gives."""
     await register(store, "w", "cpu", slots=2)
-    placed = place_every_ready_task_on(store, "w")
+    placed = place_every_ready_task_on(store, placement, "w")
     draft = DefinitionDraft(
         "roots",
         tasks=(
@@ -1007,15 +1016,15 @@ async def test_an_assignments_context_holds_only_the_tasks_it_refers_to(store: S
     first, second = [(await start(store, draft)).run for _ in range(2)]
     for run, output in ((first, {"a": 1}), (second, {"a": 2})):
         [root] = run.tasks[:1]
-        await store.assign([(root.ready(), "w")], NOW, TIMEOUT, ignore)
+        await store.assign([(root.ready(), "w")], NOW, ignore)
         await complete(store, root.task_id, "w", 1, output)
     failing = second.tasks[1]
-    await store.assign([(failing.ready(), "w")], NOW, TIMEOUT, ignore)
+    await store.assign([(failing.ready(), "w")], NOW, ignore)
     await store.fail_task(failing.task_id, "w", 1, "broken", False, NOW, ignore)
 
-    def context(conn: Connection) -> dict[str, dict[str, assignments.Sibling]]:
+    def context(conn: Connection) -> dict[str, dict[str, Sibling]]:
         placed = [
-            assignments.QueuedTask(
+            QueuedTask(
                 task.task_id,
                 task.run_id,
                 task.name,

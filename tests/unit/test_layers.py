@@ -1,5 +1,7 @@
-"""The domain stays plain: no module of opscore/domain imports the store, the API layer, gRPC or
-the generated protobuf code. It reaches persistence through its own ports (domain/ports.py)."""
+"""The layers stay apart. No module of opscore/domain imports the store, the API layer, gRPC or
+the generated protobuf code: it reaches persistence through its own ports (domain/ports.py). And
+no module of opscore/store imports the modules that decide outcomes (the state machine, the
+graph, the retry policy): the store is handed the state machine as a port (`ports.Rules`)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from pathlib import Path
 import pytest
 
 import opscore.domain
+import opscore.store
 
 DOMAIN = Path(opscore.domain.__file__).parent
+STORE = Path(opscore.store.__file__).parent
 FORBIDDEN = ("opscore.store", "opscore.api", "grpc", "opscore.v1")
 _INSIDE = tuple(f"{layer}." for layer in FORBIDDEN)
+DECISIONS = ("opscore.domain.machine", "opscore.domain.graph", "opscore.domain.retry")
 
 
 def imported(source: str, package: str) -> set[str]:
@@ -37,6 +42,13 @@ def forbidden(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.startswith(_INSIDE) or name in FORBIDDEN)
 
 
+def deciding(names: set[str]) -> list[str]:
+    """The names that are, or are inside, a module that decides outcomes."""
+    return sorted(
+        name for name in names if any(name == m or name.startswith(f"{m}.") for m in DECISIONS)
+    )
+
+
 @pytest.mark.parametrize("path", sorted(DOMAIN.glob("*.py")), ids=lambda path: path.name)
 def test_domain_module_imports_no_outer_layer(path: Path) -> None:
     assert forbidden(imported(path.read_text(), "opscore.domain")) == []
@@ -57,6 +69,27 @@ def test_domain_module_imports_no_outer_layer(path: Path) -> None:
 )
 def test_every_form_of_import_is_seen(source: str) -> None:
     assert forbidden(imported(source, "opscore.domain"))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(STORE.rglob("*.py")), ids=lambda path: str(path.relative_to(STORE))
+)
+def test_store_module_imports_no_decision(path: Path) -> None:
+    package = ".".join(("opscore.store", *path.relative_to(STORE).parent.parts))
+    assert deciding(imported(path.read_text(), package)) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from opscore.domain import graph",
+        "from opscore.domain.retry import ResolvedRetryPolicy",
+        "import opscore.domain.machine",
+        "from ..domain import machine",
+    ],
+)
+def test_every_form_of_a_decision_import_is_seen(source: str) -> None:
+    assert deciding(imported(source, "opscore.store"))
 
 
 def test_neighbours_of_forbidden_names_pass() -> None:

@@ -25,7 +25,7 @@ from opscore.domain.models import (
     ReportedState,
     TaskRun,
 )
-from opscore.domain.ports import Connected, OnCommit
+from opscore.domain.ports import Connected, OnCommit, Rules
 from opscore.domain.responses import Budget
 from opscore.domain.waiting import Offer, Requirement, requirement
 from opscore.store import assignments, rows
@@ -222,15 +222,13 @@ class AgentQueries(StoreBase):
         agent_ids = sorted(known)
         agents = agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
-        context = assignments.context_of(
-            conn, held_rows, {}, self._run_shapes(conn, {row.run_id for row in held_rows})
-        )
+        shapes = self._run_shapes(conn, {row.run_id for row in held_rows})
+        tasks = [rows.held_task(row, shapes[row.run_id]) for row in held_rows]
+        context = assignments.context_of(conn, tasks, {}, shapes)
         held: dict[str, list[Assignment]] = {}
-        for row in held_rows:
+        for row, task in zip(held_rows, tasks, strict=True):
             held.setdefault(row.agent_id, []).append(
-                assignments.assignment(
-                    context, row, row.attempt, row.agent_id, row.deadline, redelivered=True
-                )
+                self._rules.assignment(context, task, row.agent_id, row.deadline, redelivered=True)
             )
         outcomes: list[Connected | OpsCoreError] = []
         for tx, request in requests:
@@ -474,31 +472,28 @@ def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegis
         conn.execute(_INSERT_CAPABILITIES, capabilities)
 
 
+_EXPIRIES = select(AGENTS.c.agent_id, AGENTS.c.lease_expiries).where(
+    AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
+    AGENTS.c.quarantined.is_(False),
+)
+
+
 def quarantine(
-    conn: Connection, agent_ids: list[str], after: int
+    conn: Connection, agent_ids: list[str], after: int, rules: Rules
 ) -> list[tuple[AgentProfile, int]]:
-    """Put in ERROR those of these agents whose leases expired `after` times in a row or more
-    and that are not quarantined yet; their profiles and counts."""
-    due = conn.execute(
-        select(AGENTS.c.agent_id, AGENTS.c.lease_expiries).where(
-            AGENTS.c.agent_id.in_(agent_ids),
-            AGENTS.c.lease_expiries >= after,
-            AGENTS.c.quarantined.is_(False),
-        )
-    ).all()
-    for agent_id, count in due:
+    """Put in ERROR those of these agents (not quarantined yet) that `rules` quarantine for
+    their counts of leases expired in a row; their profiles and counts."""
+    found = conn.execute(_EXPIRIES, {"b_agent_ids": agent_ids})
+    counts: dict[str, int] = {row.agent_id: row.lease_expiries for row in found}
+    due = rules.quarantined(counts, after)
+    for agent_id, detail in due.items():
         conn.execute(
             update(AGENTS)
             .where(AGENTS.c.agent_id == agent_id)
-            .values(
-                quarantined=True,
-                reported_state=ReportedState.ERROR.value,
-                state_detail=f"quarantined: {count} task leases expired in a row; report IDLE "
-                "or register again to take work",
-            )
+            .values(quarantined=True, reported_state=ReportedState.ERROR.value, state_detail=detail)
         )
-    agents = agents_by_id(conn, [agent_id for agent_id, _ in due])
-    return [(agents[agent_id].profile(), count) for agent_id, count in due]
+    agents = agents_by_id(conn, list(due))
+    return [(agents[agent_id].profile(), counts[agent_id]) for agent_id in due]
 
 
 def reset_expiries(conn: Connection, agent_ids: list[str]) -> None:

@@ -3,7 +3,6 @@ changes (run templates, run shapes), run locking on PostgreSQL, and the statemen
 
 from __future__ import annotations
 
-import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -12,8 +11,8 @@ from sqlalchemy import Text, bindparam, cast, select, text
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import Effects
-from opscore.domain.ports import OnCommit
-from opscore.domain.retry import ResolvedRetryPolicy
+from opscore.domain.ports import OnCommit, Rules
+from opscore.domain.state import RunShape, TaskShape
 from opscore.store import rows
 from opscore.store.prepared import Prepared
 from opscore.store.tables import RUNS, TASKS
@@ -94,24 +93,18 @@ def _probe_read(conn: Connection) -> None:
 class StoreBase:
     """The state every aggregate's queries share (see the module docstring)."""
 
-    def __init__(
-        self,
-        database: Database,
-        writer: Writer,
-        retry: ResolvedRetryPolicy,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, database: Database, writer: Writer, rules: Rules) -> None:
         self.database = database
         self._writer = writer
-        self._retry = retry
-        self._rng = rng or random.Random()
+        self._rules = rules
+        """The state machine: every outcome a write records is its decision."""
         self._expiring: dict[str, int] = {}
         """Agents whose lease-expiry count may be above zero, each with how many expiry writes
         have added to it: only their successes write a reset, so the completions of healthy
         agents cost nothing more (see `_forget_expiring`)."""
         self._templates: dict[str, tuple[str, RunTemplate]] = {}
         """Stored definitions by id: the workflow's name and the template of its runs."""
-        self._shapes: OrderedDict[str, rows.RunShape] = OrderedDict()
+        self._shapes: OrderedDict[str, RunShape] = OrderedDict()
         self._shaped_tasks = 0
         """The tasks of the runs in `_shapes`."""
         # SQLite has one writer, so nothing can change a run between the reads and writes of an
@@ -129,10 +122,10 @@ class StoreBase:
             # statement that reads their tasks (`tasks.SIBLINGS_LOCKING_RUNS`).
             LOCK_RUNS_OF_TASKS.rows(conn, {"b_task_ids": sorted(task_ids)})
 
-    def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, rows.RunShape]:
+    def _run_shapes(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, RunShape]:
         """The shapes of these runs, from memory when known (they never change), the rest read
         in one statement and kept, least recently used first out."""
-        shapes: dict[str, rows.RunShape] = {}
+        shapes: dict[str, RunShape] = {}
         missing = []
         for run_id in run_ids:
             shape = self._shapes.get(run_id)
@@ -142,14 +135,14 @@ class StoreBase:
                 self._shapes.move_to_end(run_id)
                 shapes[run_id] = shape
         if missing:
-            tasks: dict[str, dict[str, rows.TaskShape]] = {}
+            tasks: dict[str, dict[str, TaskShape]] = {}
             for found in _RUN_SHAPES.rows(conn, {"b_run_ids": missing}):
                 tasks.setdefault(found.run_id, {})[found.name] = rows.task_shape(found)
             for run_id, shaped in tasks.items():
-                shapes[run_id] = self._remember_shape(run_id, rows.RunShape.of(shaped))
+                shapes[run_id] = self._remember_shape(run_id, RunShape.of(shaped))
         return shapes
 
-    def _remember_shape(self, run_id: str, shape: rows.RunShape) -> rows.RunShape:
+    def _remember_shape(self, run_id: str, shape: RunShape) -> RunShape:
         previous = self._shapes.pop(run_id, None)
         if previous is not None:
             self._shaped_tasks -= len(previous.tasks)
@@ -185,7 +178,7 @@ class StoreBase:
         def run(tx: Tx) -> T:
             value = op(tx.conn)
             if isinstance(value, Effects):
-                tx.note_effects(value)
+                tx.will_apply(value)
             if on_commit is not None:
                 tx.after_commit(lambda: on_commit(value))
             return value

@@ -12,9 +12,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, bindparam, func, insert, literal, select, tuple_
 from sqlalchemy.engine import Connection
 
-from opscore.domain import graph, idempotency, waiting
+from opscore.domain import idempotency, waiting
 from opscore.domain.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OpsCoreError,
@@ -34,8 +33,9 @@ from opscore.domain.models import (
 )
 from opscore.domain.ports import CreatedRun, NewRun, OnCommit
 from opscore.domain.responses import Budget, WireSizes, count_states
-from opscore.store import assignments, rows, templates
-from opscore.store.changes import Changes, apply_transition, states_of
+from opscore.domain.state import RunNow
+from opscore.store import rows, templates
+from opscore.store.changes import Changes, write_decision
 from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.queries.agents import agents_by_id
 from opscore.store.queries.base import StoreBase
@@ -111,7 +111,10 @@ class RunQueries(StoreBase):
         found = self._templates.get(definition_id)
         if found is None:
             definition = definition_by_id(conn, definition_id)
-            found = (definition.workflow_name, RunTemplate.of(definition.tasks, conn.dialect))
+            found = (
+                definition.workflow_name,
+                RunTemplate.of(definition.tasks, conn.dialect, self._rules),
+            )
             if len(self._templates) >= DEFINITION_CACHE_SIZE:
                 self._templates.pop(next(iter(self._templates)))
             self._templates[definition_id] = found
@@ -161,12 +164,12 @@ class RunQueries(StoreBase):
                     continue
                 outcome, new = _new_run(request, source, run_values, task_rows)
                 self._remember_shape(outcome.run.run_id, new.shape)
-                inserted = assignments.notes_of(tx).inserted
+                inserted = tx.batch.inserted
                 for root in new.roots:
                     inserted[root.task_id] = root
                 if request.request_id:
                     earlier[request.request_id] = (outcome.run, request.fingerprint)
-                tx.note_effects(outcome.effects)
+                tx.will_apply(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
             outcomes.append(outcome)
         if run_values:
@@ -202,7 +205,7 @@ class RunQueries(StoreBase):
             return (
                 request.inline.workflow_name,
                 None,
-                RunTemplate.of(request.inline.tasks, conn.dialect),
+                RunTemplate.of(request.inline.tasks, conn.dialect, self._rules),
             )
         definition_id = request.definition_id
         if not definition_id:
@@ -315,14 +318,11 @@ class RunQueries(StoreBase):
 
         def op(conn: Connection) -> tuple[WorkflowRun, Effects]:
             run = _get_run(conn, run_id, lock=True)
-            if run.state.finished:
-                raise FailedPrecondition(f"run {run_id!r} is already {run.state.value}")
+            decision = self._rules.cancel(RunNow.of_runs(run_id, run.tasks), run.state)
             changes = Changes(conn)
-            effects = apply_transition(
-                changes, run_id, run.tasks, graph.cancel(states_of(run.tasks)), now
-            )
+            write_decision(changes, decision, now)
             changes.flush()
-            return _get_run(conn, run_id), effects
+            return _get_run(conn, run_id), decision.effects
 
         return await self._write(op, on_commit)
 
