@@ -89,6 +89,12 @@ class Tx:
         freed), so the placement before commit can act on it within the same transaction."""
         self.batch.effects.append(effects)
 
+    def apply_after_commit(self, effects: Effects, apply: Callable[[Effects], None]) -> None:
+        """The one way a write's effects travel: to the batch (`will_apply`), then to `apply`
+        once committed."""
+        self.will_apply(effects)
+        self.after_commit(lambda: apply(effects))
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller
         is released. In-memory state (the dispatcher's indexes) changes only here, so it always
