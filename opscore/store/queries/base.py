@@ -39,7 +39,7 @@ RUNS_OF_TASKS_FOR_UPDATE = (
     .order_by(RUNS.c.run_id)
     .with_for_update()
 )
-"""The runs of some tasks, locked in run id order (see `StoreBase._lock_runs_of`)."""
+"""The runs of some tasks, locked in run id order (see `Shared.lock_runs_of`)."""
 LOCK_RUNS_OF_TASKS = Prepared(
     "base.lock_runs_of_tasks",
     RUNS_OF_TASKS_FOR_UPDATE,
