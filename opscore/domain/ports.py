@@ -29,7 +29,7 @@ Place = Callable[
     tuple[list[tuple[models.ReadyTask, str]], Callable[[], None]],
 ]
 """Matches the tasks a write queues and the slots it frees, before it commits, and gives the
-matches and an undo (see `Dispatcher.place`)."""
+matches and an undo (see `Dispatcher.reserve_for_commit`)."""
 
 Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Assignment | None]], None]
 """Takes committed assignments: each (task, agent) pair and its assignment, or None where the

@@ -15,7 +15,7 @@ request arrived; as they were all concurrent, that is a valid order to commit th
 
 Before the batch commits, a `before_commit` hook may add to it. The dispatcher uses it to place
 the tasks that the batch's requests made ready, on the agents whose slots they freed, in the same
-transaction (see `Dispatcher.place`); a task then goes from ready to assigned in one commit, not
+transaction (see `Dispatcher.reserve_for_commit`); a task then goes from ready to assigned in one commit, not
 two. What the hook changes in memory before the commit is given back if the batch fails.
 
 An operation may also fail outright (an exception escapes it). Since it may have written before
