@@ -30,6 +30,7 @@ from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.clock import SystemClock
+from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
@@ -105,10 +106,11 @@ class OpsCoreServer:
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
                 clock=clock,
+                dispatch=Dispatcher,  # one server: the whole queue in memory
             )
             # Writes that make tasks ready or free slots place them before they commit.
             placement = store.placement(
-                self.engine.dispatcher.place, self.engine.assigned, clock.now
+                self.engine.dispatcher.reserve_for_commit, self.engine.assigned, clock.now
             )
             writer = self._supervise(self._writer.run(placement), "writer")
             resources.push_async_callback(self._stop_writer, writer)

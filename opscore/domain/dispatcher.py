@@ -1,4 +1,5 @@
-"""Where ready tasks meet free agents.
+"""Where ready tasks meet free agents, in one server: the single-process `Dispatch` (see
+`dispatch` for the seam and its contract).
 
 The dispatcher keeps two in-memory indexes, both rebuilt from the database at start and changed
 only by effects of committed writes: the ready tasks, grouped by their requirements (capability,
@@ -18,9 +19,9 @@ their places in the queue and its agents' slots are freed, and the loop tries ag
 backoff, until storage takes the batch.
 
 The write that makes a task ready, or frees an agent's slot, can also place tasks itself, before
-it commits (`place`): its assignments then commit in the same transaction, and a task goes from
-ready to pushed in one commit instead of two. Like everything else that touches the indexes,
-that write runs on the event loop, so they need no lock.
+it commits (`reserve_for_commit`): its assignments then commit in the same transaction, and a
+task goes from ready to pushed in one commit instead of two. Like everything else that touches
+the indexes, that write runs on the event loop, so they need no lock.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import asyncio
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from opscore.domain.clock import Clock
+from opscore.domain.dispatch import AssignBatch
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import Backoff
 from opscore.domain.idle import Pauses
@@ -41,9 +43,6 @@ from opscore.domain.models import AgentProfile, ReadyTask, ReportedState
 
 Requirements = tuple[str, tuple[tuple[str, str], ...], str]
 """What a task needs of an agent: capability, labels, pinned agent id. Tasks alike share a queue."""
-
-AssignBatch = Callable[[list[tuple[ReadyTask, str]]], Awaitable[None]]
-"""Commits a batch of (task, agent id) pairs; their effects come back through `assigned`."""
 
 
 @dataclass(slots=True)
@@ -136,7 +135,8 @@ class _Queue:
 
 
 class Dispatcher:
-    """Matches ready tasks with free agents (see the module docstring)."""
+    """Matches ready tasks with free agents, the whole queue in memory: the `Dispatch` of one
+    server (see the module docstring)."""
 
     def __init__(self, assign: AssignBatch, *, clock: Clock) -> None:
         self._assign = assign
@@ -169,8 +169,8 @@ class Dispatcher:
         have to fire sooner), or a task ready now while some agent is free. Without a free agent
         the next one to free up wakes it (`release`, `agent_online`, `agent_changed`). Under
         load a write's commit queues tasks that no agent is free for (those that are free were
-        given tasks by the write itself, see `place`), and waking the loop for nothing put a
-        step of it ahead of the pushes the same commit released."""
+        given tasks by the write itself, see `reserve_for_commit`), and waking the loop for
+        nothing put a step of it ahead of the pushes the same commit released."""
         now = self._now()
         delayed = pushed = False
         for task in tasks:
@@ -187,7 +187,7 @@ class Dispatcher:
             self._wake.set()
 
     def _known(self, task_id: str) -> bool:
-        """Queued, waiting for its retry time, or placed by a write not yet committed."""
+        """Queued, waiting for its retry time, or reserved by a write not yet committed."""
         return task_id in self._ready or task_id in self._waiting or task_id in self._reserved
 
     def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
@@ -291,7 +291,7 @@ class Dispatcher:
     def release(self, agent_id: str, task_id: str) -> None:
         """The agent no longer holds the task: its slot is free (idempotent). The loop is woken
         only if the agent can take a task now: the write that recorded a result has usually
-        given the agent its next task already (see `place`)."""
+        given the agent its next task already (see `reserve_for_commit`)."""
         self._reserved.discard(task_id)
         live = self._free_slot(agent_id, task_id)
         if live is not None:
@@ -320,15 +320,13 @@ class Dispatcher:
             live.waiting_since = self._clock()
         self._free.update(live, waited_anew=waited_anew)
 
-    def place(
+    def reserve_for_commit(
         self, queued: Sequence[ReadyTask], released: Sequence[tuple[str, str]]
     ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
-        """Match as if a write not yet committed had queued `queued` and freed the slots
-        `released` ((agent id, task id) pairs): what `match` would give right after its commit.
-
-        Only the matches are kept, as reservations (the tasks leave the queue, the agents hold
-        them); the rest is left for the write's commit to apply. Returns the matches and an undo
-        for a write that does not commit.
+        """Match for a write not yet committed (see `Dispatch.reserve_for_commit`): its tasks
+        are queued and its slots freed for the length of one `match`, which gives what matching
+        would give right after its commit; then both are taken back, and only the matches are
+        kept, as reservations (the tasks out of the queue, their agents holding them).
         """
         now = self._now()
         added: set[str] = set()

@@ -28,6 +28,7 @@ from typing import Any
 
 from opscore.domain import idempotency, validation, waiting
 from opscore.domain.clock import Clock
+from opscore.domain.dispatch import Dispatch, DispatchFactory
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
 from opscore.domain.health import Backoff
@@ -120,6 +121,7 @@ class Engine:
         encode: Encode,
         sizes: WireSizes,
         clock: Clock,
+        dispatch: DispatchFactory = Dispatcher,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -127,7 +129,8 @@ class Engine:
         self._admission = admission
         self._clock = clock
         self._now = clock.now
-        self.dispatcher = Dispatcher(self._assign, clock=clock)
+        # The server chooses how dispatch is implemented (see `dispatch`).
+        self.dispatcher: Dispatch = dispatch(self._assign, clock=clock)
         self._encode = encode
         self.streams = Streams(
             self._encode_event, settings.streams, StreamWatch(self._backlogged, self._stalled)
@@ -143,8 +146,8 @@ class Engine:
     async def recover(self) -> None:
         """Rebuild memory from the database: no stream is open yet (agents that were connected
         start their grace period now), the queue is as stored, leases run on."""
-        await self._store.reset_connections(self._now())
-        queued = await self._store.load_queue()
+        await self._store.agents.reset_connections(self._now())
+        queued = await self._store.tasks.load_queue()
         self.dispatcher.enqueue(queued)
         log.info("queue recovered", extra={"queued_tasks": len(queued)})
 
@@ -200,24 +203,26 @@ class Engine:
     async def _fire_due_timers(self) -> datetime | None:
         """Catch up after an outage, then do what is due; when the next thing will be."""
         if self._resync_due:
-            queued = await self._store.load_queue()
+            queued = await self._store.tasks.load_queue()
             self._resync_due = False
             self.dispatcher.enqueue(queued)  # tasks it already knows are passed over
         while self._disconnects_due:
             stream, closed_at = self._disconnects_due[0]
-            await self._store.disconnect_agent(
+            await self._store.agents.disconnect_agent(
                 stream.agent_id, closed_at, functools.partial(self.streams.is_newest, stream)
             )
             self._disconnects_due.popleft()
         grace = self._settings.agent_grace
         while True:
             now = self._now()
-            deadline, disconnected = await self._store.next_timers()
+            deadline, disconnected = await self._store.timers.next_timers()
             grace_end = None if disconnected is None else disconnected + grace
             if deadline is not None and deadline <= now:
-                await self._store.expire_leases(now, self._settings.quarantine_after, self._apply)
+                await self._store.timers.expire_leases(
+                    now, self._settings.quarantine_after, self._apply
+                )
             elif grace_end is not None and grace_end <= now:
-                await self._store.lose_agents(now - grace, now, self._apply)
+                await self._store.timers.lose_agents(now - grace, now, self._apply)
             else:
                 return min(
                     (when for when in (deadline, grace_end) if when is not None), default=None
@@ -240,7 +245,7 @@ class Engine:
         """Register an agent or update a registered one (agents restart: this is idempotent)."""
         raise_if(validation.check_registration(registration))
         slots = registration.max_concurrent_tasks or 1
-        agent = await self._store.register_agent(
+        agent = await self._store.agents.register_agent(
             dataclasses.replace(registration, max_concurrent_tasks=slots),
             self._now(),
             lambda agent: self.dispatcher.agent_changed(agent.profile()),
@@ -259,14 +264,14 @@ class Engine:
             self.dispatcher.agent_offline(agent_id)
             self._apply(effects)
 
-        await self._store.deregister_agent(agent_id, self._now(), on_commit)
+        await self._store.agents.deregister_agent(agent_id, self._now(), on_commit)
         log.info("agent deregistered", extra={"agent_id": agent_id})
 
     async def heartbeat(self, agent_id: str) -> datetime:
         """Record that the agent is alive; returns the server's time."""
         raise_if(check_id(agent_id, "agent_id"))
         now = self._now()
-        await self._store.touch_agent(agent_id, now)
+        await self._store.agents.touch_agent(agent_id, now)
         return now
 
     async def report_state(
@@ -278,7 +283,7 @@ class Engine:
             violations.append(FieldViolation("state", "must be IDLE, BUSY or ERROR"))
         raise_if(violations)
         assert reported is not None
-        agent = await self._store.report_state(
+        agent = await self._store.agents.report_state(
             agent_id,
             reported,
             detail,
@@ -294,7 +299,7 @@ class Engine:
     async def get_agent(self, agent_id: str) -> Agent:
         """One agent."""
         raise_if(check_id(agent_id, "agent_id"))
-        return await self._store.get_agent(agent_id)
+        return await self._store.agents.get_agent(agent_id)
 
     async def list_agents(
         self, page_size: int, page_token: str, state: AgentState | None, capability: str
@@ -307,7 +312,9 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_agents(size, page_token, state, capability, self._budget)
+        return await self._store.agents.list_agents(
+            size, page_token, state, capability, self._budget
+        )
 
     # Streams -------------------------------------------------------------------------------
 
@@ -333,7 +340,7 @@ class Engine:
                 backlogged=stream.backlogged,
             )
 
-        await self._store.connect_agent(agent_id, self._now(), on_commit)
+        await self._store.agents.connect_agent(agent_id, self._now(), on_commit)
         log.info("agent connected", extra={"agent_id": agent_id})
         return stream
 
@@ -344,7 +351,7 @@ class Engine:
             self.dispatcher.agent_offline(stream.agent_id)
             now = self._now()
             try:
-                await self._store.disconnect_agent(
+                await self._store.agents.disconnect_agent(
                     stream.agent_id, now, functools.partial(self.streams.is_newest, stream)
                 )
             except StorageFault:
@@ -402,7 +409,7 @@ class Engine:
         raise_if(violations)
         raise_if(self._check_readable(draft))
         self._admission.admit_new_work()
-        definition = await self._store.create_definition(draft, request_id, self._now())
+        definition = await self._store.definitions.create_definition(draft, request_id, self._now())
         log.info(
             "definition created",
             extra={
@@ -440,7 +447,7 @@ class Engine:
     async def get_definition(self, definition_id: str) -> WorkflowDefinition:
         """One definition."""
         raise_if(check_id(definition_id, "definition_id"))
-        return await self._store.get_definition(definition_id)
+        return await self._store.definitions.get_definition(definition_id)
 
     async def list_definitions(
         self, page_size: int, page_token: str, workflow_name: str
@@ -453,7 +460,9 @@ class Engine:
             ]
         )
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        return await self._store.list_definitions(size, page_token, workflow_name, self._budget)
+        return await self._store.definitions.list_definitions(
+            size, page_token, workflow_name, self._budget
+        )
 
     # Runs ----------------------------------------------------------------------------------
 
@@ -472,7 +481,7 @@ class Engine:
                 )
             self._apply(created.effects)
 
-        created = await self._store.create_run(
+        return await self._store.runs.create_run(
             NewRun(
                 definition_id=request.definition_id,
                 workflow_name=request.workflow_name,
@@ -487,7 +496,6 @@ class Engine:
                 on_commit=on_commit,
             )
         )
-        return created.run
 
     def _check_trigger(self, request: TriggerRequest) -> list[FieldViolation]:
         sources = [
@@ -520,7 +528,7 @@ class Engine:
         """One run in `view` (FULL by default): with as many of its tasks as fit in one
         response, each queued one saying why it waits."""
         raise_if(check_id(run_id, "run_id"))
-        run = await self._store.read_run(run_id, view or RunView.FULL, self._budget)
+        run = await self._store.runs.read_run(run_id, view or RunView.FULL, self._budget)
         return dataclasses.replace(run, tasks=await self._explained(run.tasks))
 
     async def list_runs(
@@ -536,7 +544,7 @@ class Engine:
         raise_if([*validation.check_page(page_size), *validation.check_run_filter(where)])
         order = validation.run_order(order_by)
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        page = await self._store.list_runs(
+        page = await self._store.runs.list_runs(
             size, page_token, where, order, view or RunView.BASIC, self._budget
         )
         tasks = iter(await self._explained([task for run in page.items for task in run.tasks]))
@@ -551,7 +559,7 @@ class Engine:
         one saying why it waits."""
         raise_if([*check_id(run_id, "run_id"), *validation.check_page(page_size)])
         size = validation.page_size_or_default(page_size, self._settings.limits)
-        page = await self._store.list_run_tasks(run_id, size, page_token, self._budget)
+        page = await self._store.runs.list_run_tasks(run_id, size, page_token, self._budget)
         return Page(await self._explained(page.items), page.next_page_token)
 
     async def _explained(self, tasks: Sequence[TaskRun]) -> tuple[TaskRun, ...]:
@@ -561,7 +569,7 @@ class Engine:
         queued = [task for task in tasks if task.state is TaskState.QUEUED]
         if not queued:
             return tuple(tasks)
-        pinned, offers = await self._store.waiting_candidates(queued)
+        pinned, offers = await self._store.agents.waiting_candidates(queued)
         now = self._now()
         nobody = waiting.Offer(registered=False, connected=False)
 
@@ -584,10 +592,7 @@ class Engine:
         """Cancel an unfinished run; agents holding its tasks are told to stop. The run is
         returned whole (see `fit_run`)."""
         raise_if(check_id(run_id, "run_id"))
-        run, _ = await self._store.cancel_run(
-            run_id, self._now(), lambda result: self._apply(result[1])
-        )
-        return run
+        return await self._store.runs.cancel_run(run_id, self._now(), self._apply)
 
     @property
     def response_bytes(self) -> int:
@@ -597,7 +602,7 @@ class Engine:
     def fit_run(self, run: WorkflowRun) -> WorkflowRun:
         """A run read whole (as a trigger or a cancellation returns it) that is too large for
         one response, cut to fit: as many of its tasks as fit, and a token for the rest."""
-        return self._store.fit_run(run, self._budget)
+        return self._store.runs.fit_run(run, self._budget)
 
     # Results -------------------------------------------------------------------------------
 
@@ -621,7 +626,7 @@ class Engine:
                 )
             self._apply(effects)
 
-        await self._store.complete_task(
+        await self._store.tasks.complete_task(
             TaskResult(task_id, agent_id, attempt, output, self._now(), on_commit)
         )
 
@@ -656,7 +661,7 @@ class Engine:
                 )
             self._apply(effects)
 
-        await self._store.fail_task(
+        await self._store.tasks.fail_task(
             task_id, agent_id, attempt, error, retryable, self._now(), on_commit
         )
 
@@ -678,12 +683,14 @@ class Engine:
             )
         raise_if(violations)
         assert extend_by is not None
-        return await self._store.extend_lease(task_id, agent_id, attempt, extend_by, self._now())
+        return await self._store.tasks.extend_lease(
+            task_id, agent_id, attempt, extend_by, self._now()
+        )
 
     # Dispatch ------------------------------------------------------------------------------
 
     async def _assign(self, pairs: list[tuple[ReadyTask, str]]) -> None:
-        await self._store.assign(
+        await self._store.tasks.assign(
             pairs,
             self._now(),
             functools.partial(self.assigned, pairs),

@@ -20,7 +20,7 @@ from opscore.domain.models import RunState, TaskState
 
 class Edges(Protocol):
     """What the graph needs of a task: what it depends on and which task stands in for it
-    (a run's `state.TaskShape` is one)."""
+    (a definition's `TaskSpec` is one, and so is a run's `state.TaskShape`)."""
 
     @property
     def depends_on(self) -> tuple[str, ...]:
@@ -29,14 +29,6 @@ class Edges(Protocol):
     @property
     def fallback(self) -> str:
         """The task that stands in for it if it finally fails ("" for none)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One task of the graph, alone: a definition's edges before the run has ids."""
-
-    depends_on: tuple[str, ...] = ()
-    fallback: str = ""
 
 
 Graph = Mapping[str, Edges]

@@ -1,6 +1,7 @@
 """What the engine needs of persistence, declared in the domain: the values it exchanges with the
-store, and the methods it calls, as Protocols grouped by aggregate (agents, definitions, runs,
-tasks, timers) and joined in `Persistence`.
+store, and the repositories it calls, one Protocol an aggregate (agents, definitions, runs, tasks,
+timers), gathered in `Persistence`; and what the store needs of the domain: the state machine
+(`Rules`).
 
 The engine depends on these alone, so the domain imports nothing of the store; the store's
 `Store` satisfies `Persistence` structurally (mypy checks it where the server builds the engine),
@@ -28,7 +29,7 @@ Place = Callable[
     tuple[list[tuple[models.ReadyTask, str]], Callable[[], None]],
 ]
 """Matches the tasks a write queues and the slots it frees, before it commits, and gives the
-matches and an undo (see `Dispatcher.place`)."""
+matches and an undo (see `Dispatcher.reserve_for_commit`)."""
 
 Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Assignment | None]], None]
 """Takes committed assignments: each (task, agent) pair and its assignment, or None where the
@@ -168,7 +169,7 @@ class AgentStore(Protocol):
 
     async def deregister_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[models.Effects]
-    ) -> models.Effects:
+    ) -> None:
         """Remove the agent: its held tasks requeue, the tasks pinned to it fail."""
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
@@ -236,7 +237,7 @@ class DefinitionStore(Protocol):
 class RunStore(Protocol):
     """Workflow runs: triggering, reading, cancelling."""
 
-    async def create_run(self, request: NewRun) -> CreatedRun:
+    async def create_run(self, request: NewRun) -> models.WorkflowRun:
         """Start a run, its root tasks queued; a repeated request_id returns the first run."""
 
     async def read_run(
@@ -264,8 +265,8 @@ class RunStore(Protocol):
         self,
         run_id: str,
         now: datetime,
-        on_commit: OnCommit[tuple[models.WorkflowRun, models.Effects]],
-    ) -> tuple[models.WorkflowRun, models.Effects]:
+        on_commit: OnCommit[models.Effects],
+    ) -> models.WorkflowRun:
         """Cancel an unfinished run; FAILED_PRECONDITION for a finished one."""
 
     def fit_run(self, run: models.WorkflowRun, budget: Budget) -> models.WorkflowRun:
@@ -286,7 +287,7 @@ class TaskStore(Protocol):
     ) -> list[models.Assignment | None]:
         """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
 
-    async def complete_task(self, result: TaskResult) -> models.Effects:
+    async def complete_task(self, result: TaskResult) -> None:
         """Record an attempt's output and queue the dependents that became ready."""
 
     async def fail_task(
@@ -298,7 +299,7 @@ class TaskStore(Protocol):
         retryable: bool,
         now: datetime,
         on_commit: OnCommit[models.Effects],
-    ) -> models.Effects:
+    ) -> None:
         """Record an attempt's failure: retried under the task's policy, or final."""
 
     async def extend_lease(
@@ -315,14 +316,34 @@ class TimerStore(Protocol):
 
     async def expire_leases(
         self, now: datetime, quarantine_after: int, on_commit: OnCommit[models.Effects]
-    ) -> models.Effects:
+    ) -> None:
         """Fail every attempt whose lease has ended; quarantine agents that expire too often."""
 
     async def lose_agents(
         self, cutoff: datetime, now: datetime, on_commit: OnCommit[models.Effects]
-    ) -> models.Effects:
+    ) -> None:
         """Agents disconnected since `cutoff` or earlier are lost, with the attempts they hold."""
 
 
-class Persistence(AgentStore, DefinitionStore, RunStore, TaskStore, TimerStore, Protocol):
-    """Every store method the engine calls (the store's `Store` is one)."""
+class Persistence(Protocol):
+    """Every repository the engine calls, one an aggregate (the store's `Store` is one)."""
+
+    @property
+    def agents(self) -> AgentStore:
+        """Agents."""
+
+    @property
+    def definitions(self) -> DefinitionStore:
+        """Workflow definitions."""
+
+    @property
+    def runs(self) -> RunStore:
+        """Workflow runs."""
+
+    @property
+    def tasks(self) -> TaskStore:
+        """Tasks."""
+
+    @property
+    def timers(self) -> TimerStore:
+        """What ends with time."""

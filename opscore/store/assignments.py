@@ -102,7 +102,7 @@ _TAKING_AGENTS = Prepared(
 
 
 Shapes = Callable[[Connection, Iterable[str]], dict[str, RunShape]]
-"""The shapes of some runs (see `Store._run_shapes`)."""
+"""The shapes of some runs (see `RunShapes.of`)."""
 
 
 def assign(

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
-from opscore.domain.models import TaskState
+from opscore.domain.models import Effects, TaskState
 from opscore.domain.state import Decision, Move, TaskMove
 from opscore.store.prepared import SAMPLE_TIME, Prepared, Sample
 from opscore.store.tables import RUNS, TASKS
@@ -118,6 +118,14 @@ class Changes:
             statement.execute(self._conn, params)
         self._pending.clear()
         self._changed_by.clear()
+
+
+def record(conn: Connection, decision: Decision, now: datetime) -> Effects:
+    """Write what the state machine decided; what its commit will mean for memory."""
+    changes = Changes(conn)
+    write_decision(changes, decision, now)
+    changes.flush()
+    return decision.effects
 
 
 def write_decision(changes: Changes, decision: Decision, now: datetime) -> None:

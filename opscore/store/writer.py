@@ -13,10 +13,11 @@ each request on its own, with a result or the domain error meant for that caller
 writes nothing for a refused request. Groups and single operations run in the order their first
 request arrived; as they were all concurrent, that is a valid order to commit them in.
 
-Before the batch commits, a `before_commit` hook may add to it. The dispatcher uses it to place
-the tasks that the batch's requests made ready, on the agents whose slots they freed, in the same
-transaction (see `Dispatcher.place`); a task then goes from ready to assigned in one commit, not
-two. What the hook changes in memory before the commit is given back if the batch fails.
+Before the batch commits, a `before_commit` hook (given to `Writer.run`) may add to it. The
+server gives it the placement: the tasks that the batch's requests made ready go to the agents
+whose slots they freed, in the same transaction (see `Dispatcher.reserve_for_commit`); a task
+then goes from ready to assigned in one commit, not two. What the hook changes in memory before
+the commit is given back if the batch fails.
 
 An operation may also fail outright (an exception escapes it). Since it may have written before
 failing, the whole batch is rolled back and each request is run again in a transaction of its
@@ -89,6 +90,12 @@ class Tx:
         """Tell the batch what this request will apply after its commit (tasks queued, slots
         freed), so the placement before commit can act on it within the same transaction."""
         self.batch.effects.append(effects)
+
+    def apply_after_commit(self, effects: Effects, apply: Callable[[Effects], None]) -> None:
+        """The one way a write's effects travel: to the batch (`will_apply`), then to `apply`
+        once committed."""
+        self.will_apply(effects)
+        self.after_commit(lambda: apply(effects))
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction is durable, in commit order, before the caller

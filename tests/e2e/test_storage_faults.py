@@ -34,8 +34,8 @@ from outages import (
 from processes import ServerProcess, clean_environment, free_port
 from sqlalchemy.engine import make_url
 
+from opscore.config import Settings
 from opscore.domain.ports import NewRun
-from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.server import OpsCoreServer
 from opscore.store.database import open_database
 from opscore.store.queries import Store
@@ -352,14 +352,14 @@ async def trigger_unseen(url: str, workflow: str) -> str:
     writer = Writer(database)
     running = asyncio.create_task(writer.run())
     try:
-        created = await Store(database, writer, ResolvedRetryPolicy()).create_run(
+        run = await Store(database, writer, Settings().rules()).runs.create_run(
             NewRun("", workflow, None, "", {}, "", datetime.now(UTC), lambda _: None)
         )
     finally:
         writer.close()
         await running
         await database.dispose()
-    return created.run.run_id
+    return run.run_id
 
 
 @postgres_only

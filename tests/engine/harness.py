@@ -203,7 +203,7 @@ async def running(
     engine = Engine(
         store, settings, admission=Unlimited(), encode=sent, sizes=OneByte(), clock=clock
     )
-    store.placement(engine.dispatcher.place, engine.assigned, clock.now)
+    store.placement(engine.dispatcher.reserve_for_commit, engine.assigned, clock.now)
     await engine.recover()
     loops = [
         asyncio.create_task(engine.dispatcher.run()),

@@ -163,6 +163,28 @@ class MemoryStore:
         self._tasks: dict[str, _Task] = {}
         self._placement: _Placement | None = None
 
+    # One object serves as every repository: the aggregates share its dicts.
+
+    @property
+    def agents(self) -> MemoryStore:
+        return self
+
+    @property
+    def definitions(self) -> MemoryStore:
+        return self
+
+    @property
+    def runs(self) -> MemoryStore:
+        return self
+
+    @property
+    def tasks(self) -> MemoryStore:
+        return self
+
+    @property
+    def timers(self) -> MemoryStore:
+        return self
+
     def placement(self, place: Place, on_commit: Assigned, now: Callable[[], datetime]) -> None:
         """Place, before each write commits, what it queues and the slots it frees (as the
         real store's `placement` does for its writer)."""
@@ -265,7 +287,7 @@ class MemoryStore:
 
     async def deregister_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
+    ) -> None:
         self._agent_of(agent_id)
         moved = sorted(
             {
@@ -281,7 +303,7 @@ class MemoryStore:
         runs = [self._run_now(run_id) for run_id in moved]
         effects = self._record(self._rules.deregister(runs, agent_id, now), now)
         del self._agents[agent_id]
-        return self._write(effects, on_commit)
+        self._write(effects, on_commit)
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         self._agent_of(agent_id).last_seen_at = now
@@ -451,7 +473,7 @@ class MemoryStore:
 
     # Runs --------------------------------------------------------------------------------
 
-    async def create_run(self, request: NewRun) -> CreatedRun:
+    async def create_run(self, request: NewRun) -> WorkflowRun:
         earlier = self._run_requests.get(request.request_id) if request.request_id else None
         if earlier is not None:
             stored = self._runs[earlier]
@@ -460,7 +482,7 @@ class MemoryStore:
             )
             # A repeated trigger queues nothing, and the real store places nothing for it.
             repeated = CreatedRun(self._whole_run(earlier), False, Effects())
-            return self._write(repeated, request.on_commit)
+            return self._write(repeated, request.on_commit).run
         pinned = None
         if request.agent_id:
             self._agent_of(request.agent_id)
@@ -521,7 +543,7 @@ class MemoryStore:
             Effects(queued=queued),
         )
         self._commit(_Commit([lambda: request.on_commit(created)], [created.effects]))
-        return created
+        return created.run
 
     def _source(self, request: NewRun) -> tuple[str, str, Sequence[TaskSpec]]:
         """The workflow's name, its stored definition's id ("" for an inline one) and its
@@ -571,13 +593,12 @@ class MemoryStore:
         self,
         run_id: str,
         now: datetime,
-        on_commit: OnCommit[tuple[WorkflowRun, Effects]],
-    ) -> tuple[WorkflowRun, Effects]:
+        on_commit: OnCommit[Effects],
+    ) -> WorkflowRun:
         stored = self._run_of(run_id)
         effects = self._record(self._rules.cancel(self._run_now(run_id), stored.run.state), now)
-        # As in the real store, a cancellation places nothing: the dispatcher's loop fills the
-        # slots it frees.
-        return self._write((self._whole_run(run_id), effects), on_commit)
+        self._write(effects, on_commit)
+        return self._whole_run(run_id)
 
     def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
         return run
@@ -698,16 +719,17 @@ class MemoryStore:
             }
         }
 
-    async def complete_task(self, result: TaskResult) -> Effects:
+    async def complete_task(self, result: TaskResult) -> None:
         task = self._task_of(result.task_id)
         if not self._rules.holds(task.now(), result.agent_id, result.attempt, Reporting.OUTPUT):
             idempotency.check_repeated_output(result.task_id, task.row.output, result.output)
-            return self._write(Effects(), result.on_commit)
+            self._write(Effects(), result.on_commit)
+            return
         decision = self._rules.succeed(self._run_now(task.row.run_id), task.row.name, result.output)
         effects = self._record(decision, result.now)
         if result.agent_id in self._agents:
             self._agents[result.agent_id].lease_expiries = 0
-        return self._write(effects, result.on_commit)
+        self._write(effects, result.on_commit)
 
     async def fail_task(
         self,
@@ -718,10 +740,11 @@ class MemoryStore:
         retryable: bool,
         now: datetime,
         on_commit: OnCommit[Effects],
-    ) -> Effects:
+    ) -> None:
         task = self._task_of(task_id)
         if not self._rules.holds(task.now(), agent_id, attempt, Reporting.FAILURE, error):
-            return self._write(Effects(), on_commit)
+            self._write(Effects(), on_commit)
+            return
         decision = self._rules.fail(
             self._run_now(task.row.run_id),
             task.row.name,
@@ -731,7 +754,7 @@ class MemoryStore:
             retryable=retryable,
             reported=True,
         )
-        return self._write(self._record(decision, now), on_commit)
+        self._write(self._record(decision, now), on_commit)
 
     async def extend_lease(
         self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta, now: datetime
@@ -762,15 +785,15 @@ class MemoryStore:
         return min(deadlines, default=None), min(disconnected, default=None)
 
     async def expire_leases(
-        self, now: datetime, quarantine_after: int, on_commit: OnCommit[Effects], limit: int = 500
-    ) -> Effects:
+        self, now: datetime, quarantine_after: int, on_commit: OnCommit[Effects]
+    ) -> None:
         due = [
             task
             for task in self._tasks.values()
             if task.row.state is TaskState.ASSIGNED and _deadline(task) <= now
         ]
         due.sort(key=_deadline)
-        effects, expired = self._abandon(due[:limit], self._rules.expire, now)
+        effects, expired = self._abandon(due, self._rules.expire, now)
         for agent_id, count in expired.items():
             self._agents[agent_id].lease_expiries += count
         counts = {
@@ -783,11 +806,11 @@ class MemoryStore:
             found.quarantined, found.reported_state = True, ReportedState.ERROR
             found.state_detail = detail
             effects.quarantined.append((self._agent(agent_id).profile(), counts[agent_id]))
-        return self._write(effects, on_commit)
+        self._write(effects, on_commit)
 
     async def lose_agents(
         self, cutoff: datetime, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
+    ) -> None:
         lost = [
             agent
             for agent in self._agents.values()
@@ -798,7 +821,7 @@ class MemoryStore:
         for agent in lost:
             agent.disconnected_at = None
         held = self._held_by(agent.agent_id for agent in lost)
-        return self._write(self._abandon(held, self._rules.lose, now)[0], on_commit)
+        self._write(self._abandon(held, self._rules.lose, now)[0], on_commit)
 
     def _abandon(
         self,

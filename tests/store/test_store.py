@@ -57,13 +57,21 @@ BUDGET = Budget(4 * 1024 * 1024, WireSizes())
 def list_runs(store: Store, page_token: str = "") -> Awaitable[Page[WorkflowRun]]:
     """The first page (or the page of `page_token`) of every run, newest first, without
     tasks."""
-    return store.list_runs(
+    return store.runs.list_runs(
         10, page_token, RunFilter(), RunOrder.NEWEST_FIRST, RunView.BASIC, BUDGET
     )
 
 
 def ignore(_: object) -> None:
     """An on_commit callback for writes whose effects a test does not follow."""
+
+
+async def effects_of(write: Callable[[Callable[[Effects], None]], Awaitable[object]]) -> Effects:
+    """The effects a write that moves tasks hands its on_commit callback once committed."""
+    seen: list[Effects] = []
+    await write(seen.append)
+    [effects] = seen
+    return effects
 
 
 def diamond() -> DefinitionDraft:
@@ -91,8 +99,9 @@ async def start(
 ) -> CreatedRun:
     """`store.create_run` of the inline `draft` (or, with None, of the stored definition named by
     `definition_id` or `workflow_name`): at NOW, with no agent, input or request_id unless
-    given, its effects ignored."""
-    return await store.create_run(
+    given: the run as the trigger commits it, with its effects."""
+    created: list[CreatedRun] = []
+    await store.runs.create_run(
         NewRun(
             definition_id=definition_id,
             workflow_name=workflow_name,
@@ -101,16 +110,21 @@ async def start(
             run_input={} if run_input is None else run_input,
             request_id=request_id,
             now=now,
-            on_commit=ignore,
+            on_commit=created.append,
         )
     )
+    return created[0]
 
 
 async def complete(
     store: Store, task_id: str, agent_id: str, attempt: int, output: JsonObject
 ) -> Effects:
-    """`store.complete_task` at NOW, its effects ignored."""
-    return await store.complete_task(TaskResult(task_id, agent_id, attempt, output, NOW, ignore))
+    """`store.complete_task` at NOW; its effects."""
+    return await effects_of(
+        lambda on_commit: store.tasks.complete_task(
+            TaskResult(task_id, agent_id, attempt, output, NOW, on_commit)
+        )
+    )
 
 
 async def register(
@@ -123,7 +137,7 @@ async def register(
 ) -> None:
     """Register the agent and (unless told not to) open its stream: only a connected agent is
     given tasks."""
-    await store.register_agent(
+    await store.agents.register_agent(
         AgentRegistration(
             agent_id, capabilities=capabilities, labels=labels or {}, max_concurrent_tasks=slots
         ),
@@ -131,21 +145,21 @@ async def register(
         ignore,
     )
     if connect:
-        await store.connect_agent(agent_id, NOW, ignore)
+        await store.agents.connect_agent(agent_id, NOW, ignore)
 
 
 async def held_by(store: Store, agent_id: str) -> ReadyTask:
     """A new one-task run's task, assigned to `agent_id` (attempt 1)."""
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
     [ready] = created.effects.queued
-    await store.assign([(ready, agent_id)], NOW, ignore)
+    await store.tasks.assign([(ready, agent_id)], NOW, ignore)
     return ready
 
 
 async def test_register_updates_in_place_and_keeps_history(store: Store) -> None:
     await register(store, "a1", "cpu", "gpu")
     later = NOW + timedelta(hours=1)
-    agent = await store.register_agent(
+    agent = await store.agents.register_agent(
         AgentRegistration("a1", name="renamed", capabilities=("gpu",), labels={"zone": "eu"}),
         later,
         ignore,
@@ -159,30 +173,30 @@ async def test_register_updates_in_place_and_keeps_history(store: Store) -> None
 
 
 async def test_server_assigns_an_agent_id_when_none_given(store: Store) -> None:
-    agent = await store.register_agent(AgentRegistration(""), NOW, ignore)
+    agent = await store.agents.register_agent(AgentRegistration(""), NOW, ignore)
     assert agent.agent_id
-    assert (await store.get_agent(agent.agent_id)).agent_id == agent.agent_id
+    assert (await store.agents.get_agent(agent.agent_id)).agent_id == agent.agent_id
 
 
 async def test_unknown_agents_are_not_found(store: Store) -> None:
     with pytest.raises(NotFound):
-        await store.get_agent("ghost")
+        await store.agents.get_agent("ghost")
     with pytest.raises(NotFound):
-        await store.touch_agent("ghost", NOW)
+        await store.agents.touch_agent("ghost", NOW)
     with pytest.raises(NotFound):
-        await store.report_state("ghost", ReportedState.IDLE, "", NOW, ignore)
+        await store.agents.report_state("ghost", ReportedState.IDLE, "", NOW, ignore)
     with pytest.raises(NotFound):
-        await store.deregister_agent("ghost", NOW, ignore)
+        await store.agents.deregister_agent("ghost", NOW, ignore)
 
 
 async def test_list_agents_filters_by_derived_state_and_capability(store: Store) -> None:
     for agent_id, capability in (("idle", "cpu"), ("busy", "cpu"), ("err", "gpu"), ("off", "cpu")):
         await register(store, agent_id, capability, connect=agent_id != "off")
-    await store.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
-    await store.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
+    await store.agents.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
+    await store.agents.report_state("err", ReportedState.ERROR, "disk full", NOW, ignore)
 
     async def ids(state: AgentState | None, capability: str = "") -> list[str]:
-        page = await store.list_agents(100, "", state, capability, BUDGET)
+        page = await store.agents.list_agents(100, "", state, capability, BUDGET)
         return [agent.agent_id for agent in page.items]
 
     assert await ids(AgentState.IDLE) == ["idle"]
@@ -195,13 +209,13 @@ async def test_list_agents_filters_by_derived_state_and_capability(store: Store)
 
 async def test_a_full_agent_is_busy(store: Store) -> None:
     await register(store, "w", "cpu")
-    await store.connect_agent("w", NOW, ignore)
+    await store.agents.connect_agent("w", NOW, ignore)
     created = await start(store, diamond())
     [ready] = created.effects.queued
-    await store.assign([(ready, "w")], NOW, ignore)
-    agent = await store.get_agent("w")
+    await store.tasks.assign([(ready, "w")], NOW, ignore)
+    agent = await store.agents.get_agent("w")
     assert (agent.running_tasks, agent.state) == (1, AgentState.BUSY)
-    busy = await store.list_agents(10, "", AgentState.BUSY, "", BUDGET)
+    busy = await store.agents.list_agents(10, "", AgentState.BUSY, "", BUDGET)
     assert [a.agent_id for a in busy.items] == ["w"]
 
 
@@ -211,7 +225,7 @@ async def test_agent_pages_walk_every_agent_once(store: Store) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page = await store.list_agents(3, token, None, "", BUDGET)
+        page = await store.agents.list_agents(3, token, None, "", BUDGET)
         seen.extend(agent.agent_id for agent in page.items)
         token = page.next_page_token
         if not token:
@@ -226,21 +240,21 @@ async def test_forged_page_token_is_invalid_argument(store: Store) -> None:
 
 
 async def test_definitions_are_versioned_by_name_and_idempotent(store: Store) -> None:
-    first = await store.create_definition(diamond(), "req-1", NOW)
-    again = await store.create_definition(diamond(), "req-1", NOW)
-    second = await store.create_definition(diamond(), "", NOW)
+    first = await store.definitions.create_definition(diamond(), "req-1", NOW)
+    again = await store.definitions.create_definition(diamond(), "req-1", NOW)
+    second = await store.definitions.create_definition(diamond(), "", NOW)
     assert again.definition_id == first.definition_id
     assert (first.version, second.version) == (1, 2)
     assert first.tasks == diamond().tasks
-    listed = await store.list_definitions(10, "", "diamond", BUDGET)
+    listed = await store.definitions.list_definitions(10, "", "diamond", BUDGET)
     assert [d.version for d in listed.items] == [1, 2]
-    assert (await store.list_definitions(10, "", "other", BUDGET)).items == ()
+    assert (await store.definitions.list_definitions(10, "", "other", BUDGET)).items == ()
 
 
 async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     await register(store, "w", "cpu")
-    await store.connect_agent("w", NOW, ignore)
-    stored = await store.create_definition(diamond(), "", NOW)
+    await store.agents.connect_agent("w", NOW, ignore)
+    stored = await store.definitions.create_definition(diamond(), "", NOW)
     created = await start(
         store, None, workflow_name="diamond", run_input={"k": 2, "extra": True}, request_id="r-1"
     )
@@ -251,11 +265,11 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
     [root] = created.effects.queued
     assert root.capability == "cpu"
 
-    [assignment] = await store.assign([(root, "w")], NOW, ignore)
+    [assignment] = await store.tasks.assign([(root, "w")], NOW, ignore)
     assert assignment is not None
     assert assignment.input == {"k": 2, "extra": True}
     assert assignment.deadline == NOW + TIMEOUT
-    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
+    assert (await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
 
     effects = await complete(store, root.task_id, "w", 1, {"out": "a"})
     assert sorted(t.task_id for t in effects.queued) == sorted(
@@ -268,19 +282,19 @@ async def test_run_lifecycle_through_the_diamond(store: Store) -> None:
         await complete(store, root.task_id, "w", 1, {"out": "other"})
 
     for ready in effects.queued:
-        [handed] = await store.assign([(ready, "w")], NOW, ignore)
+        [handed] = await store.tasks.assign([(ready, "w")], NOW, ignore)
         assert handed is not None
         assert handed.dependency_outputs == {"a": {"out": "a"}}
         await complete(store, ready.task_id, "w", 1, {"out": handed.task_name})
-    final = await store.read_run(run.run_id, RunView.FULL, BUDGET)
+    final = await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)
     last = final.tasks[3]
     assert last.state is TaskState.QUEUED
-    [handed] = await store.assign([(last.ready(), "w")], NOW, ignore)
+    [handed] = await store.tasks.assign([(last.ready(), "w")], NOW, ignore)
     assert handed is not None
     assert handed.dependency_outputs == {"b": {"out": "b"}, "c": {"out": "c"}}
     done = await complete(store, last.task_id, "w", 1, {})
     assert done.finished_runs == [(run.run_id, RunState.SUCCEEDED)]
-    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
+    finished = await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.finished_at == NOW
     assert finished.tasks[0].output == {"out": "a"}
@@ -296,7 +310,7 @@ async def test_results_from_a_non_holder_change_nothing(store: Store) -> None:
         await complete(store, ready.task_id, "w", 2, {})
     with pytest.raises(NotFound):
         await complete(store, "no-such-task", "w", 1, {})
-    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
+    task = (await store.runs.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.output) == (TaskState.ASSIGNED, "w", None)
 
 
@@ -310,31 +324,38 @@ async def test_failure_skips_the_rest_and_cancels_other_holders(store: Store) ->
         ),
     )
     x, y = created.effects.queued
-    await store.assign([(x, "w1"), (y, "w2")], NOW, ignore)
-    effects = await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore)
+    await store.tasks.assign([(x, "w1"), (y, "w2")], NOW, ignore)
+    effects = await effects_of(
+        lambda on_commit: store.tasks.fail_task(x.task_id, "w1", 1, "boom", False, NOW, on_commit)
+    )
     assert effects.finished_runs == [(created.run.run_id, RunState.FAILED)]
     assert [(c.agent_id, c.task_id, c.reason) for c in effects.cancelled] == [
         ("w2", y.task_id, "run failed")
     ]
     assert {h.agent_id for h in effects.released} == {"w1", "w2"}
-    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
+    run = await store.runs.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert [t.state for t in run.tasks] == [TaskState.FAILED, TaskState.SKIPPED, TaskState.SKIPPED]
     assert run.tasks[0].error == "boom"
-    assert await store.fail_task(x.task_id, "w1", 1, "boom", False, NOW, ignore) == Effects()
+    again = await effects_of(
+        lambda on_commit: store.tasks.fail_task(x.task_id, "w1", 1, "boom", False, NOW, on_commit)
+    )
+    assert again == Effects()
     with pytest.raises(FailedPrecondition):
         await complete(store, y.task_id, "w2", 1, {})
 
 
 async def test_cancel_unqueues_and_refuses_finished_runs(store: Store) -> None:
     created = await start(store, diamond())
-    run, effects = await store.cancel_run(created.run.run_id, NOW, ignore)
+    moved: list[Effects] = []
+    run = await store.runs.cancel_run(created.run.run_id, NOW, moved.append)
+    [effects] = moved
     assert run.state is RunState.CANCELLED
     assert {t.state for t in run.tasks} == {TaskState.CANCELLED}
     assert effects.unqueued == [created.effects.queued[0].task_id]
     with pytest.raises(FailedPrecondition):
-        await store.cancel_run(created.run.run_id, NOW, ignore)
+        await store.runs.cancel_run(created.run.run_id, NOW, ignore)
     with pytest.raises(NotFound):
-        await store.cancel_run("no-such-run", NOW, ignore)
+        await store.runs.cancel_run("no-such-run", NOW, ignore)
 
 
 async def test_trigger_checks_its_references(store: Store) -> None:
@@ -342,7 +363,7 @@ async def test_trigger_checks_its_references(store: Store) -> None:
         await start(store, None, definition_id="nope")
     with pytest.raises(NotFound):
         await start(store, None, workflow_name="nope")
-    await store.create_definition(diamond(), "", NOW)
+    await store.definitions.create_definition(diamond(), "", NOW)
     with pytest.raises(NotFound):
         await start(store, None, workflow_name="diamond", agent_id="x")
     assert (await list_runs(store)).items == ()
@@ -351,11 +372,11 @@ async def test_trigger_checks_its_references(store: Store) -> None:
 async def test_deregistering_requeues_held_tasks(store: Store) -> None:
     await register(store, "w")
     ready = await held_by(store, "w")
-    effects = await store.deregister_agent("w", NOW, ignore)
+    effects = await effects_of(lambda on_commit: store.agents.deregister_agent("w", NOW, on_commit))
     assert [t.task_id for t in effects.queued] == [ready.task_id]
-    assert [t.task_id for t in await store.load_queue()] == [ready.task_id]
+    assert [t.task_id for t in await store.tasks.load_queue()] == [ready.task_id]
     with pytest.raises(NotFound):
-        await store.get_agent("w")
+        await store.agents.get_agent("w")
 
 
 async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: Store) -> None:
@@ -368,11 +389,11 @@ async def test_deregistering_gives_back_each_held_task_as_it_was_queued(store: S
         await start(store, DefinitionDraft("pinned", tasks=(TaskSpec("t"),)), agent_id="w"),
     ]
     queued = [run.effects.queued[0] for run in created]
-    await store.assign([(task, "w") for task in queued], NOW, ignore)
-    effects = await store.deregister_agent("w", NOW, ignore)
+    await store.tasks.assign([(task, "w") for task in queued], NOW, ignore)
+    effects = await effects_of(lambda on_commit: store.agents.deregister_agent("w", NOW, on_commit))
     assert effects.queued == queued[:1]
     assert [(h.agent_id, h.task_id) for h in effects.released] == [("w", t.task_id) for t in queued]
-    pinned = await store.read_run(created[1].run.run_id, RunView.FULL, BUDGET)
+    pinned = await store.runs.read_run(created[1].run.run_id, RunView.FULL, BUDGET)
     assert pinned.state is RunState.FAILED
     assert pinned.tasks[0].error == "pinned agent 'w' was deregistered"
 
@@ -387,13 +408,13 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
             now=NOW + timedelta(seconds=index),
         )
         order.append(created.effects.queued[0])
-    assert [t.task_id for t in await store.load_queue()] == [t.task_id for t in order]
-    await store.assign([(order[0], "w")], NOW, ignore)
-    connected = await store.connect_agent("w", NOW, ignore)
+    assert [t.task_id for t in await store.tasks.load_queue()] == [t.task_id for t in order]
+    await store.tasks.assign([(order[0], "w")], NOW, ignore)
+    connected = await store.agents.connect_agent("w", NOW, ignore)
     assert [a.task_id for a in connected.held] == [order[0].task_id]
     assert connected.held[0].redelivered
-    await store.reset_connections(NOW)
-    assert not (await store.get_agent("w")).connected
+    await store.agents.reset_connections(NOW)
+    assert not (await store.agents.get_agent("w")).connected
 
 
 async def test_the_queue_loads_each_task_as_its_write_queued_it(store: Store) -> None:
@@ -416,22 +437,22 @@ async def test_the_queue_loads_each_task_as_its_write_queued_it(store: Store) ->
     queued = [run.effects.queued[0] for run in created]
     assert queued[0].labels == (("tier", "g\u00f6ld"), ("zone", "eu"))
     assert queued[1].pinned_agent_id == "w"
-    assert await store.load_queue() == queued
+    assert await store.tasks.load_queue() == queued
 
 
 async def test_registrations_in_one_batch_each_get_their_own(store: Store) -> None:
     """A fleet registers at once; an agent registering twice in the same batch is written as if
     the registrations came one after the other: each caller sees its own, the later one stays."""
-    writer = store._writer  # that they share a batch is what this test is about
+    writer = store.shared.writer  # that they share a batch is what this test is about
     batches = writer.batches
     registered = await asyncio.gather(
         *(
-            store.register_agent(
+            store.agents.register_agent(
                 AgentRegistration(f"r{index}", capabilities=(f"c{index}", "shared")), NOW, ignore
             )
             for index in range(20)
         ),
-        store.register_agent(
+        store.agents.register_agent(
             AgentRegistration("r0", name="again", capabilities=("x",)), NOW, ignore
         ),
     )
@@ -442,7 +463,7 @@ async def test_registrations_in_one_batch_each_get_their_own(store: Store) -> No
         ("c2", "shared"),
     ]
     assert (registered[-1].name, registered[-1].capabilities) == ("again", ("x",))
-    stored = await store.get_agent("r0")
+    stored = await store.agents.get_agent("r0")
     assert (stored.name, stored.capabilities) == ("again", ("x",))
 
 
@@ -450,9 +471,12 @@ async def test_streams_opened_in_one_batch_each_get_their_holds(store: Store) ->
     for agent_id in ("s1", "s2", "s3"):
         await register(store, agent_id)
     first, second = await held_by(store, "s1"), await held_by(store, "s2")
-    await store.reset_connections(NOW)
+    await store.agents.reset_connections(NOW)
     opened = await asyncio.gather(
-        *(store.connect_agent(agent_id, NOW, ignore) for agent_id in ("s1", "s2", "s3", "ghost")),
+        *(
+            store.agents.connect_agent(agent_id, NOW, ignore)
+            for agent_id in ("s1", "s2", "s3", "ghost")
+        ),
         return_exceptions=True,
     )
     assert [[a.task_id for a in c.held] for c in opened[:3]] == [  # type: ignore[union-attr]
@@ -462,14 +486,14 @@ async def test_streams_opened_in_one_batch_each_get_their_holds(store: Store) ->
     ]
     assert isinstance(opened[3], NotFound)
     for agent_id in ("s1", "s2", "s3"):
-        assert (await store.get_agent(agent_id)).connected
+        assert (await store.agents.get_agent(agent_id)).connected
 
 
 async def test_concurrent_writes_share_transactions(store: Store) -> None:
     await register(store, "w")
-    writer = store._writer  # the batching is what this test is about
+    writer = store.shared.writer  # the batching is what this test is about
     before_batches, before_ops = writer.batches, writer.operations
-    await asyncio.gather(*(store.touch_agent("w", NOW) for _ in range(200)))
+    await asyncio.gather(*(store.agents.touch_agent("w", NOW) for _ in range(200)))
     batches = writer.batches - before_batches
     assert writer.operations - before_ops == 200
     assert batches < 50
@@ -477,12 +501,12 @@ async def test_concurrent_writes_share_transactions(store: Store) -> None:
 
 async def test_writes_arriving_over_the_next_turns_join_the_batch(store: Store) -> None:
     await register(store, "w")
-    writer = store._writer  # the batching is what this test is about
+    writer = store.shared.writer  # the batching is what this test is about
 
     async def after_turns(turns: int) -> None:
         for _ in range(turns):
             await asyncio.sleep(0)
-        await store.touch_agent("w", NOW)
+        await store.agents.touch_agent("w", NOW)
 
     before = writer.batches
     # Each write arrives one turn of the loop after the one before it, as the RPCs of agents
@@ -523,31 +547,31 @@ async def test_a_lone_write_after_a_quiet_spell_comes_alone(store: Store) -> Non
         await register(quiet, "w")
         recording.alone.clear()
         await asyncio.sleep(2 * QUIET_SPELL)
-        await asyncio.gather(quiet.touch_agent("w", NOW), quiet.touch_agent("w", NOW))
+        await asyncio.gather(quiet.agents.touch_agent("w", NOW), quiet.agents.touch_agent("w", NOW))
         await asyncio.sleep(2 * QUIET_SPELL)
         later = NOW + timedelta(hours=1)
-        await quiet.touch_agent("w", later)
+        await quiet.agents.touch_agent("w", later)
     finally:
         writer.close()
         await running
     # Two writes together make one batch, not alone; the last write found the server quiet.
     assert recording.alone == [False, True]
-    assert (await store.get_agent("w")).last_seen_at == later
+    assert (await store.agents.get_agent("w")).last_seen_at == later
 
 
 async def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
     await register(store, "w")
     later = NOW + timedelta(days=1)
     results = await asyncio.gather(
-        store.touch_agent("w", later),
-        store.touch_agent("ghost", later),
-        store.create_definition(diamond(), "", later),
+        store.agents.touch_agent("w", later),
+        store.agents.touch_agent("ghost", later),
+        store.definitions.create_definition(diamond(), "", later),
         return_exceptions=True,
     )
     assert results[0] is None
     assert isinstance(results[1], NotFound)
-    assert (await store.get_agent("w")).last_seen_at == later
-    assert len((await store.list_definitions(10, "", "", BUDGET)).items) == 1
+    assert (await store.agents.get_agent("w")).last_seen_at == later
+    assert len((await store.definitions.list_definitions(10, "", "", BUDGET)).items) == 1
 
 
 async def test_a_failing_commit_callback_stops_the_writer_without_writing_twice(
@@ -574,7 +598,7 @@ async def test_a_failing_commit_callback_stops_the_writer_without_writing_twice(
     with pytest.raises(RuntimeError, match="an effect failed"):
         await asyncio.wait_for(running, 10)
     assert written == ["ran"]
-    assert (await store.get_agent("w")).version == "v0"
+    assert (await store.agents.get_agent("w")).version == "v0"
     caller.cancel()
 
 
@@ -582,16 +606,16 @@ async def test_completions_in_one_batch_move_their_run_once(store: Store) -> Non
     await register(store, "w", "cpu", slots=2)
     created = await start(store, diamond())
     [root] = created.effects.queued
-    await store.assign([(root, "w")], NOW, ignore)
+    await store.tasks.assign([(root, "w")], NOW, ignore)
     b, c = (await complete(store, root.task_id, "w", 1, {"out": "a"})).queued
-    await store.assign([(b, "w"), (c, "w")], NOW, ignore)
-    before = store._writer.batches  # one batch is what this test is about
+    await store.tasks.assign([(b, "w"), (c, "w")], NOW, ignore)
+    before = store.shared.writer.batches  # one batch is what this test is about
     first, second = await asyncio.gather(
         complete(store, b.task_id, "w", 1, {"out": "b"}),
         complete(store, c.task_id, "w", 1, {"out": "c"}),
     )
-    assert store._writer.batches == before + 1
-    run = await store.read_run(created.run.run_id, RunView.FULL, BUDGET)
+    assert store.shared.writer.batches == before + 1
+    run = await store.runs.read_run(created.run.run_id, RunView.FULL, BUDGET)
     assert first.queued == []  # d still waited for c when b's result was recorded
     assert [t.task_id for t in second.queued] == [run.tasks[3].task_id]
     assert [t.state for t in run.tasks] == [TaskState.SUCCEEDED] * 3 + [TaskState.QUEUED]
@@ -614,12 +638,12 @@ async def test_a_result_reported_twice_in_one_batch_is_recorded_once(store: Stor
     assert again == Effects()
     assert isinstance(conflicting, ResultConflict)
     assert isinstance(stranger, FailedPrecondition)
-    task = (await store.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
+    task = (await store.runs.read_run(ready.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.output) == (TaskState.SUCCEEDED, {"n": 1})
 
 
 async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store: Store) -> None:
-    await store.create_definition(diamond(), "", NOW)
+    await store.definitions.create_definition(diamond(), "", NOW)
     first, again, missing, ghost, other = await asyncio.gather(
         start(store, None, workflow_name="diamond", request_id="same"),
         start(store, None, workflow_name="diamond", request_id="same"),
@@ -646,12 +670,12 @@ async def test_triggers_in_one_batch_keep_their_own_request_ids_and_errors(store
 async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> None:
     await register(store, "idle")
     await register(store, "busy")
-    await store.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
+    await store.agents.report_state("busy", ReportedState.BUSY, "", NOW, ignore)
     await register(store, "failing")
-    await store.report_state("failing", ReportedState.ERROR, "disk full", NOW, ignore)
+    await store.agents.report_state("failing", ReportedState.ERROR, "disk full", NOW, ignore)
     await register(store, "offline", connect=False)
     await register(store, "gone")
-    await store.deregister_agent("gone", NOW, ignore)
+    await store.agents.deregister_agent("gone", NOW, ignore)
     agents = ["idle", "busy", "failing", "offline", "gone"]
     tasks = [
         (await start(store, DefinitionDraft(f"wf-{name}", tasks=(TaskSpec("t"),)))).effects.queued[
@@ -659,9 +683,9 @@ async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> N
         ]
         for name in agents
     ]
-    assignments = await store.assign(list(zip(tasks, agents, strict=True)), NOW, ignore)
+    assignments = await store.tasks.assign(list(zip(tasks, agents, strict=True)), NOW, ignore)
     assert [a is not None for a in assignments] == [True, False, False, False, False]
-    assert sorted(t.task_id for t in await store.load_queue()) == sorted(
+    assert sorted(t.task_id for t in await store.tasks.load_queue()) == sorted(
         t.task_id for t in tasks[1:]
     )
 
@@ -682,7 +706,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(
 
     placement.hook = store.placement(place, assigned, lambda: NOW)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
-    task = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
+    task = (await store.runs.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks[0]
     assert (task.state, task.agent_id, task.attempt) == (TaskState.ASSIGNED, "w", 1)
     assert seen == [[task.task_id]]
 
@@ -692,7 +716,7 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(
     again = await start(store, DefinitionDraft("two", tasks=(TaskSpec("only"),)))
     await refuse_assignments(store, refuse=False)
     assert seen[1:] == ["given back"]
-    assert [t.task_id for t in await store.load_queue()] == [again.run.tasks[0].task_id]
+    assert [t.task_id for t in await store.tasks.load_queue()] == [again.run.tasks[0].task_id]
 
 
 _REFUSE = {
@@ -733,13 +757,13 @@ async def test_a_write_whose_caller_is_cancelled_is_still_committed(store: Store
     await register(store, "w")
     await register(store, "other")
     later = NOW + timedelta(days=2)
-    waiting = asyncio.create_task(store.touch_agent("w", later))
+    waiting = asyncio.create_task(store.agents.touch_agent("w", later))
     await asyncio.sleep(0)  # the write is submitted
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    await store.touch_agent("other", later)  # committed after the cancelled caller's batch
-    assert (await store.get_agent("w")).last_seen_at == later
+    await store.agents.touch_agent("other", later)  # committed after the cancelled caller's batch
+    assert (await store.agents.get_agent("w")).last_seen_at == later
 
 
 async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) -> None:
@@ -757,7 +781,7 @@ async def test_changes_to_one_row_run_in_the_order_they_were_made(store: Store) 
         changes.flush()
 
     await store.database.run(change, write=True)
-    tasks = (await store.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks
+    tasks = (await store.runs.read_run(created.run.run_id, RunView.FULL, BUDGET)).tasks
     assert [(t.state, t.queued_at) for t in tasks] == [(TaskState.QUEUED, later)] * 2
 
 
@@ -769,9 +793,9 @@ async def test_runs_whose_shapes_were_dropped_move_the_same(
     monkeypatch.setattr(base, "RUN_SHAPE_CACHE_TASKS", 6)
     await register(store, "w", "cpu", slots=3)
     runs = [(await start(store, diamond())).run for _ in range(3)]
-    assert store._shaped_tasks <= 6  # the cache is what this test is about
+    assert store.shared.shapes._tasks <= 6  # the cache is what this test is about
     [first_root] = runs[0].tasks[:1]
-    await store.assign([(first_root.ready(), "w")], NOW, ignore)
+    await store.tasks.assign([(first_root.ready(), "w")], NOW, ignore)
     effects = await complete(store, first_root.task_id, "w", 1, {"out": 1})
     assert effects.queued == [task.ready() for task in runs[0].tasks[1:3]]
 
@@ -796,15 +820,15 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         )
         run = (await start(store, shaped, agent_id="w")).run
         [root] = run.tasks[:1]
-        await store.assign([(root.ready(), "w")], NOW, ignore)
+        await store.tasks.assign([(root.ready(), "w")], NOW, ignore)
         effects = await complete(elsewhere, root.task_id, "w", 1, {"out": "a"})
         # What the dispatcher is told comes from the shape read: requirements included, and
         # tasks made ready together in the order the definition gives them.
         assert effects.queued == [t.ready() for t in run.tasks[1:3]]
         for ready in effects.queued:
-            await elsewhere.assign([(ready, "w")], NOW, ignore)
+            await elsewhere.tasks.assign([(ready, "w")], NOW, ignore)
             await complete(elsewhere, ready.task_id, "w", 1, {})
-        after = await elsewhere.read_run(run.run_id, RunView.FULL, BUDGET)
+        after = await elsewhere.runs.read_run(run.run_id, RunView.FULL, BUDGET)
         # c succeeded, so its fallback is skipped: the fallback came from the shape read too.
         assert [t.state for t in after.tasks] == [TaskState.SUCCEEDED] * 3 + [
             TaskState.SKIPPED,
@@ -812,14 +836,18 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         ]
         # A fallback's assignment says what it stands in for, from a shape read as well.
         failing = (await start(store, shaped, agent_id="w")).run
-        await store.assign([(failing.tasks[0].ready(), "w")], NOW, ignore)
+        await store.tasks.assign([(failing.tasks[0].ready(), "w")], NOW, ignore)
         await complete(store, failing.tasks[0].task_id, "w", 1, {})
-        [held] = await store.assign([(failing.tasks[2].ready(), "w")], NOW, ignore)
+        [held] = await store.tasks.assign([(failing.tasks[2].ready(), "w")], NOW, ignore)
         assert held is not None
         fresh = Store(store.database, writer, store_rules())
-        failed = await fresh.fail_task(failing.tasks[2].task_id, "w", 1, "no", False, NOW, ignore)
+        failed = await effects_of(
+            lambda on_commit: fresh.tasks.fail_task(
+                failing.tasks[2].task_id, "w", 1, "no", False, NOW, on_commit
+            )
+        )
         [stand_in] = failed.queued
-        [handed] = await fresh.assign([(stand_in, "w")], NOW, ignore)
+        [handed] = await fresh.tasks.assign([(stand_in, "w")], NOW, ignore)
         assert handed is not None
         assert (handed.task_name, handed.fallback_for, handed.fallback_error) == ("f", "c", "no")
     finally:
@@ -847,14 +875,14 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
             TaskSpec(name="f", capability="cpu"),
         ),
     )
-    stored = await store.create_definition(detailed, "", NOW)
+    stored = await store.definitions.create_definition(detailed, "", NOW)
     runs = [
         (await start(store, None, definition_id=stored.definition_id)).run,
         (await start(store, None, workflow_name="detailed", agent_id="w", run_input={"k": 2})).run,
         (await start(store, detailed, run_input={"extra": None})).run,
     ]
     for run in runs:
-        assert await store.read_run(run.run_id, RunView.FULL, BUDGET) == run
+        assert await store.runs.read_run(run.run_id, RunView.FULL, BUDGET) == run
     assert [t.state for t in runs[0].tasks] == [
         TaskState.QUEUED,
         TaskState.PENDING,
@@ -889,7 +917,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
     assert await store.database.run(stored, write=False) == expected
     assert len({task.task_id for run in runs for task in run.tasks}) == 9
     assert {task.pinned_agent_id for task in runs[1].tasks} == {"w"}
-    queue = {task.task_id: task for task in await store.load_queue()}
+    queue = {task.task_id: task for task in await store.tasks.load_queue()}
     for run in runs:
         assert queue[run.tasks[0].task_id] == run.tasks[0].ready()
     inputs = [
@@ -898,7 +926,7 @@ async def test_runs_written_from_a_template_read_back_as_triggered(store: Store)
         {"k": 1, "keep": [1, 2], "extra": None},
     ]
     for run, task_input in zip(runs, inputs, strict=True):
-        [handed] = await store.assign([(run.tasks[0].ready(), "w")], NOW, ignore)
+        [handed] = await store.tasks.assign([(run.tasks[0].ready(), "w")], NOW, ignore)
         assert handed is not None
         assert handed.input == task_input
         assert handed.deadline == NOW + timedelta(seconds=90)
@@ -942,7 +970,7 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(
         ),
     )
     run = (await start(store, draft)).run
-    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
+    assert (await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
     by_name = {task.name: task.task_id for task in run.tasks}
 
     def handed(name: str) -> Assignment:
@@ -953,18 +981,20 @@ async def test_tasks_placed_with_their_dependencys_result_get_its_output(
     assert handed("b").dependency_outputs == {"a": {"from": "a", "n": [1.5, None]}}
     assert handed("c").dependency_outputs == {"a": {"from": "a", "n": [1.5, None]}}
     # What was sent is what reading it gives: the same attempts sent again on a new stream.
-    again = {item.task_name: item for item in (await store.connect_agent("w", NOW, ignore)).held}
+    again = {
+        item.task_name: item for item in (await store.agents.connect_agent("w", NOW, ignore)).held
+    }
     assert again["b"].dependency_outputs == handed("b").dependency_outputs
     assert again["c"].dependency_outputs == handed("c").dependency_outputs
     await complete(store, by_name["b"], "w", 1, {"from": "b"})
-    await store.fail_task(by_name["c"], "w", 1, "broken", False, NOW, ignore)
+    await store.tasks.fail_task(by_name["c"], "w", 1, "broken", False, NOW, ignore)
     assert handed("f").fallback_for == "c"
     assert handed("f").fallback_error == "broken"
     # d's dependencies: b recorded in an earlier batch, c failed and f stood in for it.
     await complete(store, by_name["f"], "w", 1, {"from": "f"})
     assert handed("d").dependency_outputs == {"b": {"from": "b"}, "c": {"from": "f"}}
     await complete(store, by_name["d"], "w", 1, {})
-    finished = await store.read_run(run.run_id, RunView.FULL, BUDGET)
+    finished = await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)
     assert finished.state is RunState.SUCCEEDED
     assert finished.started_at == NOW
 
@@ -985,8 +1015,10 @@ async def test_a_new_runs_roots_placed_in_its_batch_are_sent_as_stored(
         ),
     )
     run = (await start(store, draft, agent_id="w", run_input={"k": 0})).run
-    assert (await store.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
-    again = {item.task_id: item for item in (await store.connect_agent("w", NOW, ignore)).held}
+    assert (await store.runs.read_run(run.run_id, RunView.FULL, BUDGET)).state is RunState.RUNNING
+    again = {
+        item.task_id: item for item in (await store.agents.connect_agent("w", NOW, ignore)).held
+    }
     assert {item.task_name for item in placed} == {"a", "b"}
     for item in placed:
         resent = again[item.task_id]
@@ -1016,11 +1048,11 @@ async def test_an_assignments_context_holds_only_the_tasks_it_refers_to(store: S
     first, second = [(await start(store, draft)).run for _ in range(2)]
     for run, output in ((first, {"a": 1}), (second, {"a": 2})):
         [root] = run.tasks[:1]
-        await store.assign([(root.ready(), "w")], NOW, ignore)
+        await store.tasks.assign([(root.ready(), "w")], NOW, ignore)
         await complete(store, root.task_id, "w", 1, output)
     failing = second.tasks[1]
-    await store.assign([(failing.ready(), "w")], NOW, ignore)
-    await store.fail_task(failing.task_id, "w", 1, "broken", False, NOW, ignore)
+    await store.tasks.assign([(failing.ready(), "w")], NOW, ignore)
+    await store.tasks.fail_task(failing.task_id, "w", 1, "broken", False, NOW, ignore)
 
     def context(conn: Connection) -> dict[str, dict[str, Sibling]]:
         placed = [
@@ -1037,7 +1069,7 @@ async def test_an_assignments_context_holds_only_the_tasks_it_refers_to(store: S
             )
             for task in (first.tasks[1], second.tasks[2])
         ]
-        shapes = store._run_shapes(conn, [first.run_id, second.run_id])
+        shapes = store.shared.shapes.of(conn, [first.run_id, second.run_id])
         return assignments.context_of(conn, placed, {}, shapes)
 
     found = await store.database.run(context, write=False)

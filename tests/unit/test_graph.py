@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from opscore.domain import graph
-from opscore.domain.graph import Node
-from opscore.domain.models import RunState, TaskState
+from opscore.domain.models import RunState, TaskSpec, TaskState
 
-DIAMOND = {"a": Node(), "b": Node(("a",)), "c": Node(("a",)), "d": Node(("b", "c"))}
-WITH_FALLBACK = {"main": Node(fallback="backup"), "backup": Node(), "after": Node(("main",))}
+DIAMOND = {
+    "a": TaskSpec("a"),
+    "b": TaskSpec("b", depends_on=("a",)),
+    "c": TaskSpec("c", depends_on=("a",)),
+    "d": TaskSpec("d", depends_on=("b", "c")),
+}
+WITH_FALLBACK = {
+    "main": TaskSpec("main", fallback="backup"),
+    "backup": TaskSpec("backup"),
+    "after": TaskSpec("after", depends_on=("main",)),
+}
 Q, P, A, S, F, K = (
     TaskState.QUEUED,
     TaskState.PENDING,

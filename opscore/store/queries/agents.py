@@ -21,16 +21,20 @@ from opscore.domain.models import (
     AgentRegistration,
     AgentState,
     Assignment,
+    Effects,
     Page,
     ReportedState,
     TaskRun,
+    TaskState,
 )
 from opscore.domain.ports import Connected, OnCommit, Rules
 from opscore.domain.responses import Budget
+from opscore.domain.state import RunNow
 from opscore.domain.waiting import Offer, Requirement, requirement
 from opscore.store import assignments, rows
+from opscore.store.changes import record
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import StoreBase
+from opscore.store.queries.base import Shared, tasks_of
 from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import AGENTS, CAPABILITIES, TASK_IS_ASSIGNED, TASKS
 from opscore.store.writer import Tx
@@ -99,6 +103,17 @@ _CAPABILITIES_OF = (
     .where(CAPABILITIES.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
     .order_by(CAPABILITIES.c.agent_id, CAPABILITIES.c.capability)
 )
+_WAITING_STATES = (TaskState.QUEUED.value, TaskState.ASSIGNED.value)
+# The tasks an agent holds, and the unfinished ones pinned to it: the tasks its removal moves.
+_HELD_BY_OR_PINNED_TO = select(TASKS.c.task_id, TASKS.c.run_id).where(
+    or_(
+        and_(TASKS.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED),
+        and_(
+            TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
+            TASKS.c.state.in_(_WAITING_STATES),
+        ),
+    )
+)
 _HELD_TASKS = (
     select(TASKS)
     .where(TASKS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)), TASK_IS_ASSIGNED)
@@ -124,8 +139,12 @@ class StreamOpened:
     on_commit: OnCommit[Connected]
 
 
-class AgentQueries(StoreBase):
-    """The store's methods for agents."""
+class Agents:
+    """The store's repository of agents: registration, reported state, streams opening and
+    closing, and removal."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
 
     async def register_agent(
         self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
@@ -134,7 +153,7 @@ class AgentQueries(StoreBase):
         Set-based: every registration of a batch is written by one `_register_agents` (a fleet
         registers all at once when a server restarts)."""
         request = NewRegistration(registration, now, on_commit)
-        agent: Agent = await self._writer.submit_grouped(self._register_agents, request)
+        agent: Agent = await self._shared.writer.submit_grouped(self._register_agents, request)
         return agent
 
     def _register_agents(
@@ -168,7 +187,7 @@ class AgentQueries(StoreBase):
             if result.rowcount == 0:
                 raise NotFound(Resource.AGENT, agent_id)
 
-        await self._write(op)
+        await self._shared.write(op)
 
     async def report_state(
         self,
@@ -191,7 +210,7 @@ class AgentQueries(StoreBase):
                 raise NotFound(Resource.AGENT, agent_id)
             return agent_of(conn, agent_id)
 
-        return await self._write(op, on_commit)
+        return await self._shared.write(op, on_commit)
 
     async def connect_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[Connected]
@@ -202,7 +221,9 @@ class AgentQueries(StoreBase):
         one `_connect_agents`.
         """
         request = StreamOpened(agent_id, now, on_commit)
-        connected: Connected = await self._writer.submit_grouped(self._connect_agents, request)
+        connected: Connected = await self._shared.writer.submit_grouped(
+            self._connect_agents, request
+        )
         return connected
 
     def _connect_agents(
@@ -222,13 +243,15 @@ class AgentQueries(StoreBase):
         agent_ids = sorted(known)
         agents = agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
-        shapes = self._run_shapes(conn, {row.run_id for row in held_rows})
+        shapes = self._shared.shapes.of(conn, {row.run_id for row in held_rows})
         tasks = [rows.held_task(row, shapes[row.run_id]) for row in held_rows]
         context = assignments.context_of(conn, tasks, {}, shapes)
         held: dict[str, list[Assignment]] = {}
         for row, task in zip(held_rows, tasks, strict=True):
             held.setdefault(row.agent_id, []).append(
-                self._rules.assignment(context, task, row.agent_id, row.deadline, redelivered=True)
+                self._shared.rules.assignment(
+                    context, task, row.agent_id, row.deadline, redelivered=True
+                )
             )
         outcomes: list[Connected | OpsCoreError] = []
         for tx, request in requests:
@@ -257,7 +280,7 @@ class AgentQueries(StoreBase):
                 .values(connected=False, last_seen_at=now, disconnected_at=now)
             )
 
-        await self._write(op)
+        await self._shared.write(op)
 
     async def reset_connections(self, now: datetime) -> None:
         """At start-up no stream is open to this server: every agent is disconnected, and every
@@ -275,9 +298,9 @@ class AgentQueries(StoreBase):
                 .values(connected=False, disconnected_at=now)
             )
             expiring = select(AGENTS.c.agent_id).where(AGENTS.c.lease_expiries > 0)
-            self._note_expiring(conn.execute(expiring).scalars())
+            self._shared.expiring.noted(conn.execute(expiring).scalars())
 
-        await self._write(op)
+        await self._shared.write(op)
 
     async def waiting_candidates(
         self, tasks: Sequence[TaskRun]
@@ -293,11 +316,32 @@ class AgentQueries(StoreBase):
             offers = {needs: _offer(conn, needs) for needs in wanted}
             return agents_by_id(conn, pinned_ids), offers
 
-        return await self._read(op)
+        return await self._shared.read(op)
+
+    async def deregister_agent(
+        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> None:
+        """Remove the agent. Every task it held goes back to the queue for another attempt,
+        except the tasks pinned to it: no other agent may take those, so each one held or
+        queued fails finally (its run follows the usual rules: a fallback, pinned too, fails
+        in turn; otherwise the run fails)."""
+
+        def op(conn: Connection) -> tuple[None, Effects]:
+            agent_of(conn, agent_id)
+            # The runs first, as every write that moves runs locks them (`lock_runs_of`).
+            moved = conn.execute(_HELD_BY_OR_PINNED_TO, {"b_agent_id": agent_id}).all()
+            self._shared.lock_runs_of(conn, [task_id for task_id, _ in moved])
+            found = tasks_of(conn, sorted({run_id for _, run_id in moved}))
+            runs = [RunNow.of_runs(run_id, tasks) for run_id, tasks in found.items()]
+            effects = record(conn, self._shared.rules.deregister(runs, agent_id, now), now)
+            delete_agent(conn, agent_id)
+            return None, effects
+
+        await self._shared.write_moving(op, on_commit)
 
     async def get_agent(self, agent_id: str) -> Agent:
         """One agent, NOT_FOUND if unknown."""
-        return await self._read(lambda conn: agent_of(conn, agent_id))
+        return await self._shared.read(lambda conn: agent_of(conn, agent_id))
 
     async def list_agents(
         self,
@@ -343,7 +387,7 @@ class AgentQueries(StoreBase):
                 budget.bytes,
             )
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
 
 def _state_condition(state: AgentState) -> Any:

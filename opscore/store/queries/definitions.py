@@ -15,7 +15,7 @@ from opscore.domain.models import DefinitionDraft, Page, WorkflowDefinition
 from opscore.domain.responses import Budget
 from opscore.store import rows
 from opscore.store.prepared import Prepared
-from opscore.store.queries.base import StoreBase
+from opscore.store.queries.base import Shared
 from opscore.store.queries.pages import read_id_page
 from opscore.store.tables import DEFINITIONS
 
@@ -31,8 +31,11 @@ LATEST_DEFINITION = Prepared(
 )
 
 
-class DefinitionQueries(StoreBase):
-    """The store's methods for workflow definitions."""
+class Definitions:
+    """The store's repository of workflow definitions."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
 
     async def create_definition(
         self, draft: DefinitionDraft, request_id: str, now: datetime
@@ -51,7 +54,7 @@ class DefinitionQueries(StoreBase):
                     return stored
             return _insert_definition(conn, draft, request_id or None, now)
 
-        return await self._write(op)
+        return await self._shared.write(op)
 
     async def get_definition(self, definition_id: str) -> WorkflowDefinition:
         """One definition, NOT_FOUND if unknown."""
@@ -59,7 +62,7 @@ class DefinitionQueries(StoreBase):
         def op(conn: Connection) -> WorkflowDefinition:
             return definition_by_id(conn, definition_id)
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
     async def list_definitions(
         self, page_size: int, page_token: str, name: str, budget: Budget
@@ -85,7 +88,7 @@ class DefinitionQueries(StoreBase):
                 budget.bytes,
             )
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
 
 def _insert_definition(

@@ -35,10 +35,10 @@ from opscore.domain.ports import CreatedRun, NewRun, OnCommit
 from opscore.domain.responses import Budget, WireSizes, count_states
 from opscore.domain.state import RunNow
 from opscore.store import rows, templates
-from opscore.store.changes import Changes, write_decision
+from opscore.store.changes import record
 from opscore.store.prepared import SAMPLE_TIME, Prepared
 from opscore.store.queries.agents import agents_by_id
-from opscore.store.queries.base import StoreBase
+from opscore.store.queries.base import Shared, tasks_of
 from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_id
 from opscore.store.queries.pages import read_by_bytes, scoped_key, scoped_token
 from opscore.store.tables import RUNS, TASKS
@@ -51,11 +51,6 @@ first)."""
 
 _RUN = select(RUNS).where(RUNS.c.run_id == bindparam("b_run_id"))
 _RUN_FOR_UPDATE = _RUN.with_for_update()
-_TASKS_OF_RUNS = (
-    select(TASKS)
-    .where(TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
-    .order_by(TASKS.c.position)
-)
 _RUNS_BY_REQUEST = select(RUNS).where(
     RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
 )
@@ -101,8 +96,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-class RunQueries(StoreBase):
-    """The store's methods for workflow runs."""
+class Runs:
+    """The store's repository of workflow runs: triggering, reading, cancelling."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._rules = shared.rules
+        self._templates: dict[str, tuple[str, RunTemplate]] = {}
+        """Stored definitions by id: the workflow's name and the template of its runs."""
 
     def _template(self, conn: Connection, definition_id: str) -> tuple[str, RunTemplate]:
         """A stored definition's name and run template, from memory when seen before:
@@ -120,17 +121,17 @@ class RunQueries(StoreBase):
             self._templates[definition_id] = found
         return found
 
-    async def create_run(self, request: NewRun) -> CreatedRun:
+    async def create_run(self, request: NewRun) -> WorkflowRun:
         """Start a run of a stored definition (by id, or the latest of a name) or of an inline
         one; its root tasks are queued at once. A repeated request_id returns the first run.
         Set-based: every trigger of a batch is written by one `_create_runs`.
         """
-        created: CreatedRun = await self._writer.submit_grouped(self._create_runs, request)
-        return created
+        run: WorkflowRun = await self._shared.writer.submit_grouped(self._create_runs, request)
+        return run
 
     def _create_runs(
         self, conn: Connection, requests: Sequence[tuple[Tx, NewRun]]
-    ) -> list[CreatedRun | OpsCoreError]:
+    ) -> list[WorkflowRun | OpsCoreError]:
         earlier = self._runs_by_request(conn, [request for _, request in requests])
         agent_ids = sorted({request.agent_id for _, request in requests if request.agent_id})
         # Pinned agents whole (capabilities, labels): a run they cannot finish is refused.
@@ -138,7 +139,7 @@ class RunQueries(StoreBase):
         latest: dict[str, str] = {}
         run_values: list[dict[str, Any]] = []
         task_rows: list[list[Any]] = []
-        outcomes: list[CreatedRun | OpsCoreError] = []
+        outcomes: list[WorkflowRun | OpsCoreError] = []
         for tx, request in requests:
             outcome: CreatedRun | OpsCoreError
             repeated = earlier.get(request.request_id) if request.request_id else None
@@ -163,7 +164,7 @@ class RunQueries(StoreBase):
                     outcomes.append(error)
                     continue
                 outcome, new = _new_run(request, source, run_values, task_rows)
-                self._remember_shape(outcome.run.run_id, new.shape)
+                self._shared.shapes.remember(outcome.run.run_id, new.shape)
                 inserted = tx.batch.inserted
                 for root in new.roots:
                     inserted[root.task_id] = root
@@ -171,7 +172,7 @@ class RunQueries(StoreBase):
                     earlier[request.request_id] = (outcome.run, request.fingerprint)
                 tx.will_apply(outcome.effects)
             tx.after_commit(functools.partial(request.on_commit, outcome))
-            outcomes.append(outcome)
+            outcomes.append(outcome.run)
         if run_values:
             _INSERT_RUN.execute(conn, run_values)
             templates.insert_tasks(conn, task_rows)
@@ -232,7 +233,7 @@ class RunQueries(StoreBase):
             room = budget.bytes - budget.sizes.run(run)
             return _with_tasks(run, _stored_tasks(conn, run_id), room, budget.sizes)[0]
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
     async def list_runs(
         self,
@@ -274,7 +275,7 @@ class RunQueries(StoreBase):
             token = "" if rest is None else scoped_token(scope, _run_key_out(rest))
             return Page(tuple(runs), token)
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
     async def list_run_tasks(
         self, run_id: str, page_size: int, page_token: str, budget: Budget
@@ -296,7 +297,7 @@ class RunQueries(StoreBase):
             )
             return Page(tuple(tasks), _task_token(run_id, rest))
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
     def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
         """A run read whole (as a trigger or a cancellation returns it) cut to fit `budget`: as
@@ -310,8 +311,8 @@ class RunQueries(StoreBase):
         return _with_tasks(basic, fetch, room, budget.sizes)[0]
 
     async def cancel_run(
-        self, run_id: str, now: datetime, on_commit: OnCommit[tuple[WorkflowRun, Effects]]
-    ) -> tuple[WorkflowRun, Effects]:
+        self, run_id: str, now: datetime, on_commit: OnCommit[Effects]
+    ) -> WorkflowRun:
         """Cancel an unfinished run: its queued tasks leave the queue, its held ones are to be
         stopped. FAILED_PRECONDITION for a finished run.
         """
@@ -319,12 +320,10 @@ class RunQueries(StoreBase):
         def op(conn: Connection) -> tuple[WorkflowRun, Effects]:
             run = _get_run(conn, run_id, lock=True)
             decision = self._rules.cancel(RunNow.of_runs(run_id, run.tasks), run.state)
-            changes = Changes(conn)
-            write_decision(changes, decision, now)
-            changes.flush()
-            return _get_run(conn, run_id), decision.effects
+            effects = record(conn, decision, now)
+            return _get_run(conn, run_id), effects
 
-        return await self._write(op, on_commit)
+        return await self._shared.write_moving(op, on_commit)
 
 
 TaskFetch = Callable[[int | None, int], Sequence[TaskRun]]
@@ -466,17 +465,6 @@ def task_counts(
         run_id: tuple(sorted(counts, key=lambda count: _STATE_ORDER[count[0]]))
         for run_id, counts in grouped.items()
     }
-
-
-def tasks_of(conn: Connection, run_ids: list[str]) -> dict[str, list[Any]]:
-    """The tasks of these runs by run, each in its run's graph order."""
-    if not run_ids:
-        return {}
-    result = conn.execute(_TASKS_OF_RUNS, {"b_run_ids": run_ids})
-    grouped: dict[str, list[Any]] = {}
-    for row in result:
-        grouped.setdefault(row.run_id, []).append(rows.task_run(row))
-    return grouped
 
 
 def _load_run(conn: Connection, row: Any) -> WorkflowRun:

@@ -1,64 +1,39 @@
-"""Tasks on the move: the queue at start, assignments, completions (set-based), failures with
-their retries, leases, lost agents and deregistered ones."""
+"""Tasks on the move: the queue at start, assignments, and the results agents report
+(completions set-based, failures with their retries, lease extensions)."""
 
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, any_, bindparam, func, or_, select, update
+from sqlalchemy import any_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain import idempotency
 from opscore.domain.errors import NotFound, OpsCoreError, Resource
-from opscore.domain.models import Assignment, Effects, JsonObject, ReadyTask, RetryPolicy, TaskState
+from opscore.domain.models import Assignment, Effects, JsonObject, ReadyTask, TaskState
 from opscore.domain.ports import Assigned, OnCommit, Place, TaskResult
-from opscore.domain.state import Decision, Reporting, RunNow, TaskNow
+from opscore.domain.state import Reporting, RunNow, TaskNow
 from opscore.store import assignments, rows
-from opscore.store.changes import Changes, write_decision
+from opscore.store.changes import Changes, record, write_decision
 from opscore.store.prepared import Prepared
-from opscore.store.queries.agents import agent_of, delete_agent, quarantine, reset_expiries
+from opscore.store.queries.agents import reset_expiries
 from opscore.store.queries.base import (
     READY_TASK_COLUMNS,
     RUNS_OF_TASKS,
     RUNS_OF_TASKS_FOR_UPDATE,
-    StoreBase,
+    Shared,
+    run_now,
 )
-from opscore.store.queries.runs import tasks_of
-from opscore.store.tables import AGENTS, TASK_IS_ASSIGNED, TASK_IS_QUEUED, TASKS
+from opscore.store.tables import TASK_IS_QUEUED, TASKS
 from opscore.store.writer import Batch, BeforeCommit, Followup, Tx
 
-Abandon = Callable[[RunNow, str, RetryPolicy | None, datetime], Decision]
-"""How an attempt that ended without a result moves its run (`Rules.expire`, `Rules.lose`)."""
-
-_COUNT_EXPIRIES = (
-    update(AGENTS)
-    .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
-    .values(lease_expiries=AGENTS.c.lease_expiries + bindparam("b_count"))
-)
 _OUTPUTS = select(TASKS.c.task_id, TASKS.c.output).where(
     TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True))
 )
-_WAITING_STATES = (TaskState.QUEUED.value, TaskState.ASSIGNED.value)
-# The tasks an agent holds, and the unfinished ones pinned to it: the tasks its removal moves.
-_HELD_BY_OR_PINNED_TO = select(TASKS.c.task_id, TASKS.c.run_id).where(
-    or_(
-        and_(TASKS.c.agent_id == bindparam("b_agent_id"), TASK_IS_ASSIGNED),
-        and_(
-            TASKS.c.pinned_agent_id == bindparam("b_agent_id"),
-            TASKS.c.state.in_(_WAITING_STATES),
-        ),
-    )
-)
 _TASK_FOR_UPDATE = select(TASKS).where(TASKS.c.task_id == bindparam("b_task_id")).with_for_update()
-_ASSIGNED_FOR_UPDATE = (
-    select(TASKS)
-    .where(TASKS.c.task_id == bindparam("b_task_id"), TASK_IS_ASSIGNED)
-    .with_for_update()
-)
 # The current state of the tasks of the runs of some tasks: those tasks, and every other task of
 # their runs that has not succeeded (one that has never changes again, so a run's completions
 # read fewer rows as it goes). What never changes of them is read once per run (`base._RUN_SHAPES`)
@@ -120,8 +95,13 @@ QUEUE = Prepared(
 )
 
 
-class TaskQueries(StoreBase):
-    """The store's methods for tasks."""
+class Tasks:
+    """The store's repository of tasks: the queue, assignments and the results agents
+    report."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._rules = shared.rules
 
     async def load_queue(self) -> list[ReadyTask]:
         """Every queued task, in the order they became ready (each with its retry time): the
@@ -130,7 +110,7 @@ class TaskQueries(StoreBase):
         def op(conn: Connection) -> list[ReadyTask]:
             return [rows.ready_task(row) for row in QUEUE.rows(conn, {})]
 
-        return await self._read(op)
+        return await self._shared.read(op)
 
     async def assign(
         self,
@@ -141,9 +121,9 @@ class TaskQueries(StoreBase):
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
         timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
         place and is left alone."""
-        return await self._write(
-            lambda conn: assignments.assign(conn, pairs, now, self._rules, self._run_shapes),
-            on_commit,
+        shapes = self._shared.shapes.of
+        return await self._shared.write(
+            lambda conn: assignments.assign(conn, pairs, now, self._rules, shapes), on_commit
         )
 
     def placement(
@@ -167,27 +147,26 @@ class TaskQueries(StoreBase):
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
             written = assignments.assign(
-                batch.conn, pairs, now(), self._rules, self._run_shapes, batch
+                batch.conn, pairs, now(), self._rules, self._shared.shapes.of, batch
             )
             tx.after_commit(lambda: on_commit(pairs, written))
 
         return before_commit
 
-    async def complete_task(self, result: TaskResult) -> Effects:
+    async def complete_task(self, result: TaskResult) -> None:
         """Record the output of the attempt the agent holds and queue the dependents that became
         ready. The same result again, once recorded, changes nothing and is not an error.
         Set-based: every completion of a batch is written by one `_complete_tasks`."""
-        effects: Effects = await self._writer.submit_grouped(self._complete_tasks, result)
-        return effects
+        await self._shared.writer.submit_grouped(self._complete_tasks, result)
 
     def _complete_tasks(
         self, conn: Connection, requests: Sequence[tuple[Tx, TaskResult]]
-    ) -> list[Effects | OpsCoreError]:
+    ) -> list[OpsCoreError | None]:
         # One read for the whole batch: the tasks of the runs these results belong to that
         # have not succeeded (the runs locked first where writers are concurrent, in the order
         # every write locks them).
         wanted = {result.task_id for _, result in requests}
-        siblings = SIBLINGS_LOCKING_RUNS if self._lock_runs else _SIBLINGS
+        siblings = SIBLINGS_LOCKING_RUNS if self._shared.lock_runs else _SIBLINGS
         found: dict[str, list[TaskNow]] = {}
         held: dict[str, tuple[str, TaskNow]] = {}
         for row in siblings.rows(conn, {"b_task_ids": sorted(wanted)}):
@@ -219,7 +198,7 @@ class TaskQueries(StoreBase):
         if repeated:
             _check_repeated_outputs(conn, repeated, batch_outputs, outcomes)
         if accepted:
-            shapes = self._run_shapes(conn, {run_id for _, run_id, _, _ in accepted})
+            shapes = self._shared.shapes.of(conn, {run_id for _, run_id, _, _ in accepted})
             runs = {
                 run_id: RunNow.of(run_id, shape, found[run_id]) for run_id, shape in shapes.items()
             }
@@ -234,21 +213,17 @@ class TaskQueries(StoreBase):
             self._reset_expiries(conn, requests[0][0], [result for *_, result in accepted])
         for (tx, result), outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, Effects):
-                tx.will_apply(outcome)
-                tx.after_commit(functools.partial(result.on_commit, outcome))
-        return outcomes
+                tx.apply_after_commit(outcome, result.on_commit)
+        return [outcome if isinstance(outcome, OpsCoreError) else None for outcome in outcomes]
 
     def _reset_expiries(self, conn: Connection, tx: Tx, succeeded: list[TaskResult]) -> None:
         """Agents that succeeded start their count of lease expiries in a row again; written
         only for those whose count may be above zero."""
-        seen = {
-            result.agent_id: self._expiring[result.agent_id]
-            for result in succeeded
-            if result.agent_id in self._expiring
-        }
+        expiring = self._shared.expiring
+        seen = expiring.among(result.agent_id for result in succeeded)
         if seen:
             reset_expiries(conn, sorted(seen))
-            tx.after_commit(functools.partial(self._forget_expiring, seen))
+            tx.after_commit(functools.partial(expiring.reset, seen))
 
     async def fail_task(
         self,
@@ -259,18 +234,18 @@ class TaskQueries(StoreBase):
         retryable: bool,
         now: datetime,
         on_commit: OnCommit[Effects],
-    ) -> Effects:
+    ) -> None:
         """Record the failure of the attempt the agent holds: retried under the task's policy
         when `retryable` and attempts remain, else final. The same failure again, once recorded,
         changes nothing."""
 
-        def op(conn: Connection) -> Effects:
-            self._lock_runs_of(conn, [task_id])
+        def op(conn: Connection) -> tuple[None, Effects]:
+            self._shared.lock_runs_of(conn, [task_id])
             row = self._held_task(conn, task_id, agent_id, attempt, Reporting.FAILURE, error)
             if row is None:
-                return Effects()
+                return None, Effects()
             decision = self._rules.fail(
-                _run_now(conn, row.run_id),
+                run_now(conn, row.run_id),
                 row.name,
                 error,
                 rows.retry_from_json(row.retry_policy),
@@ -278,9 +253,9 @@ class TaskQueries(StoreBase):
                 retryable=retryable,
                 reported=True,
             )
-            return _record(conn, decision, now)
+            return None, record(conn, decision, now)
 
-        return await self._write(op, on_commit)
+        await self._shared.write_moving(op, on_commit)
 
     async def extend_lease(
         self, task_id: str, agent_id: str, attempt: int, extend_by: timedelta, now: datetime
@@ -294,108 +269,7 @@ class TaskQueries(StoreBase):
             conn.execute(update(TASKS).where(TASKS.c.task_id == task_id).values(deadline=deadline))
             return deadline
 
-        return await self._write(op)
-
-    async def next_timers(self) -> tuple[datetime | None, datetime | None]:
-        """The earliest lease deadline of an assigned task, and the earliest grace start of a
-        disconnected agent: both one look-up in an index, never a scan."""
-
-        def op(conn: Connection) -> tuple[datetime | None, datetime | None]:
-            deadline = (
-                conn.execute(select(func.min(TASKS.c.deadline)).where(TASK_IS_ASSIGNED))
-            ).scalar_one_or_none()
-            disconnected = (
-                conn.execute(
-                    select(func.min(AGENTS.c.disconnected_at)).where(AGENTS.c.connected.is_(False))
-                )
-            ).scalar_one_or_none()
-            return _aware(deadline), _aware(disconnected)
-
-        return await self._read(op)
-
-    async def expire_leases(
-        self, now: datetime, quarantine_after: int, on_commit: OnCommit[Effects], limit: int = 500
-    ) -> Effects:
-        """Every attempt whose lease has ended counts as failed with "timed out" (retryable);
-        its agent is told to stop. Each expiry adds to its agent's count of expiries in a row,
-        and an agent whose count reaches `quarantine_after` is quarantined: put in ERROR, with
-        the reason in its state detail, until it reports IDLE or registers again."""
-
-        def op(conn: Connection) -> Effects:
-            due = (
-                conn.execute(
-                    select(TASKS.c.task_id)
-                    .where(TASK_IS_ASSIGNED, TASKS.c.deadline <= now)
-                    .order_by(TASKS.c.deadline)
-                    .limit(limit)
-                )
-            ).scalars()
-            effects, expired = self._abandon(conn, list(due), self._rules.expire, now)
-            if expired:
-                self._note_expiring(expired)
-                conn.execute(
-                    _COUNT_EXPIRIES,
-                    [{"b_agent_id": agent_id, "b_count": n} for agent_id, n in expired.items()],
-                )
-                effects.quarantined = quarantine(conn, list(expired), quarantine_after, self._rules)
-            return effects
-
-        return await self._write(op, on_commit)
-
-    async def lose_agents(
-        self, cutoff: datetime, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
-        """Agents disconnected since `cutoff` or earlier are lost: every attempt they hold
-        counts as failed with "agent lost" (retryable)."""
-
-        def op(conn: Connection) -> Effects:
-            lost = (
-                conn.execute(
-                    select(AGENTS.c.agent_id).where(
-                        AGENTS.c.connected.is_(False), AGENTS.c.disconnected_at <= cutoff
-                    )
-                )
-            ).scalars()
-            lost_ids = list(lost)
-            if not lost_ids:
-                return Effects()
-            conn.execute(
-                update(AGENTS).where(AGENTS.c.agent_id.in_(lost_ids)).values(disconnected_at=None)
-            )
-            held = (
-                conn.execute(
-                    select(TASKS.c.task_id)
-                    .where(
-                        TASKS.c.agent_id.in_(lost_ids),
-                        TASK_IS_ASSIGNED,
-                    )
-                    .order_by(TASKS.c.assigned_at)
-                )
-            ).scalars()
-            return self._abandon(conn, list(held), self._rules.lose, now)[0]
-
-        return await self._write(op, on_commit)
-
-    async def deregister_agent(
-        self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
-    ) -> Effects:
-        """Remove the agent. Every task it held goes back to the queue for another attempt,
-        except the tasks pinned to it: no other agent may take those, so each one held or
-        queued fails finally (its run follows the usual rules: a fallback, pinned too, fails
-        in turn; otherwise the run fails)."""
-
-        def op(conn: Connection) -> Effects:
-            agent_of(conn, agent_id)
-            # The runs first, as every write that moves runs locks them (`_lock_runs_of`).
-            moved = conn.execute(_HELD_BY_OR_PINNED_TO, {"b_agent_id": agent_id}).all()
-            self._lock_runs_of(conn, [task_id for task_id, _ in moved])
-            found = tasks_of(conn, sorted({run_id for _, run_id in moved}))
-            runs = [RunNow.of_runs(run_id, tasks) for run_id, tasks in found.items()]
-            effects = _record(conn, self._rules.deregister(runs, agent_id, now), now)
-            delete_agent(conn, agent_id)
-            return effects
-
-        return await self._write(op, on_commit)
+        return await self._shared.write(op)
 
     def _held_task(
         self,
@@ -413,46 +287,6 @@ class TaskQueries(StoreBase):
             raise NotFound(Resource.TASK, task_id)
         holds = self._rules.holds(rows.task_now(row), agent_id, attempt, reporting, error)
         return row if holds else None
-
-    def _abandon(
-        self, conn: Connection, task_ids: list[str], why: Abandon, now: datetime
-    ) -> tuple[Effects, Counter[str]]:
-        """End the current attempt of each of these tasks still assigned without a result, as
-        `why` decides (an expired lease, a lost agent); and how many each agent had."""
-        effects = Effects()
-        agents: Counter[str] = Counter()
-        self._lock_runs_of(conn, task_ids)
-        for task_id in task_ids:
-            row = conn.execute(_ASSIGNED_FOR_UPDATE, {"b_task_id": task_id}).first()
-            if row is None:
-                continue
-            policy = rows.retry_from_json(row.retry_policy)
-            effects.merge(
-                _record(conn, why(_run_now(conn, row.run_id), row.name, policy, now), now)
-            )
-            agents[row.agent_id] += 1
-        return effects, agents
-
-
-def _run_now(conn: Connection, run_id: str) -> RunNow:
-    """A run read whole, as the state machine moves it (its row locked by the caller first,
-    where writers run concurrently)."""
-    return RunNow.of_runs(run_id, tasks_of(conn, [run_id])[run_id])
-
-
-def _record(conn: Connection, decision: Decision, now: datetime) -> Effects:
-    """Write what the state machine decided; what its commit will mean for memory."""
-    changes = Changes(conn)
-    write_decision(changes, decision, now)
-    changes.flush()
-    return decision.effects
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """Aggregates bypass the column type on SQLite: give a bare MIN() its time zone back."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def _check_repeated_outputs(
