@@ -402,7 +402,7 @@ class Dispatcher:
     def idle(self) -> bool:
         """Whether the loop waits with nothing to do: no event since its last pass, no retry
         due, and every batch it took committed (and pushed). Writes that place tasks
-        themselves (see `place`) are the writer's, not the loop's."""
+        themselves (see `reserve_for_commit`) are the writer's, not the loop's."""
         due = self._next_due
         waiting = self._pauses.paused and not self._wake.is_set()
         return waiting and (due is None or due > self._now())

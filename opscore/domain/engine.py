@@ -181,7 +181,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         """Whether the engine's loops wait with nothing to do: no dispatch pass pending (see
-        `Dispatcher.idle`), and no timer due or woken. It may not stay so: a request, or the
+        `Dispatch.idle`), and no timer due or woken. It may not stay so: a request, or the
         next lease to end, gives them work again."""
         target = self._timers_target
         return (
