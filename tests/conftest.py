@@ -4,9 +4,12 @@ gRPC channels to it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +22,8 @@ from opscore.v1 import agent_lifecycle_pb2_grpc, workflow_service_pb2_grpc
 
 from opscore.config import Settings
 from opscore.server import OpsCoreServer
+from opscore.store import migrate
+from opscore.store.database import open_database
 
 POSTGRES_URL = os.environ.get("OPSCORE_TEST_POSTGRES_URL", "")
 
@@ -37,12 +42,14 @@ def asyncpg_dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def postgres_database() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+async def postgres_database(template: str = "") -> AsyncIterator[str]:
+    """A new PostgreSQL database for one test, empty or a copy of `template`, dropped
+    afterwards."""
     name = f"opscore_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        copied = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{copied}')
         base, _, _ = POSTGRES_URL.rpartition("/")
         yield f"{base}/{name}"
     finally:
@@ -57,6 +64,60 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield f"sqlite:///{tmp_path / 'opscore.db'}"
     else:
         async with postgres_database() as url:
+            yield url
+
+
+async def _migrate(url: str) -> None:
+    database = open_database(url)
+    try:
+        await migrate.upgrade(database)
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once a session, which tests start from copies of."""
+    path = tmp_path_factory.mktemp("migrated") / "opscore.db"
+    asyncio.run(_migrate(f"sqlite:///{path}"))
+    return path
+
+
+@contextlib.contextmanager
+def blocking(context: AbstractAsyncContextManager[str]) -> Iterator[str]:
+    """An async context manager entered and left from synchronous code, on a loop of its own
+    (for fixtures set up outside any test's loop)."""
+    with asyncio.Runner() as runner:
+        value = runner.run(context.__aenter__())
+        try:
+            yield value
+        finally:
+            runner.run(context.__aexit__(None, None, None))
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres() -> Iterator[str]:
+    """A PostgreSQL database migrated once a session, the template tests' databases copy."""
+    with blocking(postgres_database()) as url:
+        asyncio.run(_migrate(url))
+        yield url.rpartition("/")[2]
+
+
+def _copy(migrated: Path, tmp_path: Path) -> str:
+    """A copy of the migrated SQLite database in `tmp_path`, as a URL."""
+    copy = tmp_path / "opscore.db"
+    shutil.copyfile(migrated, copy)
+    return f"sqlite:///{copy}"
+
+
+@pytest.fixture(params=BACKENDS)
+def migrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL on each supported backend, fresh for each test and already migrated (a
+    copy of a database migrated once: a migration per test would cost more than most tests)."""
+    if request.param == "sqlite":
+        yield _copy(request.getfixturevalue("migrated_sqlite"), tmp_path)
+    else:
+        with blocking(postgres_database(request.getfixturevalue("migrated_postgres"))) as url:
             yield url
 
 
@@ -118,9 +179,11 @@ async def client_at(
 
 
 @pytest.fixture
-async def server(start_server: ServerFactory, sqlite_url: str) -> AsyncIterator[OpsCoreServer]:
-    """A running server on a fresh SQLite file."""
-    async with start_server(sqlite_url) as running:
+async def server(
+    start_server: ServerFactory, migrated_sqlite: Path, tmp_path: Path
+) -> AsyncIterator[OpsCoreServer]:
+    """A running server on a fresh SQLite file (migrated already)."""
+    async with start_server(_copy(migrated_sqlite, tmp_path)) as running:
         yield running
 
 

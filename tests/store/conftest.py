@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import pytest
 from machines import Placement, store_rules
 
-from opscore.store import migrate
 from opscore.store.database import open_database
 from opscore.store.queries import Store
 from opscore.store.writer import Writer
@@ -20,9 +19,8 @@ def placement() -> Placement:
 
 
 @pytest.fixture
-async def store(db_url: str, placement: Placement) -> AsyncIterator[Store]:
-    database = open_database(db_url)
-    await migrate.upgrade(database)
+async def store(migrated_url: str, placement: Placement) -> AsyncIterator[Store]:
+    database = open_database(migrated_url)
     writer = Writer(database)
     running = asyncio.create_task(writer.run(placement))
     yield Store(database, writer, store_rules())
