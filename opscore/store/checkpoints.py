@@ -89,9 +89,8 @@ class WalCheckpoints:
         background has copied it. SQLite starts the WAL over, writing it again from its first
         byte, only when a write transaction begins after every frame in it was copied; while
         writes go on, a checkpoint beside them never catches up with the last commit, and the
-        WAL grew by about 30 MB a second on 10-task chains (every commit appended to the file,
-        so every fsync also wrote its new size: 270 µs against 140-170 µs for an fsync of
-        pages written over, measured on this disk). So the writer copies what was committed
+        WAL grows without end (every commit appends to the file, so every fsync also writes its
+        new size, which costs more than an fsync of pages written over). So the writer copies what was committed
         since that checkpoint began itself, on its thread, between two of its transactions:
         a few commits' pages (CATCH_UP_FRAMES), usually in under a millisecond. When the
         checkpointer left more (writes heavier than it could follow), or after a burst of writes

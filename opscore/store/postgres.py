@@ -71,10 +71,9 @@ class PostgresDatabase(Database):
         five executions, made from the statistics of the moment. A new database's tables have
         none, so the plans are made for empty tables and hold until the first ANALYZE, which
         autovacuum runs up to a minute or so later, and a server without autovacuum never
-        (there this is what refreshes them, see `_warn_without_autovacuum`). On new databases
-        with PostgreSQL's default settings (two interleaved runs, rounds of about 20 s), 1-task
-        runs at 8 agents measured 0.18-0.30 of the ceiling until then (one to five rounds), and
-        0.33-0.42 from the first round with this. An ANALYZE samples at most 30,000 rows and
+        (there this is what refreshes them, see `_warn_without_autovacuum`). Plans made for empty
+        tables slow a new database down until then (the figures are in the performance log).
+        An ANALYZE samples at most 30,000 rows and
         takes no lock that writes wait for; it invalidates the cached plans, which are made
         again from the new statistics. Once a table has grown to its working size, autovacuum
         (where it runs) keeps its statistics, and this no longer fires."""
@@ -129,11 +128,9 @@ def _warn_without_autovacuum(engine: AsyncEngine) -> None:
     tables have stopped growing (`PostgresDatabase.maintain` does while they grow), so such a
     server needs `VACUUM ANALYZE` on a schedule.
 
-    Ops-Core used to plan every statement at each execution on such a server, so that no plan
-    cached while its tables were nearly empty would stay; the young tables' ANALYZE now replaces
-    those plans on every server. On this machine's CI PostgreSQL (autovacuum off), interleaved
-    with the ceiling, 8 rounds: the cached plans gave 10-task chains at 8 agents 0.360 of the
-    ceiling against 0.306 planned per execution, 1-task runs 0.420 against 0.345."""
+    No plan cached while its tables were nearly empty stays on such a server either: the young
+    tables' ANALYZE replaces those plans on every server, so statements keep their cached plans
+    rather than being planned at each execution."""
     checked = False
 
     @event.listens_for(engine.sync_engine, "connect")

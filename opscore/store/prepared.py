@@ -3,12 +3,9 @@
 SQLAlchemy Core does real work on every execution: it looks the statement up in its compiled
 cache, builds an execution context, processes every parameter through a dictionary, fires
 events and wraps the cursor in a result object. On SQLite that costs several times the statement
-itself: an UPDATE of one row by key measured 94 us through `Connection.execute` against 18 us on
-the driver's cursor, parameters converted the same way; a read of 100 rows 199 us against 103.
-The handful of statements that every task runs (a few per write batch) were about a fifth of the
-server's CPU for that alone. On PostgreSQL, where each statement is also a round trip, running
-them on asyncpg's cursor took the server's CPU per task down by 10% (1-task runs) to 17%
-(10-task chains).
+itself, and the handful of statements that every task runs (a few per write batch) spent a large
+share of the server's CPU on it alone; on PostgreSQL, where each statement is also a round trip,
+the driver's cursor still saves CPU on every task (the figures are in the performance log).
 
 `Prepared` keeps what SQLAlchemy computes once per statement and dialect (the SQL text, the order
 of its parameters, each parameter's and each column's type conversion) and runs the statement on

@@ -258,9 +258,8 @@ class Writer:
         `GATHER_TURNS` turns). A request rarely arrives alone: RPCs that reached the server
         together are decoded in the same turns of the loop, and without this the first of them
         would commit on its own while the others wait a whole commit for the next batch. A turn
-        that brings nothing ends the wait, so a lone request pays one idle turn (microseconds).
-        With 8 agents this made batches 2.9 -> 3.4 requests and throughput 12% (10-task chains)
-        to 17% (1-task runs) higher, measured against the bare server in the same run."""
+        that brings nothing ends the wait, so a lone request pays one idle turn (microseconds),
+        while batches under load grow (the figures are in the performance log)."""
         for _ in range(GATHER_TURNS):
             waiting = self._queue.qsize()
             if waiting >= self._max_batch:
@@ -278,8 +277,7 @@ class Writer:
         def committed(done: list[_Done]) -> None:
             # Run by the database as soon as it learns of the commit: on SQLite a turn of the
             # loop before this coroutine resumes, which is that much sooner for every push and
-            # answer (interleaved A/B: 10-task chains 0.545 -> 0.562 of the ceiling, 1-task
-            # runs 0.641 -> 0.667). What goes wrong here is raised below, not in the database.
+            # answer. What goes wrong here is raised below, not in the database.
             try:
                 _release(done, followups)
             except BaseException as error:  # noqa: BLE001 - raised again once resumed

@@ -66,9 +66,8 @@ _LOCKED_RUNS = RUNS_OF_TASKS_FOR_UPDATE.cte("locked_runs")
 # The same where writers run concurrently (PostgreSQL), the runs and their tasks locked in one
 # round trip instead of two: the runs in run id order by an InitPlan, which PostgreSQL runs whole
 # before the scan of the tasks begins, so every write still locks runs before any of their tasks
-# (see `_lock_runs_of`). Where statements cost their planning as well (this machine's CI server
-# planned each one at every execution), one statement instead of two took chains at 8 agents from
-# 0.289 to 0.331 and from 0.248 to 0.318 of the ceiling (README).
+# (see `Shared.lock_runs_of`). A round trip saved on every completion batch is worth more than
+# the subquery costs (see the performance log).
 SIBLINGS_LOCKING_RUNS = Prepared(
     "tasks.siblings_locking_runs",
     select(*_SIBLING_COLUMNS)
@@ -86,8 +85,7 @@ SIBLINGS_LOCKING_RUNS = Prepared(
 
 # Every queued task in the order they became ready: the dispatcher's index at start, read before
 # the server is SERVING. On the driver's cursor, labels as JSON text decoded through a cache:
-# 100,000 rows in 0.62-0.67 s against 1.02-1.07 s through `Connection.execute` with every label
-# decoded (the same rows, alternating).
+# tasks of one definition share their labels, and a restart reads every queued task.
 QUEUE = Prepared(
     "tasks.queue",
     select(*READY_TASK_COLUMNS).where(TASK_IS_QUEUED).order_by(TASKS.c.queued_at, TASKS.c.task_id),
