@@ -90,8 +90,9 @@ class WalCheckpoints:
         byte, only when a write transaction begins after every frame in it was copied; while
         writes go on, a checkpoint beside them never catches up with the last commit, and the
         WAL grows without end (every commit appends to the file, so every fsync also writes its
-        new size, which costs more than an fsync of pages written over). So the writer copies what was committed
-        since that checkpoint began itself, on its thread, between two of its transactions:
+        new size, which costs more than an fsync of pages written over). So the writer copies
+        what was committed since that checkpoint began itself, on its thread, between two of its
+        transactions:
         a few commits' pages (CATCH_UP_FRAMES), usually in under a millisecond. When the
         checkpointer left more (writes heavier than it could follow), or after a burst of writes
         (HEAVY_FRAMES), another checkpoint goes first."""

@@ -1,16 +1,16 @@
 """SQLite transactions: writes on the event loop with their commits on a thread of their own.
 
-Store operations run through the standard `sqlite3` driver. An async driver that hands over to
-a thread once per statement (aiosqlite) costs many times the statement itself on every
-statement, and no batching of commits could win that back. Reads run whole on a small pool of threads. A write transaction's
-statements run on the event loop, on the one writer connection, and only what waits goes to the
-writer thread: the commit (an fsync) and, when another process holds the write lock, the wait
-for it. Statements are Python-bound, so on a thread they would hold the interpreter lock all the
-same and add its hand-overs; the fsync is the only wait worth moving off the loop, and the loop
-serves the requests that make up the next batch meanwhile (more throughput than running the
-whole transaction on the thread: see the performance log). The WAL is copied into the database file by
-a checkpointer of its own, never inside a commit, and then written again from its start (see
-`checkpoints.py`).
+Store operations run through the standard `sqlite3` driver. An async driver that hands over to a
+thread once per statement (aiosqlite) costs many times the statement itself on every statement,
+and no batching of commits could win that back. Reads run whole on a small pool of threads. A
+write transaction's statements run on the event loop, on the one writer connection, and only
+what waits goes to the writer thread: the commit (an fsync) and, when another process holds the
+write lock, the wait for it. Statements are Python-bound, so on a thread they would hold the
+interpreter lock all the same and add its hand-overs; the fsync is the only wait worth moving
+off the loop, and the loop serves the requests that make up the next batch meanwhile (more
+throughput than running the whole transaction on the thread: see the performance log). The WAL
+is copied into the database file by a checkpointer of its own, never inside a commit, and then
+written again from its start (see `checkpoints.py`).
 """
 
 from __future__ import annotations
