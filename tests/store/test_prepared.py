@@ -270,7 +270,7 @@ def sampled(databases: Pair, names: list[str]) -> list[Prepared]:
     return [STATEMENTS[name] for name in names if dialect in STATEMENTS[name].dialects]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(payload=json_objects, value=json_objects, when=times, ahead=st.booleans())
 def writes_match(
     databases: Pair, payload: dict[str, Any], value: dict[str, Any], when: datetime, ahead: bool
