@@ -335,5 +335,4 @@ def _follow(run: RunNow, transition: graph.Transition, decision: Decision) -> No
                 Cancellation(held.agent_id, task_id, run.run_id, held.attempt, reason)
             )
     if transition.run_state is not None:
-        decision.runs.append((run.run_id, transition.run_state))
         effects.finished_runs.append((run.run_id, transition.run_state))

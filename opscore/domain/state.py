@@ -170,14 +170,16 @@ class Decision:
     what their commit means for the dispatcher and the agents' streams."""
 
     tasks: list[TaskMove] = field(default_factory=list)
-    runs: list[tuple[str, RunState]] = field(default_factory=list)
-    """Runs that reached a final state, and which."""
     effects: Effects = field(default_factory=Effects)
+
+    @property
+    def runs(self) -> list[tuple[str, RunState]]:
+        """Runs that reached a final state, and which: the rows to write are the effects'."""
+        return self.effects.finished_runs
 
     def merge(self, other: Decision) -> None:
         """Append another decision to this one, keeping order."""
         self.tasks.extend(other.tasks)
-        self.runs.extend(other.runs)
         self.effects.merge(other.effects)
 
 
