@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
@@ -32,11 +33,39 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the gRPC server")
     serve_cmd.add_argument("--listen", help="host:port to bind (env OPSCORE_LISTEN)")
     serve_cmd.add_argument("--db", dest="db_url", help="database URL (env OPSCORE_DB)")
+    serve_cmd.add_argument(
+        "--auth", choices=("on", "off", "auto"), help="require credentials (env OPSCORE_AUTH)"
+    )
+    serve_cmd.add_argument(
+        "--operator-token-file",
+        help="file of operator tokens, one a line (env OPSCORE_OPERATOR_TOKEN_FILE)",
+    )
+    serve_cmd.add_argument(
+        "--registration-token-file",
+        help="file of registration tokens, one a line (env OPSCORE_REGISTRATION_TOKEN_FILE)",
+    )
+    serve_cmd.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow authentication off on an address other machines can reach",
+    )
     db_cmd = commands.add_parser("db", help="database maintenance")
     db_commands = db_cmd.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
     upgrade.add_argument("--db", dest="db_url", help="database URL (env OPSCORE_DB)")
     return parser
+
+
+_SERVE_FLAGS = (
+    "listen",
+    "db_url",
+    "auth",
+    "operator_token_file",
+    "registration_token_file",
+    "insecure",
+)
+"""The flags of `serve` (and `db upgrade`, which has some of them) that override settings."""
 
 
 def runner(event_loop: str) -> Callable[[Coroutine[Any, Any, T]], T]:
@@ -70,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
     try:
-        settings = config.load(
-            listen=getattr(args, "listen", None), db_url=getattr(args, "db_url", None)
-        )
+        flags = {flag: getattr(args, flag, None) for flag in _SERVE_FLAGS}
+        settings = config.load(os.environ, **flags)
         run = runner(settings.event_loop)
     except ValueError as error:
         print(f"opscore: {error}", file=sys.stderr)

@@ -25,15 +25,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opscore.api import convert
+from opscore.api.access import AccessInterceptor, Capacity
 from opscore.api.agent_lifecycle import AgentLifecycleServicer
 from opscore.api.errors import ErrorInterceptor
 from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
-from opscore.domain.clock import SystemClock
+from opscore.domain.clock import Clock, SystemClock
+from opscore.domain.credentials import AgentTokens
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
+from opscore.domain.quotas import RateLimiter, Slots
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
@@ -84,6 +87,10 @@ class OpsCoreServer:
     async def _start(self) -> None:
         settings = self.settings
         resources = self._resources
+        # Before anything else: an open server says so first, and a reachable one is refused.
+        self._auth = settings.authentication()
+        agent_tokens = AgentTokens()
+        self.authority = self._auth.authority(settings.listen, agent_tokens)
         refuse_taken(settings.listen)  # before the database is touched
 
         database = name_of(settings.db_url)
@@ -107,6 +114,7 @@ class OpsCoreServer:
                 sizes=convert.WireSizes(),
                 clock=clock,
                 dispatch=Dispatcher,  # one server: the whole queue in memory
+                agent_tokens=agent_tokens,
             )
             # Writes that make tasks ready or free slots place them before they commit.
             placement = store.placement(
@@ -127,7 +135,13 @@ class OpsCoreServer:
         ]
         resources.push_async_callback(_cancel, loops)
 
-        self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
+        # Errors outside access: a refusal is mapped to its status like any domain error.
+        access = AccessInterceptor(self.authority, self._capacity(clock))
+        self._grpc = grpc.aio.server(
+            interceptors=[ErrorInterceptor(), access],
+            options=self._options(),
+            maximum_concurrent_rpcs=self._backstop(),
+        )
         resources.push_async_callback(self._grpc.stop, settings.shutdown_grace)
         try:
             self.port = self._grpc.add_insecure_port(settings.listen)
@@ -169,6 +183,30 @@ class OpsCoreServer:
                 "throughput; unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION to use upb",
                 extra={"protobuf": protobuf},
             )
+
+    def _capacity(self, clock: Clock) -> Capacity:
+        settings = self.settings
+        return Capacity(
+            streams=Slots(settings.max_streams),
+            calls=Slots(settings.max_concurrent_calls),
+            rates={
+                "trigger": RateLimiter(settings.trigger_rate, clock),
+                "register": RateLimiter(settings.register_rate, clock),
+            },
+        )
+
+    def _backstop(self) -> int | None:
+        """GRPC's own bound on calls at once, under the interceptor's limits (which answer with
+        details): room for every stream and twice the unary calls, as calls refused by the
+        interceptor hold a place too until they are answered."""
+        settings = self.settings
+        if not (settings.max_streams and settings.max_concurrent_calls):
+            return None
+        return settings.max_streams + 2 * settings.max_concurrent_calls
+
+    def reload(self) -> None:
+        """Reread the token files (SIGHUP): tokens added work at once, tokens removed stop."""
+        self._auth.reload(self.authority)
 
     def _options(self) -> list[tuple[str, Any]]:
         settings = self.settings
@@ -278,6 +316,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(server.wait_for_failure())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:

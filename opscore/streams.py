@@ -67,10 +67,14 @@ class AgentStream:
         encode: Encode,
         limits: StreamLimits = StreamLimits(),
         watch: StreamWatch = UNWATCHED,
+        token_digest: str | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.generation = generation
         """How many streams the agent had opened before this one (on this server)."""
+        self.token_digest = token_digest
+        """The digest of the agent token that opened it, if one did: revoking the token ends
+        the stream."""
         self._encode = encode
         self._limits = limits
         self._watch = watch
@@ -188,11 +192,14 @@ class Streams:
         self._open: dict[str, AgentStream] = {}
         self._opened: dict[str, int] = {}
 
-    def new_stream(self, agent_id: str) -> AgentStream:
-        """A stream for the agent, numbered after every stream it opened before."""
+    def new_stream(self, agent_id: str, token_digest: str | None = None) -> AgentStream:
+        """A stream for the agent, numbered after every stream it opened before, opened with
+        the agent token of this digest (None: no agent token)."""
         generation = self._opened.get(agent_id, 0) + 1
         self._opened[agent_id] = generation
-        return AgentStream(agent_id, generation, self._encode, self._limits, self._watch)
+        return AgentStream(
+            agent_id, generation, self._encode, self._limits, self._watch, token_digest
+        )
 
     def is_newest(self, stream: AgentStream) -> bool:
         """Whether no newer stream of the same agent has begun to open."""

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import auth
 import grpc
 import pytest
 from helpers import Client, connect
@@ -134,12 +135,14 @@ ServerFactory = Callable[..., AbstractAsyncContextManager[OpsCoreServer]]
 def start_server() -> ServerFactory:
     """Start a server on a database URL: `async with start_server(url) as server:`.
 
-    Keyword arguments override `Settings` fields (e.g. `default_task_timeout`)."""
+    Authentication is on, with `auth.OPERATOR_TOKEN`. Keyword arguments override `Settings`
+    fields (e.g. `default_task_timeout`)."""
 
     @asynccontextmanager
     async def start(url: str, **overrides: object) -> AsyncIterator[OpsCoreServer]:
         settings = replace(
-            Settings(listen="127.0.0.1:0", db_url=url, shutdown_grace=1.0), **overrides
+            Settings(listen="127.0.0.1:0", db_url=url, shutdown_grace=1.0, **auth.SETTINGS),
+            **overrides,
         )
         server = OpsCoreServer(settings)
         await server.start()
@@ -169,7 +172,7 @@ async def client_at(
     `receive_limit` (None: gRPC's default, 4 MiB)."""
     options = [] if receive_limit is None else [("grpc.max_receive_message_length", receive_limit)]
     async with start_server(url, **overrides) as server:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
+        channel = auth.channel(f"127.0.0.1:{server.port}", options=options)
         async with channel:
             client = Client(channel, server)
             try:
@@ -190,7 +193,7 @@ async def server(
 @pytest.fixture
 async def channel(server: OpsCoreServer) -> AsyncIterator[grpc.aio.Channel]:
     """A gRPC channel to `server`."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+    async with auth.channel(f"127.0.0.1:{server.port}") as opened:
         yield opened
 
 

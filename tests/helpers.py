@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from datetime import timedelta
 from typing import Any
 
+import auth
 import grpc
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
@@ -397,7 +398,7 @@ async def expect_quiet(*agents: Agent) -> None:
 async def connect(port: int, server: OpsCoreServer | None = None) -> AsyncIterator[Client]:
     """A Client on a new channel to the server on `port` (in this process or not: give the
     `server` if it is, for `expect_quiet`); its streams and the channel are closed after."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with auth.channel(f"127.0.0.1:{port}") as channel:
         client = Client(channel, server)
         try:
             yield client

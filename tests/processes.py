@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import auth
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -171,13 +172,14 @@ class ServerProcess:
     @classmethod
     def on_url(cls, url: str, port: int, log: Path, cwd: Path, **settings: str) -> ServerProcess:
         """`opscore serve --listen 127.0.0.1:<port> --db <url>`, run in `cwd`, in a clean
-        environment plus `settings` (OPSCORE_* variables)."""
+        environment plus `settings` (OPSCORE_* variables), with authentication on (the
+        operator token of tests/auth.py) unless `settings` say otherwise."""
         return cls(
             ["--listen", f"127.0.0.1:{port}", "--db", url],
             port=port,
             log=log,
             cwd=cwd,
-            environment=clean_environment(**settings),
+            environment=clean_environment(**{**auth.ENVIRONMENT, **settings}),
         )
 
     @property

@@ -24,7 +24,7 @@ class AgentLifecycleServicer(agent_lifecycle_pb2_grpc.AgentLifecycleServicer):
     async def RegisterAgent(  # noqa: N802 - gRPC method names are the contract's
         self, request: pb.RegisterAgentRequest, context: Context
     ) -> pb.RegisterAgentResponse:
-        agent = await self._engine.register_agent(
+        agent, token = await self._engine.register_agent(
             AgentRegistration(
                 agent_id=request.agent_id,
                 name=request.name,
@@ -34,7 +34,7 @@ class AgentLifecycleServicer(agent_lifecycle_pb2_grpc.AgentLifecycleServicer):
                 max_concurrent_tasks=request.max_concurrent_tasks,
             )
         )
-        return pb.RegisterAgentResponse(agent=convert.agent(agent))
+        return pb.RegisterAgentResponse(agent=convert.agent(agent), agent_token=token)
 
     async def DeregisterAgent(  # noqa: N802
         self, request: pb.DeregisterAgentRequest, context: Context

@@ -30,9 +30,12 @@ from opscore.domain.errors import (
     InvalidArgument,
     NotFound,
     OpsCoreError,
+    PermissionDenied,
     ResourceExhausted,
     StorageFull,
     StorageReserve,
+    Throttled,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -51,6 +54,9 @@ _CODES: dict[type[OpsCoreError], tuple[int, str]] = {
     StorageFull: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
     StorageReserve: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
     ResourceExhausted: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    Throttled: (code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    Unauthenticated: (code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    PermissionDenied: (code_pb2.PERMISSION_DENIED, "PERMISSION_DENIED"),
 }
 
 

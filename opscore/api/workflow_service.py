@@ -9,6 +9,7 @@ import grpc
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # untyped
 
 from opscore.api import convert
+from opscore.api.access import current_caller
 from opscore.domain.engine import Engine
 from opscore.domain.models import RunFilter, TriggerRequest, WorkflowRun
 from opscore.v1 import workflow_pb2, workflow_service_pb2_grpc
@@ -124,7 +125,7 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
     async def StreamTasks(  # type: ignore[override]  # noqa: N802 - writes, see below
         self, request: pb.StreamTasksRequest, context: Context
     ) -> None:
-        stream = await self._engine.open_stream(request.agent_id)
+        stream = await self._engine.open_stream(request.agent_id, current_caller().token_digest)
         # Headers now, not with the first task: the client learns at once that its stream is
         # open (a refusal is a status without headers), rather than from the absence of one.
         await context.send_initial_metadata(())

@@ -28,9 +28,17 @@ from typing import Any
 
 from opscore.domain import idempotency, validation, waiting
 from opscore.domain.clock import Clock
+from opscore.domain.credentials import AgentTokens, issue_agent_token
 from opscore.domain.dispatch import Dispatch, DispatchFactory
 from opscore.domain.dispatcher import Dispatcher
-from opscore.domain.errors import Aborted, FieldViolation, StorageFault, StreamStalled, Unavailable
+from opscore.domain.errors import (
+    Aborted,
+    FieldViolation,
+    StorageFault,
+    StreamStalled,
+    Unauthenticated,
+    Unavailable,
+)
 from opscore.domain.health import Backoff
 from opscore.domain.idle import Pauses
 from opscore.domain.ids import new_id
@@ -122,6 +130,7 @@ class Engine:
         sizes: WireSizes,
         clock: Clock,
         dispatch: DispatchFactory = Dispatcher,
+        agent_tokens: AgentTokens | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -142,11 +151,16 @@ class Engine:
         self._disconnects_due: deque[tuple[AgentStream, datetime]] = deque()
         """Closed streams whose disconnection storage refused, and when they closed."""
         self._resync_due = False
+        self.agent_tokens = AgentTokens() if agent_tokens is None else agent_tokens
+        """The digest of each agent's current token (see `register_agent`), which callers are
+        identified by."""
 
     async def recover(self) -> None:
         """Rebuild memory from the database: no stream is open yet (agents that were connected
-        start their grace period now), the queue is as stored, leases run on."""
+        start their grace period now), the agents' tokens and the queue are as stored, leases
+        run on."""
         await self._store.agents.reset_connections(self._now())
+        self.agent_tokens.load(await self._store.agents.token_digests())
         queued = await self._store.tasks.load_queue()
         self.dispatcher.enqueue(queued)
         log.info("queue recovered", extra={"queued_tasks": len(queued)})
@@ -241,17 +255,30 @@ class Engine:
 
     # Agents --------------------------------------------------------------------------------
 
-    async def register_agent(self, registration: AgentRegistration) -> Agent:
-        """Register an agent or update a registered one (agents restart: this is idempotent)."""
+    async def register_agent(self, registration: AgentRegistration) -> tuple[Agent, str]:
+        """Register an agent or update a registered one (agents restart: this is idempotent).
+        Returns the agent and its new token: the earlier token stops working when the
+        registration commits, and a stream opened with it ends."""
         raise_if(validation.check_registration(registration))
         slots = registration.max_concurrent_tasks or 1
+        token, token_digest = issue_agent_token()
+
+        def on_commit(agent: Agent) -> None:
+            earlier = self.agent_tokens.install(agent.agent_id, token_digest)
+            stream = self.streams.get(agent.agent_id)
+            if earlier is not None and stream is not None and stream.token_digest == earlier:
+                stream.close(Unauthenticated("the agent token of this stream was rotated"))
+                log.info("stream of a rotated token closed", extra={"agent_id": agent.agent_id})
+            self.dispatcher.agent_changed(agent.profile())
+
         agent = await self._store.agents.register_agent(
             dataclasses.replace(registration, max_concurrent_tasks=slots),
+            token_digest,
             self._now(),
-            lambda agent: self.dispatcher.agent_changed(agent.profile()),
+            on_commit,
         )
         log.info("agent registered", extra={"agent_id": agent.agent_id})
-        return agent
+        return agent, token
 
     async def deregister_agent(self, agent_id: str) -> None:
         """Remove an agent: its stream ends, the tasks it held go back to the queue, and the
@@ -260,6 +287,7 @@ class Engine:
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:
+            self.agent_tokens.revoke(agent_id)
             self.streams.forget(agent_id)
             self.dispatcher.agent_offline(agent_id)
             self._apply(effects)
@@ -318,19 +346,24 @@ class Engine:
 
     # Streams -------------------------------------------------------------------------------
 
-    async def open_stream(self, agent_id: str) -> AgentStream:
+    async def open_stream(self, agent_id: str, token_digest: str | None = None) -> AgentStream:
         """Open the agent's task stream, replacing any older one. The attempts the agent already
-        holds are sent first (marked redelivered): an agent that restarted lost them.
+        holds are sent first (marked redelivered): an agent that restarted lost them. A stream
+        opened with an agent token (of digest `token_digest`) ends when the token is revoked.
         """
         raise_if(check_id(agent_id, "agent_id"))
         if self._draining:
             raise Unavailable("the server is shutting down")
-        stream = self.streams.new_stream(agent_id)
+        stream = self.streams.new_stream(agent_id, token_digest)
 
         def on_commit(connected: Connected) -> None:
             self.streams.install(stream, Aborted("replaced by a newer stream for this agent"))
             if self._draining:  # the drain began while this stream was being opened
                 stream.close(Unavailable("the server is shutting down"))
+                return
+            if token_digest is not None and self.agent_tokens.agent_of(token_digest) != agent_id:
+                # Rotated or revoked while this stream was being opened.
+                stream.close(Unauthenticated("the agent token of this stream was revoked"))
                 return
             for assignment in connected.held:
                 stream.push(assignment)

@@ -131,6 +131,38 @@ class Aborted(OpsCoreError):
     """The operation lost to a concurrent one (a newer task stream replaced this one)."""
 
 
+class Unauthenticated(OpsCoreError):
+    """The call carries no credentials, or credentials the server does not accept. The message
+    says which, and never repeats what was sent."""
+
+
+class PermissionDenied(OpsCoreError):
+    """The caller is known, but may not make this call, or not on behalf of this agent."""
+
+
+class Throttled(OpsCoreError):
+    """A limit on calls refused this one (RESOURCE_EXHAUSTED); it may be tried again after
+    `retry_after`."""
+
+    reason: ClassVar[str] = "THROTTLED"
+
+    def __init__(self, message: str, retry_after: timedelta) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class RateLimited(Throttled):
+    """The caller made this kind of call faster than its rate allows."""
+
+    reason = "RATE_LIMITED"
+
+
+class Overloaded(Throttled):
+    """The server already runs as many calls (or streams) as it is configured to."""
+
+    reason = "OVERLOADED"
+
+
 class ResourceExhausted(OpsCoreError):
     """The request is larger than a configured limit allows; the fields over it are named."""
 

@@ -162,10 +162,15 @@ class AgentStore(Protocol):
     async def register_agent(
         self,
         registration: models.AgentRegistration,
+        token_digest: str,
         now: datetime,
         on_commit: OnCommit[models.Agent],
     ) -> models.Agent:
-        """Insert the agent, or update it keeping its history and tasks."""
+        """Insert the agent, or update it keeping its history and tasks; its token's digest
+        becomes `token_digest`."""
+
+    async def token_digests(self) -> list[tuple[str, str]]:
+        """Every agent's id and the digest of its current token."""
 
     async def deregister_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[models.Effects]

@@ -81,6 +81,9 @@ class AgentRow(Base):
     registration."""
     quarantined: Mapped[bool] = mapped_column(Boolean, server_default=false())
     """Put in ERROR by the server for its expiries (not by its own report)."""
+    token_digest: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """The SHA-256 of its current token (the token itself is never stored); each registration
+    replaces it. None for agents registered before tokens existed: they register again."""
 
 
 class AgentCapabilityRow(Base):

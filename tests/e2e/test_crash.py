@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import auth
 import grpc
 from helpers import Agent, Client, as_dict, definition, struct, task
 from opscore.v1 import workflow_pb2, workflow_service_pb2
@@ -287,7 +288,7 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
     try:
         async with (
             contextlib.AsyncExitStack() as stack,
-            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel,
+            auth.channel(target, options=CHANNEL_OPTIONS) as channel,
         ):
             client = Client(channel)
             try:
@@ -337,7 +338,7 @@ async def test_sigkill_mid_load_loses_nothing_and_records_each_result_once(
 
                 # Nothing acknowledged before the kill is lost. (The test looks on a channel of
                 # its own: the agents' one may still be waiting to reconnect.)
-                looker = Client(await stack.enter_async_context(grpc.aio.insecure_channel(target)))
+                looker = Client(await stack.enter_async_context(auth.channel(target)))
                 stored = {
                     t.task_id: t for run_id in run_ids for t in (await looker.run(run_id)).tasks
                 }

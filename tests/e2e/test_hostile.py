@@ -42,6 +42,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
+import auth
 import grpc
 import pytest
 from conftest import ServerFactory
@@ -105,7 +106,7 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
         )
 
         def sequences() -> None:
-            with grpc.insecure_channel(
+            with auth.sync_channel(
                 f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", -1)]
             ) as sync_channel:
 
@@ -143,7 +144,7 @@ async def test_each_hostile_input_rule_is_enforced(
 
         def check_all() -> list[str]:
             broken = []
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as sync_channel:
+            with auth.sync_channel(f"127.0.0.1:{server.port}") as sync_channel:
                 for name, rpc, drawn in contract_cases(world):
                     request = resolve(drawn, world)
                     # Too deep to parse is no rule of the contract: only no server fault.
@@ -188,7 +189,7 @@ async def test_a_message_over_max_message_bytes_is_resource_exhausted(
         created = await client.create(definition("big", task("a", capability="work")))
 
         def oversized() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as sync_channel:
+            with auth.sync_channel(f"127.0.0.1:{server.port}") as sync_channel:
                 lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(sync_channel)
                 workflows = workflow_service_pb2_grpc.WorkflowServiceStub(sync_channel)
                 trigger = workflow_service_pb2.TriggerWorkflowRequest(
@@ -235,7 +236,7 @@ async def test_a_struct_over_max_payload_bytes_is_resource_exhausted(
             return message
 
         def oversized() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as sync_channel:
+            with auth.sync_channel(f"127.0.0.1:{server.port}") as sync_channel:
                 workflows = workflow_service_pb2_grpc.WorkflowServiceStub(sync_channel)
                 create = workflow_service_pb2.CreateWorkflowDefinitionRequest(
                     definition=with_input(over)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import grpc
+import auth
 from conftest import ServerFactory
 from helpers import WAIT, Agent, Client, definition, expect_quiet, task
 from opscore.v1 import workflow_pb2
@@ -19,7 +19,7 @@ async def test_reconnect_racing_the_old_streams_end_keeps_the_agent(
     grace = timedelta(seconds=0.3)
     async with (
         start_server(sqlite_url, agent_grace=grace) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        auth.channel(f"127.0.0.1:{server.port}") as channel,
     ):
         client = Client(channel, server)
         agent = await client.agent("racer", capabilities=["work"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, cast
 
+import auth
 import grpc
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
@@ -78,7 +79,7 @@ def run_property(
     port: int, strategy: st.SearchStrategy[Any], world: World, limits: Limits, rpc: str
 ) -> None:
     """Run the Hypothesis property for one RPC over a synchronous channel (in a worker thread)."""
-    with grpc.insecure_channel(
+    with auth.sync_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
     ) as channel:
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from opscore.v1 import agent_pb2 as opscore_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n opscore/v1/agent_lifecycle.proto\x12\nopscore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16opscore/v1/agent.proto\"\x86\x02\n\x14RegisterAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x63\x61pabilities\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.opscore.v1.RegisterAgentRequest.LabelsEntry\x12\"\n\x14max_concurrent_tasks\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x15RegisterAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\"0\n\x16\x44\x65registerAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x19\n\x17\x44\x65registerAgentResponse\"*\n\x10HeartbeatRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"D\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x12ReportStateRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.opscore.v1.ReportedAgentStateB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x64\x65tail\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"7\n\x13ReportStateResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\")\n\x0fGetAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\"\x8d\x01\n\x11ListAgentsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x16.opscore.v1.AgentStateB\x04\xe2\x41\x01\x01\x12\x18\n\ncapability\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.opscore.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf0\x03\n\x0e\x41gentLifecycle\x12T\n\rRegisterAgent\x12 .opscore.v1.RegisterAgentRequest\x1a!.opscore.v1.RegisterAgentResponse\x12Z\n\x0f\x44\x65registerAgent\x12\".opscore.v1.DeregisterAgentRequest\x1a#.opscore.v1.DeregisterAgentResponse\x12H\n\tHeartbeat\x12\x1c.opscore.v1.HeartbeatRequest\x1a\x1d.opscore.v1.HeartbeatResponse\x12N\n\x0bReportState\x12\x1e.opscore.v1.ReportStateRequest\x1a\x1f.opscore.v1.ReportStateResponse\x12\x45\n\x08GetAgent\x12\x1b.opscore.v1.GetAgentRequest\x1a\x1c.opscore.v1.GetAgentResponse\x12K\n\nListAgents\x12\x1d.opscore.v1.ListAgentsRequest\x1a\x1e.opscore.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n opscore/v1/agent_lifecycle.proto\x12\nopscore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16opscore/v1/agent.proto\"\x86\x02\n\x14RegisterAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0c\x63\x61pabilities\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.opscore.v1.RegisterAgentRequest.LabelsEntry\x12\"\n\x14max_concurrent_tasks\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x15RegisterAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\x12\x19\n\x0b\x61gent_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"0\n\x16\x44\x65registerAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x19\n\x17\x44\x65registerAgentResponse\"*\n\x10HeartbeatRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"D\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x12ReportStateRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.opscore.v1.ReportedAgentStateB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x64\x65tail\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"7\n\x13ReportStateResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\")\n\x0fGetAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetAgentResponse\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.opscore.v1.Agent\"\x8d\x01\n\x11ListAgentsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x16.opscore.v1.AgentStateB\x04\xe2\x41\x01\x01\x12\x18\n\ncapability\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.opscore.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf0\x03\n\x0e\x41gentLifecycle\x12T\n\rRegisterAgent\x12 .opscore.v1.RegisterAgentRequest\x1a!.opscore.v1.RegisterAgentResponse\x12Z\n\x0f\x44\x65registerAgent\x12\".opscore.v1.DeregisterAgentRequest\x1a#.opscore.v1.DeregisterAgentResponse\x12H\n\tHeartbeat\x12\x1c.opscore.v1.HeartbeatRequest\x1a\x1d.opscore.v1.HeartbeatResponse\x12N\n\x0bReportState\x12\x1e.opscore.v1.ReportStateRequest\x1a\x1f.opscore.v1.ReportStateResponse\x12\x45\n\x08GetAgent\x12\x1b.opscore.v1.GetAgentRequest\x1a\x1c.opscore.v1.GetAgentResponse\x12K\n\nListAgents\x12\x1d.opscore.v1.ListAgentsRequest\x1a\x1e.opscore.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,6 +46,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERAGENTREQUEST'].fields_by_name['capabilities']._serialized_options = b'\342A\001\001'
   _globals['_REGISTERAGENTREQUEST'].fields_by_name['max_concurrent_tasks']._loaded_options = None
   _globals['_REGISTERAGENTREQUEST'].fields_by_name['max_concurrent_tasks']._serialized_options = b'\342A\001\001'
+  _globals['_REGISTERAGENTRESPONSE'].fields_by_name['agent_token']._loaded_options = None
+  _globals['_REGISTERAGENTRESPONSE'].fields_by_name['agent_token']._serialized_options = b'\342A\001\003'
   _globals['_DEREGISTERAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
   _globals['_DEREGISTERAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
   _globals['_HEARTBEATREQUEST'].fields_by_name['agent_id']._loaded_options = None
@@ -71,27 +73,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_start=356
   _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_end=401
   _globals['_REGISTERAGENTRESPONSE']._serialized_start=403
-  _globals['_REGISTERAGENTRESPONSE']._serialized_end=460
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=462
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=510
-  _globals['_DEREGISTERAGENTRESPONSE']._serialized_start=512
-  _globals['_DEREGISTERAGENTRESPONSE']._serialized_end=537
-  _globals['_HEARTBEATREQUEST']._serialized_start=539
-  _globals['_HEARTBEATREQUEST']._serialized_end=581
-  _globals['_HEARTBEATRESPONSE']._serialized_start=583
-  _globals['_HEARTBEATRESPONSE']._serialized_end=651
-  _globals['_REPORTSTATEREQUEST']._serialized_start=653
-  _globals['_REPORTSTATEREQUEST']._serialized_end=772
-  _globals['_REPORTSTATERESPONSE']._serialized_start=774
-  _globals['_REPORTSTATERESPONSE']._serialized_end=829
-  _globals['_GETAGENTREQUEST']._serialized_start=831
-  _globals['_GETAGENTREQUEST']._serialized_end=872
-  _globals['_GETAGENTRESPONSE']._serialized_start=874
-  _globals['_GETAGENTRESPONSE']._serialized_end=926
-  _globals['_LISTAGENTSREQUEST']._serialized_start=929
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1070
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1072
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1152
-  _globals['_AGENTLIFECYCLE']._serialized_start=1155
-  _globals['_AGENTLIFECYCLE']._serialized_end=1651
+  _globals['_REGISTERAGENTRESPONSE']._serialized_end=487
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=489
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=537
+  _globals['_DEREGISTERAGENTRESPONSE']._serialized_start=539
+  _globals['_DEREGISTERAGENTRESPONSE']._serialized_end=564
+  _globals['_HEARTBEATREQUEST']._serialized_start=566
+  _globals['_HEARTBEATREQUEST']._serialized_end=608
+  _globals['_HEARTBEATRESPONSE']._serialized_start=610
+  _globals['_HEARTBEATRESPONSE']._serialized_end=678
+  _globals['_REPORTSTATEREQUEST']._serialized_start=680
+  _globals['_REPORTSTATEREQUEST']._serialized_end=799
+  _globals['_REPORTSTATERESPONSE']._serialized_start=801
+  _globals['_REPORTSTATERESPONSE']._serialized_end=856
+  _globals['_GETAGENTREQUEST']._serialized_start=858
+  _globals['_GETAGENTREQUEST']._serialized_end=899
+  _globals['_GETAGENTRESPONSE']._serialized_start=901
+  _globals['_GETAGENTRESPONSE']._serialized_end=953
+  _globals['_LISTAGENTSREQUEST']._serialized_start=956
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1097
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1099
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1179
+  _globals['_AGENTLIFECYCLE']._serialized_start=1182
+  _globals['_AGENTLIFECYCLE']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

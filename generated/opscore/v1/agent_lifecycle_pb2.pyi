@@ -88,11 +88,17 @@ Global___RegisterAgentRequest: _TypeAlias = RegisterAgentRequest  # noqa: Y015
 
 @_typing.final
 class RegisterAgentResponse(_message.Message):
-    """RegisterAgentResponse carries the registered agent."""
+    """RegisterAgentResponse carries the registered agent and its new token."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
+    AGENT_TOKEN_FIELD_NUMBER: _builtins.int
+    agent_token: _builtins.str
+    """The agent's new token, for `authorization: Bearer <token>` on the calls it makes as itself.
+    Shown once: the server keeps only a digest. The agent's earlier token stops working now, and
+    a task stream opened with it is closed.
+    """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
         """The agent as stored, with its id."""
@@ -101,10 +107,11 @@ class RegisterAgentResponse(_message.Message):
         self,
         *,
         agent: _agent_pb2.Agent | None = ...,
+        agent_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_token", b"agent_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

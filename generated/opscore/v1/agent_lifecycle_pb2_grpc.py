@@ -73,6 +73,7 @@ class AgentLifecycleServicer:
 
     def RegisterAgent(self, request, context):
         """Registers an agent, or updates the information of an already registered one (idempotent: agents restart).
+        Each registration issues a new agent token and revokes the agent's earlier one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,9 @@ class AgentLifecycleStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentLifecycleAsyncStub: ...
     RegisterAgent: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.RegisterAgentRequest, _agent_lifecycle_pb2.RegisterAgentResponse]
-    """Registers an agent, or updates the information of an already registered one (idempotent: agents restart)."""
+    """Registers an agent, or updates the information of an already registered one (idempotent: agents restart).
+    Each registration issues a new agent token and revokes the agent's earlier one.
+    """
     DeregisterAgent: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.DeregisterAgentRequest, _agent_lifecycle_pb2.DeregisterAgentResponse]
     """Removes an agent: its task stream closes and the tasks it held go back to the queue."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.HeartbeatRequest, _agent_lifecycle_pb2.HeartbeatResponse]
@@ -52,7 +54,9 @@ class AgentLifecycleAsyncStub(AgentLifecycleStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterAgent: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.RegisterAgentRequest, _agent_lifecycle_pb2.RegisterAgentResponse]  # type: ignore[assignment]
-    """Registers an agent, or updates the information of an already registered one (idempotent: agents restart)."""
+    """Registers an agent, or updates the information of an already registered one (idempotent: agents restart).
+    Each registration issues a new agent token and revokes the agent's earlier one.
+    """
     DeregisterAgent: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.DeregisterAgentRequest, _agent_lifecycle_pb2.DeregisterAgentResponse]  # type: ignore[assignment]
     """Removes an agent: its task stream closes and the tasks it held go back to the queue."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.HeartbeatRequest, _agent_lifecycle_pb2.HeartbeatResponse]  # type: ignore[assignment]
@@ -73,7 +77,9 @@ class AgentLifecycleServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_lifecycle_pb2.RegisterAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_lifecycle_pb2.RegisterAgentResponse, _abc.Awaitable[_agent_lifecycle_pb2.RegisterAgentResponse]]:
-        """Registers an agent, or updates the information of an already registered one (idempotent: agents restart)."""
+        """Registers an agent, or updates the information of an already registered one (idempotent: agents restart).
+        Each registration issues a new agent token and revokes the agent's earlier one.
+        """
 
     @_abc_1.abstractmethod
     def DeregisterAgent(

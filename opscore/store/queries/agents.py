@@ -71,6 +71,7 @@ _UPDATE_REGISTRATION = (
         version=bindparam("b_version"),
         labels=bindparam("b_labels", type_=AGENTS.c.labels.type),
         max_concurrent_tasks=bindparam("b_max_concurrent_tasks"),
+        token_digest=bindparam("b_token_digest"),
         last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
         # Registering again lifts a quarantine (an agent that restarts starts afresh).
         reported_state=case(
@@ -82,6 +83,7 @@ _UPDATE_REGISTRATION = (
     )
 )
 _INSERT_AGENT = insert(AGENTS)
+_TOKENS = select(AGENTS.c.agent_id, AGENTS.c.token_digest).where(AGENTS.c.token_digest.is_not(None))
 _DELETE_CAPABILITIES = delete(CAPABILITIES).where(
     CAPABILITIES.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
 )
@@ -126,6 +128,7 @@ class NewRegistration:
     """An agent's registration, as the store writes it."""
 
     registration: AgentRegistration
+    token_digest: str
     now: datetime
     on_commit: OnCommit[Agent]
 
@@ -147,12 +150,17 @@ class Agents:
         self._shared = shared
 
     async def register_agent(
-        self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
+        self,
+        registration: AgentRegistration,
+        token_digest: str,
+        now: datetime,
+        on_commit: OnCommit[Agent],
     ) -> Agent:
-        """Insert the agent, or update its information keeping its history and tasks.
-        Set-based: every registration of a batch is written by one `_register_agents` (a fleet
-        registers all at once when a server restarts)."""
-        request = NewRegistration(registration, now, on_commit)
+        """Insert the agent, or update its information keeping its history and tasks; its
+        token's digest becomes `token_digest`. Set-based: every registration of a batch is
+        written by one `_register_agents` (a fleet registers all at once when a server
+        restarts)."""
+        request = NewRegistration(registration, token_digest, now, on_commit)
         agent: Agent = await self._shared.writer.submit_grouped(self._register_agents, request)
         return agent
 
@@ -178,6 +186,12 @@ class Agents:
         for index, (tx, request) in enumerate(requests):
             tx.after_commit(functools.partial(request.on_commit, outcomes[index]))
         return [outcomes[index] for index in range(len(requests))]
+
+    async def token_digests(self) -> list[tuple[str, str]]:
+        """Every agent's id and the digest of its current token."""
+        return await self._shared.read(
+            lambda conn: [(row.agent_id, row.token_digest) for row in conn.execute(_TOKENS)]
+        )
 
     async def touch_agent(self, agent_id: str, now: datetime) -> None:
         """Record that the agent was heard from (a heartbeat)."""
@@ -484,6 +498,7 @@ def _write_registrations(conn: Connection, registering: list[tuple[str, NewRegis
             "version": registration.version,
             "labels": registration.labels,
             "max_concurrent_tasks": registration.max_concurrent_tasks,
+            "token_digest": request.token_digest,
         }
         if agent_id in existing:
             updates.append(
