@@ -156,6 +156,7 @@ class MemoryStore:
     def __init__(self, rules: Rules) -> None:
         self._rules = rules
         self._agents: dict[str, _Agent] = {}
+        self._token_digests: dict[str, str] = {}
         self._definitions: dict[str, WorkflowDefinition] = {}
         self._definition_requests: dict[str, str] = {}
         self._runs: dict[str, _Run] = {}
@@ -259,9 +260,14 @@ class MemoryStore:
     # Agents ------------------------------------------------------------------------------
 
     async def register_agent(
-        self, registration: AgentRegistration, now: datetime, on_commit: OnCommit[Agent]
+        self,
+        registration: AgentRegistration,
+        token_digest: str,
+        now: datetime,
+        on_commit: OnCommit[Agent],
     ) -> Agent:
         agent_id = registration.agent_id or new_id()
+        self._token_digests[agent_id] = token_digest
         capabilities = tuple(sorted(set(registration.capabilities)))
         found = self._agents.get(agent_id)
         if found is None:
@@ -285,10 +291,14 @@ class MemoryStore:
             found.quarantined, found.lease_expiries = False, 0
         return self._write(self._agent(agent_id), on_commit)
 
+    async def token_digests(self) -> list[tuple[str, str]]:
+        return list(self._token_digests.items())
+
     async def deregister_agent(
         self, agent_id: str, now: datetime, on_commit: OnCommit[Effects]
     ) -> None:
         self._agent_of(agent_id)
+        self._token_digests.pop(agent_id, None)
         moved = sorted(
             {
                 task.row.run_id

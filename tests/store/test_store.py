@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from opscore.api.convert import WireSizes
+from opscore.domain.credentials import issue_agent_token
 from opscore.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResultConflict
 from opscore.domain.models import (
     AgentRegistration,
@@ -141,6 +142,7 @@ async def register(
         AgentRegistration(
             agent_id, capabilities=capabilities, labels=labels or {}, max_concurrent_tasks=slots
         ),
+        token(),
         NOW,
         ignore,
     )
@@ -161,6 +163,7 @@ async def test_register_updates_in_place_and_keeps_history(store: Store) -> None
     later = NOW + timedelta(hours=1)
     agent = await store.agents.register_agent(
         AgentRegistration("a1", name="renamed", capabilities=("gpu",), labels={"zone": "eu"}),
+        token(),
         later,
         ignore,
     )
@@ -172,8 +175,23 @@ async def test_register_updates_in_place_and_keeps_history(store: Store) -> None
     assert agent.registered_at.tzinfo is not None
 
 
+def token() -> str:
+    """The digest of a new agent token."""
+    return issue_agent_token()[1]
+
+
+async def test_each_agent_keeps_the_digest_of_its_latest_token(store: Store) -> None:
+    first, second, other = token(), token(), token()
+    await store.agents.register_agent(AgentRegistration("a"), first, NOW, ignore)
+    await store.agents.register_agent(AgentRegistration("b"), other, NOW, ignore)
+    await store.agents.register_agent(AgentRegistration("a"), second, NOW, ignore)
+    assert sorted(await store.agents.token_digests()) == [("a", second), ("b", other)]
+    await store.agents.deregister_agent("a", NOW, ignore)
+    assert await store.agents.token_digests() == [("b", other)]
+
+
 async def test_server_assigns_an_agent_id_when_none_given(store: Store) -> None:
-    agent = await store.agents.register_agent(AgentRegistration(""), NOW, ignore)
+    agent = await store.agents.register_agent(AgentRegistration(""), token(), NOW, ignore)
     assert agent.agent_id
     assert (await store.agents.get_agent(agent.agent_id)).agent_id == agent.agent_id
 
@@ -448,12 +466,15 @@ async def test_registrations_in_one_batch_each_get_their_own(store: Store) -> No
     registered = await asyncio.gather(
         *(
             store.agents.register_agent(
-                AgentRegistration(f"r{index}", capabilities=(f"c{index}", "shared")), NOW, ignore
+                AgentRegistration(f"r{index}", capabilities=(f"c{index}", "shared")),
+                token(),
+                NOW,
+                ignore,
             )
             for index in range(20)
         ),
         store.agents.register_agent(
-            AgentRegistration("r0", name="again", capabilities=("x",)), NOW, ignore
+            AgentRegistration("r0", name="again", capabilities=("x",)), token(), NOW, ignore
         ),
     )
     assert writer.batches - batches < 5

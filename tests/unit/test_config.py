@@ -136,8 +136,9 @@ def test_db_upgrade_of_a_held_database_exits_with_status_1(
 
 
 def test_serve_on_a_taken_address_exits_with_status_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("OPSCORE_OPERATOR_TOKEN", "an-operator-token-of-some-length")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
