@@ -32,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the gRPC server")
     serve_cmd.add_argument("--listen", help="host:port to bind (env OPSCORE_LISTEN)")
     serve_cmd.add_argument("--db", dest="db_url", help="database URL (env OPSCORE_DB)")
+    serve_cmd.add_argument(
+        "--tls-cert", help="PEM certificate (chain) to serve TLS with (env OPSCORE_TLS_CERT)"
+    )
+    serve_cmd.add_argument("--tls-key", help="PEM key of --tls-cert (env OPSCORE_TLS_KEY)")
+    serve_cmd.add_argument(
+        "--tls-client-ca",
+        help="PEM authorities whose client certificates are required (env OPSCORE_TLS_CLIENT_CA)",
+    )
     db_cmd = commands.add_parser("db", help="database maintenance")
     db_commands = db_cmd.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
@@ -71,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = config.load(
-            listen=getattr(args, "listen", None), db_url=getattr(args, "db_url", None)
+            listen=getattr(args, "listen", None),
+            db_url=getattr(args, "db_url", None),
+            tls_cert=getattr(args, "tls_cert", None),
+            tls_key=getattr(args, "tls_key", None),
+            tls_client_ca=getattr(args, "tls_client_ca", None),
         )
         run = runner(settings.event_loop)
     except ValueError as error:

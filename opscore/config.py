@@ -66,6 +66,16 @@ class Settings:
     work, and seconds it may take nothing while messages wait before it is closed."""
     quarantine_after: int = QUARANTINE_AFTER
     """Lease expiries in a row after which an agent is put in ERROR (quarantined)."""
+    tls_cert: str = ""
+    """PEM file of the server's certificate (and the intermediates after it): serve TLS; ""
+    serves plaintext. Needs `tls_key`."""
+    tls_key: str = ""
+    """PEM file of the certificate's private key, unencrypted."""
+    tls_client_ca: str = ""
+    """PEM file of the authorities whose client certificates are required (mutual TLS); ""
+    requires none. Needs `tls_cert`."""
+    tls_reload_interval: float = 10.0
+    """Seconds between looks at the TLS files: new connections get the files as changed."""
 
     def rules(self) -> StateMachine:
         """The state machine, with the defaults for what a task's spec leaves unset."""
@@ -143,6 +153,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_STREAM_BUFFER_BYTES": ("streams.max_bytes", _positive_int),
     "OPSCORE_STREAM_STALL_TIMEOUT": ("streams.stall_timeout", _positive_float),
     "OPSCORE_QUARANTINE_LEASE_EXPIRIES": ("quarantine_after", _positive_int),
+    "OPSCORE_TLS_CERT": ("tls_cert", str),
+    "OPSCORE_TLS_KEY": ("tls_key", str),
+    "OPSCORE_TLS_CLIENT_CA": ("tls_client_ca", str),
+    "OPSCORE_TLS_RELOAD_INTERVAL": ("tls_reload_interval", _positive_float),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""

@@ -1,7 +1,8 @@
-"""The server's life: check its address, own its database, migrate, recover, serve (the two
-services, health and reflection on one port), and on a signal drain and stop. Background work (the
-writer, the dispatcher) runs as supervised tasks: if one fails, the failure is logged and the
-server stops rather than limp on without it.
+"""The server's life: check its address and TLS files, own its database, migrate, recover,
+serve (the two services, health and reflection on one port, plaintext or over TLS: see
+opscore/tls.py), and on a signal drain and stop. Background work (the writer, the dispatcher,
+the TLS reload) runs as supervised tasks: if one fails, the failure is logged and the server
+stops rather than limp on without it.
 
 Health follows storage: every service turns NOT_SERVING while the database fails and SERVING
 again when it works (see `StorageHealth`). Storage faults that come and go are waited out; one
@@ -42,6 +43,7 @@ from opscore.store.ownership import Holder, OwnershipLost
 from opscore.store.queries import Store
 from opscore.store.space import reserve_for
 from opscore.store.writer import Writer
+from opscore.tls import ServerTls, TlsFiles
 from opscore.v1 import (
     agent_lifecycle_pb2,
     agent_lifecycle_pb2_grpc,
@@ -69,6 +71,7 @@ class OpsCoreServer:
         """How to undo what `start` took, pushed as it is taken: `_drain` (or a failed start)
         undoes it in reverse, the port first and the database's ownership last."""
         self._stopping: asyncio.Task[None] | None = None
+        self._tls: ServerTls | None = None
 
     async def start(self) -> int:
         """Check the address, own the database, migrate, recover and start serving; returns the
@@ -85,6 +88,8 @@ class OpsCoreServer:
         settings = self.settings
         resources = self._resources
         refuse_taken(settings.listen)  # before the database is touched
+        tls = TlsFiles.chosen(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self._tls = None if tls is None else ServerTls(tls)
 
         database = name_of(settings.db_url)
         with failing_as(f"cannot open the database {database}", database=database):
@@ -130,11 +135,14 @@ class OpsCoreServer:
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
         resources.push_async_callback(self._grpc.stop, settings.shutdown_grace)
         try:
-            self.port = self._grpc.add_insecure_port(settings.listen)
+            self.port = self._bind(settings.listen)
         except RuntimeError as error:  # taken since it was checked, or no address at all
             raise StartupError(
                 f"cannot listen on {settings.listen}", str(error), address=settings.listen
             ) from error
+        if self._tls is not None:
+            reloads = self._supervise(self._tls.watch(settings.tls_reload_interval), "tls reload")
+            resources.push_async_callback(_cancel, [reloads])
         agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
             AgentLifecycleServicer(self.engine), self._grpc
         )
@@ -169,6 +177,17 @@ class OpsCoreServer:
                 "throughput; unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION to use upb",
                 extra={"protobuf": protobuf},
             )
+
+    def _bind(self, address: str) -> int:
+        if self._tls is None:
+            return self._grpc.add_insecure_port(address)
+        return self._grpc.add_secure_port(address, self._tls.credentials)
+
+    def reload(self) -> None:
+        """Read the TLS files again, changed or not (on SIGHUP): new connections get them if
+        they load, and nothing changes for connections already open (see opscore.tls)."""
+        if self._tls is not None:
+            self._tls.reload(force=True)
 
     def _options(self) -> list[tuple[str, Any]]:
         settings = self.settings
@@ -267,7 +286,8 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def serve(settings: Settings) -> int:
-    """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1)."""
+    """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1); SIGHUP
+    reloads its TLS files."""
     server = OpsCoreServer(settings)
     await server.start()
     # What exists now (modules, the schema, the recovered queue) lives as long as the process:
@@ -278,6 +298,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(server.wait_for_failure())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
