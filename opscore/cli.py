@@ -13,12 +13,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
 from typing import Any, TypeVar
 
-from opscore import config, logs
-from opscore.server import serve
-from opscore.startup import StartupError, failing_as
-from opscore.store import migrate, ownership
-from opscore.store.database import name_of, open_database
-from opscore.store.ownership import Holder
+# gRPC's core writes a plain-text line for every failed TLS handshake, which anyone who reaches
+# the port can cause: the log stays one JSON object a line. Read once, when grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from opscore import config, logs  # noqa: E402
+from opscore.server import serve  # noqa: E402
+from opscore.startup import StartupError, failing_as  # noqa: E402
+from opscore.store import migrate, ownership  # noqa: E402
+from opscore.store.database import name_of, open_database  # noqa: E402
+from opscore.store.ownership import Holder  # noqa: E402
 
 T = TypeVar("T")
 
@@ -50,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="allow authentication off on an address other machines can reach",
     )
+    serve_cmd.add_argument(
+        "--tls-cert", help="PEM certificate (chain) to serve TLS with (env OPSCORE_TLS_CERT)"
+    )
+    serve_cmd.add_argument("--tls-key", help="PEM key of --tls-cert (env OPSCORE_TLS_KEY)")
+    serve_cmd.add_argument(
+        "--tls-client-ca",
+        help="PEM authorities whose client certificates are required (env OPSCORE_TLS_CLIENT_CA)",
+    )
     db_cmd = commands.add_parser("db", help="database maintenance")
     db_commands = db_cmd.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
@@ -64,6 +76,9 @@ _SERVE_FLAGS = (
     "operator_token_file",
     "registration_token_file",
     "insecure",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
 )
 """The flags of `serve` (and `db upgrade`, which has some of them) that override settings."""
 

@@ -106,6 +106,16 @@ class Settings:
     insecure: bool = False
     """Serve with authentication off on an address other machines can reach (refused
     otherwise)."""
+    tls_cert: str = ""
+    """PEM file of the server's certificate (and the intermediates after it): serve TLS; ""
+    serves plaintext. Needs `tls_key`."""
+    tls_key: str = ""
+    """PEM file of the certificate's private key, unencrypted."""
+    tls_client_ca: str = ""
+    """PEM file of the authorities whose client certificates are required (mutual TLS); ""
+    requires none. Needs `tls_cert`."""
+    tls_reload_interval: float = 10.0
+    """Seconds between looks at the TLS files: new connections get the files as changed."""
 
     def rules(self) -> StateMachine:
         """The state machine, with the defaults for what a task's spec leaves unset."""
@@ -124,7 +134,7 @@ class Settings:
                 self.registration_token,
                 self.registration_token_file,
             ),
-            client_ca=False,
+            client_ca=bool(self.tls_client_ca),
             insecure=self.insecure,
         )
 
@@ -226,6 +236,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_REGISTRATION_TOKEN": ("registration_token", str),
     "OPSCORE_REGISTRATION_TOKEN_FILE": ("registration_token_file", str),
     "OPSCORE_INSECURE": ("insecure", _flag),
+    "OPSCORE_TLS_CERT": ("tls_cert", str),
+    "OPSCORE_TLS_KEY": ("tls_key", str),
+    "OPSCORE_TLS_CLIENT_CA": ("tls_client_ca", str),
+    "OPSCORE_TLS_RELOAD_INTERVAL": ("tls_reload_interval", _positive_float),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""

@@ -1,7 +1,8 @@
-"""The server's life: check its address, own its database, migrate, recover, serve (the two
-services, health and reflection on one port), and on a signal drain and stop. Background work (the
-writer, the dispatcher) runs as supervised tasks: if one fails, the failure is logged and the
-server stops rather than limp on without it.
+"""The server's life: check its address and TLS files, own its database, migrate, recover,
+serve (the two services, health and reflection on one port, plaintext or over TLS: see
+opscore/tls.py), and on a signal drain and stop. Background work (the writer, the dispatcher,
+the TLS reload) runs as supervised tasks: if one fails, the failure is logged and the server
+stops rather than limp on without it.
 
 Health follows storage: every service turns NOT_SERVING while the database fails and SERVING
 again when it works (see `StorageHealth`). Storage faults that come and go are waited out; one
@@ -45,6 +46,7 @@ from opscore.store.ownership import Holder, OwnershipLost
 from opscore.store.queries import Store
 from opscore.store.space import reserve_for
 from opscore.store.writer import Writer
+from opscore.tls import ServerTls, TlsFiles
 from opscore.v1 import (
     agent_lifecycle_pb2,
     agent_lifecycle_pb2_grpc,
@@ -72,6 +74,7 @@ class OpsCoreServer:
         """How to undo what `start` took, pushed as it is taken: `_drain` (or a failed start)
         undoes it in reverse, the port first and the database's ownership last."""
         self._stopping: asyncio.Task[None] | None = None
+        self._tls: ServerTls | None = None
 
     async def start(self) -> int:
         """Check the address, own the database, migrate, recover and start serving; returns the
@@ -92,6 +95,8 @@ class OpsCoreServer:
         agent_tokens = AgentTokens()
         self.authority = self._auth.authority(settings.listen, agent_tokens)
         refuse_taken(settings.listen)  # before the database is touched
+        tls = TlsFiles.chosen(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self._tls = None if tls is None else ServerTls(tls)
 
         database = name_of(settings.db_url)
         with failing_as(f"cannot open the database {database}", database=database):
@@ -135,6 +140,19 @@ class OpsCoreServer:
         ]
         resources.push_async_callback(_cancel, loops)
 
+        self._listen(clock)
+        await self._grpc.start()
+        await self._publish_health(serving=True)
+        # It probes storage through the writer: stopped before the writer is.
+        watch = self._storage.watch(self._publish_health, store.probe)
+        resources.push_async_callback(_cancel, [self._supervise(watch, "storage health")])
+        self._log_started()
+
+    def _listen(self, clock: Clock) -> None:
+        """The gRPC server: its interceptors, its port (TLS when configured) and its services."""
+        settings = self.settings
+        resources = self._resources
+        assert self.engine is not None
         # Errors outside access: a refusal is mapped to its status like any domain error.
         access = AccessInterceptor(self.authority, self._capacity(clock))
         self._grpc = grpc.aio.server(
@@ -144,11 +162,14 @@ class OpsCoreServer:
         )
         resources.push_async_callback(self._grpc.stop, settings.shutdown_grace)
         try:
-            self.port = self._grpc.add_insecure_port(settings.listen)
+            self.port = self._bind(settings.listen)
         except RuntimeError as error:  # taken since it was checked, or no address at all
             raise StartupError(
                 f"cannot listen on {settings.listen}", str(error), address=settings.listen
             ) from error
+        if self._tls is not None:
+            reloads = self._supervise(self._tls.watch(settings.tls_reload_interval), "tls reload")
+            resources.push_async_callback(_cancel, [reloads])
         agent_lifecycle_pb2_grpc.add_AgentLifecycleServicer_to_server(
             AgentLifecycleServicer(self.engine), self._grpc
         )
@@ -160,16 +181,13 @@ class OpsCoreServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        await self._grpc.start()
-        await self._publish_health(serving=True)
-        # It probes storage through the writer: stopped before the writer is.
-        watch = self._storage.watch(self._publish_health, store.probe)
-        resources.push_async_callback(_cancel, [self._supervise(watch, "storage health")])
+
+    def _log_started(self) -> None:
         protobuf = api_implementation.Type()
         log.info(
             "server started",
             extra={
-                "listen": settings.listen,
+                "listen": self.settings.listen,
                 "port": self.port,
                 "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                 "protobuf": protobuf,
@@ -204,9 +222,18 @@ class OpsCoreServer:
             return None
         return settings.max_streams + 2 * settings.max_concurrent_calls
 
+    def _bind(self, address: str) -> int:
+        if self._tls is None:
+            return self._grpc.add_insecure_port(address)
+        return self._grpc.add_secure_port(address, self._tls.credentials)
+
     def reload(self) -> None:
-        """Reread the token files (SIGHUP): tokens added work at once, tokens removed stop."""
+        """Read the token files and the TLS files again, changed or not (SIGHUP): tokens added
+        work at once and tokens removed stop; new connections get the certificates if they
+        load, and nothing changes for connections already open (see opscore.tls)."""
         self._auth.reload(self.authority)
+        if self._tls is not None:
+            self._tls.reload(force=True)
 
     def _options(self) -> list[tuple[str, Any]]:
         settings = self.settings
@@ -305,7 +332,8 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def serve(settings: Settings) -> int:
-    """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1)."""
+    """Run a server until SIGINT/SIGTERM (exit status 0) or a background failure (1); SIGHUP
+    reloads its TLS files."""
     server = OpsCoreServer(settings)
     await server.start()
     # What exists now (modules, the schema, the recovered queue) lives as long as the process:

@@ -3,7 +3,6 @@ certificate under mutual TLS (read from gRPC's auth context)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -23,15 +22,19 @@ def peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> Certificate | None:
-    """The client certificate the TLS handshake verified, if there was one: its subject (or
-    common name) and its URI subject alternative names (gRPC's `peer_uri` property)."""
+    """The client certificate the TLS handshake verified, or None if the call came with none
+    (plaintext, or TLS without a client certificate).
+
+    gRPC's auth context of a call over TLS holds `transport_security_type` (`ssl`),
+    `security_level`, `ssl_session_reused`, `ssl_requested_server_name`, `ssl_tls_version` and
+    `ssl_negotiated_key_exchange_group`, and, with a client certificate, `x509_subject` (one
+    value), `x509_common_name`, `x509_pem_cert`, `x509_subject_alternative_name` (every SAN,
+    DNS names and URIs alike, with no kind) and `peer_uri` (the URI SANs alone), in the
+    certificate's order. It holds nothing on a plaintext call.
+    """
     properties = context.auth_context()
-    if not properties.get("x509_pem_cert") and not properties.get("x509_common_name"):
+    subject = list(properties.get("x509_subject", ()))
+    if not subject:
         return None
-    subject = _first(properties.get("x509_subject")) or _first(properties.get("x509_common_name"))
-    uris = tuple(value.decode() for value in properties.get("peer_uri", ()))
-    return Certificate(subject or "(no subject)", uris)
-
-
-def _first(values: Iterable[bytes] | None) -> str:
-    return next((value.decode() for value in values or ()), "")
+    uris = tuple(uri.decode() for uri in properties.get("peer_uri", ()))
+    return Certificate(subject[0].decode(), uris)

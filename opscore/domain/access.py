@@ -16,7 +16,6 @@ With authentication off every caller is an operator, known by its address.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opscore.domain.credentials import AgentTokens, TokenSet, digest
@@ -69,7 +68,9 @@ class Certificate:
     """What a verified client certificate says of its holder."""
 
     subject: str
-    uris: Sequence[str]
+    """Its subject, e.g. `CN=agent-1,O=Example`."""
+    uris: tuple[str, ...]
+    """Its URI subject alternative names, e.g. `opscore://agent/agent-1`."""
 
 
 def _from_certificate(certificate: Certificate) -> Caller | None:

@@ -64,17 +64,17 @@ def test_no_credentials_are_refused_and_off_lets_everyone_operate() -> None:
 
 def test_certificates_name_agents_and_operators_by_uri() -> None:
     made = authority()
-    agent = made.identify(None, Certificate("CN=x", ["spiffe://x/y", "opscore://agent/a-1"]), "h")
+    agent = made.identify(None, Certificate("CN=x", ("spiffe://x/y", "opscore://agent/a-1")), "h")
     assert (agent.role, agent.agent_id, agent.certified) == (Role.AGENT, "a-1", True)
-    operator = made.identify(None, Certificate("CN=y", ["opscore://operator/alice"]), "h")
+    operator = made.identify(None, Certificate("CN=y", ("opscore://operator/alice",)), "h")
     assert (operator.role, operator.name) == (Role.OPERATOR, "operator:alice")
-    for uris in ([], ["opscore://agent/"], ["opscore://agent/a/b"], ["opscore://other/x"]):
+    for uris in ((), ("opscore://agent/",), ("opscore://agent/a/b",), ("opscore://other/x",)):
         with pytest.raises(Unauthenticated, match="names no agent or operator"):
             made.identify(None, Certificate("CN=z", uris), "h")
 
 
 def test_a_token_decides_over_a_certificate() -> None:
-    caller = authority().identify(REGISTRAR, Certificate("CN=a", ["opscore://agent/a"]), "h")
+    caller = authority().identify(REGISTRAR, Certificate("CN=a", ("opscore://agent/a",)), "h")
     assert caller.role is Role.REGISTRAR
 
 
