@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 # the port can cause: the log stays one JSON object a line. Read once, when grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from opscore import config, logs  # noqa: E402
-from opscore.server import serve  # noqa: E402
-from opscore.startup import StartupError, failing_as  # noqa: E402
-from opscore.store import migrate, ownership  # noqa: E402
-from opscore.store.database import name_of, open_database  # noqa: E402
-from opscore.store.ownership import Holder  # noqa: E402
+from opscore import config, logs
+from opscore.server import serve
+from opscore.startup import StartupError, failing_as
+from opscore.store import migrate, ownership
+from opscore.store.database import name_of, open_database
+from opscore.store.ownership import Holder
 
 T = TypeVar("T")
 
