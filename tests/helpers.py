@@ -172,12 +172,13 @@ class Agent:
         """Events received on the current stream (the one `connect` opened last)."""
         self._arrived = asyncio.Event()
 
-    async def connect(self) -> None:
-        """Open the task stream and wait until the server counts the agent as connected."""
+    async def connect(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """Open the task stream (with `metadata`'s credentials instead of the channel's, if it
+        has some) and wait until the server counts the agent as connected."""
         self.stream_ended.clear()
         self.received = 0
         self._call = self.client.workflows.StreamTasks(
-            workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id)
+            workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id), metadata=metadata
         )
         self._reader = asyncio.create_task(self._read(self._call))
         async with asyncio.timeout(WAIT):

@@ -335,7 +335,8 @@ async def test_task_stays_queued_until_capable_agent_connects(client: Client) ->
 
 async def test_second_stream_replaces_the_first(client: Client) -> None:
     first = await client.agent("twin", capabilities=["x"])
-    second = await client.agent("twin", capabilities=["x"])  # same agent, a new stream
+    second = Agent(client, "twin")  # same agent, a new stream
+    await second.connect()
     async with asyncio.timeout(SHORT):
         await first.stream_ended.wait()
     assert first.stream_error is not None
@@ -351,6 +352,7 @@ async def test_second_stream_replaces_the_first(client: Client) -> None:
     await second.complete(assignment)
     await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
     assert (await second.get()).connected
+    await second.disconnect()
 
 
 async def test_cancelled_stream_makes_agent_offline(client: Client) -> None:

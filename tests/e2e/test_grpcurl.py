@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import auth
 import pytest
 
 from opscore.server import OpsCoreServer
@@ -24,6 +25,7 @@ WAIT = 10.0
 """Seconds any one grpcurl run may take before the test fails."""
 
 INVALID_ARGUMENT = 3
+UNAUTHENTICATED = 16
 
 
 async def finish(process: asyncio.subprocess.Process, wait: float = WAIT) -> tuple[str, str]:
@@ -37,11 +39,19 @@ async def finish(process: asyncio.subprocess.Process, wait: float = WAIT) -> tup
     return out.decode(), err.decode()
 
 
+def credentials(token: str) -> list[str]:
+    """grpcurl's flags that send `token` as the call's bearer token."""
+    return ["-H", f"authorization: Bearer {token}"]
+
+
 async def grpcurl(
-    server: OpsCoreServer, *args: str, data: dict[str, Any] | None = None
+    server: OpsCoreServer,
+    *args: str,
+    data: dict[str, Any] | None = None,
+    token: str = auth.OPERATOR_TOKEN,
 ) -> tuple[int, str, str]:
-    """Run grpcurl against `server`: exit status, stdout, stderr."""
-    flags = ["-plaintext", "-max-time", str(int(WAIT))]
+    """Run grpcurl against `server` with `token`: exit status, stdout, stderr."""
+    flags = ["-plaintext", "-max-time", str(int(WAIT)), *credentials(token)]
     if data is not None:
         flags += ["-d", json.dumps(data)]
     process = await asyncio.create_subprocess_exec(
@@ -58,9 +68,11 @@ async def grpcurl(
     return process.returncode, out, err
 
 
-async def call(server: OpsCoreServer, method: str, data: dict[str, Any]) -> dict[str, Any]:
-    """A unary call that must succeed; its response as JSON."""
-    code, out, err = await grpcurl(server, method, data=data)
+async def call(
+    server: OpsCoreServer, method: str, data: dict[str, Any], token: str = auth.OPERATOR_TOKEN
+) -> dict[str, Any]:
+    """A unary call with `token` that must succeed; its response as JSON."""
+    code, out, err = await grpcurl(server, method, data=data, token=token)
     assert code == 0, f"{method} failed ({code}): {err}"
     response: dict[str, Any] = json.loads(out)
     return response
@@ -180,6 +192,20 @@ async def test_health_check_is_serving(server: OpsCoreServer, service: str) -> N
     assert response == {"status": "SERVING"}
 
 
+async def test_calls_without_a_token_are_unauthenticated_but_reflection_is_open(
+    server: OpsCoreServer,
+) -> None:
+    code, _, err = await grpcurl(
+        server, "opscore.v1.AgentLifecycle/ListAgents", data={}, token="not-a-token-of-ours"
+    )
+    assert code == 64 + UNAUTHENTICATED, err
+    assert "Code: Unauthenticated" in err
+    assert "not-a-token-of-ours" not in err
+    code, out, err = await grpcurl(server, "list", token="not-a-token-of-ours")
+    assert code == 0, err
+    assert "opscore.v1.WorkflowService" in out.split()
+
+
 async def test_invalid_argument_shows_its_code(server: OpsCoreServer) -> None:
     code, out, err = await grpcurl(
         server, "opscore.v1.AgentLifecycle/RegisterAgent", data={"agent_id": "not a valid id!"}
@@ -193,11 +219,14 @@ async def test_invalid_argument_shows_its_code(server: OpsCoreServer) -> None:
 
 
 async def test_quick_start_with_grpcurl(server: OpsCoreServer) -> None:
-    await call(
+    """The walk-through, with the agent's calls made with the token its registration issued."""
+    registered = await call(
         server,
         "opscore.v1.AgentLifecycle/RegisterAgent",
         {"agent_id": "worker-1", "name": "worker-1", "capabilities": ["echo"]},
     )
+    agent_token = pick(registered, "agent_token")
+    assert agent_token.startswith("opscore_agent_")
     created = await call(
         server,
         "opscore.v1.WorkflowService/CreateWorkflowDefinition",
@@ -221,6 +250,7 @@ async def test_quick_start_with_grpcurl(server: OpsCoreServer) -> None:
     stream = await asyncio.create_subprocess_exec(
         str(GRPCURL),
         "-plaintext",
+        *credentials(agent_token),
         "-d",
         json.dumps({"agent_id": "worker-1"}),
         f"127.0.0.1:{server.port}",
@@ -253,6 +283,7 @@ async def test_quick_start_with_grpcurl(server: OpsCoreServer) -> None:
                 "attempt": assignment["attempt"],
                 "output": {"greeting": "hello world"},
             },
+            token=agent_token,
         )
         assert completed == {}
 

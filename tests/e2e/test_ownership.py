@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import auth
 import pytest
 from conftest import POSTGRES_URL, ServerFactory, asyncpg_dsn, postgres_database
 from helpers import WAIT, connect, definition, task
@@ -49,6 +50,11 @@ def serve(port: int, url: str) -> list[str]:
     return [str(OPSCORE), "serve", "--listen", f"127.0.0.1:{port}", "--db", url]
 
 
+def authenticated() -> dict[str, str]:
+    """A clean environment with authentication on: a server's refusal is then its only line."""
+    return clean_environment(**auth.ENVIRONMENT)
+
+
 def upgrade(url: str) -> list[str]:
     return [str(OPSCORE), "db", "upgrade", "--db", url]
 
@@ -56,7 +62,7 @@ def upgrade(url: str) -> list[str]:
 async def refused(args: list[str], cwd: Path) -> dict[str, Any]:
     """Run a command that must be refused at once: exit status 1, and nothing on standard error
     but one JSON line at CRITICAL, which is returned."""
-    code, stderr = await run_async(args, clean_environment(), cwd, timeout=REFUSAL_WAIT)
+    code, stderr = await run_async(args, authenticated(), cwd, timeout=REFUSAL_WAIT)
     assert code == 1, stderr
     assert len(stderr.splitlines()) == 1, stderr
     [record] = log_records(stderr)
@@ -191,8 +197,8 @@ async def test_an_unknown_revision_or_an_unreachable_database_is_one_critical_li
     unreachable = f"postgresql://opscore:secret@127.0.0.1:{free_port()}/opscore"
 
     (migrated, migrated_log), (reached, reached_log) = await asyncio.gather(
-        run_async(serve(free_port(), f"sqlite:///{later}"), clean_environment(), tmp_path),
-        run_async(serve(free_port(), unreachable), clean_environment(), tmp_path),
+        run_async(serve(free_port(), f"sqlite:///{later}"), authenticated(), tmp_path),
+        run_async(serve(free_port(), unreachable), authenticated(), tmp_path),
     )
 
     assert migrated == 1, migrated_log

@@ -16,14 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import auth
 import grpc
 import pytest
 from certs import Authority, Files, Issued
 from conftest import ServerFactory
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import WAIT, Client, definition, refused, task
-from opscore.v1 import agent_lifecycle_pb2
+from helpers import WAIT, Agent, Client, definition, refused, task
+from opscore.v1 import agent_lifecycle_pb2, workflow_pb2
 from processes import (
     OPSCORE,
     START_WAIT,
@@ -78,14 +79,18 @@ def pki(tmp_path: Path) -> Pki:
     )
 
 
-def tls_channel(port: int, trusted: Authority, client: Issued | None = None) -> grpc.aio.Channel:
-    """A channel over TLS that trusts `trusted` alone and presents `client`'s certificate."""
+def tls_channel(
+    port: int, trusted: Authority, client: Issued | None = None, *, tokens: bool = True
+) -> grpc.aio.Channel:
+    """A channel over TLS that trusts `trusted` alone and presents `client`'s certificate; its
+    calls carry the test's tokens (see tests/auth.py) unless `tokens` is False."""
     credentials = grpc.ssl_channel_credentials(
         trusted.cert_pem,
         None if client is None else client.key_pem,
         None if client is None else client.cert_pem,
     )
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+    interceptors = auth.interceptors() if tokens else None
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, interceptors=interceptors)
 
 
 def list_agents(channel: grpc.aio.Channel) -> Any:
@@ -128,6 +133,41 @@ async def test_mutual_tls_requires_a_client_certificate_of_its_authority(
             await answers(channel)
         await refused_at_handshake(tls_channel(server.port, pki.authority))
         await refused_at_handshake(tls_channel(server.port, pki.authority, stranger))
+
+
+async def test_client_certificates_identify_agents_and_operators_without_tokens(
+    start_server: ServerFactory, sqlite_url: str, pki: Pki
+) -> None:
+    """A fleet with a PKI needs no tokens: the client CA alone turns authentication on, and
+    each certificate's URI names an agent or an operator."""
+    issue = pki.authority.issue_client
+    agent, operator = issue("agent-1", [AGENT_URI]), issue("alice", [OPERATOR_URI])
+    nobody = issue("nobody")
+    settings = pki.settings(mutual=True)
+    async with (
+        start_server(sqlite_url, operator_token="", **settings) as server,
+        tls_channel(server.port, pki.authority, agent, tokens=False) as as_agent,
+        tls_channel(server.port, pki.authority, operator, tokens=False) as as_operator,
+        tls_channel(server.port, pki.authority, nobody, tokens=False) as as_nobody,
+    ):
+        agents = Client(as_agent, server)
+        await agents.agent("agent-1", capabilities=["work"], connect=False)
+        worker = Agent(agents, "agent-1")
+        await worker.connect()
+        code = grpc.StatusCode
+        for other in ("agent-2", ""):
+            request = agent_lifecycle_pb2.RegisterAgentRequest(agent_id=other)
+            await refused(agents.lifecycle.RegisterAgent(request), code.PERMISSION_DENIED)
+        await refused(list_agents(as_agent), code.PERMISSION_DENIED, "an agent listing agents")
+        await refused(list_agents(as_nobody), code.UNAUTHENTICATED, "a certificate naming nobody")
+
+        operators = Client(as_operator, server)
+        run = await operators.trigger(
+            definition=definition("pki", task("t", capability="work")), agent_id="agent-1"
+        )
+        await worker.complete(await worker.next_assignment())
+        await operators.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+        await worker.disconnect()
 
 
 @pytest.fixture
@@ -449,7 +489,7 @@ async def test_the_command_reports_a_bad_key_without_its_content(tmp_path: Path,
             *("--db", f"sqlite:///{tmp_path / 'x.db'}"),
             *("--tls-cert", files["tls_cert"], "--tls-key", files["tls_key"]),
         ],
-        clean_environment(),
+        clean_environment(**auth.ENVIRONMENT),
         tmp_path,
     )
     assert code == 1, err

@@ -10,6 +10,7 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 
+import auth
 from google.protobuf.message import Message
 from helpers import WAIT, Agent, Client, definition, task
 from opscore.v1 import (
@@ -52,7 +53,12 @@ class World:
 async def build_world(client: Client) -> tuple[World, asyncio.Task[None]]:
     """Agents (a connected worker, two idle ones), definitions, runs whose first tasks the
     worker holds, and page tokens; plus the task collecting the worker's assignments."""
-    worker = await client.agent("worker-1", capabilities=["work"], max_concurrent_tasks=20)
+    worker = await client.agent(
+        "worker-1", capabilities=["work"], max_concurrent_tasks=20, connect=False
+    )
+    # Streamed as the operator: a hostile RegisterAgent of the worker rotates its token, which
+    # would end a stream opened with it (as tests/e2e/test_tokens.py checks).
+    await worker.connect(auth.bearer(auth.OPERATOR_TOKEN))
     await client.agent("idle-1", capabilities=["idle", "nobody"], connect=False)
     await client.agent("idle-2", labels={"zone": "b"}, connect=False)
     chain = await client.create(
