@@ -17,12 +17,15 @@ from opscore.domain.engine import (
 )
 from opscore.domain.health import FAILURES_TO_UNHEALTHY
 from opscore.domain.machine import StateMachine
+from opscore.domain.quotas import Rate
 from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
 from opscore.streams import StreamLimits
 
 DEFAULT_DB = "sqlite:///opscore.db"
+TRIGGER_RATE = Rate(per_second=5000.0, burst=10_000)
+REGISTER_RATE = Rate(per_second=100.0, burst=1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,28 @@ class Settings:
     work, and seconds it may take nothing while messages wait before it is closed."""
     quarantine_after: int = QUARANTINE_AFTER
     """Lease expiries in a row after which an agent is put in ERROR (quarantined)."""
+    trigger_rate: Rate = TRIGGER_RATE
+    """TriggerWorkflow calls each caller may make: a sustained rate a second and a burst
+    (RESOURCE_EXHAUSTED with the wait in RetryInfo beyond); a rate of 0 is no limit. Set above
+    what one server can run, so a single client driving it flat out is never slowed."""
+    register_rate: Rate = REGISTER_RATE
+    """RegisterAgent calls each caller may make, as `trigger_rate`; the burst lets a fleet of
+    agents that restart together and share one registration token back in at once."""
+    max_streams: int = 10_000
+    """Server-streaming calls (agents' task streams) open at once, all callers together; 0 is
+    no limit."""
+    max_concurrent_calls: int = 1000
+    """Unary calls in flight at once, all callers together; 0 is no limit."""
+    max_streams_per_connection: int = 100
+    """Calls one HTTP/2 connection may have open at once (its SETTINGS_MAX_CONCURRENT_STREAMS):
+    a client's further calls wait in the client for one to end."""
+    min_ping_interval: float = 10.0
+    """Seconds a client must leave between HTTP/2 pings while the server sends it nothing; a
+    ping sooner is a strike. Clients' keepalive times must be at least this."""
+    max_ping_strikes: int = 2
+    """Pings too soon a connection is forgiven: the next one closes it (GOAWAY
+    ENHANCE_YOUR_CALM, "too_many_pings"; its calls end UNAVAILABLE). The count starts again
+    whenever the server sends the client headers or data. 0 forgives any number."""
 
     def rules(self) -> StateMachine:
         """The state machine, with the defaults for what a task's spec leaves unset."""
@@ -83,10 +108,14 @@ class Settings:
 
 
 def _seconds(raw: str) -> timedelta:
+    return timedelta(seconds=_non_negative_float(raw))
+
+
+def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value < 0:
         raise ValueError(raw)
-    return timedelta(seconds=value)
+    return value
 
 
 def _positive_float(raw: str) -> float:
@@ -143,6 +172,15 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_STREAM_BUFFER_BYTES": ("streams.max_bytes", _positive_int),
     "OPSCORE_STREAM_STALL_TIMEOUT": ("streams.stall_timeout", _positive_float),
     "OPSCORE_QUARANTINE_LEASE_EXPIRIES": ("quarantine_after", _positive_int),
+    "OPSCORE_TRIGGER_RATE": ("trigger_rate.per_second", _non_negative_float),
+    "OPSCORE_TRIGGER_BURST": ("trigger_rate.burst", _positive_int),
+    "OPSCORE_REGISTER_RATE": ("register_rate.per_second", _non_negative_float),
+    "OPSCORE_REGISTER_BURST": ("register_rate.burst", _positive_int),
+    "OPSCORE_MAX_STREAMS": ("max_streams", _non_negative_int),
+    "OPSCORE_MAX_CONCURRENT_CALLS": ("max_concurrent_calls", _non_negative_int),
+    "OPSCORE_MAX_STREAMS_PER_CONNECTION": ("max_streams_per_connection", _positive_int),
+    "OPSCORE_MIN_PING_INTERVAL": ("min_ping_interval", _positive_float),
+    "OPSCORE_MAX_PING_STRIKES": ("max_ping_strikes", _non_negative_int),
 }
 """Each environment variable: the setting it sets (`group.field` for nested ones) and its
 parser. Durations are given in seconds."""
