@@ -240,8 +240,25 @@ class OpsCoreServer:
         return [
             ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+            # Also what lets clients ping a connection with no call open (agents between
+            # streams) as often as min_ping_interval: without it, gRPC counts any ping there
+            # sooner than two hours after the last as a strike.
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            # A client pinging sooner than this while the server sends it nothing gets a strike,
+            # and one strike over the limit closes its connection (GOAWAY ENHANCE_YOUR_CALM).
+            # grpc.http2.max_pings_without_data is not set: gRPC ignores it in servers, whose
+            # own keepalive pings are never held back for want of data.
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(settings.min_ping_interval * 1000),
+            ),
+            ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
+            # Clients queue their calls beyond it (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # Count a connection's calls as its client does, open on the wire. By default gRPC
+            # also counts calls that have ended but are not yet freed, and so refuses
+            # (UNAVAILABLE) calls of a client that keeps to the limit as soon as it reaches it.
+            ("grpc.http.overload_protection", 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # gRPC shares a port with any process that asks (SO_REUSEPORT), and the kernel then
