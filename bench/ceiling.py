@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import secrets
 import signal
 import time
 import uuid
@@ -295,7 +296,9 @@ class Lifecycle(agent_lifecycle_pb2_grpc.AgentLifecycleServicer):
                 state=agent_pb2.AGENT_STATE_OFFLINE,
                 registered_at=now,
                 last_seen_at=now,
-            )
+            ),
+            # A token of the same size as Ops-Core's, which the clients then send as Ops-Core's.
+            agent_token=secrets.token_urlsafe(46),
         )
 
     async def DeregisterAgent(  # noqa: N802

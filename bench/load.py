@@ -41,6 +41,8 @@ from opscore.v1 import (
     workflow_service_pb2_grpc,
 )
 
+from bench.servers import OPERATOR, bearer
+
 MAX_SAMPLES = 200_000
 """Most samples one process keeps per (tag, kind): bounds memory on long windows."""
 
@@ -124,9 +126,13 @@ class Samples:
 class Agent:
     """One agent: registered, its task stream open, completing every assignment at once."""
 
-    def __init__(self, worker: Worker, agent_id: str, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, worker: Worker, agent_id: str, channel: grpc.aio.Channel, token: str
+    ) -> None:
         self.worker = worker
         self.agent_id = agent_id
+        self.credentials = bearer(token)
+        """Its own token, which its stream and its results carry, as a deployed agent's do."""
         self.stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
         self.call: Any = None
 
@@ -134,7 +140,8 @@ class Agent:
         """Read the stream until it ends (server gone, agent stopped); an agent that loses its
         stream is done: the benchmark starts new agents rather than reconnect."""
         self.call = self.stub.StreamTasks(
-            workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id)
+            workflow_service_pb2.StreamTasksRequest(agent_id=self.agent_id),
+            metadata=self.credentials,
         )
         try:
             async for event in self.call:
@@ -168,6 +175,7 @@ class Agent:
                     output=output,
                 ),
                 timeout=RPC_TIMEOUT,
+                metadata=self.credentials,
             )
         except grpc.aio.AioRpcError:
             samples.errors += 1
@@ -255,10 +263,12 @@ class Worker:
                 agent_id=agent_id, name=agent_id, version="bench", capabilities=capabilities
             )
             async with gate:
-                await agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel).RegisterAgent(
-                    request, timeout=RPC_TIMEOUT, wait_for_ready=wait_for_ready
+                registered = await agent_lifecycle_pb2_grpc.AgentLifecycleStub(
+                    channel
+                ).RegisterAgent(
+                    request, timeout=RPC_TIMEOUT, wait_for_ready=wait_for_ready, metadata=OPERATOR
                 )
-            agent = Agent(self, agent_id, channel)
+            agent = Agent(self, agent_id, channel, registered.agent_token)
             self.agents.append(agent)
             self.agent_tasks.append(asyncio.create_task(agent.run()))
 
@@ -316,6 +326,7 @@ class Worker:
             await stub.CreateWorkflowDefinition(
                 workflow_service_pb2.CreateWorkflowDefinitionRequest(definition=definition),
                 timeout=RPC_TIMEOUT,
+                metadata=OPERATOR,
             )
         return len(definitions)
 
@@ -324,7 +335,7 @@ class Worker:
     ) -> bool:
         """Trigger one run; False (counted) if the server refused or did not answer."""
         try:
-            await stub.TriggerWorkflow(spec.request(tag), timeout=RPC_TIMEOUT)
+            await stub.TriggerWorkflow(spec.request(tag), timeout=RPC_TIMEOUT, metadata=OPERATOR)
         except grpc.aio.AioRpcError:
             self.trigger_errors += 1
             return False

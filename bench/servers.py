@@ -48,14 +48,30 @@ def free_port() -> int:
     return port
 
 
+OPERATOR_TOKEN = "bench-operator-token-0123456789"
+"""The operator token of every server the benchmark starts: Ops-Core is measured with
+authentication on, as it is deployed (the ceiling ignores it)."""
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying `token`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+OPERATOR = bearer(OPERATOR_TOKEN)
+"""The metadata of the benchmark's operator calls (definitions, triggers, registrations)."""
+
+
 def clean_environment() -> dict[str, str]:
-    """The environment without OPSCORE_* settings or PYTHONSAFEPATH: servers run on defaults
-    plus the flags given, and `python -m bench.ceiling` can import `bench` from the root."""
-    return {
+    """The environment without OPSCORE_* settings or PYTHONSAFEPATH, and with the operator token:
+    servers run on defaults plus the flags given, and `python -m bench.ceiling` can import
+    `bench` from the root."""
+    kept = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith("OPSCORE_") and key not in ("PYTHONSAFEPATH", "PYTHONPATH")
     }
+    return {**kept, "OPSCORE_OPERATOR_TOKEN": OPERATOR_TOKEN}
 
 
 def is_serving(port: int, timeout: float = 0.5) -> bool:

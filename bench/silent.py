@@ -34,7 +34,7 @@ from opscore.v1 import (
     workflow_service_pb2_grpc,
 )
 
-from bench.servers import opscore_server, sqlite_url
+from bench.servers import OPERATOR, opscore_server, sqlite_url
 
 SILENT = "silent"
 
@@ -80,7 +80,10 @@ class Outcome:
 
 async def _reader(stub: Any, agent_id: str, outcome: Outcome) -> None:
     """A well-behaved agent: every assignment completed at once, its latency recorded."""
-    call = stub.StreamTasks(workflow_service_pb2.StreamTasksRequest(agent_id=agent_id))
+    # The operator's token for every call: what this measures is the agents' streams.
+    call = stub.StreamTasks(
+        workflow_service_pb2.StreamTasksRequest(agent_id=agent_id), metadata=OPERATOR
+    )
     with contextlib.suppress(grpc.aio.AioRpcError):
         async for event in call:
             if event.WhichOneof("event") != "assignment":
@@ -91,7 +94,8 @@ async def _reader(stub: Any, agent_id: str, outcome: Outcome) -> None:
             await stub.CompleteTask(
                 workflow_service_pb2.CompleteTaskRequest(
                     task_id=assignment.task_id, agent_id=agent_id, attempt=assignment.attempt
-                )
+                ),
+                metadata=OPERATOR,
             )
 
 
@@ -109,20 +113,24 @@ async def drive(target: str, load: Load, sample: Callable[[], None] = lambda: No
             await agents.RegisterAgent(
                 agent_lifecycle_pb2.RegisterAgentRequest(
                     agent_id=name, capabilities=["work"], max_concurrent_tasks=count
-                )
+                ),
+                metadata=OPERATOR,
             )
         readers = [asyncio.create_task(_reader(work, name, outcome)) for name in names]
         silent = None
         if load.silent_slots:
             # Opened and never read: its messages wait in the server.
-            silent = work.StreamTasks(workflow_service_pb2.StreamTasksRequest(agent_id=SILENT))
+            silent = work.StreamTasks(
+                workflow_service_pb2.StreamTasksRequest(agent_id=SILENT), metadata=OPERATOR
+            )
         spec = workflow_pb2.TaskSpec(name="t", capability="work")
         spec.input.update({"blob": "x" * load.payload})
         spec.timeout.FromSeconds(int(load.lease))
         created = await work.CreateWorkflowDefinition(
             workflow_service_pb2.CreateWorkflowDefinitionRequest(
                 definition=workflow_pb2.WorkflowDefinition(workflow_name="silent", tasks=[spec])
-            )
+            ),
+            metadata=OPERATOR,
         )
         definition_id = created.definition.definition_id
         started = time.monotonic()
@@ -133,7 +141,8 @@ async def drive(target: str, load: Load, sample: Callable[[], None] = lambda: No
             await work.TriggerWorkflow(
                 workflow_service_pb2.TriggerWorkflowRequest(
                     definition_id=definition_id, input=run_input
-                )
+                ),
+                metadata=OPERATOR,
             )
             outcome.triggered += 1
             if now >= next_sample:

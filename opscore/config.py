@@ -26,7 +26,7 @@ from opscore.streams import StreamLimits
 
 DEFAULT_DB = "sqlite:///opscore.db"
 TRIGGER_RATE = Rate(per_second=5000.0, burst=10_000)
-REGISTER_RATE = Rate(per_second=100.0, burst=1000)
+REGISTER_RATE = Rate(per_second=1000.0, burst=10_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class Settings:
     register_rate: Rate = REGISTER_RATE
     """RegisterAgent calls each caller may make, as `trigger_rate`; the burst lets a fleet of
     agents that restart together and share one registration token back in at once."""
-    max_streams: int = 10_000
+    max_streams: int = 20_000
     """Server-streaming calls (agents' task streams) open at once, all callers together; 0 is
     no limit."""
     max_concurrent_calls: int = 1000
