@@ -151,7 +151,9 @@ async def drive(target: str, load: Load, sample: Callable[[], None] = lambda: No
             await asyncio.sleep(max(0.0, started + outcome.triggered / load.rate - now))
         await _settle(work, outcome, load.settle, sample)
         if silent is not None:
-            reply = await agents.GetAgent(agent_lifecycle_pb2.GetAgentRequest(agent_id=SILENT))
+            reply = await agents.GetAgent(
+                agent_lifecycle_pb2.GetAgentRequest(agent_id=SILENT), metadata=OPERATOR
+            )
             outcome.silent = reply.agent
             silent.cancel()
         for reader in readers:
@@ -166,7 +168,8 @@ async def _count(work: Any, state: workflow_pb2.RunState.ValueType) -> int:
         page = await work.ListWorkflowRuns(
             workflow_service_pb2.ListWorkflowRunsRequest(
                 state=state, page_size=1000, page_token=token
-            )
+            ),
+            metadata=OPERATOR,
         )
         total += len(page.runs)
         token = page.next_page_token

@@ -12,15 +12,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import auth
 import grpc
 import pytest
 from conftest import ServerFactory, serve
 from google.rpc import error_details_pb2, status_pb2
-from helpers import WAIT, Agent, connect, definition, status_of, task
+from helpers import WAIT, Agent, Client, connect, definition, status_of, task
 from opscore.v1 import agent_lifecycle_pb2, workflow_service_pb2
 
 from opscore.api.errors import ERROR_DOMAIN, internal_status, to_status
 from opscore.domain.errors import OpsCoreError, StorageFull, StorageLost, StorageUnavailable
+from opscore.domain.quotas import Rate
 from opscore.store.faults import FULL_RETRY, LOST_RETRY, UNAVAILABLE_RETRY
 from opscore.streams import StreamLimits
 
@@ -186,6 +188,40 @@ async def _read_to_end(call: AsyncIterator[object]) -> None:
         pass
 
 
+async def unauthenticated(start_server: ServerFactory, url: str) -> Answer:
+    async with (
+        start_server(url) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as bare,
+    ):
+        return await refusal(Client(bare).run("any"))
+
+
+async def permission_denied(start_server: ServerFactory, url: str) -> Answer:
+    async with serve(start_server, url) as client:
+        registered = await client.lifecycle.RegisterAgent(
+            agent_lifecycle_pb2.RegisterAgentRequest(agent_id="w")
+        )
+        as_agent = auth.bearer(registered.agent_token)
+        listing = agent_lifecycle_pb2.ListAgentsRequest()
+        return await refusal(client.lifecycle.ListAgents(listing, metadata=as_agent))
+
+
+async def rate_limited(start_server: ServerFactory, url: str) -> Answer:
+    async with serve(start_server, url, trigger_rate=Rate(per_second=0.001, burst=1)) as client:
+        await client.trigger(definition=definition("wf", task("a")))
+        return await refusal(client.trigger(definition=definition("wf", task("a"))))
+
+
+async def overloaded(start_server: ServerFactory, url: str) -> Answer:
+    async with serve(start_server, url, max_streams=1) as client:
+        await client.agent("first")
+        second = await client.agent("second", connect=False)
+        call = client.workflows.StreamTasks(
+            workflow_service_pb2.StreamTasksRequest(agent_id=second.agent_id)
+        )
+        return await refusal(_read_to_end(call))
+
+
 async def by_mapping(error: OpsCoreError | None) -> Answer:
     return mapped(error)
 
@@ -203,6 +239,10 @@ PROVOKERS: dict[tuple[str, str], Provoker] = {
         StorageFull("No space left on device", FULL_RETRY)
     ),
     ("RESOURCE_EXHAUSTED", "STORAGE_RESERVE"): storage_reserve,
+    ("RESOURCE_EXHAUSTED", "RATE_LIMITED"): rate_limited,
+    ("RESOURCE_EXHAUSTED", "OVERLOADED"): overloaded,
+    ("UNAUTHENTICATED", "UNAUTHENTICATED"): unauthenticated,
+    ("PERMISSION_DENIED", "PERMISSION_DENIED"): permission_denied,
     ("UNAVAILABLE", "UNAVAILABLE"): shutting_down,
     ("UNAVAILABLE", "STREAM_STALLED"): stream_stalled,
     ("UNAVAILABLE", "STORAGE_UNAVAILABLE"): lambda *_: by_mapping(
@@ -240,7 +280,11 @@ async def test_the_server_answers_each_row_as_the_readme_says(
             assert resource.resource_name
         retry = error_details_pb2.RetryInfo()
         if detail.Unpack(retry):
-            assert retry.retry_delay.ToTimedelta().total_seconds() == row.retry_seconds
+            delay = retry.retry_delay.ToTimedelta().total_seconds()
+            if row.retry_seconds is None:  # the row says "when": it depends on the call
+                assert delay > 0
+            else:
+                assert delay == row.retry_seconds
 
 
 def test_the_table_has_a_row_for_each_provoker_and_no_row_twice() -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
+import auth
 import grpc
 from conftest import ServerFactory
 from helpers import WAIT, Client, definition, task
@@ -148,10 +149,10 @@ async def test_a_client_pinging_too_often_is_cut_off_and_other_clients_keep_work
 ) -> None:
     async with (
         start_server(sqlite_url, min_ping_interval=60.0, max_ping_strikes=1) as server,
-        grpc.aio.insecure_channel(
+        auth.channel(
             f"127.0.0.1:{server.port}", options=[*PINGING_TOO_OFTEN, OWN_CONNECTION]
         ) as pinging,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[OWN_CONNECTION]) as calm,
+        auth.channel(f"127.0.0.1:{server.port}", options=[OWN_CONNECTION]) as calm,
     ):
         noisy_client, calm_client = Client(pinging, server), Client(calm, server)
         noisy = await noisy_client.agent("noisy")
@@ -206,7 +207,7 @@ async def test_a_client_queues_the_calls_a_connection_may_not_have_open_yet(
 ) -> None:
     async with (
         start_server(sqlite_url, max_streams_per_connection=2) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        auth.channel(f"127.0.0.1:{server.port}") as channel,
     ):
         lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
         # Each call ends as the next may start: none is refused for one not yet freed.

@@ -22,17 +22,15 @@ import pytest
 from certs import Authority, Files, Issued
 from conftest import ServerFactory
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import WAIT, Agent, Client, definition, refused, task
 from opscore.v1 import agent_lifecycle_pb2, workflow_pb2
 from processes import (
     OPSCORE,
-    START_WAIT,
-    ServerProcess,
     clean_environment,
     free_port,
     run_async,
 )
+from secure import TlsServerProcess, tls_channel
 
 from opscore.api.peers import peer_certificate
 from opscore.config import Settings
@@ -77,20 +75,6 @@ def pki(tmp_path: Path) -> Pki:
         authority.issue_server().write(tmp_path, "server"),
         tmp_path,
     )
-
-
-def tls_channel(
-    port: int, trusted: Authority, client: Issued | None = None, *, tokens: bool = True
-) -> grpc.aio.Channel:
-    """A channel over TLS that trusts `trusted` alone and presents `client`'s certificate; its
-    calls carry the test's tokens (see tests/auth.py) unless `tokens` is False."""
-    credentials = grpc.ssl_channel_credentials(
-        trusted.cert_pem,
-        None if client is None else client.key_pem,
-        None if client is None else client.cert_pem,
-    )
-    interceptors = auth.interceptors() if tokens else None
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, interceptors=interceptors)
 
 
 def list_agents(channel: grpc.aio.Channel) -> Any:
@@ -312,30 +296,6 @@ async def test_files_that_fail_to_load_leave_the_certificates_in_use(
     assert failure.__dict__["file"] == str(pki.server.key)
     assert failure.__dict__["cause"] == f"it is not the key of {pki.server.cert}"
     assert reloaded(caplog) == []
-
-
-class TlsServerProcess(ServerProcess):
-    """`opscore serve` over TLS: SERVING is asked over a channel that trusts `trusted`."""
-
-    def __init__(self, *args: Any, trusted: Authority, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.trusted = trusted
-
-    async def wait_serving(self, timeout: float = START_WAIT) -> None:
-        async with asyncio.timeout(timeout):
-            while not await self._serving():
-                assert self.returncode is None, f"opscore serve exited: {self.log_text()}"
-                await asyncio.sleep(0.05)
-
-    async def _serving(self) -> bool:
-        async with tls_channel(self.port, self.trusted) as channel:
-            try:
-                answer = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1.0
-                )
-            except grpc.aio.AioRpcError:
-                return False
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_sighup_reloads_the_certificates_of_a_running_server(
