@@ -84,19 +84,22 @@ async def _reader(stub: Any, agent_id: str, outcome: Outcome) -> None:
     call = stub.StreamTasks(
         workflow_service_pb2.StreamTasksRequest(agent_id=agent_id), metadata=OPERATOR
     )
-    with contextlib.suppress(grpc.aio.AioRpcError):
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the stream ended
         async for event in call:
             if event.WhichOneof("event") != "assignment":
                 continue
             assignment = event.assignment
             if assignment.attempt == 1:
                 outcome.latencies.append(time.time() - assignment.input.fields["t0"].number_value)
-            await stub.CompleteTask(
-                workflow_service_pb2.CompleteTaskRequest(
-                    task_id=assignment.task_id, agent_id=agent_id, attempt=assignment.attempt
-                ),
-                metadata=OPERATOR,
-            )
+            # A result refused (the short lease ran out first, on a busy machine) ends that
+            # attempt, not the agent: its task is retried, and the agent reads on.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.CompleteTask(
+                    workflow_service_pb2.CompleteTaskRequest(
+                        task_id=assignment.task_id, agent_id=agent_id, attempt=assignment.attempt
+                    ),
+                    metadata=OPERATOR,
+                )
 
 
 async def drive(target: str, load: Load, sample: Callable[[], None] = lambda: None) -> Outcome:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from opscore.api.access import bearer_token
 from opscore.domain.access import Authority, Caller, Certificate, Need, Role, authorize
 from opscore.domain.credentials import (
     AGENT_TOKEN_PREFIX,
@@ -157,3 +158,35 @@ def test_every_configured_token_matches_by_its_name() -> None:
     assert tokens.match(digest("y" * 20)) == "two"
     assert tokens.match(digest("z" * 20)) is None
     assert len(tokens) == 2
+
+
+@pytest.mark.parametrize(
+    ("metadata", "token"),
+    [
+        ((), None),
+        ((("x-other", "v"),), None),
+        ((("authorization", "Bearer abc"),), "abc"),
+        ((("authorization", "bearer  abc "),), "abc"),
+    ],
+)
+def test_the_bearer_token_of_a_call(
+    metadata: tuple[tuple[str, str], ...], token: str | None
+) -> None:
+    assert bearer_token(metadata) == token
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (("authorization", "Basic abc"),),
+        (("authorization", "Bearer"),),
+        (("authorization", "Bearer "),),
+        (("authorization", "Bearer a"), ("authorization", "Bearer b")),
+    ],
+)
+def test_malformed_authorization_is_unauthenticated(
+    metadata: tuple[tuple[str, str], ...],
+) -> None:
+    with pytest.raises(Unauthenticated) as refused:
+        bearer_token(metadata)
+    assert "abc" not in str(refused.value)
