@@ -192,14 +192,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Any, rule: Rule) -> grpc.RpcMethodHandler[Any, Any]:
+        wrapped: grpc.RpcMethodHandler[Any, Any] = handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, rule))  # type: ignore[no-any-return]
-        if handler.unary_stream is not None:
+            wrapped = handler._replace(unary_unary=self._unary(handler.unary_unary, rule))
+        elif handler.unary_stream is not None:
             streaming = handler.unary_stream
-            if inspect.isasyncgenfunction(streaming):
-                return handler._replace(unary_stream=self._stream(streaming, rule))  # type: ignore[no-any-return]
-            return handler._replace(unary_stream=self._counted_writer(streaming, rule))  # type: ignore[no-any-return]
-        return handler  # type: ignore[no-any-return]  # reflection's bidirectional stream: open
+            shape = self._stream if inspect.isasyncgenfunction(streaming) else self._counted_writer
+            wrapped = handler._replace(unary_stream=shape(streaming, rule))
+        # Reflection's bidirectional stream stays as it is: it is open to everyone.
+        return wrapped
 
     def _admit(self, request: Any, context: grpc.aio.ServicerContext[Any, Any], rule: Rule) -> None:
         """Identify and authorize the caller, and take its rate: or raise the refusal."""
