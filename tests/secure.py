@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import auth
@@ -32,6 +33,21 @@ class TlsServerProcess(ServerProcess):
     def __init__(self, *args: Any, trusted: Authority, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trusted = trusted
+
+    @classmethod
+    def in_folder(
+        cls, folder: Path, port: int, trusted: Authority, environment: dict[str, str]
+    ) -> TlsServerProcess:
+        """`opscore serve` on `port` and a SQLite file in `folder` (its log there too), with
+        exactly `environment`."""
+        return cls(
+            ["--listen", f"127.0.0.1:{port}", "--db", f"sqlite:///{folder / 'opscore.db'}"],
+            port=port,
+            log=folder / "serve.log",
+            cwd=folder,
+            environment=environment,
+            trusted=trusted,
+        )
 
     async def wait_serving(self, timeout: float = START_WAIT) -> None:
         async with asyncio.timeout(timeout):

@@ -1,7 +1,8 @@
-"""The README's table of errors is what the server answers: each row (code, reason, details) is
-provoked against a real server and the answer compared. Rows that need a fault of the world
-(a full disk, a database gone) are checked through the one mapping function with the domain
-error the store raises for that fault. A row without a provoker here fails: a new row needs one.
+"""The table of errors (docs/errors.md) is what the server answers: each row (code, reason,
+details) is provoked against a real server and the answer compared. Rows that need a fault of
+the world (a full disk, a database gone) are checked through the one mapping function with the
+domain error the store raises for that fault. A row without a provoker here fails: a new row
+needs one.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from opscore.domain.quotas import Rate
 from opscore.store.faults import FULL_RETRY, LOST_RETRY, UNAVAILABLE_RETRY
 from opscore.streams import StreamLimits
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ERRORS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One row of the README's table of errors."""
+    """One row of the table of errors (docs/errors.md)."""
 
     code: str
     reason: str
@@ -43,8 +44,8 @@ class Row:
 
 
 def table_rows() -> list[Row]:
-    """The rows of the first table under `## Errors`."""
-    section = README.read_text().split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    """The rows of the table of errors."""
+    section = ERRORS.read_text()
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header[:2] == ["Code", "Reason"], header
@@ -264,7 +265,7 @@ async def test_the_server_answers_each_row_as_the_readme_says(
 ) -> None:
     provoke = PROVOKERS.get((row.code, row.reason))
     if provoke is None:
-        pytest.fail(f"the README's row {row.code} {row.reason} has no provoker here: add one")
+        pytest.fail(f"the row {row.code} {row.reason} has no provoker here: add one")
     code, status = await provoke(start_server, sqlite_url)
     assert code == row.code
     assert status is not None, "the error carries no google.rpc.Status details"
@@ -290,4 +291,4 @@ async def test_the_server_answers_each_row_as_the_readme_says(
 def test_the_table_has_a_row_for_each_provoker_and_no_row_twice() -> None:
     keys = [(row.code, row.reason) for row in ROWS]
     assert len(keys) == len(set(keys)), keys
-    assert set(PROVOKERS) - set(keys) == set(), "rows missing from the README's table"
+    assert set(PROVOKERS) - set(keys) == set(), "rows missing from docs/errors.md"

@@ -36,14 +36,7 @@ async def test_no_secret_reaches_the_log(tmp_path: Path) -> None:
         OPSCORE_TLS_CERT=str(server_files.cert),
         OPSCORE_TLS_KEY=str(server_files.key),
     )
-    server = TlsServerProcess(
-        ["--listen", f"127.0.0.1:{port}", "--db", f"sqlite:///{tmp_path / 'opscore.db'}"],
-        port=port,
-        log=tmp_path / "serve.log",
-        cwd=tmp_path,
-        environment=environment,
-        trusted=authority,
-    )
+    server = TlsServerProcess.in_folder(tmp_path, port, authority, environment)
     issued = []
     async with server, tls_channel(port, authority, tokens=False) as channel:
         lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)

@@ -307,14 +307,7 @@ async def test_sighup_reloads_the_certificates_of_a_running_server(
         OPSCORE_TLS_KEY=str(pki.server.key),
         OPSCORE_TLS_RELOAD_INTERVAL="3600",
     )
-    server = TlsServerProcess(
-        ["--listen", f"127.0.0.1:{port}", "--db", f"sqlite:///{tmp_path / 'opscore.db'}"],
-        port=port,
-        log=tmp_path / "serve.log",
-        cwd=tmp_path,
-        environment=environment,
-        trusted=pki.authority,
-    )
+    server = TlsServerProcess.in_folder(tmp_path, port, pki.authority, environment)
     async with server:
         pki.other.issue_server("renewed").write(pki.folder, "server")
         server.process.send_signal(signal.SIGHUP)
