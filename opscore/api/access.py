@@ -10,6 +10,7 @@ servicer, so it changes nothing.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -208,8 +209,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return
         caller = self._authority.identify(
             bearer_token(context.invocation_metadata()),
-            peer_certificate(context),
-            peer_host(context),
+            functools.partial(peer_certificate, context),
+            functools.partial(peer_host, context),
         )
         authorize(caller, rule.need, getattr(request, rule.acting_as, "") if rule.acting_as else "")
         if rule.rate:

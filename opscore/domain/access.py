@@ -16,6 +16,7 @@ With authentication off every caller is an operator, known by its address.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opscore.domain.credentials import AgentTokens, TokenSet, digest
@@ -110,12 +111,18 @@ class Authority:
         self._operators = operators
         self._registrars = registrars
 
-    def identify(self, token: str | None, certificate: Certificate | None, peer: str) -> Caller:
-        """The caller of a call with this bearer token (None: no `authorization` metadata) and
-        this verified client certificate, from `peer` (its address). A token, when given,
-        decides; a token that matches nothing is Unauthenticated, as is a call with neither."""
+    def identify(
+        self,
+        token: str | None,
+        certificate: Callable[[], Certificate | None],
+        peer: Callable[[], str],
+    ) -> Caller:
+        """The caller of a call with this bearer token (None: no `authorization` metadata), the
+        verified client certificate `certificate()` gives, from the address `peer()` gives
+        (read only when needed: the common call carries a token). A token, when given, decides;
+        a token that matches nothing is Unauthenticated, as is a call with neither."""
         if not self.enabled:
-            return Caller(Role.OPERATOR, f"anonymous@{peer}")
+            return Caller(Role.OPERATOR, f"anonymous@{peer()}")
         if token is not None:
             hashed = digest(token)
             name = self._operators.match(hashed)
@@ -128,12 +135,13 @@ class Authority:
             if agent_id is not None:
                 return Caller(Role.AGENT, f"agent:{agent_id}", agent_id, token_digest=hashed)
             raise Unauthenticated("the bearer token is not valid (unknown, revoked or rotated)")
-        if certificate is not None:
-            caller = _from_certificate(certificate)
+        presented = certificate()
+        if presented is not None:
+            caller = _from_certificate(presented)
             if caller is not None:
                 return caller
             raise Unauthenticated(
-                f"the client certificate ({certificate.subject}) names no agent or operator "
+                f"the client certificate ({presented.subject}) names no agent or operator "
                 f"(a URI SAN {CERTIFICATE_URI_SCHEME}://agent/<id> or "
                 f"{CERTIFICATE_URI_SCHEME}://operator/<name>), and no bearer token was sent"
             )

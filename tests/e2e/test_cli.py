@@ -69,6 +69,23 @@ async def test_serve_with_flags_starts_logs_and_stops_on_sigterm(tmp_path: Path)
     assert {"tasks", "alembic_version"} <= tables_of(database)
 
 
+async def test_serving_open_on_loopback_says_so_first(tmp_path: Path) -> None:
+    """`make serve`'s case: no token, on localhost. It serves, and its first line says it is
+    open to anyone who can reach the address."""
+    port = free_port()
+    open_server = ServerProcess.on_sqlite(
+        tmp_path / "open.db", port, tmp_path / "serve.log", OPSCORE_OPERATOR_TOKEN=""
+    )
+    async with open_server as server:
+        server.terminate()
+        assert await server.wait() == 0, server.log_text()
+    first = server.log_records()[0]
+    assert (first["level"], first["event"]) == (
+        "WARNING",
+        "authentication is off: every call is open to anyone who can reach the address",
+    )
+
+
 async def test_serve_takes_its_settings_from_the_environment(tmp_path: Path) -> None:
     port = free_port()
     database = tmp_path / "env.db"

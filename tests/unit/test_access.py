@@ -34,13 +34,18 @@ def authority(enabled: bool = True) -> Authority:
     )
 
 
+def who(made: Authority, token: str | None, certificate: Certificate | None, peer: str) -> Caller:
+    """The caller `made` identifies from a token, a certificate and an address."""
+    return made.identify(token, lambda: certificate, lambda: peer)
+
+
 def test_tokens_name_their_callers() -> None:
     made = authority()
-    assert made.identify(OPERATOR, None, "h") == Caller(Role.OPERATOR, "operator:ops")
-    registrar = made.identify(REGISTRAR, None, "h")
+    assert who(made, OPERATOR, None, "h") == Caller(Role.OPERATOR, "operator:ops")
+    registrar = who(made, REGISTRAR, None, "h")
     assert registrar.role is Role.REGISTRAR
     assert registrar.name == f"registrar:token-{digest(REGISTRAR)[:8]}"
-    agent = made.identify("token-of-a", None, "h")
+    agent = who(made, "token-of-a", None, "h")
     assert (agent.role, agent.agent_id, agent.token_digest) == (
         Role.AGENT,
         "a",
@@ -51,31 +56,31 @@ def test_tokens_name_their_callers() -> None:
 @pytest.mark.parametrize("token", ["", "wrong", OPERATOR + "x", OPERATOR[:-1]])
 def test_unknown_tokens_are_refused_without_being_repeated(token: str) -> None:
     with pytest.raises(Unauthenticated) as refused:
-        authority().identify(token, None, "h")
+        who(authority(), token, None, "h")
     assert token not in str(refused.value) or not token
 
 
 def test_no_credentials_are_refused_and_off_lets_everyone_operate() -> None:
     with pytest.raises(Unauthenticated):
-        authority().identify(None, None, "h")
-    assert authority(enabled=False).identify(None, None, "10.0.0.1") == Caller(
+        who(authority(), None, None, "h")
+    assert who(authority(enabled=False), None, None, "10.0.0.1") == Caller(
         Role.OPERATOR, "anonymous@10.0.0.1"
     )
 
 
 def test_certificates_name_agents_and_operators_by_uri() -> None:
     made = authority()
-    agent = made.identify(None, Certificate("CN=x", ("spiffe://x/y", "opscore://agent/a-1")), "h")
+    agent = who(made, None, Certificate("CN=x", ("spiffe://x/y", "opscore://agent/a-1")), "h")
     assert (agent.role, agent.agent_id, agent.certified) == (Role.AGENT, "a-1", True)
-    operator = made.identify(None, Certificate("CN=y", ("opscore://operator/alice",)), "h")
+    operator = who(made, None, Certificate("CN=y", ("opscore://operator/alice",)), "h")
     assert (operator.role, operator.name) == (Role.OPERATOR, "operator:alice")
     for uris in ((), ("opscore://agent/",), ("opscore://agent/a/b",), ("opscore://other/x",)):
         with pytest.raises(Unauthenticated, match="names no agent or operator"):
-            made.identify(None, Certificate("CN=z", uris), "h")
+            who(made, None, Certificate("CN=z", uris), "h")
 
 
 def test_a_token_decides_over_a_certificate() -> None:
-    caller = authority().identify(REGISTRAR, Certificate("CN=a", ("opscore://agent/a",)), "h")
+    caller = who(authority(), REGISTRAR, Certificate("CN=a", ("opscore://agent/a",)), "h")
     assert caller.role is Role.REGISTRAR
 
 
@@ -83,8 +88,8 @@ def test_replaced_tokens_stop_working_at_once() -> None:
     made = authority()
     made.replace_tokens(TokenSet([NamedToken.of("new", "new-operator-secret-0")]), TokenSet())
     with pytest.raises(Unauthenticated):
-        made.identify(OPERATOR, None, "h")
-    assert made.identify("new-operator-secret-0", None, "h").name == "operator:new"
+        who(made, OPERATOR, None, "h")
+    assert who(made, "new-operator-secret-0", None, "h").name == "operator:new"
 
 
 OPERATOR_CALLER = Caller(Role.OPERATOR, "operator:ops")
