@@ -69,6 +69,9 @@ class Outcome:
     unfinished: int = 0
     silent: agent_pb2.Agent | None = None
     """The silent agent as the server saw it at the end."""
+    stuck: list[str] = field(default_factory=list)
+    """Each unfinished run's tasks as the server saw them at the end: what to look at when a
+    run does not finish."""
 
     def percentile(self, fraction: float) -> float:
         """A percentile of the latencies, in milliseconds (NaN without samples)."""
@@ -188,9 +191,32 @@ async def _settle(work: Any, outcome: Outcome, limit: float, sample: Callable[[]
         done = await _count(work, workflow_pb2.RUN_STATE_SUCCEEDED)
         outcome.failed = await _count(work, workflow_pb2.RUN_STATE_FAILED)
         outcome.unfinished = outcome.triggered - done - outcome.failed
-        if not outcome.unfinished or time.monotonic() > deadline:
+        if not outcome.unfinished:
+            return
+        if time.monotonic() > deadline:
+            outcome.stuck = await _unfinished(work)
             return
         await asyncio.sleep(1.0)
+
+
+async def _unfinished(work: Any) -> list[str]:
+    """Every run still pending or running: its tasks' names, states, attempts and holders."""
+    described = []
+    for state in (workflow_pb2.RUN_STATE_PENDING, workflow_pb2.RUN_STATE_RUNNING):
+        page = await work.ListWorkflowRuns(
+            workflow_service_pb2.ListWorkflowRunsRequest(
+                state=state, page_size=100, view=workflow_pb2.WORKFLOW_RUN_VIEW_FULL
+            ),
+            metadata=OPERATOR,
+        )
+        for run in page.runs:
+            tasks = ", ".join(
+                f"{task.name}: {workflow_pb2.TaskState.Name(task.state)} attempt "
+                f"{task.attempt} on {task.agent_id or '-'} ({task.error or task.waiting_reason})"
+                for task in run.tasks
+            )
+            described.append(f"{run.run_id} {workflow_pb2.RunState.Name(run.state)}: {tasks}")
+    return described
 
 
 def rss_kib(pid: int) -> int:
@@ -261,6 +287,7 @@ def _row(label: str, outcome: Outcome, rss: list[int]) -> dict[str, Any]:
         "runs": outcome.triggered,
         "failed": outcome.failed,
         "unfinished": outcome.unfinished,
+        "stuck": outcome.stuck,
         "silent_state": "" if silent is None else agent_pb2.AgentState.Name(silent.state),
         "silent_detail": "" if silent is None else silent.state_detail,
     }

@@ -29,7 +29,7 @@ def test_a_silent_agent_costs_bounded_memory_and_fails_no_run() -> None:
         timeout=60,
     )
     [row] = json.loads(output)
-    assert (row["failed"], row["unfinished"]) == (0, 0)
+    assert (row["failed"], row["unfinished"]) == (0, 0), row["stuck"]
     assert row["runs"] > 0
     assert row["silent_state"] == "AGENT_STATE_ERROR"
     assert "lease" in row["silent_detail"]
