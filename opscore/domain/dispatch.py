@@ -110,6 +110,11 @@ class Dispatch(Protocol):
         cancelled or lost), or an assignment of it was not written because the task was no
         longer queued: the slot is free, and the task no longer reserved."""
 
+    def not_taken(self, agent_id: str, task: ReadyTask) -> None:
+        """An assignment of `task` to the agent it was matched with was not written because the
+        agent could no longer take it (it left, or reported BUSY or ERROR, in the same
+        transaction): the slot is free, and the task, still queued, waits again in its place."""
+
     # Before a write commits ----------------------------------------------------------------
 
     def reserve_for_commit(

@@ -155,6 +155,9 @@ class Dispatcher:
         self._agents: dict[str, _LiveAgent] = {}
         self._free = _FreeAgents()
         self._reserved: set[str] = set()
+        self._matched: dict[str, int] = {}
+        """The ready sequence of each task matched whose assignment has not committed yet: a
+        task its agent could not take goes back to its place (`not_taken`)."""
         self._wake = asyncio.Event()
         self._pauses = Pauses()
         self._next_due: datetime | None = None
@@ -283,6 +286,7 @@ class Dispatcher:
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
         self._reserved.discard(task_id)
+        self._matched.pop(task_id, None)
         live = self._agents.get(agent_id)
         if live is not None:
             live.held.add(task_id)
@@ -293,9 +297,20 @@ class Dispatcher:
         only if the agent can take a task now: the write that recorded a result has usually
         given the agent its next task already (see `reserve_for_commit`)."""
         self._reserved.discard(task_id)
+        self._matched.pop(task_id, None)
         live = self._free_slot(agent_id, task_id)
         if live is not None:
             self._wake_for(live)
+
+    def not_taken(self, agent_id: str, task: ReadyTask) -> None:
+        """The agent could not take the task it was matched with: its slot is free, and the task
+        waits again, in its place in the queue."""
+        self._reserved.discard(task.task_id)
+        self._free_slot(agent_id, task.task_id)
+        sequence = self._matched.pop(task.task_id, None)
+        if not self._known(task.task_id):
+            self._push(next(self._sequence) if sequence is None else sequence, task)
+        self._wake.set()
 
     def _wake_for(self, live: _LiveAgent) -> None:
         """Wake the loop for an agent that can take a task now, and only then: an agent busy
@@ -368,6 +383,7 @@ class Dispatcher:
         task goes back to its place in its queue (its ready sequence), but for `not_queued`."""
         skipped = set(not_queued)
         for (task, agent_id), sequence in zip(pairs, sequences, strict=True):
+            self._matched.pop(task.task_id, None)
             self._free_slot(agent_id, task.task_id)
             if task.task_id not in skipped:
                 self._push(sequence, task)
@@ -433,6 +449,7 @@ class Dispatcher:
             sequence, task, agent = best
             if sequences is not None:
                 sequences.append(sequence)
+            self._matched[task.task_id] = sequence
             del self._ready[task.task_id]
             agent.held.add(task.task_id)
             agent.waiting_since = self._clock()

@@ -51,6 +51,7 @@ from opscore.domain.models import (
     Effects,
     JsonObject,
     Page,
+    Placed,
     ReadyTask,
     ReportedState,
     RunFilter,
@@ -59,6 +60,7 @@ from opscore.domain.models import (
     TaskRun,
     TaskState,
     TriggerRequest,
+    Unassigned,
     WorkflowDefinition,
     WorkflowRun,
 )
@@ -729,13 +731,15 @@ class Engine:
             functools.partial(self.assigned, pairs),
         )
 
-    def assigned(
-        self, pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]
-    ) -> None:
-        """Committed assignments: the agents hold their tasks and are sent them. Also what the
+    def assigned(self, pairs: list[tuple[ReadyTask, str]], placed: list[Placed]) -> None:
+        """Committed assignments: the agents hold their tasks and are sent them. A task whose
+        agent could not take it waits again; a task gone frees its agent's slot. Also what the
         placement before a write's commit calls (`Store.placement`, wired by the server)."""
-        for (task, agent_id), assignment in zip(pairs, assignments, strict=True):
-            if assignment is None:
+        for (task, agent_id), assignment in zip(pairs, placed, strict=True):
+            if assignment is Unassigned.AGENT_UNFIT:
+                self.dispatcher.not_taken(agent_id, task)
+                continue
+            if assignment is Unassigned.TASK_GONE:
                 self.dispatcher.release(agent_id, task.task_id)
                 continue
             self.dispatcher.assigned(agent_id, task.task_id)

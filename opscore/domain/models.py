@@ -323,6 +323,21 @@ class Assignment:
     fits one message (see `responses.fit_assignment`), in dependency order."""
 
 
+class Unassigned(enum.Enum):
+    """Why a match of a task and an agent was not written as an assignment."""
+
+    TASK_GONE = "task gone"
+    """The task was no longer queued (cancelled, skipped, or taken by another match): nothing
+    of it waits any more."""
+    AGENT_UNFIT = "agent unfit"
+    """The agent could no longer take it (removed, disconnected, BUSY or ERROR earlier in the
+    same transaction): the task still waits, for another agent."""
+
+
+Placed = Assignment | Unassigned
+"""What became of one match when its assignment was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class Cancellation:
     """A task attempt an agent must stop: what its stream carries."""

@@ -31,9 +31,9 @@ Place = Callable[
 """Matches the tasks a write queues and the slots it frees, before it commits, and gives the
 matches and an undo (see `Dispatcher.reserve_for_commit`)."""
 
-Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Assignment | None]], None]
-"""Takes committed assignments: each (task, agent) pair and its assignment, or None where the
-task was no longer queued."""
+Assigned = Callable[[list[tuple[models.ReadyTask, str]], list[models.Placed]], None]
+"""Takes committed assignments: each (task, agent) pair and its assignment, or why it was not
+written (`Unassigned`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +288,10 @@ class TaskStore(Protocol):
         self,
         pairs: Sequence[tuple[models.ReadyTask, str]],
         now: datetime,
-        on_commit: OnCommit[list[models.Assignment | None]],
-    ) -> list[models.Assignment | None]:
-        """Hand each queued task to its agent as a new attempt (None where no longer queued)."""
+        on_commit: OnCommit[list[models.Placed]],
+    ) -> list[models.Placed]:
+        """Hand each queued task to its agent as a new attempt (`Unassigned` where the task is
+        no longer queued, or the agent no longer takes work)."""
 
     async def complete_task(self, result: TaskResult) -> None:
         """Record an attempt's output and queue the dependents that became ready."""

@@ -16,12 +16,13 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from opscore.domain.models import (
-    Assignment,
     JsonObject,
+    Placed,
     ReadyTask,
     ReportedState,
     RunState,
     TaskState,
+    Unassigned,
 )
 from opscore.domain.ports import Rules
 from opscore.domain.state import QueuedTask, RunShape, Sibling, Siblings
@@ -112,11 +113,11 @@ def assign(
     rules: Rules,
     shapes: Shapes,
     batch: Batch | None = None,
-) -> list[Assignment | None]:
+) -> list[Placed]:
     """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
     this transaction: one removed, disconnected, or reporting BUSY or ERROR earlier in the same
-    batch takes nothing. What the `batch` learned (`Batch.recorded`, `Batch.inserted`) is not
-    read again.
+    batch takes nothing, and its task still waits (`Unassigned.AGENT_UNFIT`). What the `batch`
+    learned (`Batch.recorded`, `Batch.inserted`) is not read again.
 
     Unlike the writes that move a run, this locks its tasks before their runs, and only the
     runs still PENDING (which it starts): a run that no task of has reached an agent yet, so
@@ -163,7 +164,7 @@ def assign(
         if row is not None and task.task_id not in leases and agent_id in taking:
             leases[task.task_id] = (row, agent_id, rules.lease_ends(row.timeout_ms, now))
     if not leases:
-        return [None] * len(pairs)
+        return [_unassigned(task, agent_id, queued, taking, leases) for task, agent_id in pairs]
     _ASSIGN.execute(
         conn,
         [
@@ -194,9 +195,22 @@ def assign(
             redelivered=False,
         )
         if task.task_id in leases and leases[task.task_id][1] == agent_id
-        else None
+        else _unassigned(task, agent_id, queued, taking, leases)
         for task, agent_id in pairs
     ]
+
+
+def _unassigned(
+    task: ReadyTask,
+    agent_id: str,
+    queued: Mapping[str, QueuedTask],
+    taking: set[str],
+    leases: Mapping[str, object],
+) -> Unassigned:
+    """Why the match of `task` and `agent_id` was not written."""
+    if task.task_id in queued and task.task_id not in leases and agent_id not in taking:
+        return Unassigned.AGENT_UNFIT
+    return Unassigned.TASK_GONE
 
 
 def context_of(

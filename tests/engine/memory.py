@@ -26,11 +26,11 @@ from opscore.domain.models import (
     Agent,
     AgentRegistration,
     AgentState,
-    Assignment,
     DefinitionDraft,
     Effects,
     JsonObject,
     Page,
+    Placed,
     ReadyTask,
     ReportedState,
     RetryPolicy,
@@ -41,6 +41,7 @@ from opscore.domain.models import (
     TaskRun,
     TaskSpec,
     TaskState,
+    Unassigned,
     WorkflowDefinition,
     WorkflowRun,
 )
@@ -644,15 +645,13 @@ class MemoryStore:
         self,
         pairs: Sequence[tuple[ReadyTask, str]],
         now: datetime,
-        on_commit: OnCommit[list[Assignment | None]],
-    ) -> list[Assignment | None]:
+        on_commit: OnCommit[list[Placed]],
+    ) -> list[Placed]:
         return self._write(self._assign(pairs, now), on_commit)
 
-    def _assign(
-        self, pairs: Sequence[tuple[ReadyTask, str]], now: datetime
-    ) -> list[Assignment | None]:
+    def _assign(self, pairs: Sequence[tuple[ReadyTask, str]], now: datetime) -> list[Placed]:
         """Each queued task as a new attempt of its agent, if that agent still takes work
-        (connected, not reporting BUSY or ERROR); None in the place of the others."""
+        (connected, not reporting BUSY or ERROR); why not in the place of the others."""
         taking = {
             agent_id
             for _, agent_id in pairs
@@ -689,11 +688,14 @@ class MemoryStore:
             stored = self._runs[queued.run_id]
             if self._rules.starts_run(queued) and stored.run.state is RunState.PENDING:
                 stored.run = dataclasses.replace(stored.run, state=RunState.RUNNING, started_at=now)
-        assignments: list[Assignment | None] = []
+        assignments: list[Placed] = []
         for ready, agent_id in pairs:
             lease = leases.get(ready.task_id)
             if lease is None or lease[0] != agent_id:
-                assignments.append(None)
+                task = self._tasks.get(ready.task_id)
+                waits = task is not None and task.row.state is TaskState.QUEUED and lease is None
+                unfit = waits and agent_id not in taking
+                assignments.append(Unassigned.AGENT_UNFIT if unfit else Unassigned.TASK_GONE)
                 continue
             _, queued, deadline = lease
             context = self._siblings(self._tasks[ready.task_id])

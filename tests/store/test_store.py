@@ -27,6 +27,7 @@ from opscore.domain.models import (
     Effects,
     JsonObject,
     Page,
+    Placed,
     ReadyTask,
     ReportedState,
     RetryPolicy,
@@ -36,6 +37,7 @@ from opscore.domain.models import (
     RunView,
     TaskSpec,
     TaskState,
+    Unassigned,
     WorkflowRun,
 )
 from opscore.domain.ports import CreatedRun, NewRun, TaskResult
@@ -705,7 +707,9 @@ async def test_only_agents_that_can_take_work_are_assigned_it(store: Store) -> N
         for name in agents
     ]
     assignments = await store.tasks.assign(list(zip(tasks, agents, strict=True)), NOW, ignore)
-    assert [a is not None for a in assignments] == [True, False, False, False, False]
+    assert isinstance(assignments[0], Assignment)
+    # The others' tasks still wait, for agents that take work.
+    assert assignments[1:] == [Unassigned.AGENT_UNFIT] * 4
     assert sorted(t.task_id for t in await store.tasks.load_queue()) == sorted(
         t.task_id for t in tasks[1:]
     )
@@ -722,8 +726,8 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(
     ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
         return [(task, "w") for task in queued], lambda: seen.append("given back")
 
-    def assigned(pairs: list[tuple[ReadyTask, str]], assignments: list[Assignment | None]) -> None:
-        seen.append([a.task_id for a in assignments if a is not None])
+    def assigned(pairs: list[tuple[ReadyTask, str]], assignments: list[Placed]) -> None:
+        seen.append([a.task_id for a in assignments if isinstance(a, Assignment)])
 
     placement.hook = store.placement(place, assigned, lambda: NOW)
     created = await start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),)))
@@ -738,6 +742,29 @@ async def test_a_write_places_the_tasks_it_queues_before_it_commits(
     await refuse_assignments(store, refuse=False)
     assert seen[1:] == ["given back"]
     assert [t.task_id for t in await store.tasks.load_queue()] == [again.run.tasks[0].task_id]
+
+
+async def test_a_task_whose_agent_leaves_in_the_same_batch_is_not_taken_but_waits(
+    store: Store, placement: Placement
+) -> None:
+    """A trigger placed on an agent that reports ERROR in the same transaction: the match is not
+    written, the placement says the agent was unfit (so the task waits again in memory), and
+    the task is still queued in the database."""
+    await register(store, "w")
+    seen: list[Placed] = []
+
+    def place(
+        queued: list[ReadyTask], released: list[tuple[str, str]]
+    ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
+        return [(task, "w") for task in queued], lambda: None
+
+    placement.hook = store.placement(place, lambda _, placed: seen.extend(placed), lambda: NOW)
+    _, created = await asyncio.gather(
+        store.agents.report_state("w", ReportedState.ERROR, "broken", NOW, ignore),
+        start(store, DefinitionDraft("one", tasks=(TaskSpec("only"),))),
+    )
+    assert seen == [Unassigned.AGENT_UNFIT]
+    assert [t.task_id for t in await store.tasks.load_queue()] == [created.run.tasks[0].task_id]
 
 
 _REFUSE = {
@@ -965,8 +992,8 @@ def place_every_ready_task_on(
     ) -> tuple[list[tuple[ReadyTask, str]], Callable[[], None]]:
         return [(task, agent_id) for task in queued], lambda: None
 
-    def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Assignment | None]) -> None:
-        placed.extend(found for found in written if found is not None)
+    def assigned(pairs: list[tuple[ReadyTask, str]], written: list[Placed]) -> None:
+        placed.extend(found for found in written if isinstance(found, Assignment))
 
     placement.hook = store.placement(place, assigned, lambda: NOW)
     return placed

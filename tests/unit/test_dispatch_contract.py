@@ -219,6 +219,30 @@ async def test_a_reserved_task_is_not_matched_again_nor_queued_by_its_commit(sea
     assert seam.commit([ready("t")], [("a", "t")]) == [("t", "b")]
 
 
+async def test_a_task_whose_agent_became_unfit_in_its_commit_waits_again(seam: Seam) -> None:
+    """A write both queues a task and takes its agent out (it reports ERROR, or is quarantined,
+    in the same transaction): the match is not written, and the task, queued by that commit,
+    must wait again for another agent, not be forgotten."""
+    seam.dispatch.agent_online(agent("leaving"), ())
+    pairs, _ = seam.dispatch.reserve_for_commit([ready("t")], [])
+    assert [(t.task_id, a) for t, a in pairs] == [("t", "leaving")]
+    seam.dispatch.enqueue([ready("t")])  # the write's own effects: "t" is reserved
+    seam.dispatch.agent_changed(agent("leaving", reported=ReportedState.ERROR))
+    seam.dispatch.not_taken("leaving", pairs[0][0])
+    assert seam.dispatch.queued == 1
+    seam.dispatch.agent_online(agent("other"), ())
+    assert seam.commit() == [("t", "other")]
+
+
+async def test_a_task_not_taken_keeps_its_place_in_the_ready_order(seam: Seam) -> None:
+    seam.dispatch.enqueue([ready("first"), ready("second")])
+    seam.dispatch.agent_online(agent("w"), ())
+    pairs, _ = seam.dispatch.reserve_for_commit([], [])
+    assert [t.task_id for t, _ in pairs] == ["first"]
+    seam.dispatch.not_taken("w", pairs[0][0])
+    assert seam.commit() == [("first", "w")]
+
+
 async def test_the_undo_of_a_write_that_failed_gives_everything_back(seam: Seam) -> None:
     seam.dispatch.enqueue([ready("old")])
     seam.dispatch.agent_online(agent("w", slots=2), ())

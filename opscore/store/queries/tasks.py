@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from opscore.domain import idempotency
 from opscore.domain.errors import NotFound, OpsCoreError, Resource
-from opscore.domain.models import Assignment, Effects, JsonObject, ReadyTask, TaskState
+from opscore.domain.models import Effects, JsonObject, Placed, ReadyTask, TaskState
 from opscore.domain.ports import Assigned, OnCommit, Place, TaskResult
 from opscore.domain.state import Reporting, RunNow, TaskNow
 from opscore.store import assignments, rows
@@ -114,11 +114,11 @@ class Tasks:
         self,
         pairs: Sequence[tuple[ReadyTask, str]],
         now: datetime,
-        on_commit: OnCommit[list[Assignment | None]],
-    ) -> list[Assignment | None]:
+        on_commit: OnCommit[list[Placed]],
+    ) -> list[Placed]:
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
-        timeout. A task that is no longer queued (cancelled, skipped meanwhile) gives None in its
-        place and is left alone."""
+        timeout. A task that is no longer queued (cancelled, skipped meanwhile), or whose agent
+        no longer takes work, gives the reason in its place (`Unassigned`) and is left alone."""
         shapes = self._shared.shapes.of
         return await self._shared.write(
             lambda conn: assignments.assign(conn, pairs, now, self._rules, shapes), on_commit
