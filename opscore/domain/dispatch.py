@@ -11,8 +11,8 @@ How it is called, by every implementation's contract:
 - On the event loop, one call at a time: an implementation needs no lock.
 - The events (`enqueue`, `dequeue`, `assigned`, `release`, `not_taken`, the `agent_*` methods)
   only from the callbacks of committed writes, in commit order (and `enqueue` at start, with
-  the stored queue), so memory never runs ahead of the database. Each is idempotent: the same fact told twice
-  changes nothing, and a fact about an unknown task or agent is ignored.
+  the stored queue), so memory never runs ahead of the database. Each is idempotent: the same
+  fact told twice changes nothing, and a fact about an unknown task or agent is ignored.
 - `reserve_for_commit` only from inside a write's transaction, just before it commits.
 - `run` once, by the server, as a supervised task.
 
