@@ -1,0 +1,131 @@
+"""Two stores writing one PostgreSQL database at once, as two servers' would: what one store
+alone serializes through its writer, the database must keep whole between them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import pytest
+from conftest import POSTGRES_URL, blocking, postgres_database
+from machines import Placement, store_rules
+
+from opscore.api.convert import WireSizes
+from opscore.domain.credentials import issue_agent_token
+from opscore.domain.models import (
+    AgentRegistration,
+    Assignment,
+    DefinitionDraft,
+    RunFilter,
+    RunOrder,
+    RunView,
+    TaskSpec,
+    Unassigned,
+)
+from opscore.domain.ports import CreatedRun, NewRun
+from opscore.domain.responses import Budget
+from opscore.store.database import open_database
+from opscore.store.queries import Store
+from opscore.store.writer import Writer
+
+pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
+
+
+@contextlib.asynccontextmanager
+async def running_store(url: str) -> AsyncIterator[Store]:
+    database = open_database(url)
+    writer = Writer(database)
+    running = asyncio.create_task(writer.run(Placement()))
+    try:
+        yield Store(database, writer, store_rules())
+    finally:
+        writer.close()
+        await running
+        await database.dispose()
+
+
+@pytest.fixture
+def shared_url(migrated_postgres: str) -> Iterator[str]:
+    """A migrated PostgreSQL database of its own, for the stores of one test."""
+    with blocking(postgres_database(migrated_postgres)) as url:
+        yield url
+
+
+async def trigger(store: Store, request_id: str) -> CreatedRun:
+    """A trigger of a one-task inline definition with `request_id`, as committed."""
+    created: list[CreatedRun] = []
+    await store.runs.create_run(
+        NewRun(
+            definition_id="",
+            workflow_name="",
+            inline=DefinitionDraft("once", tasks=(TaskSpec("t"),)),
+            agent_id="",
+            run_input={},
+            request_id=request_id,
+            now=datetime.now(UTC),
+            on_commit=created.append,
+            fingerprint="the same request",
+        )
+    )
+    return created[0]
+
+
+async def test_one_request_id_sent_to_two_stores_at_once_makes_one_run(shared_url: str) -> None:
+    async with running_store(shared_url) as first, running_store(shared_url) as second:
+        for attempt in range(5):
+            request_id = f"same-{attempt}"
+            created = await asyncio.gather(trigger(first, request_id), trigger(second, request_id))
+            assert created[0].run.run_id == created[1].run.run_id, request_id
+            assert sorted(made.created for made in created) == [False, True], request_id
+        page = await first.runs.list_runs(
+            100,
+            "",
+            RunFilter(),
+            RunOrder.NEWEST_FIRST,
+            RunView.BASIC,
+            Budget(4 * 1024 * 1024, WireSizes()),
+        )
+    assert len(page.items) == 5
+
+
+async def test_each_attempt_has_one_holder_however_many_stores_claim_it(shared_url: str) -> None:
+    """Every store tries to assign the same queued tasks to an agent of its own at once: row
+    locks give each task to exactly one of them, and the others learn it is gone."""
+    claimers = 4
+    async with contextlib.AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(running_store(shared_url)) for _ in range(claimers)
+        ]
+        for index, store in enumerate(stores):
+            agent_id = f"agent-{index}"
+            await store.agents.register_agent(
+                AgentRegistration(agent_id, max_concurrent_tasks=100),
+                issue_agent_token()[1],
+                datetime.now(UTC),
+                ignore,
+            )
+            await store.agents.connect_agent(agent_id, datetime.now(UTC), ignore)
+        ready = [(await trigger(stores[0], "")).effects.queued[0] for _ in range(20)]
+        placed = await asyncio.gather(
+            *(
+                store.tasks.assign(
+                    [(task, f"agent-{index}") for task in ready], datetime.now(UTC), ignore
+                )
+                for index, store in enumerate(stores)
+            )
+        )
+        holders: dict[str, list[str]] = {task.task_id: [] for task in ready}
+        for results in placed:
+            for task, result in zip(ready, results, strict=True):
+                if isinstance(result, Assignment):
+                    holders[task.task_id].append(result.agent_id)
+                else:
+                    assert result is Unassigned.TASK_GONE
+        assert all(len(agents) == 1 for agents in holders.values()), holders
+        assert await stores[0].tasks.load_queue() == []
+
+
+def ignore(_: object) -> None:
+    """An on_commit callback for writes whose effects the test does not follow."""
