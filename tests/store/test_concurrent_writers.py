@@ -129,3 +129,33 @@ async def test_each_attempt_has_one_holder_however_many_stores_claim_it(shared_u
 
 def ignore(_: object) -> None:
     """An on_commit callback for writes whose effects the test does not follow."""
+
+
+async def test_writes_locking_in_other_orders_never_fail_their_callers(shared_url: str) -> None:
+    """One store cancels runs (the run locked, then its tasks) while another assigns their
+    tasks (the task locked, then its pending run), all at once: PostgreSQL may pick one of them
+    to fail as a deadlock, which the store resolves itself; no caller sees it, and every run
+    ends either cancelled or with its task held."""
+    async with (
+        running_store(shared_url) as cancelling,
+        running_store(shared_url) as assigning,
+    ):
+        now = datetime.now(UTC)
+        await assigning.agents.register_agent(
+            AgentRegistration("w", max_concurrent_tasks=1000), issue_agent_token()[1], now, ignore
+        )
+        await assigning.agents.connect_agent("w", now, ignore)
+        created = [await trigger(cancelling, "") for _ in range(60)]
+        results = await asyncio.gather(
+            *(
+                write
+                for made in created
+                for write in (
+                    cancelling.runs.cancel_run(made.run.run_id, now, ignore),
+                    assigning.tasks.assign([(made.effects.queued[0], "w")], now, ignore),
+                )
+            ),
+            return_exceptions=True,
+        )
+    failures = [result for result in results if isinstance(result, BaseException)]
+    assert failures == [], failures
