@@ -132,6 +132,17 @@ def _driver_fault(error: BaseException) -> StorageFault | None:
     return None if kind is None else _fault(kind, error)
 
 
+CONFLICTS = frozenset({"40P01", "40001"})
+"""PostgreSQL's SQLSTATEs for a transaction that lost to a concurrent one (deadlock_detected,
+serialization_failure): nobody's fault, and the same transaction run again succeeds. Only
+writers in other processes (other servers on the database) can cause them."""
+
+
+def is_conflict(error: BaseException) -> bool:
+    """Whether `error` says its transaction lost to a concurrent one (see `CONFLICTS`)."""
+    return any(getattr(found, "sqlstate", None) in CONFLICTS for found in _chain(error))
+
+
 def _connection_fault(error: BaseException) -> StorageFault | None:
     """A connection found closed, a pool that gave none in time, or the network's refusal."""
     if isinstance(error, OSError):

@@ -21,9 +21,12 @@ the commit is given back if the batch fails.
 
 An operation may also fail outright (an exception escapes it). Since it may have written before
 failing, the whole batch is rolled back and each request is run again in a transaction of its
-own, so one caller's mistake never touches another caller's write. Operations are therefore pure
-functions of the database: they may be run twice, and whatever they change outside it goes in
-`Tx.after_commit` callbacks, run in commit order once durable.
+own, so one caller's mistake never touches another caller's write. A write alone whose
+transaction loses to a concurrent one (a deadlock or a serialization failure, which only another
+server's writer on the same database causes) is run again, a few times, before its caller is
+told to try again later (`StorageUnavailable`). Operations are therefore pure functions of the
+database: they may be run twice, and whatever they change outside it goes in `Tx.after_commit`
+callbacks, run in commit order once durable.
 
 A batch that fails because storage cannot be used now (a `StorageFault`: the database is
 unreachable, read-only or full) is nobody's mistake, and running its requests again one by one
@@ -35,16 +38,18 @@ goes on with the next batch.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from opscore.domain.errors import StorageFault, Unavailable
+from opscore.domain.errors import StorageFault, StorageUnavailable, Unavailable
 from opscore.domain.idle import Pauses
 from opscore.domain.models import Effects, JsonObject
 from opscore.domain.state import QueuedTask
+from opscore.store.faults import UNAVAILABLE_RETRY, is_conflict
 from opscore.store.transactions import Database
 
 T = TypeVar("T")
@@ -56,6 +61,15 @@ GATHER_TURNS = 8
 
 QUIET_SPELL = 0.001
 """Seconds without a write after which a lone request counts as coming alone (see `Writer.run`)."""
+
+CONFLICT_ATTEMPTS = 5
+"""Times a write alone is run when its transaction keeps losing to concurrent ones (a deadlock,
+a serialization failure: only other servers' writers cause them) before its caller is told."""
+
+CONFLICT_BACKOFF = 0.01
+"""Seconds, at most, before a write that lost to a concurrent one runs again, doubled after
+each loss and drawn at random below it, so that two writers that collided do not collide
+again in step."""
 
 
 @dataclass(slots=True)
@@ -307,13 +321,25 @@ class Writer:
             raise failed[0]
 
     async def _run_alone(self, pending: _Pending) -> None:
-        try:
-            [item] = await self._database.run(lambda conn: _run_all(conn, [pending]), write=True)
-        except Exception as error:  # noqa: BLE001 - the caller receives its own error
-            if not pending.future.done():
-                pending.future.set_exception(error)
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                [item] = await self._database.run(
+                    lambda conn: _run_all(conn, [pending]), write=True
+                )
+            except Exception as error:  # noqa: BLE001 - the caller receives its own error
+                conflict = is_conflict(error)
+                if conflict and attempt < CONFLICT_ATTEMPTS:
+                    await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF * 2**attempt))
+                    continue
+                if conflict:  # nobody's fault, and likely to pass later: never INTERNAL
+                    error = StorageUnavailable(
+                        f"the write lost to concurrent ones {attempt} times", UNAVAILABLE_RETRY
+                    )
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+                return
+            _release([item], [])
             return
-        _release([item], [])
 
 
 def _release(done: list[_Done], followups: list[Followup]) -> None:

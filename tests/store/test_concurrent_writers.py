@@ -8,12 +8,14 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
-from conftest import POSTGRES_URL, blocking, postgres_database
+from conftest import POSTGRES_URL, asyncpg_dsn, blocking, postgres_database
 from machines import Placement, store_rules
 
 from opscore.api.convert import WireSizes
 from opscore.domain.credentials import issue_agent_token
+from opscore.domain.errors import StorageUnavailable
 from opscore.domain.models import (
     AgentRegistration,
     Assignment,
@@ -28,6 +30,7 @@ from opscore.domain.ports import CreatedRun, NewRun
 from opscore.domain.responses import Budget
 from opscore.store.database import open_database
 from opscore.store.queries import Store
+from opscore.store.writer import CONFLICT_ATTEMPTS as WRITER_ATTEMPTS
 from opscore.store.writer import Writer
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set")
@@ -159,3 +162,41 @@ async def test_writes_locking_in_other_orders_never_fail_their_callers(shared_ur
         )
     failures = [result for result in results if isinstance(result, BaseException)]
     assert failures == [], failures
+
+
+_DEADLOCKS = (
+    "CREATE SEQUENCE deadlocks",
+    # A sequence moves whatever becomes of the transaction that moved it: the first writes to
+    # agents fail as PostgreSQL fails a deadlock's victim, the rest go through.
+    "CREATE FUNCTION lose_twice() RETURNS trigger AS $$ BEGIN"
+    " IF nextval('deadlocks') <= {losses} THEN"
+    " RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END IF;"
+    " RETURN NEW; END $$ LANGUAGE plpgsql",
+    "CREATE TRIGGER lose_twice BEFORE UPDATE ON agents FOR EACH ROW EXECUTE FUNCTION lose_twice()",
+)
+
+
+@pytest.mark.parametrize(("losses", "told"), [(3, False), (WRITER_ATTEMPTS + 1, True)])
+async def test_a_write_that_loses_to_a_concurrent_one_is_run_again(
+    shared_url: str, losses: int, told: bool
+) -> None:
+    """A write whose transaction PostgreSQL fails as a deadlock's victim is run again: its
+    caller sees nothing of the first losses, and is told only if it keeps losing."""
+    async with running_store(shared_url) as store:
+        now = datetime.now(UTC)
+        await store.agents.register_agent(
+            AgentRegistration("w"), issue_agent_token()[1], now, ignore
+        )
+        admin = await asyncpg.connect(asyncpg_dsn(shared_url))
+        try:
+            for statement in _DEADLOCKS:
+                await admin.execute(statement.format(losses=losses))
+        finally:
+            await admin.close()
+        heartbeat = store.agents.touch_agent("w", now)
+        if told:
+            with pytest.raises(StorageUnavailable) as raised:
+                await heartbeat
+            assert "lost to concurrent ones" in raised.value.cause
+        else:
+            await heartbeat
