@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -20,6 +20,7 @@ from opscore.domain.models import (
     AgentRegistration,
     Assignment,
     DefinitionDraft,
+    Effects,
     RunFilter,
     RunOrder,
     RunView,
@@ -200,3 +201,37 @@ async def test_a_write_that_loses_to_a_concurrent_one_is_run_again(
             assert "lost to concurrent ones" in raised.value.cause
         else:
             await heartbeat
+
+
+async def test_a_lease_that_ended_is_expired_once_however_many_stores_notice(
+    shared_url: str,
+) -> None:
+    """Two stores' timers fire for the same ended leases at once: one of them expires each (its
+    slot freed, the attempt failed), the other finds nothing left to do."""
+    async with (
+        running_store(shared_url) as first,
+        running_store(shared_url) as second,
+    ):
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        await first.agents.register_agent(
+            AgentRegistration("w"), issue_agent_token()[1], long_ago, ignore
+        )
+        await first.agents.connect_agent("w", long_ago, ignore)
+        tasks = [(await trigger(first, "")).effects.queued[0] for _ in range(10)]
+        await first.tasks.assign([(task, "w") for task in tasks], long_ago, ignore)
+        seen: list[Effects] = []
+        now = datetime.now(UTC)
+        await asyncio.gather(
+            *(store.timers.expire_leases(now, 100, seen.append) for store in (first, second))
+        )
+        released = [hold.task_id for effects in seen for hold in effects.released]
+        assert sorted(released) == sorted(task.task_id for task in tasks)
+    admin = await asyncpg.connect(asyncpg_dsn(shared_url))
+    try:
+        counted = await admin.fetchval("SELECT lease_expiries FROM agents WHERE agent_id = 'w'")
+        attempts = await admin.fetch("SELECT state, attempt FROM tasks")
+    finally:
+        await admin.close()
+    assert counted == len(tasks)  # each expiry counted once
+    # One attempt each (store_rules): the expiry failed each task once, at its first attempt.
+    assert {(row["state"], row["attempt"]) for row in attempts} == {("failed", 1)}
