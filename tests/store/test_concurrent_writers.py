@@ -21,6 +21,7 @@ from opscore.domain.models import (
     Assignment,
     DefinitionDraft,
     Effects,
+    ReadyTask,
     RunFilter,
     RunOrder,
     RunView,
@@ -203,35 +204,61 @@ async def test_a_write_that_loses_to_a_concurrent_one_is_run_again(
             await heartbeat
 
 
+async def held_long_ago(store: Store, tasks: int) -> tuple[datetime, list[ReadyTask]]:
+    """An agent "w", connected an hour ago, holding `tasks` new tasks since then (their leases
+    long ended): when that was, and the tasks."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await store.agents.register_agent(
+        AgentRegistration("w"), issue_agent_token()[1], long_ago, ignore
+    )
+    await store.agents.connect_agent("w", long_ago, ignore)
+    ready = [(await trigger(store, "")).effects.queued[0] for _ in range(tasks)]
+    await store.tasks.assign([(task, "w") for task in ready], long_ago, ignore)
+    return long_ago, ready
+
+
+async def tasks_and_expiries(url: str) -> tuple[set[tuple[str, int]], int]:
+    """Every task's (state, attempt), and agent w's count of expiries, read directly."""
+    admin = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        counted = await admin.fetchval("SELECT lease_expiries FROM agents WHERE agent_id = 'w'")
+        rows = await admin.fetch("SELECT state, attempt FROM tasks")
+    finally:
+        await admin.close()
+    return {(row["state"], row["attempt"]) for row in rows}, counted
+
+
 async def test_a_lease_that_ended_is_expired_once_however_many_stores_notice(
     shared_url: str,
 ) -> None:
     """Two stores' timers fire for the same ended leases at once: one of them expires each (its
     slot freed, the attempt failed), the other finds nothing left to do."""
-    async with (
-        running_store(shared_url) as first,
-        running_store(shared_url) as second,
-    ):
-        long_ago = datetime.now(UTC) - timedelta(hours=1)
-        await first.agents.register_agent(
-            AgentRegistration("w"), issue_agent_token()[1], long_ago, ignore
-        )
-        await first.agents.connect_agent("w", long_ago, ignore)
-        tasks = [(await trigger(first, "")).effects.queued[0] for _ in range(10)]
-        await first.tasks.assign([(task, "w") for task in tasks], long_ago, ignore)
+    async with running_store(shared_url) as first, running_store(shared_url) as second:
+        _, tasks = await held_long_ago(first, 10)
         seen: list[Effects] = []
         now = datetime.now(UTC)
         await asyncio.gather(
             *(store.timers.expire_leases(now, 100, seen.append) for store in (first, second))
         )
-        released = [hold.task_id for effects in seen for hold in effects.released]
-        assert sorted(released) == sorted(task.task_id for task in tasks)
-    admin = await asyncpg.connect(asyncpg_dsn(shared_url))
-    try:
-        counted = await admin.fetchval("SELECT lease_expiries FROM agents WHERE agent_id = 'w'")
-        attempts = await admin.fetch("SELECT state, attempt FROM tasks")
-    finally:
-        await admin.close()
-    assert counted == len(tasks)  # each expiry counted once
-    # One attempt each (store_rules): the expiry failed each task once, at its first attempt.
-    assert {(row["state"], row["attempt"]) for row in attempts} == {("failed", 1)}
+    released = [hold.task_id for effects in seen for hold in effects.released]
+    assert sorted(released) == sorted(task.task_id for task in tasks)
+    # One attempt each (store_rules): the expiry failed each task once, at its first attempt,
+    # and each expiry counted once.
+    assert await tasks_and_expiries(shared_url) == ({("failed", 1)}, len(tasks))
+
+
+async def test_a_lost_agent_is_lost_once_however_many_stores_notice(shared_url: str) -> None:
+    """Two stores' timers find the same agent's grace over at once: each attempt it held counts
+    as lost once."""
+    async with running_store(shared_url) as first, running_store(shared_url) as second:
+        long_ago, tasks = await held_long_ago(first, 10)
+        await first.agents.disconnect_agent("w", long_ago, lambda: True)
+        seen: list[Effects] = []
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(minutes=1)
+        await asyncio.gather(
+            *(store.timers.lose_agents(cutoff, now, seen.append) for store in (first, second))
+        )
+    released = [hold.task_id for effects in seen for hold in effects.released]
+    assert sorted(released) == sorted(task.task_id for task in tasks)
+    assert await tasks_and_expiries(shared_url) == ({("failed", 1)}, 0)
