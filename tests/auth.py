@@ -59,8 +59,8 @@ class Wallet:
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
-    metadata = [(key, value) for key, value in details.metadata or () if key != "authorization"]
-    if any(key == "authorization" for key, _ in details.metadata or ()):
+    metadata = list(details.metadata or ())
+    if any(key == "authorization" for key, _ in metadata):
         return details  # the test sends credentials of its own
     return details._replace(metadata=grpc.aio.Metadata(*metadata, *bearer(token)))
 

@@ -154,10 +154,10 @@ class Dispatcher:
         self._sequence = itertools.count()
         self._agents: dict[str, _LiveAgent] = {}
         self._free = _FreeAgents()
-        self._reserved: set[str] = set()
         self._matched: dict[str, int] = {}
-        """The ready sequence of each task matched whose assignment has not committed yet: a
-        task its agent could not take goes back to its place (`not_taken`)."""
+        """The ready sequence of each task matched (by the loop, or reserved by a write before
+        its commit) whose assignment has not committed yet: it is not queued again meanwhile,
+        and a task its agent could not take goes back to its place (`not_taken`)."""
         self._wake = asyncio.Event()
         self._pauses = Pauses()
         self._next_due: datetime | None = None
@@ -191,7 +191,7 @@ class Dispatcher:
 
     def _known(self, task_id: str) -> bool:
         """Queued, waiting for its retry time, or reserved by a write not yet committed."""
-        return task_id in self._ready or task_id in self._waiting or task_id in self._reserved
+        return task_id in self._ready or task_id in self._waiting or task_id in self._matched
 
     def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
         """Whether an available agent offers `capability` and carries `labels`: part of why a
@@ -285,7 +285,6 @@ class Dispatcher:
 
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
-        self._reserved.discard(task_id)
         self._matched.pop(task_id, None)
         live = self._agents.get(agent_id)
         if live is not None:
@@ -296,7 +295,6 @@ class Dispatcher:
         """The agent no longer holds the task: its slot is free (idempotent). The loop is woken
         only if the agent can take a task now: the write that recorded a result has usually
         given the agent its next task already (see `reserve_for_commit`)."""
-        self._reserved.discard(task_id)
         self._matched.pop(task_id, None)
         live = self._free_slot(agent_id, task_id)
         if live is not None:
@@ -305,7 +303,6 @@ class Dispatcher:
     def not_taken(self, agent_id: str, task: ReadyTask) -> None:
         """The agent could not take the task it was matched with: its slot is free, and the task
         waits again, in its place in the queue."""
-        self._reserved.discard(task.task_id)
         self._free_slot(agent_id, task.task_id)
         sequence = self._matched.pop(task.task_id, None)
         if not self._known(task.task_id):
@@ -363,11 +360,8 @@ class Dispatcher:
         for live, task_id in freed:
             live.held.add(task_id)
             self._free.update(live, waited_anew=False)
-        self._reserved.update(task.task_id for task, _ in pairs)
 
         def undo() -> None:
-            for task, _ in pairs:
-                self._reserved.discard(task.task_id)
             # Tasks the write itself queued are not queued if it does not commit.
             self._give_back(pairs, sequences, added)
 
