@@ -222,6 +222,8 @@ class Dispatcher:
         """Move tasks whose retry time has come into the ready queues; return when the next one
         is due, None if none waits."""
         now = self._now()
+        due: list[ReadyTask] = []
+        next_due = None
         while self._delayed:
             not_before, _, task = self._delayed[0]
             if task.task_id not in self._waiting:
@@ -230,9 +232,17 @@ class Dispatcher:
                 heapq.heappop(self._delayed)
                 self._waiting.discard(task.task_id)
                 self._push(next(self._sequence), task)
+                due.append(task)
             else:
-                return not_before
-        return None
+                next_due = not_before
+                break
+        if due:
+            self._came_due(due)
+        return next_due
+
+    def _came_due(self, tasks: list[ReadyTask]) -> None:
+        """These tasks' retry times came: they wait in the ready queues now (nothing more to
+        do for a dispatch that holds the whole queue)."""
 
     def _push(self, sequence: int, task: ReadyTask) -> None:
         # Plain tuples (see `_ready`): a deep queue of ReadyTask objects kept the garbage

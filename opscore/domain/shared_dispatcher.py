@@ -71,14 +71,18 @@ class SharedDispatcher(Dispatcher):
 
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
         """As `Dispatcher.enqueue`, keeping at most `prefetch` tasks a requirement, and
-        announcing the capabilities of what it queues (none of its free agents took it)."""
+        announcing the capabilities of what it queues (none of its free agents took it): now
+        for the tasks due now, when their retry time comes for the others (`_came_due`), as a
+        claim skips nothing but finds nobody's due work before then."""
         kept: list[ReadyTask] = []
         sizes: dict[Requirements, int] = {}
         announced: set[str] = set()
+        now = self._now()
         for task in tasks:
             if self._known(task.task_id):
                 continue
-            announced.add(task.capability)
+            if task.not_before is None or task.not_before <= now:
+                announced.add(task.capability)
             key = (task.capability, task.labels, task.pinned_agent_id)
             size = sizes.get(key)
             if size is None:
@@ -92,6 +96,10 @@ class SharedDispatcher(Dispatcher):
         super().enqueue(kept)
         if announced:
             self._announce(announced)
+
+    def _came_due(self, tasks: list[ReadyTask]) -> None:
+        """Retries whose backoff ended here: another replica's free agent may take them."""
+        self._announce({task.capability for task in tasks})
 
     def work_elsewhere(self, capabilities: Iterable[str] | None) -> None:
         """The database may hold work of these capabilities (None: of any) that this replica
@@ -167,17 +175,21 @@ class SharedDispatcher(Dispatcher):
         wants = self._wants()
         if not wants:
             return
+        # Taken out before the claim: a notice that comes while it runs wants them again.
         everything, self._everything = self._everything, False
+        claiming = {want.capability for want in wants}
+        self._wanted -= claiming
         try:
             claimed = await self._claim(wants)
         except StorageFault:
             self._everything |= everything
+            self._wanted |= claiming
             raise
         self._keep(claimed.unassigned)
         for want in wants:
             # A claim that found as many as it asked for leaves more behind: claim again, as
             # long as claims keep assigning (so a head of tasks no agent here fits ends it).
-            if not claimed.assigned or claimed.found.get(want.capability, 0) < want.limit:
-                self._wanted.discard(want.capability)
+            if claimed.assigned and claimed.found.get(want.capability, 0) >= want.limit:
+                self._wanted.add(want.capability)
         if self._wanted:
             self._wake.set()
