@@ -1,5 +1,6 @@
 """Several `opscore serve` processes ("replicas") on one PostgreSQL database, and agents that
-fail over from one replica to the next, as issue 25's tests need them.
+fail over from one replica to the next, as issue 25's tests need them; and two replicas in the
+test's process, for suites written against one server (`two_replicas`).
 
     async with Replicas.on_fresh_database(3, tmp_path) as replicas:
         ledger = Ledger()
@@ -38,15 +39,19 @@ from typing import Any, Self
 import asyncpg  # type: ignore[import-untyped]
 import auth
 import grpc
-from conftest import asyncpg_dsn, postgres_database
+from conftest import ServerFactory, asyncpg_dsn, postgres_database
 from helpers import WAIT, Agent, Client, complete_request
 from opscore.v1 import (
     agent_lifecycle_pb2,
+    agent_lifecycle_pb2_grpc,
     agent_pb2,
     workflow_pb2,
     workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 from processes import ServerProcess, free_port
+
+from opscore.server import OpsCoreServer
 
 LEASE = 2.0
 """Seconds of a replica's heartbeat lease (OPSCORE_REPLICA_LEASE): a replica killed is declared
@@ -656,3 +661,69 @@ def log_counts(records: Iterable[dict[str, Any]]) -> tuple[Counter[str], Counter
         elif record.get("event") == "task assigned":
             assigned[str(record.get("task_id")), int(record.get("attempt", 0))] += 1
     return completed, assigned
+
+
+# Two replicas in the test's process ---------------------------------------------------------
+
+
+class SplitClient(Client):
+    """A Client of a two-replica deployment: its agents register, stream and report their state
+    on one replica (`streams`), every other call (definitions, runs, results, leases) goes to
+    the other (`calls`). So each assignment crosses from the replica that made the task ready
+    to the one that holds the agent's stream, and each result, cancellation and timer from the
+    replica that records it to that stream. Its `server` is the replica of the streams (what
+    `expect_quiet` asks whether its streams are caught up)."""
+
+    def __init__(
+        self,
+        calls: grpc.aio.Channel,
+        streams: grpc.aio.Channel,
+        calls_server: OpsCoreServer,
+        streams_server: OpsCoreServer,
+    ) -> None:
+        super().__init__(calls, streams_server)
+        self.lifecycle = agent_lifecycle_pb2_grpc.AgentLifecycleStub(streams)
+        self.workflows.StreamTasks = workflow_service_pb2_grpc.WorkflowServiceStub(
+            streams
+        ).StreamTasks
+        self.replicas = (calls_server, streams_server)
+
+    async def settle(self) -> None:
+        """Return once both replicas have settled in one pass (each idle after the other)."""
+        for _ in range(10):
+            for replica in self.replicas:
+                await replica.settle()
+            if all(replica.engine is not None and replica.engine.idle for replica in self.replicas):
+                return
+        raise AssertionError("the replicas never settled together")
+
+
+async def settle_replicas(client: Client) -> None:
+    """Let every replica of a two-replica deployment settle (nothing for one server: the
+    helpers' `expect_quiet` settles it)."""
+    if isinstance(client, SplitClient):
+        await client.settle()
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    start_server: ServerFactory, url: str, **overrides: object
+) -> AsyncIterator[SplitClient]:
+    """Two servers in the test's process on the (migrated) PostgreSQL database `url`, each with
+    conftest's settings and `overrides`, and a SplitClient on them (calls to the first, agents'
+    streams on the second), which shares the agents' tokens between its two channels."""
+    async with start_server(url, **overrides) as first, start_server(url, **overrides) as second:
+        wallet = auth.Wallet()
+        async with (
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{first.port}", interceptors=auth.interceptors(wallet)
+            ) as calls,
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{second.port}", interceptors=auth.interceptors(wallet)
+            ) as streams,
+        ):
+            client = SplitClient(calls, streams, first, second)
+            try:
+                yield client
+            finally:
+                await client.close()
