@@ -430,9 +430,12 @@ class FailoverAgent:
             self._runner.result()
             raise AssertionError(f"{self.agent_id} stopped working")
 
-    async def wait_connected(self, timeout: float = WAIT) -> int:
-        """Wait (bounded) until a stream is open; the index of its replica."""
-        await asyncio.wait_for(self.connected.wait(), timeout)
+    async def wait_connected(self, timeout: float = WAIT, *, elsewhere_than: int = -1) -> int:
+        """Wait (bounded) until a stream is open (on another replica than `elsewhere_than`, if
+        given: the agent may not have seen its stream there end yet); its replica's index."""
+        async with asyncio.timeout(timeout):
+            while not (self.connected.is_set() and self.streams[-1][0] != elsewhere_than):
+                await asyncio.sleep(0.01)
         return self.streams[-1][0]
 
     async def next_received(self, timeout: float = WAIT) -> Received:

@@ -376,7 +376,7 @@ async def test_a_replica_killed_mid_load_loses_nothing_and_its_agents_carry_on(
             for agent in on_zero:
                 if agent is away:
                     continue
-                assert await agent.wait_connected() != 0, replicas_of(agent)
+                await agent.wait_connected(elsewhere_than=0)
                 seen = await agent_on(clients[2], agent.agent_id)
                 assert seen.state != agent_pb2.AGENT_STATE_OFFLINE, seen
 
@@ -502,7 +502,7 @@ async def test_a_replica_restarted_under_load_hands_its_agents_to_the_others(
                 assert await agent.streams[0][1].wait_stream_ended() == (
                     grpc.StatusCode.UNAVAILABLE
                 )
-                assert await agent.wait_connected() != 0, replicas_of(agent)
+                await agent.wait_connected(elsewhere_than=0)
 
             # Started again, it serves: runs triggered on it (on a new channel: the old one may
             # still be waiting to reconnect) are done by the others' agents.
