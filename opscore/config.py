@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -18,10 +19,12 @@ from opscore.domain.engine import (
 )
 from opscore.domain.health import FAILURES_TO_UNHEALTHY
 from opscore.domain.machine import StateMachine
+from opscore.domain.membership import REPLICA_LEASE, MembershipSettings
 from opscore.domain.quotas import Rate
 from opscore.domain.responses import DEFAULT_CLIENT_MESSAGE_BYTES, response_bytes
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.domain.validation import Limits
+from opscore.store.database import normalize_url
 from opscore.streams import StreamLimits
 
 DEFAULT_DB = "sqlite:///opscore.db"
@@ -41,6 +44,10 @@ class Settings:
     """How long an agent may hold a task whose spec sets no timeout (its lease)."""
     agent_grace: timedelta = AGENT_GRACE
     """How long an agent whose stream closed keeps its tasks before they count as lost."""
+    replica_lease: timedelta = REPLICA_LEASE
+    """How long a replica on PostgreSQL stays alive unrenewed (it renews every third of it):
+    a replica killed is declared dead, and its agents' grace periods start, this long after
+    its last renewal."""
     retry: ResolvedRetryPolicy = field(default_factory=ResolvedRetryPolicy)
     """The retry policy of tasks that set none, and the defaults of fields they leave unset."""
     shutdown_grace: float = 10.0
@@ -146,6 +153,11 @@ class Settings:
             streams=self.streams,
             quarantine_after=self.quarantine_after,
             response_bytes=response_bytes(self.max_message_bytes),
+            replicas=MembershipSettings(
+                address=f"{self.listen} on {socket.gethostname()}",
+                lease=self.replica_lease,
+                shared=not normalize_url(self.db_url).startswith("sqlite"),
+            ),
         )
 
 
@@ -158,6 +170,10 @@ def _non_negative_float(raw: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(raw)
     return value
+
+
+def _positive_seconds(raw: str) -> timedelta:
+    return timedelta(seconds=_positive_float(raw))
 
 
 def _positive_float(raw: str) -> float:
@@ -202,6 +218,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPSCORE_DB": ("db_url", str),
     "OPSCORE_DEFAULT_TASK_TIMEOUT": ("default_task_timeout", _seconds),
     "OPSCORE_AGENT_GRACE": ("agent_grace", _seconds),
+    "OPSCORE_REPLICA_LEASE": ("replica_lease", _positive_seconds),
     "OPSCORE_RETRY_MAX_ATTEMPTS": ("retry.max_attempts", _positive_int),
     "OPSCORE_RETRY_INITIAL_BACKOFF": ("retry.initial_backoff", _seconds),
     "OPSCORE_RETRY_BACKOFF_MULTIPLIER": ("retry.backoff_multiplier", _positive_float),

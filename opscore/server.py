@@ -100,14 +100,14 @@ class OpsCoreServer:
 
         database = name_of(settings.db_url)
         with failing_as(f"cannot open the database {database}", database=database):
-            # Owned before anything writes: the migration, and the recovery that marks every
-            # agent disconnected.
-            owned = await ownership.claim(settings.db_url, Holder("serve", settings.listen))
+            # Held before anything writes: the migration, and the recovery that marks agents
+            # disconnected.
+            owned = await ownership.join(settings.db_url, Holder("serve", settings.listen))
             resources.push_async_callback(owned.release)
             self._storage = StorageHealth(settings.storage_failure_threshold)
             self._db = open_database(settings.db_url, self._storage)
             resources.push_async_callback(self._db.dispose)
-            await migrate.upgrade(self._db)
+            await self._migrate(owned)
             self._writer = Writer(self._db)
             store = Store(self._db, self._writer, settings.rules())
             clock = SystemClock()
@@ -128,12 +128,15 @@ class OpsCoreServer:
             writer = self._supervise(self._writer.run(placement), "writer")
             resources.push_async_callback(self._stop_writer, writer)
             await self.engine.recover()
+            # Its agents are disconnected once no stream of its is left, before the writer ends.
+            resources.push_async_callback(self.engine.membership.leave)
         self._storage.on_recovery(self.engine.storage_recovered)
         self._storage.on_lost(self._storage_lost)
         # The loops that write (and those beside them) stop before the writer, which then
         # commits what they submitted.
         loops = [
             self._supervise(owned.watch(), "database ownership"),
+            self._supervise(self.engine.membership.run(), "replica lease"),
             self._supervise(self.engine.dispatcher.run(), "dispatcher"),
             self._supervise(self.engine.run_timers(), "timers"),
             self._supervise(self._db.maintain(), "database upkeep"),
@@ -147,6 +150,23 @@ class OpsCoreServer:
         watch = self._storage.watch(self._publish_health, store.probe)
         resources.push_async_callback(_cancel, [self._supervise(watch, "storage health")])
         self._log_started()
+
+    async def _migrate(self, owned: ownership.Ownership) -> None:
+        """Bring the schema to this build's, when no other replica runs on it; a replica that
+        joins others must find it so (its migrations cannot run under them)."""
+        if owned.alone:
+            await migrate.upgrade(self._db)
+        else:
+            current, head = await migrate.revisions(self._db)
+            if current != head:
+                raise StartupError(
+                    f"cannot join the replicas on {name_of(self.settings.db_url)}",
+                    f"the schema is at revision {current} and this build needs {head}; other "
+                    "replicas are running on it: stop every replica, then start this one (it "
+                    "migrates the schema) or run `opscore db upgrade`",
+                    database=name_of(self.settings.db_url),
+                )
+        await owned.share()
 
     def _listen(self, clock: Clock) -> None:
         """The gRPC server: its interceptors, its port (TLS when configured) and its services."""

@@ -63,15 +63,16 @@ class AgentStream:
     def __init__(
         self,
         agent_id: str,
-        generation: int,
         encode: Encode,
         limits: StreamLimits = StreamLimits(),
         watch: StreamWatch = UNWATCHED,
         token_digest: str | None = None,
     ) -> None:
         self.agent_id = agent_id
-        self.generation = generation
-        """How many streams the agent had opened before this one (on this server)."""
+        self.generation: int | None = None
+        """Its number among the streams the agent opened on any replica, as the database
+        recorded its opening (None until that committed): what its closing names, so that it
+        never closes a newer stream, opened here or on another replica."""
         self.token_digest = token_digest
         """The digest of the agent token that opened it, if one did: revoking the token ends
         the stream."""
@@ -190,24 +191,14 @@ class Streams:
         self._limits = limits
         self._watch = watch
         self._open: dict[str, AgentStream] = {}
-        self._opened: dict[str, int] = {}
 
     def new_stream(self, agent_id: str, token_digest: str | None = None) -> AgentStream:
-        """A stream for the agent, numbered after every stream it opened before, opened with
-        the agent token of this digest (None: no agent token)."""
-        generation = self._opened.get(agent_id, 0) + 1
-        self._opened[agent_id] = generation
-        return AgentStream(
-            agent_id, generation, self._encode, self._limits, self._watch, token_digest
-        )
-
-    def is_newest(self, stream: AgentStream) -> bool:
-        """Whether no newer stream of the same agent has begun to open."""
-        return self._opened.get(stream.agent_id) == stream.generation
+        """A stream for the agent, opened with the agent token of this digest (None: no
+        agent token)."""
+        return AgentStream(agent_id, self._encode, self._limits, self._watch, token_digest)
 
     def forget(self, agent_id: str) -> None:
-        """The agent is gone (deregistered): drop what is known of its streams."""
-        self._opened.pop(agent_id, None)
+        """The agent is gone (deregistered): drop its stream."""
         stream = self._open.pop(agent_id, None)
         if stream is not None:
             stream.close()
@@ -235,6 +226,6 @@ class Streams:
         return False
 
     def close_all(self, reason: OpsCoreError) -> None:
-        """End every stream (the server is draining)."""
+        """End every stream (the server is draining, or may no longer hold streams)."""
         for stream in list(self._open.values()):
             stream.close(reason)

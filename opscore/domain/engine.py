@@ -42,6 +42,7 @@ from opscore.domain.errors import (
 from opscore.domain.health import Backoff
 from opscore.domain.idle import Pauses
 from opscore.domain.ids import new_id
+from opscore.domain.membership import Membership, MembershipSettings
 from opscore.domain.models import (
     Agent,
     AgentRegistration,
@@ -117,6 +118,7 @@ class EngineSettings:
     """Lease expiries in a row that put an agent in ERROR (see `Effects.quarantined`)."""
     response_bytes: int = response_bytes(DEFAULT_CLIENT_MESSAGE_BYTES)
     """Bytes of runs and tasks one response may carry (see `responses.response_bytes`)."""
+    replicas: MembershipSettings = field(default_factory=MembershipSettings)
 
 
 class Engine:
@@ -153,15 +155,22 @@ class Engine:
         self._disconnects_due: deque[tuple[AgentStream, datetime]] = deque()
         """Closed streams whose disconnection storage refused, and when they closed."""
         self._resync_due = False
+        self.membership = Membership(
+            store.replicas,
+            settings.replicas,
+            clock,
+            fenced=self._fenced,
+            streams_lost=self._streams_lost,
+        )
         self.agent_tokens = AgentTokens() if agent_tokens is None else agent_tokens
         """The digest of each agent's current token (see `register_agent`), which callers are
         identified by."""
 
     async def recover(self) -> None:
-        """Rebuild memory from the database: no stream is open yet (agents that were connected
-        start their grace period now), the agents' tokens and the queue are as stored, leases
-        run on."""
-        await self._store.agents.reset_connections(self._now())
+        """Join the replicas and rebuild memory from the database: no stream is open here yet
+        (alone on the database, agents that were connected start their grace period now), the
+        agents' tokens and the queue are as stored, leases run on."""
+        await self.membership.join()
         self.agent_tokens.load(await self._store.agents.token_digests())
         queued = await self._store.tasks.load_queue()
         self.dispatcher.enqueue(queued)
@@ -224,9 +233,10 @@ class Engine:
             self.dispatcher.enqueue(queued)  # tasks it already knows are passed over
         while self._disconnects_due:
             stream, closed_at = self._disconnects_due[0]
-            await self._store.agents.disconnect_agent(
-                stream.agent_id, closed_at, functools.partial(self.streams.is_newest, stream)
-            )
+            if stream.generation is not None:
+                await self._store.agents.disconnect_agent(
+                    stream.agent_id, stream.generation, closed_at
+                )
             self._disconnects_due.popleft()
         grace = self._settings.agent_grace
         while True:
@@ -243,6 +253,17 @@ class Engine:
                 return min(
                     (when for when in (deadline, grace_end) if when is not None), default=None
                 )
+
+    def _fenced(self, why: str) -> None:
+        """No stream may be held here any more (see `membership`): its agents reconnect to
+        another."""
+        self.streams.close_all(
+            Unavailable(f"this replica stopped holding streams ({why}): reconnect")
+        )
+
+    def _streams_lost(self, now: datetime) -> None:
+        """Agents were disconnected for their replica's death: their grace periods end later."""
+        self._timer_at(now + self._settings.agent_grace)
 
     def storage_recovered(self) -> None:
         """Storage works again after an outage: have the timers write what it refused and
@@ -356,9 +377,12 @@ class Engine:
         raise_if(check_id(agent_id, "agent_id"))
         if self._draining:
             raise Unavailable("the server is shutting down")
+        if not self.membership.serving:
+            raise Unavailable("this replica holds no streams now: connect to another")
         stream = self.streams.new_stream(agent_id, token_digest)
 
         def on_commit(connected: Connected) -> None:
+            stream.generation = connected.generation
             self.streams.install(stream, Aborted("replaced by a newer stream for this agent"))
             if self._draining:  # the drain began while this stream was being opened
                 stream.close(Unavailable("the server is shutting down"))
@@ -386,9 +410,10 @@ class Engine:
             self.dispatcher.agent_offline(stream.agent_id)
             now = self._now()
             try:
-                await self._store.agents.disconnect_agent(
-                    stream.agent_id, now, functools.partial(self.streams.is_newest, stream)
-                )
+                if stream.generation is not None:
+                    await self._store.agents.disconnect_agent(
+                        stream.agent_id, stream.generation, now
+                    )
             except StorageFault:
                 # Written by the timers once storage is back; until then the agent shows
                 # connected, and takes no task (the dispatcher knows it is gone).

@@ -42,6 +42,20 @@ class Connected:
 
     profile: models.AgentProfile
     held: list[models.Assignment]
+    generation: int
+    """The agent's count of streams opened, this one included: what its closing names."""
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """A replica's lease renewed (see `ReplicaStore.beat`)."""
+
+    registered: bool
+    """Whether its row was still there: False once another replica declared it dead."""
+    peers: int
+    """How many other replicas are alive."""
+    lost_streams: int
+    """How many agents were disconnected for want of a live replica holding their streams."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,13 +222,9 @@ class AgentStore(Protocol):
     ) -> Connected:
         """Mark the agent connected; its profile and the attempts it holds."""
 
-    async def disconnect_agent(
-        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
-    ) -> None:
-        """Mark the agent's stream closed, unless `still_current()` says a newer one opened."""
-
-    async def reset_connections(self, now: datetime) -> None:
-        """At start-up: every agent disconnected, the connected ones in a fresh grace period."""
+    async def disconnect_agent(self, agent_id: str, generation: int, now: datetime) -> None:
+        """Mark the agent's stream closed, if it is still the stream of `generation` opened on
+        this replica: its grace period starts now."""
 
     async def waiting_candidates(
         self, tasks: Sequence[models.TaskRun]
@@ -331,6 +341,23 @@ class TimerStore(Protocol):
         """Agents disconnected since `cutoff` or earlier are lost, with the attempts they hold."""
 
 
+class ReplicaStore(Protocol):
+    """The replicas sharing the database, each under a lease."""
+
+    async def join(
+        self, replica_id: str, address: str, now: datetime, lease: timedelta, *, alone: bool
+    ) -> Beat:
+        """Record this replica as `replica_id`, under a lease ending `lease` from now; with
+        `alone`, no other server shares the database and every agent is disconnected."""
+
+    async def beat(self, now: datetime, lease: timedelta) -> Beat:
+        """Renew this replica's lease; declare the lapsed ones dead, disconnecting their
+        agents (each handled once, by whichever replica comes first)."""
+
+    async def leave(self, now: datetime) -> None:
+        """Leave: this replica stops, its row goes and its agents are disconnected."""
+
+
 class Persistence(Protocol):
     """Every repository the engine calls, one an aggregate (the store's `Store` is one)."""
 
@@ -353,3 +380,7 @@ class Persistence(Protocol):
     @property
     def timers(self) -> TimerStore:
         """What ends with time."""
+
+    @property
+    def replicas(self) -> ReplicaStore:
+        """The replicas sharing the database."""

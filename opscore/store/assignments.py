@@ -95,10 +95,12 @@ _TAKING_AGENTS = Prepared(
     "assignments.taking_agents",
     select(AGENTS.c.agent_id).where(
         AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)),
-        AGENTS.c.connected.is_(True),
+        # Its stream open on this replica: another replica's agents are that replica's to
+        # assign, and an agent whose replica was declared dead takes nothing more from it.
+        AGENTS.c.replica_id == bindparam("b_replica_id"),
         AGENTS.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
     ),
-    samples=[{"b_agent_ids": ["g0", "g1", "g2", "g9"]}],
+    samples=[{"b_agent_ids": ["g0", "g1", "g2", "g9"], "b_replica_id": "p1"}],
 )
 
 
@@ -112,11 +114,13 @@ def assign(
     now: datetime,
     rules: Rules,
     shapes: Shapes,
+    replica_id: str,
     batch: Batch | None = None,
 ) -> list[Placed]:
-    """Write the assignments of `pairs` (see `Store.assign`). The agents are checked too, as of
-    this transaction: one removed, disconnected, or reporting BUSY or ERROR earlier in the same
-    batch takes nothing, and its task still waits (`Unassigned.AGENT_UNFIT`). What the `batch`
+    """Write the assignments of `pairs` (see `Store.assign`) for the replica `replica_id`. The
+    agents are checked too, as of this transaction: one removed, disconnected, streaming from
+    another replica, or reporting BUSY or ERROR earlier in the same batch takes nothing, and its
+    task still waits (`Unassigned.AGENT_UNFIT`). What the `batch`
     learned (`Batch.recorded`, `Batch.inserted`) is not read again.
 
     Unlike the writes that move a run, this locks its tasks before their runs, and only the
@@ -130,7 +134,11 @@ def assign(
     taking = {
         row.agent_id
         for row in _TAKING_AGENTS.rows(
-            conn, {"b_agent_ids": sorted({agent_id for _, agent_id in pairs})}
+            conn,
+            {
+                "b_agent_ids": sorted({agent_id for _, agent_id in pairs}),
+                "b_replica_id": replica_id,
+            },
         )
     }
     inserted = {} if batch is None else batch.inserted

@@ -1,6 +1,6 @@
-"""Which process owns a database: one server for its whole life, or `opscore db upgrade` for its
-duration. Two servers on one database would both recover it (each marking the other's agents
-disconnected), dispatch its queue and time out its leases, so the second one refuses to start.
+"""Which processes own a database: on SQLite one server for its whole life, or `opscore db upgrade`
+for its duration; on PostgreSQL any number of server replicas together, or `opscore db upgrade`
+alone.
 
 - SQLite: an exclusive `flock` (POSIX systems) on a file beside the database, `<file>.lock`,
   holding a line that names its holder. Not a lock on the database file itself: SQLite locks
@@ -8,9 +8,12 @@ disconnected), dispatch its queue and time out its leases, so the second one ref
   the process holds on it. The operating system releases the lock when the process ends, however
   it ends; the file stays.
 - PostgreSQL: a session-level advisory lock on a connection of its own, whose `application_name`
-  names its holder; PostgreSQL releases it when the session ends. If that connection is lost
-  (the database restarted), the lock is taken again as soon as the database answers, and if
-  another server took it meanwhile, `watch` raises OwnershipLost.
+  names its holder; PostgreSQL releases it when the session ends. `db upgrade` takes it
+  exclusively; a replica takes it exclusively if it can (no other process runs on the database:
+  it may migrate the schema), and shares it with the other replicas otherwise (a replica started
+  while others run must find the schema it needs). If that connection is lost (the database
+  restarted), the lock is taken again as soon as the database answers, and if `db upgrade` took
+  it meanwhile, `watch` raises OwnershipLost.
 - An in-memory SQLite database belongs to its process: there is nothing to lock.
 """
 
@@ -45,6 +48,10 @@ socket that only a statement finds dead."""
 
 RETAKE_EVERY = 1.0
 """Seconds between two attempts to take the PostgreSQL lock again after its connection was lost."""
+
+JOIN_WAIT = 60.0
+"""Seconds a replica waits to join while one process holds the PostgreSQL lock alone (another
+replica migrating the schema, or `db upgrade`)."""
 
 KEEPALIVES = {
     "tcp_keepalives_idle": "10",
@@ -105,6 +112,12 @@ class OwnershipLost(DatabaseOwned):
 class Ownership(abc.ABC):
     """A database owned until `release`."""
 
+    alone = True
+    """Whether no other process holds the database: it may be migrated."""
+
+    async def share(self) -> None:  # noqa: B027 (only PostgreSQL's lock has anything to do)
+        """Let replicas join (PostgreSQL): the database is held from now on as they hold it."""
+
     @abc.abstractmethod
     async def watch(self) -> None:
         """Keep the ownership while the server runs, until cancelled (it may return at once when
@@ -122,6 +135,15 @@ async def claim(url: str, holder: Holder) -> Ownership:
         database = sqlite_file(normalized)
         return _InMemory() if database is None else _LockFile.take(database, holder)
     return await _AdvisoryLock.take(url, holder)
+
+
+async def join(url: str, holder: Holder) -> Ownership:
+    """Hold the database of `url` for a server: alone on SQLite (or raise DatabaseOwned, as
+    `claim`); on PostgreSQL alone if no other process holds it, or beside the replicas that do
+    (`Ownership.alone` says which; `share` once done with what only a lone holder may do)."""
+    if normalize_url(url).startswith("sqlite"):
+        return await claim(url, holder)
+    return await _AdvisoryLock.take(url, holder, replica=True)
 
 
 class _InMemory(Ownership):
@@ -168,6 +190,11 @@ class _LockFile(Ownership):
 
 
 _TRY_LOCK = text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))")
+_TRY_SHARED = text("SELECT pg_try_advisory_lock_shared(:key, hashtext(current_schema()))")
+_SHARE = text(
+    "SELECT pg_advisory_lock_shared(:key, hashtext(current_schema())),"
+    " pg_advisory_unlock(:key, hashtext(current_schema()))"
+)
 
 _LOCK_HOLDER = text(
     """
@@ -184,7 +211,7 @@ _LOCK_HOLDER = text(
 class _AdvisoryLock(Ownership):
     """A session-level advisory lock on a connection of its own."""
 
-    def __init__(self, url: str, holder: Holder) -> None:
+    def __init__(self, url: str, holder: Holder, *, replica: bool) -> None:
         self._engine = create_async_engine(
             normalize_url(url),
             poolclass=NullPool,
@@ -194,13 +221,16 @@ class _AdvisoryLock(Ownership):
             },
         )
         self._name = name_of(url)
+        self._replica = replica
+        self._shared = False
+        """Whether the lock is held shared (by a replica that joined others, or `share`d)."""
         self._connection: AsyncConnection | None = None
         self._closed = asyncio.Event()
         """Set when the lock's connection closes (each connection has its own)."""
 
     @classmethod
-    async def take(cls, url: str, holder: Holder) -> _AdvisoryLock:
-        lock = cls(url, holder)
+    async def take(cls, url: str, holder: Holder, *, replica: bool = False) -> _AdvisoryLock:
+        lock = cls(url, holder, replica=replica)
         try:
             await lock._take()
         except BaseException:
@@ -208,10 +238,31 @@ class _AdvisoryLock(Ownership):
             raise
         return lock
 
+    async def share(self) -> None:
+        """Hold the lock shared from now on, as the replicas that join hold it."""
+        if not self._shared:
+            assert self._connection is not None  # taken
+            await self._connection.execute(_SHARE, {"key": LOCK_KEY})
+            self._shared = True
+
     async def _take(self) -> None:
         connection = await self._engine.connect()
         try:
-            if not (await connection.execute(_TRY_LOCK, {"key": LOCK_KEY})).scalar_one():
+            statement = _TRY_SHARED if self._shared else _TRY_LOCK
+            taken = (await connection.execute(statement, {"key": LOCK_KEY})).scalar_one()
+            if not taken and self._replica and not self._shared:
+                # Replicas hold it shared; one migrating, or `db upgrade`, holds it alone for a
+                # while: wait for that to end.
+                self.alone = False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(JOIN_WAIT):
+                        while not taken:
+                            await asyncio.sleep(RETAKE_EVERY / 4)
+                            taken = (
+                                await connection.execute(_TRY_SHARED, {"key": LOCK_KEY})
+                            ).scalar_one()
+                self._shared = taken
+            if not taken:
                 row = (await connection.execute(_LOCK_HOLDER, {"key": LOCK_KEY})).first()
                 raise DatabaseOwned(
                     self._name,

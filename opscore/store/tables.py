@@ -71,6 +71,12 @@ class AgentRow(Base):
     reported_state: Mapped[str] = mapped_column(String(16))
     state_detail: Mapped[str] = mapped_column(Text)
     connected: Mapped[bool] = mapped_column(Boolean)
+    """Whether its task stream is open, on the replica `replica_id`."""
+    replica_id: Mapped[str | None] = mapped_column(ID)
+    """The replica holding its stream while it is connected (see `ReplicaRow`)."""
+    stream_generation: Mapped[int] = mapped_column(Integer, server_default="0")
+    """How many streams it has opened: a replica closes, or loses, the stream it opened and not
+    a newer one opened elsewhere."""
     registered_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     disconnected_at: Mapped[datetime | None] = mapped_column(index=True)
@@ -160,6 +166,14 @@ class TaskRow(Base):
         # enters or leaves instead of all three. Queries name the state as a literal (see
         # `TASK_IS_QUEUED`) so that every plan, generic ones included, can use them.
         Index("ix_tasks_queued", "queued_at", "task_id", **_in_state(TaskState.QUEUED)),
+        # Replicas claim the earliest queued tasks of a capability their agents offer.
+        Index(
+            "ix_tasks_queued_capability",
+            "capability",
+            "queued_at",
+            "task_id",
+            **_in_state(TaskState.QUEUED),
+        ),
         Index("ix_tasks_assigned_deadline", "deadline", **_in_state(TaskState.ASSIGNED)),
         Index("ix_tasks_assigned_agent_id", "agent_id", **_in_state(TaskState.ASSIGNED)),
         # A run's tasks in definition order, from a page token's position on.
@@ -195,6 +209,20 @@ class TaskRow(Base):
     finished_at: Mapped[datetime | None]
 
 
+class ReplicaRow(Base):
+    """A running server on this database, under a lease it renews: one whose lease lapsed is
+    declared dead by another, which disconnects its agents."""
+
+    __tablename__ = "replicas"
+
+    replica_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    address: Mapped[str] = mapped_column(String(300))
+    """Where it listens, and on which host: for operators."""
+    started_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 metadata = Base.metadata
 
 # The Core tables behind the models: what the statements are built on.
@@ -203,6 +231,7 @@ CAPABILITIES = metadata.tables[AgentCapabilityRow.__tablename__]
 DEFINITIONS = metadata.tables[DefinitionRow.__tablename__]
 RUNS = metadata.tables[RunRow.__tablename__]
 TASKS = metadata.tables[TaskRow.__tablename__]
+REPLICAS = metadata.tables[ReplicaRow.__tablename__]
 
 _task_state = TASKS.c.state
 TASK_IS_QUEUED = _task_state == literal_column(f"'{TaskState.QUEUED.value}'")

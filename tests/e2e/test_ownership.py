@@ -101,20 +101,29 @@ async def test_a_second_server_on_a_taken_address_exits_naming_it(tmp_path: Path
 async def test_a_second_server_on_an_owned_database_exits_and_leaves_its_agents_alone(
     db_url: str, tmp_path: Path
 ) -> None:
+    """On SQLite one server owns the database, and `db upgrade` waits for it; on PostgreSQL a
+    second server joins the first as a replica, and `db upgrade` waits for both."""
+    replicas = db_url.startswith("postgresql")
     port = free_port()
     first = ServerProcess.on_url(db_url, port, tmp_path / "first.log", tmp_path)
+    second = ServerProcess.on_url(db_url, free_port(), tmp_path / "second.log", tmp_path)
     async with first, connect(port) as client:
         agent = await client.agent("worker", capabilities=["work"])
         job = await client.create(definition("job", task("only", capability="work")))
 
         # Another server on another port, and a migration, both at once.
-        records = await asyncio.gather(
-            refused(serve(free_port(), db_url), tmp_path), refused(upgrade(db_url), tmp_path)
-        )
+        if replicas:
+            await second.start()
+            records = [await refused(upgrade(db_url), tmp_path)]
+        else:
+            records = await asyncio.gather(
+                refused(serve(free_port(), db_url), tmp_path), refused(upgrade(db_url), tmp_path)
+            )
 
         for record in records:
             assert name(db_url) in record["event"], record
-            assert f"pid {first.process.pid}" in record["event"], record
+            assert "opscore serve" in record["event"], record
+        assert f"pid {first.process.pid}" in records[-1]["event"] or replicas, records
         # The first server's agent is still connected, and work triggered now reaches it.
         seen = await agent.get()
         assert seen.connected, seen
@@ -123,8 +132,11 @@ async def test_a_second_server_on_an_owned_database_exits_and_leaves_its_agents_
         assert (await agent.next_assignment()).run_id == run.run_id
         first.terminate()
         assert await first.wait() == 0, first.log_text()
+        if replicas:
+            second.terminate()
+            assert await second.wait() == 0, second.log_text()
 
-    # Its holder gone, the database is free.
+    # Its holders gone, the database is free.
     code, stderr = await run_async(upgrade(db_url), clean_environment(), tmp_path)
     assert code == 0, stderr
 

@@ -47,6 +47,7 @@ from opscore.domain.models import (
 )
 from opscore.domain.ports import (
     Assigned,
+    Beat,
     Connected,
     CreatedRun,
     NewRun,
@@ -101,6 +102,8 @@ class _Agent:
     lease_expiries: int = 0
     """Its leases that ended in a row, since its last success."""
     quarantined: bool = False
+    generation: int = 0
+    """How many streams it has opened."""
 
 
 @dataclass(slots=True)
@@ -185,6 +188,10 @@ class MemoryStore:
 
     @property
     def timers(self) -> MemoryStore:
+        return self
+
+    @property
+    def replicas(self) -> MemoryStore:
         return self
 
     def placement(self, place: Place, on_commit: Assigned, now: Callable[[], datetime]) -> None:
@@ -360,6 +367,7 @@ class MemoryStore:
     ) -> Connected:
         found = self._agent_of(agent_id)
         found.connected, found.last_seen_at, found.disconnected_at = True, now, None
+        found.generation += 1
         held = [
             self._rules.assignment(
                 self._siblings(task),
@@ -370,19 +378,31 @@ class MemoryStore:
             )
             for task in self._held_by([agent_id])
         ]
-        return self._write(Connected(self._agent(agent_id).profile(), held), on_commit)
+        connected = Connected(self._agent(agent_id).profile(), held, found.generation)
+        return self._write(connected, on_commit)
 
-    async def disconnect_agent(
-        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
-    ) -> None:
+    async def disconnect_agent(self, agent_id: str, generation: int, now: datetime) -> None:
         found = self._agents.get(agent_id)
-        if still_current() and found is not None:
+        if found is not None and found.connected and found.generation == generation:
             found.connected, found.last_seen_at, found.disconnected_at = False, now, now
         self._write(None)
 
-    async def reset_connections(self, now: datetime) -> None:
+    # Replicas: one, alone on its memory ----------------------------------------------------
+
+    async def join(
+        self, replica_id: str, address: str, now: datetime, lease: timedelta, *, alone: bool
+    ) -> Beat:
         for found in self._agents.values():
             if found.connected or found.disconnected_at is not None:
+                found.connected, found.disconnected_at = False, now
+        return self._write(Beat(registered=True, peers=0, lost_streams=0))
+
+    async def beat(self, now: datetime, lease: timedelta) -> Beat:
+        return self._write(Beat(registered=True, peers=0, lost_streams=0))
+
+    async def leave(self, now: datetime) -> None:
+        for found in self._agents.values():
+            if found.connected:
                 found.connected, found.disconnected_at = False, now
         self._write(None)
 

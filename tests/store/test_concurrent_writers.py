@@ -252,7 +252,7 @@ async def test_a_lost_agent_is_lost_once_however_many_stores_notice(shared_url: 
     as lost once."""
     async with running_store(shared_url) as first, running_store(shared_url) as second:
         long_ago, tasks = await held_long_ago(first, 10)
-        await first.agents.disconnect_agent("w", long_ago, lambda: True)
+        await first.agents.disconnect_agent("w", 1, long_ago)
         seen: list[Effects] = []
         now = datetime.now(UTC)
         cutoff = now - timedelta(minutes=1)

@@ -165,6 +165,7 @@ def seed(conn: Connection, payload: dict[str, Any], when: datetime) -> None:
                 "reported_state": state,
                 "state_detail": "",
                 "connected": up,
+                "replica_id": "p1" if up else None,
                 "registered_at": when,
                 "last_seen_at": when,
                 "disconnected_at": None if up else when,

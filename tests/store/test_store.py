@@ -433,7 +433,7 @@ async def test_queue_loads_in_ready_order_and_connect_reports_holds(store: Store
     connected = await store.agents.connect_agent("w", NOW, ignore)
     assert [a.task_id for a in connected.held] == [order[0].task_id]
     assert connected.held[0].redelivered
-    await store.agents.reset_connections(NOW)
+    await store.replicas.join("p2", "", NOW, timedelta(seconds=10), alone=True)
     assert not (await store.agents.get_agent("w")).connected
 
 
@@ -494,7 +494,7 @@ async def test_streams_opened_in_one_batch_each_get_their_holds(store: Store) ->
     for agent_id in ("s1", "s2", "s3"):
         await register(store, agent_id)
     first, second = await held_by(store, "s1"), await held_by(store, "s2")
-    await store.agents.reset_connections(NOW)
+    await store.replicas.join("p2", "", NOW, timedelta(seconds=10), alone=True)
     opened = await asyncio.gather(
         *(
             store.agents.connect_agent(agent_id, NOW, ignore)
@@ -849,11 +849,11 @@ async def test_runs_whose_shapes_were_dropped_move_the_same(
 
 
 async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
-    # A store that did not trigger the run (another replica, or this one after a restart)
-    # reads the run's shape instead of knowing it.
+    # A store that did not trigger the run (this replica after a restart, holding the agent's
+    # stream again) reads the run's shape instead of knowing it.
     writer = Writer(store.database)
     running = asyncio.create_task(writer.run())
-    elsewhere = Store(store.database, writer, store_rules())
+    elsewhere = Store(store.database, writer, store_rules(), store.shared.replica_id)
     try:
         await register(store, "w", "cpu", "gpu", labels={"zone": "eu"})
         shaped = DefinitionDraft(
@@ -888,7 +888,7 @@ async def test_a_run_triggered_elsewhere_moves_the_same(store: Store) -> None:
         await complete(store, failing.tasks[0].task_id, "w", 1, {})
         [held] = await store.tasks.assign([(failing.tasks[2].ready(), "w")], NOW, ignore)
         assert held is not None
-        fresh = Store(store.database, writer, store_rules())
+        fresh = Store(store.database, writer, store_rules(), store.shared.replica_id)
         failed = await effects_of(
             lambda on_commit: fresh.tasks.fail_task(
                 failing.tasks[2].task_id, "w", 1, "no", False, NOW, on_commit

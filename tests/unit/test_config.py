@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -18,6 +19,7 @@ import pytest
 from opscore import cli, config, logs
 from opscore.domain.engine import EngineSettings
 from opscore.domain.health import FAILURES_TO_UNHEALTHY
+from opscore.domain.membership import MembershipSettings
 from opscore.domain.retry import ResolvedRetryPolicy
 from opscore.store import ownership
 from opscore.streams import StreamLimits
@@ -73,7 +75,10 @@ def test_backpressure_settings_come_from_the_environment() -> None:
 
 def test_unset_settings_give_the_domain_its_own_defaults() -> None:
     settings = config.load({})
-    assert settings.engine() == EngineSettings()
+    # Where it listens is the deployment's own, not a default of the domain.
+    engine = dataclasses.replace(settings.engine(), replicas=MembershipSettings())
+    assert engine == EngineSettings()
+    assert settings.engine().replicas.lease == MembershipSettings().lease
     assert settings.retry == ResolvedRetryPolicy()
     assert settings.storage_failure_threshold == FAILURES_TO_UNHEALTHY
 

@@ -1,8 +1,8 @@
 """The persistence of Ops-Core: one repository an aggregate, composed into `Store`.
 
 Every statement is in this package, one module an aggregate (`agents`, `definitions`, `runs`,
-`tasks`, `timers`; what they share in `base`), except two kinds kept in modules of their own:
-writing assignments (`store/assignments.py`), and the row changes a decision of the state
+`tasks`, `timers`, `replicas`; what they share in `base`), except two kinds kept in modules of
+their own: writing assignments (`store/assignments.py`), and the row changes a decision of the state
 machine makes, run set-based (`store/changes.py`). The repositories share one `Shared`: the
 writer and the database, the state machine they ask for every outcome, and the caches of what
 never changes.
@@ -29,6 +29,7 @@ from opscore.domain.ports import Assigned, Place, Rules
 from opscore.store.queries.agents import Agents, NewRegistration, StreamOpened
 from opscore.store.queries.base import Shared
 from opscore.store.queries.definitions import Definitions
+from opscore.store.queries.replicas import Replicas
 from opscore.store.queries.runs import Runs
 from opscore.store.queries.tasks import Tasks
 from opscore.store.queries.timers import Timers
@@ -43,13 +44,16 @@ class Store:
     sharing one writer, one database, the state machine and the caches of what never changes
     (`Shared`). It is the engine's `ports.Persistence`, structurally."""
 
-    def __init__(self, database: Database, writer: Writer, rules: Rules) -> None:
-        self.shared = Shared(database, writer, rules)
+    def __init__(
+        self, database: Database, writer: Writer, rules: Rules, replica_id: str | None = None
+    ) -> None:
+        self.shared = Shared(database, writer, rules, replica_id)
         self.agents = Agents(self.shared)
         self.definitions = Definitions(self.shared)
         self.runs = Runs(self.shared)
         self.tasks = Tasks(self.shared)
         self.timers = Timers(self.shared)
+        self.replicas = Replicas(self.shared)
 
     @property
     def database(self) -> Database:

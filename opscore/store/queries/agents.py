@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,8 +93,27 @@ _CONNECT_AGENT = (
     .where(AGENTS.c.agent_id == bindparam("b_agent_id"))
     .values(
         connected=True,
+        replica_id=bindparam("b_replica_id"),
+        stream_generation=AGENTS.c.stream_generation + 1,
         last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
         disconnected_at=None,
+    )
+)
+_GENERATIONS = select(AGENTS.c.agent_id, AGENTS.c.stream_generation).where(
+    AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
+)
+_DISCONNECT_AGENT = (
+    update(AGENTS)
+    .where(
+        AGENTS.c.agent_id == bindparam("b_agent_id"),
+        AGENTS.c.replica_id == bindparam("b_replica_id"),
+        AGENTS.c.stream_generation == bindparam("b_generation"),
+    )
+    .values(
+        connected=False,
+        replica_id=None,
+        last_seen_at=bindparam("b_now", type_=AGENTS.c.last_seen_at.type),
+        disconnected_at=bindparam("b_now", type_=AGENTS.c.disconnected_at.type),
     )
 )
 _AGENTS = select(AGENTS, _running_count.label("running")).where(
@@ -245,16 +264,25 @@ class Agents:
     ) -> list[Connected | OpsCoreError]:
         wanted = sorted({request.agent_id for _, request in requests})
         known = {row.agent_id for row in KNOWN_AGENTS.rows(conn, {"b_agent_ids": wanted})}
+        replica_id = self._shared.replica_id
         if known:
             conn.execute(
                 _CONNECT_AGENT,
                 [
-                    {"b_agent_id": request.agent_id, "b_now": request.now}
+                    {
+                        "b_agent_id": request.agent_id,
+                        "b_now": request.now,
+                        "b_replica_id": replica_id,
+                    }
                     for _, request in requests
                     if request.agent_id in known
                 ],
             )
         agent_ids = sorted(known)
+        generations: dict[str, int] = {
+            row.agent_id: row.stream_generation
+            for row in conn.execute(_GENERATIONS, {"b_agent_ids": agent_ids})
+        }
         agents = agents_by_id(conn, agent_ids)
         held_rows = conn.execute(_HELD_TASKS, {"b_agent_ids": agent_ids}).all() if known else []
         shapes = self._shared.shapes.of(conn, {row.run_id for row in held_rows})
@@ -273,46 +301,25 @@ class Agents:
             if agent is None:
                 outcomes.append(NotFound(Resource.AGENT, request.agent_id))
                 continue
-            connected = Connected(agent.profile(), held.get(request.agent_id, []))
+            connected = Connected(
+                agent.profile(), held.get(request.agent_id, []), generations[request.agent_id]
+            )
             tx.after_commit(functools.partial(request.on_commit, connected))
             outcomes.append(connected)
         return outcomes
 
-    async def disconnect_agent(
-        self, agent_id: str, now: datetime, still_current: Callable[[], bool]
-    ) -> None:
-        """Mark the agent's stream closed: its grace period starts now. Skipped if, when the
-        write runs, `still_current()` says a newer stream of the agent has begun to open (its
-        connection must not be undone); nothing to mark if the agent was deregistered."""
+    async def disconnect_agent(self, agent_id: str, generation: int, now: datetime) -> None:
+        """Mark the agent's stream closed, if the stream open is still the one of `generation`
+        on this replica (not a newer one, here or elsewhere): its grace period starts now."""
+        parameters = {
+            "b_agent_id": agent_id,
+            "b_replica_id": self._shared.replica_id,
+            "b_generation": generation,
+            "b_now": now,
+        }
 
         def op(conn: Connection) -> None:
-            if not still_current():
-                return
-            conn.execute(
-                update(AGENTS)
-                .where(AGENTS.c.agent_id == agent_id)
-                .values(connected=False, last_seen_at=now, disconnected_at=now)
-            )
-
-        await self._shared.write(op)
-
-    async def reset_connections(self, now: datetime) -> None:
-        """At start-up no stream is open to this server: every agent is disconnected, and every
-        agent that was connected, or still within its grace, starts a fresh grace period now
-        (the outage was the server's, not the agent's).
-
-        This holds while one server owns the database; replicas sharing one will track the
-        stream owner per agent instead.
-        """
-
-        def op(conn: Connection) -> None:
-            conn.execute(
-                update(AGENTS)
-                .where(or_(AGENTS.c.connected.is_(True), AGENTS.c.disconnected_at.is_not(None)))
-                .values(connected=False, disconnected_at=now)
-            )
-            expiring = select(AGENTS.c.agent_id).where(AGENTS.c.lease_expiries > 0)
-            self._shared.expiring.noted(conn.execute(expiring).scalars())
+            conn.execute(_DISCONNECT_AGENT, parameters)
 
         await self._shared.write(op)
 

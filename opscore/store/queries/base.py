@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import Text, bindparam, cast, select, text
+from sqlalchemy import Text, bindparam, cast, or_, select, text, update
 from sqlalchemy.engine import Connection
 
+from opscore.domain.ids import new_id
 from opscore.domain.models import Effects, TaskRun
 from opscore.domain.ports import OnCommit, Rules
 from opscore.domain.state import RunNow, RunShape, TaskShape
 from opscore.store import rows
 from opscore.store.prepared import Prepared
-from opscore.store.tables import RUNS, TASKS
+from opscore.store.tables import AGENTS, RUNS, TASKS
 from opscore.store.transactions import Database
 from opscore.store.writer import Tx, Writer
 
@@ -186,11 +188,16 @@ class Shared:
     """What every repository of one store shares (see the module docstring): one writer and
     database for the transactions, the state machine, and the caches of what never changes."""
 
-    def __init__(self, database: Database, writer: Writer, rules: Rules) -> None:
+    def __init__(
+        self, database: Database, writer: Writer, rules: Rules, replica_id: str | None = None
+    ) -> None:
         self.database = database
         self.writer = writer
         self.rules = rules
         """The state machine: every outcome a write records is its decision."""
+        self.replica_id = new_id() if replica_id is None else replica_id
+        """The replica this store writes for: the holder of the streams it opens, and the only
+        one that may assign tasks to their agents (set again by `Replicas.join`)."""
         self.shapes = RunShapes()
         self.expiring = Expiring()
         # SQLite has one writer, so nothing can change a run between the reads and writes of an
@@ -207,6 +214,19 @@ class Shared:
             # completions of a batch, the hottest of these writes, lock their runs in the
             # statement that reads their tasks (`tasks.SIBLINGS_LOCKING_RUNS`).
             LOCK_RUNS_OF_TASKS.rows(conn, {"b_task_ids": sorted(task_ids)})
+
+    def reset_connections(self, conn: Connection, now: datetime) -> None:
+        """No stream is open anywhere (one server starts on its database, or the first replica
+        of a deployment): every agent is disconnected, and every agent that was connected, or
+        still within its grace, starts a fresh grace period now (the outage was the server's,
+        not the agent's)."""
+        conn.execute(
+            update(AGENTS)
+            .where(or_(AGENTS.c.connected.is_(True), AGENTS.c.disconnected_at.is_not(None)))
+            .values(connected=False, replica_id=None, disconnected_at=now)
+        )
+        expiring = select(AGENTS.c.agent_id).where(AGENTS.c.lease_expiries > 0)
+        self.expiring.noted(conn.execute(expiring).scalars())
 
     async def probe(self) -> None:
         """A read, then a write through the writer, that change nothing: whether storage answers

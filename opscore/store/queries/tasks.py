@@ -119,9 +119,12 @@ class Tasks:
         """Hand each queued task to its agent as a new attempt, under a lease that ends at its
         timeout. A task that is no longer queued (cancelled, skipped meanwhile), or whose agent
         no longer takes work, gives the reason in its place (`Unassigned`) and is left alone."""
-        shapes = self._shared.shapes.of
-        return await self._shared.write(
-            lambda conn: assignments.assign(conn, pairs, now, self._rules, shapes), on_commit
+        shared = self._shared
+        return await shared.write(
+            lambda conn: assignments.assign(
+                conn, pairs, now, self._rules, shared.shapes.of, shared.replica_id
+            ),
+            on_commit,
         )
 
     def placement(
@@ -144,8 +147,9 @@ class Tasks:
             # Registered before writing: if anything below or the commit fails, the writer
             # gives the placements back (on the event loop).
             followups.append(Followup(tx, undo))
+            shared = self._shared
             written = assignments.assign(
-                batch.conn, pairs, now(), self._rules, self._shared.shapes.of, batch
+                batch.conn, pairs, now(), self._rules, shared.shapes.of, shared.replica_id, batch
             )
             tx.after_commit(lambda: on_commit(pairs, written))
 
