@@ -18,7 +18,7 @@ import gc
 import logging
 import signal
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 from google.protobuf.internal import api_implementation
@@ -33,15 +33,19 @@ from opscore.api.workflow_service import WorkflowServiceServicer
 from opscore.config import Settings
 from opscore.domain.clock import Clock, SystemClock
 from opscore.domain.credentials import AgentTokens
+from opscore.domain.dispatch import AssignBatch, Dispatch, DispatchFactory
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.engine import Engine
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import StorageHealth
+from opscore.domain.notices import Noticeboard
 from opscore.domain.quotas import RateLimiter, Slots
+from opscore.domain.shared_dispatcher import SharedDispatcher
 from opscore.ports import refuse_taken
 from opscore.startup import StartupError, failing_as
 from opscore.store import migrate, ownership
 from opscore.store.database import name_of, open_database
+from opscore.store.notices import PostgresNoticeboard
 from opscore.store.ownership import Holder, OwnershipLost
 from opscore.store.queries import Store
 from opscore.store.space import reserve_for
@@ -55,6 +59,14 @@ from opscore.v1 import (
 )
 
 log = logging.getLogger("opscore.server")
+
+
+class DispatchParts(TypedDict, total=False):
+    """The engine's dispatch and noticeboard, as `OpsCoreServer._dispatch` chooses them."""
+
+    dispatch: DispatchFactory
+    noticeboard: Noticeboard
+
 
 SERVICE_NAMES = (
     agent_lifecycle_pb2.DESCRIPTOR.services_by_name["AgentLifecycle"].full_name,
@@ -111,14 +123,15 @@ class OpsCoreServer:
             self._writer = Writer(self._db)
             store = Store(self._db, self._writer, settings.rules())
             clock = SystemClock()
+            engine_settings = settings.engine()
             self.engine = Engine(
                 store,
-                settings.engine(),
+                engine_settings,
                 admission=reserve_for(settings.db_url, settings.sqlite_free_space_reserve),
                 encode=convert.stream_event,
                 sizes=convert.WireSizes(),
                 clock=clock,
-                dispatch=Dispatcher,  # one server: the whole queue in memory
+                **self._dispatch(engine_settings.replicas.shared, store),
                 agent_tokens=agent_tokens,
             )
             # Writes that make tasks ready or free slots place them before they commit.
@@ -137,6 +150,7 @@ class OpsCoreServer:
         loops = [
             self._supervise(owned.watch(), "database ownership"),
             self._supervise(self.engine.membership.run(), "replica lease"),
+            self._supervise(self.engine.run_notices(), "replica notices"),
             self._supervise(self.engine.dispatcher.run(), "dispatcher"),
             self._supervise(self.engine.run_timers(), "timers"),
             self._supervise(self._db.maintain(), "database upkeep"),
@@ -150,6 +164,28 @@ class OpsCoreServer:
         watch = self._storage.watch(self._publish_health, store.probe)
         resources.push_async_callback(_cancel, [self._supervise(watch, "storage health")])
         self._log_started()
+
+    def _dispatch(self, shared: bool, store: Store) -> DispatchParts:
+        """How the engine dispatches: alone on its database, the whole queue in memory; as a
+        replica, a bounded prefetch, claims, and notices to and from the other replicas."""
+        if not shared:
+            return {"dispatch": Dispatcher}
+        noticeboard = PostgresNoticeboard(self.settings.db_url, lambda: store.shared.replica_id)
+
+        def replica(assign: AssignBatch, *, clock: Clock) -> Dispatch:
+            # Late-bound: the engine calls this while it is being built.
+            return SharedDispatcher(
+                assign,
+                clock=clock,
+                claim=lambda wants: self._engine().claim(wants),
+                announce=lambda capabilities: self._engine().announce(capabilities),
+            )
+
+        return {"dispatch": replica, "noticeboard": noticeboard}
+
+    def _engine(self) -> Engine:
+        assert self.engine is not None  # built before anything is dispatched
+        return self.engine
 
     async def _migrate(self, owned: ownership.Ownership) -> None:
         """Bring the schema to this build's, when no other replica runs on it; a replica that

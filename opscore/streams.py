@@ -203,6 +203,10 @@ class Streams:
         if stream is not None:
             stream.close()
 
+    def agent_ids(self) -> list[str]:
+        """The agents with an open stream."""
+        return list(self._open)
+
     def get(self, agent_id: str) -> AgentStream | None:
         """The agent's open stream, if any."""
         return self._open.get(agent_id)

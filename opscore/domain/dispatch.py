@@ -77,6 +77,17 @@ class Dispatch(Protocol):
         """How many tasks this dispatch holds waiting for an agent or for their retry time
         (reserved ones not included)."""
 
+    @property
+    def whole_queue(self) -> bool:
+        """Whether it holds every queued task: then it is handed the stored queue at start and
+        after a storage outage (`enqueue`). If not, it claims from the database itself."""
+
+    def work_elsewhere(self, capabilities: Iterable[str] | None) -> None:
+        """The database may hold queued work of these capabilities (None: of any) that this
+        dispatch does not hold (another replica announced it, or announcements may have been
+        lost): it is claimed as soon as a free agent could take it. Nothing to do for a
+        dispatch that holds the whole queue."""
+
     def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
         """Whether a free agent offers `capability` ("" for any) and carries `labels`: part of
         why a queued task waits (`waiting`). Advice for a reader, read at any time."""

@@ -193,6 +193,12 @@ class Dispatcher:
         """Queued, waiting for its retry time, or reserved by a write not yet committed."""
         return task_id in self._ready or task_id in self._waiting or task_id in self._matched
 
+    whole_queue = True
+    """It holds every queued task (see `Dispatch.whole_queue`)."""
+
+    def work_elsewhere(self, capabilities: Iterable[str] | None) -> None:
+        """Nothing is elsewhere: it holds the whole queue."""
+
     def has_free_agent(self, capability: str, labels: tuple[tuple[str, str], ...]) -> bool:
         """Whether an available agent offers `capability` and carries `labels`: part of why a
         queued task waits. Walks the free agents of the capability until one carries them."""

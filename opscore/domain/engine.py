@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,13 +65,17 @@ from opscore.domain.models import (
     WorkflowDefinition,
     WorkflowRun,
 )
+from opscore.domain.notices import Notice, Noticeboard
 from opscore.domain.ports import (
     Admission,
+    AgentRow,
+    Claimed,
     Connected,
     CreatedRun,
     NewRun,
     Persistence,
     TaskResult,
+    Want,
 )
 from opscore.domain.responses import (
     DEFAULT_CLIENT_MESSAGE_BYTES,
@@ -135,6 +139,7 @@ class Engine:
         clock: Clock,
         dispatch: DispatchFactory = Dispatcher,
         agent_tokens: AgentTokens | None = None,
+        noticeboard: Noticeboard | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -165,6 +170,12 @@ class Engine:
         self.agent_tokens = AgentTokens() if agent_tokens is None else agent_tokens
         """The digest of each agent's current token (see `register_agent`), which callers are
         identified by."""
+        self._noticeboard = noticeboard
+        """Where replicas sharing the database tell each other what they committed (None:
+        this server owns its database alone)."""
+        self._stale: set[str] = set()
+        """Agents other replicas changed, to reread (see `run_notices`)."""
+        self._stale_wake = asyncio.Event()
 
     async def recover(self) -> None:
         """Join the replicas and rebuild memory from the database: no stream is open here yet
@@ -172,6 +183,9 @@ class Engine:
         agents' tokens and the queue are as stored, leases run on."""
         await self.membership.join()
         self.agent_tokens.load(await self._store.agents.token_digests())
+        if not self.dispatcher.whole_queue:
+            self.dispatcher.work_elsewhere(None)  # claimed from the database as agents come
+            return
         queued = await self._store.tasks.load_queue()
         self.dispatcher.enqueue(queued)
         log.info("queue recovered", extra={"queued_tasks": len(queued)})
@@ -227,7 +241,10 @@ class Engine:
 
     async def _fire_due_timers(self) -> datetime | None:
         """Catch up after an outage, then do what is due; when the next thing will be."""
-        if self._resync_due:
+        if self._resync_due and not self.dispatcher.whole_queue:
+            self._resync_due = False
+            self.dispatcher.work_elsewhere(None)
+        elif self._resync_due:
             queued = await self._store.tasks.load_queue()
             self._resync_due = False
             self.dispatcher.enqueue(queued)  # tasks it already knows are passed over
@@ -287,12 +304,9 @@ class Engine:
         token, token_digest = issue_agent_token()
 
         def on_commit(agent: Agent) -> None:
-            earlier = self.agent_tokens.install(agent.agent_id, token_digest)
-            stream = self.streams.get(agent.agent_id)
-            if earlier is not None and stream is not None and stream.token_digest == earlier:
-                stream.close(Unauthenticated("the agent token of this stream was rotated"))
-                log.info("stream of a rotated token closed", extra={"agent_id": agent.agent_id})
+            self._install_token(agent.agent_id, token_digest)
             self.dispatcher.agent_changed(agent.profile())
+            self._tell(Notice("", agents={agent.agent_id}))
 
         agent = await self._store.agents.register_agent(
             dataclasses.replace(registration, max_concurrent_tasks=slots),
@@ -303,6 +317,16 @@ class Engine:
         log.info("agent registered", extra={"agent_id": agent.agent_id})
         return agent, token
 
+    def _install_token(self, agent_id: str, token_digest: str) -> None:
+        """The agent's token is now the one of `token_digest`: a stream opened with the one
+        before ends."""
+        earlier = self.agent_tokens.install(agent_id, token_digest)
+        stream = self.streams.get(agent_id)
+        rotated = earlier not in (None, token_digest)
+        if rotated and stream is not None and stream.token_digest == earlier:
+            stream.close(Unauthenticated("the agent token of this stream was rotated"))
+            log.info("stream of a rotated token closed", extra={"agent_id": agent_id})
+
     async def deregister_agent(self, agent_id: str) -> None:
         """Remove an agent: its stream ends, the tasks it held go back to the queue, and the
         tasks pinned to it, which no other agent may take, fail (see
@@ -310,13 +334,18 @@ class Engine:
         raise_if(check_id(agent_id, "agent_id"))
 
         def on_commit(effects: Effects) -> None:
-            self.agent_tokens.revoke(agent_id)
-            self.streams.forget(agent_id)
-            self.dispatcher.agent_offline(agent_id)
+            self._forget_agent(agent_id)
             self._apply(effects)
+            self._tell(Notice("", agents={agent_id}))
 
         await self._store.agents.deregister_agent(agent_id, self._now(), on_commit)
         log.info("agent deregistered", extra={"agent_id": agent_id})
+
+    def _forget_agent(self, agent_id: str) -> None:
+        """The agent was removed: its token, its stream and its place in dispatch go."""
+        self.agent_tokens.revoke(agent_id)
+        self.streams.forget(agent_id)
+        self.dispatcher.agent_offline(agent_id)
 
     async def heartbeat(self, agent_id: str) -> datetime:
         """Record that the agent is alive; returns the server's time."""
@@ -339,13 +368,17 @@ class Engine:
             reported,
             detail,
             self._now(),
-            lambda agent: self.dispatcher.agent_changed(agent.profile()),
+            self._reported,
         )
         log.info(
             "agent reported state",
             extra={"agent_id": agent_id, "state": reported.value, "detail": detail},
         )
         return agent
+
+    def _reported(self, agent: Agent) -> None:
+        self.dispatcher.agent_changed(agent.profile())
+        self._tell(Notice("", agents={agent.agent_id}))
 
     async def get_agent(self, agent_id: str) -> Agent:
         """One agent."""
@@ -398,6 +431,7 @@ class Engine:
                 (a.task_id for a in connected.held),
                 backlogged=stream.backlogged,
             )
+            self._tell(Notice("", agents={agent_id}))  # a replica that held it lets go
 
         await self._store.agents.connect_agent(agent_id, self._now(), on_commit)
         log.info("agent connected", extra={"agent_id": agent_id})
@@ -747,6 +781,92 @@ class Engine:
             task_id, agent_id, attempt, extend_by, self._now()
         )
 
+    # Replicas ------------------------------------------------------------------------------
+
+    def _tell(self, notice: Notice) -> None:
+        """Tell the other replicas, if any, what a committed write means for their agents."""
+        if self._noticeboard is not None and self.membership.peers and notice:
+            notice.sender = self.membership.replica_id
+            self._noticeboard.post(notice)
+
+    def announce(self, capabilities: set[str]) -> None:
+        """Tasks of these capabilities were queued and no agent here took them: the other
+        replicas' free agents may (what the shared dispatch calls)."""
+        self._tell(Notice("", ready=capabilities))
+
+    async def claim(self, wants: list[Want]) -> Claimed:
+        """Claim queued tasks from the database for this replica's free agents (what the
+        shared dispatch calls: see `shared_dispatcher`)."""
+        return await self._store.tasks.claim(
+            wants, self._now(), self.dispatcher.reserve_for_commit, self.assigned
+        )
+
+    def noticed(self, notice: Notice) -> None:
+        """Another replica committed what concerns this one: work to claim, slots and attempts
+        of this replica's agents, agents to reread."""
+        if notice.ready:
+            self.dispatcher.work_elsewhere(notice.ready)
+        for agent_id, task_id in notice.released:
+            self.dispatcher.release(agent_id, task_id)
+        for cancellation in notice.cancelled:
+            stream = self.streams.get(cancellation.agent_id)
+            if stream is not None:
+                stream.push(cancellation)
+        self._reread(notice.agents)
+
+    def notices_missed(self) -> None:
+        """Notices may have been lost: claim whatever the free agents can take, and reread
+        every agent streaming here."""
+        self.dispatcher.work_elsewhere(None)
+        self._reread(self.streams.agent_ids())
+
+    def _reread(self, agent_ids: Iterable[str]) -> None:
+        self._stale.update(agent_ids)
+        if self._stale:
+            self._stale_wake.set()
+
+    async def run_notices(self) -> None:
+        """Receive the other replicas' notices and reread the agents they changed, until
+        cancelled (nothing to do for a server that owns its database alone)."""
+        if self._noticeboard is None:
+            return
+        listening = asyncio.create_task(self._noticeboard.run(self.noticed, self.notices_missed))
+        try:
+            while True:
+                await self._stale_wake.wait()
+                self._stale_wake.clear()
+                stale, self._stale = sorted(self._stale), set()
+                try:
+                    await self._store.agents.reread(
+                        stale, functools.partial(self._agents_reread, stale)
+                    )
+                except StorageFault:
+                    self._reread(stale)
+                    await self._clock.sleep(1.0)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+
+    def _agents_reread(self, agent_ids: list[str], found: dict[str, AgentRow]) -> None:
+        """Bring tokens, streams and dispatch in line with agents as another replica left
+        them: removed, registered again (a new token), streaming elsewhere now, or changed."""
+        for agent_id in agent_ids:
+            row = found.get(agent_id)
+            if row is None:
+                self._forget_agent(agent_id)
+                continue
+            if row.token_digest is not None:
+                self._install_token(agent_id, row.token_digest)
+            stream = self.streams.get(agent_id)
+            if stream is None or stream.generation is None:
+                continue
+            if row.generation > stream.generation:
+                stream.close(
+                    Aborted("replaced by a newer stream for this agent on another replica")
+                )
+            else:
+                self.dispatcher.agent_changed(row.profile)
+
     # Dispatch ------------------------------------------------------------------------------
 
     async def _assign(self, pairs: list[tuple[ReadyTask, str]]) -> None:
@@ -786,8 +906,11 @@ class Engine:
     def _apply(self, effects: Effects) -> None:
         """Bring memory in line with a committed write (called from its commit's callbacks)."""
         self.dispatcher.dequeue(effects.unqueued)
+        elsewhere = Notice("")
         for hold in effects.released:
             self.dispatcher.release(hold.agent_id, hold.task_id)
+            if self.streams.get(hold.agent_id) is None:
+                elsewhere.released.append((hold.agent_id, hold.task_id))
         for cancellation in effects.cancelled:
             _record_after_sends(
                 logging.INFO,
@@ -802,13 +925,17 @@ class Engine:
             stream = self.streams.get(cancellation.agent_id)
             if stream is not None:
                 stream.push(cancellation)
+            else:
+                elsewhere.cancelled.append(cancellation)
         for profile, expiries in effects.quarantined:
             self.dispatcher.agent_changed(profile)
+            elsewhere.agents.add(profile.agent_id)
             _record_after_sends(
                 logging.WARNING,
                 "agent quarantined",
                 {"agent_id": profile.agent_id, "lease_expiries": expiries},
             )
+        self._tell(elsewhere)
         self.dispatcher.enqueue(effects.queued)
         for run_id, state in effects.finished_runs:
             _record_after_sends(

@@ -118,9 +118,14 @@ class Membership:
 
     async def leave(self) -> None:
         """Leave: this replica stops (its agents' grace periods start now)."""
-        if self.serving:
+        if not self.serving:
+            return
+        self.serving = False
+        try:
             await self._store.leave(self._clock.now())
-            self.serving = False
+        except StorageFault:
+            # Its lease lapses instead: another replica, or the next start, disconnects them.
+            log.warning("replica left without a word", extra={"replica_id": self.replica_id})
 
     def _note(self, beat: Beat, now: datetime) -> None:
         self.peers = beat.peers

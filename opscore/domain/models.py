@@ -7,6 +7,7 @@ The engine, the dispatcher and the validation rules work on nothing else.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -288,7 +289,11 @@ class ReadyTask(NamedTuple):
             return False
         if self.capability and self.capability not in agent.capabilities:
             return False
-        return all(agent.labels.get(key) == value for key, value in self.labels)
+        return self.fits(agent.labels)
+
+    def fits(self, labels: Mapping[str, str]) -> bool:
+        """Whether an agent carrying `labels` carries every label this task needs."""
+        return all(labels.get(key) == value for key, value in self.labels)
 
 
 @dataclass(frozen=True, slots=True)

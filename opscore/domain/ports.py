@@ -47,6 +47,43 @@ class Connected:
 
 
 @dataclass(frozen=True, slots=True)
+class Want:
+    """Queued tasks a replica would claim for its free agents (see `TaskStore.claim`)."""
+
+    capability: str
+    labels: tuple[dict[str, str], ...]
+    """The label sets of the free agents offering it: a task's labels must be within one."""
+    agent_ids: tuple[str, ...]
+    """The free agents offering it: tasks pinned to one of them qualify too."""
+    limit: int
+    """How many to lock, earliest queued first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What a claim did."""
+
+    found: dict[str, int]
+    """How many tasks it locked, by capability."""
+    assigned: int
+    """How many of them, and of the tasks dispatch held, it assigned."""
+    unassigned: list[models.ReadyTask]
+    """The tasks it locked and did not assign: still queued, dispatch may keep them."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    """What a replica rereads of an agent another replica's write changed."""
+
+    profile: models.AgentProfile
+    token_digest: str | None
+    replica_id: str | None
+    """The replica holding its stream, if connected."""
+    generation: int
+    """Its count of streams opened."""
+
+
+@dataclass(frozen=True, slots=True)
 class Beat:
     """A replica's lease renewed (see `ReplicaStore.beat`)."""
 
@@ -226,6 +263,10 @@ class AgentStore(Protocol):
         """Mark the agent's stream closed, if it is still the stream of `generation` opened on
         this replica: its grace period starts now."""
 
+    async def reread(self, agent_ids: list[str], on_commit: OnCommit[dict[str, AgentRow]]) -> None:
+        """These agents as they are (the removed ones missing), read in commit order with
+        this replica's writes: `on_commit` gets them there."""
+
     async def waiting_candidates(
         self, tasks: Sequence[models.TaskRun]
     ) -> tuple[dict[str, models.Agent], dict[Requirement, Offer]]:
@@ -302,6 +343,13 @@ class TaskStore(Protocol):
     ) -> list[models.Placed]:
         """Hand each queued task to its agent as a new attempt (`Unassigned` where the task is
         no longer queued, or the agent no longer takes work)."""
+
+    async def claim(
+        self, wants: list[Want], now: datetime, place: Place, on_commit: Assigned
+    ) -> Claimed:
+        """Lock the earliest queued tasks each of `wants` asks for, skipping those another
+        writer has locked; match them (with `place`, as a write's own tasks) and assign the
+        matches in the same transaction, which `on_commit` gets once committed."""
 
     async def complete_task(self, result: TaskResult) -> None:
         """Record an attempt's output and queue the dependents that became ready."""

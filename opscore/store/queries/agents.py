@@ -27,7 +27,7 @@ from opscore.domain.models import (
     TaskRun,
     TaskState,
 )
-from opscore.domain.ports import Connected, OnCommit, Rules
+from opscore.domain.ports import AgentRow, Connected, OnCommit, Rules
 from opscore.domain.responses import Budget
 from opscore.domain.state import RunNow
 from opscore.domain.waiting import Offer, Requirement, requirement
@@ -102,6 +102,9 @@ _CONNECT_AGENT = (
 _GENERATIONS = select(AGENTS.c.agent_id, AGENTS.c.stream_generation).where(
     AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
 )
+_STREAM_OWNERS = select(
+    AGENTS.c.agent_id, AGENTS.c.token_digest, AGENTS.c.replica_id, AGENTS.c.stream_generation
+).where(AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
 _DISCONNECT_AGENT = (
     update(AGENTS)
     .where(
@@ -322,6 +325,25 @@ class Agents:
             conn.execute(_DISCONNECT_AGENT, parameters)
 
         await self._shared.write(op)
+
+    async def reread(self, agent_ids: list[str], on_commit: OnCommit[dict[str, AgentRow]]) -> None:
+        """These agents as they are (the removed ones missing), read through the writer so that
+        `on_commit` gets them in commit order with this replica's own writes."""
+
+        def op(conn: Connection) -> dict[str, AgentRow]:
+            agents = agents_by_id(conn, agent_ids)
+            found = conn.execute(_STREAM_OWNERS, {"b_agent_ids": list(agents)})
+            return {
+                row.agent_id: AgentRow(
+                    agents[row.agent_id].profile(),
+                    row.token_digest,
+                    row.replica_id,
+                    row.stream_generation,
+                )
+                for row in found
+            }
+
+        await self._shared.write(op, on_commit)
 
     async def waiting_candidates(
         self, tasks: Sequence[TaskRun]

@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import any_, bindparam, func, or_, select, update
+from sqlalchemy import Select, any_, bindparam, func, or_, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 
 from opscore.domain import idempotency
 from opscore.domain.errors import NotFound, OpsCoreError, Resource
 from opscore.domain.models import Effects, JsonObject, Placed, ReadyTask, TaskState
-from opscore.domain.ports import Assigned, OnCommit, Place, TaskResult
+from opscore.domain.ports import Assigned, Claimed, OnCommit, Place, TaskResult, Want
 from opscore.domain.state import Reporting, RunNow, TaskNow
 from opscore.store import assignments, rows
 from opscore.store.changes import Changes, record, write_decision
@@ -93,6 +94,27 @@ QUEUE = Prepared(
 )
 
 
+def _claimable(want: Want, locking: bool) -> Select[Any]:
+    """The earliest queued tasks of `want`'s capability that its agents may take, locked (where
+    writers run concurrently) skipping rows another writer holds. The labels are compared by
+    PostgreSQL (JSONB containment) where it can, and by the caller in any case."""
+    query = select(*READY_TASK_COLUMNS).where(
+        TASK_IS_QUEUED,
+        TASKS.c.capability == want.capability,
+        or_(
+            TASKS.c.pinned_agent_id.is_(None),
+            TASKS.c.pinned_agent_id == "",
+            TASKS.c.pinned_agent_id.in_(want.agent_ids),
+        ),
+    )
+    if locking:
+        labels = type_coerce(TASKS.c.labels, JSONB)
+        query = query.where(
+            or_(*(labels.contained_by(type_coerce(found, JSONB)) for found in want.labels))
+        ).with_for_update(of=TASKS, skip_locked=True)
+    return query.order_by(TASKS.c.queued_at, TASKS.c.task_id).limit(want.limit)
+
+
 class Tasks:
     """The store's repository of tasks: the queue, assignments and the results agents
     report."""
@@ -154,6 +176,58 @@ class Tasks:
             tx.after_commit(lambda: on_commit(pairs, written))
 
         return before_commit
+
+    async def claim(
+        self, wants: list[Want], now: datetime, place: Place, on_commit: Assigned
+    ) -> Claimed:
+        """Lock the earliest queued tasks each want asks for, skipping rows other writers hold
+        (`FOR UPDATE SKIP LOCKED`: replicas claiming at once take different tasks), match them
+        with `place` as a write's own tasks are matched, and assign the matches in the same
+        transaction. If the write fails, or runs again on its own, what `place` reserved is
+        given back first."""
+        shared = self._shared
+        reserved: list[Callable[[], None]] = []
+
+        def give_back() -> None:
+            while reserved:
+                reserved.pop()()
+
+        def op(tx: Tx) -> Claimed:
+            give_back()
+            found: dict[str, int] = {}
+            locked: list[ReadyTask] = []
+            for want in wants:
+                rows_ = tx.conn.execute(_claimable(want, shared.lock_runs)).all()
+                found[want.capability] = len(rows_)
+                locked.extend(
+                    task
+                    for task in map(rows.ready_task, rows_)
+                    if any(task.fits(labels) for labels in want.labels)
+                )
+            pairs, undo = place(locked, [])
+            reserved.append(undo)
+            placed = (
+                assignments.assign(
+                    tx.conn, pairs, now, self._rules, shared.shapes.of, shared.replica_id
+                )
+                if pairs
+                else []
+            )
+
+            def committed() -> None:
+                reserved.clear()
+                on_commit(pairs, placed)
+
+            tx.after_commit(committed)
+            taken = {task.task_id for task, _ in pairs}
+            unassigned = [task for task in locked if task.task_id not in taken]
+            return Claimed(found, len(pairs), unassigned)
+
+        try:
+            return await shared.writer.submit(op)
+        except BaseException:
+            give_back()
+            raise
 
     async def complete_task(self, result: TaskResult) -> None:
         """Record the output of the attempt the agent holds and queue the dependents that became
