@@ -95,8 +95,8 @@ def chain(name: str, length: int, capability: str = WORK) -> workflow_pb2.Workfl
 def workers(
     replicas: Replicas, ledger: Ledger, per_replica: int = 2, slots: int = 2
 ) -> list[FailoverAgent]:
-    """`per_replica` agents starting on each replica, offering WORK; every other one sends its
-    completions to another replica than the one it streams from."""
+    """`per_replica` agents starting on each replica, offering WORK; on each replica, every
+    other one sends its completions to another replica than the one it streams from."""
     count = len(replicas.addresses)
     return [
         FailoverAgent(
@@ -106,7 +106,7 @@ def workers(
             capabilities=[WORK],
             slots=slots,
             first=i % count,
-            report_elsewhere=i % 2 == 1,
+            report_elsewhere=(i // count) % 2 == 1,
         )
         for i in range(per_replica * count)
     ]
