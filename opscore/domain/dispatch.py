@@ -21,19 +21,19 @@ Two implementations fill it:
 - `dispatcher.Dispatcher`, for one server: every queued task and every connected agent in
   memory, the queue read whole from the database at start; a write places what it makes ready
   before it commits, and the loop takes the rest as agents free up.
-- For several replicas on one PostgreSQL (planned), each part is filled thus:
+- `shared_dispatcher.SharedDispatcher`, for replicas on one PostgreSQL, fills each part thus:
   - `reserve_for_commit` stays local: a write matches the tasks it makes ready with this
     replica's idle agents and assigns them in its own transaction. No other replica can see those
     tasks before the commit, so nothing races the reservation. An older queued task reserved for
     a slot the write frees may have been claimed elsewhere meanwhile: its assignment (an update
     conditional on the task being queued) finds it gone, and the commit's callback frees the
     slot (`release`), as it does today for a task cancelled meanwhile.
-  - What no local agent took is announced: a NOTIFY in the write's own transaction, delivered
-    only if it commits, names the requirements that gained work. Every replica LISTENs, and its
-    `run` claims for its idle agents with `SELECT ... FOR UPDATE SKIP LOCKED` on the index of
-    queued tasks, in ready order, so each attempt has one holder however many replicas race for
-    it; the claim commits through the engine's `AssignBatch` like any assignment. A slow sweep
-    (seconds) backs up lost notifications. A slot freed on one replica claims the same way.
+  - What no local agent took is announced once the write has committed (`notices`). Every
+    replica LISTENs, and its `run` claims for its idle agents with `SELECT ... FOR UPDATE SKIP
+    LOCKED` on the index of queued tasks by capability, in ready order, matching and assigning
+    in the same write (the engine's `claim`), so each attempt has one holder however many
+    replicas race for it. A sweep (seconds) backs up lost notices (`work_elsewhere`). A slot
+    freed on one replica claims the same way.
   - Memory is a bounded prefetch per requirement of this replica's agents, refilled from the
     database's index: `enqueue` keeps what fits (the stored queue handed over at start is cut to
     it) and the rest stays claimable in the database. `queued` counts that prefetch.

@@ -804,6 +804,8 @@ class Engine:
     def noticed(self, notice: Notice) -> None:
         """Another replica committed what concerns this one: work to claim, slots and attempts
         of this replica's agents, agents to reread."""
+        if notice.joined:
+            self.membership.peers += 1
         if notice.ready:
             self.dispatcher.work_elsewhere(notice.ready)
         for agent_id, task_id in notice.released:

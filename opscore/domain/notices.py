@@ -33,9 +33,12 @@ class Notice:
     """Attempts to stop, of agents streaming from another replica."""
     agents: set[str] = field(default_factory=set)
     """Agents whose rows changed: their holders reread them."""
+    joined: bool = False
+    """The sender has just joined: the others have a peer to tell from now on, without
+    waiting for their next renewal to count it."""
 
     def __bool__(self) -> bool:
-        return bool(self.ready or self.released or self.cancelled or self.agents)
+        return bool(self.ready or self.released or self.cancelled or self.agents or self.joined)
 
 
 class Noticeboard(Protocol):

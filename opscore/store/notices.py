@@ -47,12 +47,13 @@ def encode(notice: Notice) -> list[str]:
             "l": notice.released,
             "c": [[c.agent_id, c.task_id, c.run_id, c.attempt, c.reason] for c in notice.cancelled],
             "a": sorted(notice.agents),
+            "j": notice.joined,
         },
         separators=(",", ":"),
     )
     if len(payload.encode()) <= PAYLOAD_BYTES:
         return [payload]
-    halves = [Notice(notice.sender), Notice(notice.sender)]
+    halves = [Notice(notice.sender, joined=notice.joined), Notice(notice.sender)]
     for index, capability in enumerate(sorted(notice.ready)):
         halves[index % 2].ready.add(capability)
     for index, hold in enumerate(notice.released):
@@ -73,6 +74,7 @@ def decode(payload: str) -> Notice:
         released=[(agent_id, task_id) for agent_id, task_id in fields["l"]],
         cancelled=[Cancellation(*cancelled) for cancelled in fields["c"]],
         agents=set(fields["a"]),
+        joined=fields["j"],
     )
 
 
@@ -84,6 +86,7 @@ def merge(notices: list[Notice]) -> Notice:
         merged.released.extend(notice.released)
         merged.cancelled.extend(notice.cancelled)
         merged.agents |= notice.agents
+        merged.joined |= notice.joined
     return merged
 
 
@@ -139,7 +142,9 @@ class PostgresNoticeboard:
                 received(notice)
 
         await connection.add_listener(CHANNEL, deliver)
-        if missed is not None:
+        if missed is None:
+            self.post(Notice(self._sender(), joined=True))
+        else:
             missed()
         while not closed.is_set():
             with contextlib.suppress(TimeoutError):
