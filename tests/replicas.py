@@ -460,6 +460,24 @@ class FailoverAgent:
         if calls:
             await asyncio.wait(calls)
 
+    async def fail(
+        self, assignment: workflow_pb2.TaskAssignment, error: str, *, to: int, retryable: bool
+    ) -> None:
+        """Send FailTask for an assignment (held, or not yet completed) to replica `to`; it is no
+        longer held."""
+        self.held = [(r, held) for r, held in self.held if held != assignment]
+        self._started.add((assignment.task_id, assignment.attempt))
+        await self.client(to).workflows.FailTask(
+            workflow_service_pb2.FailTaskRequest(
+                task_id=assignment.task_id,
+                agent_id=self.agent_id,
+                attempt=assignment.attempt,
+                error=error,
+                retryable=retryable,
+            ),
+            timeout=CALL_TIMEOUT,
+        )
+
     def stay_away(self) -> None:
         """Open no new stream until `come_back` (an open one is left alone)."""
         self.may_connect.clear()
