@@ -72,6 +72,9 @@ CROSS_MEDIAN = 0.25
 ROUNDS = 5
 """Rounds of the cross-replica tests."""
 
+BURST = 4
+"""Runs triggered one after the other, without waiting for their assignments, in a burst."""
+
 SWEEP_WAIT = 10.0
 """Seconds to wait for work that a replica's safety sweep (every few seconds) would bring at
 last: the test then fails naming the delay, not a timeout."""
@@ -296,6 +299,33 @@ async def test_a_run_triggered_on_one_replica_reaches_an_idle_agent_on_another(
     print(f"\ntrigger on A -> assignment on B: {', '.join(f'{d * 1000:.1f}' for d in delays)} ms")
     assert max(delays) < CROSS_WAIT, delays
     assert statistics.median(delays) < CROSS_MEDIAN, delays
+
+
+async def test_runs_triggered_in_a_burst_on_one_replica_all_reach_an_agent_on_another(
+    tmp_path: Path,
+) -> None:
+    """Work announced while the replica of the agent is claiming what was announced before is
+    claimed too, not left to the safety sweep."""
+    async with (
+        Replicas.on_fresh_database(2, tmp_path) as replicas,
+        replicas.operators() as (on_a, on_b),
+    ):
+        agent = await on_b.agent("wide-on-b", capabilities=["b-only"], max_concurrent_tasks=BURST)
+        job = await on_a.create(definition("burst", task("only", capability="b-only")))
+        delays: list[float] = []
+        for n in range(ROUNDS):
+            started = time.monotonic()
+            runs = [
+                await on_a.trigger(definition_id=job.definition_id, request_id=f"burst-{n}-{i}")
+                for i in range(BURST)
+            ]
+            assignments = [await agent.next_assignment(SWEEP_WAIT) for _ in runs]
+            delays.append(time.monotonic() - started)
+            assert {a.run_id for a in assignments} == {run.run_id for run in runs}
+            for assignment in assignments:
+                await agent.complete(assignment, {"n": n})
+    print(f"\n{BURST} triggers on A -> all on B: {', '.join(f'{d * 1000:.1f}' for d in delays)} ms")
+    assert max(delays) < CROSS_WAIT, delays
 
 
 async def test_a_slot_freed_on_one_replica_takes_work_queued_on_another(tmp_path: Path) -> None:
