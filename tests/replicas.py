@@ -39,7 +39,8 @@ from typing import Any, Self
 import asyncpg  # type: ignore[import-untyped]
 import auth
 import grpc
-from conftest import ServerFactory, asyncpg_dsn, postgres_database
+import pytest
+from conftest import POSTGRES_URL, ServerFactory, asyncpg_dsn, postgres_database
 from helpers import WAIT, Agent, Client, complete_request
 from opscore.v1 import (
     agent_lifecycle_pb2,
@@ -685,6 +686,17 @@ def log_counts(records: Iterable[dict[str, Any]]) -> tuple[Counter[str], Counter
 
 
 # Two replicas in the test's process ---------------------------------------------------------
+
+
+DEPLOYMENTS = [
+    "one server",
+    pytest.param(
+        "two replicas",
+        marks=pytest.mark.skipif(not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set"),
+    ),
+]
+"""The parameters of a fixture that runs a suite against one server and, with PostgreSQL,
+against two replicas (`two_replicas`)."""
 
 
 class SplitClient(Client):

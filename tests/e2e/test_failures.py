@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import helpers
 import pytest
-from conftest import POSTGRES_URL, ServerFactory, blocking, postgres_database, serve
+from conftest import ServerFactory, blocking, postgres_database, serve
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import (
@@ -43,7 +43,7 @@ from helpers import (
     tasks_of,
 )
 from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
-from replicas import settle_replicas, two_replicas
+from replicas import DEPLOYMENTS, settle_replicas, two_replicas
 
 from opscore.domain.retry import ResolvedRetryPolicy
 
@@ -60,17 +60,7 @@ Deployment = Callable[..., AbstractAsyncContextManager[Client]]
 fields overridden, and a Client on it."""
 
 
-@pytest.fixture(
-    params=[
-        "one server",
-        pytest.param(
-            "two replicas",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DEPLOYMENTS)
 def deployment(
     request: pytest.FixtureRequest, start_server: ServerFactory, tmp_path: Path
 ) -> Iterator[Deployment]:

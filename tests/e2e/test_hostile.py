@@ -49,7 +49,7 @@ import asyncpg  # type: ignore[import-untyped]
 import auth
 import grpc
 import pytest
-from conftest import POSTGRES_URL, ServerFactory, asyncpg_dsn, postgres_database
+from conftest import ServerFactory, asyncpg_dsn, postgres_database
 from google.protobuf.message import Message
 from helpers import Client, connect, definition, task
 from hostile.contract import Code
@@ -70,7 +70,7 @@ from opscore.v1 import (
     workflow_service_pb2,
     workflow_service_pb2_grpc,
 )
-from replicas import two_replicas
+from replicas import DEPLOYMENTS, two_replicas
 
 from opscore.domain.validation import Limits
 
@@ -124,17 +124,7 @@ async def postgres_faults(url: str) -> list[str]:
         await connection.close()
 
 
-@pytest.fixture(
-    params=[
-        "one server",
-        pytest.param(
-            "two replicas",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL, reason="OPSCORE_TEST_POSTGRES_URL is not set"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DEPLOYMENTS)
 def template(request: pytest.FixtureRequest) -> str:
     """ "" for one server on SQLite; for two replicas, the migrated PostgreSQL database their
     database copies."""

@@ -99,6 +99,17 @@ def chain(name: str, length: int, capability: str = WORK) -> workflow_pb2.Workfl
     )
 
 
+async def load_definitions(
+    clients: Sequence[Client], chain_length: int = 4
+) -> list[workflow_pb2.WorkflowDefinition]:
+    """The load's definitions: a single task, and a chain of `chain_length`, created on two
+    different replicas (and triggered on any)."""
+    return [
+        await clients[0].create(chain("single", 1)),
+        await clients[-1].create(chain("chain", chain_length)),
+    ]
+
+
 def workers(
     replicas: Replicas, ledger: Ledger, per_replica: int = 2, slots: int = 2
 ) -> list[FailoverAgent]:
@@ -255,14 +266,12 @@ async def test_runs_triggered_on_random_replicas_succeed_each_task_recorded_once
         Replicas.on_fresh_database(count, tmp_path, together=together) as replicas,
         replicas.operators() as clients,
     ):
-        # Definitions created on one replica, triggered on any.
-        single = await clients[0].create(chain("single", 1))
-        chains = await clients[-1].create(chain("chain", 3))
+        definitions = await load_definitions(clients, chain_length=3)
         agents = workers(replicas, ledger)
         async with working(agents):
             started = time.monotonic()
             runs = await trigger_load(
-                clients, range(count), [single, chains], 24, rng, f"spread-{count}"
+                clients, range(count), definitions, 24, rng, f"spread-{count}"
             )
             await wait_succeeded(replicas, clients, runs, agents)
             took = time.monotonic() - started
@@ -422,8 +431,7 @@ async def test_a_replica_killed_mid_load_loses_nothing_and_its_agents_carry_on(
         Replicas.on_fresh_database(3, tmp_path) as replicas,
         replicas.operators() as clients,
     ):
-        single = await clients[0].create(chain("single", 1))
-        chains = await clients[1].create(chain("chain", 4))
+        definitions = await load_definitions(clients)
         kept = await clients[2].create(definition("kept", task("kept", capability="kept")))
         # An agent of replica 0 that holds its one task and, once replica 0 is gone, stays away
         # for less than its grace.
@@ -436,7 +444,7 @@ async def test_a_replica_killed_mid_load_loses_nothing_and_its_agents_carry_on(
             held = await away.next_received()
             assert (held.replica, held.assignment.run_id) == (0, held_run.run_id)
 
-            runs = await trigger_load(clients, range(3), [single, chains], 16, rng, "kill")
+            runs = await trigger_load(clients, range(3), definitions, 16, rng, "kill")
             tasks = sum(len(run.tasks) for run in runs)
             await wait_acknowledged(ledger, int(STOP_AT * tasks), agents)
             away.stay_away()
@@ -568,12 +576,11 @@ async def test_a_replica_restarted_under_load_hands_its_agents_to_the_others(
         Replicas.on_fresh_database(3, tmp_path) as replicas,
         replicas.operators() as clients,
     ):
-        single = await clients[0].create(chain("single", 1))
-        chains = await clients[1].create(chain("chain", 4))
+        definitions = await load_definitions(clients)
         agents = workers(replicas, ledger)
         on_zero = [agent for agent in agents if agent.current == 0]
         async with working(agents):
-            runs = await trigger_load(clients, range(3), [single, chains], 16, rng, "before")
+            runs = await trigger_load(clients, range(3), definitions, 16, rng, "before")
             tasks = sum(len(run.tasks) for run in runs)
             await wait_acknowledged(ledger, int(STOP_AT * tasks), agents)
             replicas.terminate(0)
@@ -591,7 +598,7 @@ async def test_a_replica_restarted_under_load_hands_its_agents_to_the_others(
             # still be waiting to reconnect) are done by the others' agents.
             restarted = await replicas.restart(0)
             async with connect(restarted.port) as client:
-                after = await trigger_load([client], [0], [single, chains], 6, rng, "after")
+                after = await trigger_load([client], [0], definitions, 6, rng, "after")
             await wait_succeeded(replicas, clients, [*runs, *after], agents)
 
         await assert_recorded_once(replicas, ledger, [*runs, *after])
