@@ -7,34 +7,43 @@ wired through gRPC and the database, with real timers of a fraction of a second.
 assertions are lower bounds only (the machine is noisy), every wait is bounded, and none is
 blind: where a test must know that a time has passed without effect, it waits for another timer,
 set later, to fire.
+
+Each test runs against one server (on SQLite) and, when OPSCORE_TEST_POSTGRES_URL is set, against
+two replicas on one PostgreSQL database (tests/replicas.py's `two_replicas`): there the agents
+stream from one replica and every other call goes to the other, so each assignment, result,
+cancellation and timer crosses from one replica to the other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
+import helpers
 import pytest
-from conftest import ServerFactory, serve
+from conftest import ServerFactory, blocking, postgres_database, serve
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import (
     WAIT,
+    Agent,
     Client,
     as_dict,
     bad_request,
     complete_request,
     definition,
-    expect_quiet,
     refused,
     seconds,
     task,
     tasks_of,
 )
 from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
+from replicas import DEPLOYMENTS, settle_replicas, two_replicas
 
 from opscore.domain.retry import ResolvedRetryPolicy
 
@@ -44,6 +53,31 @@ only a failing test waits this long, so it is as long as a loaded machine may ne
 
 SLACK = 0.01
 """Seconds of rounding allowed when comparing the server's timestamps with the local clock."""
+
+
+Deployment = Callable[..., AbstractAsyncContextManager[Client]]
+"""`async with deployment(**overrides) as client:` a deployment whose servers have `Settings`
+fields overridden, and a Client on it."""
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def deployment(
+    request: pytest.FixtureRequest, start_server: ServerFactory, tmp_path: Path
+) -> Iterator[Deployment]:
+    """One server on a fresh SQLite file, or two replicas on a fresh PostgreSQL database."""
+    if request.param == "one server":
+        url = f"sqlite:///{tmp_path / 'opscore.db'}"
+        yield lambda **overrides: serve(start_server, url, **overrides)
+        return
+    template = request.getfixturevalue("migrated_postgres")
+    with blocking(postgres_database(template)) as url:
+        yield lambda **overrides: two_replicas(start_server, url, **overrides)
+
+
+async def expect_quiet(*agents: Agent) -> None:
+    """helpers.expect_quiet, once every replica of the deployment has settled."""
+    await settle_replicas(agents[0].client)
+    await helpers.expect_quiet(*agents)
 
 
 # Helpers -------------------------------------------------------------------------------------
@@ -235,14 +269,14 @@ async def refuse_late_results(
 
 
 async def test_retryable_failures_back_off_and_third_attempt_succeeds(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
     flaky = spec(
         "flaky",
         capability="flaky",
         retry=policy(max_attempts=3, initial_backoff=0.2, backoff_multiplier=2, max_backoff=1),
     )
-    async with serve(start_server, sqlite_url) as client:
+    async with deployment() as client:
         worker = await client.agent("worker", capabilities=["flaky"])
         run = await client.trigger(
             definition=definition("retry", flaky, spec("after", depends_on=("flaky",)))
@@ -296,13 +330,11 @@ async def test_retryable_failures_back_off_and_third_attempt_succeeds(
         finished = tasks_of(done)["flaky"]
         assert (finished.state, finished.attempt) == (workflow_pb2.TASK_STATE_SUCCEEDED, 3)
         assert as_dict(finished.output) == {"third": "time lucky"}
-        await worker.expect_nothing()
+        await expect_quiet(worker)
 
 
-async def test_non_retryable_failure_fails_at_once(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings()) as client:
+async def test_non_retryable_failure_fails_at_once(deployment: Deployment) -> None:
+    async with deployment(retry=retry_settings()) as client:
         worker = await client.agent("worker")
         run = await client.trigger(
             definition=definition(
@@ -317,15 +349,13 @@ async def test_non_retryable_failure_fails_at_once(
         failed = await wait_failed_finally(client, run.run_id, "job", 1, "bad input")
         assert tasks_of(failed)["next"].state == workflow_pb2.TASK_STATE_SKIPPED
         # No second attempt is sent, nor waits for its time (see wait_failed_finally).
-        await worker.expect_nothing()
+        await expect_quiet(worker)
         assert await client.run(run.run_id) == failed
 
 
-async def test_exhausting_max_attempts_fails_the_task_finally(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
+async def test_exhausting_max_attempts_fails_the_task_finally(deployment: Deployment) -> None:
     # The task sets max_attempts only: the backoffs are the server's (0.05 s, then 0.1 s).
-    async with serve(start_server, sqlite_url, retry=retry_settings(max_attempts=9)) as client:
+    async with deployment(retry=retry_settings(max_attempts=9)) as client:
         worker = await client.agent("worker")
         run = await client.trigger(
             definition=definition("exhaust", spec("job", retry=policy(max_attempts=2)))
@@ -337,13 +367,13 @@ async def test_exhausting_max_attempts_fails_the_task_finally(
         await worker.fail(second, "still broken", retryable=True)
 
         await wait_failed_finally(client, run.run_id, "job", 2, "still broken")
-        await worker.expect_nothing()
+        await expect_quiet(worker)
 
 
 async def test_server_default_max_attempts_applies_to_tasks_without_policy(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings(max_attempts=2)) as client:
+    async with deployment(retry=retry_settings(max_attempts=2)) as client:
         worker = await client.agent("worker")
         run = await client.trigger(definition=definition("defaults", spec("job")))
         first = await worker.next_assignment()
@@ -353,16 +383,16 @@ async def test_server_default_max_attempts_applies_to_tasks_without_policy(
         await worker.fail(second, "two", retryable=True)
         failed = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_FAILED)
         assert (failed.tasks[0].attempt, failed.tasks[0].error) == (2, "two")
-        await worker.expect_nothing()
+        await expect_quiet(worker)
 
 
 # 2. Fallbacks --------------------------------------------------------------------------------
 
 
 async def test_fallback_runs_after_final_failure_and_feeds_dependents(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings()) as client:
+    async with deployment(retry=retry_settings()) as client:
         # Two slots: a fallback dispatched too early would arrive alongside the main task.
         worker = await client.agent("worker", max_concurrent_tasks=2)
         run = await client.trigger(
@@ -370,7 +400,7 @@ async def test_fallback_runs_after_final_failure_and_feeds_dependents(
         )
         first = await worker.next_assignment()
         assert (first.task_name, first.fallback_for, first.fallback_error) == ("fetch", "", "")
-        await worker.expect_nothing()
+        await expect_quiet(worker)
         states = {name: t.state for name, t in tasks_of(await client.run(run.run_id)).items()}
         assert states == {
             "fetch": workflow_pb2.TASK_STATE_ASSIGNED,
@@ -417,13 +447,13 @@ async def test_fallback_runs_after_final_failure_and_feeds_dependents(
             "report": workflow_pb2.TASK_STATE_SUCCEEDED,
         }
         assert as_dict(tasks_of(done)["cache"].output) == {"source": "cache", "rows": 7}
-        await worker.expect_nothing()
+        await expect_quiet(worker)
 
 
 async def test_failing_fallback_fails_the_run_and_cancels_other_holders(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings()) as client:
+    async with deployment(retry=retry_settings()) as client:
         main = await client.agent("main-agent", capabilities=["main"])
         backup = await client.agent("backup-agent", capabilities=["backup"])
         side = await client.agent("side-agent", capabilities=["side"])
@@ -439,7 +469,7 @@ async def test_failing_fallback_fails_the_run_and_cancels_other_holders(
         fetch = await main.next_assignment()
         side_task = await side.next_assignment()
         assert (fetch.task_name, side_task.task_name) == ("fetch", "side")
-        await backup.expect_nothing()
+        await expect_quiet(backup)
 
         await main.fail(fetch, "no route", retryable=False)
         cache = await backup.next_assignment()
@@ -468,10 +498,8 @@ async def test_failing_fallback_fails_the_run_and_cancels_other_holders(
         await expect_quiet(main, backup, side)
 
 
-async def test_succeeding_task_skips_its_fallback(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings()) as client:
+async def test_succeeding_task_skips_its_fallback(deployment: Deployment) -> None:
+    async with deployment(retry=retry_settings()) as client:
         worker = await client.agent("worker", max_concurrent_tasks=2)
         run = await client.trigger(definition=fetch_with_fallback("fallback-unused"))
         fetch = await worker.next_assignment()
@@ -492,7 +520,7 @@ async def test_succeeding_task_skips_its_fallback(
             "cache": workflow_pb2.TASK_STATE_SKIPPED,
             "report": workflow_pb2.TASK_STATE_SUCCEEDED,
         }
-        await worker.expect_nothing()
+        await expect_quiet(worker)
 
 
 INVALID_FALLBACKS = [
@@ -555,11 +583,9 @@ async def test_invalid_fallback_is_refused_naming_the_field(
 
 
 async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
-    async with serve(
-        start_server,
-        sqlite_url,
+    async with deployment(
         default_task_timeout=timedelta(seconds=0.3),
         retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
     ) as client:
@@ -577,7 +603,7 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
         )
         # The slow agent says it is busy, so attempt 2 can only go to the spare.
         await slow.report(agent_pb2.REPORTED_AGENT_STATE_BUSY, "thinking")
-        await spare.expect_nothing()
+        await expect_quiet(spare)
 
         cancellation = await slow.next_cancellation(SHORT)
         assert now() >= deadline - timedelta(seconds=SLACK)
@@ -615,14 +641,12 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
 @pytest.mark.parametrize("then", ["retry-waits", "finally-failed"])
 @pytest.mark.parametrize("how", ["timed-out", "agent-lost"])
 async def test_late_results_for_attempt_the_server_failed_are_refused(
-    start_server: ServerFactory, sqlite_url: str, how: str, then: str
+    deployment: Deployment, how: str, then: str
 ) -> None:
     """The server fails the attempt itself (its lease ran out, or its agent was lost); the task
     then waits for its retry, or has failed finally. The agent never reported that failure, so
     its late results for the attempt are refused, even a FailTask quoting the server's error."""
-    async with serve(
-        start_server,
-        sqlite_url,
+    async with deployment(
         agent_grace=timedelta(seconds=0.1),
         retry=retry_settings(initial_backoff=4.0, max_backoff=4.0),  # the retry waits >= 2 s
     ) as client:
@@ -659,13 +683,9 @@ async def test_late_results_for_attempt_the_server_failed_are_refused(
             )
 
 
-async def test_extended_lease_keeps_task_past_its_original_deadline(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
+async def test_extended_lease_keeps_task_past_its_original_deadline(deployment: Deployment) -> None:
     # The TaskSpec's own timeout (0.2 s) overrides the server default (60 s).
-    async with serve(
-        start_server, sqlite_url, default_task_timeout=timedelta(seconds=60)
-    ) as client:
+    async with deployment(default_task_timeout=timedelta(seconds=60)) as client:
         holder = await client.agent("holder", capabilities=["long"])
         other = await client.agent("other", capabilities=["elsewhere"])
         run = await client.trigger(
@@ -743,12 +763,8 @@ async def test_extend_lease_refuses_bad_extend_by(client: Client) -> None:
 # 4. Agent loss -------------------------------------------------------------------------------
 
 
-async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
-    async with serve(
-        start_server,
-        sqlite_url,
+async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(deployment: Deployment) -> None:
+    async with deployment(
         agent_grace=timedelta(seconds=0.2),
         retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
     ) as client:
@@ -768,7 +784,7 @@ async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(
             1,
             "fragile",
         )
-        await steady.expect_nothing()
+        await expect_quiet(steady)
 
         lost = await wait_task(
             client, run.run_id, "job", lambda t: t.state != workflow_pb2.TASK_STATE_ASSIGNED
@@ -793,11 +809,9 @@ async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(
 
 
 async def test_agent_reconnecting_within_grace_gets_same_attempt_redelivered(
-    start_server: ServerFactory, sqlite_url: str
+    deployment: Deployment,
 ) -> None:
-    async with serve(
-        start_server,
-        sqlite_url,
+    async with deployment(
         agent_grace=timedelta(seconds=0.3),
         retry=retry_settings(initial_backoff=4.0, max_backoff=4.0),
     ) as client:
@@ -814,7 +828,7 @@ async def test_agent_reconnecting_within_grace_gets_same_attempt_redelivered(
 
         await roamer.disconnect()
         await roamer.wait_until(lambda a: a.state == agent_pb2.AGENT_STATE_OFFLINE, SHORT)
-        await steady.expect_nothing()
+        await expect_quiet(steady)
         away = await task_of(client, run.run_id, "job")
         assert (away.state, away.attempt, away.agent_id) == (
             workflow_pb2.TASK_STATE_ASSIGNED,
@@ -863,10 +877,8 @@ async def test_agent_reconnecting_within_grace_gets_same_attempt_redelivered(
 # 5. Cancellations pushed to holders ----------------------------------------------------------
 
 
-async def test_cancel_run_tells_holder_and_drops_waiting_retry(
-    start_server: ServerFactory, sqlite_url: str
-) -> None:
-    async with serve(start_server, sqlite_url, retry=retry_settings(initial_backoff=4.0)) as client:
+async def test_cancel_run_tells_holder_and_drops_waiting_retry(deployment: Deployment) -> None:
+    async with deployment(retry=retry_settings(initial_backoff=4.0)) as client:
         holder = await client.agent("holder", capabilities=["held"])
         retrier = await client.agent("retrier", capabilities=["retry"])
         run = await client.trigger(
@@ -908,11 +920,9 @@ async def test_cancel_run_tells_holder_and_drops_waiting_retry(
 
 @pytest.mark.parametrize("how", ["not-retryable", "attempts-exhausted", "timed-out", "agent-lost"])
 async def test_final_failure_cancels_other_holders_with_run_failed(
-    start_server: ServerFactory, sqlite_url: str, how: str
+    deployment: Deployment, how: str
 ) -> None:
-    async with serve(
-        start_server, sqlite_url, agent_grace=timedelta(seconds=0.1), retry=retry_settings()
-    ) as client:
+    async with deployment(agent_grace=timedelta(seconds=0.1), retry=retry_settings()) as client:
         left_agent = await client.agent("left-agent", capabilities=["left"])
         right_agent = await client.agent("right-agent", capabilities=["right"])
         run = await client.trigger(

@@ -39,17 +39,21 @@ This module holds the tests alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import asyncpg  # type: ignore[import-untyped]
 import auth
 import grpc
 import pytest
-from conftest import ServerFactory
+from conftest import ServerFactory, asyncpg_dsn, postgres_database
 from google.protobuf.message import Message
-from helpers import connect, definition, task
+from helpers import Client, connect, definition, task
 from hostile.contract import Code
-from hostile.database import database_faults, database_path
+from hostile.database import INVARIANTS, database_faults, database_path
 from hostile.oracle import judge, problems
 from hostile.properties import CALL_TIMEOUT, HYPOTHESIS, run_property, send
 from hostile.rpcs import RPCS, rpc_requests
@@ -66,6 +70,7 @@ from opscore.v1 import (
     workflow_service_pb2,
     workflow_service_pb2_grpc,
 )
+from replicas import DEPLOYMENTS, two_replicas
 
 from opscore.domain.validation import Limits
 
@@ -91,13 +96,79 @@ async def test_hostile_requests_are_answered_soundly(
         assert not faults, faults
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Where a test's world lives and its hostile requests go, and how its database is checked."""
+
+    client: Client
+    """The world's client (on two replicas, its agents stream from the other one)."""
+    target: str
+    """The synchronous channel's target: the server, or both replicas in turn."""
+    options: list[tuple[str, Any]]
+    limits: Limits
+    faults: Callable[[], Awaitable[list[str]]]
+    """The database's broken invariants."""
+
+
+async def postgres_faults(url: str) -> list[str]:
+    """The broken invariants of a PostgreSQL database (its own types refuse what SQLite's
+    text and JSON checks look for, so only the invariants are asked)."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        faults = []
+        for description, query in INVARIANTS.items():
+            if found := [row[0] for row in await connection.fetch(query)][:5]:
+                faults.append(f"{description}: {found}")
+        return faults
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def template(request: pytest.FixtureRequest) -> str:
+    """ "" for one server on SQLite; for two replicas, the migrated PostgreSQL database their
+    database copies."""
+    return "" if request.param == "one server" else request.getfixturevalue("migrated_postgres")
+
+
+@asynccontextmanager
+async def deployed(
+    template: str, start_server: ServerFactory, tmp_path: Path
+) -> AsyncIterator[Deployment]:
+    """One server on a fresh SQLite file (no `template`), or two replicas on a fresh copy of the
+    PostgreSQL `template`, whose hostile requests go to each replica in turn (client-side round
+    robin)."""
+    if not template:
+        url = f"sqlite:///{tmp_path / 'opscore.db'}"
+        async with start_server(url) as server, connect(server.port) as client:
+            yield Deployment(
+                client,
+                f"127.0.0.1:{server.port}",
+                [],
+                server.settings.limits,
+                lambda: asyncio.to_thread(database_faults, database_path(url)),
+            )
+        return
+    async with postgres_database(template) as url, two_replicas(start_server, url) as split:
+        addresses = ",".join(f"127.0.0.1:{replica.port}" for replica in split.replicas)
+        yield Deployment(
+            split,
+            f"ipv4:{addresses}",
+            [("grpc.lb_policy_name", "round_robin")],
+            split.replicas[0].settings.limits,
+            lambda: postgres_faults(url),
+        )
+
+
 async def test_mixed_hostile_sequences_keep_the_server_sound(
-    start_server: ServerFactory, sqlite_url: str
+    template: str, start_server: ServerFactory, tmp_path: Path
 ) -> None:
-    """Sequences of hostile requests to any RPC, interleaved, against one server."""
-    async with start_server(sqlite_url) as server, connect(server.port) as client:
+    """Sequences of hostile requests to any RPC, interleaved, against one server, or spread
+    over two replicas."""
+    async with deployed(template, start_server, tmp_path) as deployment:
+        client = deployment.client
         world, collector = await build_world(client)
-        limits: Limits = server.settings.limits
+        limits = deployment.limits
         by_rpc = rpc_requests(world)
         steps = st.lists(
             st.one_of([st.tuples(st.just(rpc), by_rpc[rpc]) for rpc in RPCS]),
@@ -107,7 +178,8 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
 
         def sequences() -> None:
             with auth.sync_channel(
-                f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", -1)]
+                deployment.target,
+                options=[("grpc.max_receive_message_length", -1), *deployment.options],
             ) as sync_channel:
 
                 @settings(HYPOTHESIS, max_examples=40)
@@ -125,8 +197,8 @@ async def test_mixed_hostile_sequences_keep_the_server_sound(
         finally:
             await stop_world(client, world, collector)
         await assert_serving(client.channel)
-        await assert_normal_flow(client.channel)
-        faults = await asyncio.to_thread(database_faults, database_path(sqlite_url))
+        await assert_normal_flow(client)
+        faults = await deployment.faults()
         assert not faults, faults
 
 

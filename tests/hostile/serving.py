@@ -25,10 +25,12 @@ async def assert_serving(channel: grpc.aio.Channel) -> None:
         assert response.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
-async def assert_normal_flow(channel: grpc.aio.Channel) -> None:
+async def assert_normal_flow(via: grpc.aio.Channel | Client) -> None:
     """Register, stream, create, trigger, complete both tasks of a chain: the run SUCCEEDED and
-    the second task saw the first's output."""
-    client = Client(channel)
+    the second task saw the first's output. `via` is a channel (for a Client of its own) or a
+    Client (a deployment's, whose agents may stream from another replica than its calls go
+    to); its agents' streams are closed after."""
+    client = via if isinstance(via, Client) else Client(via)
     tag = uuid.uuid4().hex[:8]
     capability = f"final-{tag}"
     try:
