@@ -150,7 +150,9 @@ class Dispatcher:
         and times, they leave the garbage collector's sight after its first look (a named tuple
         never does), and a deep queue stops weighing on every full collection (see `_push`)."""
         self._delayed: list[tuple[datetime, int, ReadyTask]] = []
-        self._waiting: set[str] = set()
+        self._waiting: dict[str, int] = {}
+        """Each task waiting for its retry time, and the sequence of its entry in `_delayed`
+        (an entry of an earlier wait of the same task is passed over)."""
         self._sequence = itertools.count()
         self._agents: dict[str, _LiveAgent] = {}
         self._free = _FreeAgents()
@@ -180,8 +182,9 @@ class Dispatcher:
             if self._known(task.task_id):
                 continue
             if task.not_before is not None and task.not_before > now:
-                self._waiting.add(task.task_id)
-                heapq.heappush(self._delayed, (task.not_before, next(self._sequence), task))
+                sequence = next(self._sequence)
+                self._waiting[task.task_id] = sequence
+                heapq.heappush(self._delayed, (task.not_before, sequence, task))
                 delayed = True
             else:
                 self._push(next(self._sequence), task)
@@ -211,7 +214,7 @@ class Dispatcher:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
         for task_id in task_ids:
             self._ready.pop(task_id, None)
-            self._waiting.discard(task_id)
+            self._waiting.pop(task_id, None)
 
     @property
     def queued(self) -> int:
@@ -225,12 +228,12 @@ class Dispatcher:
         due: list[ReadyTask] = []
         next_due = None
         while self._delayed:
-            not_before, _, task = self._delayed[0]
-            if task.task_id not in self._waiting:
+            not_before, sequence, task = self._delayed[0]
+            if self._waiting.get(task.task_id) != sequence:
                 heapq.heappop(self._delayed)
             elif not_before <= now:
                 heapq.heappop(self._delayed)
-                self._waiting.discard(task.task_id)
+                del self._waiting[task.task_id]
                 self._push(next(self._sequence), task)
                 due.append(task)
             else:

@@ -79,8 +79,11 @@ class SharedDispatcher(Dispatcher):
         announced: set[str] = set()
         now = self._now()
         for task in tasks:
-            if self._known(task.task_id):
+            if task.task_id in self._matched:
                 continue
+            # A committed write queued it: one held in memory is stale (another replica took
+            # it since, and this is its next attempt).
+            self.dequeue((task.task_id,))
             if task.not_before is None or task.not_before <= now:
                 announced.add(task.capability)
             key = (task.capability, task.labels, task.pinned_agent_id)

@@ -20,6 +20,8 @@ from dispatching import T0, TickingClock, agent, ready
 from opscore.domain.dispatch import AssignBatch, Dispatch
 from opscore.domain.dispatcher import Dispatcher
 from opscore.domain.models import ReadyTask, ReportedState
+from opscore.domain.ports import Claimed, Want
+from opscore.domain.shared_dispatcher import SharedDispatcher
 
 WAIT = 5.0
 """Seconds to wait for an assignment the loop should commit at once, before failing."""
@@ -79,7 +81,24 @@ class Seam:
         assert self._by_loop.empty(), "the loop assigned what the test did not expect"
 
 
-@pytest.fixture(params=[pytest.param(single_process, id="single-process")])
+async def _nothing_elsewhere(wants: list[Want]) -> Claimed:
+    """A database holding nothing but what the dispatch was told of."""
+    return Claimed({want.capability: 0 for want in wants}, 0, [])
+
+
+def replica(assign: AssignBatch, clock: TickingClock) -> Dispatch:
+    """`SharedDispatcher`, alone on its database: everything it is told of fits its prefetch."""
+    return SharedDispatcher(
+        assign, clock=clock, claim=_nothing_elsewhere, announce=lambda capabilities: None
+    )
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(single_process, id="single-process"),
+        pytest.param(replica, id="replica"),
+    ]
+)
 async def seam(request: pytest.FixtureRequest) -> AsyncIterator[Seam]:
     """Each implementation of `Dispatch` in turn."""
     seam = Seam(request.param)
