@@ -113,6 +113,11 @@ class Dispatch(Protocol):
         """An agent's stream went over its bound (`over`) or drained below it: an agent whose
         stream is not draining takes no new work until it drains."""
 
+    def holding(self, agent_id: str, task_ids: Iterable[str]) -> None:
+        """As of a commit, the agent holds exactly `task_ids`: a slot taken by any other task
+        (not reserved by a write or a batch yet to commit) is freed. Another replica's word that
+        it ended a hold may have been lost; this is how a replica finds out."""
+
     def assigned(self, agent_id: str, task_id: str) -> None:
         """An assignment committed: the agent holds the task, which is no longer reserved."""
 

@@ -302,6 +302,15 @@ class Dispatcher:
         self._refile(live, was_available)
         self._wake_for(live)
 
+    def holding(self, agent_id: str, task_ids: Iterable[str]) -> None:
+        """The agent holds exactly `task_ids` as of a commit (see `Dispatch.holding`)."""
+        live = self._agents.get(agent_id)
+        if live is None:
+            return
+        kept = set(task_ids) | self._matched.keys()
+        for task_id in live.held - kept:
+            self.release(agent_id, task_id)
+
     def assigned(self, agent_id: str, task_id: str) -> None:
         """A committed assignment: the agent holds the task (idempotent)."""
         self._matched.pop(task_id, None)

@@ -65,7 +65,7 @@ from opscore.domain.models import (
     WorkflowDefinition,
     WorkflowRun,
 )
-from opscore.domain.notices import Notice, Noticeboard
+from opscore.domain.notices import REREAD_EVERY, Notice, Noticeboard
 from opscore.domain.ports import (
     Admission,
     AgentRow,
@@ -835,8 +835,13 @@ class Engine:
         listening = asyncio.create_task(self._noticeboard.run(self.noticed, self.notices_missed))
         try:
             while True:
-                await self._stale_wake.wait()
+                await self._clock.wait(self._stale_wake, self._now() + REREAD_EVERY)
+                if not self._stale_wake.is_set() and self.membership.peers:
+                    # A notice dies with a replica killed between its commit and its NOTIFY.
+                    self._reread(self.streams.agent_ids())
                 self._stale_wake.clear()
+                if not self._stale:
+                    continue
                 stale, self._stale = sorted(self._stale), set()
                 try:
                     await self._store.agents.reread(
@@ -868,6 +873,7 @@ class Engine:
                 )
             else:
                 self.dispatcher.agent_changed(row.profile)
+                self.dispatcher.holding(agent_id, row.held)
 
     # Dispatch ------------------------------------------------------------------------------
 
@@ -928,7 +934,9 @@ class Engine:
             if stream is not None:
                 stream.push(cancellation)
             else:
+                # Its holder rereads it too: an expired lease counts against the agent.
                 elsewhere.cancelled.append(cancellation)
+                elsewhere.agents.add(cancellation.agent_id)
         for profile, expiries in effects.quarantined:
             self.dispatcher.agent_changed(profile)
             elsewhere.agents.add(profile.agent_id)

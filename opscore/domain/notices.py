@@ -13,9 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
 from opscore.domain.models import Cancellation
+
+REREAD_EVERY = timedelta(seconds=30)
+"""How often a replica with peers rereads the agents streaming from it (their holds, tokens and
+streams), notices or not."""
 
 
 @dataclass(slots=True)

@@ -81,6 +81,8 @@ class AgentRow:
     """The replica holding its stream, if connected."""
     generation: int
     """Its count of streams opened."""
+    held: frozenset[str]
+    """The tasks it holds."""
 
 
 @dataclass(frozen=True, slots=True)

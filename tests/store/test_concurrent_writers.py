@@ -18,6 +18,7 @@ from opscore.domain.credentials import issue_agent_token
 from opscore.domain.errors import StorageUnavailable
 from opscore.domain.models import (
     AgentRegistration,
+    AgentState,
     Assignment,
     DefinitionDraft,
     Effects,
@@ -262,3 +263,85 @@ async def test_a_lost_agent_is_lost_once_however_many_stores_notice(shared_url: 
     released = [hold.task_id for effects in seen for hold in effects.released]
     assert sorted(released) == sorted(task.task_id for task in tasks)
     assert await tasks_and_expiries(shared_url) == ({("failed", 1)}, 0)
+
+
+LEASE = timedelta(seconds=10)
+
+
+async def connected_on(store: Store, agent_id: str, now: datetime) -> None:
+    """Register the agent and open its stream on `store`'s replica."""
+    await store.agents.register_agent(
+        AgentRegistration(agent_id), issue_agent_token()[1], now, ignore
+    )
+    await store.agents.connect_agent(agent_id, now, ignore)
+
+
+async def test_a_lapsed_replica_is_declared_dead_once_and_its_agents_start_their_grace(
+    shared_url: str,
+) -> None:
+    start = datetime.now(UTC)
+    async with (
+        running_store(shared_url) as dead,
+        running_store(shared_url) as first,
+        running_store(shared_url) as second,
+    ):
+        assert (await dead.replicas.join("dead", "a", start, LEASE, alone=False)).peers == 0
+        await connected_on(dead, "w", start)
+        await first.replicas.join("first", "b", start, LEASE, alone=False)
+        await second.replicas.join("second", "c", start, LEASE, alone=False)
+        # Before its lease lapses, nothing happens to it.
+        for live in (first, second):
+            early = await live.replicas.beat(start + LEASE / 2, LEASE)
+            assert (early.peers, early.lost_streams) == (2, 0)
+        assert (await first.agents.get_agent("w")).connected
+        # Once it has, both live replicas notice at once: one of them disconnects its agent.
+        later = start + LEASE + timedelta(seconds=1)
+        beats = await asyncio.gather(*(s.replicas.beat(later, LEASE) for s in (first, second)))
+        assert sorted(beat.lost_streams for beat in beats) == [0, 1]
+        assert [beat.peers for beat in beats] == [1, 1]
+        seen = await first.agents.get_agent("w")
+        assert (seen.connected, seen.state) == (False, AgentState.OFFLINE)
+        assert (await first.timers.next_timers())[1] == later  # its grace runs from now
+        # The dead one learns it at its next renewal, and assigns nothing meanwhile.
+        assert not (await dead.replicas.beat(later, LEASE)).registered
+
+
+async def test_only_the_replica_holding_an_agents_stream_assigns_it_work(shared_url: str) -> None:
+    now = datetime.now(UTC)
+    async with running_store(shared_url) as holder, running_store(shared_url) as other:
+        await holder.replicas.join("holder", "a", now, LEASE, alone=False)
+        await other.replicas.join("other", "b", now, LEASE, alone=False)
+        await connected_on(holder, "w", now)
+        task = (await trigger(holder, "")).effects.queued[0]
+        assert await other.tasks.assign([(task, "w")], now, ignore) == [Unassigned.AGENT_UNFIT]
+        [assigned] = await holder.tasks.assign([(task, "w")], now, ignore)
+        assert not isinstance(assigned, Unassigned)
+
+
+async def test_a_stream_closes_only_as_the_generation_it_opened(shared_url: str) -> None:
+    """An agent moved its stream to another replica: the first replica's closing of the old
+    stream, however late, leaves the new one connected."""
+    now = datetime.now(UTC)
+    async with running_store(shared_url) as old, running_store(shared_url) as new:
+        await old.replicas.join("old", "a", now, LEASE, alone=False)
+        await new.replicas.join("new", "b", now, LEASE, alone=False)
+        await connected_on(old, "w", now)
+        moved = await new.agents.connect_agent("w", now, ignore)
+        await old.agents.disconnect_agent("w", moved.generation - 1, now)
+        await new.agents.disconnect_agent("w", moved.generation - 1, now)
+        assert (await old.agents.get_agent("w")).connected
+        await new.agents.disconnect_agent("w", moved.generation, now)
+        assert not (await old.agents.get_agent("w")).connected
+
+
+async def test_a_replica_that_leaves_disconnects_its_agents_at_once(shared_url: str) -> None:
+    now = datetime.now(UTC)
+    async with running_store(shared_url) as leaving, running_store(shared_url) as staying:
+        await leaving.replicas.join("leaving", "a", now, LEASE, alone=False)
+        await staying.replicas.join("staying", "b", now, LEASE, alone=False)
+        await connected_on(leaving, "w", now)
+        await connected_on(staying, "v", now)
+        await leaving.replicas.leave(now)
+        assert not (await staying.agents.get_agent("w")).connected
+        assert (await staying.agents.get_agent("v")).connected
+        assert (await staying.replicas.beat(now, LEASE)).peers == 0

@@ -331,3 +331,17 @@ async def test_the_loop_takes_what_no_write_placed_once_an_agent_frees_up(seam: 
     # w finishes "older" through a write that places nothing: the loop gives it "queued".
     seam.dispatch.release("w", "older")
     assert await seam.loop_assigns(1) == [("queued", "w")]
+
+
+async def test_what_an_agent_holds_as_of_a_commit_frees_the_rest(seam: Seam) -> None:
+    """Another replica's word that a hold ended was lost: rereading the agent's holds frees the
+    slot, and a task reserved for the agent by a write yet to commit keeps its slot."""
+    seam.dispatch.agent_online(agent("w", slots=3), ["gone", "kept"])
+    [(reserved, _)], _ = seam.dispatch.reserve_for_commit([ready("reserved")], [])
+    seam.dispatch.holding("w", ["kept"])  # "gone" ended; "reserved" is not committed yet
+    assert seam.commit([ready("next"), ready("after")]) == [("next", "w")]
+    seam.dispatch.assigned("w", reserved.task_id)
+    seam.dispatch.holding("w", ["kept", "reserved", "next"])
+    assert seam.commit() == []
+    seam.dispatch.holding("w", ["next"])
+    assert seam.commit() == [("after", "w")]

@@ -103,8 +103,15 @@ _GENERATIONS = select(AGENTS.c.agent_id, AGENTS.c.stream_generation).where(
     AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True))
 )
 _STREAM_OWNERS = select(
-    AGENTS.c.agent_id, AGENTS.c.token_digest, AGENTS.c.replica_id, AGENTS.c.stream_generation
+    AGENTS.c.agent_id,
+    AGENTS.c.token_digest,
+    AGENTS.c.replica_id,
+    AGENTS.c.stream_generation,
+    AGENTS.c.lease_expiries,
 ).where(AGENTS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)))
+_HELD_IDS = select(TASKS.c.agent_id, TASKS.c.task_id).where(
+    TASKS.c.agent_id.in_(bindparam("b_agent_ids", expanding=True)), TASK_IS_ASSIGNED
+)
 _DISCONNECT_AGENT = (
     update(AGENTS)
     .where(
@@ -327,18 +334,25 @@ class Agents:
         await self._shared.write(op)
 
     async def reread(self, agent_ids: list[str], on_commit: OnCommit[dict[str, AgentRow]]) -> None:
-        """These agents as they are (the removed ones missing), read through the writer so that
-        `on_commit` gets them in commit order with this replica's own writes."""
+        """These agents as they are (the removed ones missing), with the tasks they hold, read
+        through the writer so that `on_commit` gets them in commit order with this replica's own
+        writes. Those whose leases another replica counted as expired are noted: their next
+        success resets the count here too."""
 
         def op(conn: Connection) -> dict[str, AgentRow]:
             agents = agents_by_id(conn, agent_ids)
-            found = conn.execute(_STREAM_OWNERS, {"b_agent_ids": list(agents)})
+            found = conn.execute(_STREAM_OWNERS, {"b_agent_ids": list(agents)}).all()
+            self._shared.expiring.noted(row.agent_id for row in found if row.lease_expiries)
+            held: dict[str, set[str]] = {}
+            for agent_id, task_id in conn.execute(_HELD_IDS, {"b_agent_ids": list(agents)}):
+                held.setdefault(agent_id, set()).add(task_id)
             return {
                 row.agent_id: AgentRow(
                     agents[row.agent_id].profile(),
                     row.token_digest,
                     row.replica_id,
                     row.stream_generation,
+                    frozenset(held.get(row.agent_id, ())),
                 )
                 for row in found
             }
