@@ -193,7 +193,7 @@ class OpsCoreServer:
         if owned.alone:
             await migrate.upgrade(self._db)
         else:
-            current, head = await migrate.revisions(self._db)
+            current, head = await migrate.revision_of(self._db), migrate.HEAD
             if current != head:
                 raise StartupError(
                     f"cannot join the replicas on {name_of(self.settings.db_url)}",

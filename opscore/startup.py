@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from alembic.util.exc import CommandError
 from sqlalchemy.exc import DBAPIError
 
 from opscore.domain.errors import StorageFault
+from opscore.store.migrate import MigrationRefused
 from opscore.store.ownership import DatabaseOwned
 
-EXPECTED = (DatabaseOwned, DBAPIError, OSError, CommandError, StorageFault)
+EXPECTED = (DatabaseOwned, DBAPIError, OSError, MigrationRefused, StorageFault)
 """What the world, not the code, makes a database step fail with: another owner, the driver's
 refusal (as such, or as the storage fault it means), the file system or the network, or Alembic
 not knowing the database's revision."""

@@ -50,6 +50,10 @@ async def postgres_database(template: str = "") -> AsyncIterator[str]:
     admin = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL))
     try:
         copied = f' TEMPLATE "{template}"' if template else ""
+        if template and admin.get_server_version().major >= 15:
+            # Copying a migrated database file by file takes a quarter of the time its default,
+            # block by block through the WAL, takes (an empty one is faster the default way).
+            copied += " STRATEGY FILE_COPY"
         await admin.execute(f'CREATE DATABASE "{name}"{copied}')
         base, _, _ = POSTGRES_URL.rpartition("/")
         yield f"{base}/{name}"

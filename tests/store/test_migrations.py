@@ -7,6 +7,7 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
@@ -27,6 +28,11 @@ async def test_migrations_match_the_models(db_url: str) -> None:
         assert await database.run(_differences, write=False) == []
     finally:
         await database.dispose()
+
+
+def test_head_is_the_last_migration() -> None:
+    head = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
+    assert head == migrate.HEAD
 
 
 async def test_upgrade_is_repeatable_and_downgrade_removes_everything(db_url: str) -> None:
