@@ -369,18 +369,25 @@ class Dispatcher:
         kept, as reservations (the tasks out of the queue, their agents holding them).
         """
         now = self._now()
-        added: set[str] = set()
-        for task in queued:
-            if not self._known(task.task_id) and (
-                task.not_before is None or task.not_before <= now
-            ):
-                self._push(next(self._sequence), task)
-                added.add(task.task_id)
         freed = [
             (live, task_id)
             for agent_id, task_id in released
             if (live := self._free_slot(agent_id, task_id)) is not None
         ]
+        # Only what some free agent could take is queued for the match: a write that queues
+        # work no free agent takes (a backlog) leaves nothing behind in the queues' heaps.
+        takers: dict[Requirements, bool] = {}
+        added: set[str] = set()
+        for task in queued:
+            if self._known(task.task_id) or (task.not_before is not None and task.not_before > now):
+                continue
+            key = (task.capability, task.labels, task.pinned_agent_id)
+            taker = takers.get(key)
+            if taker is None:
+                taker = takers[key] = self._longest_waiting(task) is not None
+            if taker:
+                self._push(next(self._sequence), task)
+                added.add(task.task_id)
         sequences: list[int] = []
         pairs = self.match(sequences)
         for task_id in added:

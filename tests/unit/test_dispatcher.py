@@ -110,3 +110,13 @@ async def test_a_batch_storage_refuses_is_given_back_in_order_and_tried_again() 
             await loop
     assert attempts == [[("t1", "w"), ("t2", "w")]] * 3
     assert dispatcher.queued == 2
+
+
+def test_a_write_queueing_work_no_free_agent_takes_leaves_no_trace_in_the_heaps() -> None:
+    """A run of many tasks that no free agent can take (a backlog) is not pushed into the
+    queues for the match before its commit: nothing of it stays behind in their heaps."""
+    dispatcher = make()
+    dispatcher.agent_online(agent("w", "a"), ())
+    pairs, _ = dispatcher.reserve_for_commit([ready(f"t{n}", "b") for n in range(1_000)], [])
+    assert pairs == []
+    assert sum(len(queue.heap) for queue in dispatcher._queues.values()) == 0
