@@ -214,6 +214,7 @@ class Worker:
             "closed_loop": self.closed_loop,
             "open_loop": self.open_loop,
             "sequential": self.sequential,
+            "interleaved": self.interleaved,
             "fill": self.fill,
         }
         try:
@@ -352,7 +353,7 @@ class Worker:
 
     async def closed_loop(
         self,
-        target: str,
+        target: str | list[str],
         spec: RunSpec,
         in_flight: int,
         warmup: float,
@@ -361,9 +362,9 @@ class Worker:
         drain: float = 15.0,
     ) -> dict[str, float]:
         """Keep `in_flight` runs triggered and not yet done, as fast as they are taken; count the
-        tasks completed over `window` seconds after `warmup`. The shared counters must be zero
-        at the start."""
-        stub = self._stub(target)
+        tasks completed over `window` seconds after `warmup`. Given several targets (replicas),
+        the triggers go to each in turn. The shared counters must be zero at the start."""
+        stubs = [self._stub(each) for each in ([target] if isinstance(target, str) else target)]
         triggered = 0
         failed = 0
         pending: set[asyncio.Task[bool]] = set()
@@ -377,6 +378,7 @@ class Worker:
                 window_start = now
             missing = in_flight - (triggered - failed - self.runs_done.value)
             for _ in range(max(0, missing)):
+                stub = stubs[triggered % len(stubs)]
                 task = asyncio.create_task(self._trigger(stub, spec, tag))
                 pending.add(task)
                 triggered += 1
@@ -444,16 +446,22 @@ class Worker:
         """One run at a time: trigger, wait until it is done, trigger the next (a trickle; the
         probes of the queue-depth and fleet scenarios; readiness pings). Stops at the first
         run that does not finish within `timeout` seconds."""
-        stub = self._stub(target)
+        return await self.interleaved([(target, spec, tag) for spec in specs], timeout)
+
+    async def interleaved(
+        self, steps: list[tuple[str, RunSpec, str]], timeout: float = 10.0
+    ) -> dict[str, float]:
+        """`sequential`, each run with a target and a tag of its own (`(target, spec, tag)`): a
+        trickle that takes turns between servers, or between replicas of one."""
         completed = 0
-        for spec in specs:
+        for target, spec, tag in steps:
             expected = self.runs_done.value + 1
-            if not await self._trigger(stub, spec, tag):
+            if not await self._trigger(self._stub(target), spec, tag):
                 break
             if not await self._drain(expected, timeout):
                 break
             completed += 1
-        return {"completed": completed, "asked": len(specs)}
+        return {"completed": completed, "asked": len(steps)}
 
     async def fill(
         self, target: str, workflow_name: str, runs: int, concurrency: int = 4

@@ -42,6 +42,14 @@ class Plan:
     """Agents sharing one connection in the fleet (keeps file descriptors in bounds)."""
     recovery_tasks: int
     """Queued tasks in the database the recovery scenario restarts on."""
+    replica_counts: tuple[int, ...]
+    """Replicas of each deployment of the replicas scenario (PostgreSQL only), each deployment
+    on a database of its own; its throughput steps run `shapes` at `replica_agents` agents."""
+    replica_agents: int
+    """Agents of the replicas scenario's throughput steps, spread evenly over the replicas."""
+    replica_trickle_runs: int
+    """1-task runs the replicas scenario triggers one at a time on each side (the agent's own
+    replica, another one), the sides interleaved: the p99 of 200 is the second-slowest."""
 
 
 MILLION = 1_000_000
@@ -64,6 +72,9 @@ FULL = Plan(
     fleet_probes=100,
     fleet_per_channel=50,
     recovery_tasks=100_000,
+    replica_counts=(1, 2, 3),
+    replica_agents=8,
+    replica_trickle_runs=200,
 )
 
 QUICK = Plan(
@@ -82,4 +93,7 @@ QUICK = Plan(
     fleet_probes=20,
     fleet_per_channel=50,
     recovery_tasks=1_000,
+    replica_counts=(1, 2, 3),
+    replica_agents=8,
+    replica_trickle_runs=10,
 )

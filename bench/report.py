@@ -36,6 +36,20 @@ def _get(tree: dict[str, Any], *path: str) -> float | None:
     return float(node) if isinstance(node, int | float) else None
 
 
+def _get_keys(tree: dict[str, Any], *path: str) -> list[str]:
+    """The keys of the mapping at `path` in the results, in their order ([] if none)."""
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return []
+        node = node[key]
+    return list(node) if isinstance(node, dict) else []
+
+
+SHAPE_NAMES = {"single": "1-task runs", "chain10": "10-task chains"}
+"""How the table names each run shape in a target's description."""
+
+
 def _ratio(value: float | None, base: float | None) -> float | None:
     """Value / base when both exist."""
     if value is None or base is None or base == 0:
@@ -138,7 +152,66 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 ),
                 lambda ratio: ratio >= 0.3,
             )
+    if results.get("replicas"):
+        _replica_targets(results["replicas"], add)
     return found
+
+
+def _replica_targets(
+    replicas: dict[str, Any], add: Callable[[str, str, float | None, Callable[[float], bool]], None]
+) -> None:
+    """The targets of the replicas scenario (issue 25): across replicas, a trickle's p99 under
+    10 ms and its p50 within 2x of the same replica's; two replicas' throughput no lower than
+    one's; and at the deepest backlog measured (1,000,000 with `--million`), a replica's RSS at
+    most 256 MiB above its idle size and its dispatch p50 within 1.2x of its empty twin's."""
+    add(
+        "replicas_trickle_other_p99",
+        "< 10 ms | trickle trigger->assignment p99, triggered on another replica than the agent's",
+        _get(replicas, "postgres", "trickle", "other", "p99_ms"),
+        lambda value: value < 10.0,
+    )
+    add(
+        "replicas_trickle_other_p50",
+        "<= 2x the same replica's | trickle trigger->assignment p50, triggered on another "
+        "replica than the agent's, against triggered on its own",
+        _ratio(
+            _get(replicas, "postgres", "trickle", "other", "p50_ms"),
+            _get(replicas, "postgres", "trickle", "same", "p50_ms"),
+        ),
+        lambda ratio: ratio <= 2.0,
+    )
+    for shape in _get_keys(replicas, "postgres", "throughput"):
+        add(
+            f"replicas_throughput_{shape}",
+            f">= 1 replica's | throughput of 2 replicas against 1, {SHAPE_NAMES.get(shape, shape)}",
+            _ratio(
+                _get(replicas, "postgres", "throughput", shape, "2"),
+                _get(replicas, "postgres", "throughput", shape, "1"),
+            ),
+            lambda ratio: ratio >= 1.0,
+        )
+    depths = _get_keys(replicas, "postgres", "backlog")
+    if depths:
+        deepest = max(depths, key=int)
+        idle = _get(replicas, "postgres", "backlog", "0", "rss_mib")
+        full = _get(replicas, "postgres", "backlog", deepest, "rss_mib")
+        add(
+            "replica_backlog_rss",
+            f"<= 256 MiB above idle | a replica's RSS with {deepest} queued, above its own with "
+            "none",
+            None if idle is None or full is None else full - idle,
+            lambda growth: growth <= 256.0,
+        )
+        add(
+            "replica_backlog_p50",
+            f"<= 1.2x the empty twin's | a replica's dispatch p50 at {deepest} queued against "
+            "its empty twin's, probed in the same turns",
+            _ratio(
+                _get(replicas, "postgres", "backlog", deepest, "p50_ms"),
+                _get(replicas, "postgres", "backlog", deepest, "empty", "p50_ms"),
+            ),
+            lambda ratio: ratio <= 1.2,
+        )
 
 
 def _verdict(found: list[dict[str, Any]], name: str) -> tuple[str, str]:
@@ -155,8 +228,19 @@ def _rows(results: dict[str, Any]) -> list[Row]:
     found = results.get("targets", [])
     rows: list[Row] = []
 
-    def add(label: str, path: tuple[str, ...], section: str, *names: str) -> None:
-        values = {kind: _get(results.get(section, {}), kind, *path) for kind in KINDS}
+    def add(
+        label: str,
+        path: tuple[str, ...],
+        section: str,
+        *names: str,
+        paths: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """A row of the figures at `path` under each kind in `section` (at `paths[kind]` where
+        a kind keeps it elsewhere), marked with the targets `names`."""
+        values = {
+            kind: _get(results.get(section, {}), kind, *(paths or {}).get(kind, path))
+            for kind in KINDS
+        }
         if all(value is None for value in values.values()):
             return
         marks = [_verdict(found, name) for name in names if name]
@@ -214,7 +298,82 @@ def _rows(results: dict[str, Any]) -> list[Row]:
     tasks = plan["recovery_tasks"]
     add(f"recovery {tasks} queued: SERVING (s)", ("serving_s",), "recovery", "recovery_serving")
     add(f"recovery {tasks} queued: first push (s)", ("first_push_s",), "recovery")
+    _replica_rows(results, add)
     return rows
+
+
+def _replica_rows(results: dict[str, Any], add: Callable[..., None]) -> None:
+    """The replicas scenario's rows, in the PostgreSQL column, the ceiling's figure beside where
+    it has one (its throughput, its trickle with an agent of its own)."""
+    replicas = results.get("replicas", {})
+    agents = results["meta"]["plan"].get("replica_agents", 8)
+    for shape in _get_keys(replicas, "postgres", "throughput"):
+        for count in _get_keys(replicas, "postgres", "throughput", shape):
+            add(
+                f"replicas: throughput {shape}, {agents} agents, {_replicas(count)} (tasks/s)",
+                ("throughput", shape, count),
+                "replicas",
+                f"replicas_throughput_{shape}" if count in ("1", "2") else "",
+                paths={"ceiling": ("throughput", shape)},
+            )
+    for side, where in (("same", "same replica"), ("other", "another replica")):
+        for stat in ("p50_ms", "p99_ms"):
+            marks = {
+                ("same", "p50_ms"): "replicas_trickle_other_p50",
+                ("other", "p50_ms"): "replicas_trickle_other_p50",
+                ("other", "p99_ms"): "replicas_trickle_other_p99",
+            }
+            add(
+                f"replicas: trickle trigger->assignment {stat[:3]}, {where} (ms)",
+                ("trickle", side, stat),
+                "replicas",
+                marks.get((side, stat), ""),
+                paths={"ceiling": ("trickle", stat)},
+            )
+    counted = (
+        ("cpu_ms_per_task", "replicas' CPU per task (ms)"),
+        ("backend_cpu_ms_per_task", "PostgreSQL backends' CPU per task (ms)"),
+        ("commits_per_task", "commits per task"),
+        ("statements_per_task", "statements per task"),
+        ("rows_written_per_task", "rows written per task"),
+        ("scans_per_task", "table scans per task"),
+    )
+    for shape in _get_keys(replicas, "postgres", "cost"):
+        for count in _get_keys(replicas, "postgres", "cost", shape):
+            for name, what in counted:
+                add(
+                    f"replicas: {shape}, {_replicas(count)}: {what}",
+                    ("cost", shape, count, name),
+                    "replicas",
+                )
+    depths = _get_keys(replicas, "postgres", "backlog")
+    deepest = max(depths, key=int) if depths else ""
+    for depth in sorted(depths, key=int):
+        marked = depth == deepest
+        add(
+            f"replica, {depth} queued: dispatch p50 (ms)",
+            ("backlog", depth, "p50_ms"),
+            "replicas",
+            "replica_backlog_p50" if marked else "",
+        )
+        add(f"replica, {depth} queued: dispatch p99 (ms)", ("backlog", depth, "p99_ms"), "replicas")
+        add(
+            f"replica, empty twin beside {depth} queued: dispatch p50 (ms)",
+            ("backlog", depth, "empty", "p50_ms"),
+            "replicas",
+            "replica_backlog_p50" if marked else "",
+        )
+        add(
+            f"replica, {depth} queued: RSS (MiB)",
+            ("backlog", depth, "rss_mib"),
+            "replicas",
+            "replica_backlog_rss" if marked or depth == "0" else "",
+        )
+
+
+def _replicas(count: str) -> str:
+    """`1 replica`, `2 replicas`."""
+    return f"{count} replica" + ("" if count == "1" else "s")
 
 
 def _number(value: float | None) -> str:
@@ -259,10 +418,27 @@ def _footer(results: dict[str, Any]) -> list[str]:
     if settings:
         described = ", ".join(f"{name} {value}" for name, value in settings.items())
         said.append(f"PostgreSQL: {described}")
+    source = _get_source(results)
+    if source == "pg_stat_statements":
+        said.append(
+            "Replicas: statements per task from pg_stat_statements (BEGIN, COMMIT left out)."
+        )
+    elif source:
+        said.append(
+            "Replicas: pg_stat_statements is not loaded on this PostgreSQL, so statements are not "
+            "counted: the database's work per task is its commits (pg_stat_database) and the rows "
+            "written and table scans (pg_stat_user_tables)."
+        )
     errors = results["meta"].get("errors") or []
     if errors:
         said.append(f"{len(errors)} phase(s) failed; see meta.errors in the JSON.")
     return said
+
+
+def _get_source(results: dict[str, Any]) -> str:
+    """Where the replicas scenario counted the database's statements ("" if it did not run)."""
+    source = results.get("replicas", {}).get("postgres", {}).get("statements_from", "")
+    return str(source)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -294,14 +470,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Two panels: dispatch latency against queue depth, throughput against agents."""
+    """Two panels: dispatch latency against queue depth, throughput against agents; and a third,
+    throughput against replicas, when the replicas scenario ran."""
     import matplotlib  # noqa: PLC0415 - the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    replicas = results.get("replicas", {})
+    scaled = _get_keys(replicas, "postgres", "throughput")
+    figure, axes = plt.subplots(1, 3 if scaled else 2, figsize=(18 if scaled else 12, 5.5))
+    left, right = axes[0], axes[1]
     # One colour a server kind in both panels; the line's style says which figure it is.
     colours = {kind: f"C{index}" for index, kind in enumerate(KINDS)}
     for kind, depths in results.get("queue_depth", {}).items():
@@ -336,7 +516,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.set_xlabel("tasks queued that no agent can take")
     left.set_ylabel("trigger -> assignment (ms)")
     left.set_title("Dispatch latency against queue depth")
-    left.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    _legend(left)
     styles = ("-o", "--s", ":^")
     for kind, shapes in results.get("throughput", {}).items():
         for index, (shape, counts) in enumerate(shapes.items()):
@@ -362,10 +542,38 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_xlabel("agents")
     right.set_ylabel("completed tasks/s")
     right.set_title("Throughput against agents")
-    right.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    _legend(right)
+    if scaled:
+        _replicas_panel(axes[2], results)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _replicas_panel(axes: Any, results: dict[str, Any]) -> None:
+    """Throughput against the number of replicas, each shape beside the ceiling's."""
+    replicas = results["replicas"]
+    for index, (shape, counts) in enumerate(replicas["postgres"]["throughput"].items()):
+        points = sorted((int(count), value) for count, value in counts.items())
+        colour = f"C{index}"
+        xs = [count for count, _ in points]
+        axes.plot(xs, [value for _, value in points], "-o", color=colour, label=f"replicas {shape}")
+        ceiling = _get(replicas, "ceiling", "throughput", shape)
+        if ceiling is not None:
+            axes.axhline(ceiling, linestyle=":", color=colour, label=f"ceiling {shape}")
+        axes.set_xticks(xs)
+    agents = results["meta"]["plan"].get("replica_agents", 8)
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(f"replicas on one PostgreSQL database ({agents} agents spread over them)")
+    axes.set_ylabel("completed tasks/s")
+    axes.set_title("Throughput against replicas")
+    _legend(axes)
+
+
+def _legend(axes: Any) -> None:
+    """The legend under a panel, if anything in it has a label."""
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
 
 
 def write(results: dict[str, Any], directory: Path) -> tuple[Path, Path]:

@@ -6,7 +6,10 @@ Each server kind (`opscore` on SQLite, `ceiling`, and `postgres` when OPSCORE_BE
 is set) gets a fresh server, and a fresh database, per phase: throughput and latency (one server
 of each kind, all running at once, the kinds taking turns at every step); queue depth then
 recovery (on the database the queue-depth scenario filled); fleet. Every kind runs every
-scenario, so the table has a PostgreSQL column for each row.
+scenario, so the table has a PostgreSQL column for each row. On PostgreSQL two phases follow
+(alone with `--replicas`): deployments of 1, 2 and 3 replicas on one database each, beside the
+ceiling, taking turns (throughput, the CPU and the database's work per task, a trickle across
+replicas); then one replica with a backlog, beside an empty twin (its RSS and its dispatch).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import statistics
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
 from opscore.v1 import workflow_pb2
@@ -33,9 +36,14 @@ from bench import report
 from bench.load import RunSpec
 from bench.plan import FULL, MILLION, QUICK, Plan
 from bench.servers import (
+    Activity,
     BenchError,
+    Deployment,
+    Replicas,
     ServerProcess,
+    activity,
     ceiling_server,
+    count_statements,
     opscore_server,
     postgres_database,
     postgres_settings,
@@ -43,6 +51,9 @@ from bench.servers import (
 )
 from bench.stats import summary
 from bench.workers import LoadPool
+
+Served = TypeVar("Served", bound=Deployment)
+"""A server, or replicas of one, that `Bench.serving` starts and stops."""
 
 BACKLOG_RUN = 1000
 """Tasks per backlog run: Ops-Core's default limit of tasks per definition."""
@@ -83,6 +94,92 @@ def definitions() -> list[bytes]:
     return [item.SerializeToString() for item in (single, chain, backlog)]
 
 
+class Costs:
+    """What a deployment of replicas spends per completed task, summed over its closed-loop steps
+    by run shape: its replicas' CPU time (user + system, /proc/PID/stat), its database
+    connections' CPU time, and what its database did (commits; statements where
+    pg_stat_statements is loaded; rows written and table scans from pg_stat_user_tables).
+
+    A step counts from before its agents register to the end of its closed loop (drained), its
+    pings among its tasks. The CPU times are read live at both ends. The database's counters are
+    not: a backend reports them at most once a second while busy and within ten seconds of
+    going idle (at once when it exits). So a step's counters run from the look before it to the
+    look before this deployment's next step (the other deployments' steps in between, ten
+    seconds or more), and the last step's to a look after the replicas stopped. What the idle
+    replicas do meanwhile (a lease renewal every few seconds) is counted in: a few commits
+    beside thousands of tasks."""
+
+    def __init__(self, replicas: Replicas, db_url: str) -> None:
+        self.replicas = replicas
+        self.db_url = db_url
+        self.statements = count_statements(db_url)
+        """Whether pg_stat_statements counts this database's statements."""
+        self._totals: dict[str, dict[str, Any]] = {}
+        self._open: tuple[str, Activity] | None = None
+        """The shape of the step the database's counters are charged to, since which look."""
+        self._cpu: list[float] = []
+        self._started = 0.0
+
+    def _shape(self, shape: str) -> dict[str, Any]:
+        empty = {
+            "tasks": 0,
+            "seconds": 0.0,
+            "replica_cpu_s": [0.0] * len(self.replicas.servers),
+            "backend_cpu_s": 0.0,
+            "database": {},
+        }
+        return self._totals.setdefault(shape, empty)
+
+    def _settle(self, look: Activity) -> None:
+        """Charge what the database did since the open look to that look's step."""
+        if self._open is not None:
+            shape, since = self._open
+            database = self._shape(shape)["database"]
+            for name, value in look.minus(since).items():
+                database[name] = database.get(name, 0.0) + value
+
+    def begin(self, shape: str) -> None:
+        """A step of `shape` starts (before its agents register)."""
+        look = activity(self.db_url)
+        self._settle(look)
+        self._open = (shape, look)
+        self._cpu = self.replicas.cpu_seconds()
+        self._started = time.monotonic()
+
+    def end(self, shape: str, tasks: int) -> None:
+        """The step ended, `tasks` completed in it."""
+        assert self._open is not None
+        totals = self._shape(shape)
+        totals["tasks"] += tasks
+        totals["seconds"] += time.monotonic() - self._started
+        used = zip(totals["replica_cpu_s"], self.replicas.cpu_seconds(), self._cpu, strict=True)
+        totals["replica_cpu_s"] = [total + now - before for total, now, before in used]
+        totals["backend_cpu_s"] += self._open[1].cpu_since()
+
+    def close(self) -> None:
+        """The last look, once the replicas have stopped."""
+        self._settle(activity(self.db_url))
+        self._open = None
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """By shape: the totals, and each per completed task (CPU in milliseconds)."""
+        figures: dict[str, dict[str, Any]] = {}
+        for shape, totals in self._totals.items():
+            tasks = max(1, totals["tasks"])
+            figures[shape] = {
+                "tasks": totals["tasks"],
+                "seconds": totals["seconds"],
+                "replica_cpu_s": totals["replica_cpu_s"],
+                "cpu_ms_per_task": sum(totals["replica_cpu_s"]) / tasks * 1000,
+                "backend_cpu_ms_per_task": totals["backend_cpu_s"] / tasks * 1000,
+                **{
+                    f"{name}_per_task": value / tasks
+                    for name, value in sorted(totals["database"].items())
+                },
+            }
+        return figures
+
+
 class Bench:
     """One benchmark run: the plan, the load processes, the results as they come."""
 
@@ -97,6 +194,7 @@ class Bench:
             "queue_depth": {},
             "fleet": {},
             "recovery": {},
+            "replicas": {},
         }
         self.errors: list[str] = []
         self._serial = 0
@@ -112,9 +210,15 @@ class Bench:
         assert db_url is not None
         return opscore_server(label, db_url, self.workdir)
 
+    def _replicas(self, count: int, db_url: str) -> Replicas:
+        """`count` new (not yet started) replicas on `db_url`."""
+        self._serial += 1
+        return Replicas(f"replicas{count}-{self._serial}", count, db_url, self.workdir)
+
     @contextlib.contextmanager
-    def serving(self, server: ServerProcess) -> Iterator[ServerProcess]:
-        """The server started and given the definitions; stopped (killed if need be) after."""
+    def serving(self, server: Served) -> Iterator[Served]:
+        """The server (or replicas) started and given the definitions; stopped (killed if need
+        be) after."""
         try:
             server.start()
             self.pool.trigger("define", target=server.target, definitions=definitions())
@@ -130,12 +234,20 @@ class Bench:
         return [(f"{prefix}-{self._serial}-{index}", capabilities) for index in range(count)]
 
     def _with_agents(
-        self, target: str, agents: list[tuple[str, list[str]]], ping: bool = True
+        self, target: str | Sequence[str], agents: list[tuple[str, list[str]]], ping: bool = True
     ) -> None:
-        """Start the agents and (for small groups) make sure each one takes a task."""
-        self.pool.start_agents(target, agents)
+        """Start the agents and (for small groups) make sure each one takes a task. Given
+        several targets (replicas), the agents go to each in turn, and each is pinged through
+        its own."""
+        targets = [target] if isinstance(target, str) else list(target)
+        groups = [(where, agents[index :: len(targets)]) for index, where in enumerate(targets)]
+        for where, group in groups:
+            if group:
+                self.pool.start_agents(where, group)
         if ping:
-            self.pool.ping(target, [agent_id for agent_id, _ in agents])
+            for where, group in groups:
+                if group:
+                    self.pool.ping(where, [agent_id for agent_id, _ in group])
         self.pool.collect()
         self.pool.reset_counters()
 
@@ -175,19 +287,32 @@ class Bench:
                 self.results["throughput"][kind] = measured[kind]
             self._latency(servers, measured)
 
-    def closed_loop(self, server: ServerProcess, spec: RunSpec, count: int) -> float:
-        """Tasks/s of `count` fresh agents kept busy by a closed loop of runs."""
+    def closed_loop(
+        self,
+        server: Deployment,
+        spec: RunSpec,
+        count: int,
+        costs: Costs | None = None,
+        shape: str = "",
+    ) -> float:
+        """Tasks/s of `count` fresh agents kept busy by a closed loop of runs. On replicas the
+        agents are spread over them evenly, each streaming from and reporting to its own, and
+        the triggers go to each in turn; `costs` counts what the step (of `shape`) spent."""
         plan = self.plan
-        self._with_agents(server.target, self._agents("tp", count, ["work"]))
+        if costs is not None:
+            costs.begin(shape)
+        self._with_agents(server.targets, self._agents("tp", count, ["work"]))
         try:
             result = self.pool.trigger(
                 "closed_loop",
-                target=server.target,
+                target=server.targets,
                 spec=spec,
                 in_flight=2 * count + 2,
                 warmup=plan.warmup,
                 window=plan.window,
             )
+            if costs is not None:
+                costs.end(shape, self.pool.tasks_done.value + count)
         finally:
             self.pool.collect()
             self.pool.stop_agents()
@@ -281,26 +406,16 @@ class Bench:
         server = self._server(kind, db_url, "depth")
         depths: dict[str, Any] = {}
         queued = 0
-        with self.serving(self._server(kind, empty_url, "depth-empty")) as empty:
-
-            def probing(depth: int) -> None:
-                """Fill to `depth`, then probe both servers, each with one idle agent."""
-                nonlocal queued
-                for target in (server.target, empty.target):
-                    self._with_agents(target, self._agents("depth", 1, ["work"]))
-                try:
-                    queued = self._fill(server.target, queued, depth)
-                    depths[str(depth)] = self._probe_depth(server.target, empty.target, depth)
-                finally:
-                    self.pool.stop_agents()
-
-            with self.serving(server):
-                for depth in plan.depths:
-                    probing(depth)
-                if kind != "ceiling":
-                    self.results["recovery"][kind] = self._recover(server, queued)
-                if self.million:
-                    probing(MILLION)
+        with (
+            self.serving(self._server(kind, empty_url, "depth-empty")) as empty,
+            self.serving(server),
+        ):
+            for depth in plan.depths:
+                queued, depths[str(depth)] = self._at_depth(server, empty, queued, depth)
+            if kind != "ceiling":
+                self.results["recovery"][kind] = self._recover(server, queued)
+            if self.million:
+                queued, depths[str(MILLION)] = self._at_depth(server, empty, queued, MILLION)
         self.results["queue_depth"][kind] = depths
         if kind == "ceiling":
             ceiling = self._server(kind, None, "recovery", preload=plan.recovery_tasks)
@@ -310,6 +425,23 @@ class Bench:
                 )
             finally:
                 ceiling.close()
+
+    def _at_depth(
+        self, server: ServerProcess, empty: ServerProcess, queued: int, depth: int
+    ) -> tuple[int, dict[str, Any]]:
+        """Fill `server` (`queued` tasks so far) to `depth`, then probe it and its `empty` twin,
+        each with one idle agent (`_probe_depth`); both servers' RSS after the probes. The tasks
+        queued now, and the figures."""
+        for target in (server.target, empty.target):
+            self._with_agents(target, self._agents("depth", 1, ["work"]))
+        try:
+            queued = self._fill(server.target, queued, depth)
+            figures = self._probe_depth(server.target, empty.target, depth)
+            figures["rss_mib"] = server.rss() / 2**20
+            figures["empty"]["rss_mib"] = empty.rss() / 2**20
+        finally:
+            self.pool.stop_agents()
+        return queued, figures
 
     def _fill(self, target: str, queued: int, depth: int) -> int:
         """Queue backlog runs until `depth` tasks nobody can take are queued."""
@@ -431,6 +563,139 @@ class Bench:
         if result["completed"] != len(specs):
             raise BenchError(f"{tag}: {result['completed']} of {len(specs)} runs completed")
 
+    def replicas(self, postgres_url: str) -> None:
+        """Scenario 6: deployments of `plan.replica_counts` replicas, each on a fresh database of
+        the PostgreSQL server of `postgres_url`, and the ceiling, all running at once.
+
+        First the trickle (`_replica_trickle`) on the deployment of two. Then, for each shape,
+        `plan.rounds` rounds of closed loops at `plan.replica_agents` agents, the ceiling and
+        the deployments taking turns as in scenario 1: the agents spread evenly over a
+        deployment's replicas, each streaming from and reporting to its own, and the triggers
+        going to each replica in turn. Each deployment's `Costs` are counted through its steps
+        and settled once its replicas have stopped."""
+        plan = self.plan
+        figures: dict[str, Any] = {"throughput": {}, "throughput_rounds": {}, "cost": {}}
+        ceiling_figures: dict[str, Any] = {"throughput": {}, "throughput_rounds": {}}
+        with contextlib.ExitStack() as databases:
+            urls = {
+                count: databases.enter_context(postgres_database(postgres_url))
+                for count in plan.replica_counts
+            }
+            with contextlib.ExitStack() as stack:
+                ceiling = stack.enter_context(self.serving(self._server("ceiling", None, "rep")))
+                deployments = {
+                    count: stack.enter_context(self.serving(self._replicas(count, url)))
+                    for count, url in urls.items()
+                }
+                costs = {count: Costs(deployments[count], urls[count]) for count in deployments}
+                pair = min(count for count in deployments if count >= 2)
+                same, other, alone = self._replica_trickle(ceiling, deployments[pair])
+                figures["trickle"] = {"replicas": pair, "same": same, "other": other}
+                ceiling_figures["trickle"] = alone
+                for shape in plan.shapes:
+                    definition, last, _ = SHAPES[shape]
+                    spec = RunSpec(workflow_name=definition, last=last)
+                    rounds: dict[str, list[float]] = {"ceiling": []}
+                    for _ in range(plan.rounds):
+                        rounds["ceiling"].append(
+                            self.closed_loop(ceiling, spec, plan.replica_agents)
+                        )
+                        for count, deployment in deployments.items():
+                            rounds.setdefault(str(count), []).append(
+                                self.closed_loop(
+                                    deployment, spec, plan.replica_agents, costs[count], shape
+                                )
+                            )
+                    for name, values in rounds.items():
+                        print(
+                            f"  replicas {name} throughput {shape} x{plan.replica_agents}: "
+                            f"{statistics.median(values):.0f} tasks/s "
+                            f"(rounds: {', '.join(f'{value:.0f}' for value in values)})",
+                            flush=True,
+                        )
+                    alone_rounds = rounds.pop("ceiling")
+                    ceiling_figures["throughput"][shape] = statistics.median(alone_rounds)
+                    ceiling_figures["throughput_rounds"][shape] = alone_rounds
+                    figures["throughput"][shape] = {
+                        name: statistics.median(values) for name, values in rounds.items()
+                    }
+                    figures["throughput_rounds"][shape] = rounds
+            # The replicas have stopped: every backend has reported its counters.
+            for count, cost in costs.items():
+                cost.close()
+                for shape, spent in cost.figures().items():
+                    figures["cost"].setdefault(shape, {})[str(count)] = spent
+            figures["statements_from"] = (
+                "pg_stat_statements"
+                if all(cost.statements for cost in costs.values())
+                else "pg_stat_user_tables"
+            )
+        self.results["replicas"].setdefault("postgres", {}).update(figures)
+        self.results["replicas"].setdefault("ceiling", {}).update(ceiling_figures)
+
+    def _replica_trickle(
+        self, ceiling: ServerProcess, replicas: Replicas
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Trigger -> assignment of 1-task runs triggered one at a time, with ONE agent,
+        streaming from the first replica: runs triggered on that replica (the same) and on the
+        second (another), `plan.replica_trickle_runs` each, interleaved with as many on the
+        ceiling (an agent of its own), who goes first rotating. Their summaries: same, other,
+        ceiling."""
+        same, other = replicas.targets[:2]
+        self._with_agents(same, self._agents("rtrickle", 1, ["work"]))
+        self._with_agents(ceiling.target, self._agents("rtrickle", 1, ["work"]))
+        spec = RunSpec(workflow_name="bench-single", last="t0")
+        sides = [(same, "same"), (other, "other"), (ceiling.target, "ceiling")]
+        steps: list[tuple[str, RunSpec, str]] = []
+        for index in range(self.plan.replica_trickle_runs):
+            turn = index % len(sides)
+            steps += [
+                (where, spec, f"rtrickle-{side}") for where, side in sides[turn:] + sides[:turn]
+            ]
+        try:
+            result = self.pool.trigger("interleaved", steps=steps)
+            values, _, _ = self.pool.collect()
+        finally:
+            self.pool.stop_agents()
+        if result["completed"] != len(steps):
+            raise BenchError(f"trickle: {result['completed']} of {len(steps)} runs completed")
+        found = [values.get(f"rtrickle-{side}/first", []) for _, side in sides]
+        if not all(found):
+            raise BenchError("trickle: no dispatch measured on one side")
+        same_figures, other_figures, alone = (summary(samples) for samples in found)
+        print(
+            f"  replicas trickle p50 {same_figures['p50_ms']:.2f} ms on the agent's replica, "
+            f"{other_figures['p50_ms']:.2f} ms from another (p99 {same_figures['p99_ms']:.2f}, "
+            f"{other_figures['p99_ms']:.2f}); the ceiling {alone['p50_ms']:.2f}",
+            flush=True,
+        )
+        return same_figures, other_figures, alone
+
+    def replica_backlog(self, postgres_url: str) -> None:
+        """Scenario 7: one replica on a fresh PostgreSQL database, filled with tasks of a
+        capability no agent has, beside an empty twin (a replica on a database of its own), as
+        scenario 3 does (`_at_depth`): dispatch with nothing queued (the RSS there is its idle
+        size, one agent connected), at the plan's deepest queue, and at 1,000,000 with
+        `--million`. A replica keeps at most a bounded prefetch of the backlog in memory."""
+        depths = sorted({0, self.plan.depths[-1], *([MILLION] if self.million else [])})
+        found: dict[str, Any] = {}
+        queued = 0
+        with (
+            postgres_database(postgres_url) as filled_url,
+            postgres_database(postgres_url) as empty_url,
+        ):
+            server = self._server("postgres", filled_url, "replica-backlog")
+            with (
+                self.serving(self._server("postgres", empty_url, "replica-empty")) as empty,
+                self.serving(server),
+            ):
+                for depth in depths:
+                    queued, found[str(depth)] = self._at_depth(server, empty, queued, depth)
+                    print(
+                        f"    replica RSS at {depth} queued: {found[str(depth)]['rss_mib']:.0f} MiB"
+                    )
+        self.results["replicas"].setdefault("postgres", {})["backlog"] = found
+
     # The whole run ------------------------------------------------------------------------
 
     def attempt(self, name: str, step: Callable[[], None]) -> None:
@@ -445,8 +710,26 @@ class Bench:
             self.errors.append(f"{name}: {text}")
             print(text, flush=True)
 
-    def run(self, postgres_url: str | None) -> None:
-        """Every scenario on every server kind."""
+    def run(self, postgres_url: str | None, replicas_only: bool = False) -> None:
+        """Every scenario on every server kind (only the replicas' with `replicas_only`)."""
+        phases: list[tuple[str, Callable[[], None]]] = []
+        if postgres_url:
+            replicas = (
+                "replicas on PostgreSQL: "
+                f"{', '.join(map(str, self.plan.replica_counts))} replicas and the ceiling, "
+                "taking turns"
+            )
+            phases = [
+                (replicas, functools.partial(self.replicas, postgres_url)),
+                (
+                    "replicas on PostgreSQL: one replica with a backlog, an empty twin beside",
+                    functools.partial(self.replica_backlog, postgres_url),
+                ),
+            ]
+        if replicas_only:
+            for name, phase in phases:
+                self.attempt(name, phase)
+            return
         kinds = ["ceiling", "opscore"] + (["postgres"] if postgres_url else [])
 
         @contextlib.contextmanager
@@ -485,6 +768,9 @@ class Bench:
             )
         for kind in kinds:
             self.attempt(f"{kind}: fleet", functools.partial(on_fresh_database, kind, self.fleet))
+        if postgres_url:
+            for name, phase in phases:
+                self.attempt(name, phase)
 
     def close(self) -> None:
         """Stop the load processes."""
@@ -502,21 +788,28 @@ def raise_file_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench [--quick] [--million] [--out DIR]`: run, print the table, write the
-    JSON and the PNG. Exit status 1 if a phase failed (targets are never asserted)."""
+    """`python -m bench [--quick] [--million] [--replicas] [--out DIR]`: run, print the table,
+    write the JSON and the PNG. Exit status 1 if a phase failed (targets are never asserted)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a seconds-long run of every scenario")
     parser.add_argument("--million", action="store_true", help="also measure 1M queued tasks")
+    parser.add_argument(
+        "--replicas",
+        action="store_true",
+        help="only the replicas scenario (needs OPSCORE_BENCH_POSTGRES_URL)",
+    )
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="results directory")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    raise_file_limit()
     postgres_url = os.environ.get("OPSCORE_BENCH_POSTGRES_URL") or None
+    if args.replicas and not postgres_url:
+        parser.error("--replicas runs on PostgreSQL: set OPSCORE_BENCH_POSTGRES_URL")
+    raise_file_limit()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="opscore-bench-") as temporary:
         bench = Bench(plan, Path(temporary), args.million)
         try:
-            bench.run(postgres_url)
+            bench.run(postgres_url, replicas_only=args.replicas)
         finally:
             bench.close()
     results: dict[str, Any] = {
@@ -524,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": args.quick,
             "million": args.million,
+            "replicas_only": args.replicas,
             "postgres": bool(postgres_url),
             "postgres_settings": postgres_settings(postgres_url) if postgres_url else {},
             "cpus": os.cpu_count(),

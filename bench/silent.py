@@ -34,7 +34,7 @@ from opscore.v1 import (
     workflow_service_pb2_grpc,
 )
 
-from bench.servers import OPERATOR, opscore_server, sqlite_url
+from bench.servers import OPERATOR, opscore_server, rss_bytes, sqlite_url
 
 SILENT = "silent"
 
@@ -219,25 +219,18 @@ async def _unfinished(work: Any) -> list[str]:
     return described
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process, in KiB, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def measure(load: Load) -> tuple[Outcome, list[int]]:
-    """`load` against a fresh `opscore serve`: what it measured, and the RSS samples (KiB)."""
+    """`load` against a fresh `opscore serve`: what it measured, and the RSS samples (bytes)."""
     with tempfile.TemporaryDirectory(prefix="opscore-silent-") as workdir:
         server = opscore_server("opscore", sqlite_url(Path(workdir) / "db.sqlite"), Path(workdir))
         server.start()
         try:
-            assert server.process is not None
-            pid = server.process.pid
-            samples = [rss_kib(pid)]
-            outcome = asyncio.run(drive(server.target, load, lambda: samples.append(rss_kib(pid))))
-            samples.append(rss_kib(pid))
+            pid = server.pid
+            samples = [rss_bytes(pid)]
+            outcome = asyncio.run(
+                drive(server.target, load, lambda: samples.append(rss_bytes(pid)))
+            )
+            samples.append(rss_bytes(pid))
         finally:
             server.close()
     return outcome, samples
@@ -279,9 +272,9 @@ def _row(label: str, outcome: Outcome, rss: list[int]) -> dict[str, Any]:
     silent = outcome.silent
     return {
         "load": label,
-        "rss_start_mib": rss[0] / 1024,
-        "rss_peak_mib": max(rss) / 1024,
-        "rss_end_mib": rss[-1] / 1024,
+        "rss_start_mib": rss[0] / 2**20,
+        "rss_peak_mib": max(rss) / 2**20,
+        "rss_end_mib": rss[-1] / 2**20,
         "p50_ms": outcome.percentile(0.5),
         "p90_ms": outcome.percentile(0.9),
         "runs": outcome.triggered,

@@ -142,3 +142,102 @@ def test_the_markdown_table_of_a_results_file_has_the_terminal_tables_rows(tmp_p
     assert "| recovery 10 queued: SERVING (s) | 1.50 | - | - | - | - | < 5 s | PASS |" in lines
     assert "| recovery 10 queued: first push (s) | 1.60 | - | - | - | - |  |  |" in lines
     assert lines[-1] == "PostgreSQL: autovacuum on"
+
+
+REPLICAS = {
+    "meta": {
+        "postgres": True,
+        "million": True,
+        "plan": {
+            "shapes": [],
+            "agent_counts": [],
+            "depths": [0, 100_000],
+            "fleet_agents": 10,
+            "recovery_tasks": 10,
+            "replica_agents": 8,
+        },
+    },
+    "replicas": {
+        "ceiling": {
+            "throughput": {"single": 1000.0, "chain10": 2000.0},
+            "trickle": {"p50_ms": 1.0, "p99_ms": 2.0},
+        },
+        "postgres": {
+            "throughput": {
+                "single": {"1": 300.0, "2": 330.0, "3": 340.0},
+                "chain10": {"1": 500.0, "2": 450.0, "3": 470.0},
+            },
+            "trickle": {
+                "replicas": 2,
+                "same": {"p50_ms": 3.0, "p99_ms": 6.0},
+                "other": {"p50_ms": 6.5, "p99_ms": 9.0},
+            },
+            "cost": {
+                "single": {
+                    "1": {
+                        "cpu_ms_per_task": 1.5,
+                        "backend_cpu_ms_per_task": 0.5,
+                        "commits_per_task": 0.4,
+                        "rows_written_per_task": 6.0,
+                        "scans_per_task": 9.0,
+                    }
+                }
+            },
+            "statements_from": "pg_stat_user_tables",
+            "backlog": {
+                "0": {"p50_ms": 3.0, "p99_ms": 5.0, "rss_mib": 90.0, "empty": {"p50_ms": 3.0}},
+                "100000": {
+                    "p50_ms": 3.1,
+                    "p99_ms": 5.0,
+                    "rss_mib": 95.0,
+                    "empty": {"p50_ms": 3.0},
+                },
+                "1000000": {
+                    "p50_ms": 3.3,
+                    "p99_ms": 6.0,
+                    "rss_mib": 400.0,
+                    "empty": {"p50_ms": 3.0},
+                },
+            },
+        },
+    },
+}
+
+
+def test_the_replicas_rows_carry_the_verdicts_they_are_computed_from() -> None:
+    """Two replicas against one on both rows compared, the trickle across replicas against the
+    same replica's, and the replica's RSS and dispatch at the deepest backlog (1M here) against
+    its idle size and its empty twin: each verdict on the rows it compares, and only there."""
+    printed = run_from_root("-c", TABLE, json.dumps(REPLICAS))
+    rows = {line.split("  ")[0]: line for line in printed.splitlines()}
+
+    # 330 / 300 = 1.1 met for 1-task runs; 450 / 500 = 0.9 missed for chains. The third
+    # replica is shown, unmarked; the ceiling's throughput stands beside each.
+    single = "replicas: throughput single, 8 agents, {} (tasks/s)"
+    assert rows[single.format("1 replica")].endswith("PASS")
+    assert rows[single.format("2 replicas")].endswith("PASS")
+    assert rows[single.format("3 replicas")].rstrip().endswith("0.34")
+    assert "1,000" in rows[single.format("3 replicas")]
+    chains = "replicas: throughput chain10, 8 agents, {} (tasks/s)"
+    assert rows[chains.format("2 replicas")].endswith("MISS")
+    # 6.5 / 3.0 = 2.17: missed on both p50 rows; a p99 of 9 ms from another replica is met.
+    trickle = "replicas: trickle trigger->assignment {}, {} (ms)"
+    assert rows[trickle.format("p50", "same replica")].endswith("MISS")
+    assert rows[trickle.format("p50", "another replica")].endswith("MISS")
+    assert rows[trickle.format("p99", "another replica")].endswith("PASS")
+    assert rows[trickle.format("p99", "same replica")].rstrip().endswith("3.00")
+    # 400 - 90 = 310 MiB above idle: missed, on the idle row and the 1M row, not on 100k's.
+    assert rows["replica, 0 queued: RSS (MiB)"].endswith("MISS")
+    assert rows["replica, 1000000 queued: RSS (MiB)"].endswith("MISS")
+    between = rows["replica, 100000 queued: RSS (MiB)"]
+    assert "95.0" in between
+    assert "PASS" not in between
+    assert "MISS" not in between
+    # 3.3 / 3.0 = 1.1 at 1M: met.
+    assert rows["replica, 1000000 queued: dispatch p50 (ms)"].endswith("PASS")
+    assert rows["replica, empty twin beside 1000000 queued: dispatch p50 (ms)"].endswith("PASS")
+    assert "PASS" not in rows["replica, 100000 queued: dispatch p50 (ms)"]
+    # What the database did per task, and where it was counted.
+    assert "0.40" in rows["replicas: single, 1 replica: commits per task"]
+    assert "6.00" in rows["replicas: single, 1 replica: rows written per task"]
+    assert "pg_stat_statements is not loaded" in printed
