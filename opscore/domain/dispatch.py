@@ -123,8 +123,13 @@ class Dispatch(Protocol):
 
     def release(self, agent_id: str, task_id: str) -> None:
         """The agent no longer holds the task (its result recorded, its lease expired, its task
-        cancelled or lost), or an assignment of it was not written because the task was no
-        longer queued: the slot is free, and the task no longer reserved."""
+        cancelled or lost): the slot is free, and the task no longer reserved."""
+
+    def gone(self, agent_id: str, task: ReadyTask) -> None:
+        """An assignment of `task` to the agent it was matched with was not written because the
+        task was not there to take (`Unassigned.TASK_GONE`): the slot is free, and the task is
+        no longer reserved here. Among replicas it may still be queued, held a moment by
+        another replica's write that does not assign it, so a replica claims it back."""
 
     def not_taken(self, agent_id: str, task: ReadyTask) -> None:
         """An assignment of `task` to the agent it was matched with was not written because the

@@ -328,6 +328,11 @@ class Dispatcher:
         if live is not None:
             self._wake_for(live)
 
+    def gone(self, agent_id: str, task: ReadyTask) -> None:
+        """The task was not there to take: a server that owns its database alone is the only
+        writer, so nothing of it waits any more."""
+        self.release(agent_id, task.task_id)
+
     def not_taken(self, agent_id: str, task: ReadyTask) -> None:
         """The agent could not take the task it was matched with: its slot is free, and the task
         waits again, in its place in the queue."""

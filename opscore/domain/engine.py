@@ -893,7 +893,7 @@ class Engine:
                 self.dispatcher.not_taken(agent_id, task)
                 continue
             if assignment is Unassigned.TASK_GONE:
-                self.dispatcher.release(agent_id, task.task_id)
+                self.dispatcher.gone(agent_id, task)
                 continue
             self.dispatcher.assigned(agent_id, task.task_id)
             self._timer_at(assignment.deadline)

@@ -332,8 +332,8 @@ class Unassigned(enum.Enum):
     """Why a match of a task and an agent was not written as an assignment."""
 
     TASK_GONE = "task gone"
-    """The task was no longer queued (cancelled, skipped, or taken by another match): nothing
-    of it waits any more."""
+    """The task was no longer queued (cancelled, skipped, or taken by another match), or, among
+    replicas, another replica's write held it: this match is void."""
     AGENT_UNFIT = "agent unfit"
     """The agent could no longer take it (removed, disconnected, BUSY or ERROR earlier in the
     same transaction): the task still waits, for another agent."""

@@ -114,13 +114,22 @@ class SharedDispatcher(Dispatcher):
         if self._free:
             self._wake.set()
 
+    def gone(self, agent_id: str, task: ReadyTask) -> None:
+        """As `Dispatcher.gone`; the task may still be queued (another replica's write held it
+        without assigning it): the next free agent of its capability claims it if so."""
+        self.release(agent_id, task.task_id)
+        self.work_elsewhere((task.capability,))
+
     def _keep(self, tasks: Sequence[ReadyTask]) -> None:
         """Tasks a claim locked but did not assign: kept, not announced (they were)."""
         Dispatcher.enqueue(self, tasks)
 
     def _wants(self) -> list[Want]:
         """What to claim for the free agents: per capability wanted, the label sets of the free
-        agents offering it, the agents themselves (for tasks pinned to them), and how many."""
+        agents offering it, the agents themselves (for tasks pinned to them), and how many: the
+        free slots and two more (for tasks whose labels fit none of them). Locking more would
+        keep, in this replica's memory, tasks the announcer keeps in its own, and both would
+        try to assign them."""
         wants: dict[str, tuple[list[dict[str, str]], list[str], int]] = {}
         for live in self._agents.values():
             if not live.available:
@@ -135,7 +144,7 @@ class SharedDispatcher(Dispatcher):
                 agents.append(live.profile.agent_id)
                 wants[capability] = (labels, agents, wanted + slots)
         return [
-            Want(capability, tuple(labels), tuple(agents), min(self._prefetch, 2 * wanted + 8))
+            Want(capability, tuple(labels), tuple(agents), min(self._prefetch, wanted + 2))
             for capability, (labels, agents, wanted) in sorted(wants.items())
         ]
 

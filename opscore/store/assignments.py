@@ -50,7 +50,10 @@ _QUEUED_TASKS_FOR_UPDATE = Prepared(
         TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)),
         TASKS.c.state == TaskState.QUEUED.value,
     )
-    .with_for_update(of=TASKS),
+    # Replicas: a task another replica's write holds is not waited for (two writes locking
+    # tasks in different orders would deadlock): it comes back as gone, and is claimed again
+    # if that write leaves it queued (`Dispatch.gone`).
+    .with_for_update(of=TASKS, skip_locked=True),
     samples=[{"b_task_ids": ["a", "b", "z"]}, {"b_task_ids": []}],
 )
 _ASSIGN = task_update(

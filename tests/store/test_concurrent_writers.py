@@ -318,6 +318,30 @@ async def test_only_the_replica_holding_an_agents_stream_assigns_it_work(shared_
         assert not isinstance(assigned, Unassigned)
 
 
+async def test_an_assignment_passes_over_a_task_another_write_holds(shared_url: str) -> None:
+    """Two replicas' writes that lock the same queued tasks in other orders would deadlock
+    (PostgreSQL breaks one after a second): an assignment does not wait for a task another
+    write holds, and finds it gone; once let go, the task is still there to assign."""
+    now = datetime.now(UTC)
+    async with running_store(shared_url) as store:
+        await store.replicas.join("holder", "a", now, LEASE, alone=False)
+        await connected_on(store, "w", now)
+        task = (await trigger(store, "")).effects.queued[0]
+        other = await asyncpg.connect(asyncpg_dsn(shared_url))
+        try:
+            async with other.transaction():
+                await other.execute(
+                    "SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE", task.task_id
+                )
+                async with asyncio.timeout(10):
+                    placed = await store.tasks.assign([(task, "w")], now, ignore)
+                assert placed == [Unassigned.TASK_GONE]
+        finally:
+            await other.close()
+        [assigned] = await store.tasks.assign([(task, "w")], now, ignore)
+        assert isinstance(assigned, Assignment)
+
+
 async def test_a_stream_closes_only_as_the_generation_it_opened(shared_url: str) -> None:
     """An agent moved its stream to another replica: the first replica's closing of the old
     stream, however late, leaves the new one connected."""

@@ -133,3 +133,25 @@ async def test_work_announced_while_a_claim_runs_is_claimed_after_it(replica: Re
     replica.database.hold = None
     held.set()
     assert await replica.database.next_assigned() == ("elsewhere", "w")
+
+
+async def test_a_task_gone_at_assignment_is_claimed_back_if_still_queued(
+    replica: Replica,
+) -> None:
+    """Another replica's write held the task when this one assigned it, and left it queued:
+    the assignment came back gone, and the agent claims it from the database."""
+    replica.dispatch.agent_online(agent("w", "c"), ())
+    async with asyncio.timeout(WAIT):
+        while not replica.database.claims:  # the claim at start, which finds nothing
+            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    replica.dispatch.assigned("w", "busy")  # its one slot taken: the write below frees it
+    task = ready("held", "c")
+    replica.commit([task])
+    replica.database.claims.clear()
+    pairs, _ = replica.dispatch.reserve_for_commit([], [("w", "busy")])
+    assert pairs == [(task, "w")]
+    replica.dispatch.release("w", "busy")  # the write committed
+    replica.dispatch.gone("w", task)
+    assert await replica.database.next_assigned() == ("held", "w")
+    assert replica.database.claims, "the task was taken from memory, not claimed"
