@@ -127,11 +127,18 @@ def _insert_in_waiting_order(group: OrderedDict[str, _LiveAgent], agent: _LiveAg
             group.update((live.profile.agent_id, live) for live in ordered)
 
 
+def requirements(task: ReadyTask) -> Requirements:
+    """What an agent must offer to take `task`: the key of its queue."""
+    return (task.capability, task.labels, task.pinned_agent_id)
+
+
 @dataclass(slots=True)
 class _Queue:
     """One group of alike tasks: a heap of (ready sequence, task id) with lazy deletion."""
 
     heap: list[tuple[int, str]] = field(default_factory=list)
+    live: int = 0
+    """How many of the heap's entries are still queued (the rest are deleted lazily)."""
 
 
 class Dispatcher:
@@ -213,7 +220,7 @@ class Dispatcher:
     def dequeue(self, task_ids: Iterable[str]) -> None:
         """Tasks are no longer to be dispatched (skipped, cancelled)."""
         for task_id in task_ids:
-            self._ready.pop(task_id, None)
+            self._unready(task_id)
             self._waiting.pop(task_id, None)
 
     @property
@@ -250,9 +257,17 @@ class Dispatcher:
     def _push(self, sequence: int, task: ReadyTask) -> None:
         # Plain tuples (see `_ready`): a deep queue of ReadyTask objects kept the garbage
         # collector busy while it filled.
+        self._unready(task.task_id)
         self._ready[task.task_id] = (sequence, tuple(task))
-        key = (task.capability, task.labels, task.pinned_agent_id)
-        heapq.heappush(self._queues.setdefault(key, _Queue()).heap, (sequence, task.task_id))
+        queue = self._queues.setdefault(requirements(task), _Queue())
+        queue.live += 1
+        heapq.heappush(queue.heap, (sequence, task.task_id))
+
+    def _unready(self, task_id: str) -> None:
+        """The task is no longer queued (its heap entry stays, to be passed over)."""
+        entry = self._ready.pop(task_id, None)
+        if entry is not None:
+            self._queues[requirements(ReadyTask._make(entry[1]))].live -= 1
 
     def _head(self, key: Requirements, queue: _Queue) -> tuple[int, ReadyTask] | None:
         while queue.heap:
@@ -386,7 +401,7 @@ class Dispatcher:
         for task in queued:
             if self._known(task.task_id) or (task.not_before is not None and task.not_before > now):
                 continue
-            key = (task.capability, task.labels, task.pinned_agent_id)
+            key = requirements(task)
             taker = takers.get(key)
             if taker is None:
                 taker = takers[key] = self._longest_waiting(task) is not None
@@ -396,7 +411,7 @@ class Dispatcher:
         sequences: list[int] = []
         pairs = self.match(sequences)
         for task_id in added:
-            self._ready.pop(task_id, None)
+            self._unready(task_id)
         for live, task_id in freed:
             live.held.add(task_id)
             self._free.update(live, waited_anew=False)
@@ -484,7 +499,7 @@ class Dispatcher:
             if sequences is not None:
                 sequences.append(sequence)
             self._matched[task.task_id] = sequence
-            del self._ready[task.task_id]
+            self._unready(task.task_id)
             agent.held.add(task.task_id)
             agent.waiting_since = self._clock()
             self._free.update(agent, waited_anew=True)

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from opscore.domain.clock import Clock
 from opscore.domain.dispatch import AssignBatch
-from opscore.domain.dispatcher import Dispatcher, Requirements
+from opscore.domain.dispatcher import Dispatcher, Requirements, requirements
 from opscore.domain.errors import StorageFault
 from opscore.domain.health import Backoff
 from opscore.domain.models import ReadyTask
@@ -86,11 +86,11 @@ class SharedDispatcher(Dispatcher):
             self.dequeue((task.task_id,))
             if task.not_before is None or task.not_before <= now:
                 announced.add(task.capability)
-            key = (task.capability, task.labels, task.pinned_agent_id)
+            key = requirements(task)
             size = sizes.get(key)
             if size is None:
                 queue = self._queues.get(key)
-                size = 0 if queue is None else len(queue.heap)
+                size = 0 if queue is None else queue.live
             if size >= self._prefetch:
                 self._wanted.add(task.capability)
                 continue

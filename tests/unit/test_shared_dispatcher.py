@@ -155,3 +155,14 @@ async def test_a_task_gone_at_assignment_is_claimed_back_if_still_queued(
     replica.dispatch.gone("w", task)
     assert await replica.database.next_assigned() == ("held", "w")
     assert replica.database.claims, "the task was taken from memory, not claimed"
+
+
+async def test_the_prefetch_counts_only_tasks_still_queued(replica: Replica) -> None:
+    """Tasks that left the queue (cancelled, taken elsewhere) leave entries behind in its heap
+    until passed over: they do not count against the prefetch."""
+    replica.dispatch.agent_online(agent("w", "c"), ["busy"])  # its one slot taken
+    first = [ready(f"old{index}", "c") for index in range(3)]
+    replica.commit(first)
+    replica.dispatch.dequeue(task.task_id for task in first)
+    replica.commit([ready(f"new{index}", "c") for index in range(3)])
+    assert replica.dispatch.queued == 3
