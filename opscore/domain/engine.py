@@ -671,9 +671,11 @@ class Engine:
             if task.state is not TaskState.QUEUED:
                 return task
             needs = waiting.requirement(task)
+            offer = offers.get(needs, nobody)
             candidates = waiting.Candidates(
-                offers.get(needs, nobody),
-                not task.pinned_agent_id and self.dispatcher.has_free_agent(*needs),
+                offer,
+                not task.pinned_agent_id
+                and (offer.idle_elsewhere or self.dispatcher.has_free_agent(*needs)),
                 pinned.get(task.pinned_agent_id),
             )
             return dataclasses.replace(

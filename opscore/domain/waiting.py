@@ -69,6 +69,9 @@ class Offer(NamedTuple):
 
     registered: bool
     connected: bool
+    idle_elsewhere: bool = False
+    """Whether one of those streams from another replica and is idle with a free slot (a
+    replica's dispatch knows only its own agents)."""
 
 
 @dataclass(frozen=True, slots=True)

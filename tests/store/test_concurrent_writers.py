@@ -342,6 +342,27 @@ async def test_an_assignment_passes_over_a_task_another_write_holds(shared_url: 
         assert isinstance(assigned, Assignment)
 
 
+async def test_a_queued_task_is_explained_by_idle_agents_of_every_replica(
+    shared_url: str,
+) -> None:
+    """A replica's dispatch knows only its own agents: why a queued task waits also asks the
+    database whether an agent streaming from another replica is idle with a free slot."""
+    now = datetime.now(UTC)
+    async with running_store(shared_url) as mine, running_store(shared_url) as other:
+        await mine.replicas.join("mine", "a", now, LEASE, alone=False)
+        await other.replicas.join("other", "b", now, LEASE, alone=False)
+        await connected_on(other, "w", now)
+        created = await trigger(mine, "")
+        queued = created.run.tasks[0]
+        [needs] = (await mine.agents.waiting_candidates([queued]))[1].values()
+        assert needs.idle_elsewhere
+        [needs] = (await other.agents.waiting_candidates([queued]))[1].values()
+        assert (needs.connected, needs.idle_elsewhere) == (True, False)  # its own: it knows
+        await other.tasks.assign([(created.effects.queued[0], "w")], now, ignore)  # its slot
+        [needs] = (await mine.agents.waiting_candidates([queued]))[1].values()
+        assert (needs.connected, needs.idle_elsewhere) == (True, False)
+
+
 async def test_a_stream_closes_only_as_the_generation_it_opened(shared_url: str) -> None:
     """An agent moved its stream to another replica: the first replica's closing of the old
     stream, however late, leaves the new one connected."""

@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.sql import Select
 
 from opscore.domain.errors import NotFound, OpsCoreError, Resource
 from opscore.domain.ids import new_id
@@ -370,7 +371,7 @@ class Agents:
 
         def op(conn: Connection) -> tuple[dict[str, Agent], dict[Requirement, Offer]]:
             pinned_ids = sorted({task.pinned_agent_id for task in tasks if task.pinned_agent_id})
-            offers = {needs: _offer(conn, needs) for needs in wanted}
+            offers = {needs: _offer(conn, needs, self._shared.replica_id) for needs in wanted}
             return agents_by_id(conn, pinned_ids), offers
 
         return await self._shared.read(op)
@@ -464,13 +465,30 @@ def _state_condition(state: AgentState) -> Any:
     )
 
 
-def _offer(conn: Connection, needs: Requirement) -> Offer:
-    """Whether some registered agent offers the capability and carries the labels, and
-    whether one of those is connected, connected agents first. The database compares the
-    labels it can; SQLite's JSON paths miss keys with quotes, backslashes or characters beyond
-    ASCII, so those are compared here, on the rows the rest let through."""
+def _offer(conn: Connection, needs: Requirement, replica_id: str) -> Offer:
+    """Whether some registered agent offers the capability and carries the labels, whether
+    one of those is connected (connected agents first), and whether one streams from another
+    replica than `replica_id` and is idle with a free slot."""
+    query = _meeting(select(AGENTS.c.connected, AGENTS.c.labels), needs)
+    found = _first_meeting(conn, query.order_by(AGENTS.c.connected.desc()), needs)
+    if found is None:
+        return Offer(registered=False, connected=False)
+    if not found.connected:
+        return Offer(registered=True, connected=False)
+    idle = _meeting(select(AGENTS.c.labels), needs).where(
+        AGENTS.c.connected,
+        AGENTS.c.replica_id != replica_id,
+        AGENTS.c.reported_state.not_in([ReportedState.BUSY.value, ReportedState.ERROR.value]),
+        _running_count < AGENTS.c.max_concurrent_tasks,
+    )
+    return Offer(True, True, idle_elsewhere=_first_meeting(conn, idle, needs) is not None)
+
+
+def _meeting(query: Select[Any], needs: Requirement) -> Select[Any]:
+    """`query` of the agents that offer the capability and carry the labels the database
+    can compare: SQLite's JSON paths miss keys with quotes, backslashes or characters beyond
+    ASCII, so those are compared by `_first_meeting`, on the rows the rest let through."""
     capability, labels = needs
-    query = select(AGENTS.c.connected, AGENTS.c.labels).order_by(AGENTS.c.connected.desc())
     if capability:
         query = query.join(CAPABILITIES, CAPABILITIES.c.agent_id == AGENTS.c.agent_id).where(
             CAPABILITIES.c.capability == capability
@@ -478,12 +496,16 @@ def _offer(conn: Connection, needs: Requirement) -> Offer:
     plain = [(key, value) for key, value in labels if _plain_key(key)]
     for key, value in plain:
         query = query.where(AGENTS.c.labels[key].as_string() == value)
-    if len(plain) == len(labels):
-        query = query.limit(1)
-    for connected, found in conn.execute(query):
-        if all(found.get(key) == value for key, value in labels):
-            return Offer(registered=True, connected=bool(connected))
-    return Offer(registered=False, connected=False)
+    return query.limit(1) if len(plain) == len(labels) else query
+
+
+def _first_meeting(conn: Connection, query: Select[Any], needs: Requirement) -> Row[Any] | None:
+    """The first row of `query` (see `_meeting`) whose labels carry all of `needs`."""
+    _, labels = needs
+    for row in conn.execute(query):
+        if all(row.labels.get(key) == value for key, value in labels):
+            return row
+    return None
 
 
 def _plain_key(key: str) -> bool:
