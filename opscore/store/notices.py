@@ -134,7 +134,12 @@ class PostgresNoticeboard:
         missed: Callable[[], None] | None,
     ) -> None:
         closed = asyncio.Event()
-        connection.add_termination_listener(lambda _: closed.set())
+
+        def close(_: object) -> None:
+            closed.set()
+            self._wake.set()  # noticed now, not at the next probe
+
+        connection.add_termination_listener(close)
 
         def deliver(_: object, __: int, ___: str, payload: str) -> None:
             notice = decode(payload)
@@ -150,6 +155,8 @@ class PostgresNoticeboard:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_EVERY):
                     await self._wake.wait()
+            if closed.is_set():
+                break
             if not self._wake.is_set():
                 await connection.fetchval("SELECT 1")  # a dead socket fails here
                 continue
