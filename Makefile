@@ -88,8 +88,12 @@ check-generated: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	if diff -r generated/opscore/v1 $$tmp/opscore/v1; then rm -rf $$tmp; else rm -rf $$tmp; \
 	echo "generated/ is stale: run 'make generate' and commit the result"; exit 1; fi
 
+# Test files run on TEST_WORKERS processes at once (pytest-xdist), each file's tests on one of
+# them: most tests wait on servers and databases more than they compute.
+TEST_WORKERS ?= 2
+
 pytest: $(VENV)/.dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmark (bench/): Ops-Core against a bare grpc.aio server, results in bench/results/.
 # `bench` lives at the repository root, so the root must be importable here; bench/__init__.py

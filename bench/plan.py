@@ -93,7 +93,7 @@ QUICK = Plan(
     fleet_probes=20,
     fleet_per_channel=50,
     recovery_tasks=1_000,
-    replica_counts=(1, 2, 3),
+    replica_counts=(1, 2),
     replica_agents=8,
     replica_trickle_runs=10,
 )
