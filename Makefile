@@ -64,7 +64,8 @@ buf-lint: $(VENV)/.dev $(FIELD_BEHAVIOR)
 
 # A change that breaks the wire or JSON compatibility of v1 fails here. The baseline was written
 # by `buf build protos --exclude-source-info -o $(CONTRACT_BASELINE)`; it changes only with a
-# new major version of the contract.
+# new major version of the contract, or to take in file options that change no wire or JSON form
+# and no generated Python (written again when the per-language package options were added).
 buf-breaking: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	$(BIN)/buf breaking protos --against $(CONTRACT_BASELINE)
 
