@@ -444,6 +444,13 @@ class Workflows(workflow_service_pb2_grpc.WorkflowServiceServicer):
         """Not offered (see `_unimplemented`)."""
         await _unimplemented(context)
 
+    async def WatchWorkflowRun(  # noqa: N802
+        self, request: workflow_service_pb2.WatchWorkflowRunRequest, context: Context
+    ) -> AsyncIterator[workflow_service_pb2.WatchWorkflowRunResponse]:
+        """Not offered (see `_unimplemented`)."""
+        await _unimplemented(context)
+        yield workflow_service_pb2.WatchWorkflowRunResponse()  # never reached: a stream's shape
+
     async def FailTask(  # noqa: N802
         self, request: workflow_service_pb2.FailTaskRequest, context: Context
     ) -> workflow_service_pb2.FailTaskResponse:

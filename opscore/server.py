@@ -138,7 +138,11 @@ class OpsCoreServer:
             placement = store.placement(
                 self.engine.dispatcher.reserve_for_commit, self.engine.assigned, clock.now
             )
-            writer = self._supervise(self._writer.run(placement), "writer")
+            # Every batch ends by reading the runs being watched, for their watchers.
+            observation = store.runs.observation(
+                self.engine.watches.run_ids, self.engine.watches.observed
+            )
+            writer = self._supervise(self._writer.run(placement, observation), "writer")
             resources.push_async_callback(self._stop_writer, writer)
             await self.engine.recover()
             # Its agents are disconnected once no stream of its is left, before the writer ends.
@@ -151,6 +155,7 @@ class OpsCoreServer:
             self._supervise(owned.watch(), "database ownership"),
             self._supervise(self.engine.membership.run(), "replica lease"),
             self._supervise(self.engine.run_notices(), "replica notices"),
+            self._supervise(self.engine.run_watch_rereads(), "run watches"),
             self._supervise(self.engine.dispatcher.run(), "dispatcher"),
             self._supervise(self.engine.run_timers(), "timers"),
             self._supervise(self._db.maintain(), "database upkeep"),

@@ -112,6 +112,7 @@ RULES: dict[str, Rule] = {
         Need.OPERATOR,
         audited=Audited("run cancelled", lambda request, _: {"run_id": request.run_id}),
     ),
+    f"/{_WORKFLOWS}/WatchWorkflowRun": _OPERATOR,
     f"/{_WORKFLOWS}/StreamTasks": _AGENT,
     f"/{_WORKFLOWS}/CompleteTask": _AGENT,
     f"/{_WORKFLOWS}/FailTask": _AGENT,

@@ -147,6 +147,18 @@ class WorkflowServiceServicer(workflow_service_pb2_grpc.WorkflowServiceServicer)
         finally:
             await self._engine.close_stream(stream)
 
+    async def WatchWorkflowRun(  # type: ignore[override]  # noqa: N802 - writes, see StreamTasks
+        self, request: pb.WatchWorkflowRunRequest, context: Context
+    ) -> None:
+        async for run, changed in self._engine.watch_run(request.run_id):
+            response = pb.WatchWorkflowRunResponse(
+                run=convert.run(run), changed_tasks=map(convert.task_run, changed)
+            )
+            try:
+                await context.write(response)
+            except _WriteFailed:
+                raise asyncio.CancelledError from None
+
     async def CompleteTask(  # noqa: N802
         self, request: pb.CompleteTaskRequest, context: Context
     ) -> pb.CompleteTaskResponse:

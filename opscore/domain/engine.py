@@ -17,11 +17,12 @@ write whose commit was cut off may have committed without its effects being appl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -85,6 +86,8 @@ from opscore.domain.responses import (
     response_bytes,
 )
 from opscore.domain.validation import Limits, check_id, raise_if
+from opscore.domain.watch import REREAD_EVERY as WATCH_REREAD_EVERY
+from opscore.domain.watch import Change, RunWatch, Watches
 from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
 
 log = logging.getLogger("opscore.engine")
@@ -171,6 +174,8 @@ class Engine:
         """The digest of each agent's current token (see `register_agent`), which callers are
         identified by."""
         self._noticeboard = noticeboard
+        self.watches = Watches()
+        """The open WatchWorkflowRun calls (the writer observes their runs: see the server)."""
         """Where replicas sharing the database tell each other what they committed (None:
         this server owns its database alone)."""
         self._stale: set[str] = set()
@@ -699,6 +704,52 @@ class Engine:
         """A run read whole (as a trigger or a cancellation returns it) that is too large for
         one response, cut to fit: as many of its tasks as fit, and a token for the rest."""
         return self._store.runs.fit_run(run, self._budget)
+
+    async def watch_run(self, run_id: str) -> AsyncIterator[Change]:
+        """A run as it changes (WatchWorkflowRun, see `domain.watch`): first the run with as
+        many of its tasks as fit in one response, then its own fields with the tasks that
+        changed, as many as fit in each response, until a response carries it final."""
+        raise_if(check_id(run_id, "run_id"))
+        watch = RunWatch(run_id)
+        run = await self._store.runs.watch(run_id, functools.partial(self.watches.add, watch))
+        try:
+            yield self.fit_run(run), ()
+            while not run.state.finished:
+                run, changed = await watch.next(self.watches.latest(run_id))
+                for part in self._parts(run, changed):
+                    yield run, part
+        finally:
+            self.watches.remove(watch)
+
+    def _parts(self, run: WorkflowRun, tasks: Sequence[TaskRun]) -> list[tuple[TaskRun, ...]]:
+        """`tasks` in as many responses as they need beside `run` (a task alone may still be
+        over: it is sent so, as its cut could not be read back)."""
+        sizes = self._budget.sizes
+        room = self._budget.bytes - sizes.run(run)
+        parts: list[tuple[TaskRun, ...]] = []
+        part: list[TaskRun] = []
+        used = 0
+        for task in tasks:
+            size = sizes.task(task)
+            if part and used + size > room:
+                parts.append(tuple(part))
+                part, used = [], 0
+            part.append(task)
+            used += size
+        parts.append(tuple(part))
+        return parts
+
+    async def run_watch_rereads(self) -> None:
+        """Until cancelled: while a watched run is unfinished and other replicas may change it,
+        observe it at least every `domain.watch.REREAD_EVERY` (nothing for a server that owns
+        its database alone, whose writer sees every change)."""
+        if self._noticeboard is None:
+            return
+        while True:
+            await self._clock.sleep(WATCH_REREAD_EVERY.total_seconds())
+            if self.membership.peers and self.watches.due():
+                with contextlib.suppress(StorageFault):
+                    await self._store.runs.observe_watched()
 
     # Results -------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ goes on with the next batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,10 @@ BeforeCommit = Callable[[Batch, list[Followup]], None]
 effects (`Batch.effects`). It adds its `Followup` to the list as soon as it has anything to give
 back, before it writes: if the batch then fails, the writer calls the undo."""
 
+Observe = Callable[[Connection], Callable[[], None] | None]
+"""Called inside every batch's transaction, last: reads what it watches as the batch leaves it,
+and returns what to do with that once the batch has committed (in commit order), if anything."""
+
 
 def _run_single(conn: Connection, requests: Sequence[tuple[Tx, WriteOp[Any]]]) -> list[Any]:
     return [op(tx) for tx, op in requests]
@@ -170,12 +175,13 @@ class _Done:
 def _run_all(
     conn: Connection,
     batch: list[_Pending],
+    followups: list[Followup],
     before_commit: BeforeCommit | None = None,
-    followups: list[Followup] | None = None,
+    observe: Observe | None = None,
 ) -> list[_Done]:
     """Run a batch: each group of alike grouped requests in one call, at the place of its
     first request; single operations one by one; then the `before_commit` hook, whose followup
-    goes to `followups`. Returns the requests in the order they ran."""
+    goes to `followups`, and the observation. Returns the requests in the order they ran."""
     groups: dict[Any, list[_Pending]] = {}
     for index, pending in enumerate(batch):
         groups.setdefault(pending.run if pending.grouped else index, []).append(pending)
@@ -185,9 +191,17 @@ def _run_all(
         txs = [Tx(shared) for _ in members]
         values = members[0].run(conn, [(tx, p.request) for tx, p in zip(txs, members, strict=True)])
         done.extend(_Done(p, v, tx) for p, v, tx in zip(members, values, txs, strict=True))
-    if before_commit is not None and followups is not None and shared.effects:
+    if before_commit is not None and shared.effects:
         before_commit(shared, followups)
+    if observe is not None and (seen := observe(conn)) is not None:
+        tx = Tx(shared)
+        tx.after_commit(seen)
+        followups.append(Followup(tx, _nothing))
     return done
+
+
+def _nothing() -> None:
+    """An observation reserves nothing to give back."""
 
 
 class Writer:
@@ -199,6 +213,7 @@ class Writer:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._closed = False
         self._before_commit: BeforeCommit | None = None
+        self._observe: Observe | None = None
         self.batches = 0
         self.operations = 0
         self._pauses = Pauses()
@@ -238,10 +253,14 @@ class Writer:
             self._closed = True
             self._queue.put_nowait(None)
 
-    async def run(self, before_commit: BeforeCommit | None = None) -> None:
+    async def run(
+        self, before_commit: BeforeCommit | None = None, observe: Observe | None = None
+    ) -> None:
         """The writer loop: one batch at a time until closed and drained. `before_commit` runs
-        at the end of each batch whose requests will apply effects (see the module docstring)."""
+        at the end of each batch whose requests will apply effects (see the module docstring),
+        and `observe` at the end of every batch."""
         self._before_commit = before_commit
+        self._observe = observe
         draining = False
         loop = asyncio.get_running_loop()
         while not (draining and self._queue.empty()):
@@ -299,7 +318,7 @@ class Writer:
 
         try:
             await self._database.run(
-                lambda conn: _run_all(conn, batch, self._before_commit, followups),
+                lambda conn: _run_all(conn, batch, followups, self._before_commit, self._observe),
                 write=True,
                 alone=alone,
                 committed=committed,
@@ -322,9 +341,13 @@ class Writer:
 
     async def _run_alone(self, pending: _Pending) -> None:
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            followups: list[Followup] = []
             try:
                 [item] = await self._database.run(
-                    lambda conn: _run_all(conn, [pending]), write=True
+                    functools.partial(
+                        _run_all, batch=[pending], followups=followups, observe=self._observe
+                    ),
+                    write=True,
                 )
             except Exception as error:  # noqa: BLE001 - the caller receives its own error
                 conflict = is_conflict(error)
@@ -338,7 +361,7 @@ class Writer:
                 if not pending.future.done():
                     pending.future.set_exception(error)
                 return
-            _release([item], [])
+            _release([item], followups)
             return
 
 

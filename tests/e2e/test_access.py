@@ -138,6 +138,9 @@ def calls(world: World) -> dict[str, Callable[[Metadata], Awaitable[Any]]]:
         flow + "StreamTasks": lambda md: opened(
             workflows.StreamTasks(ws.StreamTasksRequest(agent_id="a"), metadata=md)
         ),
+        flow + "WatchWorkflowRun": lambda md: opened(
+            workflows.WatchWorkflowRun(ws.WatchWorkflowRunRequest(run_id=world.run_id), metadata=md)
+        ),
         flow + "ExtendTaskLease": lambda md: workflows.ExtendTaskLease(
             ws.ExtendTaskLeaseRequest(
                 task_id=first.task_id, agent_id="a", attempt=first.attempt, extend_by=seconds(60)
@@ -169,7 +172,7 @@ async def register(world: World, metadata: Metadata) -> None:
 
 
 async def opened(call: Any) -> None:
-    """A task stream's call: open once its headers come (the server sends them as soon as the
+    """A stream's call: open once its headers come (the server sends them as soon as the
     stream is open), else refused with the status it ended with; closed after."""
     try:
         await asyncio.wait_for(call.initial_metadata(), WAIT)
@@ -293,6 +296,7 @@ ORDER = [
     "GetWorkflowRun",
     "ListWorkflowRuns",
     "ListWorkflowRunTasks",
+    "WatchWorkflowRun",
     "Heartbeat",
     "ReportState",
     "ExtendTaskLease",

@@ -27,7 +27,7 @@ import grpc
 import pytest
 from conftest import POSTGRES_URL
 from helpers import Client, connect, definition, seconds, task, tasks_of
-from opscore.v1 import agent_pb2, workflow_pb2
+from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 from replicas import (
     GRACE,
     LEASE,
@@ -308,6 +308,35 @@ async def test_a_run_triggered_on_one_replica_reaches_an_idle_agent_on_another(
     print(f"\ntrigger on A -> assignment on B: {', '.join(f'{d * 1000:.1f}' for d in delays)} ms")
     assert max(delays) < CROSS_WAIT, delays
     assert statistics.median(delays) < CROSS_MEDIAN, delays
+
+
+async def test_a_run_watched_on_one_replica_is_followed_to_its_end_on_another(
+    tmp_path: Path,
+) -> None:
+    """The agent and the writes are replica A's; the watcher is B's, whose own writer changes
+    nothing of the run: B reads what A changed, and the stream ends with the run."""
+    async with (
+        Replicas.on_fresh_database(2, tmp_path) as replicas,
+        replicas.operators() as (on_a, on_b),
+    ):
+        agent = await on_a.agent("on-a", capabilities=["a-only"])
+        run = await on_a.trigger(definition=chain("watched", 3, capability="a-only"))
+        call = on_b.workflows.WatchWorkflowRun(
+            workflow_service_pb2.WatchWorkflowRunRequest(run_id=run.run_id)
+        )
+        reading = aiter(call)
+        first = await anext(reading)
+        assert first.run.run_id == run.run_id
+        for _ in range(3):
+            await agent.complete(await agent.next_assignment())
+        states: dict[str, int] = {t.name: t.state for t in first.run.tasks}
+        last = first
+        async with asyncio.timeout(SWEEP_WAIT):
+            async for response in reading:
+                states.update((t.name, t.state) for t in response.changed_tasks)
+                last = response
+    assert last.run.state == workflow_pb2.RUN_STATE_SUCCEEDED
+    assert set(states.values()) == {workflow_pb2.TASK_STATE_SUCCEEDED}
 
 
 async def test_runs_triggered_in_a_burst_on_one_replica_all_reach_an_agent_on_another(

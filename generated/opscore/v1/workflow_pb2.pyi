@@ -338,7 +338,7 @@ class TaskRun(_message.Message):
     the registered agents (e.g. "no registered agent offers capability 'gpu'", "pinned agent
     'a-1' is offline", "backoff until 12:00:03 UTC", "every capable agent is busy"). Set by
     GetWorkflowRun, ListWorkflowRuns and ListWorkflowRunTasks; empty in the answers of
-    TriggerWorkflow and CancelWorkflowRun.
+    TriggerWorkflow and CancelWorkflowRun, and in WatchWorkflowRun's responses.
     """
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:

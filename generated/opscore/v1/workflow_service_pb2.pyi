@@ -512,6 +512,65 @@ class CancelWorkflowRunResponse(_message.Message):
 Global___CancelWorkflowRunResponse: _TypeAlias = CancelWorkflowRunResponse  # noqa: Y015
 
 @_typing.final
+class WatchWorkflowRunRequest(_message.Message):
+    """WatchWorkflowRunRequest names the run to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Id of the run."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkflowRunRequest: _TypeAlias = WatchWorkflowRunRequest  # noqa: Y015
+
+@_typing.final
+class WatchWorkflowRunResponse(_message.Message):
+    """WatchWorkflowRunResponse is the run as of one change. The first response carries the run with
+    its tasks (as GetWorkflowRun's FULL view does); each later one carries the run's own fields
+    and task counts, and the tasks that changed since the response before, as they are now. A
+    watcher that reads too slowly to keep up is sent the tasks that changed since what it last
+    received, not each change in between. The stream ends once a response carries a final run.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    CHANGED_TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> _workflow_pb2.WorkflowRun:
+        """The run: with its tasks in the first response, without them (the BASIC view) after."""
+
+    @_builtins.property
+    def changed_tasks(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.TaskRun]:
+        """The tasks that changed since the previous response, in the order of the definition; empty
+        in the first response, whose run holds every task.
+        """
+
+    def __init__(
+        self,
+        *,
+        run: _workflow_pb2.WorkflowRun | None = ...,
+        changed_tasks: _abc.Iterable[_workflow_pb2.TaskRun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_tasks", b"changed_tasks", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkflowRunResponse: _TypeAlias = WatchWorkflowRunResponse  # noqa: Y015
+
+@_typing.final
 class StreamTasksRequest(_message.Message):
     """StreamTasksRequest opens an agent's task stream."""
 

@@ -75,6 +75,11 @@ class WorkflowServiceStub:
                 request_serializer=opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunRequest.SerializeToString,
                 response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkflowRun = channel.unary_stream(
+                '/opscore.v1.WorkflowService/WatchWorkflowRun',
+                request_serializer=opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunRequest.SerializeToString,
+                response_deserializer=opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunResponse.FromString,
+                _registered_method=True)
         self.StreamTasks = channel.unary_stream(
                 '/opscore.v1.WorkflowService/StreamTasks',
                 request_serializer=opscore_dot_v1_dot_workflow__service__pb2.StreamTasksRequest.SerializeToString,
@@ -157,6 +162,13 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchWorkflowRun(self, request, context):
+        """Streams a run as it changes: the run as it is first, then each change, until it is final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamTasks(self, request, context):
         """The agent's long-lived connection: the server pushes task assignments and cancellations on it.
         """
@@ -227,6 +239,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.CancelWorkflowRun,
                     request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunRequest.FromString,
                     response_serializer=opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunResponse.SerializeToString,
+            ),
+            'WatchWorkflowRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkflowRun,
+                    request_deserializer=opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunRequest.FromString,
+                    response_serializer=opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunResponse.SerializeToString,
             ),
             'StreamTasks': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTasks,
@@ -466,6 +483,33 @@ class WorkflowService:
             '/opscore.v1.WorkflowService/CancelWorkflowRun',
             opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunRequest.SerializeToString,
             opscore_dot_v1_dot_workflow__service__pb2.CancelWorkflowRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflowRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/opscore.v1.WorkflowService/WatchWorkflowRun',
+            opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunRequest.SerializeToString,
+            opscore_dot_v1_dot_workflow__service__pb2.WatchWorkflowRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

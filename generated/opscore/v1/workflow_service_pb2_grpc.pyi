@@ -49,6 +49,8 @@ class WorkflowServiceStub:
     """Lists the tasks of one run, in the order of its definition, one page at a time."""
     CancelWorkflowRun: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRunRequest, _workflow_service_pb2.CancelWorkflowRunResponse]
     """Cancels an unfinished run."""
+    WatchWorkflowRun: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowRunRequest, _workflow_service_pb2.WatchWorkflowRunResponse]
+    """Streams a run as it changes: the run as it is first, then each change, until it is final."""
     StreamTasks: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.StreamTasksRequest, _workflow_service_pb2.StreamTasksResponse]
     """The agent's long-lived connection: the server pushes task assignments and cancellations on it."""
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CompleteTaskRequest, _workflow_service_pb2.CompleteTaskResponse]
@@ -79,6 +81,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """Lists the tasks of one run, in the order of its definition, one page at a time."""
     CancelWorkflowRun: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRunRequest, _workflow_service_pb2.CancelWorkflowRunResponse]  # type: ignore[assignment]
     """Cancels an unfinished run."""
+    WatchWorkflowRun: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowRunRequest, _workflow_service_pb2.WatchWorkflowRunResponse]  # type: ignore[assignment]
+    """Streams a run as it changes: the run as it is first, then each change, until it is final."""
     StreamTasks: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.StreamTasksRequest, _workflow_service_pb2.StreamTasksResponse]  # type: ignore[assignment]
     """The agent's long-lived connection: the server pushes task assignments and cancellations on it."""
     CompleteTask: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CompleteTaskRequest, _workflow_service_pb2.CompleteTaskResponse]  # type: ignore[assignment]
@@ -154,6 +158,14 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.CancelWorkflowRunResponse, _abc.Awaitable[_workflow_service_pb2.CancelWorkflowRunResponse]]:
         """Cancels an unfinished run."""
+
+    @_abc_1.abstractmethod
+    def WatchWorkflowRun(
+        self,
+        request: _workflow_service_pb2.WatchWorkflowRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.WatchWorkflowRunResponse], _abc.AsyncIterator[_workflow_service_pb2.WatchWorkflowRunResponse]]:
+        """Streams a run as it changes: the run as it is first, then each change, until it is final."""
 
     @_abc_1.abstractmethod
     def StreamTasks(

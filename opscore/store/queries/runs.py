@@ -43,13 +43,14 @@ from opscore.store.queries.definitions import LATEST_DEFINITION, definition_by_i
 from opscore.store.queries.pages import read_by_bytes, scoped_key, scoped_token
 from opscore.store.tables import RUNS, TASKS
 from opscore.store.templates import NewTasks, RunTemplate
-from opscore.store.writer import Tx
+from opscore.store.writer import Observe, Tx
 
 DEFINITION_CACHE_SIZE = 1024
 """Stored definitions whose run templates are kept in memory by id (the oldest seen is dropped
 first)."""
 
 _RUN = select(RUNS).where(RUNS.c.run_id == bindparam("b_run_id"))
+_RUNS = select(RUNS).where(RUNS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
 _RUN_FOR_UPDATE = _RUN.with_for_update()
 _RUNS_BY_REQUEST = select(RUNS).where(
     RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
@@ -299,6 +300,44 @@ class Runs:
 
         return await self._shared.read(op)
 
+    async def watch(self, run_id: str, opened: Callable[[WorkflowRun], None]) -> WorkflowRun:
+        """The run with every task, read by a write batch, and `opened` with it once that batch
+        has committed: the observations of later batches follow on from it (see
+        `domain.watch`). NOT_FOUND if unknown (told by a read first, so that an unknown run
+        never fails a batch)."""
+
+        def exists(conn: Connection) -> None:
+            if conn.execute(_RUN_EXISTS, {"b_run_id": run_id}).first() is None:
+                raise NotFound(Resource.RUN, run_id)
+
+        await self._shared.read(exists)
+        return await self._shared.write(lambda conn: _get_run(conn, run_id), opened)
+
+    async def observe_watched(self) -> None:
+        """An empty write batch, for its observation of the watched runs (`observation`)."""
+        await self._shared.write(_nothing)
+
+    def observation(
+        self,
+        run_ids: Callable[[], list[str]],
+        observed: Callable[[dict[str, WorkflowRun]], None],
+    ) -> Observe:
+        """What every write batch does last (see `Writer.run`): read the runs `run_ids` names
+        as the batch leaves them, and hand them to `observed` once it has committed."""
+
+        def observe(conn: Connection) -> Callable[[], None] | None:
+            wanted = run_ids()
+            if not wanted:
+                return None
+            tasks = tasks_of(conn, wanted)
+            runs = {
+                row.run_id: rows.workflow_run(row, tasks.get(row.run_id, []))
+                for row in conn.execute(_RUNS, {"b_run_ids": wanted})
+            }
+            return functools.partial(observed, runs)
+
+        return observe
+
     def fit_run(self, run: WorkflowRun, budget: Budget) -> WorkflowRun:
         """A run read whole (as a trigger or a cancellation returns it) cut to fit `budget`: as
         many of its tasks as fit, and a token for the rest."""
@@ -324,6 +363,10 @@ class Runs:
             return _get_run(conn, run_id), effects
 
         return await self._shared.write_moving(op, on_commit)
+
+
+def _nothing(conn: Connection) -> None:
+    """A write that writes nothing."""
 
 
 TaskFetch = Callable[[int | None, int], Sequence[TaskRun]]

@@ -1,0 +1,134 @@
+"""Run watches: what each WatchWorkflowRun call has yet to send.
+
+The writer observes every watched run at the end of each batch, inside its transaction, and the
+observations arrive here in commit order (`Watches.observed`): the tasks that changed since the
+run's previous observation go to each of its watches. A watch opens through the writer too (its
+first read is a batch's), so it starts from a state that no later observation predates.
+
+Each watch keeps at most `CAPACITY` changes. A watcher that reads slower than its run changes
+fills it; the changes are then dropped, and its next read is every task that differs from what
+it was last sent, as the run is now: the latest state instead of each change, and a server whose
+memory does not grow with a slow reader.
+
+A replica observes what other replicas change when its own writer next runs a batch; while a
+watched run is unfinished and the replica has peers, a batch runs at least every
+`REREAD_EVERY` (`Watches.due`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+
+from opscore.domain.models import TaskRun, WorkflowRun
+
+CAPACITY = 64
+"""Changes one watch keeps before it falls back to the run's latest state."""
+
+REREAD_EVERY = timedelta(milliseconds=500)
+"""How often a replica with peers observes its watched runs when its writer is otherwise idle."""
+
+Change = tuple[WorkflowRun, tuple[TaskRun, ...]]
+"""A run's own fields (without its tasks) and the tasks that changed, as they are now."""
+
+
+class RunWatch:
+    """One call's watch of one run (see the module docstring)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._changes: deque[Change] = deque()
+        self._behind = False
+        self._wake = asyncio.Event()
+        self._sent: dict[str, TaskRun] = {}
+
+    def started(self, run: WorkflowRun) -> None:
+        """The run as the watch's first response carries it."""
+        self._sent = {task.task_id: task for task in run.tasks}
+
+    def put(self, change: Change) -> None:
+        """A change of the run, to send (or, once over `CAPACITY`, to send as of later)."""
+        if self._behind:
+            return
+        if len(self._changes) >= CAPACITY:
+            self._changes.clear()
+            self._behind = True
+        else:
+            self._changes.append(change)
+        self._wake.set()
+
+    async def next(self, latest: WorkflowRun) -> Change:
+        """The next change to send; once behind, what differs from what was sent, as of
+        `latest` (the run's last observation)."""
+        while not (self._changes or self._behind):
+            self._wake.clear()
+            await self._wake.wait()
+        if self._behind:
+            self._behind = False
+            change = _basic(latest), _differing(latest.tasks, self._sent)
+        else:
+            change = self._changes.popleft()
+        self._sent.update((task.task_id, task) for task in change[1])
+        return change
+
+
+class Watches:
+    """Every open watch of this server, and the last observation of each watched run."""
+
+    def __init__(self) -> None:
+        self._watches: dict[str, set[RunWatch]] = {}
+        self._latest: dict[str, WorkflowRun] = {}
+
+    def run_ids(self) -> list[str]:
+        """The runs to observe at the end of each batch (none most of the time)."""
+        return list(self._watches)
+
+    def due(self) -> bool:
+        """Whether an unfinished run is watched (so another replica may change it)."""
+        return any(not run.state.finished for run in self._latest.values())
+
+    def add(self, watch: RunWatch, run: WorkflowRun) -> None:
+        """Open `watch`, whose first read of its run, `run`, a batch made just now."""
+        self._watches.setdefault(watch.run_id, set()).add(watch)
+        self._latest[watch.run_id] = run
+        watch.started(run)
+
+    def remove(self, watch: RunWatch) -> None:
+        """Close `watch` (its call ended): a run nobody watches any more is not observed."""
+        watches = self._watches.get(watch.run_id)
+        if watches is None:
+            return
+        watches.discard(watch)
+        if not watches:
+            del self._watches[watch.run_id]
+            del self._latest[watch.run_id]
+
+    def latest(self, run_id: str) -> WorkflowRun:
+        """The run as last observed (a watched one)."""
+        return self._latest[run_id]
+
+    def observed(self, runs: Mapping[str, WorkflowRun]) -> None:
+        """Watched runs as a batch left them, in commit order: each change goes to the run's
+        watches."""
+        for run_id, run in runs.items():
+            before = self._latest.get(run_id)
+            if before is None:
+                continue  # its last watch closed meanwhile
+            changed = _differing(run.tasks, {task.task_id: task for task in before.tasks})
+            basic = _basic(run)
+            if not changed and basic == _basic(before):
+                continue
+            self._latest[run_id] = run
+            for watch in self._watches[run_id]:
+                watch.put((basic, changed))
+
+
+def _basic(run: WorkflowRun) -> WorkflowRun:
+    return dataclasses.replace(run, tasks=(), next_task_page_token="")
+
+
+def _differing(tasks: Iterable[TaskRun], known: Mapping[str, TaskRun]) -> tuple[TaskRun, ...]:
+    return tuple(task for task in tasks if known.get(task.task_id) != task)

@@ -1,0 +1,62 @@
+"""`Watches` without a server: observations become changes for each watch of the run, in
+order; a watch over its capacity is sent what differs from what it was sent, as of the latest
+observation; a run nobody watches any more is forgotten."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+from opscore.domain.models import RunState, TaskRun, TaskState, WorkflowRun
+from opscore.domain.watch import CAPACITY, RunWatch, Watches
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def task(name: str, state: TaskState = TaskState.QUEUED, attempt: int = 0) -> TaskRun:
+    return TaskRun(name, "r", name, 0, state, attempt, "", None, "", None, None, None, None)
+
+
+def run(*tasks: TaskRun, state: RunState = RunState.RUNNING) -> WorkflowRun:
+    return WorkflowRun("r", "", "w", "", state, {}, tasks, T0, None, None)
+
+
+async def test_each_observation_is_a_change_of_the_tasks_that_changed() -> None:
+    watches, watch = Watches(), RunWatch("r")
+    watches.add(watch, run(task("a"), task("b")))
+    assert watches.run_ids() == ["r"]
+    watches.observed({"r": run(task("a", TaskState.ASSIGNED, 1), task("b"))})
+    watches.observed({"r": run(task("a", TaskState.ASSIGNED, 1), task("b"))})  # no change
+    watches.observed(
+        {"r": run(task("a", TaskState.SUCCEEDED, 1), task("b"), state=RunState.SUCCEEDED)}
+    )
+    latest = watches.latest("r")
+    first, changed = await watch.next(latest)
+    assert (first.tasks, changed) == ((), (task("a", TaskState.ASSIGNED, 1),))
+    second, changed = await watch.next(latest)
+    assert second.state is RunState.SUCCEEDED
+    assert changed == (task("a", TaskState.SUCCEEDED, 1),)
+
+
+async def test_a_watch_over_its_capacity_is_sent_the_latest_state() -> None:
+    watches, watch = Watches(), RunWatch("r")
+    watches.add(watch, run(task("a"), task("b")))
+    for attempt in range(1, CAPACITY + 2):
+        watches.observed({"r": run(task("a", TaskState.ASSIGNED, attempt), task("b"))})
+    watches.observed({"r": run(task("a", TaskState.SUCCEEDED, CAPACITY + 1), task("b"))})
+    at, changed = await watch.next(watches.latest("r"))
+    assert changed == (task("a", TaskState.SUCCEEDED, CAPACITY + 1),)  # b never changed
+    assert at.tasks == ()
+
+
+async def test_a_run_nobody_watches_is_not_observed() -> None:
+    watches, first, second = Watches(), RunWatch("r"), RunWatch("r")
+    watches.add(first, run(task("a")))
+    watches.add(second, run(task("a")))
+    watches.remove(first)
+    assert watches.run_ids() == ["r"]
+    assert watches.due()
+    watches.remove(second)
+    assert watches.run_ids() == []
+    assert not watches.due()
+    watches.observed({"r": run(dataclasses.replace(task("a"), attempt=1))})  # ignored
