@@ -140,7 +140,7 @@ class OpsCoreServer:
             )
             # Every batch ends by reading the runs being watched, for their watchers.
             observation = store.runs.observation(
-                self.engine.watches.run_ids, self.engine.watches.observed
+                self.engine.watches.run_ids, self.engine.observed_runs
             )
             writer = self._supervise(self._writer.run(placement, observation), "writer")
             resources.push_async_callback(self._stop_writer, writer)

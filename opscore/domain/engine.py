@@ -86,8 +86,8 @@ from opscore.domain.responses import (
     response_bytes,
 )
 from opscore.domain.validation import Limits, check_id, raise_if
+from opscore.domain.watch import ANNOUNCE_EVERY, WATCHED_FOR, Change, RunWatch, Watches
 from opscore.domain.watch import REREAD_EVERY as WATCH_REREAD_EVERY
-from opscore.domain.watch import Change, RunWatch, Watches
 from opscore.streams import AgentStream, Encode, StreamLimits, Streams, StreamWatch
 
 log = logging.getLogger("opscore.engine")
@@ -176,6 +176,7 @@ class Engine:
         self._noticeboard = noticeboard
         self.watches = Watches()
         """The open WatchWorkflowRun calls (the writer observes their runs: see the server)."""
+        self._watch_wake = asyncio.Event()
         """Where replicas sharing the database tell each other what they committed (None:
         this server owns its database alone)."""
         self._stale: set[str] = set()
@@ -712,6 +713,8 @@ class Engine:
         raise_if(check_id(run_id, "run_id"))
         watch = RunWatch(run_id)
         run = await self._store.runs.watch(run_id, functools.partial(self.watches.add, watch))
+        if not run.state.finished:
+            self._tell(Notice("", watching={run_id}))
         try:
             yield self.fit_run(run), ()
             while not run.state.finished:
@@ -739,17 +742,33 @@ class Engine:
         parts.append(tuple(part))
         return parts
 
+    def observed_runs(self, runs: dict[str, WorkflowRun]) -> None:
+        """The watched runs as a committed batch left them (what the server has the writer
+        call): to this replica's watches, and word to the others of what changed in theirs."""
+        changed = self.watches.observed(runs)
+        if changed:
+            self._tell(Notice("", changed_runs=changed))
+
     async def run_watch_rereads(self) -> None:
-        """Until cancelled: while a watched run is unfinished and other replicas may change it,
-        observe it at least every `domain.watch.REREAD_EVERY` (nothing for a server that owns
-        its database alone, whose writer sees every change)."""
+        """Until cancelled, with other replicas: observe the runs watched here when another
+        replica says it changed one, and at least every `domain.watch.REREAD_EVERY` while one
+        is unfinished; tell the others every `ANNOUNCE_EVERY` which runs are watched here
+        (nothing for a server that owns its database alone, whose writer sees every change)."""
         if self._noticeboard is None:
             return
+        announced = self._clock.monotonic()
         while True:
-            await self._clock.sleep(WATCH_REREAD_EVERY.total_seconds())
-            if self.membership.peers and self.watches.due():
-                with contextlib.suppress(StorageFault):
-                    await self._store.runs.observe_watched()
+            await self._clock.wait(self._watch_wake, self._now() + WATCH_REREAD_EVERY)
+            self._watch_wake.clear()
+            now = self._clock.monotonic()
+            self.watches.expire(now)
+            if not (self.membership.peers and self.watches.due()):
+                continue
+            if now >= announced + ANNOUNCE_EVERY.total_seconds():
+                announced = now
+                self._tell(Notice("", watching=self.watches.watching()))
+            with contextlib.suppress(StorageFault):
+                await self._store.runs.observe_watched()
 
     # Results -------------------------------------------------------------------------------
 
@@ -859,6 +878,12 @@ class Engine:
         of this replica's agents, agents to reread."""
         if notice.joined:
             self.membership.peers += 1
+            self._tell(Notice("", watching=self.watches.watching()))
+        if notice.watching:
+            until = self._clock.monotonic() + WATCHED_FOR.total_seconds()
+            self.watches.watched_elsewhere(notice.watching, until)
+        if notice.changed_runs:
+            self._watch_wake.set()
         if notice.ready:
             self.dispatcher.work_elsewhere(notice.ready)
         for agent_id, task_id in notice.released:
@@ -874,6 +899,8 @@ class Engine:
         every agent streaming here."""
         self.dispatcher.work_elsewhere(None)
         self._reread(self.streams.agent_ids())
+        self._tell(Notice("", watching=self.watches.watching()))
+        self._watch_wake.set()
 
     def _reread(self, agent_ids: Iterable[str]) -> None:
         self._stale.update(agent_ids)

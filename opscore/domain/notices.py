@@ -41,9 +41,22 @@ class Notice:
     joined: bool = False
     """The sender has just joined: the others have a peer to tell from now on, without
     waiting for their next renewal to count it."""
+    watching: set[str] = field(default_factory=set)
+    """Unfinished runs the sender's watchers watch (WatchWorkflowRun): the others tell it when
+    they change one (see `domain.watch`)."""
+    changed_runs: set[str] = field(default_factory=set)
+    """Runs some other replica watches that the sender's commits changed."""
 
     def __bool__(self) -> bool:
-        return bool(self.ready or self.released or self.cancelled or self.agents or self.joined)
+        return bool(
+            self.ready
+            or self.released
+            or self.cancelled
+            or self.agents
+            or self.joined
+            or self.watching
+            or self.changed_runs
+        )
 
 
 class Noticeboard(Protocol):

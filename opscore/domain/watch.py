@@ -10,9 +10,12 @@ fills it; the changes are then dropped, and its next read is every task that dif
 it was last sent, as the run is now: the latest state instead of each change, and a server whose
 memory does not grow with a slow reader.
 
-A replica observes what other replicas change when its own writer next runs a batch; while a
-watched run is unfinished and the replica has peers, a batch runs at least every
-`REREAD_EVERY` (`Watches.due`).
+Among replicas, a replica tells the others which unfinished runs its watchers watch (a
+notice's `watching`, said again every `ANNOUNCE_EVERY`). They observe those runs too, at the end
+of their own batches, and tell it when one of their commits changed one (`changed_runs`); it
+then runs a batch whose observation reads the run as they left it, for its watchers. Notices may
+be lost, so a replica with peers also runs a batch at least every `REREAD_EVERY` while a
+watched run is unfinished (`Watches.due`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ CAPACITY = 64
 
 REREAD_EVERY = timedelta(milliseconds=500)
 """How often a replica with peers observes its watched runs when its writer is otherwise idle."""
+
+ANNOUNCE_EVERY = timedelta(seconds=10)
+"""How often a replica tells the others again which runs its watchers watch."""
+
+WATCHED_FOR = 3 * ANNOUNCE_EVERY
+"""How long a replica observes a run another replica said it watches, unless said again."""
 
 Change = tuple[WorkflowRun, tuple[TaskRun, ...]]
 """A run's own fields (without its tasks) and the tasks that changed, as they are now."""
@@ -81,14 +90,32 @@ class Watches:
     def __init__(self) -> None:
         self._watches: dict[str, set[RunWatch]] = {}
         self._latest: dict[str, WorkflowRun] = {}
+        self._elsewhere: dict[str, float] = {}
+        """Runs other replicas watch, and until when (monotonic seconds) to observe them."""
+        self._seen_elsewhere: dict[str, WorkflowRun] = {}
 
     def run_ids(self) -> list[str]:
         """The runs to observe at the end of each batch (none most of the time)."""
-        return list(self._watches)
+        return [*self._watches, *(run for run in self._elsewhere if run not in self._watches)]
 
     def due(self) -> bool:
-        """Whether an unfinished run is watched (so another replica may change it)."""
+        """Whether an unfinished run is watched here (so another replica may change it)."""
         return any(not run.state.finished for run in self._latest.values())
+
+    def watching(self) -> set[str]:
+        """The unfinished runs watched here, to tell the other replicas."""
+        return {run_id for run_id, run in self._latest.items() if not run.state.finished}
+
+    def watched_elsewhere(self, run_ids: Iterable[str], until: float) -> None:
+        """Another replica watches these runs: observe them until `until` (monotonic)."""
+        for run_id in run_ids:
+            self._elsewhere[run_id] = until
+
+    def expire(self, now: float) -> None:
+        """Stop observing the runs other replicas no longer said they watch."""
+        for run_id in [run_id for run_id, until in self._elsewhere.items() if until <= now]:
+            del self._elsewhere[run_id]
+            self._seen_elsewhere.pop(run_id, None)
 
     def add(self, watch: RunWatch, run: WorkflowRun) -> None:
         """Open `watch`, whose first read of its run, `run`, a batch made just now."""
@@ -110,13 +137,20 @@ class Watches:
         """The run as last observed (a watched one)."""
         return self._latest[run_id]
 
-    def observed(self, runs: Mapping[str, WorkflowRun]) -> None:
+    def observed(self, runs: Mapping[str, WorkflowRun]) -> set[str]:
         """Watched runs as a batch left them, in commit order: each change goes to the run's
-        watches."""
+        watches. Returns the runs only other replicas watch that changed (or were seen for the
+        first time, when what changed before is not known), to tell them."""
+        elsewhere: set[str] = set()
         for run_id, run in runs.items():
+            if run_id in self._elsewhere and self._seen_elsewhere.get(run_id) != run:
+                elsewhere.add(run_id)
+                self._seen_elsewhere[run_id] = run
+                if run.state.finished:  # nothing more to tell of it
+                    del self._elsewhere[run_id], self._seen_elsewhere[run_id]
             before = self._latest.get(run_id)
             if before is None:
-                continue  # its last watch closed meanwhile
+                continue  # its last watch here closed meanwhile
             changed = _differing(run.tasks, {task.task_id: task for task in before.tasks})
             basic = _basic(run)
             if not changed and basic == _basic(before):
@@ -124,6 +158,7 @@ class Watches:
             self._latest[run_id] = run
             for watch in self._watches[run_id]:
                 watch.put((basic, changed))
+        return elsewhere
 
 
 def _basic(run: WorkflowRun) -> WorkflowRun:

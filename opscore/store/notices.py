@@ -48,6 +48,8 @@ def encode(notice: Notice) -> list[str]:
             "c": [[c.agent_id, c.task_id, c.run_id, c.attempt, c.reason] for c in notice.cancelled],
             "a": sorted(notice.agents),
             "j": notice.joined,
+            "w": sorted(notice.watching),
+            "g": sorted(notice.changed_runs),
         },
         separators=(",", ":"),
     )
@@ -62,6 +64,10 @@ def encode(notice: Notice) -> list[str]:
         halves[index % 2].cancelled.append(cancellation)
     for index, agent_id in enumerate(sorted(notice.agents)):
         halves[index % 2].agents.add(agent_id)
+    for index, run_id in enumerate(sorted(notice.watching)):
+        halves[index % 2].watching.add(run_id)
+    for index, run_id in enumerate(sorted(notice.changed_runs)):
+        halves[index % 2].changed_runs.add(run_id)
     return [part for half in halves for part in encode(half)]
 
 
@@ -75,6 +81,8 @@ def decode(payload: str) -> Notice:
         cancelled=[Cancellation(*cancelled) for cancelled in fields["c"]],
         agents=set(fields["a"]),
         joined=fields["j"],
+        watching=set(fields["w"]),
+        changed_runs=set(fields["g"]),
     )
 
 
@@ -87,6 +95,8 @@ def merge(notices: list[Notice]) -> Notice:
         merged.cancelled.extend(notice.cancelled)
         merged.agents |= notice.agents
         merged.joined |= notice.joined
+        merged.watching |= notice.watching
+        merged.changed_runs |= notice.changed_runs
     return merged
 
 

@@ -314,29 +314,40 @@ async def test_a_run_watched_on_one_replica_is_followed_to_its_end_on_another(
     tmp_path: Path,
 ) -> None:
     """The agent and the writes are replica A's; the watcher is B's, whose own writer changes
-    nothing of the run: B reads what A changed, and the stream ends with the run."""
+    nothing of the run: A's notices bring each change to B in milliseconds (far sooner than B's
+    periodic reread), and the stream ends with the run."""
+    steps = 4
     async with (
         Replicas.on_fresh_database(2, tmp_path) as replicas,
         replicas.operators() as (on_a, on_b),
     ):
         agent = await on_a.agent("on-a", capabilities=["a-only"])
-        run = await on_a.trigger(definition=chain("watched", 3, capability="a-only"))
+        run = await on_a.trigger(definition=chain("watched", steps, capability="a-only"))
         call = on_b.workflows.WatchWorkflowRun(
             workflow_service_pb2.WatchWorkflowRunRequest(run_id=run.run_id)
         )
         reading = aiter(call)
         first = await anext(reading)
-        assert first.run.run_id == run.run_id
-        for _ in range(3):
-            await agent.complete(await agent.next_assignment())
         states: dict[str, int] = {t.name: t.state for t in first.run.tasks}
+        delays: list[float] = []
         last = first
+        for step in range(steps):
+            await agent.complete(await agent.next_assignment())
+            started = time.monotonic()
+            async with asyncio.timeout(SWEEP_WAIT):
+                while states[f"step-{step}"] != workflow_pb2.TASK_STATE_SUCCEEDED:
+                    last = await anext(reading)
+                    states.update((t.name, t.state) for t in last.changed_tasks)
+            delays.append(time.monotonic() - started)
         async with asyncio.timeout(SWEEP_WAIT):
             async for response in reading:
-                states.update((t.name, t.state) for t in response.changed_tasks)
                 last = response
     assert last.run.state == workflow_pb2.RUN_STATE_SUCCEEDED
     assert set(states.values()) == {workflow_pb2.TASK_STATE_SUCCEEDED}
+    print(f"\ncomplete on A -> seen on B: {', '.join(f'{d * 1000:.1f}' for d in delays)} ms")
+    assert max(delays) < CROSS_WAIT, delays
+    # B's own reread, every 0.5 s, would make it about 250 ms.
+    assert statistics.median(delays) < 0.05, delays
 
 
 async def test_runs_triggered_in_a_burst_on_one_replica_all_reach_an_agent_on_another(

@@ -20,6 +20,8 @@ notices = st.builds(
     cancelled=st.lists(cancellations, max_size=60),
     agents=st.sets(ids, max_size=200),
     joined=st.booleans(),
+    watching=st.sets(ids, max_size=200),
+    changed_runs=st.sets(ids, max_size=200),
 )
 
 
@@ -34,3 +36,5 @@ def test_a_notice_travels_in_payloads_under_the_limit_and_merges_back(notice: No
     assert sorted(back.cancelled, key=repr) == sorted(notice.cancelled, key=repr)
     assert back.agents == notice.agents
     assert back.joined == notice.joined
+    assert back.watching == notice.watching
+    assert back.changed_runs == notice.changed_runs

@@ -60,3 +60,21 @@ async def test_a_run_nobody_watches_is_not_observed() -> None:
     assert watches.run_ids() == []
     assert not watches.due()
     watches.observed({"r": run(dataclasses.replace(task("a"), attempt=1))})  # ignored
+
+
+async def test_runs_other_replicas_watch_are_told_when_they_change_until_final() -> None:
+    watches, here = Watches(), RunWatch("mine")
+    watches.add(here, dataclasses.replace(run(task("a")), run_id="mine"))
+    watches.watched_elsewhere(["r"], until=10.0)
+    assert sorted(watches.run_ids()) == ["mine", "r"]
+    assert watches.watching() == {"mine"}
+    # Seen for the first time: what changed before is not known, so it is told.
+    assert watches.observed({"r": run(task("a"))}) == {"r"}
+    assert watches.observed({"r": run(task("a"))}) == set()
+    assert watches.observed({"r": run(task("a", TaskState.ASSIGNED, 1))}) == {"r"}
+    done = run(task("a", TaskState.SUCCEEDED, 1), state=RunState.SUCCEEDED)
+    assert watches.observed({"r": done}) == {"r"}
+    assert watches.run_ids() == ["mine"]  # final: nothing more to tell of it
+    watches.watched_elsewhere(["s"], until=10.0)
+    watches.expire(now=10.0)
+    assert watches.run_ids() == ["mine"]
