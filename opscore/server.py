@@ -139,8 +139,9 @@ class OpsCoreServer:
                 self.engine.dispatcher.reserve_for_commit, self.engine.assigned, clock.now
             )
             # Every batch ends by reading the runs being watched, for their watchers.
+            watches = self.engine.watches
             observation = store.runs.observation(
-                self.engine.watches.run_ids, self.engine.observed_runs
+                watches.run_ids, watches.known, self.engine.observed_runs
             )
             writer = self._supervise(self._writer.run(placement, observation), "writer")
             resources.push_async_callback(self._stop_writer, writer)

@@ -133,6 +133,11 @@ class Watches:
             del self._watches[watch.run_id]
             del self._latest[watch.run_id]
 
+    def known(self, run_id: str) -> Mapping[str, TaskRun]:
+        """The tasks of a run as last observed, by id (none for a run not observed yet)."""
+        run = self._latest.get(run_id) or self._seen_elsewhere.get(run_id)
+        return {} if run is None else {task.task_id: task for task in run.tasks}
+
     def latest(self, run_id: str) -> WorkflowRun:
         """The run as last observed (a watched one)."""
         return self._latest[run_id]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,6 +51,21 @@ first)."""
 
 _RUN = select(RUNS).where(RUNS.c.run_id == bindparam("b_run_id"))
 _RUNS = select(RUNS).where(RUNS.c.run_id.in_(bindparam("b_run_ids", expanding=True)))
+# What moves when a task changes: a watched run's tasks are read whole only when these differ.
+_MOVING = (
+    TASKS.c.state,
+    TASKS.c.attempt,
+    TASKS.c.agent_id,
+    TASKS.c.queued_at,
+    TASKS.c.assigned_at,
+    TASKS.c.finished_at,
+    TASKS.c.deadline,
+    TASKS.c.not_before,
+)
+_TASKS_MOVING = select(TASKS.c.task_id, TASKS.c.run_id, *_MOVING).where(
+    TASKS.c.run_id.in_(bindparam("b_run_ids", expanding=True))
+)
+_TASKS_BY_ID = select(TASKS).where(TASKS.c.task_id.in_(bindparam("b_task_ids", expanding=True)))
 _RUN_FOR_UPDATE = _RUN.with_for_update()
 _RUNS_BY_REQUEST = select(RUNS).where(
     RUNS.c.request_id.in_(bindparam("b_request_ids", expanding=True))
@@ -320,18 +335,36 @@ class Runs:
     def observation(
         self,
         run_ids: Callable[[], list[str]],
+        known: Callable[[str], Mapping[str, TaskRun]],
         observed: Callable[[dict[str, WorkflowRun]], None],
     ) -> Observe:
         """What every write batch does last (see `Writer.run`): read the runs `run_ids` names
-        as the batch leaves them, and hand them to `observed` once it has committed."""
+        as the batch leaves them, and hand them to `observed` once it has committed. Of their
+        tasks, only those whose state, attempt, agent or times differ from what `known` holds
+        are read whole (outputs and errors change only with those)."""
 
         def observe(conn: Connection) -> Callable[[], None] | None:
             wanted = run_ids()
             if not wanted:
                 return None
-            tasks = tasks_of(conn, wanted)
+            knowns = {run_id: known(run_id) for run_id in wanted}
+            seen: dict[str, list[str]] = {}
+            before: dict[str, TaskRun] = {}
+            moved: list[str] = []
+            for row in conn.execute(_TASKS_MOVING, {"b_run_ids": wanted}):
+                seen.setdefault(row.run_id, []).append(row.task_id)
+                task = knowns[row.run_id].get(row.task_id)
+                if task is None or _moving(task) != _moving_of(row):
+                    moved.append(row.task_id)
+                else:
+                    before[row.task_id] = task
+            if moved:
+                found = conn.execute(_TASKS_BY_ID, {"b_task_ids": moved})
+                before.update((task.task_id, task) for task in map(rows.task_run, found))
             runs = {
-                row.run_id: rows.workflow_run(row, tasks.get(row.run_id, []))
+                row.run_id: rows.workflow_run(
+                    row, [before[task_id] for task_id in seen.get(row.run_id, [])]
+                )
                 for row in conn.execute(_RUNS, {"b_run_ids": wanted})
             }
             return functools.partial(observed, runs)
@@ -363,6 +396,32 @@ class Runs:
             return _get_run(conn, run_id), effects
 
         return await self._shared.write_moving(op, on_commit)
+
+
+def _moving(task: TaskRun) -> tuple[Any, ...]:
+    return (
+        task.state,
+        task.attempt,
+        task.agent_id,
+        task.queued_at,
+        task.assigned_at,
+        task.finished_at,
+        task.deadline,
+        task.not_before,
+    )
+
+
+def _moving_of(row: Any) -> tuple[Any, ...]:
+    return (
+        rows.TASK_STATES[row.state],
+        row.attempt,
+        row.agent_id or "",
+        row.queued_at,
+        row.assigned_at,
+        row.finished_at,
+        row.deadline,
+        row.not_before,
+    )
 
 
 def _nothing(conn: Connection) -> None:
