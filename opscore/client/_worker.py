@@ -189,7 +189,7 @@ class Worker:
                 life.result()  # a refusal of the registration
             await self._drain(life)
         finally:
-            for task in (life, stopping, *(held.task for held in self._attempts if held.task)):
+            for task in (life, stopping, *self._running()):
                 task.cancel()
             await asyncio.gather(life, stopping, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -291,20 +291,22 @@ class Worker:
         log.info("worker draining", extra={"agent_id": self.agent_id, "held": len(self._attempts)})
         if not self._registered:
             return
+        # BUSY rather than closing the stream: cancellations still reach the handlers. What
+        # arrives before the server has it is run like the rest.
+        busy = asyncio.create_task(self._calls.report_state(agent_pb2.REPORTED_AGENT_STATE_BUSY))
         try:
             async with asyncio.timeout(self._drain_timeout):
-                # BUSY rather than closing the stream: cancellations still reach the handlers.
-                await self._calls.report_state(agent_pb2.REPORTED_AGENT_STATE_BUSY)
-                while running := [held.task for held in self._attempts if held.task]:
-                    await asyncio.wait(running)
+                while (running := self._running()) or not busy.done():
+                    waiting = running if busy.done() else [*running, busy]
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             log.warning("drain timed out", extra={"held": len(self._attempts)})
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
         unfinished = list(self._attempts)
         for held in unfinished:
             self._cancel(held, STOPPED)
-        await asyncio.gather(
-            *(held.task for held in unfinished if held.task), return_exceptions=True
-        )
+        await asyncio.gather(*self._running(), return_exceptions=True)
         life.cancel()
         await asyncio.gather(life, return_exceptions=True)
         try:
@@ -312,13 +314,18 @@ class Worker:
                 if self._deregister_on_stop:
                     await self._calls.deregister()
                     log.info("agent deregistered", extra={"agent_id": self.agent_id})
-                for held in [] if self._deregister_on_stop else unfinished:
-                    with contextlib.suppress(AttemptLost):
-                        await self._calls.fail(held.key, STOPPED, retryable=True)
+                else:
+                    for held in unfinished:
+                        with contextlib.suppress(AttemptLost):
+                            await self._calls.fail(held.key, STOPPED, retryable=True)
         except (TimeoutError, grpc.aio.AioRpcError) as error:
             log.warning("could not hand back the unfinished attempts", extra={"error": str(error)})
 
     # Attempts ------------------------------------------------------------------------------
+
+    def _running(self) -> list[asyncio.Task[None]]:
+        """The tasks of the attempts held."""
+        return [held.task for held in self._attempts if held.task is not None]
 
     def _take(self, event: workflow_service_pb2.StreamTasksResponse) -> None:
         kind = event.WhichOneof("event")

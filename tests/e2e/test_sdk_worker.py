@@ -1,7 +1,8 @@
 """The agent SDK (`opscore.client.Worker`) against a real server over a real channel: results,
 retries and non-retryable failures, cancellation reaching a handler, leases kept for a handler
-that outlives its timeout, a reconnection after the server restarts (the attempt held sent
-again and not run twice), and a drain on SIGTERM of a worker in a process of its own."""
+that outlives its timeout, TLS with a registration token or a client certificate, a
+reconnection after the server restarts (the attempt held sent again and not run twice), and a
+drain on SIGTERM of a worker in a process of its own."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from typing import Any
 import auth
 import grpc
 import pytest
+from certs import Authority
 from conftest import POSTGRES_URL, ServerFactory, postgres_database, serve
 from helpers import WAIT, Client, as_dict, definition, seconds, struct, tasks_of
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 from processes import ServerProcess, clean_environment, free_port
 from replicas import CHANNEL_OPTIONS
+from secure import tls_channel
 
-from opscore.client import Backoff, NonRetryable, TaskContext, Worker
+from opscore.client import Backoff, NonRetryable, TaskContext, Tls, Worker
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 """Reconnections in tests come back within half a second."""
@@ -150,7 +153,14 @@ async def test_an_exception_is_retried_and_a_non_retryable_one_fails_the_task(
 ) -> None:
     async with serve(start_server, migrated_url) as client:
         assert client.server is not None
-        worker = new_worker(client.server.port)
+        # The first address has no server: the worker goes on to the next.
+        nobody = f"127.0.0.1:{free_port()}"
+        worker = Worker(
+            [nobody, f"127.0.0.1:{client.server.port}"],
+            agent_id="worker-1",
+            token=auth.OPERATOR_TOKEN,
+            backoff=FAST,
+        )
 
         @worker.task("flaky")
         async def flaky(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +251,45 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
         asked = as_dict(tasks["asks"].output)
         assert asked["seen"] is True
         assert asked["by"] > 50
+
+
+@pytest.mark.parametrize("credential", ["registration token", "client certificate"])
+async def test_a_worker_over_tls(
+    start_server: ServerFactory, sqlite_url: str, tmp_path: Path, credential: str
+) -> None:
+    authority = Authority.create("Ops-Core test CA")
+    served = authority.issue_server().write(tmp_path, "server")
+    ca = authority.write_ca(tmp_path, "ca")
+    mutual = credential == "client certificate"
+    settings: dict[str, Any] = {
+        "tls_cert": str(served.cert),
+        "tls_key": str(served.key),
+        "tls_client_ca": str(ca) if mutual else "",
+        "registration_token": auth.REGISTRATION_TOKEN,
+    }
+    operator = authority.issue_client("operator", ["opscore://operator/alice"])
+    agent = authority.issue_client("tls-1", ["opscore://agent/tls-1"]).write(tmp_path, "agent")
+    async with (
+        start_server(sqlite_url, **settings) as server,
+        tls_channel(server.port, authority, operator if mutual else None) as channel,
+    ):
+        client = Client(channel)
+        worker = Worker(
+            f"localhost:{server.port}",
+            agent_id="tls-1",
+            token=None if mutual else auth.REGISTRATION_TOKEN,
+            tls=Tls(ca, agent.cert, agent.key) if mutual else Tls(ca),
+            backoff=FAST,
+        )
+
+        @worker.task("secure")
+        async def secure(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+            return {"secure": True}
+
+        async with working(worker, client):
+            run = await client.trigger(definition=definition("tls", spec("t", "secure")))
+            done = await client.wait_run(run.run_id, SUCCEEDED)
+        assert as_dict(tasks_of(done)["t"].output) == {"secure": True}
 
 
 BACKENDS = [
