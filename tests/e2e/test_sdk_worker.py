@@ -2,7 +2,7 @@
 retries and non-retryable failures, cancellation reaching a handler, leases kept for a handler
 that outlives its timeout, TLS with a registration token or a client certificate, a
 reconnection after the server restarts (the attempt held sent again and not run twice), and a
-drain on SIGTERM of a worker in a process of its own."""
+drain on SIGTERM of a worker in a process of its own; and the example agent."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ FAST = Backoff(initial=0.05, maximum=0.5)
 """Reconnections in tests come back within half a second."""
 
 AGENT_SCRIPT = Path(__file__).resolve().parents[1] / "sdk_agent.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent.py"
 
 SUCCEEDED = workflow_pb2.RUN_STATE_SUCCEEDED
 FAILED = workflow_pb2.RUN_STATE_FAILED
@@ -409,3 +410,45 @@ async def test_sigterm_drains_the_worker_process(
         waiting = tasks_of(await client.run(later.run_id))["t"]
         assert (waiting.state, waiting.attempt) == (workflow_pb2.TASK_STATE_QUEUED, 0)
         assert marker.read_text() == finished.task_id
+
+
+async def test_the_example_agent_runs_the_walk_through(client: Client) -> None:
+    assert client.server is not None
+    environment = clean_environment(
+        OPSCORE_ADDRESS=f"127.0.0.1:{client.server.port}",
+        OPSCORE_AGENT_ID="example",
+        OPSCORE_TOKEN=auth.OPERATOR_TOKEN,
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLE),
+        env=environment,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_agent(client, "example", connected, timeout=WAIT * 3)
+        run = await client.trigger(
+            definition=definition(
+                "summarize-url",
+                spec("fetch", "summarize", input={"url": "https://example.com"}),
+                spec("summarize", "summarize", input={"max_words": 2}, depends_on=("fetch",)),
+            ),
+            input={"text": "Example Domain."},
+        )
+        done = await client.wait_run(run.run_id, SUCCEEDED)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT * 2):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    tasks = tasks_of(done)
+    assert as_dict(tasks["fetch"].output) == {
+        "summary": "Example Domain. https://example.com",
+        "words": 3.0,
+    }
+    assert as_dict(tasks["summarize"].output)["summary"] == "Example Domain."
