@@ -132,6 +132,7 @@ class Worker:
         self._skew = timedelta(0)
         """The server's clock minus the worker's, from the latest heartbeat."""
         self._registered = False
+        self._started = False
 
     # Handlers ------------------------------------------------------------------------------
 
@@ -167,7 +168,10 @@ class Worker:
         """Work until stopped: register, stream tasks and run them, reconnecting whenever the
         stream ends; on `stop` (or SIGTERM, SIGINT with `handle_signals`) drain and return.
         Raises the server's refusal of the registration when retrying cannot cure it (a
-        token refused, an invalid field)."""
+        token refused, an invalid field). A worker runs once."""
+        if self._started:
+            raise RuntimeError("a worker runs once: make another")
+        self._started = True
         missing = [name for name in self.capabilities if name not in self._handlers]
         if missing:
             raise ValueError(f"no handler for the capabilities {missing}")
@@ -269,6 +273,7 @@ class Worker:
         finally:
             heartbeats.cancel()
             call.cancel()
+            await asyncio.gather(heartbeats, return_exceptions=True)
         return opened
 
     async def _heartbeats(self) -> None:

@@ -254,6 +254,62 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
         assert asked["by"] > 50
 
 
+async def test_a_handler_that_cannot_succeed_fails_its_task_at_once(client: Client) -> None:
+    assert client.server is not None
+    worker = new_worker(client.server.port)
+
+    @worker.task("listing")
+    async def listing(ctx: TaskContext, task_input: dict[str, Any]) -> Any:
+        return [1, 2]
+
+    @worker.task("infinite")
+    def infinite(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+        return {"ratio": float("inf")}
+
+    async with working(worker, client):
+        runs = {
+            capability: await client.trigger(
+                definition=definition(capability or "stray", spec("stray", capability))
+            )
+            for capability in ("listing", "infinite", "")
+        }
+        errors = {
+            capability: tasks_of(await client.wait_run(run.run_id, FAILED))["stray"].error
+            for capability, run in runs.items()
+        }
+    assert errors["listing"] == "the handler returned list, not a dict"
+    assert errors["infinite"].startswith("the server refused the output: ")
+    assert errors[""] == "no handler for 'stray'"
+
+
+async def test_a_drain_past_its_timeout_fails_what_it_holds_as_retryable(
+    client: Client,
+) -> None:
+    assert client.server is not None
+    worker = new_worker(client.server.port, drain_timeout=0.2, deregister_on_stop=False)
+    reasons: list[str] = []
+    started = asyncio.Event()
+
+    @worker.task("stuck")
+    async def stuck(ctx: TaskContext, task_input: dict[str, Any]) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            reasons.append(ctx.cancel_reason)
+            raise
+
+    async with working(worker, client):
+        run = await client.trigger(definition=definition("stuck", spec("t", "stuck")))
+        await asyncio.wait_for(started.wait(), WAIT)
+    assert reasons == ["the worker stopped before the task finished"]
+    task = tasks_of(await client.run(run.run_id))["t"]
+    assert (task.state, task.error) == (workflow_pb2.TASK_STATE_QUEUED, reasons[0])
+    agent = await agent_of(client, worker.agent_id)
+    assert agent is not None
+    assert (agent.state, agent.connected) == (agent_pb2.AGENT_STATE_OFFLINE, False)
+
+
 @pytest.mark.parametrize("credential", ["registration token", "client certificate"])
 async def test_a_worker_over_tls(
     start_server: ServerFactory, sqlite_url: str, tmp_path: Path, credential: str
