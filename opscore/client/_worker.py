@@ -175,16 +175,16 @@ class Worker:
         missing = [name for name in self.capabilities if name not in self._handlers]
         if missing:
             raise ValueError(f"no handler for the capabilities {missing}")
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
-        for signum in signals:
-            loop.add_signal_handler(signum, self.stop)
-        self._channels = Channels(self._addresses, self._tls)
+        self._channels = Channels(self._addresses, self._tls)  # reads the TLS files, or fails
         self._calls = Calls(self._channels, self.agent_id, self._token, self._backoff, self._clock)
         self._slots = asyncio.Semaphore(self._max_concurrent_tasks)
         self._executor = ThreadPoolExecutor(
             self._max_concurrent_tasks, thread_name_prefix=f"opscore-{self.agent_id}"
         )
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for signum in signals:
+            loop.add_signal_handler(signum, self.stop)
         life = asyncio.create_task(self._life(), name=f"worker {self.agent_id}")
         stopping = asyncio.create_task(self._stopping.wait())
         try:
