@@ -229,7 +229,7 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
         @worker.task("long")
         async def long(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
             first = ctx.deadline
-            await asyncio.sleep(2.5)  # past the 1 s timeout: kept by automatic extensions
+            await asyncio.sleep(3)  # past the 2 s timeout: kept by automatic extensions
             return {"moved": ctx.deadline > first}
 
         @worker.task("asks")
@@ -242,7 +242,7 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
             run = await client.trigger(
                 definition=definition(
                     "leases",
-                    spec("long", "long", timeout=1, max_attempts=1),
+                    spec("long", "long", timeout=2, max_attempts=1),
                     spec("asks", "asks", timeout=1, max_attempts=1),
                 )
             )
