@@ -1,7 +1,8 @@
 """The layers stay apart. No module of opscore/domain imports the store, the API layer, gRPC or
 the generated protobuf code: it reaches persistence through its own ports (domain/ports.py). And
 no module of opscore/store imports the modules that decide outcomes (the state machine, the
-graph, the retry policy): the store is handed the state machine as a port (`ports.Rules`)."""
+graph, the retry policy): the store is handed the state machine as a port (`ports.Rules`). The
+agent SDK (opscore/client) is no part of the server: of it, it uses the clock alone."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import opscore.client
 import opscore.domain
 import opscore.store
 
@@ -17,6 +19,16 @@ DOMAIN = Path(opscore.domain.__file__).parent
 STORE = Path(opscore.store.__file__).parent
 FORBIDDEN = ("opscore.store", "opscore.api", "grpc", "opscore.v1")
 _INSIDE = tuple(f"{layer}." for layer in FORBIDDEN)
+CLIENT = Path(opscore.client.__file__).parent
+SERVER_SIDE = (
+    "opscore.api",
+    "opscore.cli",
+    "opscore.domain",
+    "opscore.server",
+    "opscore.store",
+    "opscore.streams",
+)
+CLIENT_MAY_USE = ("opscore.domain.clock",)
 DECISIONS = ("opscore.domain.machine", "opscore.domain.graph", "opscore.domain.retry")
 
 
@@ -94,3 +106,15 @@ def test_every_form_of_a_decision_import_is_seen(source: str) -> None:
 
 def test_neighbours_of_forbidden_names_pass() -> None:
     assert forbidden(imported("import grpcio_like\nfrom opscore import streams", "opscore")) == []
+
+
+@pytest.mark.parametrize("path", sorted(CLIENT.glob("*.py")), ids=lambda path: path.name)
+def test_client_module_imports_nothing_of_the_server_but_its_clock(path: Path) -> None:
+    names = imported(path.read_text(), "opscore.client")
+    server_side = [
+        name
+        for name in names
+        if any(name == part or name.startswith(f"{part}.") for part in SERVER_SIDE)
+        and not any(name == part or name.startswith(f"{part}.") for part in CLIENT_MAY_USE)
+    ]
+    assert server_side == []
