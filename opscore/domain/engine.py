@@ -712,10 +712,10 @@ class Engine:
         changed, as many as fit in each response, until a response carries it final."""
         raise_if(check_id(run_id, "run_id"))
         watch = RunWatch(run_id)
-        run = await self._store.runs.watch(run_id, functools.partial(self.watches.add, watch))
-        if not run.state.finished:
-            self._tell(Notice("", watching={run_id}))
         try:
+            run = await self._store.runs.watch(run_id, functools.partial(self.watches.add, watch))
+            if not run.state.finished:
+                self._tell(Notice("", watching={run_id}))
             yield self.fit_run(run), ()
             while not run.state.finished:
                 run, changed = await watch.next(self.watches.latest(run_id))

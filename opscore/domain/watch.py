@@ -53,6 +53,9 @@ class RunWatch:
         self._behind = False
         self._wake = asyncio.Event()
         self._sent: dict[str, TaskRun] = {}
+        self.closed = False
+        """Its call ended: a commit that opens it after that (the call went away while its
+        first read was in a batch) leaves it closed."""
 
     def started(self, run: WorkflowRun) -> None:
         """The run as the watch's first response carries it."""
@@ -119,12 +122,15 @@ class Watches:
 
     def add(self, watch: RunWatch, run: WorkflowRun) -> None:
         """Open `watch`, whose first read of its run, `run`, a batch made just now."""
+        if watch.closed:
+            return
         self._watches.setdefault(watch.run_id, set()).add(watch)
         self._latest[watch.run_id] = run
         watch.started(run)
 
     def remove(self, watch: RunWatch) -> None:
         """Close `watch` (its call ended): a run nobody watches any more is not observed."""
+        watch.closed = True
         watches = self._watches.get(watch.run_id)
         if watches is None:
             return

@@ -78,3 +78,10 @@ async def test_runs_other_replicas_watch_are_told_when_they_change_until_final()
     watches.watched_elsewhere(["s"], until=10.0)
     watches.expire(now=10.0)
     assert watches.run_ids() == ["mine"]
+
+
+def test_a_watch_closed_before_its_first_read_committed_stays_closed() -> None:
+    watches, watch = Watches(), RunWatch("r")
+    watches.remove(watch)  # the call went away while its first read was in a batch
+    watches.add(watch, run(task("a")))
+    assert watches.run_ids() == []
