@@ -49,6 +49,7 @@ REQUIRED_IDS = {
     "StreamTasksRequest": ("agent_id",),
     "GetWorkflowDefinitionRequest": ("definition_id",),
     "GetWorkflowRunRequest": ("run_id",),
+    "WatchWorkflowRunRequest": ("run_id",),
     "ListWorkflowRunTasksRequest": ("run_id",),
     "CancelWorkflowRunRequest": ("run_id",),
     "CompleteTaskRequest": ("task_id", "agent_id"),

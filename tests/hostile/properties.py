@@ -45,21 +45,25 @@ HYPOTHESIS = settings(
 )
 
 
+STREAMS = ("StreamTasks", "WatchWorkflowRun")
+"""The server-streaming RPCs."""
+
+
 def send(
     channel: grpc.Channel, rpc: str, request: Message, limits: Limits
 ) -> tuple[grpc.StatusCode, Any]:
-    """Send one request; returns its status and the error (None when OK). A StreamTasks call
-    counts as OK once the server has accepted it (it sends its headers then), unless the
-    contract refuses the request: then its status is awaited, so a late refusal is never taken
-    for an accepted stream, nor an accepted one for a refusal."""
+    """Send one request; returns its status and the error (None when OK). A stream (StreamTasks,
+    WatchWorkflowRun) counts as OK once the server has accepted it (it sends its headers then),
+    unless the contract refuses the request: then its status is awaited, so a late refusal is
+    never taken for an accepted stream, nor an accepted one for a refusal."""
     method = rpc.split("[", maxsplit=1)[0]
     if method in agent_lifecycle_pb2.DESCRIPTOR.services_by_name["AgentLifecycle"].methods_by_name:
         stub: Any = agent_lifecycle_pb2_grpc.AgentLifecycleStub(channel)
     else:
         stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
     try:
-        if method == "StreamTasks":
-            call = stub.StreamTasks(request, timeout=CALL_TIMEOUT)
+        if method in STREAMS:
+            call = getattr(stub, method)(request, timeout=CALL_TIMEOUT)
             refusal_due = bool(problems(request, limits))
             if not refusal_due:
                 call.initial_metadata()  # accepted (headers) or refused (a status alone)

@@ -149,6 +149,7 @@ def rpc_requests(world: World) -> dict[str, st.SearchStrategy[Message]]:
         "TriggerWorkflow[workflow_name]": trigger_requests(world, "workflow_name"),
         "TriggerWorkflow[definition]": trigger_requests(world, "definition"),
         "GetWorkflowRun": st.builds(service.GetWorkflowRunRequest, run_id=ids(world.runs)),
+        "WatchWorkflowRun": st.builds(service.WatchWorkflowRunRequest, run_id=ids(world.runs)),
         "ListWorkflowRuns": st.builds(
             service.ListWorkflowRunsRequest,
             page_size=page_sizes,
@@ -195,4 +196,5 @@ RPCS = [
     "FailTask",
     "ExtendTaskLease",
     "StreamTasks",
+    "WatchWorkflowRun",
 ]
