@@ -55,7 +55,7 @@ export class Agent {
   /** The agent token of the latest registration; its calls carry it. */
   private token = '';
   private registered = false;
-  /** The connection of the latest task stream: reports go there. */
+  /** The connection of the latest task stream that opened: reports go there. */
   private connection: Connection | undefined;
   private stream: grpc.ClientReadableStream<StreamTasksResponse__Output> | undefined;
   private readonly stopping = new AbortController();
@@ -135,12 +135,22 @@ export class Agent {
         log.info('deregistered by the server', fields);
         return { exit: 0 };
       case grpc.status.UNAUTHENTICATED:
-      case grpc.status.NOT_FOUND:
-        // The token was rotated or revoked, or the server no longer knows the agent.
+        if (opened) {
+          // The token was rotated under an open stream: another process registered as this
+          // agent. Registering back would revoke its token in turn, and so on for ever.
+          log.error('another registration of this agent revoked its token', fields);
+          return { exit: 1 };
+        }
         log.warning('task stream refused; registering again', fields);
         this.registered = false;
         return { reconnect: true, opened };
+      case grpc.status.NOT_FOUND:
+        // The server no longer knows the agent (a new database, say): it registers anew.
+        log.warning('agent unknown to the server; registering again', fields);
+        this.registered = false;
+        return { reconnect: true, opened };
       case grpc.status.ABORTED:
+        // Another process opened a stream as this agent; taking it back would start a fight.
         log.error('another task stream for this agent replaced this one', fields);
         return { exit: 1 };
       case grpc.status.PERMISSION_DENIED:
@@ -148,7 +158,7 @@ export class Agent {
         log.error('task stream refused', fields);
         return { exit: 1 };
       default:
-        log.warning('task stream ended', fields);
+        log.warning(opened ? 'task stream ended' : 'task stream not opened', fields);
         return { reconnect: true, opened };
     }
   }
@@ -184,9 +194,9 @@ export class Agent {
       let opened = false;
       const call = connection.workflows.StreamTasks({ agentId: this.config.agentId }, bearer(this.token));
       this.stream = call;
-      this.connection = connection;
       call.on('metadata', () => {
         opened = true;
+        this.connection = connection;
         log.info('task stream open', { address: connection.address });
       });
       call.on('data', (event) => this.receive(event, connection));
