@@ -23,7 +23,7 @@ import grpc
 import pytest
 from conftest import ServerFactory
 from helpers import WAIT, Agent, Client, as_dict, connect, definition, task, tasks_of
-from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
+from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 from processes import ROOT, clean_environment, free_port
 
 from opscore.server import OpsCoreServer
@@ -48,7 +48,10 @@ CAPABILITY = "echo"
 def agent_script() -> Path:
     """The agent, generated and compiled from the committed sources; its entry point."""
     assert NPM is not None
-    for step in (["ci", "--no-audit", "--no-fund"], ["run", "generate"], ["run", "build"]):
+    # No package needs its install scripts (protobufjs's only warns about how dependents pin it),
+    # and the lock file names every tarball: a warm cache serves it all without a request.
+    install = ["ci", "--no-audit", "--no-fund", "--prefer-offline", "--ignore-scripts"]
+    for step in (install, ["run", "generate"], ["run", "build"]):
         completed = subprocess.run(
             [NPM, *step],
             cwd=EXAMPLE,
@@ -284,3 +287,35 @@ async def test_sigterm_finishes_the_task_in_hand_and_exits_0(
         assert await agent.exit_status() == 0, agent.log_text()
         assert (await client.run(run.run_id)).state == workflow_pb2.RUN_STATE_SUCCEEDED
         assert not (await Agent(client, AGENT_ID).get()).connected
+
+
+async def test_exits_0_when_deregistered(
+    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+) -> None:
+    async with (
+        server_with_registration(start_server, database) as (server, client),
+        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
+    ):
+        await connected(client)
+        await client.lifecycle.DeregisterAgent(
+            agent_lifecycle_pb2.DeregisterAgentRequest(agent_id=AGENT_ID)
+        )
+        assert await agent.exit_status() == 0, agent.log_text()
+        await agent.logged("deregistered by the server")
+
+
+async def test_exits_1_when_another_registration_takes_its_id(
+    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+) -> None:
+    """Registering back would revoke the other's token in turn: the two would fight for ever."""
+    async with (
+        server_with_registration(start_server, database) as (server, client),
+        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
+    ):
+        await connected(client)
+        await client.lifecycle.RegisterAgent(
+            agent_lifecycle_pb2.RegisterAgentRequest(agent_id=AGENT_ID, capabilities=[CAPABILITY])
+        )
+        assert await agent.exit_status() == 1, agent.log_text()
+        await agent.logged("another registration of this agent revoked its token")
+        assert [r["message"] for r in agent.records()].count("registered") == 1

@@ -10,7 +10,15 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import * as grpc from '@grpc/grpc-js';
 
-import { bearer, callOptions, type Connection, Connections, isServiceError, TRANSIENT, unary } from './api';
+import {
+  bearer,
+  callOptions,
+  type Connection,
+  Connections,
+  isServiceError,
+  TRANSIENT,
+  unary,
+} from './api';
 import type { AgentConfig } from './config';
 import type { CompleteTaskResponse__Output } from './generated/opscore/v1/CompleteTaskResponse';
 import type { FailTaskResponse__Output } from './generated/opscore/v1/FailTaskResponse';
@@ -22,7 +30,7 @@ import { type JsonObject, toStruct } from './json';
 import * as log from './log';
 import { work } from './work';
 
-/** How one connection ended: reconnect (after a stream that opened, or not), or exit with a status. */
+/** How one connection ended: reconnect (after a stream that opened, or not), or exit. */
 type Outcome = { readonly reconnect: true; readonly opened: boolean } | { readonly exit: number };
 
 /** The addresses, in turn, for ever (the configuration has at least one). */
@@ -33,7 +41,9 @@ function* rotation(addresses: readonly string[]): Generator<string> {
 }
 
 function packageVersion(): string {
-  const manifest: unknown = JSON.parse(readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8'));
+  const manifest: unknown = JSON.parse(
+    readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8'),
+  );
   const known = typeof manifest === 'object' && manifest !== null && 'version' in manifest;
   return known && typeof manifest.version === 'string' ? manifest.version : '';
 }
@@ -114,7 +124,10 @@ export class Agent {
         await this.register(connection);
       } catch (error) {
         if (isServiceError(error) && TRANSIENT.has(error.code)) {
-          log.warning('registration failed', { address: connection.address, ...statusFields(error) });
+          log.warning('registration failed', {
+            address: connection.address,
+            ...statusFields(error),
+          });
           return { reconnect: true, opened: false };
         }
         log.error('registration refused', { address: connection.address, ...statusFields(error) });
@@ -128,7 +141,11 @@ export class Agent {
     if (this.stopping.signal.aborted) {
       return { exit: 0 };
     }
-    const fields = { address: connection.address, code: grpc.status[status.code], details: status.details };
+    const fields = {
+      address: connection.address,
+      code: grpc.status[status.code],
+      details: status.details,
+    };
     switch (status.code) {
       case grpc.status.OK:
         // The server ends a stream without an error only when its agent is deregistered.
@@ -192,7 +209,10 @@ export class Agent {
   private listen(connection: Connection): Promise<{ status: grpc.StatusObject; opened: boolean }> {
     return new Promise((resolve) => {
       let opened = false;
-      const call = connection.workflows.StreamTasks({ agentId: this.config.agentId }, bearer(this.token));
+      const call = connection.workflows.StreamTasks(
+        { agentId: this.config.agentId },
+        bearer(this.token),
+      );
       this.stream = call;
       call.on('metadata', () => {
         opened = true;
@@ -252,8 +272,16 @@ export class Agent {
   }
 
   /** Run one attempt and report how it went; a cancelled attempt reports nothing. */
-  private async attempt(assignment: TaskAssignment__Output, signal: AbortSignal, via: Connection): Promise<void> {
-    const attempt = { taskId: assignment.taskId, agentId: this.config.agentId, attempt: assignment.attempt };
+  private async attempt(
+    assignment: TaskAssignment__Output,
+    signal: AbortSignal,
+    via: Connection,
+  ): Promise<void> {
+    const attempt = {
+      taskId: assignment.taskId,
+      agentId: this.config.agentId,
+      attempt: assignment.attempt,
+    };
     let output: JsonObject;
     try {
       output = await work(assignment, this.config.agentId, signal);
@@ -261,7 +289,11 @@ export class Agent {
       if (signal.aborted) {
         return; // cancelled: the server expects nothing more of this attempt
       }
-      const failure = { ...attempt, error: error instanceof Error ? error.message : String(error), retryable: true };
+      const failure = {
+        ...attempt,
+        error: error instanceof Error ? error.message : String(error),
+        retryable: true,
+      };
       await this.report('failed', assignment, signal, via, (connection, metadata) =>
         unary<FailTaskResponse__Output>((done) =>
           connection.workflows.FailTask(failure, metadata, callOptions(), done),
@@ -289,9 +321,17 @@ export class Agent {
     via: Connection,
     send: (connection: Connection, metadata: grpc.Metadata) => Promise<unknown>,
   ): Promise<void> {
-    const fields = { task_id: assignment.taskId, task_name: assignment.taskName, attempt: assignment.attempt };
+    const fields = {
+      task_id: assignment.taskId,
+      task_name: assignment.taskName,
+      attempt: assignment.attempt,
+    };
     const end = leaseEnd(assignment);
-    for (let delay = this.config.reconnectMs; ; delay = Math.min(delay * 2, this.config.reconnectMaxMs)) {
+    for (
+      let delay = this.config.reconnectMs;
+      ;
+      delay = Math.min(delay * 2, this.config.reconnectMaxMs)
+    ) {
       try {
         await send(this.connection ?? via, bearer(this.token));
         log.info(`task ${outcome}`, fields);
@@ -299,9 +339,13 @@ export class Agent {
       } catch (error) {
         // UNAUTHENTICATED as well: a registration since the call left rotated the token it carried.
         const passing =
-          isServiceError(error) && (TRANSIENT.has(error.code) || error.code === grpc.status.UNAUTHENTICATED);
+          isServiceError(error) &&
+          (TRANSIENT.has(error.code) || error.code === grpc.status.UNAUTHENTICATED);
         if (!passing || signal.aborted || Date.now() + delay >= end) {
-          log.warning(`task could not be reported ${outcome}`, { ...fields, ...statusFields(error) });
+          log.warning(`task could not be reported ${outcome}`, {
+            ...fields,
+            ...statusFields(error),
+          });
           return;
         }
         log.warning('report failed; retrying', { ...fields, ...statusFields(error) });

@@ -16,7 +16,10 @@ import type { ProtoGrpcType as WorkflowProto } from './generated/workflow_servic
 const REPOSITORY = path.resolve(__dirname, '..', '..', '..');
 
 /** Where the protos are: ours, and the googleapis import `make proto-deps` copies. */
-const INCLUDE_DIRS = [path.join(REPOSITORY, 'protos'), path.join(REPOSITORY, 'build', 'proto-deps')];
+const INCLUDE_DIRS = [
+  path.join(REPOSITORY, 'protos'),
+  path.join(REPOSITORY, 'build', 'proto-deps'),
+];
 
 /** The options `npm run generate` gives proto-loader-gen-types: the generated types describe
  * the objects this loader produces only when both use the same ones. */
@@ -35,7 +38,8 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_timeout_ms': 10_000,
 };
 
-/** Seconds a unary call may take before the agent gives up on it (and retries, where it may). */
+/** Milliseconds a unary call may take before the agent gives up on it (and retries, where it
+ * may). */
 const CALL_TIMEOUT_MS = 10_000;
 
 type Proto = LifecycleProto & WorkflowProto;

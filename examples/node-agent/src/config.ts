@@ -16,7 +16,8 @@ export interface AgentConfig {
   readonly capabilities: readonly string[];
   /** How many tasks the agent runs at once. */
   readonly maxConcurrentTasks: number;
-  /** A registration (or operator) token for RegisterAgent; empty for a server without authentication. */
+  /** A registration (or operator) token for RegisterAgent; empty for a server that runs
+   * without authentication. */
   readonly registrationToken: string;
   /** Milliseconds before the first reconnection; each failure in a row doubles it. */
   readonly reconnectMs: number;

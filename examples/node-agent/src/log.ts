@@ -7,7 +7,13 @@
 export type Fields = Record<string, string | number | boolean | null | readonly string[]>;
 
 function write(level: 'INFO' | 'WARNING' | 'ERROR', message: string, fields: Fields): void {
-  const record = { time: new Date().toISOString(), level, logger: 'node-agent', message, ...fields };
+  const record = {
+    time: new Date().toISOString(),
+    level,
+    logger: 'node-agent',
+    message,
+    ...fields,
+  };
   process.stderr.write(`${JSON.stringify(record)}\n`);
 }
 

@@ -42,7 +42,9 @@ main().then(
     process.exitCode = status;
   },
   (error: unknown) => {
-    log.error('crashed', { error: error instanceof Error ? (error.stack ?? error.message) : String(error) });
+    log.error('crashed', {
+      error: error instanceof Error ? (error.stack ?? error.message) : String(error),
+    });
     process.exitCode = 1;
   },
 );
