@@ -83,10 +83,12 @@ class NodeAgent:
         """Wait (bounded) for a record with `message` and `fields`; the record."""
         async with asyncio.timeout(WAIT):
             while True:
+                # Whether it had exited before its log is read: then the log is all it wrote.
+                exited = self.process.returncode is not None
                 for record in self.records():
                     if record["message"] == message and fields.items() <= record.items():
                         return record
-                assert self.process.returncode is None, f"the agent exited:\n{self.log_text()}"
+                assert not exited, f"the agent exited:\n{self.log_text()}"
                 await asyncio.sleep(0.02)
 
     def log_text(self) -> str:
@@ -286,7 +288,7 @@ async def test_sigterm_finishes_the_task_in_hand_and_exits_0(
 
         assert await agent.exit_status() == 0, agent.log_text()
         assert (await client.run(run.run_id)).state == workflow_pb2.RUN_STATE_SUCCEEDED
-        assert not (await Agent(client, AGENT_ID).get()).connected
+        await Agent(client, AGENT_ID).wait_until(lambda seen: not seen.connected)
 
 
 async def test_exits_0_when_deregistered(
