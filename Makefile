@@ -19,7 +19,7 @@ export PYTHONSAFEPATH := 1
 PACKAGE_FILES := $(shell find opscore generated -type f \( -name '*.py' -o -name '*.pyi' -o -name 'py.typed' -o -name '*.mako' \) 2>/dev/null | sort)
 
 .PHONY: serve test check lint format typecheck buf-lint buf-breaking generate check-generated \
-	pytest bench clean FORCE
+	proto-deps pytest bench clean FORCE
 
 serve: $(VENV)/.runtime
 	$(BIN)/opscore serve
@@ -54,10 +54,15 @@ format: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict opscore bench
 
-$(FIELD_BEHAVIOR): $(VENV)/.dev
+# googleapis-common-protos is a runtime dependency, so the runtime install is enough.
+$(FIELD_BEHAVIOR): $(VENV)/.runtime
 	@mkdir -p $(@D)
 	cp "$$($(BIN)/python -c 'import pathlib, google.api.field_behavior_pb2 as m; \
 		print(pathlib.Path(m.__file__).with_name("field_behavior.proto"))')" $@
+
+# The imports our protos need beyond protos/, for code generators of other languages
+# (examples/node-agent compiles against protos/ and this directory).
+proto-deps: $(FIELD_BEHAVIOR)
 
 buf-lint: $(VENV)/.dev $(FIELD_BEHAVIOR)
 	$(BIN)/buf lint

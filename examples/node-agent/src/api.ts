@@ -1,0 +1,135 @@
+/**
+ * The Ops-Core API as this agent calls it: the services loaded from the repository's protos at
+ * run time, typed by what `npm run generate` wrote from the same files.
+ */
+
+import * as path from 'node:path';
+
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+import type { ProtoGrpcType as LifecycleProto } from './generated/agent_lifecycle';
+import type { AgentLifecycleClient } from './generated/opscore/v1/AgentLifecycle';
+import type { WorkflowServiceClient } from './generated/opscore/v1/WorkflowService';
+import type { ProtoGrpcType as WorkflowProto } from './generated/workflow_service';
+
+const REPOSITORY = path.resolve(__dirname, '..', '..', '..');
+
+/** Where the protos are: ours, and the googleapis import `make proto-deps` copies. */
+const INCLUDE_DIRS = [
+  path.join(REPOSITORY, 'protos'),
+  path.join(REPOSITORY, 'build', 'proto-deps'),
+];
+
+/** The options `npm run generate` gives proto-loader-gen-types: the generated types describe
+ * the objects this loader produces only when both use the same ones. */
+const LOADER_OPTIONS: protoLoader.Options = {
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: INCLUDE_DIRS,
+};
+
+/** The server's keepalive policy allows a ping every 10 s at most; one every 30 s finds a dead
+ * connection (a server or network gone without a word) within 40 s. */
+const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.keepalive_time_ms': 30_000,
+  'grpc.keepalive_timeout_ms': 10_000,
+};
+
+/** Milliseconds a unary call may take before the agent gives up on it (and retries, where it
+ * may). */
+const CALL_TIMEOUT_MS = 10_000;
+
+type Proto = LifecycleProto & WorkflowProto;
+
+function load(): Proto['opscore']['v1'] {
+  const definition = protoLoader.loadSync(
+    ['opscore/v1/agent_lifecycle.proto', 'opscore/v1/workflow_service.proto'],
+    LOADER_OPTIONS,
+  );
+  // loadPackageDefinition is untyped (a GrpcObject); the generated ProtoGrpcType is its shape.
+  return (grpc.loadPackageDefinition(definition) as unknown as Proto).opscore.v1;
+}
+
+/** Both services' clients for one server. */
+export interface Connection {
+  readonly address: string;
+  readonly lifecycle: AgentLifecycleClient;
+  readonly workflows: WorkflowServiceClient;
+}
+
+/** Makes connections to servers, one per address, reused for as long as the agent runs. */
+export class Connections {
+  private readonly services = load();
+  private readonly open = new Map<string, Connection>();
+
+  /** The connection to `address` (made on first use; gRPC reconnects it as needed). */
+  to(address: string): Connection {
+    let connection = this.open.get(address);
+    if (connection === undefined) {
+      const credentials = grpc.credentials.createInsecure();
+      connection = {
+        address,
+        lifecycle: new this.services.AgentLifecycle(address, credentials, CHANNEL_OPTIONS),
+        workflows: new this.services.WorkflowService(address, credentials, CHANNEL_OPTIONS),
+      };
+      this.open.set(address, connection);
+    }
+    return connection;
+  }
+
+  /** Close every connection. */
+  close(): void {
+    for (const connection of this.open.values()) {
+      connection.lifecycle.close();
+      connection.workflows.close();
+    }
+    this.open.clear();
+  }
+}
+
+/** Call metadata carrying `token` as a bearer token (none for an empty token). */
+export function bearer(token: string): grpc.Metadata {
+  const metadata = new grpc.Metadata();
+  if (token !== '') {
+    metadata.set('authorization', `Bearer ${token}`);
+  }
+  return metadata;
+}
+
+/** The options of a unary call: its deadline. */
+export function callOptions(): grpc.CallOptions {
+  return { deadline: Date.now() + CALL_TIMEOUT_MS };
+}
+
+/** A unary call as a promise: `start` makes the call with the callback it is given. */
+export function unary<Response>(
+  start: (callback: grpc.requestCallback<Response>) => void,
+): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    start((error, response) => {
+      if (error !== null) {
+        reject(error);
+      } else if (response === undefined) {
+        reject(new Error('the call ended without a response'));
+      } else {
+        resolve(response);
+      }
+    });
+  });
+}
+
+/** Whether `error` is a gRPC status (rather than a fault of the agent). */
+export function isServiceError(error: unknown): error is grpc.ServiceError {
+  return error instanceof Error && 'code' in error && typeof error.code === 'number';
+}
+
+/** Statuses after which the same call may succeed later, or on another server. */
+export const TRANSIENT: ReadonlySet<grpc.status> = new Set([
+  grpc.status.UNAVAILABLE,
+  grpc.status.DEADLINE_EXCEEDED,
+  grpc.status.RESOURCE_EXHAUSTED,
+  grpc.status.CANCELLED,
+]);
