@@ -711,9 +711,13 @@ class Engine:
         many of its tasks as fit in one response, then its own fields with the tasks that
         changed, as many as fit in each response, until a response carries it final."""
         raise_if(check_id(run_id, "run_id"))
+        await self._store.runs.read_run(run_id, RunView.BASIC, self._budget)  # NOT_FOUND
         watch = RunWatch(run_id)
+        self.watches.opening(watch)
         try:
-            run = await self._store.runs.watch(run_id, functools.partial(self.watches.add, watch))
+            # A batch, for its observation: the watch opens at its end, if not at an earlier's.
+            await self._store.runs.observe_watched()
+            run = await watch.first
             if not run.state.finished:
                 self._tell(Notice("", watching={run_id}))
             yield self.fit_run(run), ()

@@ -327,15 +327,9 @@ class RunStore(Protocol):
     ) -> models.WorkflowRun:
         """Cancel an unfinished run; FAILED_PRECONDITION for a finished one."""
 
-    async def watch(
-        self, run_id: str, opened: Callable[[models.WorkflowRun], None]
-    ) -> models.WorkflowRun:
-        """The run with every task, read in the order of writes, and `opened` with it once
-        that read is in order: every later write's observation follows on from it. NOT_FOUND
-        if unknown."""
-
     async def observe_watched(self) -> None:
-        """Observe the watched runs now, as a write would (see `domain.watch`)."""
+        """Run a write batch now, for its observation of the watched runs (see
+        `domain.watch`)."""
 
     def fit_run(self, run: models.WorkflowRun, budget: Budget) -> models.WorkflowRun:
         """A run read whole cut to fit `budget`, with a token for the rest of its tasks."""

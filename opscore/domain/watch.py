@@ -2,8 +2,9 @@
 
 The writer observes every watched run at the end of each batch, inside its transaction, and the
 observations arrive here in commit order (`Watches.observed`): the tasks that changed since the
-run's previous observation go to each of its watches. A watch opens through the writer too (its
-first read is a batch's), so it starts from a state that no later observation predates.
+run's previous observation go to each of its watches. A watch opens with an observation too: it
+waits (`Watches.opening`) until the end of the next batch, whose reading of its run is its first
+response, so no commit falls between its first read and the observations that follow.
 
 Each watch keeps at most `CAPACITY` changes. A watcher that reads slower than its run changes
 fills it; the changes are then dropped, and its next read is every task that differs from what
@@ -53,13 +54,14 @@ class RunWatch:
         self._behind = False
         self._wake = asyncio.Event()
         self._sent: dict[str, TaskRun] = {}
-        self.closed = False
-        """Its call ended: a commit that opens it after that (the call went away while its
-        first read was in a batch) leaves it closed."""
+        self.first: asyncio.Future[WorkflowRun] = asyncio.get_running_loop().create_future()
+        """The run as the watch's first response carries it, once observed."""
 
     def started(self, run: WorkflowRun) -> None:
-        """The run as the watch's first response carries it."""
+        """Its first observation: `run`, as its first response carries it."""
         self._sent = {task.task_id: task for task in run.tasks}
+        if not self.first.done():
+            self.first.set_result(run)
 
     def put(self, change: Change) -> None:
         """A change of the run, to send (or, once over `CAPACITY`, to send as of later)."""
@@ -96,10 +98,18 @@ class Watches:
         self._elsewhere: dict[str, float] = {}
         """Runs other replicas watch, and until when (monotonic seconds) to observe them."""
         self._seen_elsewhere: dict[str, WorkflowRun] = {}
+        self._opening: dict[str, set[RunWatch]] = {}
+        """Watches waiting for their first observation."""
 
     def run_ids(self) -> list[str]:
         """The runs to observe at the end of each batch (none most of the time)."""
-        return [*self._watches, *(run for run in self._elsewhere if run not in self._watches)]
+        return list(
+            {
+                **dict.fromkeys(self._watches),
+                **dict.fromkeys(self._opening),
+                **dict.fromkeys(self._elsewhere),
+            }
+        )
 
     def due(self) -> bool:
         """Whether an unfinished run is watched here (so another replica may change it)."""
@@ -120,24 +130,22 @@ class Watches:
             del self._elsewhere[run_id]
             self._seen_elsewhere.pop(run_id, None)
 
-    def add(self, watch: RunWatch, run: WorkflowRun) -> None:
-        """Open `watch`, whose first read of its run, `run`, a batch made just now."""
-        if watch.closed:
-            return
-        self._watches.setdefault(watch.run_id, set()).add(watch)
-        self._latest[watch.run_id] = run
-        watch.started(run)
+    def opening(self, watch: RunWatch) -> None:
+        """Open `watch` at the end of the next batch: that batch's observation of its run is
+        its first response (`RunWatch.first`)."""
+        self._opening.setdefault(watch.run_id, set()).add(watch)
 
     def remove(self, watch: RunWatch) -> None:
         """Close `watch` (its call ended): a run nobody watches any more is not observed."""
-        watch.closed = True
-        watches = self._watches.get(watch.run_id)
-        if watches is None:
-            return
-        watches.discard(watch)
-        if not watches:
-            del self._watches[watch.run_id]
-            del self._latest[watch.run_id]
+        for watches, latest in ((self._opening, None), (self._watches, self._latest)):
+            found = watches.get(watch.run_id)
+            if found is None or watch not in found:
+                continue
+            found.discard(watch)
+            if not found:
+                del watches[watch.run_id]
+                if latest is not None:
+                    del latest[watch.run_id]
 
     def known(self, run_id: str) -> Mapping[str, TaskRun]:
         """The tasks of a run as last observed, by id (none for a run not observed yet)."""
@@ -169,6 +177,12 @@ class Watches:
             self._latest[run_id] = run
             for watch in self._watches[run_id]:
                 watch.put((basic, changed))
+        for run_id in [run_id for run_id in self._opening if run_id in runs]:
+            run = runs[run_id]
+            self._latest[run_id] = run
+            for watch in self._opening.pop(run_id):
+                self._watches.setdefault(run_id, set()).add(watch)
+                watch.started(run)
         return elsewhere
 
 

@@ -315,19 +315,6 @@ class Runs:
 
         return await self._shared.read(op)
 
-    async def watch(self, run_id: str, opened: Callable[[WorkflowRun], None]) -> WorkflowRun:
-        """The run with every task, read by a write batch, and `opened` with it once that batch
-        has committed: the observations of later batches follow on from it (see
-        `domain.watch`). NOT_FOUND if unknown (told by a read first, so that an unknown run
-        never fails a batch)."""
-
-        def exists(conn: Connection) -> None:
-            if conn.execute(_RUN_EXISTS, {"b_run_id": run_id}).first() is None:
-                raise NotFound(Resource.RUN, run_id)
-
-        await self._shared.read(exists)
-        return await self._shared.write(lambda conn: _get_run(conn, run_id), opened)
-
     async def observe_watched(self) -> None:
         """An empty write batch, for its observation of the watched runs (`observation`)."""
         await self._shared.write(_nothing)
