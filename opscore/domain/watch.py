@@ -103,6 +103,8 @@ class Watches:
 
     def run_ids(self) -> list[str]:
         """The runs to observe at the end of each batch (none most of the time)."""
+        if not (self._watches or self._opening or self._elsewhere):
+            return []
         return list(
             {
                 **dict.fromkeys(self._watches),
