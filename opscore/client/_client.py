@@ -85,7 +85,7 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _is_definition_id(source: str) -> bool:
+def is_definition_id(source: str) -> bool:
     """Whether `source` is a definition id (a UUID, as the server assigns) rather than a
     workflow name."""
     try:
@@ -197,7 +197,7 @@ class Client:
         )
         if not isinstance(source, str):
             request.definition.CopyFrom(definition_message(source))
-        elif _is_definition_id(source):
+        elif is_definition_id(source):
             request.definition_id = source
         else:
             request.workflow_name = source
@@ -288,7 +288,7 @@ class Client:
                 async for response in call:
                     failures = 0
                     if tasks is None:
-                        tasks = {each.task_id: each for each in await self._all_tasks(response.run)}
+                        tasks = {each.task_id: each for each in await self.all_tasks(response.run)}
                         changed = list(tasks.values())
                     else:
                         changed = list(response.changed_tasks)
@@ -308,8 +308,9 @@ class Client:
             finally:
                 call.cancel()
 
-    async def _all_tasks(self, run: workflow_pb2.WorkflowRun) -> list[workflow_pb2.TaskRun]:
-        """A FULL run's tasks, with those that did not fit its message paged in."""
+    async def all_tasks(self, run: workflow_pb2.WorkflowRun) -> list[workflow_pb2.TaskRun]:
+        """All the tasks of a run read in the FULL view: its own, and those that did not fit
+        its message (from its `next_task_page_token` on), paged in."""
         tasks = list(run.tasks)
         token = run.next_task_page_token
         while token:
