@@ -1,12 +1,15 @@
-"""The operator's commands of `opscore` (agents, definitions, runs), run as the installed console
-script in a process of its own against a live server, configured by OPSCORE_ADDRESS and
-OPSCORE_TOKEN; their JSON output parsed, their exit statuses checked (a watched run: 0 when it
-succeeded, 1 otherwise)."""
+"""The operator's commands of `opscore` (agents, definitions, runs) against a live server,
+configured by OPSCORE_ADDRESS and OPSCORE_TOKEN: their JSON output parsed, their exit statuses
+checked. Most run in this process (a command is a coroutine on a loop of its own, on a thread);
+a watched run is followed by the installed console script, a process of its own, which exits 0
+when the run succeeded and 1 otherwise."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import helpers
 import pytest
 from processes import OPSCORE, RUN_WAIT, clean_environment, free_port
 
+from opscore import cli
 from opscore.server import OpsCoreServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -33,27 +37,42 @@ tasks:
 
 
 class Opscore:
-    """The `opscore` command, pointed at one server by its environment."""
+    """The `opscore` command, pointed at one server by its environment: run in this process
+    (on a thread of its own, as its coroutine runs on a loop of its own) with its output
+    captured, or started as the installed console script."""
 
-    def __init__(self, port: int, token: str = auth.OPERATOR_TOKEN) -> None:
-        self.environment = clean_environment(
-            OPSCORE_ADDRESS=f"127.0.0.1:{port}", OPSCORE_TOKEN=token
-        )
+    def __init__(
+        self,
+        port: int,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        token: str = auth.OPERATOR_TOKEN,
+    ) -> None:
+        self.environment = {"OPSCORE_ADDRESS": f"127.0.0.1:{port}", "OPSCORE_TOKEN": token}
+        self._capsys = capsys
+        self._monkeypatch = monkeypatch
 
     async def start(self, *args: str) -> asyncio.subprocess.Process:
-        """The command started, its output piped."""
+        """The console script started, its output piped."""
         return await asyncio.create_subprocess_exec(
             str(OPSCORE),
             *args,
-            env=self.environment,
-            stdin=asyncio.subprocess.PIPE,
+            env=clean_environment(**self.environment),
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
 
     async def run(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
-        """The command run to its end (bounded): its status, output and error output."""
-        return await ended(await self.start(*args), stdin)
+        """The command run here to its end (bounded): its status, output and error output."""
+        for name, value in self.environment.items():
+            self._monkeypatch.setenv(name, value)
+        self._monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        self._capsys.readouterr()
+        async with asyncio.timeout(RUN_WAIT):
+            code = await asyncio.to_thread(cli.main, list(args))
+        out, err = self._capsys.readouterr()
+        return code, out, err
 
     async def json(self, *args: str, stdin: str = "") -> Any:
         """The one JSON document a command that succeeds prints with `--output json`."""
@@ -63,9 +82,10 @@ class Opscore:
         return json.loads(line)
 
 
-async def ended(process: asyncio.subprocess.Process, stdin: str = "") -> tuple[int, str, str]:
+async def ended(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    """A process's status, output and error output, once it has ended (bounded)."""
     try:
-        out, err = await asyncio.wait_for(process.communicate(stdin.encode()), RUN_WAIT)
+        out, err = await asyncio.wait_for(process.communicate(), RUN_WAIT)
     finally:
         if process.returncode is None:
             process.kill()
@@ -75,8 +95,10 @@ async def ended(process: asyncio.subprocess.Process, stdin: str = "") -> tuple[i
 
 
 @pytest.fixture
-def opscore(server: OpsCoreServer) -> Opscore:
-    return Opscore(server.port)
+def opscore(
+    server: OpsCoreServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Opscore:
+    return Opscore(server.port, capsys, monkeypatch)
 
 
 async def test_definitions_from_yaml_and_json_files_listed_and_read(
@@ -200,15 +222,20 @@ async def test_runs_triggered_listed_read_and_cancelled(
     assert (code, err.split(":")[:2]) == (1, ["opscore", " NOT_FOUND"])
 
 
-async def test_connection_and_usage_errors(opscore: Opscore, server: OpsCoreServer) -> None:
-    stranger = Opscore(server.port, token="not-a-token-the-server-knows")
+async def test_connection_and_usage_errors(
+    opscore: Opscore,
+    server: OpsCoreServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stranger = Opscore(server.port, capsys, monkeypatch, token="not-a-token-the-server-knows")
     code, _, err = await stranger.run("agents", "list")
     assert (code, "UNAUTHENTICATED" in err) == (1, True)
-    nowhere = Opscore(free_port())
+    nowhere = Opscore(free_port(), capsys, monkeypatch)
     code, _, err = await nowhere.run("agents", "list")
     assert (code, "UNAVAILABLE" in err) == (1, True)
     # A list of addresses: the one where nothing listens is passed over.
-    both = Opscore(server.port)
+    both = Opscore(server.port, capsys, monkeypatch)
     both.environment["OPSCORE_ADDRESS"] = f"127.0.0.1:{free_port()},127.0.0.1:{server.port}"
     assert (await both.json("agents", "list"))["agents"] == []
 
