@@ -18,7 +18,7 @@ triggers, watches and cancels runs, and reads agents. See docs/sdk.md.
 
 from opscore.client._backoff import Backoff
 from opscore.client._channels import Tls
-from opscore.client._client import FINAL_RUN_STATES, Client, Definition, Page, RunUpdate
+from opscore.client._client import Client, Definition, Page, RunUpdate
 from opscore.client._context import JsonObject, TaskContext
 from opscore.client._errors import AttemptLost, NonRetryable, Unreachable
 from opscore.client._refusals import (
@@ -37,11 +37,10 @@ from opscore.client._refusals import (
     Unavailable,
     Unimplemented,
 )
-from opscore.client._structs import to_dict, to_struct
+from opscore.client._structs import to_dict
 from opscore.client._worker import AsyncHandler, Handler, SyncHandler, Worker
 
 __all__ = [
-    "FINAL_RUN_STATES",
     "Aborted",
     "AlreadyExists",
     "AsyncHandler",
@@ -72,5 +71,4 @@ __all__ = [
     "Unreachable",
     "Worker",
     "to_dict",
-    "to_struct",
 ]

@@ -143,8 +143,7 @@ def test_the_public_surface() -> None:
         "Client",
         "DeadlineExceeded",
         "Definition",
-        "FINAL_RUN_STATES",
-        "FailedPrecondition",
+            "FailedPrecondition",
         "FieldViolation",
         "Handler",
         "Internal",
@@ -166,5 +165,4 @@ def test_the_public_surface() -> None:
         "Unreachable",
         "Worker",
         "to_dict",
-        "to_struct",
-    ]
+        ]
