@@ -294,3 +294,27 @@ async def test_a_watched_run_exits_1_when_it_fails(
     code, out, err = await ended(watching)
     assert code == 1, err
     assert "broken again" in out
+
+
+async def test_a_run_followed_live_on_a_terminal_and_as_json(
+    opscore: Opscore, client: helpers.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = await client.agent("w", capabilities=["work"])
+    await opscore.json("definitions", "create", "-f", "-", stdin=FLOW)
+    run = await opscore.json("runs", "trigger", "flow")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws as on a terminal: redrawn live
+    watching = asyncio.create_task(opscore.run("runs", "watch", run["run_id"]))
+    for step in ("first", "second"):
+        await worker.complete(await worker.next_assignment(), {"done": step})
+    code, out, err = await watching
+    assert code == 0, err
+    assert "2/2 tasks" in out
+    assert "SUCCEEDED" in out
+
+    monkeypatch.delenv("TTY_COMPATIBLE")
+    code, out, err = await opscore.run("runs", "watch", run["run_id"], "--output", "json")
+    assert code == 0, err
+    [line] = out.splitlines()  # a run already final is one update
+    update = json.loads(line)
+    assert update["run"]["state"] == "RUN_STATE_SUCCEEDED"
+    assert [t["name"] for t in update["changed_tasks"]] == ["first", "second"]

@@ -16,7 +16,7 @@ import helpers
 import pytest
 from certs import Authority
 from conftest import ServerFactory
-from helpers import WAIT, definition, task
+from helpers import WAIT, connect, definition, task
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2
 from processes import free_port
 
@@ -34,6 +34,7 @@ from opscore.client import (
     Unavailable,
     to_dict,
 )
+from opscore.domain.validation import Limits
 from opscore.server import OpsCoreServer
 
 SUCCEEDED = workflow_pb2.RUN_STATE_SUCCEEDED
@@ -261,7 +262,7 @@ async def test_refusals_are_typed_and_carry_the_error_info(
     assert denied.value.reason == "PERMISSION_DENIED"
 
 
-async def test_calls_move_on_past_an_address_where_nothing_listens(
+async def test_calls_and_watches_move_on_past_an_address_where_nothing_listens(
     server: OpsCoreServer,
 ) -> None:
     nowhere = f"127.0.0.1:{free_port()}"
@@ -275,6 +276,10 @@ async def test_calls_move_on_past_an_address_where_nothing_listens(
         assert (await ops.list_agents()).items == []
         run = await ops.trigger(FLOW)
         assert (await ops.get_run(run.run_id)).run_id == run.run_id
+        await ops.cancel(run.run_id)
+    async with Client([nowhere, here], token=auth.OPERATOR_TOKEN) as ops:
+        # A watch too is opened on the next address when the first does not answer.
+        assert [u.run.state for u in await follow(ops, run.run_id)] == [CANCELLED]
 
 
 async def test_a_client_over_tls(
@@ -297,3 +302,30 @@ async def test_a_client_over_tls(
         async with Client(f"localhost:{server.port}", tls=tls) as ops:
             run = await ops.trigger(FLOW)
             assert (await ops.get_run(run.run_id)).workflow_name == "flow"
+
+
+async def test_a_run_too_large_for_one_message_is_watched_and_read_whole(
+    start_server: ServerFactory, sqlite_url: str
+) -> None:
+    """The first response of a watch, and GetWorkflowRun, carry the tasks that fit one
+    message: the client pages in the rest (limits scaled down: outputs of 15 KiB, messages of
+    64 KiB)."""
+    names = [f"t{index}" for index in range(8)]
+    limits = Limits(max_payload_bytes=16 * 1024)
+    settings = {"limits": limits, "max_message_bytes": 64 * 1024}
+    async with start_server(sqlite_url, **settings) as server, connect(server.port) as client:
+        async with Client(f"127.0.0.1:{server.port}", token=auth.OPERATOR_TOKEN) as ops:
+            worker = await client.agent("worker")
+            run = await ops.trigger(definition("large", *(task(name) for name in names)))
+            for _ in names:
+                assignment = await worker.next_assignment()
+                await worker.complete(assignment, {"text": assignment.task_name * 5000})
+            [update] = await follow(ops, run.run_id)
+            got = await ops.get_run(run.run_id)
+            every = await ops.all_tasks(got)
+
+    assert update.final
+    assert [t.name for t in update.run.tasks] == names
+    assert got.next_task_page_token
+    assert len(got.tasks) < len(names)
+    assert [to_dict(t.output)["text"][:2] for t in every] == names
