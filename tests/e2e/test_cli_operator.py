@@ -83,13 +83,16 @@ class Opscore:
 
 
 async def ended(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
-    """A process's status, output and error output, once it has ended (bounded)."""
+    """A process's status, output and error output, once it has ended; one still running
+    after `RUN_WAIT` is killed, and the test fails with what it printed."""
+    reading = asyncio.ensure_future(process.communicate())
     try:
-        out, err = await asyncio.wait_for(process.communicate(), RUN_WAIT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
+        await asyncio.wait_for(asyncio.shield(reading), RUN_WAIT)
+    except TimeoutError:
+        process.kill()
+        out, err = await reading
+        raise AssertionError(f"still running:\n{out.decode()}\n{err.decode()}") from None
+    out, err = reading.result()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -248,13 +251,14 @@ async def test_connection_and_usage_errors(
 
 
 async def test_a_watched_run_exits_0_when_it_succeeds(
-    opscore: Opscore, client: helpers.Client
+    opscore: Opscore, client: helpers.Client, server: OpsCoreServer
 ) -> None:
     worker = await client.agent("w", capabilities=["work"])
     await opscore.json("definitions", "create", "-f", "-", stdin=FLOW)
     watching = await opscore.start(
         "runs", "trigger", "flow", "--input", '{"n": 1}', "--watch", "--output", "json"
     )
+    await helpers.watch_opened(server)
     for step in ("first", "second"):
         assignment = await worker.next_assignment(timeout=RUN_WAIT)
         assert assignment.task_name == step
@@ -273,12 +277,13 @@ async def test_a_watched_run_exits_0_when_it_succeeds(
 
 
 async def test_a_watched_run_exits_1_when_it_fails(
-    opscore: Opscore, client: helpers.Client
+    opscore: Opscore, client: helpers.Client, server: OpsCoreServer
 ) -> None:
     worker = await client.agent("w", capabilities=["work"])
     await opscore.json("definitions", "create", "-f", "-", stdin=FLOW)
     run = await opscore.json("runs", "trigger", "flow")
     watching = await opscore.start("runs", "watch", run["run_id"])
+    await helpers.watch_opened(server, run["run_id"])
     await worker.fail(await worker.next_assignment(timeout=RUN_WAIT), "broken")
     code, out, err = await ended(watching)
 
@@ -290,6 +295,7 @@ async def test_a_watched_run_exits_1_when_it_fails(
 
     # Triggered and watched at once, failing the same way.
     watching = await opscore.start("runs", "trigger", "flow", "--watch")
+    await helpers.watch_opened(server)
     await worker.fail(await worker.next_assignment(timeout=RUN_WAIT), "broken again")
     code, out, err = await ended(watching)
     assert code == 1, err
@@ -297,13 +303,17 @@ async def test_a_watched_run_exits_1_when_it_fails(
 
 
 async def test_a_run_followed_live_on_a_terminal_and_as_json(
-    opscore: Opscore, client: helpers.Client, monkeypatch: pytest.MonkeyPatch
+    opscore: Opscore,
+    client: helpers.Client,
+    server: OpsCoreServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = await client.agent("w", capabilities=["work"])
     await opscore.json("definitions", "create", "-f", "-", stdin=FLOW)
     run = await opscore.json("runs", "trigger", "flow")
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws as on a terminal: redrawn live
     watching = asyncio.create_task(opscore.run("runs", "watch", run["run_id"]))
+    await helpers.watch_opened(server, run["run_id"])
     for step in ("first", "second"):
         await worker.complete(await worker.next_assignment(), {"done": step})
     code, out, err = await watching

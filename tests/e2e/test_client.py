@@ -163,6 +163,8 @@ async def test_a_watch_follows_a_run_until_it_is_final(ops: Client, client: help
     worker = await client.agent("w-1", capabilities=["work"])
     run = await ops.trigger(FLOW)
     watching = asyncio.create_task(follow(ops, run.run_id))
+    assert client.server is not None
+    await helpers.watch_opened(client.server, run.run_id)
     for step in ("fetch", "sum"):
         assignment = await worker.next_assignment()
         assert assignment.task_name == step
@@ -185,10 +187,11 @@ async def test_a_watch_follows_a_run_until_it_is_final(ops: Client, client: help
 
 
 async def test_a_cancelled_run_ends_its_watch_and_cannot_be_cancelled_again(
-    ops: Client,
+    ops: Client, server: OpsCoreServer
 ) -> None:
     run = await ops.trigger(FLOW)
     watching = asyncio.create_task(follow(ops, run.run_id))
+    await helpers.watch_opened(server, run.run_id)
     cancelled = await ops.cancel(run.run_id)
     assert cancelled.state == CANCELLED
     updates = await watching
@@ -313,16 +316,19 @@ async def test_a_run_too_large_for_one_message_is_watched_and_read_whole(
     names = [f"t{index}" for index in range(8)]
     limits = Limits(max_payload_bytes=16 * 1024)
     settings = {"limits": limits, "max_message_bytes": 64 * 1024}
-    async with start_server(sqlite_url, **settings) as server, connect(server.port) as client:
-        async with Client(f"127.0.0.1:{server.port}", token=auth.OPERATOR_TOKEN) as ops:
-            worker = await client.agent("worker")
-            run = await ops.trigger(definition("large", *(task(name) for name in names)))
-            for _ in names:
-                assignment = await worker.next_assignment()
-                await worker.complete(assignment, {"text": assignment.task_name * 5000})
-            [update] = await follow(ops, run.run_id)
-            got = await ops.get_run(run.run_id)
-            every = await ops.all_tasks(got)
+    async with (
+        start_server(sqlite_url, **settings) as server,
+        connect(server.port) as client,
+        Client(f"127.0.0.1:{server.port}", token=auth.OPERATOR_TOKEN) as ops,
+    ):
+        worker = await client.agent("worker")
+        run = await ops.trigger(definition("large", *(task(name) for name in names)))
+        for _ in names:
+            assignment = await worker.next_assignment()
+            await worker.complete(assignment, {"text": assignment.task_name * 5000})
+        [update] = await follow(ops, run.run_id)
+        got = await ops.get_run(run.run_id)
+        every = await ops.all_tasks(got)
 
     assert update.final
     assert [t.name for t in update.run.tasks] == names

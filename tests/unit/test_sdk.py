@@ -143,7 +143,7 @@ def test_the_public_surface() -> None:
         "Client",
         "DeadlineExceeded",
         "Definition",
-            "FailedPrecondition",
+        "FailedPrecondition",
         "FieldViolation",
         "Handler",
         "Internal",
@@ -165,4 +165,4 @@ def test_the_public_surface() -> None:
         "Unreachable",
         "Worker",
         "to_dict",
-        ]
+    ]
