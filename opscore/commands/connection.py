@@ -104,7 +104,7 @@ def operator_command(body: Command) -> Callable[..., int]:
             )
         except ValueError as error:
             raise click.UsageError(str(error)) from error
-        out = Output(json=output == "json", console=Console(soft_wrap=output == "json"))
+        out = Output(json=output == "json", console=Console())
 
         async def run() -> int:
             async with Client(addresses, token=token or None, tls=secure) as client:
