@@ -10,17 +10,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.struct_pb2 import Struct
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from opscore.client._attempts import AttemptKey
 from opscore.client._backoff import Backoff
-from opscore.client._channels import Channels, Stubs
+from opscore.client._channels import Channels, Stubs, bearer
 from opscore.client._context import Assignment, JsonObject
 from opscore.client._errors import AttemptLost, OutputRefused, Unreachable
+from opscore.client._structs import to_dict, to_struct
 from opscore.domain.clock import Clock
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 
@@ -66,18 +65,6 @@ def unreachable(error: grpc.aio.AioRpcError) -> Unreachable | None:
     return None
 
 
-def to_struct(value: Mapping[str, Any]) -> Struct:
-    """A dict as a Struct (ValueError or TypeError for what JSON cannot hold)."""
-    message = Struct()
-    message.update(dict(value))
-    return message
-
-
-def to_dict(message: Struct) -> JsonObject:
-    """A Struct as a dict."""
-    return json_format.MessageToDict(message)
-
-
 def assignment_in(message: workflow_pb2.TaskAssignment) -> Assignment:
     """An assignment from the wire, in Python types."""
     return Assignment(
@@ -121,7 +108,7 @@ class Calls:
 
     def agent_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata of a call the agent makes as itself."""
-        return _bearer(self.agent_token or self._token)
+        return bearer(self.agent_token or self._token)
 
     # Calls tried until answered ------------------------------------------------------------
 
@@ -174,7 +161,7 @@ class Calls:
         )
         response = await self.until_answered(
             lambda stubs: stubs.lifecycle.RegisterAgent(
-                request, metadata=_bearer(self._token), timeout=CALL_TIMEOUT
+                request, metadata=bearer(self._token), timeout=CALL_TIMEOUT
             )
         )
         self.agent_token = response.agent_token or None
@@ -281,7 +268,3 @@ def _lost_or(error: grpc.aio.AioRpcError) -> Exception:
     if error.code() in GONE:
         return AttemptLost(f"{error.code().name}: {error.details()}")
     return error
-
-
-def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
-    return () if not token else (("authorization", f"Bearer {token}"),)

@@ -1,4 +1,5 @@
-"""The worker's channels: one per server address, over TLS or not, and the address in use."""
+"""The channels of a worker or a client: one per server address, over TLS or not, the address
+in use, and the token a call carries."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def _read(path: Path | str | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of a call that carries `token` (none without one)."""
+    return () if not token else (("authorization", f"Bearer {token}"),)
+
+
 class Stubs:
     """Both services on one channel."""
 
@@ -69,7 +75,7 @@ class Channels:
 
     def __init__(self, addresses: Sequence[str], tls: Tls | None) -> None:
         if not addresses:
-            raise ValueError("a worker needs at least one server address")
+            raise ValueError("at least one server address is needed")
         self.addresses = list(addresses)
         self._credentials = None if tls is None else tls.credentials()
         self._index = 0

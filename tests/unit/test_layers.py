@@ -2,7 +2,8 @@
 the generated protobuf code: it reaches persistence through its own ports (domain/ports.py). And
 no module of opscore/store imports the modules that decide outcomes (the state machine, the
 graph, the retry policy): the store is handed the state machine as a port (`ports.Rules`). The
-agent SDK (opscore/client) is no part of the server: of it, it uses the clock alone."""
+SDK (opscore/client) is no part of the server: of it, it uses the clock alone; and the operator's
+commands (opscore/commands) reach the server through the SDK alone."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import opscore.client
+import opscore.commands
 import opscore.domain
 import opscore.store
 
@@ -20,6 +22,7 @@ STORE = Path(opscore.store.__file__).parent
 FORBIDDEN = ("opscore.store", "opscore.api", "grpc", "opscore.v1")
 _INSIDE = tuple(f"{layer}." for layer in FORBIDDEN)
 CLIENT = Path(opscore.client.__file__).parent
+COMMANDS = Path(opscore.commands.__file__).parent
 SERVER_SIDE = (
     "opscore.api",
     "opscore.cli",
@@ -108,9 +111,13 @@ def test_neighbours_of_forbidden_names_pass() -> None:
     assert forbidden(imported("import grpcio_like\nfrom opscore import streams", "opscore")) == []
 
 
-@pytest.mark.parametrize("path", sorted(CLIENT.glob("*.py")), ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted([*CLIENT.glob("*.py"), *COMMANDS.glob("*.py")]),
+    ids=lambda path: f"{path.parent.name}/{path.name}",
+)
 def test_client_module_imports_nothing_of_the_server_but_its_clock(path: Path) -> None:
-    names = imported(path.read_text(), "opscore.client")
+    names = imported(path.read_text(), f"opscore.{path.parent.name}")
     server_side = [
         name
         for name in names
