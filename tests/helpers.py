@@ -405,20 +405,3 @@ async def connect(port: int, server: OpsCoreServer | None = None) -> AsyncIterat
             yield client
         finally:
             await client.close()
-
-
-async def watch_opened(server: OpsCoreServer, run_id: str = "") -> None:
-    """Wait until `server` (in this process) has a watch of `run_id` (of any run, if empty)
-    open. A change committed in the same write batch as a watch's first read does not reach
-    that watch (it joins the observations of later batches only once that batch has
-    committed), so a test moves a watched run only after this."""
-    engine = server.engine
-    assert engine is not None, "the server has not started"
-
-    def opened() -> bool:
-        watched = engine.watches.run_ids()
-        return run_id in watched if run_id else bool(watched)
-
-    async with asyncio.timeout(WAIT):
-        while not opened():
-            await asyncio.sleep(0.01)

@@ -258,7 +258,6 @@ async def test_a_watched_run_exits_0_when_it_succeeds(
     watching = await opscore.start(
         "runs", "trigger", "flow", "--input", '{"n": 1}', "--watch", "--output", "json"
     )
-    await helpers.watch_opened(server)
     for step in ("first", "second"):
         assignment = await worker.next_assignment(timeout=RUN_WAIT)
         assert assignment.task_name == step
@@ -283,7 +282,6 @@ async def test_a_watched_run_exits_1_when_it_fails(
     await opscore.json("definitions", "create", "-f", "-", stdin=FLOW)
     run = await opscore.json("runs", "trigger", "flow")
     watching = await opscore.start("runs", "watch", run["run_id"])
-    await helpers.watch_opened(server, run["run_id"])
     await worker.fail(await worker.next_assignment(timeout=RUN_WAIT), "broken")
     code, out, err = await ended(watching)
 
@@ -295,7 +293,6 @@ async def test_a_watched_run_exits_1_when_it_fails(
 
     # Triggered and watched at once, failing the same way.
     watching = await opscore.start("runs", "trigger", "flow", "--watch")
-    await helpers.watch_opened(server)
     await worker.fail(await worker.next_assignment(timeout=RUN_WAIT), "broken again")
     code, out, err = await ended(watching)
     assert code == 1, err
@@ -313,7 +310,6 @@ async def test_a_run_followed_live_on_a_terminal_and_as_json(
     run = await opscore.json("runs", "trigger", "flow")
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws as on a terminal: redrawn live
     watching = asyncio.create_task(opscore.run("runs", "watch", run["run_id"]))
-    await helpers.watch_opened(server, run["run_id"])
     for step in ("first", "second"):
         await worker.complete(await worker.next_assignment(), {"done": step})
     code, out, err = await watching

@@ -163,8 +163,6 @@ async def test_a_watch_follows_a_run_until_it_is_final(ops: Client, client: help
     worker = await client.agent("w-1", capabilities=["work"])
     run = await ops.trigger(FLOW)
     watching = asyncio.create_task(follow(ops, run.run_id))
-    assert client.server is not None
-    await helpers.watch_opened(client.server, run.run_id)
     for step in ("fetch", "sum"):
         assignment = await worker.next_assignment()
         assert assignment.task_name == step
@@ -191,7 +189,6 @@ async def test_a_cancelled_run_ends_its_watch_and_cannot_be_cancelled_again(
 ) -> None:
     run = await ops.trigger(FLOW)
     watching = asyncio.create_task(follow(ops, run.run_id))
-    await helpers.watch_opened(server, run.run_id)
     cancelled = await ops.cancel(run.run_id)
     assert cancelled.state == CANCELLED
     updates = await watching
