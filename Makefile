@@ -44,15 +44,15 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.files | $(VENV)/bin/python
 	@touch $@ $(VENV)/.runtime
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check opscore tests bench
-	$(BIN)/ruff format --check opscore tests bench
+	$(BIN)/ruff check opscore tests bench examples
+	$(BIN)/ruff format --check opscore tests bench examples
 
 format: $(VENV)/.dev
-	$(BIN)/ruff check --fix opscore tests bench
-	$(BIN)/ruff format opscore tests bench
+	$(BIN)/ruff check --fix opscore tests bench examples
+	$(BIN)/ruff format opscore tests bench examples
 
 typecheck: $(VENV)/.dev
-	$(BIN)/mypy --strict opscore bench
+	$(BIN)/mypy --strict opscore bench examples/agent.py
 
 # googleapis-common-protos is a runtime dependency, so the runtime install is enough.
 $(FIELD_BEHAVIOR): $(VENV)/.runtime

@@ -75,8 +75,21 @@ def moment(stamp: Timestamp) -> str:
 
 
 def compact(value: Struct) -> str:
-    """A Struct as compact JSON, for a cell."""
-    return json.dumps(json_format.MessageToDict(value), separators=(",", ":")) if value else ""
+    """A Struct as compact JSON, for a cell (its whole numbers written as such: a Struct holds
+    every number as a double)."""
+    if not value:
+        return ""
+    return json.dumps(_whole(json_format.MessageToDict(value)), separators=(",", ":"))
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole(item) for item in value]
+    return value
 
 
 def table(*columns: str) -> Table:
