@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 from opscore.domain.clock import Clock
 from opscore.domain.dispatch import AssignBatch
@@ -125,6 +126,12 @@ def _insert_in_waiting_order(group: OrderedDict[str, _LiveAgent], agent: _LiveAg
             ordered = sorted(group.values(), key=lambda live: live.waiting_since)
             group.clear()
             group.update((live.profile.agent_id, live) for live in ordered)
+
+
+_REQUIREMENTS = slice(
+    ReadyTask._fields.index("capability"), ReadyTask._fields.index("pinned_agent_id") + 1
+)
+"""Where a ReadyTask's fields hold its requirements (capability, labels, pinned agent id)."""
 
 
 def requirements(task: ReadyTask) -> Requirements:
@@ -267,7 +274,9 @@ class Dispatcher:
         """The task is no longer queued (its heap entry stays, to be passed over)."""
         entry = self._ready.pop(task_id, None)
         if entry is not None:
-            self._queues[requirements(ReadyTask._make(entry[1]))].live -= 1
+            # The fields' capability, labels and pin, in `requirements`' order: its queue's key,
+            # without a ReadyTask made for every task matched.
+            self._queues[cast(Requirements, entry[1][_REQUIREMENTS])].live -= 1
 
     def _head(self, key: Requirements, queue: _Queue) -> tuple[int, ReadyTask] | None:
         while queue.heap:
