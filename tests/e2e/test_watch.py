@@ -73,7 +73,9 @@ async def test_a_watcher_sees_each_change_in_order_and_the_stream_ends_with_the_
         worker = await client.agent("w", capabilities=["work"], connect=False)
         retried = task("first", capability="work")
         retried.retry_policy.CopyFrom(
-            workflow_pb2.RetryPolicy(max_attempts=2, initial_backoff=seconds(0.05))
+            # Long enough that the failure's commit never finds the retry due already (a write
+            # places a task that is due in its own commit, and the wait would not be seen).
+            workflow_pb2.RetryPolicy(max_attempts=2, initial_backoff=seconds(1))
         )
         run = await client.trigger(
             definition=definition(
