@@ -274,7 +274,7 @@ async def test_retryable_failures_back_off_and_third_attempt_succeeds(
     flaky = spec(
         "flaky",
         capability="flaky",
-        retry=policy(max_attempts=3, initial_backoff=0.2, backoff_multiplier=2, max_backoff=1),
+        retry=policy(max_attempts=3, initial_backoff=1, backoff_multiplier=2, max_backoff=2),
     )
     async with deployment() as client:
         worker = await client.agent("worker", capabilities=["flaky"])
@@ -289,9 +289,9 @@ async def test_retryable_failures_back_off_and_third_attempt_succeeds(
         )
         first_id = assignment.task_id
 
-        # Attempt n fails: the retry waits between half and all of 0.2 s x 2^(n-1), long enough
-        # for the task to be seen waiting for it.
-        for failed, backoff in ((1, 0.2), (2, 0.4)):
+        # Attempt n fails: the retry waits between half and all of 1 s x 2^(n-1), long enough
+        # for the task to be seen waiting for it on a loaded machine.
+        for failed, backoff in ((1, 1.0), (2, 2.0)):
             started = time.monotonic()
             before = now()
             await worker.fail(assignment, f"blip {failed}", retryable=True)
@@ -587,7 +587,7 @@ async def test_expired_lease_cancels_holder_and_retries_with_next_attempt(
 ) -> None:
     async with deployment(
         default_task_timeout=timedelta(seconds=0.3),
-        retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
+        retry=retry_settings(initial_backoff=1.0),  # long enough to see the task wait for it
     ) as client:
         slow = await client.agent("slow", capabilities=["job"])  # idle longest: gets attempt 1
         spare = await client.agent("spare", capabilities=["job"])
@@ -766,7 +766,7 @@ async def test_extend_lease_refuses_bad_extend_by(client: Client) -> None:
 async def test_lost_agent_task_is_retried_elsewhere_after_the_grace(deployment: Deployment) -> None:
     async with deployment(
         agent_grace=timedelta(seconds=0.2),
-        retry=retry_settings(initial_backoff=0.4),  # long enough to see the task wait for it
+        retry=retry_settings(initial_backoff=1.0),  # long enough to see the task wait for it
     ) as client:
         fragile = await client.agent("fragile", capabilities=["job"])  # idle longest
         steady = await client.agent("steady", capabilities=["job"])
