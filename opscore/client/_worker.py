@@ -26,6 +26,7 @@ from opscore.client._channels import Channels, Tls
 from opscore.client._context import Assignment, JsonObject, TaskContext
 from opscore.client._errors import AttemptLost, NonRetryable, OutputRefused, Unreachable
 from opscore.client._lease import Lease
+from opscore.client._refusals import refusal
 from opscore.domain.clock import Clock, SystemClock
 from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 
@@ -39,8 +40,11 @@ Handler = AsyncHandler | SyncHandler
 H = TypeVar("H", bound=Callable[..., Any])
 
 UNREGISTERED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND}
-"""How the server refuses an agent it no longer knows by this token (deregistered, or
-registered again elsewhere): the worker registers again."""
+"""How the server refuses an agent it no longer knows by this token (deregistered, or its
+token revoked): the worker registers again."""
+
+TOKEN_ROTATED = "AGENT_TOKEN_ROTATED"
+"""The reason the server gives for ending a stream because the agent registered again."""
 
 FINAL_CALLS = 10.0
 """Seconds the calls after a drain (deregistration, hand-backs) may take together."""
@@ -167,8 +171,9 @@ class Worker:
     async def run(self, *, handle_signals: bool = True) -> None:
         """Work until stopped: register, stream tasks and run them, reconnecting whenever the
         stream ends; on `stop` (or SIGTERM, SIGINT with `handle_signals`) drain and return.
-        Raises the server's refusal of the registration when retrying cannot cure it (a
-        token refused, an invalid field). A worker runs once."""
+        Raises the server's refusal (an `OpsCoreError`) when retrying cannot cure it: the
+        registration refused (a token refused, an invalid field), or another process serving
+        as this agent. A worker runs once."""
         if self._started:
             raise RuntimeError("a worker runs once: make another")
         self._started = True
@@ -190,7 +195,10 @@ class Worker:
         try:
             await asyncio.wait({life, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if life.done():
-                life.result()  # a refusal of the registration
+                try:
+                    life.result()
+                except grpc.aio.AioRpcError as error:  # no retry cures it
+                    raise refusal(error) from error
             await self._drain(life)
         finally:
             for task in (life, stopping, *self._running()):
@@ -264,6 +272,14 @@ class Worker:
             async for event in call:
                 self._take(event)
         except grpc.aio.AioRpcError as error:
+            if _taken_over(error):
+                # Another process serves as this agent. Registering back, or opening another
+                # stream, would end its stream in turn, and the two would take turns for ever.
+                log.error(
+                    "another process took this agent over",
+                    extra={"agent_id": self.agent_id, "code": error.code().name},
+                )
+                raise
             if error.code() in UNREGISTERED:
                 raise _Unregistered from error
             log.info(
@@ -450,3 +466,13 @@ class Worker:
 def _message(error: BaseException) -> str:
     """What a failure says: the exception's message, or its type when it has none."""
     return str(error) or type(error).__name__
+
+
+def _taken_over(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the server ended the task stream for another process serving as this agent: a
+    newer stream replaced it, or a newer registration rotated its token."""
+    if error.code() == grpc.StatusCode.ABORTED:
+        return True
+    return (
+        error.code() == grpc.StatusCode.UNAUTHENTICATED and refusal(error).reason == TOKEN_ROTATED
+    )

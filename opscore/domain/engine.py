@@ -37,6 +37,7 @@ from opscore.domain.errors import (
     FieldViolation,
     StorageFault,
     StreamStalled,
+    TokenRotated,
     Unauthenticated,
     Unavailable,
 )
@@ -330,7 +331,9 @@ class Engine:
         stream = self.streams.get(agent_id)
         rotated = earlier not in (None, token_digest)
         if rotated and stream is not None and stream.token_digest == earlier:
-            stream.close(Unauthenticated("the agent token of this stream was rotated"))
+            stream.close(
+                TokenRotated("the agent registered again: this stream's token no longer works")
+            )
             log.info("stream of a rotated token closed", extra={"agent_id": agent_id})
 
     async def deregister_agent(self, agent_id: str) -> None:

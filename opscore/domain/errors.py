@@ -136,6 +136,14 @@ class Unauthenticated(OpsCoreError):
     says which, and never repeats what was sent."""
 
 
+class TokenRotated(Unauthenticated):
+    """The agent registered again, so the token its stream was opened with no longer works.
+    Most often another process runs with the same agent id: registering back would rotate that
+    process's token in turn, so an agent told this should stop rather than fight."""
+
+    reason = "AGENT_TOKEN_ROTATED"
+
+
 class PermissionDenied(OpsCoreError):
     """The caller is known, but may not make this call, or not on behalf of this agent."""
 

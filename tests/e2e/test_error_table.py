@@ -139,6 +139,15 @@ async def aborted(start_server: ServerFactory, url: str) -> Answer:
         return first.stream_error.code().name, status_of(first.stream_error)
 
 
+async def token_rotated(start_server: ServerFactory, url: str) -> Answer:
+    async with serve(start_server, url) as client:
+        first = await client.agent("w")
+        await client.lifecycle.RegisterAgent(agent_lifecycle_pb2.RegisterAgentRequest(agent_id="w"))
+        await first.wait_stream_ended()
+        assert first.stream_error is not None
+        return first.stream_error.code().name, status_of(first.stream_error)
+
+
 async def resource_exhausted(start_server: ServerFactory, url: str) -> Answer:
     async with serve(start_server, url) as client:
         big = {"text": "x" * (1024 * 1024 + 1)}
@@ -243,6 +252,7 @@ PROVOKERS: dict[tuple[str, str], Provoker] = {
     ("RESOURCE_EXHAUSTED", "RATE_LIMITED"): rate_limited,
     ("RESOURCE_EXHAUSTED", "OVERLOADED"): overloaded,
     ("UNAUTHENTICATED", "UNAUTHENTICATED"): unauthenticated,
+    ("UNAUTHENTICATED", "AGENT_TOKEN_ROTATED"): token_rotated,
     ("PERMISSION_DENIED", "PERMISSION_DENIED"): permission_denied,
     ("UNAVAILABLE", "UNAVAILABLE"): shutting_down,
     ("UNAVAILABLE", "STREAM_STALLED"): stream_stalled,

@@ -27,7 +27,7 @@ from processes import ServerProcess, clean_environment, free_port
 from replicas import CHANNEL_OPTIONS
 from secure import tls_channel
 
-from opscore.client import Backoff, NonRetryable, TaskContext, Tls, Worker
+from opscore.client import Backoff, NonRetryable, OpsCoreError, TaskContext, Tls, Worker
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 """Reconnections in tests come back within half a second."""
@@ -217,6 +217,47 @@ async def test_a_cancelled_run_cancels_its_handler(
                 while not reasons:
                     await asyncio.sleep(0.01)
         assert reasons == ["run cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ended"),
+    [
+        ({}, ("UNAUTHENTICATED", "AGENT_TOKEN_ROTATED")),
+        ({"operator_token": None}, ("ABORTED", "ABORTED")),
+    ],
+    ids=["with authentication", "without"],
+)
+async def test_a_second_worker_with_the_same_agent_id_stops_the_first(
+    start_server: ServerFactory,
+    migrated_url: str,
+    overrides: dict[str, Any],
+    ended: tuple[str, str],
+) -> None:
+    """The newer process wins and the older stops, rather than the two taking the agent from
+    each other for ever; the older neither deregisters the agent nor fails its tasks."""
+    async with serve(start_server, migrated_url, **overrides) as client:
+        assert client.server is not None
+        workers = [new_worker(client.server.port) for _ in range(2)]
+        done: list[str] = []
+        for worker in workers:
+
+            @worker.task("work")
+            async def work(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+                done.append(ctx.task_id)
+                return {}
+
+        first = asyncio.create_task(workers[0].run(handle_signals=False))
+        await wait_agent(client, "worker-1", connected)
+        async with working(workers[1], client):
+            with pytest.raises(OpsCoreError) as raised:
+                async with asyncio.timeout(WAIT):
+                    await first
+            assert (raised.value.code.name, raised.value.reason) == ended
+            run = await client.trigger(definition=definition("after", spec("t", "work")))
+            await client.wait_run(run.run_id, SUCCEEDED)
+            registered = await agent_of(client, "worker-1")
+            assert connected(registered)
+        assert len(done) == 1
 
 
 async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
