@@ -153,3 +153,19 @@ export const TRANSIENT: ReadonlySet<grpc.status> = new Set([
   grpc.status.CANCELLED,
 ]);
 
+/** Statuses of a result or lease extension for an attempt that is no longer the agent's (its
+ * lease ran out, its run was cancelled or failed, another result was recorded). */
+export const GONE: ReadonlySet<grpc.status> = new Set([
+  grpc.status.FAILED_PRECONDITION,
+  grpc.status.NOT_FOUND,
+]);
+
+/** Whether a call an agent makes as itself (a result, a lease extension) may succeed if sent
+ * again: a transient status, or UNAUTHENTICATED, since a registration since the call left
+ * rotated the token it carried. */
+export function worthRetrying(error: unknown): boolean {
+  return (
+    isServiceError(error) &&
+    (TRANSIENT.has(error.code) || error.code === grpc.status.UNAUTHENTICATED)
+  );
+}
