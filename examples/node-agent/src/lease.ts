@@ -103,11 +103,10 @@ export class Lease {
         continue;
       }
       try {
-        const deadline = await this.extend(this.length);
+        this.end = Math.max(this.end, await this.extend(this.length));
         // The server's deadline is `length` from its own now: half of that from the answer is
         // when half is left, whatever the difference between the two clocks.
         this.due = Date.now() + this.length / 2;
-        this.movedTo(deadline);
         failures = 0;
       } catch (error) {
         if (isServiceError(error) && GONE.has(error.code)) {
