@@ -366,7 +366,10 @@ async def test_runs_tasks_over_tls(
     if mutual:
         issued = authority.issue_client(AGENT_ID, [f"opscore://agent/{AGENT_ID}"])
         files = issued.write(tmp_path, "agent")
-        settings |= {"OPSCORE_TLS_CERT": str(files.cert), "OPSCORE_TLS_KEY": str(files.key)}
+        settings |= {
+            "OPSCORE_TLS_CLIENT_CERT": str(files.cert),
+            "OPSCORE_TLS_CLIENT_KEY": str(files.key),
+        }
     operator = authority.issue_client("operator", ["opscore://operator/alice"])
     async with (
         start_server(
@@ -468,11 +471,11 @@ async def test_an_attempt_the_server_no_longer_extends_is_stopped_unreported(
 @pytest.mark.parametrize(
     ("args", "settings", "named"),
     [
-        (("--tls-cert", "{ca}"), {}, "--tls-cert"),
-        ((), {"OPSCORE_TLS_KEY": "{ca}"}, "--tls-key"),
+        (("--tls-client-cert", "{ca}"), {}, "--tls-client-cert"),
+        ((), {"OPSCORE_TLS_CLIENT_KEY": "{ca}"}, "--tls-client-key"),
         (("--tls-ca", "{missing}"), {}, "--tls-ca"),
         ((), {"OPSCORE_TLS_CA": "{junk}"}, "--tls-ca"),
-        (("--tls-cert", "{junk}", "--tls-key", "{junk}"), {}, "--tls-cert"),
+        (("--tls-client-cert", "{junk}", "--tls-client-key", "{junk}"), {}, "--tls-client-cert"),
     ],
     ids=["cert-without-key", "key-without-cert", "unreadable-ca", "not-a-ca", "not-a-cert"],
 )

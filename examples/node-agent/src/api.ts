@@ -65,7 +65,8 @@ export function channelCredentials(tls: TlsConfig | null): grpc.ChannelCredentia
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     throw new ConfigError(
-      `--tls-cert and --tls-key (OPSCORE_TLS_CERT, OPSCORE_TLS_KEY): ${reason}`,
+      '--tls-client-cert and --tls-client-key ' +
+        `(OPSCORE_TLS_CLIENT_CERT, OPSCORE_TLS_CLIENT_KEY): ${reason}`,
     );
   }
 }

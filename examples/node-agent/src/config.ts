@@ -56,9 +56,10 @@ export const USAGE = `Usage: node dist/main.js [options]
                                (OPSCORE_TLS=1; default plaintext)
   --tls-ca FILE                connect over TLS, trusting the authorities of this PEM file
                                (OPSCORE_TLS_CA)
-  --tls-cert FILE              the agent's client certificate, PEM, for mutual TLS; implies
-                               TLS, needs --tls-key (OPSCORE_TLS_CERT)
-  --tls-key FILE               the unencrypted PEM key of --tls-cert (OPSCORE_TLS_KEY)
+  --tls-client-cert FILE       the agent's client certificate, PEM, for mutual TLS; implies
+                               TLS, needs --tls-client-key (OPSCORE_TLS_CLIENT_CERT)
+  --tls-client-key FILE        the unencrypted PEM key of --tls-client-cert
+                               (OPSCORE_TLS_CLIENT_KEY)
   --help                       print this and exit
 
   OPSCORE_REGISTRATION_TOKEN   token for RegisterAgent (a registration or operator token);
@@ -97,20 +98,26 @@ function read(file: string | undefined, setting: string): Buffer | null {
 
 /** The TLS settings; null for plaintext. Any of the files implies TLS. */
 function tlsConfig(
-  parsed: { tls?: boolean; 'tls-ca'?: string; 'tls-cert'?: string; 'tls-key'?: string },
+  parsed: {
+    tls?: boolean;
+    'tls-ca'?: string;
+    'tls-client-cert'?: string;
+    'tls-client-key'?: string;
+  },
   env: NodeJS.ProcessEnv,
 ): TlsConfig | null {
   const caFile = parsed['tls-ca'] ?? env.OPSCORE_TLS_CA;
-  const certFile = parsed['tls-cert'] ?? env.OPSCORE_TLS_CERT;
-  const keyFile = parsed['tls-key'] ?? env.OPSCORE_TLS_KEY;
+  const certFile = parsed['tls-client-cert'] ?? env.OPSCORE_TLS_CLIENT_CERT;
+  const keyFile = parsed['tls-client-key'] ?? env.OPSCORE_TLS_CLIENT_KEY;
   const hasCert = certFile !== undefined && certFile !== '';
   const hasKey = keyFile !== undefined && keyFile !== '';
   if (hasCert !== hasKey) {
     throw new ConfigError(
       hasCert
-        ? '--tls-cert (OPSCORE_TLS_CERT) needs its key: give --tls-key (OPSCORE_TLS_KEY) too'
-        : '--tls-key (OPSCORE_TLS_KEY) needs its certificate: give --tls-cert ' +
-            '(OPSCORE_TLS_CERT) too',
+        ? '--tls-client-cert (OPSCORE_TLS_CLIENT_CERT) needs its key: ' +
+            'give --tls-client-key (OPSCORE_TLS_CLIENT_KEY) too'
+        : '--tls-client-key (OPSCORE_TLS_CLIENT_KEY) needs its certificate: ' +
+            'give --tls-client-cert (OPSCORE_TLS_CLIENT_CERT) too',
     );
   }
   const tls = parsed.tls === true || flag(env.OPSCORE_TLS, 'OPSCORE_TLS');
@@ -127,8 +134,8 @@ function tlsConfig(
       );
     }
   }
-  const certChain = read(certFile, '--tls-cert (OPSCORE_TLS_CERT)');
-  const privateKey = read(keyFile, '--tls-key (OPSCORE_TLS_KEY)');
+  const certChain = read(certFile, '--tls-client-cert (OPSCORE_TLS_CLIENT_CERT)');
+  const privateKey = read(keyFile, '--tls-client-key (OPSCORE_TLS_CLIENT_KEY)');
   if (!tls && rootCerts === null && certChain === null) {
     return null;
   }
@@ -156,8 +163,8 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Age
         'max-concurrent-tasks': { type: 'string' },
         tls: { type: 'boolean' },
         'tls-ca': { type: 'string' },
-        'tls-cert': { type: 'string' },
-        'tls-key': { type: 'string' },
+        'tls-client-cert': { type: 'string' },
+        'tls-client-key': { type: 'string' },
         help: { type: 'boolean' },
       },
     }).values;
