@@ -74,8 +74,9 @@ class Lease:
 
     async def keep(self) -> None:
         """Extend the lease whenever half of it is left, until cancelled. Raises `AttemptLost`
-        once the server says the attempt is no longer the worker's; an unanswered extension is
-        tried again after a backoff, as long as the deadline has not passed."""
+        once the server says the attempt is no longer the worker's. An unanswered extension is
+        tried again after a backoff, past the deadline too: the server's answer then says whether
+        the attempt is still the worker's."""
         failures = 0
         while True:
             due = renewal_due(self.deadline, self.length) - self._skew()

@@ -1,6 +1,7 @@
 """The Node.js agent of examples/node-agent, built from protos/ as its README says (`npm ci`,
 `npm run generate`, `npm run build`) and run with `node` against a real server with
-authentication on: it registers with a registration token, then acts with its own token.
+authentication on: it registers with a registration token (or, under mutual TLS, its
+certificate), then acts with its own token.
 
 Skipped where `node` or `npm` is missing; `.ci/run` installs both, so CI runs it.
 """
@@ -13,7 +14,7 @@ import json
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,23 @@ from typing import Any
 import auth
 import grpc
 import pytest
+from certs import Authority
 from conftest import ServerFactory
-from helpers import WAIT, Agent, Client, as_dict, connect, definition, task, tasks_of
+from helpers import (
+    WAIT,
+    Agent,
+    Client,
+    as_dict,
+    connect,
+    definition,
+    seconds,
+    struct,
+    task,
+    tasks_of,
+)
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 from processes import ROOT, clean_environment, free_port
+from secure import tls_channel
 
 from opscore.server import OpsCoreServer
 
@@ -100,19 +114,30 @@ class NodeAgent:
 
 
 @asynccontextmanager
-async def node_agent(script: Path, log: Path, *addresses: str) -> AsyncIterator[NodeAgent]:
-    """The agent running against `addresses`, killed at the end if it is still alive."""
+async def node_agent(
+    script: Path,
+    log: Path,
+    *addresses: str,
+    token: str | None = auth.REGISTRATION_TOKEN,
+    settings: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> AsyncIterator[NodeAgent]:
+    """The agent running against `addresses`, registering with `token` (none: no
+    OPSCORE_REGISTRATION_TOKEN), with more environment `settings` and command-line `args`;
+    killed at the end if it is still alive."""
     assert NODE is not None
     environment = clean_environment(
         OPSCORE_ADDRESSES=",".join(addresses),
         OPSCORE_AGENT_ID=AGENT_ID,
         OPSCORE_CAPABILITIES=CAPABILITY,
-        OPSCORE_REGISTRATION_TOKEN=auth.REGISTRATION_TOKEN,
+        **({} if token is None else {"OPSCORE_REGISTRATION_TOKEN": token}),
+        **(settings or {}),
     )
     with log.open("ab") as sink:
         process = await asyncio.create_subprocess_exec(
             NODE,
             str(script),
+            *args,
             env=environment,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
@@ -321,3 +346,159 @@ async def test_exits_1_when_another_registration_takes_its_id(
         assert await agent.exit_status() == 1, agent.log_text()
         await agent.logged("another registration of this agent revoked its token")
         assert [r["message"] for r in agent.records()].count("registered") == 1
+
+
+@pytest.mark.parametrize("credential", ["registration token", "client certificate"])
+async def test_runs_tasks_over_tls(
+    agent_script: Path,
+    start_server: ServerFactory,
+    database: str,
+    tmp_path: Path,
+    credential: str,
+) -> None:
+    """Over TLS that trusts the test's CA alone; under mutual TLS the agent registers with no
+    token, its certificate naming it, and the operator's client presents one too."""
+    authority = Authority.create("Ops-Core test CA")
+    served = authority.issue_server().write(tmp_path, "server")
+    ca = authority.write_ca(tmp_path, "ca")
+    mutual = credential == "client certificate"
+    settings = {"OPSCORE_TLS_CA": str(ca)}
+    if mutual:
+        issued = authority.issue_client(AGENT_ID, [f"opscore://agent/{AGENT_ID}"])
+        files = issued.write(tmp_path, "agent")
+        settings |= {
+            "OPSCORE_TLS_CLIENT_CERT": str(files.cert),
+            "OPSCORE_TLS_CLIENT_KEY": str(files.key),
+        }
+    operator = authority.issue_client("operator", ["opscore://operator/alice"])
+    async with (
+        start_server(
+            database,
+            tls_cert=str(served.cert),
+            tls_key=str(served.key),
+            tls_client_ca=str(ca) if mutual else "",
+            registration_token=auth.REGISTRATION_TOKEN,
+        ) as server,
+        tls_channel(server.port, authority, operator if mutual else None) as channel,
+        node_agent(
+            agent_script,
+            tmp_path / "agent.log",
+            f"127.0.0.1:{server.port}",
+            token=None if mutual else auth.REGISTRATION_TOKEN,
+            settings=settings,
+        ) as agent,
+    ):
+        client = Client(channel)
+        await connected(client)
+        run = await client.trigger(definition=definition("tls", echo_task("secure")))
+        done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+        assert as_dict(tasks_of(done)["secure"].output)["agent_id"] == AGENT_ID
+        await agent.logged("starting", tls=True, client_certificate=mutual)
+
+
+def leased_task(name: str, *, timeout: float, **inputs: Any) -> workflow_pb2.TaskSpec:
+    """A task of the agent's capability with a lease of `timeout` seconds and one attempt."""
+    spec = echo_task(name, **inputs)
+    spec.timeout.CopyFrom(seconds(timeout))
+    spec.retry_policy.CopyFrom(workflow_pb2.RetryPolicy(max_attempts=1))
+    return spec
+
+
+async def test_work_that_outlives_its_timeout_keeps_its_lease(
+    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+) -> None:
+    async with (
+        server_with_registration(start_server, database) as (server, client),
+        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
+    ):
+        await connected(client)
+        run = await client.trigger(
+            definition=definition("long", leased_task("long", timeout=1, work_ms=3_000))
+        )
+        held = await wait_task(client, run.run_id, "long", assigned)
+        first = held.deadline.ToDatetime()
+        # The lease moves while the work runs: extended, not merely not yet expired.
+        await wait_task(
+            client, run.run_id, "long", lambda found: found.deadline.ToDatetime() > first
+        )
+        done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+        found = tasks_of(done)["long"]
+        assert found.attempt == 1
+        assert as_dict(found.output)["input"]["work_ms"] == 3_000
+        assert not [r for r in agent.records() if r["message"].startswith("lease extension")]
+
+
+async def test_an_attempt_the_server_no_longer_extends_is_stopped_unreported(
+    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+) -> None:
+    """The attempt's result is recorded behind the agent's back (an operator may act as any
+    agent): its next extension is refused as FAILED_PRECONDITION, which stops the work."""
+    async with (
+        server_with_registration(start_server, database) as (server, client),
+        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
+    ):
+        await connected(client)
+        run = await client.trigger(
+            definition=definition("taken", leased_task("taken", timeout=1, work_ms=60_000))
+        )
+        held = await wait_task(client, run.run_id, "taken", assigned)
+        await client.workflows.CompleteTask(
+            workflow_service_pb2.CompleteTaskRequest(
+                task_id=held.task_id,
+                agent_id=AGENT_ID,
+                attempt=held.attempt,
+                output=struct({"by": "operator"}),
+            )
+        )
+        lost = await agent.logged("attempt lost", task_id=held.task_id)
+        assert lost["reason"].startswith("FAILED_PRECONDITION"), lost
+
+        # The work stopped: the agent, stopping, has no task in hand to finish.
+        agent.process.send_signal(signal.SIGTERM)
+        assert await agent.exit_status() == 0, agent.log_text()
+        messages = [record["message"] for record in agent.records()]
+        assert "finishing the tasks in hand" not in messages, agent.log_text()
+        about_it = [
+            record["message"]
+            for record in agent.records()
+            if record["message"].startswith("task ") and record.get("task_id") == held.task_id
+        ]
+        assert about_it == ["task assigned"], agent.log_text()
+        done = await client.run(run.run_id)
+        assert as_dict(tasks_of(done)["taken"].output) == {"by": "operator"}
+
+
+@pytest.mark.parametrize(
+    ("args", "settings", "named"),
+    [
+        (("--tls-client-cert", "{ca}"), {}, "--tls-client-cert"),
+        ((), {"OPSCORE_TLS_CLIENT_KEY": "{ca}"}, "--tls-client-key"),
+        (("--tls-ca", "{missing}"), {}, "--tls-ca"),
+        ((), {"OPSCORE_TLS_CA": "{junk}"}, "--tls-ca"),
+        (("--tls-client-cert", "{junk}", "--tls-client-key", "{junk}"), {}, "--tls-client-cert"),
+    ],
+    ids=["cert-without-key", "key-without-cert", "unreadable-ca", "not-a-ca", "not-a-cert"],
+)
+async def test_a_bad_tls_setting_exits_2(
+    agent_script: Path,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    settings: dict[str, str],
+    named: str,
+) -> None:
+    files = {
+        "ca": str(Authority.create("Ops-Core test CA").write_ca(tmp_path, "ca")),
+        "missing": str(tmp_path / "missing.crt"),
+        "junk": str(tmp_path / "junk.pem"),
+    }
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    async with node_agent(
+        agent_script,
+        tmp_path / "agent.log",
+        f"127.0.0.1:{free_port()}",
+        settings={name: value.format(**files) for name, value in settings.items()},
+        args=tuple(arg.format(**files) for arg in args),
+    ) as agent:
+        assert await agent.exit_status() == 2, agent.log_text()
+    said = agent.log_text().splitlines()[0]
+    assert said.startswith(named), said

@@ -1,7 +1,8 @@
 /**
- * The agent's life: register, hold the task stream, run each assignment and report its result,
- * stop an attempt the server cancels, reconnect (over the list of addresses, with backoff) when
- * the stream ends, and on a signal finish the tasks in hand before closing.
+ * The agent's life: register, hold the task stream, run each assignment (keeping its lease) and
+ * report its result, stop an attempt the server cancels or no longer counts as the agent's,
+ * reconnect (over the list of addresses, with backoff) when the stream ends, and on a signal
+ * finish the tasks in hand before closing.
  */
 
 import { readFileSync } from 'node:fs';
@@ -18,15 +19,21 @@ import {
   isServiceError,
   TRANSIENT,
   unary,
+  worthRetrying,
 } from './api';
 import type { AgentConfig } from './config';
+import type { Timestamp__Output } from './generated/google/protobuf/Timestamp';
 import type { CompleteTaskResponse__Output } from './generated/opscore/v1/CompleteTaskResponse';
+import type {
+  ExtendTaskLeaseResponse__Output,
+} from './generated/opscore/v1/ExtendTaskLeaseResponse';
 import type { FailTaskResponse__Output } from './generated/opscore/v1/FailTaskResponse';
 import type { RegisterAgentResponse__Output } from './generated/opscore/v1/RegisterAgentResponse';
 import type { StreamTasksResponse__Output } from './generated/opscore/v1/StreamTasksResponse';
 import type { TaskAssignment__Output } from './generated/opscore/v1/TaskAssignment';
 import type { TaskCancellation__Output } from './generated/opscore/v1/TaskCancellation';
 import { type JsonObject, toStruct } from './json';
+import { AttemptLost, Lease } from './lease';
 import * as log from './log';
 import { work } from './work';
 
@@ -48,10 +55,15 @@ function packageVersion(): string {
   return known && typeof manifest.version === 'string' ? manifest.version : '';
 }
 
-/** The attempt's lease end in milliseconds since the epoch: reporting after it is pointless. */
-function leaseEnd(assignment: TaskAssignment__Output): number {
-  const deadline = assignment.deadline;
+/** A deadline in milliseconds since the epoch; Infinity for none. */
+function millis(deadline: Timestamp__Output | null): number {
   return deadline === null ? Infinity : Number(deadline.seconds) * 1000 + deadline.nanos / 1e6;
+}
+
+/** An attempt in hand: aborting `controller` stops its work; `lease` is its deadline, kept. */
+interface Held {
+  readonly controller: AbortController;
+  readonly lease: Lease;
 }
 
 function statusFields(error: unknown): log.Fields {
@@ -69,8 +81,8 @@ export class Agent {
   private connection: Connection | undefined;
   private stream: grpc.ClientReadableStream<StreamTasksResponse__Output> | undefined;
   private readonly stopping = new AbortController();
-  /** The attempts in hand, by task id and attempt: aborting one stops its work. */
-  private readonly attempts = new Map<string, AbortController>();
+  /** The attempts in hand, by task id and attempt. */
+  private readonly attempts = new Map<string, Held>();
   /** The work and report of each attempt in hand, which a stopping agent waits for. */
   private readonly running = new Set<Promise<void>>();
 
@@ -245,15 +257,25 @@ export class Agent {
       task_name: assignment.taskName,
       attempt: assignment.attempt,
     };
-    if (this.attempts.has(key)) {
+    const running = this.attempts.get(key);
+    if (running !== undefined) {
       // Sent again after a reconnection: the attempt is still running here, and will report.
+      // The copy carries the deadline as the server has it now, which may be later.
+      running.lease.movedTo(millis(assignment.deadline));
       log.info('attempt already in hand', fields);
       return;
     }
     log.info('task assigned', { ...fields, redelivered: assignment.redelivered });
-    const controller = new AbortController();
-    this.attempts.set(key, controller);
-    const done = this.attempt(assignment, controller.signal, connection).finally(() => {
+    const held: Held = {
+      controller: new AbortController(),
+      lease: new Lease(
+        millis(assignment.deadline),
+        (byMs) => this.extend(assignment, byMs, connection),
+        { initialMs: this.config.reconnectMs, maxMs: this.config.reconnectMaxMs },
+      ),
+    };
+    this.attempts.set(key, held);
+    const done = this.attempt(assignment, held, connection).finally(() => {
       this.attempts.delete(key);
       this.running.delete(done);
     });
@@ -261,22 +283,76 @@ export class Agent {
   }
 
   private cancel(cancellation: TaskCancellation__Output): void {
-    const controller = this.attempts.get(`${cancellation.taskId}#${cancellation.attempt}`);
+    const held = this.attempts.get(`${cancellation.taskId}#${cancellation.attempt}`);
     log.info('task cancelled', {
       task_id: cancellation.taskId,
       attempt: cancellation.attempt,
       reason: cancellation.reason,
-      in_hand: controller !== undefined,
+      in_hand: held !== undefined,
     });
-    controller?.abort();
+    held?.controller.abort();
   }
 
-  /** Run one attempt and report how it went; a cancelled attempt reports nothing. */
+  /** Ask for the attempt's lease to last `byMs` from now, at the server of the latest stream
+   * (`via` until then); the new deadline. */
+  private async extend(
+    assignment: TaskAssignment__Output,
+    byMs: number,
+    via: Connection,
+  ): Promise<number> {
+    const ms = Math.ceil(byMs);
+    const extendBy = { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 };
+    const response = await unary<ExtendTaskLeaseResponse__Output>((callback) =>
+      (this.connection ?? via).workflows.ExtendTaskLease(
+        {
+          taskId: assignment.taskId,
+          agentId: this.config.agentId,
+          attempt: assignment.attempt,
+          extendBy,
+        },
+        bearer(this.token),
+        callOptions(),
+        callback,
+      ),
+    );
+    return millis(response.deadline);
+  }
+
+  /**
+   * Run one attempt and report how it went, keeping its lease from its arrival until the report
+   * is answered, as the Python SDK's Worker does. A cancelled attempt reports nothing, and
+   * neither does one whose lease the server will not extend because the attempt is no longer
+   * this agent's: its work is stopped as a cancelled one's is.
+   */
   private async attempt(
     assignment: TaskAssignment__Output,
-    signal: AbortSignal,
+    held: Held,
     via: Connection,
   ): Promise<void> {
+    const fields = { task_id: assignment.taskId, attempt: assignment.attempt };
+    const keeping = new AbortController();
+    const kept = held.lease.keep(keeping.signal, fields).catch((error: unknown) => {
+      if (error instanceof AttemptLost) {
+        log.warning('attempt lost', { ...fields, reason: error.message });
+        held.controller.abort();
+      } else {
+        log.error('lease keeping failed', { ...fields, error: String(error) });
+      }
+    });
+    try {
+      await this.workAndReport(assignment, held, via);
+    } finally {
+      keeping.abort();
+      await kept;
+    }
+  }
+
+  private async workAndReport(
+    assignment: TaskAssignment__Output,
+    held: Held,
+    via: Connection,
+  ): Promise<void> {
+    const signal = held.controller.signal;
     const attempt = {
       taskId: assignment.taskId,
       agentId: this.config.agentId,
@@ -294,7 +370,7 @@ export class Agent {
         error: error instanceof Error ? error.message : String(error),
         retryable: true,
       };
-      await this.report('failed', assignment, signal, via, (connection, metadata) =>
+      await this.report('failed', assignment, held, via, (connection, metadata) =>
         unary<FailTaskResponse__Output>((done) =>
           connection.workflows.FailTask(failure, metadata, callOptions(), done),
         ),
@@ -302,7 +378,7 @@ export class Agent {
       return;
     }
     const result = { ...attempt, output: toStruct(output) };
-    await this.report('completed', assignment, signal, via, (connection, metadata) =>
+    await this.report('completed', assignment, held, via, (connection, metadata) =>
       unary<CompleteTaskResponse__Output>((done) =>
         connection.workflows.CompleteTask(result, metadata, callOptions(), done),
       ),
@@ -311,13 +387,14 @@ export class Agent {
 
   /**
    * Send an attempt's result, and send it again after a failure that may pass (the server
-   * restarting, a replica gone) while the lease lasts: the same result twice is recorded once.
-   * It goes to the server of the latest stream (`via`, the one the task came on, until then).
+   * restarting, a replica gone) while the lease lasts (as extended meanwhile): the same result
+   * twice is recorded once. It goes to the server of the latest stream (`via`, the one the task
+   * came on, until then).
    */
   private async report(
     outcome: 'completed' | 'failed',
     assignment: TaskAssignment__Output,
-    signal: AbortSignal,
+    held: Held,
     via: Connection,
     send: (connection: Connection, metadata: grpc.Metadata) => Promise<unknown>,
   ): Promise<void> {
@@ -326,7 +403,7 @@ export class Agent {
       task_name: assignment.taskName,
       attempt: assignment.attempt,
     };
-    const end = leaseEnd(assignment);
+    const signal = held.controller.signal;
     for (
       let delay = this.config.reconnectMs;
       ;
@@ -337,11 +414,7 @@ export class Agent {
         log.info(`task ${outcome}`, fields);
         return;
       } catch (error) {
-        // UNAUTHENTICATED as well: a registration since the call left rotated the token it carried.
-        const passing =
-          isServiceError(error) &&
-          (TRANSIENT.has(error.code) || error.code === grpc.status.UNAUTHENTICATED);
-        if (!passing || signal.aborted || Date.now() + delay >= end) {
+        if (!worthRetrying(error) || signal.aborted || Date.now() + delay >= held.lease.deadline) {
           log.warning(`task could not be reported ${outcome}`, {
             ...fields,
             ...statusFields(error),
@@ -376,8 +449,8 @@ export class Agent {
   }
 
   private abandon(): void {
-    for (const controller of this.attempts.values()) {
-      controller.abort();
+    for (const held of this.attempts.values()) {
+      held.controller.abort();
     }
   }
 }

@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
+import { ConfigError, type TlsConfig } from './config';
 import type { ProtoGrpcType as LifecycleProto } from './generated/agent_lifecycle';
 import type { AgentLifecycleClient } from './generated/opscore/v1/AgentLifecycle';
 import type { WorkflowServiceClient } from './generated/opscore/v1/WorkflowService';
@@ -53,6 +54,23 @@ function load(): Proto['opscore']['v1'] {
   return (grpc.loadPackageDefinition(definition) as unknown as Proto).opscore.v1;
 }
 
+/** The channel credentials of `tls`: plaintext for null. A client certificate that does not
+ * parse, or a key that is not its certificate's, is a ConfigError. */
+export function channelCredentials(tls: TlsConfig | null): grpc.ChannelCredentials {
+  if (tls === null) {
+    return grpc.credentials.createInsecure();
+  }
+  try {
+    return grpc.credentials.createSsl(tls.rootCerts, tls.privateKey, tls.certChain);
+  } catch (error) {
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new ConfigError(
+      '--tls-client-cert and --tls-client-key ' +
+        `(OPSCORE_TLS_CLIENT_CERT, OPSCORE_TLS_CLIENT_KEY): ${reason}`,
+    );
+  }
+}
+
 /** Both services' clients for one server. */
 export interface Connection {
   readonly address: string;
@@ -60,20 +78,22 @@ export interface Connection {
   readonly workflows: WorkflowServiceClient;
 }
 
-/** Makes connections to servers, one per address, reused for as long as the agent runs. */
+/** Makes connections to servers, one per address, reused for as long as the agent runs, all
+ * with the same `credentials` (plaintext, or TLS). */
 export class Connections {
   private readonly services = load();
   private readonly open = new Map<string, Connection>();
+
+  constructor(private readonly credentials: grpc.ChannelCredentials) {}
 
   /** The connection to `address` (made on first use; gRPC reconnects it as needed). */
   to(address: string): Connection {
     let connection = this.open.get(address);
     if (connection === undefined) {
-      const credentials = grpc.credentials.createInsecure();
       connection = {
         address,
-        lifecycle: new this.services.AgentLifecycle(address, credentials, CHANNEL_OPTIONS),
-        workflows: new this.services.WorkflowService(address, credentials, CHANNEL_OPTIONS),
+        lifecycle: new this.services.AgentLifecycle(address, this.credentials, CHANNEL_OPTIONS),
+        workflows: new this.services.WorkflowService(address, this.credentials, CHANNEL_OPTIONS),
       };
       this.open.set(address, connection);
     }
@@ -133,3 +153,20 @@ export const TRANSIENT: ReadonlySet<grpc.status> = new Set([
   grpc.status.RESOURCE_EXHAUSTED,
   grpc.status.CANCELLED,
 ]);
+
+/** Statuses of a result or lease extension for an attempt that is no longer the agent's (its
+ * lease ran out, its run was cancelled or failed, another result was recorded). */
+export const GONE: ReadonlySet<grpc.status> = new Set([
+  grpc.status.FAILED_PRECONDITION,
+  grpc.status.NOT_FOUND,
+]);
+
+/** Whether a call an agent makes as itself (a result, a lease extension) may succeed if sent
+ * again: a transient status, or UNAUTHENTICATED, since a registration since the call left
+ * rotated the token it carried. */
+export function worthRetrying(error: unknown): boolean {
+  return (
+    isServiceError(error) &&
+    (TRANSIENT.has(error.code) || error.code === grpc.status.UNAUTHENTICATED)
+  );
+}

@@ -5,14 +5,34 @@
  */
 
 import { Agent } from './agent';
-import { Connections } from './api';
+import { channelCredentials, Connections } from './api';
 import { ConfigError, loadConfig, USAGE } from './config';
 import * as log from './log';
 
+/** Log Node's own warnings as records: printed as they come, in plain text on standard error,
+ * they would break its one JSON object a line. grpc-js, for one, gives TLS an IP address as
+ * its server name (DEP0123, grpc/grpc-node#1919) when a server's address is one. */
+function logWarnings(): void {
+  process.removeAllListeners('warning');
+  process.on('warning', (warning) => {
+    const code = 'code' in warning && typeof warning.code === 'string' ? warning.code : null;
+    log.warning('node warning', { name: warning.name, code, details: warning.message });
+  });
+}
+
 async function main(): Promise<number> {
+  logWarnings();
   let config;
+  let credentials;
   try {
     config = loadConfig(process.argv.slice(2), process.env);
+    if (config === null) {
+      process.stdout.write(USAGE);
+      return 0;
+    }
+    // Made once, here: a client certificate that does not match its key stops the agent now,
+    // not at its first handshake.
+    credentials = channelCredentials(config.tls);
   } catch (error) {
     if (error instanceof ConfigError) {
       process.stderr.write(`${error.message}\n\n${USAGE}`);
@@ -20,15 +40,16 @@ async function main(): Promise<number> {
     }
     throw error;
   }
-  if (config === null) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  const connections = new Connections();
+  const connections = new Connections(credentials);
   const agent = new Agent(config, connections);
   process.on('SIGTERM', () => agent.stop());
   process.on('SIGINT', () => agent.stop());
-  log.info('starting', { agent_id: config.agentId, addresses: config.addresses });
+  log.info('starting', {
+    agent_id: config.agentId,
+    addresses: config.addresses,
+    tls: config.tls !== null,
+    client_certificate: config.tls !== null && config.tls.certChain !== null,
+  });
   try {
     return await agent.run();
   } finally {
