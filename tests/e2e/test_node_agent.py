@@ -189,6 +189,19 @@ async def connected(client: Client) -> agent_pb2.Agent:
             await asyncio.sleep(0.02)
 
 
+@pytest.fixture
+async def working(
+    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+) -> AsyncIterator[tuple[Client, NodeAgent]]:
+    """A server with a registration token, an operator's client, and the agent on its stream."""
+    async with (
+        server_with_registration(start_server, database) as (server, client),
+        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
+    ):
+        await connected(client)
+        yield client, agent
+
+
 def echo_task(name: str, *depends_on: str, **inputs: Any) -> workflow_pb2.TaskSpec:
     return task(name, capability=CAPABILITY, depends_on=depends_on, input=inputs)
 
@@ -252,33 +265,25 @@ async def test_runs_a_chain_after_an_unreachable_address(
         await agent.logged("registration failed", code="UNAVAILABLE")
 
 
-async def test_stops_a_cancelled_attempt(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
-) -> None:
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        slow = await client.trigger(
-            definition=definition("slow", echo_task("wait", work_ms=60_000))
-        )
-        held = await wait_task(client, slow.run_id, "wait", assigned)
-        await agent.logged("task assigned", task_id=held.task_id)
-        await client.workflows.CancelWorkflowRun(
-            workflow_service_pb2.CancelWorkflowRunRequest(run_id=slow.run_id)
-        )
-        await agent.logged("task cancelled", task_id=held.task_id, in_hand=True)
+async def test_stops_a_cancelled_attempt(working: tuple[Client, NodeAgent]) -> None:
+    client, agent = working
+    slow = await client.trigger(definition=definition("slow", echo_task("wait", work_ms=60_000)))
+    held = await wait_task(client, slow.run_id, "wait", assigned)
+    await agent.logged("task assigned", task_id=held.task_id)
+    await client.workflows.CancelWorkflowRun(
+        workflow_service_pb2.CancelWorkflowRunRequest(run_id=slow.run_id)
+    )
+    await agent.logged("task cancelled", task_id=held.task_id, in_hand=True)
 
-        # The agent is free for the next task, and never reported the cancelled one.
-        quick = await client.trigger(definition=definition("quick", echo_task("go")))
-        await client.wait_run(quick.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-        reports = [
-            record
-            for record in agent.records()
-            if record["message"] in ("task completed", "task failed")
-        ]
-        assert held.task_id not in {record["task_id"] for record in reports}, reports
+    # The agent is free for the next task, and never reported the cancelled one.
+    quick = await client.trigger(definition=definition("quick", echo_task("go")))
+    await client.wait_run(quick.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+    reports = [
+        record
+        for record in agent.records()
+        if record["message"] in ("task completed", "task failed")
+    ]
+    assert held.task_id not in {record["task_id"] for record in reports}, reports
 
 
 async def test_reconnects_when_the_server_restarts(
@@ -300,52 +305,38 @@ async def test_reconnects_when_the_server_restarts(
 
 
 async def test_sigterm_finishes_the_task_in_hand_and_exits_0(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+    working: tuple[Client, NodeAgent],
 ) -> None:
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        run = await client.trigger(definition=definition("last", echo_task("last", work_ms=500)))
-        await wait_task(client, run.run_id, "last", assigned)
-        agent.process.send_signal(signal.SIGTERM)
+    client, agent = working
+    run = await client.trigger(definition=definition("last", echo_task("last", work_ms=500)))
+    await wait_task(client, run.run_id, "last", assigned)
+    agent.process.send_signal(signal.SIGTERM)
 
-        assert await agent.exit_status() == 0, agent.log_text()
-        assert (await client.run(run.run_id)).state == workflow_pb2.RUN_STATE_SUCCEEDED
-        await Agent(client, AGENT_ID).wait_until(lambda seen: not seen.connected)
+    assert await agent.exit_status() == 0, agent.log_text()
+    assert (await client.run(run.run_id)).state == workflow_pb2.RUN_STATE_SUCCEEDED
+    await Agent(client, AGENT_ID).wait_until(lambda seen: not seen.connected)
 
 
-async def test_exits_0_when_deregistered(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
-) -> None:
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        await client.lifecycle.DeregisterAgent(
-            agent_lifecycle_pb2.DeregisterAgentRequest(agent_id=AGENT_ID)
-        )
-        assert await agent.exit_status() == 0, agent.log_text()
-        await agent.logged("deregistered by the server")
+async def test_exits_0_when_deregistered(working: tuple[Client, NodeAgent]) -> None:
+    client, agent = working
+    await client.lifecycle.DeregisterAgent(
+        agent_lifecycle_pb2.DeregisterAgentRequest(agent_id=AGENT_ID)
+    )
+    assert await agent.exit_status() == 0, agent.log_text()
+    await agent.logged("deregistered by the server")
 
 
 async def test_exits_1_when_another_registration_takes_its_id(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+    working: tuple[Client, NodeAgent],
 ) -> None:
     """Registering back would revoke the other's token in turn: the two would fight for ever."""
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        await client.lifecycle.RegisterAgent(
-            agent_lifecycle_pb2.RegisterAgentRequest(agent_id=AGENT_ID, capabilities=[CAPABILITY])
-        )
-        assert await agent.exit_status() == 1, agent.log_text()
-        await agent.logged("another registration of this agent revoked its token")
-        assert [r["message"] for r in agent.records()].count("registered") == 1
+    client, agent = working
+    await client.lifecycle.RegisterAgent(
+        agent_lifecycle_pb2.RegisterAgentRequest(agent_id=AGENT_ID, capabilities=[CAPABILITY])
+    )
+    assert await agent.exit_status() == 1, agent.log_text()
+    await agent.logged("another registration of this agent revoked its token")
+    assert [r["message"] for r in agent.records()].count("registered") == 1
 
 
 @pytest.mark.parametrize("credential", ["registration token", "client certificate"])
@@ -405,67 +396,57 @@ def leased_task(name: str, *, timeout: float, **inputs: Any) -> workflow_pb2.Tas
 
 
 async def test_work_that_outlives_its_timeout_keeps_its_lease(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+    working: tuple[Client, NodeAgent],
 ) -> None:
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        run = await client.trigger(
-            definition=definition("long", leased_task("long", timeout=1, work_ms=3_000))
-        )
-        held = await wait_task(client, run.run_id, "long", assigned)
-        first = held.deadline.ToDatetime()
-        # The lease moves while the work runs: extended, not merely not yet expired.
-        await wait_task(
-            client, run.run_id, "long", lambda found: found.deadline.ToDatetime() > first
-        )
-        done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-        found = tasks_of(done)["long"]
-        assert found.attempt == 1
-        assert as_dict(found.output)["input"]["work_ms"] == 3_000
-        assert not [r for r in agent.records() if r["message"].startswith("lease extension")]
+    client, agent = working
+    run = await client.trigger(
+        definition=definition("long", leased_task("long", timeout=1, work_ms=3_000))
+    )
+    held = await wait_task(client, run.run_id, "long", assigned)
+    first = held.deadline.ToDatetime()
+    # The lease moves while the work runs: extended, not merely not yet expired.
+    await wait_task(client, run.run_id, "long", lambda found: found.deadline.ToDatetime() > first)
+    done = await client.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+    found = tasks_of(done)["long"]
+    assert found.attempt == 1
+    assert as_dict(found.output)["input"]["work_ms"] == 3_000
+    assert not [r for r in agent.records() if r["message"].startswith("lease extension")]
 
 
 async def test_an_attempt_the_server_no_longer_extends_is_stopped_unreported(
-    agent_script: Path, start_server: ServerFactory, database: str, tmp_path: Path
+    working: tuple[Client, NodeAgent],
 ) -> None:
     """The attempt's result is recorded behind the agent's back (an operator may act as any
     agent): its next extension is refused as FAILED_PRECONDITION, which stops the work."""
-    async with (
-        server_with_registration(start_server, database) as (server, client),
-        node_agent(agent_script, tmp_path / "agent.log", f"127.0.0.1:{server.port}") as agent,
-    ):
-        await connected(client)
-        run = await client.trigger(
-            definition=definition("taken", leased_task("taken", timeout=1, work_ms=60_000))
+    client, agent = working
+    run = await client.trigger(
+        definition=definition("taken", leased_task("taken", timeout=1, work_ms=60_000))
+    )
+    held = await wait_task(client, run.run_id, "taken", assigned)
+    await client.workflows.CompleteTask(
+        workflow_service_pb2.CompleteTaskRequest(
+            task_id=held.task_id,
+            agent_id=AGENT_ID,
+            attempt=held.attempt,
+            output=struct({"by": "operator"}),
         )
-        held = await wait_task(client, run.run_id, "taken", assigned)
-        await client.workflows.CompleteTask(
-            workflow_service_pb2.CompleteTaskRequest(
-                task_id=held.task_id,
-                agent_id=AGENT_ID,
-                attempt=held.attempt,
-                output=struct({"by": "operator"}),
-            )
-        )
-        lost = await agent.logged("attempt lost", task_id=held.task_id)
-        assert lost["reason"].startswith("FAILED_PRECONDITION"), lost
+    )
+    lost = await agent.logged("attempt lost", task_id=held.task_id)
+    assert lost["reason"].startswith("FAILED_PRECONDITION"), lost
 
-        # The work stopped: the agent, stopping, has no task in hand to finish.
-        agent.process.send_signal(signal.SIGTERM)
-        assert await agent.exit_status() == 0, agent.log_text()
-        messages = [record["message"] for record in agent.records()]
-        assert "finishing the tasks in hand" not in messages, agent.log_text()
-        about_it = [
-            record["message"]
-            for record in agent.records()
-            if record["message"].startswith("task ") and record.get("task_id") == held.task_id
-        ]
-        assert about_it == ["task assigned"], agent.log_text()
-        done = await client.run(run.run_id)
-        assert as_dict(tasks_of(done)["taken"].output) == {"by": "operator"}
+    # The work stopped: the agent, stopping, has no task in hand to finish.
+    agent.process.send_signal(signal.SIGTERM)
+    assert await agent.exit_status() == 0, agent.log_text()
+    messages = [record["message"] for record in agent.records()]
+    assert "finishing the tasks in hand" not in messages, agent.log_text()
+    about_it = [
+        record["message"]
+        for record in agent.records()
+        if record["message"].startswith("task ") and record.get("task_id") == held.task_id
+    ]
+    assert about_it == ["task assigned"], agent.log_text()
+    done = await client.run(run.run_id)
+    assert as_dict(tasks_of(done)["taken"].output) == {"by": "operator"}
 
 
 @pytest.mark.parametrize(
