@@ -59,8 +59,10 @@ CAPABILITY = "echo"
 
 
 @pytest.fixture(scope="module")
-def agent_script() -> Path:
-    """The agent, generated and compiled from the committed sources; its entry point."""
+def agent_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agent, generated and compiled from the committed sources, then put outside the
+    repository (as a user deploys it: it must need nothing of the repository there); its entry
+    point."""
     assert NPM is not None
     # No package needs its install scripts (protobufjs's only warns about how dependents pin it),
     # and the lock file names every tarball: a warm cache serves it all without a request.
@@ -78,7 +80,12 @@ def agent_script() -> Path:
         assert completed.returncode == 0, (
             f"npm {' '.join(step)}:\n{completed.stdout}{completed.stderr}"
         )
-    return EXAMPLE / "dist" / "main.js"
+    deployed = tmp_path_factory.mktemp("node-agent")
+    for tree in ("dist", "proto"):
+        shutil.copytree(EXAMPLE / tree, deployed / tree)
+    shutil.copy(EXAMPLE / "package.json", deployed)
+    (deployed / "node_modules").symlink_to(EXAMPLE / "node_modules")
+    return deployed / "dist" / "main.js"
 
 
 class NodeAgent:

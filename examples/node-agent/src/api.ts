@@ -1,6 +1,6 @@
 /**
- * The Ops-Core API as this agent calls it: the services loaded from the repository's protos at
- * run time, typed by what `npm run generate` wrote from the same files.
+ * The Ops-Core API as this agent calls it: the services loaded at run time from the protos that
+ * `npm run generate` copied beside it, typed by what it generated from the same files.
  */
 
 import * as path from 'node:path';
@@ -14,13 +14,9 @@ import type { AgentLifecycleClient } from './generated/opscore/v1/AgentLifecycle
 import type { WorkflowServiceClient } from './generated/opscore/v1/WorkflowService';
 import type { ProtoGrpcType as WorkflowProto } from './generated/workflow_service';
 
-const REPOSITORY = path.resolve(__dirname, '..', '..', '..');
-
-/** Where the protos are: ours, and the googleapis import `make proto-deps` copies. */
-const INCLUDE_DIRS = [
-  path.join(REPOSITORY, 'protos'),
-  path.join(REPOSITORY, 'build', 'proto-deps'),
-];
+/** The package's copy of the protos (ours and the googleapis one they import), so that the
+ * built agent runs wherever the package is put, without the repository. */
+const INCLUDE_DIRS = [path.resolve(__dirname, '..', 'proto')];
 
 /** The options `npm run generate` gives proto-loader-gen-types: the generated types describe
  * the objects this loader produces only when both use the same ones. */
