@@ -1,6 +1,6 @@
 """The worker's calls to the server, each with the right credentials, and what their failures
 mean: worth another try (`Unreachable`), the attempt gone (`AttemptLost`), the output refused
-(`OutputRefused`), or a refusal no retry cures (the gRPC error itself)."""
+(`OutputRefused`), or a refusal no retry cures (the `OpsCoreError` of its code)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from opscore.client._backoff import Backoff
 from opscore.client._channels import Channels, Stubs, bearer
 from opscore.client._context import Assignment, JsonObject
 from opscore.client._errors import AttemptLost, OutputRefused, Unreachable
+from opscore.client._refusals import OpsCoreError, refusal
 from opscore.client._structs import to_dict, to_struct
 from opscore.domain.clock import Clock
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
@@ -222,9 +223,9 @@ class Calls:
                     request, metadata=self.agent_metadata(), timeout=CALL_TIMEOUT
                 )
             )
-        except grpc.aio.AioRpcError as error:
-            if error.code() in REFUSED_OUTPUT:
-                raise OutputRefused(f"the server refused the output: {error.details()}") from error
+        except OpsCoreError as error:
+            if error.code in REFUSED_OUTPUT:
+                raise OutputRefused(f"the server refused the output: {error.message}") from error
             raise
 
     async def fail(self, key: AttemptKey, error: str, retryable: bool) -> None:
@@ -240,7 +241,7 @@ class Calls:
 
     async def extend(self, key: AttemptKey, by: timedelta) -> datetime:
         """Extend the attempt's lease to `by` from now, once; the new deadline. Raises
-        `AttemptLost` or `Unreachable`."""
+        `AttemptLost`, `Unreachable` (the next try goes to the next address), or the refusal."""
         extend_by = Duration()
         extend_by.FromTimedelta(by)
         request = workflow_service_pb2.ExtendTaskLeaseRequest(
@@ -252,6 +253,9 @@ class Calls:
                     request, metadata=self.agent_metadata(), timeout=CALL_TIMEOUT
                 )
             )
+        except Unreachable:
+            self._channels.advance()
+            raise
         except grpc.aio.AioRpcError as error:
             raise _lost_or(error) from error
         return response.deadline.ToDatetime(tzinfo=UTC)
@@ -263,8 +267,9 @@ class Calls:
             raise _lost_or(error) from error
 
 
-def _lost_or(error: grpc.aio.AioRpcError) -> Exception:
-    """`AttemptLost` for a refusal that means the attempt is gone; the error itself otherwise."""
+def _lost_or(error: grpc.aio.AioRpcError) -> AttemptLost | OpsCoreError:
+    """`AttemptLost` for a refusal that means the attempt is gone; the `OpsCoreError` of its
+    code otherwise."""
     if error.code() in GONE:
         return AttemptLost(f"{error.code().name}: {error.details()}")
-    return error
+    return refusal(error)

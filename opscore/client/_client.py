@@ -4,6 +4,7 @@ addresses; every refusal is raised as an `OpsCoreError` (see `_refusals`)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from opscore.client._backoff import Backoff
 from opscore.client._channels import Channels, Stubs, Tls, bearer
 from opscore.client._refusals import refusal
 from opscore.client._structs import to_struct
@@ -29,6 +31,12 @@ T = TypeVar("T")
 
 CALL_TIMEOUT = 10.0
 """Seconds each unary call may take by default."""
+
+WATCH_REOPENINGS = 10
+"""Times in a row a watch that lost its server is opened again before it gives up."""
+
+WATCH_BACKOFF = Backoff(initial=0.1, maximum=2.0)
+"""The waits between those reopenings: 6-11 s in all, longer than a server takes to restart."""
 
 FINAL_RUN_STATES = frozenset(
     {
@@ -275,38 +283,53 @@ class Client:
 
     async def watch(self, run_id: str) -> AsyncIterator[RunUpdate]:
         """The run as it changes: first as it is, then at each change, until it is final
-        (the iteration then ends). A watch whose server goes away is opened again on the next
-        address, starting again from the run as it is."""
+        (the iteration then ends, with one update for the whole of the change that made it
+        final). A watch that cannot be opened moves on to the next address, each address
+        once. A watch that was open and lost its server is opened again, on the next address
+        after a backoff, up to `WATCH_REOPENINGS` times in a row (so it outlives a server's
+        restart), starting again from the run as it is."""
         request = workflow_service_pb2.WatchWorkflowRunRequest(run_id=run_id)
         failures = 0
+        opened = False
         while True:
             call = self._channels.current().workflows.WatchWorkflowRun(
                 request, metadata=self._metadata
             )
             tasks: dict[str, workflow_pb2.TaskRun] | None = None
+            ending: _Ending | None = None
             try:
                 async for response in call:
-                    failures = 0
+                    failures, opened = 0, True
                     if tasks is None:
                         tasks = {each.task_id: each for each in await self.all_tasks(response.run)}
                         changed = list(tasks.values())
                     else:
                         changed = list(response.changed_tasks)
                         tasks.update((each.task_id, each) for each in changed)
-                    update = RunUpdate(_with_tasks(response.run, tasks.values()), changed)
-                    yield update
-                    if update.final:
-                        return
-                return
+                    if response.run.state in FINAL_RUN_STATES:
+                        # A change too large for one response comes in parts, each carrying
+                        # the final run; the stream ends after the last of them.
+                        if ending is None:
+                            ending = _Ending(response.run)
+                        ending.take(response.run, changed)
+                        continue
+                    yield RunUpdate(_with_tasks(response.run, tasks.values()), changed)
             except grpc.aio.AioRpcError as error:
-                failures += 1
-                if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= len(
-                    self._channels.addresses
-                ):
-                    raise refusal(error) from error
-                self._channels.advance()
+                if ending is None:
+                    failures += 1
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= (
+                        WATCH_REOPENINGS if opened else len(self._channels.addresses)
+                    ):
+                        raise refusal(error) from error
+                    self._channels.advance()
+                    if opened:
+                        await asyncio.sleep(WATCH_BACKOFF.delay(failures))
+                    continue
             finally:
                 call.cancel()
+            if ending is not None and tasks is not None:
+                yield RunUpdate(_with_tasks(ending.run, tasks.values()), ending.changed())
+            return
 
     async def all_tasks(self, run: workflow_pb2.WorkflowRun) -> list[workflow_pb2.TaskRun]:
         """All the tasks of a run read in the FULL view: its own, and those that did not fit
@@ -366,6 +389,23 @@ class Client:
                 ):
                     raise refusal(error) from error
                 self._channels.advance()
+
+
+class _Ending:
+    """The change that made a watched run final, gathered from its parts."""
+
+    def __init__(self, run: workflow_pb2.WorkflowRun) -> None:
+        self.run = run
+        self._changed: dict[str, workflow_pb2.TaskRun] = {}
+
+    def take(self, run: workflow_pb2.WorkflowRun, changed: Iterable[workflow_pb2.TaskRun]) -> None:
+        """One more part: the run as of it, and the tasks it carries."""
+        self.run = run
+        self._changed.update((each.task_id, each) for each in changed)
+
+    def changed(self) -> list[workflow_pb2.TaskRun]:
+        """The tasks of every part, each once."""
+        return list(self._changed.values())
 
 
 def _with_tasks(

@@ -104,7 +104,8 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        """Whether the server cancelled the attempt (a synchronous handler polls this: its
+        """Whether the attempt was cancelled: by the server, by the worker's drain, or because
+        the server no longer counts it as the worker's (a synchronous handler polls this: its
         thread cannot be interrupted)."""
         return self._cancel_reason is not None
 
@@ -116,7 +117,8 @@ class TaskContext:
     async def extend(self, seconds: float) -> datetime:
         """Ask for the lease to last at least `seconds` from now; returns the new deadline.
         Raises `AttemptLost` if the attempt is no longer this worker's, `Unreachable` if no
-        server answered."""
+        server answered, or the server's refusal (`InvalidArgument` for more than the longest
+        task timeout, say)."""
         return await self._lease.extend(timedelta(seconds=seconds))
 
     def _note_cancelled(self, reason: str) -> None:

@@ -26,7 +26,7 @@ from opscore.client._channels import Channels, Tls
 from opscore.client._context import Assignment, JsonObject, TaskContext
 from opscore.client._errors import AttemptLost, NonRetryable, OutputRefused, Unreachable
 from opscore.client._lease import Lease
-from opscore.client._refusals import refusal
+from opscore.client._refusals import OpsCoreError, refusal
 from opscore.domain.clock import Clock, SystemClock
 from opscore.v1 import agent_pb2, workflow_pb2, workflow_service_pb2
 
@@ -339,7 +339,7 @@ class Worker:
                     for held in unfinished:
                         with contextlib.suppress(AttemptLost):
                             await self._calls.fail(held.key, STOPPED, retryable=True)
-        except (TimeoutError, grpc.aio.AioRpcError) as error:
+        except (TimeoutError, grpc.aio.AioRpcError, OpsCoreError) as error:
             log.warning("could not hand back the unfinished attempts", extra={"error": str(error)})
 
     # Attempts ------------------------------------------------------------------------------
@@ -404,10 +404,10 @@ class Worker:
                 await self._run_and_report(held)
         except AttemptLost as error:
             log.warning("attempt lost", extra={"task_id": held.key[0], "error": str(error)})
-        except grpc.aio.AioRpcError as error:
+        except OpsCoreError as error:
             log.error(
                 "result refused",
-                extra={"task_id": held.key[0], "code": error.code().name, "error": error.details()},
+                extra={"task_id": held.key[0], "code": error.code.name, "error": error.message},
             )
         finally:
             if keeper is not None:

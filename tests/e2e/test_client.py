@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import auth
+import grpc
 import helpers
 import pytest
 from certs import Authority
 from conftest import ServerFactory
 from helpers import WAIT, connect, definition, task
-from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2
+from opscore.v1 import (
+    agent_lifecycle_pb2,
+    agent_pb2,
+    workflow_pb2,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
 from processes import free_port
 
 from opscore.client import (
@@ -38,6 +45,7 @@ from opscore.domain.validation import Limits
 from opscore.server import OpsCoreServer
 
 SUCCEEDED = workflow_pb2.RUN_STATE_SUCCEEDED
+RUNNING = workflow_pb2.RUN_STATE_RUNNING
 CANCELLED = workflow_pb2.RUN_STATE_CANCELLED
 
 FLOW: dict[str, Any] = {
@@ -200,6 +208,72 @@ async def test_a_cancelled_run_ends_its_watch_and_cannot_be_cancelled_again(
     assert again.value.reason == "FAILED_PRECONDITION"
     with pytest.raises(NotFound):
         await follow(ops, str(uuid.uuid4()))
+
+
+async def test_a_watch_outlives_a_restart_of_its_only_server(
+    start_server: ServerFactory, sqlite_url: str
+) -> None:
+    """The watch reopens, on the one address it has, once the server is back: its next update
+    is the run as it is, and it goes on to the run's end."""
+    address = f"127.0.0.1:{free_port()}"
+    async with Client(address, token=auth.OPERATOR_TOKEN) as ops:
+        async with start_server(sqlite_url, listen=address):
+            run = await ops.trigger(FLOW)
+            watch = ops.watch(run.run_id)
+            first = await anext(watch)
+            assert [t.state for t in first.run.tasks] == [
+                workflow_pb2.TASK_STATE_QUEUED,
+                workflow_pb2.TASK_STATE_PENDING,
+            ]
+        reopened = asyncio.create_task(anext(watch))
+        async with start_server(sqlite_url, listen=address):
+            again = await asyncio.wait_for(reopened, WAIT)
+            assert again.run.run_id == run.run_id
+            assert [t.name for t in again.changed] == ["fetch", "sum"]
+            await ops.cancel(run.run_id)
+            async with asyncio.timeout(WAIT):
+                rest = [update async for update in watch]
+    assert [update.run.state for update in rest] == [CANCELLED]
+
+
+class PartedEnding(workflow_service_pb2_grpc.WorkflowServiceServicer):
+    """A server whose watch sends a run, then the change that makes it final in two parts (as
+    a change too large for one response is sent)."""
+
+    async def WatchWorkflowRun(  # noqa: N802 - the method's name in the protos
+        self,
+        request: workflow_service_pb2.WatchWorkflowRunRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[workflow_service_pb2.WatchWorkflowRunResponse]:
+        def task_run(name: str, state: int) -> workflow_pb2.TaskRun:
+            return workflow_pb2.TaskRun(task_id=name, name=name, state=state)  # type: ignore[arg-type]
+
+        running = workflow_pb2.WorkflowRun(run_id=request.run_id, state=RUNNING)
+        running.tasks.extend(task_run(name, workflow_pb2.TASK_STATE_ASSIGNED) for name in "ab")
+        yield workflow_service_pb2.WatchWorkflowRunResponse(run=running)
+        final = workflow_pb2.WorkflowRun(run_id=request.run_id, state=SUCCEEDED)
+        for name in "ab":
+            yield workflow_service_pb2.WatchWorkflowRunResponse(
+                run=final, changed_tasks=[task_run(name, workflow_pb2.TASK_STATE_SUCCEEDED)]
+            )
+
+
+async def test_the_change_that_ends_a_run_is_one_update_however_many_parts_it_came_in() -> None:
+    server = grpc.aio.server()
+    workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(PartedEnding(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client(f"127.0.0.1:{port}") as ops:
+            updates = await follow(ops, "run-1")
+    finally:
+        await server.stop(None)
+    assert [update.final for update in updates] == [False, True]
+    assert [t.name for t in updates[1].changed] == ["a", "b"]
+    assert [(t.name, t.state) for t in updates[1].run.tasks] == [
+        ("a", workflow_pb2.TASK_STATE_SUCCEEDED),
+        ("b", workflow_pb2.TASK_STATE_SUCCEEDED),
+    ]
 
 
 async def test_agents_read_and_listed(ops: Client, client: helpers.Client) -> None:

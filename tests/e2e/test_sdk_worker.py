@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,20 @@ from processes import ServerProcess, clean_environment, free_port
 from replicas import CHANNEL_OPTIONS
 from secure import tls_channel
 
-from opscore.client import Backoff, NonRetryable, OpsCoreError, TaskContext, Tls, Worker
+from opscore.client import (
+    AttemptLost,
+    Backoff,
+    InvalidArgument,
+    NonRetryable,
+    OpsCoreError,
+    TaskContext,
+    Tls,
+    Unreachable,
+    Worker,
+)
+from opscore.client._calls import Calls
+from opscore.client._channels import Channels
+from opscore.domain.clock import SystemClock
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 """Reconnections in tests come back within half a second."""
@@ -276,8 +290,16 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
         @worker.task("asks")
         async def asks(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
             first = ctx.deadline
+            try:
+                await ctx.extend(10**9)  # past the longest task timeout
+            except InvalidArgument as error:
+                refused = [violation.field for violation in error.violations]
             deadline = await ctx.extend(60)
-            return {"by": (deadline - first).total_seconds(), "seen": ctx.deadline == deadline}
+            return {
+                "by": (deadline - first).total_seconds(),
+                "seen": ctx.deadline == deadline,
+                "refused": refused,
+            }
 
         async with working(worker, client):
             run = await client.trigger(
@@ -293,6 +315,24 @@ async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
         asked = as_dict(tasks["asks"].output)
         assert asked["seen"] is True
         assert asked["by"] > 50
+        assert asked["refused"] == ["extend_by"]
+
+
+async def test_an_unanswered_lease_extension_is_sent_next_to_the_next_address(
+    client: Client,
+) -> None:
+    assert client.server is not None
+    served = f"127.0.0.1:{client.server.port}"
+    channels = Channels([f"127.0.0.1:{free_port()}", served], None)
+    calls = Calls(channels, "worker-1", auth.OPERATOR_TOKEN, FAST, SystemClock())
+    try:
+        with pytest.raises(Unreachable):
+            await calls.extend(("no-such-task", 1), timedelta(seconds=5))
+        assert channels.address == served
+        with pytest.raises(AttemptLost):  # answered: the attempt is not the agent's
+            await calls.extend(("no-such-task", 1), timedelta(seconds=5))
+    finally:
+        await channels.close()
 
 
 async def test_a_handler_that_cannot_succeed_fails_its_task_at_once(client: Client) -> None:
