@@ -19,7 +19,10 @@ from opscore.commands.connection import Output, operator_command
 def read_definition(path: str) -> dict[str, Any]:
     """The definition in a file: JSON if it ends in `.json`, YAML otherwise (`-`: standard
     input, as YAML, which JSON also is)."""
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise click.BadParameter(f"cannot read {path}: {error}", param_hint="-f") from error
     try:
         loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
@@ -40,7 +43,7 @@ def definitions() -> None:
     "--file",
     "path",
     required=True,
-    type=click.Path(dir_okay=False, allow_dash=True),
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
     help="YAML or JSON file of the definition (- for standard input)",
 )
 @click.option("--request-id", default=None, help="makes the call safe to repeat")

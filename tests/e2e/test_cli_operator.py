@@ -141,6 +141,14 @@ async def test_definitions_from_yaml_and_json_files_listed_and_read(
     code, _, err = await opscore.run("definitions", "create", "-f", str(broken))
     assert code == 2
     assert "does not hold a definition" in err
+    code, _, err = await opscore.run("definitions", "create", "-f", str(tmp_path / "nowhere.yaml"))
+    assert code == 2
+    assert "does not exist" in err
+    undecodable = tmp_path / "latin-1.yaml"
+    undecodable.write_bytes("workflow_name: caf\u00e9\n".encode("latin-1"))
+    code, _, err = await opscore.run("definitions", "create", "-f", str(undecodable))
+    assert code == 2
+    assert "cannot read" in err
 
 
 async def test_agents_listed_and_read(opscore: Opscore, client: helpers.Client) -> None:
