@@ -77,8 +77,10 @@ def assignment_in(message: workflow_pb2.TaskAssignment) -> Assignment:
         input=to_dict(message.input),
         deadline=message.deadline.ToDatetime(tzinfo=UTC),
         redelivered=message.redelivered,
+        # Sorted: a protobuf map has no order, and a handler that joins them should not vary.
         dependency_outputs={
-            name: to_dict(output) for name, output in message.dependency_outputs.items()
+            name: to_dict(message.dependency_outputs[name])
+            for name in sorted(message.dependency_outputs)
         },
         omitted_dependency_outputs=tuple(message.omitted_dependency_outputs),
         fallback_for=message.fallback_for,

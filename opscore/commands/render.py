@@ -76,10 +76,12 @@ def moment(stamp: Timestamp) -> str:
 
 def compact(value: Struct) -> str:
     """A Struct as compact JSON, for a cell (its whole numbers written as such: a Struct holds
-    every number as a double)."""
+    every number as a double), its keys sorted (a Struct's map has no order)."""
     if not value:
         return ""
-    return json.dumps(_whole(json_format.MessageToDict(value)), separators=(",", ":"))
+    return json.dumps(
+        _whole(json_format.MessageToDict(value)), separators=(",", ":"), sort_keys=True
+    )
 
 
 def _whole(value: Any) -> Any:

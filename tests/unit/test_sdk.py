@@ -7,10 +7,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from opscore.v1 import workflow_pb2
 
 import opscore.client
 from opscore.client import AttemptLost, Backoff, Unreachable
 from opscore.client._attempts import Attempts
+from opscore.client._calls import assignment_in
 from opscore.client._lease import Lease, renewal_due
 from opscore.domain.clock import VirtualClock
 
@@ -166,3 +168,13 @@ def test_the_public_surface() -> None:
         "Worker",
         "to_dict",
     ]
+
+
+def test_dependency_outputs_come_in_the_order_of_their_names() -> None:
+    message = workflow_pb2.TaskAssignment(task_id="t", attempt=1)
+    names = [f"dep-{index:02}" for index in range(20, 0, -1)]
+    for name in names:
+        message.dependency_outputs[name].update({"from": name})
+    outputs = assignment_in(message).dependency_outputs
+    assert list(outputs) == sorted(names)
+    assert outputs["dep-07"] == {"from": "dep-07"}
