@@ -72,8 +72,8 @@ class SharedDispatcher(Dispatcher):
     def enqueue(self, tasks: Iterable[ReadyTask]) -> None:
         """As `Dispatcher.enqueue`, keeping at most `prefetch` tasks a requirement, and
         announcing the capabilities of what it queues (none of its free agents took it): now
-        for the tasks due now, when their retry time comes for the others (`_came_due`), as a
-        claim skips nothing but finds nobody's due work before then."""
+        for the tasks due now, when their retry time comes for the others (`_came_due`), since
+        claims skip tasks not yet due."""
         kept: list[ReadyTask] = []
         sizes: dict[Requirements, int] = {}
         announced: set[str] = set()

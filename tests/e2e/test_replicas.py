@@ -459,6 +459,39 @@ async def test_a_task_failed_on_one_replica_is_retried_at_once_on_another(
     assert statistics.median(delays) < CROSS_MEDIAN, delays
 
 
+async def test_tasks_waiting_out_a_backoff_never_hold_up_due_work_on_another_replica(
+    tmp_path: Path,
+) -> None:
+    """Claims skip tasks not yet due: work that is due reaches a free agent on another replica
+    however many tasks of its capability wait out a backoff ahead of it in ready order."""
+    waiting = task("waiting", capability="b-only")
+    waiting.retry_policy.CopyFrom(
+        workflow_pb2.RetryPolicy(
+            max_attempts=2, initial_backoff=seconds(600), max_backoff=seconds(600)
+        )
+    )
+    ledger = Ledger()
+    async with (
+        Replicas.on_fresh_database(2, tmp_path) as replicas,
+        replicas.operators() as (on_a, _),
+    ):
+        agent = FailoverAgent("on-b", replicas.addresses, ledger, capabilities=["b-only"], first=1)
+        agent.hold()
+        async with working([agent]):
+            # More of them than a claim for one free slot locks (the slot and two).
+            for index in range(4):
+                await on_a.trigger(definition=definition(f"later-{index}", waiting))
+                held = (await agent.next_received(SWEEP_WAIT)).assignment
+                await agent.fail(held, "later", to=0, retryable=True)
+            due = await on_a.trigger(definition=definition("due", task("due", capability="b-only")))
+            received = await agent.next_received(SWEEP_WAIT)
+            assert (received.replica, received.assignment.run_id) == (1, due.run_id)
+            await agent.complete_held()
+            await on_a.wait_run(due.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
+        assert ledger.refused == []
+        assert ledger.unexpected == []
+
+
 # 3. A replica killed ---------------------------------------------------------------------------
 
 

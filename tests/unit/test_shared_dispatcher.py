@@ -22,9 +22,11 @@ WAIT = 5.0
 
 class Database:
     """The queued tasks as the database holds them, claimed earliest first as `Tasks.claim`
-    claims them: locked, matched by the dispatch, the matches assigned in the same write."""
+    claims them: those due by `clock`, locked, matched by the dispatch, the matches assigned in
+    the same write."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: TickingClock) -> None:
+        self.clock = clock
         self.queued: list[ReadyTask] = []
         self.assigned: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.claims: list[list[Want]] = []
@@ -50,7 +52,13 @@ class Database:
         found: dict[str, int] = {}
         locked: list[ReadyTask] = []
         for want in wants:
-            mine = [task for task in self.queued if task.capability == want.capability]
+            now = self.clock.now()
+            mine = [
+                task
+                for task in self.queued
+                if task.capability == want.capability
+                and (task.not_before is None or task.not_before <= now)
+            ]
             locked.extend(mine[: want.limit])
             found[want.capability] = len(mine[: want.limit])
         pairs, _ = self.dispatch.reserve_for_commit(locked, [])
@@ -67,7 +75,7 @@ class Database:
 class Replica:
     def __init__(self, prefetch: int) -> None:
         self.clock = TickingClock()
-        self.database = Database()
+        self.database = Database(self.clock)
         self.announced: list[set[str]] = []
         self.dispatch = SharedDispatcher(
             self.database.assign,

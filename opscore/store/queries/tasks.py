@@ -94,13 +94,16 @@ QUEUE = Prepared(
 )
 
 
-def _claimable(want: Want, locking: bool) -> Select[Any]:
-    """The earliest queued tasks of `want`'s capability that its agents may take, locked (where
-    writers run concurrently) skipping rows another writer holds. The labels are compared by
-    PostgreSQL (JSONB containment) where it can, and by the caller in any case."""
+def _claimable(want: Want, now: datetime, locking: bool) -> Select[Any]:
+    """The earliest queued tasks of `want`'s capability that its agents may take now, locked
+    (where writers run concurrently) skipping rows another writer holds. Tasks still waiting out
+    a backoff are left: ahead of due ones in ready order, they would take the claim's places,
+    and the replica that queued them announces them when they come due. The labels are compared
+    by PostgreSQL (JSONB containment) where it can, and by the caller in any case."""
     query = select(*READY_TASK_COLUMNS).where(
         TASK_IS_QUEUED,
         TASKS.c.capability == want.capability,
+        or_(TASKS.c.not_before.is_(None), TASKS.c.not_before <= now),
         or_(
             TASKS.c.pinned_agent_id.is_(None),
             TASKS.c.pinned_agent_id == "",
@@ -197,7 +200,7 @@ class Tasks:
             found: dict[str, int] = {}
             locked: list[ReadyTask] = []
             for want in wants:
-                rows_ = tx.conn.execute(_claimable(want, shared.lock_runs)).all()
+                rows_ = tx.conn.execute(_claimable(want, now, shared.lock_runs)).all()
                 found[want.capability] = len(rows_)
                 locked.extend(
                     task
