@@ -14,13 +14,14 @@ database's rows and the replicas' logs at the end of each test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -410,6 +411,23 @@ async def test_a_slot_freed_on_one_replica_takes_work_queued_on_another(tmp_path
     assert statistics.median(delays) < CROSS_MEDIAN, delays
 
 
+@contextlib.asynccontextmanager
+async def holding_on_b(tmp_path: Path) -> AsyncIterator[tuple[Client, FailoverAgent]]:
+    """Two replicas, an operator's client on A, and an agent of capability `b-only` streaming
+    from B that holds what it gets; nothing it sends may be refused or unexpected."""
+    ledger = Ledger()
+    async with (
+        Replicas.on_fresh_database(2, tmp_path) as replicas,
+        replicas.operators() as (on_a, _),
+    ):
+        agent = FailoverAgent("on-b", replicas.addresses, ledger, capabilities=["b-only"], first=1)
+        agent.hold()
+        async with working([agent]):
+            yield on_a, agent
+        assert ledger.refused == []
+        assert ledger.unexpected == []
+
+
 async def test_a_task_failed_on_one_replica_is_retried_at_once_on_another(
     tmp_path: Path,
 ) -> None:
@@ -425,32 +443,23 @@ async def test_a_task_failed_on_one_replica_is_retried_at_once_on_another(
             max_backoff=seconds(backoff),
         )
     )
-    ledger = Ledger()
-    async with (
-        Replicas.on_fresh_database(2, tmp_path) as replicas,
-        replicas.operators() as (on_a, _),
-    ):
-        agent = FailoverAgent("on-b", replicas.addresses, ledger, capabilities=["b-only"], first=1)
-        agent.hold()
-        async with working([agent]):
-            run = await on_a.trigger(definition=definition("retried", flaky))
-            held = (await agent.next_received()).assignment
-            delays: list[float] = []
-            for _ in range(ROUNDS):
-                started = time.monotonic()
-                await agent.fail(held, "flaky", to=0, retryable=True)
-                again = await agent.next_received(SWEEP_WAIT)
-                delays.append(time.monotonic() - started)
-                assert again.replica == 1
-                assert (again.assignment.task_id, again.assignment.attempt) == (
-                    held.task_id,
-                    held.attempt + 1,
-                )
-                held = again.assignment
-            await agent.complete_held()
-            await on_a.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-        assert ledger.refused == []
-        assert ledger.unexpected == []
+    async with holding_on_b(tmp_path) as (on_a, agent):
+        run = await on_a.trigger(definition=definition("retried", flaky))
+        held = (await agent.next_received()).assignment
+        delays: list[float] = []
+        for _ in range(ROUNDS):
+            started = time.monotonic()
+            await agent.fail(held, "flaky", to=0, retryable=True)
+            again = await agent.next_received(SWEEP_WAIT)
+            delays.append(time.monotonic() - started)
+            assert again.replica == 1
+            assert (again.assignment.task_id, again.assignment.attempt) == (
+                held.task_id,
+                held.attempt + 1,
+            )
+            held = again.assignment
+        await agent.complete_held()
+        await on_a.wait_run(run.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
     print(
         f"\nFailTask on A -> retry on B ({backoff * 1000:.0f} ms backoff): "
         f"{', '.join(f'{d * 1000:.1f}' for d in delays)} ms"
@@ -470,26 +479,17 @@ async def test_tasks_waiting_out_a_backoff_never_hold_up_due_work_on_another_rep
             max_attempts=2, initial_backoff=seconds(600), max_backoff=seconds(600)
         )
     )
-    ledger = Ledger()
-    async with (
-        Replicas.on_fresh_database(2, tmp_path) as replicas,
-        replicas.operators() as (on_a, _),
-    ):
-        agent = FailoverAgent("on-b", replicas.addresses, ledger, capabilities=["b-only"], first=1)
-        agent.hold()
-        async with working([agent]):
-            # More of them than a claim for one free slot locks (the slot and two).
-            for index in range(4):
-                await on_a.trigger(definition=definition(f"later-{index}", waiting))
-                held = (await agent.next_received(SWEEP_WAIT)).assignment
-                await agent.fail(held, "later", to=0, retryable=True)
-            due = await on_a.trigger(definition=definition("due", task("due", capability="b-only")))
-            received = await agent.next_received(SWEEP_WAIT)
-            assert (received.replica, received.assignment.run_id) == (1, due.run_id)
-            await agent.complete_held()
-            await on_a.wait_run(due.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
-        assert ledger.refused == []
-        assert ledger.unexpected == []
+    async with holding_on_b(tmp_path) as (on_a, agent):
+        # More of them than a claim for one free slot locks (the slot and two).
+        for index in range(4):
+            await on_a.trigger(definition=definition(f"later-{index}", waiting))
+            held = (await agent.next_received(SWEEP_WAIT)).assignment
+            await agent.fail(held, "later", to=0, retryable=True)
+        due = await on_a.trigger(definition=definition("due", task("due", capability="b-only")))
+        received = await agent.next_received(SWEEP_WAIT)
+        assert (received.replica, received.assignment.run_id) == (1, due.run_id)
+        await agent.complete_held()
+        await on_a.wait_run(due.run_id, workflow_pb2.RUN_STATE_SUCCEEDED)
 
 
 # 3. A replica killed ---------------------------------------------------------------------------

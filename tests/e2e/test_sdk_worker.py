@@ -124,6 +124,24 @@ def new_worker(port: int, agent_id: str = "worker-1", **options: Any) -> Worker:
     )
 
 
+def until_cancelled(worker: Worker, name: str) -> tuple[asyncio.Event, list[str]]:
+    """A handler for `name` that runs until cancelled: an event set once it started, and the
+    `cancel_reason` of each cancellation."""
+    started = asyncio.Event()
+    reasons: list[str] = []
+
+    @worker.task(name)
+    async def handler(ctx: TaskContext, task_input: dict[str, Any]) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            reasons.append(ctx.cancel_reason)
+            raise
+
+    return started, reasons
+
+
 async def test_outputs_complete_tasks_within_the_concurrency_bound(
     start_server: ServerFactory, migrated_url: str
 ) -> None:
@@ -209,18 +227,7 @@ async def test_a_cancelled_run_cancels_its_handler(
     async with serve(start_server, migrated_url) as client:
         assert client.server is not None
         worker = new_worker(client.server.port)
-        started = asyncio.Event()
-        reasons: list[str] = []
-
-        @worker.task("forever")
-        async def forever(ctx: TaskContext, task_input: dict[str, Any]) -> None:
-            started.set()
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                reasons.append(ctx.cancel_reason)
-                raise
-
+        started, reasons = until_cancelled(worker, "forever")
         async with working(worker, client):
             run = await client.trigger(definition=definition("cancelled", spec("t", "forever")))
             await asyncio.wait_for(started.wait(), WAIT)
@@ -368,18 +375,7 @@ async def test_a_drain_past_its_timeout_fails_what_it_holds_as_retryable(
 ) -> None:
     assert client.server is not None
     worker = new_worker(client.server.port, drain_timeout=0.2, deregister_on_stop=False)
-    reasons: list[str] = []
-    started = asyncio.Event()
-
-    @worker.task("stuck")
-    async def stuck(ctx: TaskContext, task_input: dict[str, Any]) -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            reasons.append(ctx.cancel_reason)
-            raise
-
+    started, reasons = until_cancelled(worker, "stuck")
     async with working(worker, client):
         run = await client.trigger(definition=definition("stuck", spec("t", "stuck")))
         await asyncio.wait_for(started.wait(), WAIT)
