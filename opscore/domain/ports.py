@@ -56,7 +56,11 @@ class Want:
     agent_ids: tuple[str, ...]
     """The free agents offering it: tasks pinned to one of them qualify too."""
     limit: int
-    """How many to lock, earliest queued first."""
+    """How many to lock, earliest queued first, of the tasks due now."""
+    ahead: bool = False
+    """Whether to lock as well, in the places the due tasks leave, tasks still waiting out a
+    backoff (earliest queued first), for dispatch to keep until they are due: how a replica
+    that starts, or sweeps, learns of retries that no live replica will announce."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,7 @@ class Claimed:
     """What a claim did."""
 
     found: dict[str, int]
-    """How many tasks it locked, by capability."""
+    """How many tasks due now it locked, by capability."""
     assigned: int
     """How many of them, and of the tasks dispatch held, it assigned."""
     unassigned: list[models.ReadyTask]

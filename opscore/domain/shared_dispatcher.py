@@ -124,12 +124,12 @@ class SharedDispatcher(Dispatcher):
         """Tasks a claim locked but did not assign: kept, not announced (they were)."""
         Dispatcher.enqueue(self, tasks)
 
-    def _wants(self) -> list[Want]:
+    def _wants(self, ahead: bool) -> list[Want]:
         """What to claim for the free agents: per capability wanted, the label sets of the free
         agents offering it, the agents themselves (for tasks pinned to them), and how many: the
         free slots and two more (for tasks whose labels fit none of them). Locking more would
         keep, in this replica's memory, tasks the announcer keeps in its own, and both would
-        try to assign them."""
+        try to assign them. `ahead`: retries not yet due too (see `Want.ahead`)."""
         wants: dict[str, tuple[list[dict[str, str]], list[str], int]] = {}
         for live in self._agents.values():
             if not live.available:
@@ -144,7 +144,7 @@ class SharedDispatcher(Dispatcher):
                 agents.append(live.profile.agent_id)
                 wants[capability] = (labels, agents, wanted + slots)
         return [
-            Want(capability, tuple(labels), tuple(agents), min(self._prefetch, wanted + 2))
+            Want(capability, tuple(labels), tuple(agents), min(self._prefetch, wanted + 2), ahead)
             for capability, (labels, agents, wanted) in sorted(wants.items())
         ]
 
@@ -184,7 +184,10 @@ class SharedDispatcher(Dispatcher):
         return sweep if self._next_due is None else min(sweep, self._next_due)
 
     async def _claim_wanted(self) -> None:
-        wants = self._wants()
+        # A claim of everything (at start, at a sweep, after missed notices) looks ahead too:
+        # retries queued by a replica that is gone, or by this one before it restarted, are
+        # announced by nobody when they come due.
+        wants = self._wants(ahead=self._everything)
         if not wants:
             return
         # Taken out before the claim: a notice that comes while it runs wants them again.

@@ -22,8 +22,8 @@ WAIT = 5.0
 
 class Database:
     """The queued tasks as the database holds them, claimed earliest first as `Tasks.claim`
-    claims them: those due by `clock`, locked, matched by the dispatch, the matches assigned in
-    the same write."""
+    claims them: those due by `clock` (and, for a want `ahead`, those waiting in the places
+    left), locked, matched by the dispatch, the matches assigned in the same write."""
 
     def __init__(self, clock: TickingClock) -> None:
         self.clock = clock
@@ -53,14 +53,14 @@ class Database:
         locked: list[ReadyTask] = []
         for want in wants:
             now = self.clock.now()
-            mine = [
-                task
-                for task in self.queued
-                if task.capability == want.capability
-                and (task.not_before is None or task.not_before <= now)
-            ]
-            locked.extend(mine[: want.limit])
-            found[want.capability] = len(mine[: want.limit])
+            mine = [task for task in self.queued if task.capability == want.capability]
+            due = [task for task in mine if task.not_before is None or task.not_before <= now]
+            taken = due[: want.limit]
+            found[want.capability] = len(taken)
+            if want.ahead:
+                waiting = [task for task in mine if task not in due]
+                taken += waiting[: want.limit - len(taken)]
+            locked.extend(taken)
         pairs, _ = self.dispatch.reserve_for_commit(locked, [])
         for task, agent_id in pairs:
             self._assigned(task, agent_id)
@@ -126,6 +126,41 @@ async def test_a_retry_is_announced_when_it_is_due_not_before(replica: Replica) 
         while len(replica.announced) < 2:
             await asyncio.sleep(0)
     assert replica.announced[1] == {"d"}
+
+
+async def test_a_retry_in_the_database_that_nobody_announces_is_assigned_when_due(
+    replica: Replica,
+) -> None:
+    """A replica that starts learns, in its first claim, of retries queued before (by itself
+    before a restart, or by a replica that is gone), and assigns each when its backoff ends."""
+    due_at = T0 + timedelta(seconds=3)
+    replica.database.queued.append(ready("retry", "c", not_before=due_at))
+    replica.dispatch.agent_online(agent("w", "c"), ())
+    async with asyncio.timeout(WAIT):
+        while not replica.database.claims:  # the claim at start
+            await asyncio.sleep(0)
+    assert replica.database.claims[0][0].ahead
+    replica.clock.advance(timedelta(seconds=3))
+    assert await replica.database.next_assigned() == ("retry", "w")
+    assert replica.clock.now() >= due_at
+
+
+async def test_a_claim_for_work_announced_takes_due_tasks_only(replica: Replica) -> None:
+    """Retries waiting ahead of due work in ready order take none of the claim's places."""
+    replica.dispatch.agent_online(agent("w", "c"), ())
+    async with asyncio.timeout(WAIT):
+        while not replica.database.claims:  # the claim at start, which finds nothing
+            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    later = T0 + timedelta(seconds=600)
+    replica.database.queued.extend(
+        ready(f"later{index}", "c", not_before=later) for index in range(3)
+    )
+    replica.database.queued.append(ready("due", "c"))
+    replica.database.claims.clear()
+    replica.dispatch.work_elsewhere({"c"})
+    assert await replica.database.next_assigned() == ("due", "w")
+    assert not any(want.ahead for claim in replica.database.claims for want in claim)
 
 
 async def test_work_announced_while_a_claim_runs_is_claimed_after_it(replica: Replica) -> None:

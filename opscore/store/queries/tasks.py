@@ -94,16 +94,18 @@ QUEUE = Prepared(
 )
 
 
-def _claimable(want: Want, now: datetime, locking: bool) -> Select[Any]:
-    """The earliest queued tasks of `want`'s capability that its agents may take now, locked
-    (where writers run concurrently) skipping rows another writer holds. Tasks still waiting out
-    a backoff are left: ahead of due ones in ready order, they would take the claim's places,
-    and the replica that queued them announces them when they come due. The labels are compared
-    by PostgreSQL (JSONB containment) where it can, and by the caller in any case."""
+def _claimable(want: Want, now: datetime, locking: bool, *, due: bool, limit: int) -> Select[Any]:
+    """The earliest queued tasks of `want`'s capability that its agents may take, at most
+    `limit`: those due `now`, or (not `due`) those still waiting out a backoff; locked (where
+    writers run concurrently) skipping rows another writer holds. Due and waiting tasks are
+    claimed apart: ahead of due ones in ready order, waiting ones would take the claim's places.
+    The labels are compared by PostgreSQL (JSONB containment) where it can, and by the caller
+    in any case."""
+    waited = TASKS.c.not_before
     query = select(*READY_TASK_COLUMNS).where(
         TASK_IS_QUEUED,
         TASKS.c.capability == want.capability,
-        or_(TASKS.c.not_before.is_(None), TASKS.c.not_before <= now),
+        or_(waited.is_(None), waited <= now) if due else waited > now,
         or_(
             TASKS.c.pinned_agent_id.is_(None),
             TASKS.c.pinned_agent_id == "",
@@ -115,7 +117,7 @@ def _claimable(want: Want, now: datetime, locking: bool) -> Select[Any]:
         query = query.where(
             or_(*(labels.contained_by(type_coerce(found, JSONB)) for found in want.labels))
         ).with_for_update(of=TASKS, skip_locked=True)
-    return query.order_by(TASKS.c.queued_at, TASKS.c.task_id).limit(want.limit)
+    return query.order_by(TASKS.c.queued_at, TASKS.c.task_id).limit(limit)
 
 
 class Tasks:
@@ -186,8 +188,9 @@ class Tasks:
         """Lock the earliest queued tasks each want asks for, skipping rows other writers hold
         (`FOR UPDATE SKIP LOCKED`: replicas claiming at once take different tasks), match them
         with `place` as a write's own tasks are matched, and assign the matches in the same
-        transaction. If the write fails, or runs again on its own, what `place` reserved is
-        given back first."""
+        transaction. A want `ahead` also locks, in the places left, tasks not yet due, which
+        `place` keeps until they are. If the write fails, or runs again on its own, what `place`
+        reserved is given back first."""
         shared = self._shared
         reserved: list[Callable[[], None]] = []
 
@@ -200,8 +203,12 @@ class Tasks:
             found: dict[str, int] = {}
             locked: list[ReadyTask] = []
             for want in wants:
-                rows_ = tx.conn.execute(_claimable(want, now, shared.lock_runs)).all()
+                claimable = functools.partial(_claimable, want, now, shared.lock_runs)
+                rows_ = list(tx.conn.execute(claimable(due=True, limit=want.limit)).all())
                 found[want.capability] = len(rows_)
+                if want.ahead and len(rows_) < want.limit:
+                    waiting = claimable(due=False, limit=want.limit - len(rows_))
+                    rows_.extend(tx.conn.execute(waiting).all())
                 locked.extend(
                     task
                     for task in map(rows.ready_task, rows_)
