@@ -544,7 +544,8 @@ class WatchWorkflowRunResponse(_message.Message):
     GetWorkflowRun's FULL view does); each later one carries the run's own fields and task
     counts, and the tasks that changed since the response before, as they are now. A watcher that
     reads too slowly to keep up is sent the tasks that changed since what it last received, not
-    each change in between. The stream ends once a response carries a final run.
+    each change in between. The stream ends after the last response of the change that made the
+    run final (each response of that change carries the final run).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
