@@ -80,7 +80,9 @@ class AgentLifecycleServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterAgent(self, request, context):
-        """Removes an agent: its task stream closes and the tasks it held go back to the queue.
+        """Removes an agent: its task stream ends (OK) and the tasks it held go back to the queue. The
+        tasks pinned to it that it held or that waited for it fail finally instead, since no other
+        agent may take them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

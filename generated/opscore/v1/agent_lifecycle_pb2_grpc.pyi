@@ -38,7 +38,10 @@ class AgentLifecycleStub:
     Each registration issues a new agent token and revokes the agent's earlier one.
     """
     DeregisterAgent: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.DeregisterAgentRequest, _agent_lifecycle_pb2.DeregisterAgentResponse]
-    """Removes an agent: its task stream closes and the tasks it held go back to the queue."""
+    """Removes an agent: its task stream ends (OK) and the tasks it held go back to the queue. The
+    tasks pinned to it that it held or that waited for it fail finally instead, since no other
+    agent may take them.
+    """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.HeartbeatRequest, _agent_lifecycle_pb2.HeartbeatResponse]
     """Tells the server the agent is alive."""
     ReportState: _grpc.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.ReportStateRequest, _agent_lifecycle_pb2.ReportStateResponse]
@@ -58,7 +61,10 @@ class AgentLifecycleAsyncStub(AgentLifecycleStub):
     Each registration issues a new agent token and revokes the agent's earlier one.
     """
     DeregisterAgent: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.DeregisterAgentRequest, _agent_lifecycle_pb2.DeregisterAgentResponse]  # type: ignore[assignment]
-    """Removes an agent: its task stream closes and the tasks it held go back to the queue."""
+    """Removes an agent: its task stream ends (OK) and the tasks it held go back to the queue. The
+    tasks pinned to it that it held or that waited for it fail finally instead, since no other
+    agent may take them.
+    """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.HeartbeatRequest, _agent_lifecycle_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Tells the server the agent is alive."""
     ReportState: _aio.UnaryUnaryMultiCallable[_agent_lifecycle_pb2.ReportStateRequest, _agent_lifecycle_pb2.ReportStateResponse]  # type: ignore[assignment]
@@ -87,7 +93,10 @@ class AgentLifecycleServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_lifecycle_pb2.DeregisterAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_lifecycle_pb2.DeregisterAgentResponse, _abc.Awaitable[_agent_lifecycle_pb2.DeregisterAgentResponse]]:
-        """Removes an agent: its task stream closes and the tasks it held go back to the queue."""
+        """Removes an agent: its task stream ends (OK) and the tasks it held go back to the queue. The
+        tasks pinned to it that it held or that waited for it fail finally instead, since no other
+        agent may take them.
+        """
 
     @_abc_1.abstractmethod
     def Heartbeat(

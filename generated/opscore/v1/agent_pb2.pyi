@@ -33,7 +33,10 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     AGENT_STATE_BUSY: _AgentState.ValueType  # 2
     """Connected and either reported busy or has every task slot taken."""
     AGENT_STATE_ERROR: _AgentState.ValueType  # 3
-    """Connected and reported an error; it receives no tasks until it reports idle again."""
+    """Connected and reported an error, or quarantined by the server because its leases kept
+    expiring. It receives no tasks until it reports idle again; registering again also lifts a
+    quarantine.
+    """
     AGENT_STATE_OFFLINE: _AgentState.ValueType  # 4
     """No open task stream. Set by the server only; an agent cannot report it."""
 
@@ -47,7 +50,10 @@ AGENT_STATE_IDLE: AgentState.ValueType  # 1
 AGENT_STATE_BUSY: AgentState.ValueType  # 2
 """Connected and either reported busy or has every task slot taken."""
 AGENT_STATE_ERROR: AgentState.ValueType  # 3
-"""Connected and reported an error; it receives no tasks until it reports idle again."""
+"""Connected and reported an error, or quarantined by the server because its leases kept
+expiring. It receives no tasks until it reports idle again; registering again also lifts a
+quarantine.
+"""
 AGENT_STATE_OFFLINE: AgentState.ValueType  # 4
 """No open task stream. Set by the server only; an agent cannot report it."""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
@@ -133,7 +139,10 @@ class Agent(_message.Message):
     when reported so, otherwise BUSY when all slots are taken, otherwise IDLE.
     """
     state_detail: _builtins.str
-    """Detail the agent gave with its last reported state (an error message, typically)."""
+    """Detail the agent gave with its last reported state (an error message, typically), or the
+    server's reason when it quarantined the agent (its leases kept expiring); reporting IDLE or
+    registering again clears the latter.
+    """
     connected: _builtins.bool
     """Whether the agent has an open task stream to this server."""
     running_tasks: _builtins.int
@@ -152,7 +161,10 @@ class Agent(_message.Message):
 
     @_builtins.property
     def last_seen_at(self) -> _timestamp_pb2.Timestamp:
-        """When the server last heard from the agent (registration, heartbeat, state report, stream, result)."""
+        """When the server last heard from the agent: its registration, a heartbeat, a state report,
+        or its task stream opening or ending. Results (CompleteTask, FailTask) and lease extensions
+        do not touch it; send heartbeats to keep it fresh.
+        """
 
     def __init__(
         self,

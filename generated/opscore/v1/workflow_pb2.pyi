@@ -35,9 +35,13 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     RUN_STATE_RUNNING: _RunState.ValueType  # 2
     """At least one task has reached an agent, and the run has not finished."""
     RUN_STATE_SUCCEEDED: _RunState.ValueType  # 3
-    """Every task succeeded (or was skipped in favour of a fallback that succeeded)."""
+    """Every task succeeded, or finally failed and its fallback succeeded in its place (such a task
+    stays FAILED; a fallback its task did not need is SKIPPED).
+    """
     RUN_STATE_FAILED: _RunState.ValueType  # 4
-    """A task finally failed; the run's unfinished tasks were skipped."""
+    """A task finally failed with no fallback, or its fallback failed too; the run's unfinished
+    tasks were skipped.
+    """
     RUN_STATE_CANCELLED: _RunState.ValueType  # 5
     """An operator cancelled the run."""
 
@@ -51,9 +55,13 @@ RUN_STATE_PENDING: RunState.ValueType  # 1
 RUN_STATE_RUNNING: RunState.ValueType  # 2
 """At least one task has reached an agent, and the run has not finished."""
 RUN_STATE_SUCCEEDED: RunState.ValueType  # 3
-"""Every task succeeded (or was skipped in favour of a fallback that succeeded)."""
+"""Every task succeeded, or finally failed and its fallback succeeded in its place (such a task
+stays FAILED; a fallback its task did not need is SKIPPED).
+"""
 RUN_STATE_FAILED: RunState.ValueType  # 4
-"""A task finally failed; the run's unfinished tasks were skipped."""
+"""A task finally failed with no fallback, or its fallback failed too; the run's unfinished
+tasks were skipped.
+"""
 RUN_STATE_CANCELLED: RunState.ValueType  # 5
 """An operator cancelled the run."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
@@ -79,7 +87,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 6
     """Stopped because its run was cancelled."""
     TASK_STATE_SKIPPED: _TaskState.ValueType  # 7
-    """Never ran: its run failed first, or it is a fallback whose task succeeded."""
+    """Did not run to its end: its run failed first, or it is a fallback whose task succeeded. A
+    task PENDING, QUEUED (a retry waiting included) or ASSIGNED when its run fails is skipped;
+    the agent holding an ASSIGNED one is sent a TaskCancellation with reason "run failed".
+    """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is the life of one task of a run."""
@@ -99,7 +110,10 @@ TASK_STATE_FAILED: TaskState.ValueType  # 5
 TASK_STATE_CANCELLED: TaskState.ValueType  # 6
 """Stopped because its run was cancelled."""
 TASK_STATE_SKIPPED: TaskState.ValueType  # 7
-"""Never ran: its run failed first, or it is a fallback whose task succeeded."""
+"""Did not run to its end: its run failed first, or it is a fallback whose task succeeded. A
+task PENDING, QUEUED (a retry waiting included) or ASSIGNED when its run fails is skipped;
+the agent holding an ASSIGNED one is sent a TaskCancellation with reason "run failed".
+"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 class _WorkflowRunView:
@@ -332,7 +346,11 @@ class TaskRun(_message.Message):
     agent_id: _builtins.str
     """Agent holding (or that last held) the task; empty before the first assignment."""
     error: _builtins.str
-    """Error reported by the agent, once failed."""
+    """The error of the task's last failed attempt: reported by the agent, or set by the server
+    ("timed out", "agent lost", "pinned agent 'a-1' was deregistered"). Empty until an attempt
+    fails; then kept while the task is QUEUED for its retry and through later attempts, until
+    another failure replaces it.
+    """
     waiting_reason: _builtins.str
     """While the task is queued: why it has not reached an agent yet, worked out when read from
     the registered agents (e.g. "no registered agent offers capability 'gpu'", "pinned agent

@@ -31,7 +31,9 @@ class CreateWorkflowDefinitionRequest(_message.Message):
     DEFINITION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen id that makes retries safe: the same request_id again returns the first definition."""
+    """Client-chosen id that makes retries safe: the same request with the same request_id returns
+    the first definition; a different request with it is ALREADY_EXISTS (REQUEST_ID_REUSED).
+    """
     @_builtins.property
     def definition(self) -> _workflow_pb2.WorkflowDefinition:
         """The definition; definition_id, version and created_at are set by the server."""
@@ -202,7 +204,9 @@ class TriggerWorkflowRequest(_message.Message):
     agent_id: _builtins.str
     """Registered agent to pin every task of the run to; empty lets any capable agent take them."""
     request_id: _builtins.str
-    """Client-chosen id that makes retries safe: the same request_id again returns the first run."""
+    """Client-chosen id that makes retries safe: the same request with the same request_id returns
+    the first run; a different request with it is ALREADY_EXISTS (REQUEST_ID_REUSED).
+    """
     @_builtins.property
     def definition(self) -> _workflow_pb2.WorkflowDefinition:
         """A definition given inline, validated like a created one but not stored as a definition."""
@@ -536,10 +540,12 @@ Global___WatchWorkflowRunRequest: _TypeAlias = WatchWorkflowRunRequest  # noqa: 
 @_typing.final
 class WatchWorkflowRunResponse(_message.Message):
     """WatchWorkflowRunResponse is the run as of one change. The first response carries the run with
-    its tasks (as GetWorkflowRun's FULL view does); each later one carries the run's own fields
-    and task counts, and the tasks that changed since the response before, as they are now. A
-    watcher that reads too slowly to keep up is sent the tasks that changed since what it last
-    received, not each change in between. The stream ends once a response carries a final run.
+    every task that fits in one response, and next_task_page_token for the rest (as
+    GetWorkflowRun's FULL view does); each later one carries the run's own fields and task
+    counts, and the tasks that changed since the response before, as they are now. A watcher that
+    reads too slowly to keep up is sent the tasks that changed since what it last received, not
+    each change in between. The stream ends after the last response of the change that made the
+    run final (each response of that change carries the final run).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -553,7 +559,7 @@ class WatchWorkflowRunResponse(_message.Message):
     @_builtins.property
     def changed_tasks(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.TaskRun]:
         """The tasks that changed since the previous response, in the order of the definition; empty
-        in the first response, whose run holds every task.
+        in the first response, whose run holds the tasks (as many as fit).
         """
 
     def __init__(
