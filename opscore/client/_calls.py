@@ -20,7 +20,7 @@ from opscore.client._channels import Channels, Stubs, bearer
 from opscore.client._context import Assignment, JsonObject
 from opscore.client._errors import AttemptLost, OutputRefused, Unreachable
 from opscore.client._refusals import OpsCoreError, refusal
-from opscore.client._structs import to_dict, to_struct
+from opscore.client._structs import NOT_A_STRUCT, to_dict, to_struct
 from opscore.domain.clock import Clock
 from opscore.v1 import agent_lifecycle_pb2, agent_pb2, workflow_pb2, workflow_service_pb2
 
@@ -213,12 +213,11 @@ class Calls:
         """Record the attempt's output, sent again until answered (a repeat of a recorded
         result is OK). Raises `AttemptLost` or `OutputRefused`."""
         try:
-            message = to_struct(output)
-        except (TypeError, ValueError) as error:
-            raise OutputRefused(f"the output is not a JSON object: {error}") from error
-        request = workflow_service_pb2.CompleteTaskRequest(
-            task_id=key[0], agent_id=self.agent_id, attempt=key[1], output=message
-        )
+            request = workflow_service_pb2.CompleteTaskRequest(
+                task_id=key[0], agent_id=self.agent_id, attempt=key[1], output=to_struct(output)
+            )
+        except NOT_A_STRUCT as error:
+            raise OutputRefused(f"the output cannot be sent as a JSON object: {error}") from error
         try:
             await self._result(
                 lambda stubs: stubs.workflows.CompleteTask(

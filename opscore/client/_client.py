@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opscore.client._backoff import Backoff
 from opscore.client._channels import Channels, Stubs, Tls, bearer
 from opscore.client._refusals import refusal
-from opscore.client._structs import to_struct
+from opscore.client._structs import NOT_A_STRUCT, to_struct
 from opscore.v1 import (
     agent_lifecycle_pb2,
     agent_pb2,
@@ -197,12 +197,16 @@ class Client:
         """Start a run of `source`: a definition id, a workflow name (its latest version runs),
         or a definition given inline (a message or a dict), which is not stored. `input` is laid
         over each task's own; `agent_id` pins every task to that agent. The `request_id` (a new
-        one if None) makes the call safe to repeat."""
-        request = workflow_service_pb2.TriggerWorkflowRequest(
-            agent_id=agent_id,
-            input=to_struct(input or {}),
-            request_id=request_id or _new_request_id(),
-        )
+        one if None) makes the call safe to repeat. ValueError for an `input` that cannot be
+        sent as a JSON object, or an inline definition that is not one."""
+        try:
+            request = workflow_service_pb2.TriggerWorkflowRequest(
+                agent_id=agent_id,
+                input=to_struct(input or {}),
+                request_id=request_id or _new_request_id(),
+            )
+        except NOT_A_STRUCT as error:
+            raise ValueError(f"the input cannot be sent as a JSON object: {error}") from error
         if not isinstance(source, str):
             request.definition.CopyFrom(definition_message(source))
         elif is_definition_id(source):

@@ -6,9 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
 
 from opscore.client._context import JsonObject
+
+NOT_A_STRUCT = (TypeError, ValueError, RecursionError, DecodeError)
+"""What a dict that cannot go on the wire raises, as it becomes a Struct (a value JSON cannot
+hold) or as that Struct is put in a request (protobuf checks how deep it nests only then)."""
 
 
 def to_struct(value: Mapping[str, Any]) -> Struct:

@@ -186,19 +186,13 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             self._max_concurrent_tasks, thread_name_prefix=f"opscore-{self.agent_id}"
         )
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
-        for signum in signals:
-            loop.add_signal_handler(signum, self.stop)
+        if handle_signals:
+            _SIGNALLED.add(self)
         life = asyncio.create_task(self._life(), name=f"worker {self.agent_id}")
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({life, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if life.done():
-                try:
-                    life.result()
-                except grpc.aio.AioRpcError as error:  # no retry cures it
-                    raise refusal(error) from error
+            _raise_if_refused(life)
             await self._drain(life)
         finally:
             for task in (life, stopping, *self._running()):
@@ -206,8 +200,7 @@ class Worker:
             await asyncio.gather(life, stopping, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self._channels.close()
-            for signum in signals:
-                loop.remove_signal_handler(signum)
+            _SIGNALLED.discard(self)
 
     async def _life(self) -> None:
         await self._register()
@@ -308,7 +301,8 @@ class Worker:
 
     async def _drain(self, life: asyncio.Task[None]) -> None:
         """Take no new work, let the handlers finish within `drain_timeout`, cancel the rest,
-        close the stream, and deregister (or hand back what was not finished)."""
+        close the stream, and deregister (or hand back what was not finished). Taken over by
+        another process meanwhile, it cancels what it holds and raises that refusal instead."""
         log.info("worker draining", extra={"agent_id": self.agent_id, "held": len(self._attempts)})
         if not self._registered:
             return
@@ -317,9 +311,9 @@ class Worker:
         busy = asyncio.create_task(self._calls.report_state(agent_pb2.REPORTED_AGENT_STATE_BUSY))
         try:
             async with asyncio.timeout(self._drain_timeout):
-                while (running := self._running()) or not busy.done():
+                while ((running := self._running()) or not busy.done()) and not life.done():
                     waiting = running if busy.done() else [*running, busy]
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([*waiting, life], return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             log.warning("drain timed out", extra={"held": len(self._attempts)})
         busy.cancel()
@@ -330,6 +324,8 @@ class Worker:
         await asyncio.gather(*self._running(), return_exceptions=True)
         life.cancel()
         await asyncio.gather(life, return_exceptions=True)
+        # Taken over while draining: the agent is the other process's now, not to deregister.
+        _raise_if_refused(life)
         try:
             async with asyncio.timeout(FINAL_CALLS):
                 if self._deregister_on_stop:
@@ -439,9 +435,17 @@ class Worker:
         except NonRetryable as error:
             await self._calls.fail(held.key, _message(error), retryable=False)
             return
-        except Exception as error:  # noqa: BLE001 - a handler's failure is its attempt's, reported
-            log.info("handler failed", extra={"task_id": held.key[0], "error": _message(error)})
-            await self._calls.fail(held.key, _message(error), retryable=True)
+        # A handler's failure is its attempt's, reported, whatever it raised: SystemExit from a
+        # library, or a CancelledError of its own (not the worker's cancellation of the attempt).
+        except (Exception, SystemExit, KeyboardInterrupt, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and _cancelled_here():
+                raise
+            message = _message(error)
+            if not isinstance(error, Exception):
+                raised = f"the handler raised {type(error).__name__}"
+                message = f"{raised}: {error}" if str(error) else raised
+            log.info("handler failed", extra={"task_id": held.key[0], "error": message})
+            await self._calls.fail(held.key, message, retryable=True)
             return
         if output is None:
             output = {}
@@ -461,6 +465,58 @@ class Worker:
         return await loop.run_in_executor(
             self._executor, functools.partial(handler, context, task_input)
         )
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task is being cancelled (by the worker: a cancellation, a drain)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _raise_if_refused(life: asyncio.Task[None]) -> None:
+    """Raise the refusal that ended the worker's `life` (as an `OpsCoreError`), if it ended so:
+    no retry cures it."""
+    if not life.done() or life.cancelled():
+        return
+    error = life.exception()
+    if isinstance(error, grpc.aio.AioRpcError):
+        raise refusal(error) from error
+    if error is not None:
+        raise error
+
+
+class _Signalled:
+    """The workers of this process that stop on SIGTERM and SIGINT: one handler per signal
+    stops them all (a second handler would replace the first)."""
+
+    def __init__(self) -> None:
+        self._workers: set[Worker] = set()
+
+    def add(self, worker: Worker) -> None:
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            for signum in SIGNALS:
+                loop.add_signal_handler(signum, self._stop_all)
+        self._workers.add(worker)
+
+    def discard(self, worker: Worker) -> None:
+        if worker not in self._workers:
+            return
+        self._workers.discard(worker)
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            for signum in SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    def _stop_all(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals that drain the workers of a process."""
+
+_SIGNALLED = _Signalled()
 
 
 def _message(error: BaseException) -> str:

@@ -6,7 +6,7 @@ import click
 
 from opscore.client import Client
 from opscore.commands import render
-from opscore.commands.connection import Output, operator_command
+from opscore.commands.connection import PAGE_SIZE, Output, operator_command
 from opscore.v1 import agent_pb2
 
 STATES = {
@@ -25,7 +25,7 @@ def agents() -> None:
 @agents.command("list")
 @click.option("--state", type=click.Choice(list(STATES), case_sensitive=False), help="only these")
 @click.option("--capability", default="", help="only agents offering this capability")
-@click.option("--page-size", type=click.IntRange(0), default=0, help="most agents (0: 50)")
+@click.option("--page-size", type=PAGE_SIZE, default=0, help="most agents (0: 50)")
 @click.option("--page-token", default="", help="the page after the one that gave this token")
 @operator_command
 async def list_agents(

@@ -35,6 +35,17 @@ class Output:
         click.echo(json.dumps(value))
 
 
+PAGE_SIZE = click.IntRange(0, 2**31 - 1)
+"""A `--page-size`: the field is an int32 (the server reads more than 1,000 as 1,000)."""
+
+
+def _token(_context: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A token goes into a header: printable ASCII without spaces, or gRPC cannot send it."""
+    if value and not (value.isascii() and value.isprintable() and " " not in value):
+        raise click.BadParameter("a token is printable ASCII without spaces")
+    return value
+
+
 _OPTIONS = [
     click.option(
         "--address",
@@ -44,7 +55,12 @@ _OPTIONS = [
         help="host:port of the server, or several (replicas), comma-separated "
         "(env OPSCORE_ADDRESS)",
     ),
-    click.option("--token", envvar="OPSCORE_TOKEN", help="operator token (env OPSCORE_TOKEN)"),
+    click.option(
+        "--token",
+        envvar="OPSCORE_TOKEN",
+        callback=_token,
+        help="operator token (env OPSCORE_TOKEN)",
+    ),
     click.option(
         "--tls", is_flag=True, help="use TLS, trusting the system's certificate authorities"
     ),

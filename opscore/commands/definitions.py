@@ -13,7 +13,7 @@ import yaml
 
 from opscore.client import Client
 from opscore.commands import render
-from opscore.commands.connection import Output, operator_command
+from opscore.commands.connection import PAGE_SIZE, Output, operator_command
 
 
 def read_definition(path: str) -> dict[str, Any]:
@@ -64,7 +64,7 @@ async def create_definition(client: Client, out: Output, path: str, request_id: 
 
 @definitions.command("list")
 @click.option("--workflow", default="", help="only the versions of this workflow")
-@click.option("--page-size", type=click.IntRange(0), default=0, help="most definitions (0: 50)")
+@click.option("--page-size", type=PAGE_SIZE, default=0, help="most definitions (0: 50)")
 @click.option("--page-token", default="", help="the page after the one that gave this token")
 @operator_command
 async def list_definitions(

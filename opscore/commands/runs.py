@@ -10,7 +10,7 @@ import click
 from opscore.client import Client
 from opscore.client._client import is_definition_id
 from opscore.commands import render
-from opscore.commands.connection import Output, operator_command
+from opscore.commands.connection import PAGE_SIZE, Output, operator_command
 from opscore.commands.progress import follow
 from opscore.v1 import workflow_pb2
 
@@ -64,7 +64,10 @@ async def trigger(
     watch: bool,
 ) -> int:
     """Start a run of WORKFLOW: a workflow name (its latest version) or a definition id."""
-    run = await client.trigger(workflow, input=run_input, agent_id=agent, request_id=request_id)
+    try:
+        run = await client.trigger(workflow, input=run_input, agent_id=agent, request_id=request_id)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--input") from error
     if watch:
         return await follow(client, out, run.run_id)
     if out.json:
@@ -78,7 +81,7 @@ async def trigger(
 @click.option("--state", type=click.Choice(list(STATES), case_sensitive=False), help="only these")
 @click.option("--definition", default="", help="only runs of this workflow name or definition id")
 @click.option("--agent", default="", help="only runs pinned to this agent")
-@click.option("--page-size", type=click.IntRange(0), default=0, help="most runs (0: 50)")
+@click.option("--page-size", type=PAGE_SIZE, default=0, help="most runs (0: 50)")
 @click.option("--page-token", default="", help="the page after the one that gave this token")
 @operator_command
 async def list_runs(

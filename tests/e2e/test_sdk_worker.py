@@ -221,6 +221,42 @@ async def test_an_exception_is_retried_and_a_non_retryable_one_fails_the_task(
         assert (task.attempt, task.error) == (1, "this input can never work")
 
 
+async def test_a_handler_that_exits_or_cancels_itself_fails_its_attempt(client: Client) -> None:
+    """SystemExit (a library calling sys.exit) and a CancelledError of the handler's own fail
+    the attempt like any exception; the worker goes on."""
+    assert client.server is not None
+    worker = new_worker(client.server.port)
+
+    @worker.task("exits")
+    def exits(ctx: TaskContext, task_input: dict[str, Any]) -> None:
+        sys.exit(3)
+
+    @worker.task("self-cancelled")
+    async def self_cancelled(ctx: TaskContext, task_input: dict[str, Any]) -> None:
+        waited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waited.cancel()
+        await waited
+
+    @worker.task("fine")
+    async def fine(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    async with working(worker, client):
+        runs = {
+            name: await client.trigger(definition=definition(name, spec("t", name, max_attempts=1)))
+            for name in ("exits", "self-cancelled", "fine")
+        }
+        errors = {
+            name: tasks_of(await client.wait_run(runs[name].run_id, FAILED))["t"].error
+            for name in ("exits", "self-cancelled")
+        }
+        await client.wait_run(runs["fine"].run_id, SUCCEEDED)
+    assert errors == {
+        "exits": "the handler raised SystemExit: 3",
+        "self-cancelled": "the handler raised CancelledError",
+    }
+
+
 async def test_a_cancelled_run_cancels_its_handler(
     start_server: ServerFactory, migrated_url: str
 ) -> None:
@@ -279,6 +315,32 @@ async def test_a_second_worker_with_the_same_agent_id_stops_the_first(
             registered = await agent_of(client, "worker-1")
             assert connected(registered)
         assert len(done) == 1
+
+
+async def test_a_worker_taken_over_while_it_drains_raises_and_leaves_the_agent_alone(
+    client: Client,
+) -> None:
+    assert client.server is not None
+    first = new_worker(client.server.port, drain_timeout=WAIT * 4)
+    started, reasons = until_cancelled(first, "work")
+    second = new_worker(client.server.port)
+
+    @second.task("work")
+    async def work(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    draining = asyncio.create_task(first.run(handle_signals=False))
+    await wait_agent(client, "worker-1", connected)
+    await client.trigger(definition=definition("held", spec("t", "work")))
+    await asyncio.wait_for(started.wait(), WAIT)
+    first.stop()  # it drains: its handler would hold it for the whole drain_timeout
+    async with working(second, client):
+        with pytest.raises(OpsCoreError) as raised:
+            async with asyncio.timeout(WAIT):
+                await draining
+        assert raised.value.reason == "AGENT_TOKEN_ROTATED"
+        assert reasons == ["the worker stopped before the task finished"]
+        await wait_agent(client, "worker-1", connected)  # not deregistered: the second's
 
 
 async def test_a_handler_that_outlives_its_timeout_keeps_its_lease(
@@ -354,12 +416,19 @@ async def test_a_handler_that_cannot_succeed_fails_its_task_at_once(client: Clie
     def infinite(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
         return {"ratio": float("inf")}
 
+    @worker.task("deep")
+    async def deep(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+        output: dict[str, Any] = {"end": True}
+        for _ in range(200):  # a few hundred bytes, nested deeper than protobuf takes
+            output = {"a": output}
+        return output
+
     async with working(worker, client):
         runs = {
             capability: await client.trigger(
                 definition=definition(capability or "stray", spec("stray", capability))
             )
-            for capability in ("listing", "infinite", "")
+            for capability in ("listing", "infinite", "deep", "")
         }
         errors = {
             capability: tasks_of(await client.wait_run(run.run_id, FAILED))["stray"].error
@@ -367,6 +436,7 @@ async def test_a_handler_that_cannot_succeed_fails_its_task_at_once(client: Clie
         }
     assert errors["listing"] == "the handler returned list, not a dict"
     assert errors["infinite"].startswith("the server refused the output: ")
+    assert errors["deep"].startswith("the output cannot be sent as a JSON object: ")
     assert errors[""] == "no handler for 'stray'"
 
 
@@ -543,6 +613,35 @@ async def test_sigterm_drains_the_worker_process(
         waiting = tasks_of(await client.run(later.run_id))["t"]
         assert (waiting.state, waiting.attempt) == (workflow_pb2.TASK_STATE_QUEUED, 0)
         assert marker.read_text() == finished.task_id
+
+
+async def test_sigterm_drains_every_worker_of_a_process(client: Client, tmp_path: Path) -> None:
+    """Two Workers on one event loop, each handling signals: one SIGTERM drains both."""
+    assert client.server is not None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(AGENT_SCRIPT),
+        f"127.0.0.1:{client.server.port}",
+        "twin-a,twin-b",
+        auth.OPERATOR_TOKEN,
+        str(tmp_path / "started"),
+        env=clean_environment(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for agent_id in ("twin-a", "twin-b"):
+            await wait_agent(client, agent_id, connected, timeout=WAIT * 3)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT * 2):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert [await agent_of(client, each) for each in ("twin-a", "twin-b")] == [None, None]
 
 
 async def test_the_example_agent_runs_the_walk_through(client: Client) -> None:
