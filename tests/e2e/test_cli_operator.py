@@ -252,6 +252,13 @@ async def test_connection_and_usage_errors(
 
     code, _, err = await opscore.run("runs", "trigger", "flow", "--input", "[1]")
     assert (code, "a JSON object is needed" in err) == (2, True)
+    deep = '{"a":' * 100 + "1" + "}" * 100  # JSON, but nested deeper than protobuf takes
+    code, _, err = await opscore.run("runs", "trigger", "flow", "--input", deep)
+    assert (code, "cannot be sent as a JSON object" in err) == (2, True)
+    code, _, err = await opscore.run("runs", "list", "--page-size", str(2**40))
+    assert (code, "--page-size" in err) == (2, True)
+    code, _, err = await opscore.run("agents", "get", "a-1", "--token", "two\nlines")
+    assert (code, "printable ASCII" in err) == (2, True)
     code, _, err = await opscore.run(
         "agents", "list", "--tls-client-cert", str(EXAMPLES / "fan-out.json")
     )
