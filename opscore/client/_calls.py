@@ -169,13 +169,13 @@ class Calls:
         )
         self.agent_token = response.agent_token or None
 
-    async def heartbeat(self) -> datetime:
-        """One heartbeat; the server's time in it."""
+    async def heartbeat(self, timeout: float = CALL_TIMEOUT) -> datetime:
+        """One heartbeat, unanswered after `timeout` seconds; the server's time in it."""
         response = await self.once(
             lambda stubs: stubs.lifecycle.Heartbeat(
                 agent_lifecycle_pb2.HeartbeatRequest(agent_id=self.agent_id),
                 metadata=self.agent_metadata(),
-                timeout=CALL_TIMEOUT,
+                timeout=timeout,
             )
         )
         return response.server_time.ToDatetime(tzinfo=UTC)

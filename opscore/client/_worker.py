@@ -21,7 +21,7 @@ import grpc
 
 from opscore.client._attempts import AttemptKey, Attempts
 from opscore.client._backoff import Backoff
-from opscore.client._calls import Calls, assignment_in
+from opscore.client._calls import CALL_TIMEOUT, Calls, assignment_in
 from opscore.client._channels import Channels, Tls
 from opscore.client._context import Assignment, JsonObject, TaskContext
 from opscore.client._errors import AttemptLost, NonRetryable, OutputRefused, Unreachable
@@ -45,6 +45,9 @@ token revoked): the worker registers again."""
 
 TOKEN_ROTATED = "AGENT_TOKEN_ROTATED"
 """The reason the server gives for ending a stream because the agent registered again."""
+
+UNANSWERED_HEARTBEATS = 2
+"""Heartbeats in a row that go unanswered before the worker leaves the server for the next."""
 
 FINAL_CALLS = 10.0
 """Seconds the calls after a drain (deregistration, hand-backs) may take together."""
@@ -255,12 +258,33 @@ class Worker:
                 raise _Unregistered from error
             raise
         call = self._calls.stream()
+        opened = asyncio.Event()
+        reading = asyncio.create_task(self._read(call, opened))
         heartbeats = asyncio.create_task(self._heartbeats())
-        opened = False
+        try:
+            await asyncio.wait({reading, heartbeats}, return_when=asyncio.FIRST_COMPLETED)
+            if reading.done():
+                reading.result()  # how the stream ended, if it says why (taken over, unknown)
+            else:
+                # The server stopped answering without closing the connection (frozen, or gone
+                # behind a partition), which keepalive pings do not always notice.
+                log.warning(
+                    "server not answering heartbeats; reconnecting",
+                    extra={"address": self._channels.address},
+                )
+        finally:
+            for task in (reading, heartbeats):
+                task.cancel()
+            call.cancel()
+            await asyncio.gather(reading, heartbeats, return_exceptions=True)
+        return opened.is_set()
+
+    async def _read(self, call: Any, opened: asyncio.Event) -> None:
+        """Take the stream's events until it ends; `opened` is set once the server accepted it."""
         try:
             await call.initial_metadata()
             if not call.done():
-                opened = True
+                opened.set()
                 log.info("task stream open", extra={"address": self._channels.address})
             async for event in call:
                 self._take(event)
@@ -279,21 +303,25 @@ class Worker:
                 "task stream ended",
                 extra={"address": self._channels.address, "code": error.code().name},
             )
-        finally:
-            heartbeats.cancel()
-            call.cancel()
-            await asyncio.gather(heartbeats, return_exceptions=True)
-        return opened
 
     async def _heartbeats(self) -> None:
-        while True:
+        """Heartbeat every `heartbeat_interval` while the stream is open; return once
+        `UNANSWERED_HEARTBEATS` in a row went unanswered."""
+        unanswered = 0
+        while unanswered < UNANSWERED_HEARTBEATS:
             await self._clock.sleep(self._heartbeat_interval)
-            with contextlib.suppress(Unreachable, grpc.aio.AioRpcError):
+            try:
                 await self._heartbeat()
+                unanswered = 0
+            except Unreachable:
+                unanswered += 1
+            except grpc.aio.AioRpcError:
+                unanswered = 0  # answered, if with a refusal: the stream says what it means
 
     async def _heartbeat(self) -> None:
         before = self._clock.now()
-        server_time = await self._calls.heartbeat()
+        # Late past the next one's time is unanswered: a server that froze is left sooner.
+        server_time = await self._calls.heartbeat(min(CALL_TIMEOUT, self._heartbeat_interval))
         after = self._clock.now()
         self._skew = server_time - (before + (after - before) / 2)
 

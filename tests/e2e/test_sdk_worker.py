@@ -521,6 +521,47 @@ async def server_process(backend: str, tmp_path: Path) -> AsyncIterator[ServerPr
         yield await stack.enter_async_context(server)
 
 
+async def test_a_server_that_stops_answering_is_left_for_the_next_address(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frozen server keeps its connections open: the worker leaves it once two heartbeats in
+    a row go unanswered, and serves from the next address."""
+    caplog.set_level(logging.INFO, logger="opscore.client")
+    assert client.server is not None
+    (tmp_path / "frozen").mkdir()
+    async with server_process("sqlite", tmp_path / "frozen") as frozen:
+        worker = Worker(
+            [f"127.0.0.1:{frozen.port}", f"127.0.0.1:{client.server.port}"],
+            agent_id="worker-1",
+            token=auth.OPERATOR_TOKEN,
+            backoff=FAST,
+            heartbeat_interval=0.3,
+        )
+
+        @worker.task("work")
+        async def work(ctx: TaskContext, task_input: dict[str, Any]) -> dict[str, Any]:
+            return {"on": "the second"}
+
+        runner = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            async with asyncio.timeout(WAIT):
+                while not any(r.message == "task stream open" for r in caplog.records):
+                    await asyncio.sleep(0.01)
+            frozen.process.send_signal(signal.SIGSTOP)
+            try:
+                await wait_agent(client, "worker-1", connected)
+                run = await client.trigger(definition=definition("after", spec("t", "work")))
+                await client.wait_run(run.run_id, SUCCEEDED)
+            finally:
+                frozen.process.send_signal(signal.SIGCONT)
+        finally:
+            worker.stop()
+            async with asyncio.timeout(WAIT * 2):
+                await runner
+    left = [r for r in caplog.records if r.message.startswith("server not answering")]
+    assert [r.address for r in left] == [f"127.0.0.1:{frozen.port}"]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_after_a_server_restart_the_held_attempt_is_not_run_twice(
     backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
