@@ -656,32 +656,44 @@ async def test_sigterm_drains_the_worker_process(
         assert marker.read_text() == finished.task_id
 
 
-async def test_sigterm_drains_every_worker_of_a_process(client: Client, tmp_path: Path) -> None:
-    """Two Workers on one event loop, each handling signals: one SIGTERM drains both."""
-    assert client.server is not None
+@contextlib.asynccontextmanager
+async def python_process(
+    *args: str, environment: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Python script run as a process (its standard error kept), killed on exit if alive."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(AGENT_SCRIPT),
-        f"127.0.0.1:{client.server.port}",
-        "twin-a,twin-b",
-        auth.OPERATOR_TOKEN,
-        str(tmp_path / "started"),
-        env=clean_environment(),
+        *args,
+        env=clean_environment() if environment is None else environment,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        for agent_id in ("twin-a", "twin-b"):
-            await wait_agent(client, agent_id, connected, timeout=WAIT * 3)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WAIT * 2):
-            _, stderr = await process.communicate()
-        assert process.returncode == 0, stderr.decode()
+        yield process
     finally:
         if process.returncode is None:
             process.kill()
             await process.communicate()
+
+
+async def drained(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process: it drains and exits 0 (bounded)."""
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(WAIT * 2):
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+
+
+async def test_sigterm_drains_every_worker_of_a_process(client: Client, tmp_path: Path) -> None:
+    """Two Workers on one event loop, each handling signals: one SIGTERM drains both."""
+    assert client.server is not None
+    address = f"127.0.0.1:{client.server.port}"
+    twins = [str(AGENT_SCRIPT), address, "twin-a,twin-b", auth.OPERATOR_TOKEN, str(tmp_path / "m")]
+    async with python_process(*twins) as process:
+        for agent_id in ("twin-a", "twin-b"):
+            await wait_agent(client, agent_id, connected, timeout=WAIT * 3)
+        await drained(process)
     assert [await agent_of(client, each) for each in ("twin-a", "twin-b")] == [None, None]
 
 
@@ -692,15 +704,7 @@ async def test_the_example_agent_runs_the_walk_through(client: Client) -> None:
         OPSCORE_AGENT_ID="example",
         OPSCORE_TOKEN=auth.OPERATOR_TOKEN,
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLE),
-        env=environment,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with python_process(str(EXAMPLE), environment=environment) as process:
         await wait_agent(client, "example", connected, timeout=WAIT * 3)
         run = await client.trigger(
             definition=definition(
@@ -711,14 +715,7 @@ async def test_the_example_agent_runs_the_walk_through(client: Client) -> None:
             input={"text": "Example Domain."},
         )
         done = await client.wait_run(run.run_id, SUCCEEDED)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WAIT * 2):
-            _, stderr = await process.communicate()
-        assert process.returncode == 0, stderr.decode()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
+        await drained(process)
     tasks = tasks_of(done)
     assert as_dict(tasks["fetch"].output) == {
         "summary": "Example Domain. https://example.com",
