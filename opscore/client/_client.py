@@ -317,7 +317,7 @@ class Client:
                             ending = _Ending(response.run)
                         ending.take(response.run, changed)
                         continue
-                    yield RunUpdate(_with_tasks(response.run, tasks.values()), changed)
+                    yield RunUpdate(with_tasks(response.run, tasks.values()), changed)
             except grpc.aio.AioRpcError as error:
                 if ending is None:
                     failures += 1
@@ -332,7 +332,7 @@ class Client:
             finally:
                 call.cancel()
             if ending is not None and tasks is not None:
-                yield RunUpdate(_with_tasks(ending.run, tasks.values()), ending.changed())
+                yield RunUpdate(with_tasks(ending.run, tasks.values()), ending.changed())
             return
 
     async def all_tasks(self, run: workflow_pb2.WorkflowRun) -> list[workflow_pb2.TaskRun]:
@@ -412,7 +412,7 @@ class _Ending:
         return list(self._changed.values())
 
 
-def _with_tasks(
+def with_tasks(
     run: workflow_pb2.WorkflowRun, tasks: Iterable[workflow_pb2.TaskRun]
 ) -> workflow_pb2.WorkflowRun:
     """A copy of `run` holding `tasks` (in their order) instead of its own."""

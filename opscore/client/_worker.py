@@ -468,12 +468,8 @@ class Worker:
         except (Exception, SystemExit, KeyboardInterrupt, asyncio.CancelledError) as error:
             if isinstance(error, asyncio.CancelledError) and _cancelled_here():
                 raise
-            message = _message(error)
-            if not isinstance(error, Exception):
-                raised = f"the handler raised {type(error).__name__}"
-                message = f"{raised}: {error}" if str(error) else raised
-            log.info("handler failed", extra={"task_id": held.key[0], "error": message})
-            await self._calls.fail(held.key, message, retryable=True)
+            log.info("handler failed", extra={"task_id": held.key[0], "error": _message(error)})
+            await self._calls.fail(held.key, _message(error), retryable=True)
             return
         if output is None:
             output = {}
@@ -548,8 +544,13 @@ _SIGNALLED = _Signalled()
 
 
 def _message(error: BaseException) -> str:
-    """What a failure says: the exception's message, or its type when it has none."""
-    return str(error) or type(error).__name__
+    """What a failure says: the exception's message, or its type when it has none; for what
+    is not an `Exception` (SystemExit, a CancelledError), which exception it was as well."""
+    text = str(error)
+    if isinstance(error, Exception):
+        return text or type(error).__name__
+    raised = f"the handler raised {type(error).__name__}"
+    return f"{raised}: {text}" if text else raised
 
 
 def _taken_over(error: grpc.aio.AioRpcError) -> bool:

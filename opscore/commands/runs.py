@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from opscore.client import Client
-from opscore.client._client import is_definition_id
+from opscore.client._client import is_definition_id, with_tasks
 from opscore.commands import render
 from opscore.commands.connection import PAGE_SIZE, Output, operator_command
 from opscore.commands.progress import follow
@@ -70,11 +70,7 @@ async def trigger(
         raise click.BadParameter(str(error), param_hint="--input") from error
     if watch:
         return await follow(client, out, run.run_id)
-    if out.json:
-        out.document(render.as_json(run))
-    else:
-        out.console.print(render.run_view(run))
-    return 0
+    return shown(out, run)
 
 
 @runs.command("list")
@@ -119,15 +115,8 @@ async def get_run(client: Client, out: Output, run_id: str) -> int:
     """Show one run and all its tasks."""
     run = await client.get_run(run_id)
     if run.next_task_page_token:
-        tasks = await client.all_tasks(run)
-        del run.tasks[:]
-        run.tasks.extend(tasks)
-        run.next_task_page_token = ""
-    if out.json:
-        out.document(render.as_json(run))
-    else:
-        out.console.print(render.run_view(run))
-    return 0
+        run = with_tasks(run, await client.all_tasks(run))
+    return shown(out, run)
 
 
 @runs.command("watch")
@@ -144,6 +133,11 @@ async def watch(client: Client, out: Output, run_id: str) -> int:
 async def cancel(client: Client, out: Output, run_id: str) -> int:
     """Cancel an unfinished run."""
     run = await client.cancel(run_id)
+    return shown(out, run)
+
+
+def shown(out: Output, run: workflow_pb2.WorkflowRun) -> int:
+    """Print the run (as JSON, or as its view): the status of a command that succeeded."""
     if out.json:
         out.document(render.as_json(run))
     else:
